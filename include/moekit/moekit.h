@@ -1,0 +1,11 @@
+/*
+ * moekit: CUDA kernels for Mixture-of-Experts layers behind a stable C ABI.
+ * Umbrella header; each family has its own header with its contract.
+ */
+#ifndef MOEKIT_MOEKIT_H
+#define MOEKIT_MOEKIT_H
+
+#include "moekit/status.h"
+#include "moekit/router.h"
+
+#endif /* MOEKIT_MOEKIT_H */
