@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one go (GPU time is short): release build for this GPU, the
+# whole test suite, compute-sanitizer (memcheck + racecheck) over the GPU suites, the benchmarks
+# (C++ tools and the side-by-side PyTorch comparisons). Logs and JSON go to $OUT (default
+# gpu-out/); a summary table is printed last.
+#
+#   scripts/gpu-check.sh                 all stages, all families
+#   STAGES="build test" scripts/gpu-check.sh
+#   FAMILIES="router tokens" scripts/gpu-check.sh
+#   SANITIZE_FILTER='[sanitize]' ...     Catch2 filter for the sanitizer runs (default: all cases)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+STAGES=${STAGES:-"build test sanitize bench compare"}
+FAMILIES=${FAMILIES:-"router tokens experts layer"}
+BUILD=${MOEKIT_BUILD_DIR:-build-gpu}
+ARCHS=${MOEKIT_GPU_ARCHS:-90}
+JOBS=${MOEKIT_JOBS:-$(nproc)}
+LOG="$OUT/log.txt"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+summary=()
+note() { summary+=("$(printf '%-34s %s' "$1" "$2")"); }
+has() { case " $STAGES " in *" $1 "*) return 0 ;; esac; return 1; }
+run() {  # run NAME CMD...: logs everything, records pass/fail and seconds
+  local name=$1; shift
+  local t0=$(date +%s)
+  echo "=== $name: $*" | tee -a "$LOG"
+  "$@" >>"$LOG" 2>&1
+  local rc=$?
+  local dt=$(( $(date +%s) - t0 ))
+  if [ $rc -eq 0 ]; then note "$name" "ok (${dt}s)"; else note "$name" "FAILED rc=$rc (${dt}s)"; tail -n 40 "$LOG"; fi
+  return $rc
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader; nvcc --version | tail -n 1; meson --version; git log -1 --format='commit %h %s' 2>/dev/null; } | tee -a "$LOG"
+
+if has build; then
+  if [ ! -f "$BUILD/build.ninja" ]; then
+    run configure meson setup "$BUILD" -Dgpu_archs="$ARCHS" --buildtype=release || exit 1
+  fi
+  run build ninja -C "$BUILD" -j "$JOBS" || { echo "build failed"; printf '%s\n' "${summary[@]}"; exit 1; }
+fi
+
+if has test; then
+  run "meson test" meson test -C "$BUILD" --print-errorlogs --num-processes 4 --timeout-multiplier 3
+  cp "$BUILD/meson-logs/testlog.txt" "$OUT/testlog.txt" 2>/dev/null
+fi
+
+if has sanitize; then
+  for fam in $FAMILIES; do
+    bin="$BUILD/tests/$fam/test_${fam}_gpu"
+    [ -x "$bin" ] || continue
+    run "memcheck $fam" compute-sanitizer --tool memcheck --error-exitcode 99 --leak-check no "$bin" ${SANITIZE_FILTER:-}
+    run "racecheck $fam" compute-sanitizer --tool racecheck --error-exitcode 99 "$bin" ${RACECHECK_FILTER:-${SANITIZE_FILTER:-}}
+  done
+fi
+
+if has bench; then
+  for fam in $FAMILIES; do
+    tool="$BUILD/bench/$fam/moekit-bench-$fam"
+    [ -x "$tool" ] || continue
+    run "bench $fam" "$tool" --preset=all --json="$OUT/bench-$fam.json"
+  done
+fi
+
+if has compare; then
+  export MOEKIT_LIB="$PWD/$BUILD/libmoekit.so"
+  for fam in $FAMILIES; do
+    script="bench/$fam/compare_torch.py"
+    [ -f "$script" ] || continue
+    run "compare $fam" python3 "$script" --out="$OUT/compare-$fam.json"
+  done
+fi
+
+echo
+echo "================ summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)) ================"
+printf '%s\n' "${summary[@]}"
+grep -E "^(Ok|Fail|Skipped|Timeout):" "$BUILD/meson-logs/testlog.txt" 2>/dev/null | tr '\n' ' '; echo
