@@ -65,7 +65,11 @@ std::string device_description() {
   return s.str();
 }
 
-std::string build_commit() { return MOEKIT_GIT_COMMIT; }
+std::string build_commit() {
+  // The GPU machine gets a copy of the tree without .git: the caller passes MOEKIT_COMMIT.
+  if (const char* c = std::getenv("MOEKIT_COMMIT")) return c;
+  return MOEKIT_GIT_COMMIT;
+}
 
 std::string utc_now() {
   std::time_t now = std::time(nullptr);
