@@ -7,5 +7,6 @@
 
 #include "moekit/status.h"
 #include "moekit/router.h"
+#include "moekit/tokens.h"
 
 #endif /* MOEKIT_MOEKIT_H */

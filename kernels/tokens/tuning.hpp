@@ -1,0 +1,72 @@
+// Tuning numbers of the tokens family, in one place. Plain C++ (no device code): the host side
+// (src/tokens) sizes workspaces and grids from them, the kernels (kernels/tokens) are built with
+// them. Chosen by reasoning about the H100/H200 memory system; the benchmark that checks them is
+// bench/tokens/moekit-bench-tokens (--preset=all), whose plan/permute/combine rows are the ones to
+// watch when changing a number here.
+#pragma once
+
+#include <cstdint>
+
+namespace moekit::kernels::tokens {
+
+// ---- plan ----------------------------------------------------------------------------------
+// Threads of the counting and scatter kernels (8 warps).
+constexpr int kPlanThreads = 256;
+constexpr int kPlanWarps = kPlanThreads / 32;
+// Slots each warp ranks per tile, in 32-slot steps: a tile is kPlanThreads * 16 = 4096 slots.
+// 16 keeps 16 independent index loads in flight per lane and the per-warp counters in uint16.
+constexpr int kPlanItersPerWarp = 16;
+constexpr int kPlanTileSlots = kPlanThreads * kPlanItersPerWarp;
+// Every scatter block reads the whole [blocks, E_local + 1] count table once (that is how it
+// finds its offsets without a third launch): the table is kept under this many entries, i.e.
+// at most 128 loads per thread. T=16384, K=8, E=256 runs on 32 blocks of one tile each.
+constexpr int kPlanMaxTableEntries = 32768;
+constexpr int kPlanMaxBlocks = 128;
+// Slots each thread of the counting kernel classifies per step (independent loads in flight).
+constexpr int kCountUnroll = 8;
+// Threads of the per-expert selection kernel (capacity with drop by weight).
+constexpr int kSelectThreads = 256;
+
+// How the slots are split over plan blocks: block b owns slots
+// [b * slots_per_block, min(N, (b + 1) * slots_per_block)), a whole number of tiles.
+struct PlanGrid {
+  int blocks;
+  int64_t slots_per_block;
+};
+
+inline PlanGrid plan_grid(int64_t num_slots, int32_t num_local_experts) {
+  const int64_t tiles = num_slots > 0 ? (num_slots + kPlanTileSlots - 1) / kPlanTileSlots : 1;
+  int64_t max_blocks = kPlanMaxTableEntries / (static_cast<int64_t>(num_local_experts) + 1);
+  if (max_blocks < 1) max_blocks = 1;
+  if (max_blocks > kPlanMaxBlocks) max_blocks = kPlanMaxBlocks;
+  const int64_t blocks = tiles < max_blocks ? tiles : max_blocks;
+  const int64_t tiles_per_block = (tiles + blocks - 1) / blocks;
+  PlanGrid g;
+  g.slots_per_block = tiles_per_block * kPlanTileSlots;
+  g.blocks = num_slots > 0
+                 ? static_cast<int>((num_slots + g.slots_per_block - 1) / g.slots_per_block)
+                 : 1;
+  return g;
+}
+
+// ---- movement (permute, combine, backwards) ------------------------------------------------
+constexpr int kMoveThreads = 256;
+// Each token is handled by a group of G threads (32 .. 256, a power of two): the smallest G that
+// gives each thread at most this many 16-byte accesses per row.
+constexpr int kMoveAccessesPerThread = 8;
+// Accesses each thread issues before it uses them. Permute loads 4 x 16 B of the token and stores
+// them to each row. The gathers (combine, permute backward) hold 2 x 16 B per row in fp32
+// accumulators (16 registers for bf16) and load the next row while summing the current one, so
+// 4 x 16 B are in flight per thread; combine backward keeps 2 x 16 B of dy plus 2 x 16 B of yp.
+// With 4 resident blocks of 256 threads that is 64 KiB in flight per SM, about twice what
+// Little's law asks for at 4.8 TB/s and ~1 us loaded latency over 132 SMs.
+constexpr int kMoveScatterUnroll = 4;
+constexpr int kMoveGatherUnroll = 2;
+// Resident blocks per SM the movement kernels are compiled for (at most 64 registers).
+constexpr int kMoveMinBlocks = 4;
+// Padding rows (alignment > 1) are zeroed by extra blocks, one per expert, split further so that
+// no block zeroes more than about this many bytes (at most kMovePadMaxSplit blocks per expert).
+constexpr int64_t kMovePadBytesPerBlock = 64 * 1024;
+constexpr int kMovePadMaxSplit = 16;
+
+}  // namespace moekit::kernels::tokens
