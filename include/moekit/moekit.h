@@ -8,5 +8,6 @@
 #include "moekit/status.h"
 #include "moekit/router.h"
 #include "moekit/tokens.h"
+#include "moekit/ep.h"
 
 #endif /* MOEKIT_MOEKIT_H */
