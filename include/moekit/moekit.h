@@ -8,6 +8,7 @@
 #include "moekit/status.h"
 #include "moekit/router.h"
 #include "moekit/tokens.h"
+#include "moekit/experts.h"
 #include "moekit/ep.h"
 
 #endif /* MOEKIT_MOEKIT_H */

@@ -1,0 +1,178 @@
+// Fused epilogues of the grouped GEMMs, shared by every kernel family: each call takes the fp32
+// accumulators of a pair of output columns of one row (see EpiKind in grouped_gemm.hpp for the
+// maths) and does everything up to the one rounding to the storage dtype. Intermediate values
+// (u, act(u), G) never reach memory in fp32.
+//
+// Pairs: a kernel calls
+//   gate_up_pair2(row, i, g0, g1, v0, v1)  gate/up pairing: gate and up of h columns i, i + 1
+//                                          (i even; concatenated layout)
+//   gate_up_pair1(row, i, g, v)            interleaved layout: gate and up of h column i
+//   plain_pair(row, c, a0, a1)             two adjacent output columns c, c + 1 (c even) of the
+//                                          other kinds; kEpiBwdAct returns its dp contribution.
+// Alignment: c and i even and every row stride a multiple of 8 elements make every paired store
+// 4-byte (bf16/f16) or 8-byte (f32) aligned.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "kernels/common/dtype.cuh"
+#include "kernels/experts/activation.cuh"
+#include "kernels/experts/grouped_gemm.hpp"
+
+namespace moekit::kernels::experts {
+
+template <class T>
+__device__ __forceinline__ void store_pair(T* p, float a, float b);
+template <>
+__device__ __forceinline__ void store_pair<float>(float* p, float a, float b) {
+  *reinterpret_cast<float2*>(p) = make_float2(a, b);
+}
+template <>
+__device__ __forceinline__ void store_pair<__nv_bfloat16>(__nv_bfloat16* p, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+}
+template <>
+__device__ __forceinline__ void store_pair<__half>(__half* p, float a, float b) {
+  *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
+}
+
+template <class T>
+__device__ __forceinline__ float2 load_pair(const T* p);
+template <>
+__device__ __forceinline__ float2 load_pair<float>(const float* p) {
+  return *reinterpret_cast<const float2*>(p);
+}
+template <>
+__device__ __forceinline__ float2 load_pair<__nv_bfloat16>(const __nv_bfloat16* p) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+}
+template <>
+__device__ __forceinline__ float2 load_pair<__half>(const __half* p) {
+  return __half22float2(*reinterpret_cast<const __half2*>(p));
+}
+
+// One row's view of the epilogue: the group's bias row and the row's routing weight.
+template <class T>
+struct EpilogueRow {
+  const EpilogueParams& ep;
+  const T* bias;  // group's bias row or nullptr
+  int64_t row;    // global row (axis M) / output row m (axis K)
+  float p;        // routing weight (1 when none)
+
+  __device__ __forceinline__ float bias_at(int col) const {
+    return bias ? to_float(bias[col]) : 0.0f;
+  }
+
+  // ---- kEpiGateUp, concatenated: h columns i, i + 1 ----
+  __device__ __forceinline__ void gate_up_pair2(int i, float g0, float g1, float v0, float v1) const {
+    const int I = ep.inter;
+    if (bias) {
+      const float2 bg = load_pair(bias + i);
+      const float2 bv = load_pair(bias + I + i);
+      g0 += bg.x; g1 += bg.y; v0 += bv.x; v1 += bv.y;
+    }
+    if (ep.u) {
+      T* u = static_cast<T*>(ep.u) + row * ep.ldu;
+      store_pair(u + i, g0, g1);
+      store_pair(u + I + i, v0, v1);
+    }
+    if (ep.c) {
+      const float s = ep.weight_after_down ? 1.0f : p;
+      store_pair(static_cast<T*>(ep.c) + row * ep.ldc + i, act_gated(ep.act, g0, v0) * s,
+                 act_gated(ep.act, g1, v1) * s);
+    }
+  }
+
+  // ---- kEpiGateUp, interleaved: h column i from u columns 2i (gate), 2i + 1 (up) ----
+  __device__ __forceinline__ void gate_up_pair1(int i, float g, float v) const {
+    if (bias) {
+      const float2 b = load_pair(bias + 2 * i);
+      g += b.x; v += b.y;
+    }
+    if (ep.u) store_pair(static_cast<T*>(ep.u) + row * ep.ldu + 2 * i, g, v);
+    if (ep.c) {
+      const float s = ep.weight_after_down ? 1.0f : p;
+      static_cast<T*>(ep.c)[row * ep.ldc + i] = from_float<T>(act_gated(ep.act, g, v) * s);
+    }
+  }
+
+  // ---- every other kind: output columns c, c + 1 ----
+  template <int kKind>
+  __device__ __forceinline__ float plain_pair(int c, float a0, float a1) const {
+    if constexpr (kKind == kEpiRelu2) {
+      if (bias) {
+        const float2 b = load_pair(bias + c);
+        a0 += b.x; a1 += b.y;
+      }
+      if (ep.u) store_pair(static_cast<T*>(ep.u) + row * ep.ldu + c, a0, a1);
+      if (ep.c) {
+        const float s = ep.weight_after_down ? 1.0f : p;
+        store_pair(static_cast<T*>(ep.c) + row * ep.ldc + c, act_relu2(a0) * s, act_relu2(a1) * s);
+      }
+      return 0.0f;
+    } else if constexpr (kKind == kEpiStore) {
+      const float s = ep.weight_after_down ? p : 1.0f;
+      float o0 = s * a0, o1 = s * a1;
+      if (bias) {
+        const float2 b = load_pair(bias + c);
+        o0 += p * b.x;
+        o1 += p * b.y;
+      }
+      store_pair(static_cast<T*>(ep.c) + row * ep.ldc + c, o0, o1);
+      return 0.0f;
+    } else if constexpr (kKind == kEpiBwdAct) {
+      // a0, a1 = G at h columns c, c + 1.
+      const T* u = static_cast<const T*>(ep.u) + row * ep.ldu;
+      T* du = static_cast<T*>(ep.c) + row * ep.ldc;
+      const float pg0 = p * a0, pg1 = p * a1;
+      float act0, act1;
+      if (ep.act.kind == kActRelu2) {
+        const float2 uu = load_pair(u + c);
+        act0 = act_relu2(uu.x);
+        act1 = act_relu2(uu.y);
+        store_pair(du + c, act_relu2_grad(uu.x) * pg0, act_relu2_grad(uu.y) * pg1);
+      } else if (ep.interleaved) {
+        const float2 gv0 = load_pair(u + 2 * c);      // gate c, up c
+        const float2 gv1 = load_pair(u + 2 * c + 2);  // gate c + 1, up c + 1
+        const GatedGrad d0 = act_gated_grad(ep.act, gv0.x, gv0.y);
+        const GatedGrad d1 = act_gated_grad(ep.act, gv1.x, gv1.y);
+        act0 = d0.act;
+        act1 = d1.act;
+        store_pair(du + 2 * c, d0.d_gate * pg0, d0.d_up * pg0);
+        store_pair(du + 2 * c + 2, d1.d_gate * pg1, d1.d_up * pg1);
+      } else {
+        const int I = ep.inter;
+        const float2 g = load_pair(u + c);
+        const float2 v = load_pair(u + I + c);
+        const GatedGrad d0 = act_gated_grad(ep.act, g.x, v.x);
+        const GatedGrad d1 = act_gated_grad(ep.act, g.y, v.y);
+        act0 = d0.act;
+        act1 = d1.act;
+        store_pair(du + c, d0.d_gate * pg0, d1.d_gate * pg1);
+        store_pair(du + I + c, d0.d_up * pg0, d1.d_up * pg1);
+      }
+      store_pair(static_cast<T*>(ep.h) + row * ep.ldh + c, act0 * p, act1 * p);
+      return a0 * act0 + a1 * act1;
+    } else {
+      static_assert(kKind == kEpiWgrad, "unknown epilogue");
+      return 0.0f;  // kEpiWgrad is stored by the kernel (it knows the group and split)
+    }
+  }
+};
+
+// kEpiWgrad store of columns (n, n + 1) of row m of group g's C, or of its split partial.
+template <class T>
+__device__ __forceinline__ void wgrad_store_pair(const EpilogueParams& ep, int num_groups, int m_total,
+                                                 int n_total, int g, int split, int splits, int m,
+                                                 int n, float a0, float a1) {
+  const int64_t idx = (static_cast<int64_t>(g) * m_total + m) * n_total + n;
+  if (splits > 1) {
+    const int64_t part = static_cast<int64_t>(split) * num_groups * m_total * n_total;
+    *reinterpret_cast<float2*>(ep.split_out + part + idx) = make_float2(a0, a1);
+  } else {
+    store_pair(static_cast<T*>(ep.c) + idx, a0, a1);
+  }
+}
+
+}  // namespace moekit::kernels::experts

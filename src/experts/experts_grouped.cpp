@@ -1,0 +1,294 @@
+#include "src/experts/experts_grouped.hpp"
+
+#include <algorithm>
+
+#include "kernels/experts/grouped_gemm.hpp"
+#include "src/common/error.hpp"
+#include "src/common/workspace.hpp"
+#include "src/experts/experts_config.hpp"
+
+namespace moekit::experts {
+namespace {
+
+namespace kx = moekit::kernels::experts;
+
+size_t dtype_bytes(int32_t dtype) { return dtype == MOEKIT_DTYPE_F32 ? 4 : 2; }
+
+// Forward: h [R, I] between the two GEMMs.
+struct ForwardLayout {
+  void* h = nullptr;
+};
+
+template <class Carver>
+ForwardLayout carve_forward(Carver& ws, const moekit_experts_config_t& c, int64_t R) {
+  ForwardLayout l;
+  l.h = ws.template take<unsigned char>(static_cast<size_t>(R) * c.inter * dtype_bytes(c.dtype), "h");
+  return l;
+}
+
+struct BackwardPlan {
+  int nu = 0;
+  int dp_tiles = 0;          // columns of dp_partial
+  int splits_w_down = 1;     // row splits of dW_down
+  int splits_w_gate_up = 1;  // row splits of dW_gu
+  int splits_b_gate_up = 1;  // row splits of db_gu
+  int splits_b_down = 1;     // row splits of db_down
+  size_t scratch_floats = 0; // the largest split partial, reused by each pass in turn
+};
+
+BackwardPlan plan_backward(const moekit_experts_config_t& c, int64_t R) {
+  const auto dtype = static_cast<moekit_dtype_t>(c.dtype);
+  const ActivationSpec spec = activation_spec(c.activation, c.gate_up_layout, c.act_alpha, c.act_limit);
+  BackwardPlan p;
+  const int E = c.num_experts, H = c.hidden, I = c.inter;
+  p.nu = spec.nu(I);
+  p.dp_tiles = kx::grouped_tiles_n(dtype, I);
+  p.splits_w_down = kx::grouped_wgrad_splits(dtype, E, I, H, R);
+  p.splits_w_gate_up = kx::grouped_wgrad_splits(dtype, E, H, p.nu, R);
+  p.splits_b_gate_up = kx::column_sum_splits(E, p.nu, R);
+  p.splits_b_down = kx::column_sum_splits(E, H, R);
+  auto need = [&](int splits, size_t per_split) {
+    if (splits > 1) p.scratch_floats = std::max(p.scratch_floats, static_cast<size_t>(splits) * per_split);
+  };
+  need(p.splits_w_down, static_cast<size_t>(E) * I * H);
+  need(p.splits_w_gate_up, static_cast<size_t>(E) * H * p.nu);
+  need(p.splits_b_gate_up, static_cast<size_t>(E) * p.nu);
+  need(p.splits_b_down, static_cast<size_t>(E) * H);
+  return p;
+}
+
+struct BackwardLayout {
+  void* u = nullptr;        // recomputed u [R, NU] (only without a saved u)
+  void* du = nullptr;       // [R, NU]
+  void* h = nullptr;        // h' [R, I]
+  float* dp_partial = nullptr;  // [R, dp_tiles]
+  float* scratch = nullptr;     // split partials
+};
+
+template <class Carver>
+BackwardLayout carve_backward(Carver& ws, const moekit_experts_config_t& c, int64_t R, bool has_saved_u,
+                              const BackwardPlan& p) {
+  const size_t es = dtype_bytes(c.dtype);
+  BackwardLayout l;
+  if (!has_saved_u) l.u = ws.template take<unsigned char>(static_cast<size_t>(R) * p.nu * es, "u");
+  l.du = ws.template take<unsigned char>(static_cast<size_t>(R) * p.nu * es, "du");
+  l.h = ws.template take<unsigned char>(static_cast<size_t>(R) * c.inter * es, "h_prime");
+  l.dp_partial = ws.template take<float>(static_cast<size_t>(R) * p.dp_tiles, "dp_partial");
+  l.scratch = ws.template take<float>(p.scratch_floats, "split_partials");
+  return l;
+}
+
+kx::GroupedGemmProblem axis_m_problem(const moekit_experts_config_t& c, int64_t R, const int32_t* offsets,
+                                      const void* a, int64_t lda, int k, const void* b, int64_t ldb,
+                                      int64_t b_group_stride, bool b_nk, int n) {
+  kx::GroupedGemmProblem p{};
+  p.axis = kx::kAxisM;
+  p.num_groups = c.num_experts;
+  p.offsets = offsets;
+  p.max_rows = R;
+  p.m = 0;
+  p.n = n;
+  p.k = k;
+  p.a = a;
+  p.lda = lda;
+  p.b = b;
+  p.ldb = ldb;
+  p.b_group_stride = b_group_stride;
+  p.b_nk = b_nk ? 1 : 0;
+  p.gate_up_half = 0;
+  p.splits = 1;
+  return p;
+}
+
+kx::GroupedGemmProblem axis_k_problem(const moekit_experts_config_t& c, int64_t R, const int32_t* offsets,
+                                      const void* x, int m, const void* y, int n, int splits) {
+  kx::GroupedGemmProblem p{};
+  p.axis = kx::kAxisK;
+  p.num_groups = c.num_experts;
+  p.offsets = offsets;
+  p.max_rows = R;
+  p.m = m;
+  p.n = n;
+  p.k = 0;
+  p.a = x;
+  p.lda = m;
+  p.b = y;
+  p.ldb = n;
+  p.b_group_stride = 0;
+  p.b_nk = 0;
+  p.gate_up_half = 0;
+  p.splits = splits;
+  return p;
+}
+
+// u = xp W_gu (+ b) with the gate-up epilogue: h (optional) and/or round(u) (optional).
+moekit_status_t run_gate_up(const moekit_experts_config_t& c, const ActivationSpec& spec, int64_t R,
+                            const int32_t* offsets, const void* xp, const float* row_weights, const void* w_gate_up,
+                            const void* b_gate_up, void* u_out, void* h, cudaStream_t stream) {
+  const int H = c.hidden, I = c.inter, NU = spec.nu(I);
+  kx::GroupedGemmProblem p = axis_m_problem(c, R, offsets, xp, H, H, w_gate_up, NU,
+                                            static_cast<int64_t>(H) * NU, false, NU);
+  p.gate_up_half = spec.gated && !spec.interleaved ? I : 0;
+  kx::EpilogueParams ep;
+  ep.c = h;
+  ep.ldc = I;
+  ep.bias = b_gate_up;
+  ep.bias_group_stride = NU;
+  ep.row_weights = row_weights;
+  ep.u = u_out;
+  ep.ldu = NU;
+  ep.act = spec.act;
+  ep.interleaved = spec.interleaved ? 1 : 0;
+  ep.inter = I;
+  ep.weight_after_down = c.weight_after_down ? 1 : 0;
+  MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(static_cast<moekit_dtype_t>(c.dtype), p,
+                                          spec.gated ? kx::kEpiGateUp : kx::kEpiRelu2, ep, stream),
+                  "launching the gate-up grouped GEMM");
+  return MOEKIT_STATUS_SUCCESS;
+}
+
+// Weight gradient C_g = X_g^T Y_g [M, N] into `out` (with a split pass when the plan asks for it).
+moekit_status_t run_wgrad(const moekit_experts_config_t& c, int64_t R, const int32_t* offsets, const void* x,
+                          int m, const void* y, int n, int splits, float* scratch, void* out, const char* what,
+                          cudaStream_t stream) {
+  const auto dtype = static_cast<moekit_dtype_t>(c.dtype);
+  const kx::GroupedGemmProblem p = axis_k_problem(c, R, offsets, x, m, y, n, splits);
+  kx::EpilogueParams ep;
+  ep.c = out;
+  ep.split_out = scratch;
+  MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(dtype, p, kx::kEpiWgrad, ep, stream), what);
+  if (splits > 1)
+    MOEKIT_CUDA_TRY(kx::launch_split_sum(dtype, scratch, splits, static_cast<int64_t>(c.num_experts) * m * n, out,
+                                         stream),
+                    what);
+  return MOEKIT_STATUS_SUCCESS;
+}
+
+}  // namespace
+
+size_t forward_workspace_bytes(const moekit_experts_config_t& c, int64_t max_rows) {
+  WorkspaceCarver ws(nullptr);
+  carve_forward(ws, c, max_rows);
+  return ws.bytes();
+}
+
+size_t backward_workspace_bytes(const moekit_experts_config_t& c, int64_t max_rows, bool has_saved_u) {
+  WorkspaceCarver ws(nullptr);
+  carve_backward(ws, c, max_rows, has_saved_u, plan_backward(c, max_rows));
+  return ws.bytes();
+}
+
+moekit_status_t check_device(const moekit_experts_config_t& c) {
+  int device = 0, major = 0, optin = 0;
+  MOEKIT_CUDA_TRY(cudaGetDevice(&device), "querying the current device");
+  MOEKIT_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+                  "querying the compute capability");
+  MOEKIT_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                  "querying the shared-memory limit");
+  if (major < 8)
+    return fail(MOEKIT_STATUS_NOT_AVAILABLE, "the grouped experts need compute capability 8.0 or newer (device %d is %d.x)",
+                device, major);
+  const size_t need = kernels::experts::grouped_max_smem_bytes(static_cast<moekit_dtype_t>(c.dtype), c.num_experts);
+  if (need > static_cast<size_t>(optin))
+    return fail(MOEKIT_STATUS_NOT_AVAILABLE,
+                "config->num_experts = %d needs %zu bytes of shared memory per block; device %d offers %d",
+                c.num_experts, need, device, optin);
+  return MOEKIT_STATUS_SUCCESS;
+}
+
+moekit_status_t forward(const moekit_experts_config_t& c, const ForwardArgs& a, void* workspace,
+                        cudaStream_t stream) {
+  const int64_t R = a.max_rows;
+  if (R == 0) return MOEKIT_STATUS_SUCCESS;
+  MOEKIT_TRY(check_device(c));
+  const auto dtype = static_cast<moekit_dtype_t>(c.dtype);
+  const ActivationSpec spec = activation_spec(c.activation, c.gate_up_layout, c.act_alpha, c.act_limit);
+  const int H = c.hidden, I = c.inter;
+  WorkspaceCarver ws(workspace);
+  const ForwardLayout l = carve_forward(ws, c, R);
+
+  MOEKIT_TRY(run_gate_up(c, spec, R, a.expert_offsets, a.xp, a.row_weights, a.w_gate_up, a.b_gate_up, a.u_out,
+                         l.h, stream));
+
+  const kx::GroupedGemmProblem p = axis_m_problem(c, R, a.expert_offsets, l.h, I, I, a.w_down, H,
+                                                  static_cast<int64_t>(I) * H, false, H);
+  kx::EpilogueParams ep;
+  ep.c = a.out;
+  ep.ldc = H;
+  ep.bias = a.b_down;
+  ep.bias_group_stride = H;
+  ep.row_weights = a.row_weights;
+  ep.weight_after_down = c.weight_after_down ? 1 : 0;
+  MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(dtype, p, kx::kEpiStore, ep, stream), "launching the down grouped GEMM");
+  return MOEKIT_STATUS_SUCCESS;
+}
+
+moekit_status_t backward(const moekit_experts_config_t& c, const BackwardArgs& a, void* workspace,
+                         cudaStream_t stream) {
+  const int64_t R = a.max_rows;
+  MOEKIT_TRY(check_device(c));
+  const auto dtype = static_cast<moekit_dtype_t>(c.dtype);
+  const ActivationSpec spec = activation_spec(c.activation, c.gate_up_layout, c.act_alpha, c.act_limit);
+  const int E = c.num_experts, H = c.hidden, I = c.inter, NU = spec.nu(I);
+  const BackwardPlan plan = plan_backward(c, R);
+  WorkspaceCarver ws(workspace);
+  const BackwardLayout l = carve_backward(ws, c, R, a.u != nullptr, plan);
+
+  const bool need_du = a.grad_xp || a.grad_w_gate_up || a.grad_b_gate_up || a.grad_row_weights || a.grad_w_down;
+  if (R > 0 && need_du) {
+    const void* u = a.u;
+    if (!u) {
+      MOEKIT_TRY(run_gate_up(c, spec, R, a.expert_offsets, a.xp, a.row_weights, a.w_gate_up, a.b_gate_up, l.u,
+                             nullptr, stream));
+      u = l.u;
+    }
+    // G = dout W_down^T over h columns, with the activation backward in the epilogue.
+    const kx::GroupedGemmProblem p = axis_m_problem(c, R, a.expert_offsets, a.grad_out, H, H, a.w_down, H,
+                                                    static_cast<int64_t>(I) * H, true, I);
+    kx::EpilogueParams ep;
+    ep.c = l.du;
+    ep.ldc = NU;
+    ep.row_weights = a.row_weights;
+    ep.u = const_cast<void*>(u);
+    ep.ldu = NU;
+    ep.h = l.h;
+    ep.ldh = I;
+    ep.dp_partial = l.dp_partial;
+    ep.ld_dp = plan.dp_tiles;
+    ep.act = spec.act;
+    ep.interleaved = spec.interleaved ? 1 : 0;
+    ep.inter = I;
+    MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(dtype, p, kx::kEpiBwdAct, ep, stream),
+                    "launching the down-projection dgrad grouped GEMM");
+  }
+  if (a.grad_row_weights && R > 0)
+    MOEKIT_CUDA_TRY(kx::launch_dp_finish(dtype, E, a.expert_offsets, R, l.dp_partial, plan.dp_tiles, a.grad_out,
+                                         a.b_down, H, a.grad_row_weights, stream),
+                    "launching the routing-weight gradient");
+  if (a.grad_xp && R > 0) {
+    const kx::GroupedGemmProblem p = axis_m_problem(c, R, a.expert_offsets, l.du, NU, NU, a.w_gate_up, NU,
+                                                    static_cast<int64_t>(H) * NU, true, H);
+    kx::EpilogueParams ep;
+    ep.c = a.grad_xp;
+    ep.ldc = H;
+    MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(dtype, p, kx::kEpiStore, ep, stream),
+                    "launching the gate-up dgrad grouped GEMM");
+  }
+  if (a.grad_w_down)
+    MOEKIT_TRY(run_wgrad(c, R, a.expert_offsets, l.h, I, a.grad_out, H, plan.splits_w_down, l.scratch,
+                         a.grad_w_down, "launching the down-projection weight gradient", stream));
+  if (a.grad_w_gate_up)
+    MOEKIT_TRY(run_wgrad(c, R, a.expert_offsets, a.xp, H, l.du, NU, plan.splits_w_gate_up, l.scratch,
+                         a.grad_w_gate_up, "launching the gate-up weight gradient", stream));
+  if (a.grad_b_gate_up)
+    MOEKIT_CUDA_TRY(kx::launch_column_sums(dtype, E, a.expert_offsets, R, l.du, NU, nullptr, plan.splits_b_gate_up,
+                                           l.scratch, a.grad_b_gate_up, stream),
+                    "launching the gate-up bias gradient");
+  if (a.grad_b_down)
+    MOEKIT_CUDA_TRY(kx::launch_column_sums(dtype, E, a.expert_offsets, R, a.grad_out, H, a.row_weights,
+                                           plan.splits_b_down, l.scratch, a.grad_b_down, stream),
+                    "launching the down bias gradient");
+  return MOEKIT_STATUS_SUCCESS;
+}
+
+}  // namespace moekit::experts

@@ -1,0 +1,75 @@
+// The dense MLP (shared experts) on the host side: the caller-owned cuBLASLt state behind
+// moekit_mlp_handle_t, a cache of matmul plans keyed by shape, and the forward/backward sequences
+// (cuBLASLt GEMMs around the elementwise activation kernels of kernels/experts).
+#pragma once
+
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "moekit/experts.h"
+
+// The opaque handle of moekit/experts.h.
+struct moekit_mlp_handle {
+  cublasLtHandle_t lt = nullptr;
+  int device = 0;
+  std::mutex mutex;  // serialises plan lookups and the per-call descriptor attributes
+  struct Plan {
+    cublasLtMatmulDesc_t desc = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+    cublasLtMatmulAlgo_t algo{};
+  };
+  // (dtype in, dtype out, op a, op b, m, n, k, lda, ldb, ldd, epilogue)
+  using Key = std::tuple<int, int, int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int>;
+  std::map<Key, Plan> plans;
+};
+
+namespace moekit::experts {
+
+// cuBLASLt workspace carved from the caller's workspace of every MLP call (a fixed size, so the
+// algorithm choice and therefore the bits never depend on the caller's buffer).
+constexpr size_t kCublasWorkspaceBytes = size_t(32) << 20;
+
+moekit_status_t mlp_handle_create(moekit_mlp_handle_t* handle);
+moekit_status_t mlp_handle_destroy(moekit_mlp_handle_t handle);
+
+struct MlpForwardArgs {
+  int64_t num_tokens;
+  const void* x;
+  const void* w_gate_up;
+  const void* b_gate_up;
+  const void* w_down;
+  const void* b_down;
+  void* u_out;
+  void* out;
+};
+
+struct MlpBackwardArgs {
+  int64_t num_tokens;
+  const void* x;
+  const void* w_gate_up;
+  const void* b_gate_up;
+  const void* w_down;
+  const void* b_down;
+  const void* u;
+  const void* grad_out;
+  void* grad_x;
+  void* grad_w_gate_up;
+  void* grad_b_gate_up;
+  void* grad_w_down;
+  void* grad_b_down;
+};
+
+size_t mlp_forward_workspace_bytes(const moekit_mlp_config_t& config, int64_t num_tokens);
+size_t mlp_backward_workspace_bytes(const moekit_mlp_config_t& config, int64_t num_tokens, bool has_saved_u);
+
+moekit_status_t mlp_forward(moekit_mlp_handle_t handle, const moekit_mlp_config_t& config,
+                            const MlpForwardArgs& args, void* workspace, cudaStream_t stream);
+moekit_status_t mlp_backward(moekit_mlp_handle_t handle, const moekit_mlp_config_t& config,
+                             const MlpBackwardArgs& args, void* workspace, cudaStream_t stream);
+
+}  // namespace moekit::experts

@@ -1,0 +1,717 @@
+// Experts family, CPU suite: the double reference (every activation forward and backward against
+// finite differences; the whole FFN backward against finite differences of its loss, in both
+// layouts, with biases, routing weights and the weight-after-down variant), the device activation
+// functions against the reference, the grouped-GEMM tile schedule and column pairing, the
+// mma.sync fragment addressing replayed on the host, and the C API's validation.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <random>
+#include <set>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "kernels/experts/activation.cuh"
+#include "kernels/experts/grouped_problem.cuh"
+#include "kernels/experts/mma_layout.cuh"
+#include "moekit/moekit.h"
+#include "tests/experts/experts_cases.hpp"
+#include "tests/reference/experts_ref.hpp"
+#include "tests/support/catch.hpp"
+#include "tests/support/numeric.hpp"
+#include "tests/support/random.hpp"
+
+namespace kx = moekit::kernels::experts;
+namespace ref = moekit::ref;
+using moekit::test::experts::Spec;
+
+namespace {
+
+struct ActCase {
+  const char* name;
+  int kind;
+  double alpha;
+  double limit;
+};
+
+// Every activation, with and without clamping where it has one; limits small enough that the
+// random inputs below cross them.
+const ActCase kActCases[] = {
+    {"swiglu", ref::kSwiglu, 1.702, 0.0},       {"swiglu limit", ref::kSwiglu, 1.702, 1.25},
+    {"relu2", ref::kRelu2, 1.702, 0.0},         {"quick_geglu", ref::kQuickGeglu, 1.702, 1.5},
+    {"quick_geglu L7", ref::kQuickGeglu, 1.702, 7.0}, {"geglu", ref::kGeglu, 1.702, 0.0},
+    {"swiglu_oai", ref::kSwigluOai, 1.3, 0.0},  {"swiglu_oai limit", ref::kSwigluOai, 1.702, 0.9},
+};
+
+bool near_kink(const ActCase& a, double g, double v) {
+  const double eps = 1e-3;
+  if (a.kind == ref::kRelu2) return std::fabs(g) < eps;
+  if (a.limit > 0.0 || a.kind == ref::kQuickGeglu)
+    return std::fabs(g - a.limit) < eps || std::fabs(std::fabs(v) - a.limit) < eps;
+  return false;
+}
+
+std::string last_error() { return moekit_get_last_error(); }
+
+}  // namespace
+
+TEST_CASE("reference activation derivatives match finite differences", "[experts][reference]") {
+  auto rng = moekit::test::make_rng(0xe1);
+  std::normal_distribution<double> d(0.0, 2.0);
+  for (const ActCase& a : kActCases) {
+    INFO(a.name);
+    ref::ActSpec spec{a.kind, a.alpha, a.limit};
+    int checked = 0;
+    for (int it = 0; it < 400; ++it) {
+      const double g = d(rng), v = d(rng);
+      if (near_kink(a, g, v)) continue;
+      const double h = 1e-6;
+      double an_g, an_v, fd_g, fd_v;
+      if (a.kind == ref::kRelu2) {
+        an_g = ref::act_relu2_grad(g);
+        fd_g = (ref::act_relu2(g + h) - ref::act_relu2(g - h)) / (2 * h);
+        an_v = fd_v = 0.0;
+      } else {
+        ref::act_gated_grad(spec, g, v, &an_g, &an_v);
+        fd_g = (ref::act_gated(spec, g + h, v) - ref::act_gated(spec, g - h, v)) / (2 * h);
+        fd_v = (ref::act_gated(spec, g, v + h) - ref::act_gated(spec, g, v - h)) / (2 * h);
+      }
+      INFO("g = " << g << ", v = " << v);
+      REQUIRE(std::fabs(an_g - fd_g) <= 1e-6 * (1.0 + std::fabs(fd_g)));
+      REQUIRE(std::fabs(an_v - fd_v) <= 1e-6 * (1.0 + std::fabs(fd_v)));
+      ++checked;
+    }
+    REQUIRE(checked > 300);
+  }
+}
+
+TEST_CASE("reference activations follow the NeMo formulas at chosen points", "[experts][reference]") {
+  // Values derived by hand from the formulas in moekit/experts.h (sigmoid(0) = 1/2, tanh(0) = 0).
+  const ref::ActSpec swiglu{ref::kSwiglu, 1.702, 0.0};
+  REQUIRE(ref::act_gated(swiglu, 0.0, 5.0) == 0.0);
+  REQUIRE(std::fabs(ref::act_gated(swiglu, 2.0, 3.0) - 3.0 * 2.0 / (1.0 + std::exp(-2.0))) < 1e-15);
+  // Clamped swiglu: g clamps at L from above only, v on both sides.
+  const ref::ActSpec swiglu_l{ref::kSwiglu, 1.702, 1.0};
+  REQUIRE(ref::act_gated(swiglu_l, 5.0, 5.0) == ref::act_gated(swiglu, 1.0, 1.0));
+  REQUIRE(ref::act_gated(swiglu_l, -5.0, -5.0) == ref::act_gated(swiglu, -5.0, -1.0));
+  // quick_geglu: gate 0 gives 0 whatever the up value; the "+1" makes up = -1 give 0.
+  const ref::ActSpec qg{ref::kQuickGeglu, 1.702, 7.0};
+  REQUIRE(ref::act_gated(qg, 0.0, 3.0) == 0.0);
+  REQUIRE(ref::act_gated(qg, 2.0, -1.0) == 0.0);
+  REQUIRE(std::fabs(ref::act_gated(qg, 9.0, 9.0) - 7.0 / (1.0 + std::exp(-1.702 * 7.0)) * 8.0) < 1e-12);
+  // swiglu_oai without a limit does not clamp.
+  const ref::ActSpec oai{ref::kSwigluOai, 1.702, 0.0};
+  REQUIRE(std::fabs(ref::act_gated(oai, 9.0, 9.0) - 9.0 / (1.0 + std::exp(-1.702 * 9.0)) * 10.0) < 1e-12);
+  // geglu: gelu_tanh(0) = 0, gelu_tanh(x) -> x for large x.
+  const ref::ActSpec geglu{ref::kGeglu, 1.702, 0.0};
+  REQUIRE(ref::act_gated(geglu, 0.0, 4.0) == 0.0);
+  REQUIRE(std::fabs(ref::act_gated(geglu, 10.0, 2.0) - 20.0) < 1e-9);
+  REQUIRE(ref::act_relu2(-3.0) == 0.0);
+  REQUIRE(ref::act_relu2(3.0) == 9.0);
+  // Clamp gradients pass on the closed interval: at g == L the gate gradient is not masked.
+  double dg, dv;
+  ref::act_gated_grad(swiglu_l, 1.0, 1.0, &dg, &dv);
+  REQUIRE(dg != 0.0);
+  REQUIRE(dv != 0.0);
+  ref::act_gated_grad(swiglu_l, 1.5, 1.5, &dg, &dv);
+  REQUIRE(dg == 0.0);
+  REQUIRE(dv == 0.0);
+}
+
+TEST_CASE("device activation functions match the double reference", "[experts][activation]") {
+  auto rng = moekit::test::make_rng(0xe2);
+  std::normal_distribution<float> d(0.0f, 3.0f);
+  for (const ActCase& a : kActCases) {
+    INFO(a.name);
+    const kx::ActParams dev{a.kind, static_cast<float>(a.alpha), static_cast<float>(a.limit)};
+    const ref::ActSpec spec{a.kind, static_cast<double>(static_cast<float>(a.alpha)),
+                            static_cast<double>(static_cast<float>(a.limit))};
+    for (int it = 0; it < 2000; ++it) {
+      const float g = d(rng), v = d(rng);
+      INFO("g = " << g << ", v = " << v);
+      auto close = [](double got, double want) { return std::fabs(got - want) <= 2e-6 * (1.0 + std::fabs(want)); };
+      if (a.kind == ref::kRelu2) {
+        REQUIRE(close(kx::act_relu2(g), ref::act_relu2(g)));
+        REQUIRE(close(kx::act_relu2_grad(g), ref::act_relu2_grad(g)));
+        continue;
+      }
+      double dg, dv;
+      ref::act_gated_grad(spec, g, v, &dg, &dv);
+      const double want = ref::act_gated(spec, g, v);
+      const kx::GatedGrad got = kx::act_gated_grad(dev, g, v);
+      REQUIRE(close(kx::act_gated(dev, g, v), want));
+      REQUIRE(close(got.act, want));
+      REQUIRE(close(got.d_gate, dg));
+      REQUIRE(close(got.d_up, dv));
+    }
+    // NaN inputs propagate (a clamp never replaces NaN by its bound).
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    if (a.kind == ref::kRelu2) {
+      REQUIRE(std::isnan(kx::act_relu2(nan)));
+    } else {
+      REQUIRE(std::isnan(kx::act_gated(dev, nan, 1.0f)));
+      REQUIRE(std::isnan(kx::act_gated(dev, 0.5f, nan)));
+    }
+  }
+}
+
+namespace {
+
+// Central finite differences of the reference loss sum_r <dout_r, out_r> against the reference
+// backward, for a sample of every parameter.
+void check_backward_fd(const Spec& s, uint64_t salt) {
+  INFO(s.describe());
+  auto rng = moekit::test::make_rng(salt);
+  ref::ExpertsProblem p = moekit::test::experts::make_random(s, rng, MOEKIT_DTYPE_F32);
+  const size_t R = p.max_rows;
+  std::normal_distribution<double> d(0.0, 1.0);
+  std::vector<double> dout(R * s.hidden);
+  for (auto& x : dout) x = d(rng);
+  const ref::ExpertsForwardResult f = ref::experts_forward(p, nullptr);
+  const ref::ExpertsBackwardResult b = ref::experts_backward(p, f.u, dout, nullptr);
+  const int64_t total = p.offsets.back();
+
+  auto check = [&](const char* name, std::vector<double>& param, const std::vector<double>& grad,
+                   int64_t limit) {
+    INFO(name);
+    REQUIRE(param.size() == grad.size());
+    std::uniform_int_distribution<int64_t> pick(0, limit - 1);
+    for (int it = 0; it < 12; ++it) {
+      const int64_t i = pick(rng);
+      const double x0 = param[i], h = 1e-6 * std::max(1.0, std::fabs(x0));
+      param[i] = x0 + h;
+      const double lp = ref::experts_loss(p, dout);
+      param[i] = x0 - h;
+      const double lm = ref::experts_loss(p, dout);
+      param[i] = x0;
+      const double fd = (lp - lm) / (2 * h);
+      INFO("index " << i << ": analytic " << grad[i] << ", finite difference " << fd);
+      REQUIRE(std::fabs(grad[i] - fd) <= 1e-5 * (1.0 + std::fabs(fd)));
+    }
+  };
+  // Only rows inside a segment carry gradients (rows past the total are never read).
+  check("xp", p.xp, b.grad_xp, total * s.hidden);
+  check("w_gate_up", p.w_gate_up, b.grad_w_gate_up, static_cast<int64_t>(p.w_gate_up.size()));
+  check("w_down", p.w_down, b.grad_w_down, static_cast<int64_t>(p.w_down.size()));
+  if (s.bias_gate_up) check("b_gate_up", p.b_gate_up, b.grad_b_gate_up, static_cast<int64_t>(p.b_gate_up.size()));
+  if (s.bias_down) check("b_down", p.b_down, b.grad_b_down, static_cast<int64_t>(p.b_down.size()));
+  if (s.row_weights) check("row_weights", p.row_weights, b.grad_row_weights, total);
+  // Rows past the total stay untouched (NaN) in every row-indexed output.
+  for (int64_t r = total; r < p.max_rows; ++r) {
+    REQUIRE(std::isnan(f.out[r * s.hidden]));
+    REQUIRE(std::isnan(b.grad_xp[r * s.hidden]));
+    REQUIRE(std::isnan(b.grad_row_weights[r]));
+  }
+  // The empty expert's weight gradients are exactly zero.
+  for (int e = 0; e < s.num_experts(); ++e) {
+    if (s.counts[e] != 0) continue;
+    for (int64_t i = 0; i < int64_t(s.hidden) * s.nu(); ++i)
+      REQUIRE(b.grad_w_gate_up[e * int64_t(s.hidden) * s.nu() + i] == 0.0);
+    for (int64_t i = 0; i < int64_t(s.inter) * s.hidden; ++i)
+      REQUIRE(b.grad_w_down[e * int64_t(s.inter) * s.hidden + i] == 0.0);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("reference FFN backward matches finite differences", "[experts][reference]") {
+  uint64_t salt = 0x100;
+  for (const ActCase& a : kActCases) {
+    for (int variant = 0; variant < 3; ++variant) {
+      Spec s;
+      s.activation = a.kind;
+      s.alpha = a.alpha;
+      s.limit = a.limit;
+      s.interleaved = variant == 1 && a.kind != ref::kRelu2;
+      s.weight_after_down = variant == 2;
+      s.bias_gate_up = variant != 0;
+      s.bias_down = variant != 0;
+      s.row_weights = variant != 1 || a.kind == ref::kRelu2;
+      check_backward_fd(s, ++salt);
+    }
+  }
+}
+
+TEST_CASE("reference: interleaved and concatenated layouts agree; weight placement is linear",
+          "[experts][reference]") {
+  auto rng = moekit::test::make_rng(0xe3);
+  Spec s;
+  s.activation = ref::kQuickGeglu;
+  s.limit = 1.5;
+  s.bias_gate_up = s.bias_down = true;
+  s.counts = {4, 0, 5, 1};
+  ref::ExpertsProblem concat = moekit::test::experts::make_random(s, rng, MOEKIT_DTYPE_F32);
+  ref::ExpertsProblem inter = concat;
+  inter.interleaved = true;
+  const int E = s.num_experts(), H = s.hidden, I = s.inter, NU = 2 * I;
+  for (int e = 0; e < E; ++e) {
+    for (int i = 0; i < I; ++i) {
+      for (int k = 0; k < H; ++k) {
+        const size_t base = (size_t(e) * H + k) * NU;
+        inter.w_gate_up[base + 2 * i] = concat.w_gate_up[base + i];
+        inter.w_gate_up[base + 2 * i + 1] = concat.w_gate_up[base + I + i];
+      }
+      inter.b_gate_up[size_t(e) * NU + 2 * i] = concat.b_gate_up[size_t(e) * NU + i];
+      inter.b_gate_up[size_t(e) * NU + 2 * i + 1] = concat.b_gate_up[size_t(e) * NU + I + i];
+    }
+  }
+  const auto a = ref::experts_forward(concat, nullptr), b = ref::experts_forward(inter, nullptr);
+  ref::ExpertsProblem wad = concat;
+  wad.weight_after_down = true;
+  const auto c = ref::experts_forward(wad, nullptr);
+  const int64_t total = concat.offsets.back();
+  for (int64_t i = 0; i < total * H; ++i) {
+    REQUIRE(std::fabs(a.out[i] - b.out[i]) <= 1e-12 * (1 + std::fabs(a.out[i])));
+    REQUIRE(std::fabs(a.out[i] - c.out[i]) <= 1e-12 * (1 + std::fabs(a.out[i])));
+  }
+  for (int64_t i = 0; i < total * I; ++i) REQUIRE(a.h[i] == b.h[i]);
+}
+
+TEST_CASE("tile schedule covers every row tile of every group exactly once", "[experts][schedule]") {
+  auto rng = moekit::test::make_rng(0xe4);
+  for (int trial = 0; trial < 200; ++trial) {
+    std::uniform_int_distribution<int> ge(1, 40), gc(0, 700), gm(1, 9), gn(1, 7), kind(0, 9);
+    const int G = ge(rng), block_m = trial % 2 ? 128 : 64, tiles_n = gn(rng), group_m = gm(rng);
+    std::vector<int32_t> offsets(G + 1, 0);
+    for (int g = 0; g < G; ++g) offsets[g + 1] = offsets[g] + (kind(rng) < 2 ? 0 : gc(rng));
+    int64_t R = offsets[G] + gc(rng) % 5;
+    if (trial % 7 == 0) {  // garbage offsets: negative, beyond R, decreasing
+      offsets[G / 2] = -5;
+      offsets[G] = static_cast<int32_t>(R + 1000);
+      if (G > 2) offsets[1] = offsets[2] + 3;
+    }
+    INFO("trial " << trial << " G " << G << " BM " << block_m << " tiles_n " << tiles_n);
+    std::vector<int32_t> prefix(G + 1, 0);
+    for (int g = 0; g < G; ++g) {
+      int64_t b, e;
+      kx::group_rows(offsets.data(), g, R, &b, &e);
+      REQUIRE(0 <= b);
+      REQUIRE(b <= e);
+      REQUIRE(e <= R);
+      prefix[g + 1] = prefix[g] + kx::row_tiles_of(e - b, block_m);
+    }
+    const kx::RowTileSchedule sched{prefix.data(), G, tiles_n, group_m};
+    // The launch bound holds for well-formed offsets; garbage ones only lose the bound (a
+    // persistent grid still walks every tile) but never leave [0, R).
+    if (trial % 7 != 0) REQUIRE(sched.total_tiles() <= kx::max_row_tiles(R, G, block_m) * tiles_n);
+    std::set<std::tuple<int, int, int>> seen;
+    for (int64_t t = 0; t < sched.total_tiles(); ++t) {
+      const kx::RowTile rt = sched.decode(t);
+      REQUIRE(rt.group >= 0);
+      REQUIRE(rt.group < G);
+      REQUIRE(rt.row_tile >= 0);
+      REQUIRE(rt.row_tile < prefix[rt.group + 1] - prefix[rt.group]);
+      REQUIRE(rt.n_tile >= 0);
+      REQUIRE(rt.n_tile < tiles_n);
+      REQUIRE(seen.insert({rt.group, rt.row_tile, rt.n_tile}).second);
+    }
+    REQUIRE(static_cast<int64_t>(seen.size()) == int64_t(prefix[G]) * tiles_n);
+  }
+}
+
+TEST_CASE("weight-gradient schedule and row splits are a partition", "[experts][schedule]") {
+  auto rng = moekit::test::make_rng(0xe5);
+  for (int trial = 0; trial < 100; ++trial) {
+    std::uniform_int_distribution<int> d(1, 9);
+    const kx::WgradSchedule s{d(rng), d(rng), d(rng), d(rng), d(rng)};
+    std::set<std::tuple<int, int, int, int>> seen;
+    for (int64_t t = 0; t < s.total_tiles(); ++t) {
+      const kx::WgradTile w = s.decode(t);
+      REQUIRE(w.group < s.num_groups);
+      REQUIRE(w.split < s.splits);
+      REQUIRE(w.m_tile < s.tiles_m);
+      REQUIRE(w.n_tile < s.tiles_n);
+      REQUIRE(seen.insert({w.group, w.split, w.m_tile, w.n_tile}).second);
+    }
+    REQUIRE(static_cast<int64_t>(seen.size()) == s.total_tiles());
+  }
+  for (int64_t len : {0, 1, 7, 64, 1000, 4097}) {
+    for (int splits = 1; splits <= 17; ++splits) {
+      int64_t next = 100;
+      for (int sp = 0; sp < splits; ++sp) {
+        int64_t b, e;
+        kx::split_rows(100, 100 + len, sp, splits, &b, &e);
+        REQUIRE(b == next);
+        REQUIRE(e >= b);
+        next = e;
+      }
+      REQUIRE(next == 100 + len);
+    }
+  }
+}
+
+TEST_CASE("gate/up column pairing is a bijection onto [0, 2I)", "[experts][schedule]") {
+  for (int I : {8, 16, 24, 40, 200, 768}) {
+    std::vector<int> hits(2 * I, 0);
+    for (int v = 0; v < 2 * I; ++v) {
+      const int c = kx::b_column(v, I);
+      REQUIRE(c >= 0);
+      REQUIRE(c < 2 * I);
+      ++hits[c];
+      if (((v >> 3) & 1) == 0) {  // gate block: its up partner is 8 virtual columns further
+        const int i = kx::paired_gate_index(v);
+        REQUIRE(c == i);
+        REQUIRE(kx::b_column(v + 8, I) == I + i);
+      }
+    }
+    for (int h : hits) REQUIRE(h == 1);
+    REQUIRE(kx::b_column(13, 0) == 13);
+  }
+}
+
+namespace {
+
+// Host replay of ldmatrix.x4 (optionally .trans) from a shared-memory image: register i of lane t.
+void replay_ldmatrix(const std::vector<float>& smem, const int (&offset)[32], bool trans, float (&out)[32][4][2]) {
+  for (int t = 0; t < 32; ++t)
+    for (int i = 0; i < 4; ++i)
+      for (int e = 0; e < 2; ++e) {
+        if (!trans)
+          out[t][i][e] = smem[offset[8 * i + t / 4] + 2 * (t % 4) + e];
+        else
+          out[t][i][e] = smem[offset[8 * i + 2 * (t % 4) + e] + t / 4];
+      }
+}
+
+// One m16n8k16 per n8 block from replayed fragments: D[16][16] for two n8 blocks.
+void replay_mma(const float (&a)[32][4][2], const float (&b)[32][4][2], double (&d)[16][16]) {
+  double A[16][16] = {}, B[16][16] = {};
+  for (int t = 0; t < 32; ++t) {
+    const int g = t / 4, q = t % 4;
+    for (int e = 0; e < 2; ++e) {
+      A[g][2 * q + e] = a[t][0][e];
+      A[g + 8][2 * q + e] = a[t][1][e];
+      A[g][2 * q + 8 + e] = a[t][2][e];
+      A[g + 8][2 * q + 8 + e] = a[t][3][e];
+      // registers 0, 1: b0, b1 of n block 0; registers 2, 3: of n block 1
+      for (int blk = 0; blk < 2; ++blk) {
+        B[2 * q + e][8 * blk + g] = b[t][2 * blk][e];
+        B[2 * q + 8 + e][8 * blk + g] = b[t][2 * blk + 1][e];
+      }
+    }
+  }
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) {
+      double s = 0;
+      for (int k = 0; k < 16; ++k) s += A[r][k] * B[k][c];
+      d[r][c] = s;
+    }
+}
+
+}  // namespace
+
+TEST_CASE("ldmatrix addressing of every operand layout yields the matrix product", "[experts][mma]") {
+  // Logical A [16 x 16] at (m_base, k_base) and B [16 x 16] (two n8 blocks) at (k_base, n_base)
+  // inside padded stage buffers; each layout is replayed and its product compared with A B.
+  auto rng = moekit::test::make_rng(0xe6);
+  std::uniform_int_distribution<int> d(-4, 4);
+  const int m_base = 48, n_base = 32, k_base = 16;
+  float A[16][16], B[16][16];
+  for (auto& row : A) for (auto& x : row) x = static_cast<float>(d(rng));
+  for (auto& row : B) for (auto& x : row) x = static_cast<float>(d(rng));
+  double want[16][16];
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) {
+      double s = 0;
+      for (int k = 0; k < 16; ++k) s += double(A[r][k]) * B[k][c];
+      want[r][c] = s;
+    }
+  const int pitch_mk = 32 + 8, pitch_km = 128 + 8, pitch_nk = 32 + 8, pitch_kn = 256 + 8;
+  for (int a_layout = 0; a_layout < 2; ++a_layout)
+    for (int b_layout = 0; b_layout < 2; ++b_layout) {
+      INFO("A " << (a_layout ? "[k][m]" : "[m][k]") << ", B " << (b_layout ? "[k][n]" : "[n][k]"));
+      std::vector<float> sa(256 * 272, -99.0f), sb(256 * 272, -99.0f);
+      int oa[32], ob[32];
+      for (int r = 0; r < 16; ++r)
+        for (int k = 0; k < 16; ++k) {
+          if (a_layout == 0) sa[(m_base + r) * pitch_mk + k_base + k] = A[r][k];
+          else sa[(k_base + k) * pitch_km + m_base + r] = A[r][k];
+        }
+      for (int k = 0; k < 16; ++k)
+        for (int c = 0; c < 16; ++c) {
+          if (b_layout == 0) sb[(n_base + c) * pitch_nk + k_base + k] = B[k][c];
+          else sb[(k_base + k) * pitch_kn + n_base + c] = B[k][c];
+        }
+      for (int lane = 0; lane < 32; ++lane) {
+        oa[lane] = a_layout == 0 ? kx::ldsm_offset_a_mk(lane, m_base, k_base, pitch_mk)
+                                 : kx::ldsm_offset_a_km(lane, m_base, k_base, pitch_km);
+        ob[lane] = b_layout == 0 ? kx::ldsm_offset_b_nk(lane, n_base, k_base, pitch_nk)
+                                 : kx::ldsm_offset_b_kn(lane, n_base, k_base, pitch_kn);
+        // ldmatrix needs 16-byte aligned row addresses (8 elements of 16 bits).
+        REQUIRE(oa[lane] % 8 == 0);
+        REQUIRE(ob[lane] % 8 == 0);
+      }
+      float fa[32][4][2], fb[32][4][2];
+      replay_ldmatrix(sa, oa, a_layout == 1, fa);
+      replay_ldmatrix(sb, ob, b_layout == 1, fb);
+      double got[16][16];
+      replay_mma(fa, fb, got);
+      for (int r = 0; r < 16; ++r)
+        for (int c = 0; c < 16; ++c) REQUIRE(got[r][c] == want[r][c]);
+      // The epilogue's view of the accumulators: element e of lane t is (acc_row, acc_col).
+      for (int t = 0; t < 32; ++t)
+        for (int e = 0; e < 4; ++e) {
+          const int r = kx::acc_row(t, e), c = kx::acc_col(t, e);
+          REQUIRE(r == t / 4 + 8 * (e / 2));
+          REQUIRE(c == 2 * (t % 4) + e % 2);
+        }
+    }
+}
+
+TEST_CASE("ldmatrix phases are free of shared-memory bank conflicts", "[experts][mma]") {
+  // Each 8-lane phase of an ldmatrix reads 8 rows of 16 bytes; with the padded pitches the rows
+  // must cover 8 distinct 16-byte bank groups (32 banks of 4 bytes, 2-byte elements).
+  struct L { const char* name; int pitch; int (*fn)(int, int, int, int); };
+  const L layouts[] = {{"A [m][k]", 40, kx::ldsm_offset_a_mk}, {"A [k][m]", 136, kx::ldsm_offset_a_km},
+                       {"B [n][k]", 40, kx::ldsm_offset_b_nk}, {"B [k][n]", 264, kx::ldsm_offset_b_kn}};
+  for (const L& l : layouts) {
+    INFO(l.name);
+    for (int base = 0; base < 64; base += 16)
+      for (int phase = 0; phase < 4; ++phase) {
+        std::set<int> groups;
+        for (int lane = 8 * phase; lane < 8 * phase + 8; ++lane)
+          groups.insert((l.fn(lane, base, 16, l.pitch) * 2 / 16) % 8);
+        REQUIRE(groups.size() == 8);
+      }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// C API validation (no call here reaches the device: each fails before anything is enqueued).
+
+namespace {
+
+moekit_experts_config_t valid_config() {
+  moekit_experts_config_t c;
+  REQUIRE(moekit_experts_config_init(&c, sizeof(c)) == MOEKIT_STATUS_SUCCESS);
+  c.num_experts = 4;
+  c.hidden = 64;
+  c.inter = 40;
+  return c;
+}
+
+void require_fail(moekit_status_t got, moekit_status_t want, const std::vector<std::string>& words) {
+  INFO("message: " << last_error());
+  REQUIRE(got == want);
+  for (const auto& w : words) REQUIRE(last_error().find(w) != std::string::npos);
+}
+
+}  // namespace
+
+TEST_CASE("experts config: defaults, every bad field named with its value", "[experts][api]") {
+  moekit_experts_config_t c;
+  REQUIRE(moekit_experts_config_init(&c, sizeof(c)) == MOEKIT_STATUS_SUCCESS);
+  REQUIRE(c.struct_size == sizeof(c));
+  REQUIRE(c.dtype == MOEKIT_DTYPE_BF16);
+  REQUIRE(c.activation == MOEKIT_ACTIVATION_SWIGLU);
+  REQUIRE(c.gate_up_layout == MOEKIT_GATE_UP_AUTO);
+  REQUIRE(c.weight_after_down == 0);
+  REQUIRE(c.act_alpha == 1.702f);
+  REQUIRE(c.act_limit == 0.0f);
+  require_fail(moekit_experts_config_check(&c), MOEKIT_STATUS_INVALID_ARGUMENT,
+               {"moekit_experts_config_check", "config->num_experts = 0"});
+  require_fail(moekit_experts_config_init(nullptr, sizeof(c)), MOEKIT_STATUS_INVALID_ARGUMENT, {"config is NULL"});
+  require_fail(moekit_experts_config_init(&c, 8), MOEKIT_STATUS_INVALID_ARGUMENT, {"struct_size = 8"});
+  REQUIRE(moekit_experts_config_check(nullptr) == MOEKIT_STATUS_INVALID_ARGUMENT);
+
+  struct Bad {
+    void (*edit)(moekit_experts_config_t&);
+    const char* words;
+  };
+  const Bad bad[] = {
+      {[](moekit_experts_config_t& x) { x.num_experts = MOEKIT_EXPERTS_MAX_EXPERTS + 1; }, "config->num_experts = 8193"},
+      {[](moekit_experts_config_t& x) { x.hidden = 12; }, "config->hidden = 12 is not a multiple of 8"},
+      {[](moekit_experts_config_t& x) { x.hidden = -8; }, "config->hidden = -8"},
+      {[](moekit_experts_config_t& x) { x.inter = 20; }, "config->inter = 20 is not a multiple of 8"},
+      {[](moekit_experts_config_t& x) { x.inter = 0; }, "config->inter = 0"},
+      {[](moekit_experts_config_t& x) { x.dtype = 7; }, "config->dtype = 7"},
+      {[](moekit_experts_config_t& x) { x.activation = 5; }, "config->activation = 5"},
+      {[](moekit_experts_config_t& x) { x.gate_up_layout = 3; }, "config->gate_up_layout = 3"},
+      {[](moekit_experts_config_t& x) { x.act_alpha = std::numeric_limits<float>::infinity(); }, "config->act_alpha = inf"},
+      {[](moekit_experts_config_t& x) { x.act_limit = -1.0f; }, "config->act_limit = -1"},
+      {[](moekit_experts_config_t& x) { x.activation = MOEKIT_ACTIVATION_QUICK_GEGLU; }, "QUICK_GEGLU"},
+      {[](moekit_experts_config_t& x) { x.activation = MOEKIT_ACTIVATION_GEGLU; x.act_limit = 3.0f; },
+       "config->act_limit = 3 only applies"},
+      {[](moekit_experts_config_t& x) { x.activation = MOEKIT_ACTIVATION_RELU2; x.act_limit = 3.0f; },
+       "config->act_limit = 3 only applies"},
+  };
+  for (const Bad& b : bad) {
+    moekit_experts_config_t x = valid_config();
+    REQUIRE(moekit_experts_config_check(&x) == MOEKIT_STATUS_SUCCESS);
+    b.edit(x);
+    require_fail(moekit_experts_config_check(&x), MOEKIT_STATUS_INVALID_ARGUMENT, {b.words});
+    size_t bytes = 123;
+    require_fail(moekit_experts_forward_workspace_size(&x, 10, &bytes), MOEKIT_STATUS_INVALID_ARGUMENT, {b.words});
+    REQUIRE(bytes == 123);
+  }
+  // Valid corner values.
+  moekit_experts_config_t x = valid_config();
+  x.activation = MOEKIT_ACTIVATION_QUICK_GEGLU;
+  x.act_limit = 7.0f;
+  REQUIRE(moekit_experts_config_check(&x) == MOEKIT_STATUS_SUCCESS);
+  x.activation = MOEKIT_ACTIVATION_SWIGLU_OAI;
+  x.act_limit = 0.0f;
+  REQUIRE(moekit_experts_config_check(&x) == MOEKIT_STATUS_SUCCESS);
+  x.num_experts = MOEKIT_EXPERTS_MAX_EXPERTS;
+  x.hidden = x.inter = 8;
+  REQUIRE(moekit_experts_config_check(&x) == MOEKIT_STATUS_SUCCESS);
+  // A caller built against a larger (future) struct is read up to our size.
+  struct Future {
+    moekit_experts_config_t base;
+    int32_t extra;
+  } future;
+  future.base = valid_config();
+  future.base.struct_size = sizeof(Future);
+  future.extra = 99;
+  REQUIRE(moekit_experts_config_check(&future.base) == MOEKIT_STATUS_SUCCESS);
+}
+
+TEST_CASE("experts workspace sizes follow the layout", "[experts][api]") {
+  for (int dtype : {MOEKIT_DTYPE_BF16, MOEKIT_DTYPE_F16, MOEKIT_DTYPE_F32}) {
+    for (int act : {MOEKIT_ACTIVATION_SWIGLU, MOEKIT_ACTIVATION_RELU2}) {
+      moekit_experts_config_t c = valid_config();
+      c.dtype = dtype;
+      c.activation = act;
+      const size_t es = dtype == MOEKIT_DTYPE_F32 ? 4 : 2;
+      const size_t nu = act == MOEKIT_ACTIVATION_RELU2 ? c.inter : 2 * c.inter;
+      size_t f0 = 1, f = 0, bsaved = 0, brecompute = 0, b0 = 0;
+      REQUIRE(moekit_experts_forward_workspace_size(&c, 0, &f0) == MOEKIT_STATUS_SUCCESS);
+      REQUIRE(f0 == 0);
+      const int64_t R = 1000;
+      REQUIRE(moekit_experts_forward_workspace_size(&c, R, &f) == MOEKIT_STATUS_SUCCESS);
+      REQUIRE(f >= R * c.inter * es);
+      REQUIRE(f < R * c.inter * es + 512);
+      REQUIRE(f % MOEKIT_WORKSPACE_ALIGNMENT == 0);
+      REQUIRE(moekit_experts_backward_workspace_size(&c, R, 1, &bsaved) == MOEKIT_STATUS_SUCCESS);
+      REQUIRE(moekit_experts_backward_workspace_size(&c, R, 0, &brecompute) == MOEKIT_STATUS_SUCCESS);
+      REQUIRE(moekit_experts_backward_workspace_size(&c, 0, 1, &b0) == MOEKIT_STATUS_SUCCESS);
+      // du [R, NU] and h' [R, I] at least; recomputing u adds [R, NU].
+      REQUIRE(bsaved >= R * (nu + c.inter) * es);
+      REQUIRE(brecompute >= bsaved + R * nu * es);
+      REQUIRE(b0 < bsaved);
+      size_t again = 0;
+      REQUIRE(moekit_experts_backward_workspace_size(&c, R, 1, &again) == MOEKIT_STATUS_SUCCESS);
+      REQUIRE(again == bsaved);
+    }
+  }
+  moekit_experts_config_t c = valid_config();
+  size_t bytes = 0;
+  require_fail(moekit_experts_forward_workspace_size(&c, -1, &bytes), MOEKIT_STATUS_INVALID_ARGUMENT,
+               {"max_rows = -1"});
+  require_fail(moekit_experts_forward_workspace_size(&c, int64_t(1) << 40, &bytes), MOEKIT_STATUS_INVALID_ARGUMENT,
+               {"max_rows = 1099511627776"});
+  require_fail(moekit_experts_backward_workspace_size(&c, 5, 1, nullptr), MOEKIT_STATUS_INVALID_ARGUMENT,
+               {"workspace_bytes is NULL"});
+}
+
+TEST_CASE("experts forward and backward reject bad arguments before any work", "[experts][api]") {
+  const moekit_experts_config_t c = valid_config();
+  // Host buffers stand in for device memory: every call below fails validation and never
+  // touches them.
+  alignas(256) static unsigned char buf[8][4096];
+  alignas(256) static unsigned char ws[1 << 16];
+  const int32_t* offsets = reinterpret_cast<const int32_t*>(buf[0]);
+  const void* xp = buf[1];
+  const float* p = reinterpret_cast<const float*>(buf[2]);
+  const void* wgu = buf[3];
+  const void* wd = buf[4];
+  void* out = buf[5];
+  constexpr int64_t R = 8;
+  size_t need = 0;
+  REQUIRE(moekit_experts_forward_workspace_size(&c, R, &need) == MOEKIT_STATUS_SUCCESS);
+  REQUIRE(need <= sizeof(ws));
+  auto fwd = [&](const int32_t* o, const void* x, const float* pw, const void* w1, const void* w2, void* y,
+                 void* w, size_t wb, int64_t rows = 8, const void* b1 = nullptr) {
+    return moekit_experts_forward(&c, rows, o, x, pw, w1, b1, w2, nullptr, nullptr, y, w, wb, nullptr);
+  };
+  require_fail(fwd(nullptr, xp, p, wgu, wd, out, ws, need), MOEKIT_STATUS_INVALID_ARGUMENT,
+               {"moekit_experts_forward", "expert_offsets is NULL"});
+  require_fail(fwd(offsets, nullptr, p, wgu, wd, out, ws, need), MOEKIT_STATUS_INVALID_ARGUMENT, {"xp is NULL"});
+  require_fail(fwd(offsets, xp, p, nullptr, wd, out, ws, need), MOEKIT_STATUS_INVALID_ARGUMENT, {"w_gate_up is NULL"});
+  require_fail(fwd(offsets, xp, p, wgu, nullptr, out, ws, need), MOEKIT_STATUS_INVALID_ARGUMENT, {"w_down is NULL"});
+  require_fail(fwd(offsets, xp, p, wgu, wd, nullptr, ws, need), MOEKIT_STATUS_INVALID_ARGUMENT, {"out is NULL"});
+  require_fail(fwd(offsets, xp, p, wgu, wd, out, ws, need, -3), MOEKIT_STATUS_INVALID_ARGUMENT, {"max_rows = -3"});
+  require_fail(fwd(offsets, static_cast<const unsigned char*>(xp) + 2, p, wgu, wd, out, ws, need),
+               MOEKIT_STATUS_MISALIGNED, {"xp = "});
+  require_fail(fwd(offsets, xp, p, wgu, wd, out, ws, need, R, buf[6] + 4), MOEKIT_STATUS_MISALIGNED, {"b_gate_up = "});
+  require_fail(fwd(offsets, xp, p + 0, wgu, wd, static_cast<unsigned char*>(out) + 8, ws, need),
+               MOEKIT_STATUS_MISALIGNED, {"out = "});
+  require_fail(fwd(offsets, xp, reinterpret_cast<const float*>(buf[2] + 2), wgu, wd, out, ws, need),
+               MOEKIT_STATUS_MISALIGNED, {"row_weights = "});
+  require_fail(fwd(offsets, xp, p, wgu, wd, out, ws, need - 1), MOEKIT_STATUS_WORKSPACE_TOO_SMALL,
+               {"workspace_bytes = "});
+  require_fail(fwd(offsets, xp, p, wgu, wd, out, ws + 1, need), MOEKIT_STATUS_MISALIGNED, {"workspace = "});
+  require_fail(fwd(offsets, xp, p, wgu, wd, out, nullptr, need), MOEKIT_STATUS_INVALID_ARGUMENT, {"workspace is NULL"});
+  moekit_experts_config_t bad = c;
+  bad.hidden = 3;
+  REQUIRE(moekit_experts_forward(&bad, R, offsets, xp, p, wgu, nullptr, wd, nullptr, nullptr, out, ws, need,
+                                 nullptr) == MOEKIT_STATUS_INVALID_ARGUMENT);
+
+  size_t bneed = 0;
+  REQUIRE(moekit_experts_backward_workspace_size(&c, R, 1, &bneed) == MOEKIT_STATUS_SUCCESS);
+  const void* u = buf[6];
+  const void* dout = buf[7];
+  void* dxp = out;
+  float* dp = reinterpret_cast<float*>(buf[5] + 1024);
+  auto bwd = [&](const void* bgu, const void* bd, const float* pw, void* dbgu, void* dbd, float* dpw, const void* uu,
+                 size_t wb, const void* dy = nullptr) {
+    return moekit_experts_backward(&c, R, offsets, xp, pw, wgu, bgu, wd, bd, uu, dy ? dy : dout, dxp, nullptr, dbgu,
+                                   nullptr, dbd, dpw, ws, wb, nullptr);
+  };
+  require_fail(bwd(nullptr, nullptr, p, buf[5] + 512, nullptr, nullptr, u, bneed), MOEKIT_STATUS_INVALID_ARGUMENT,
+               {"moekit_experts_backward", "grad_b_gate_up is given but b_gate_up is NULL"});
+  require_fail(bwd(nullptr, nullptr, p, nullptr, buf[5] + 512, nullptr, u, bneed), MOEKIT_STATUS_INVALID_ARGUMENT,
+               {"grad_b_down is given but b_down is NULL"});
+  require_fail(bwd(nullptr, nullptr, nullptr, nullptr, nullptr, dp, u, bneed), MOEKIT_STATUS_INVALID_ARGUMENT,
+               {"grad_row_weights is given but row_weights is NULL"});
+  require_fail(moekit_experts_backward(&c, R, offsets, xp, p, wgu, nullptr, wd, nullptr, u, nullptr, dxp, nullptr,
+                                       nullptr, nullptr, nullptr, nullptr, ws, bneed, nullptr),
+               MOEKIT_STATUS_INVALID_ARGUMENT, {"grad_out is NULL"});
+  require_fail(bwd(nullptr, nullptr, p, nullptr, nullptr, nullptr, static_cast<const unsigned char*>(u) + 6, bneed),
+               MOEKIT_STATUS_MISALIGNED, {"u = "});
+  // Recomputing u needs the larger workspace.
+  size_t brecompute = 0;
+  REQUIRE(moekit_experts_backward_workspace_size(&c, R, 0, &brecompute) == MOEKIT_STATUS_SUCCESS);
+  require_fail(bwd(nullptr, nullptr, p, nullptr, nullptr, nullptr, nullptr, brecompute - 1),
+               MOEKIT_STATUS_WORKSPACE_TOO_SMALL, {"workspace_bytes = "});
+}
+
+TEST_CASE("mlp config and argument validation", "[experts][api][mlp]") {
+  moekit_mlp_config_t c;
+  REQUIRE(moekit_mlp_config_init(&c, sizeof(c)) == MOEKIT_STATUS_SUCCESS);
+  REQUIRE(c.weight_layout == MOEKIT_WEIGHT_IN_OUT);
+  REQUIRE(c.dtype == MOEKIT_DTYPE_BF16);
+  require_fail(moekit_mlp_config_check(&c), MOEKIT_STATUS_INVALID_ARGUMENT, {"moekit_mlp_config_check", "config->hidden = 0"});
+  c.hidden = 64;
+  c.inter = 24;
+  REQUIRE(moekit_mlp_config_check(&c) == MOEKIT_STATUS_SUCCESS);
+  c.weight_layout = 2;
+  require_fail(moekit_mlp_config_check(&c), MOEKIT_STATUS_INVALID_ARGUMENT, {"config->weight_layout = 2"});
+  c.weight_layout = MOEKIT_WEIGHT_OUT_IN;
+  c.activation = MOEKIT_ACTIVATION_QUICK_GEGLU;
+  require_fail(moekit_mlp_config_check(&c), MOEKIT_STATUS_INVALID_ARGUMENT, {"QUICK_GEGLU"});
+  c.activation = MOEKIT_ACTIVATION_SWIGLU;
+
+  size_t f = 1, b = 1;
+  REQUIRE(moekit_mlp_forward_workspace_size(&c, 0, &f) == MOEKIT_STATUS_SUCCESS);
+  REQUIRE(f == 0);
+  REQUIRE(moekit_mlp_forward_workspace_size(&c, 100, &f) == MOEKIT_STATUS_SUCCESS);
+  REQUIRE(f >= 100 * 48 * 4 + 100 * 24 * 2);
+  REQUIRE(moekit_mlp_backward_workspace_size(&c, 100, 0, &b) == MOEKIT_STATUS_SUCCESS);
+  REQUIRE(b > f);
+  require_fail(moekit_mlp_forward_workspace_size(&c, -2, &f), MOEKIT_STATUS_INVALID_ARGUMENT, {"num_tokens = -2"});
+
+  alignas(256) static unsigned char buf[4][1024];
+  require_fail(moekit_mlp_forward(nullptr, &c, 4, buf[0], buf[1], nullptr, buf[2], nullptr, nullptr, buf[3], nullptr,
+                                  0, nullptr),
+               MOEKIT_STATUS_INVALID_ARGUMENT, {"moekit_mlp_forward", "handle is NULL"});
+  require_fail(moekit_mlp_backward(nullptr, &c, 4, buf[0], buf[1], nullptr, buf[2], nullptr, nullptr, buf[3], nullptr,
+                                   nullptr, nullptr, nullptr, nullptr, nullptr, 0, nullptr),
+               MOEKIT_STATUS_INVALID_ARGUMENT, {"moekit_mlp_backward", "handle is NULL"});
+  REQUIRE(moekit_mlp_handle_create(nullptr) == MOEKIT_STATUS_INVALID_ARGUMENT);
+  REQUIRE(moekit_mlp_handle_destroy(nullptr) == MOEKIT_STATUS_SUCCESS);
+}
