@@ -82,4 +82,22 @@ moekit_group_score_t effective_group_score(const moekit_router_config_t& c, bool
   return has_bias ? MOEKIT_GROUP_SCORE_TOP2_SUM : MOEKIT_GROUP_SCORE_MAX;
 }
 
+kernels::router::RouterOptions resolve_options(const moekit_router_config_t& c, bool has_bias) {
+  kernels::router::RouterOptions o{};
+  o.num_experts = c.num_experts;
+  o.top_k = c.top_k;
+  o.score_func = c.score_func;
+  o.topk_then_softmax =
+      c.score_func == MOEKIT_SCORE_SOFTMAX && c.softmax_order == MOEKIT_TOPK_THEN_SOFTMAX ? 1 : 0;
+  o.normalize = c.normalize != 0 && c.top_k > 1 ? 1 : 0;
+  o.weights_use_bias = c.weights_use_bias != 0 ? 1 : 0;
+  o.route_scale = c.route_scale;
+  o.num_groups = c.num_groups;
+  o.groups_kept = c.num_groups_kept;
+  o.group_score = effective_group_score(c, has_bias);
+  o.group_topn = c.group_score_topn;
+  o.group_mask_value = c.group_mask == MOEKIT_GROUP_MASK_NEG_INF ? -INFINITY : 0.0f;
+  return o;
+}
+
 }  // namespace moekit::router

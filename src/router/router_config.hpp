@@ -2,6 +2,7 @@
 // full-size copy, validated, with AUTO resolved.
 #pragma once
 
+#include "kernels/router/launch.hpp"
 #include "moekit/router.h"
 
 namespace moekit::router {
@@ -17,5 +18,9 @@ moekit_status_t read_and_check(const moekit_router_config_t* user, moekit_router
 
 // The group score actually used: AUTO resolves to TOP2_SUM with a bias and MAX without.
 moekit_group_score_t effective_group_score(const moekit_router_config_t& config, bool has_bias);
+
+// Everything the kernels read, resolved from a validated config: AUTO group score, normalise only
+// when K > 1, the group mask value as a float.
+kernels::router::RouterOptions resolve_options(const moekit_router_config_t& config, bool has_bias);
 
 }  // namespace moekit::router

@@ -1,0 +1,298 @@
+// Device building blocks shared by the router kernels.
+//
+// Order-preserving keys: float_key maps an fp32 selection value to a uint32 whose unsigned order
+// is the float order (-inf -> 0x007fffff, +inf -> 0xff800000). Values are sanitised first
+// (sanitize: NaN -> -inf, and callers add +0.0f so that -0 becomes +0), so key equality is float
+// equality and a NaN never beats anything. Key 0 is below every real value: it marks "no
+// candidate" (a lane that has given away all its experts).
+//
+// Scores: fp32 with the MUFU exponential and reciprocal (a few ulp; docs/router.md), the same
+// functions in the forward and the backward so that a recompute sees the forward's values.
+//
+// Team reductions: xor butterflies inside aligned groups of TPT lanes (a power of two); every
+// lane of the team ends with the bitwise-same result (fp32 addition is commutative), and the
+// order of the additions is fixed, so sums are deterministic.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/common/dtype.cuh"
+
+namespace moekit::kernels::router {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ uint32_t float_key(float x) {
+  const uint32_t u = __float_as_uint(x);
+  return u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
+}
+
+__device__ __forceinline__ float key_float(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? (k ^ 0x80000000u) : ~k);
+}
+
+// NaN -> -inf (fmaxf returns the non-NaN operand).
+__device__ __forceinline__ float sanitize(float x) { return fmaxf(x, -INFINITY); }
+
+__device__ __forceinline__ float approx_rcp(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
+// 1 / (1 + e^-x): 0 at -inf, 1 at +inf, NaN at NaN.
+__device__ __forceinline__ float sigmoid_f(float x) { return approx_rcp(1.0f + __expf(-x)); }
+
+// sqrt(softplus(x)) with softplus(x) = max(x, 0) + log1p(e^-|x|) (no overflow, exact tails).
+__device__ __forceinline__ float sqrt_softplus_f(float x) {
+  return sqrtf(fmaxf(x, 0.0f) + log1pf(__expf(-fabsf(x))));
+}
+
+// d sqrt(softplus(x)) / dx = sigmoid(x) / (2 s). Below x = -20 (s ~ e^(x/2)) it is computed as
+// e^(x/2) / 2 (relative error < e^-20), which is also the safe value where s underflows to 0.
+__device__ __forceinline__ float sqrt_softplus_grad(float x, float s) {
+  return x < -20.0f ? 0.5f * __expf(0.5f * x) : sigmoid_f(x) * approx_rcp(2.0f * s);
+}
+
+template <int TPT>
+__device__ __forceinline__ float team_sum(float v) {
+#pragma unroll
+  for (int d = TPT / 2; d > 0; d >>= 1) v += __shfl_xor_sync(kFullMask, v, d);
+  return v;
+}
+
+template <int TPT>
+__device__ __forceinline__ float team_max(float v) {
+#pragma unroll
+  for (int d = TPT / 2; d > 0; d >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, d));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) { return team_sum<32>(v); }
+__device__ __forceinline__ float warp_max(float v) { return team_max<32>(v); }
+
+__device__ __forceinline__ unsigned lanemask_lt() {
+  unsigned m;
+  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
+  return m;
+}
+
+// ---- element storage --------------------------------------------------------------------------
+// Logits move as raw 32-bit words (two 16-bit elements or one fp32 per word) so that vector loads
+// and stores are plain integer moves.
+template <class T>
+struct Elem;
+template <>
+struct Elem<float> {
+  static constexpr uint32_t kNegInfBits = 0xff800000u;
+  static __device__ __forceinline__ float get(const uint32_t* w, int j) {
+    return __uint_as_float(w[j]);
+  }
+  static __device__ __forceinline__ float load1(const float* p) { return __ldg(p); }
+  static __device__ __forceinline__ uint32_t bits(float f) { return __float_as_uint(f); }
+};
+template <>
+struct Elem<__half> {
+  static constexpr uint32_t kNegInfBits = 0xfc00u;
+  static __device__ __forceinline__ float get(const uint32_t* w, int j) {
+    const uint32_t word = w[j >> 1];
+    const unsigned short h = static_cast<unsigned short>((j & 1) ? (word >> 16) : (word & 0xffffu));
+    return __half2float(__ushort_as_half(h));
+  }
+  static __device__ __forceinline__ float load1(const __half* p) { return __half2float(__ldg(p)); }
+  static __device__ __forceinline__ uint32_t bits(float f) {
+    return __half_as_ushort(__float2half_rn(f));
+  }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+  static constexpr uint32_t kNegInfBits = 0xff80u;
+  // bf16 -> fp32 is exact: the bits go to the top half.
+  static __device__ __forceinline__ float get(const uint32_t* w, int j) {
+    const uint32_t word = w[j >> 1];
+    return __uint_as_float((j & 1) ? (word & 0xffff0000u) : (word << 16));
+  }
+  static __device__ __forceinline__ float load1(const __nv_bfloat16* p) {
+    return __bfloat162float(__ldg(p));
+  }
+  static __device__ __forceinline__ uint32_t bits(float f) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+  }
+};
+
+// Number of 32-bit words holding V elements of T.
+template <class T, int V>
+struct Words {
+  static constexpr int kCount = V * static_cast<int>(sizeof(T)) / 4;
+  static_assert(V * sizeof(T) % 16 == 0, "a lane's span must be whole 16-byte vectors");
+};
+
+// Loads V consecutive elements at p (which is aligned to vec_bytes, one of 16, 8, 4, 2) into w.
+template <class T, int V>
+__device__ __forceinline__ void load_span(const T* p, int vec_bytes, uint32_t (&w)[Words<T, V>::kCount]) {
+  constexpr int kWords = Words<T, V>::kCount;
+  if (vec_bytes >= 16) {
+#pragma unroll
+    for (int i = 0; i < kWords / 4; ++i) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+      w[4 * i] = v.x;
+      w[4 * i + 1] = v.y;
+      w[4 * i + 2] = v.z;
+      w[4 * i + 3] = v.w;
+    }
+  } else if (vec_bytes >= 8) {
+#pragma unroll
+    for (int i = 0; i < kWords / 2; ++i) {
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p) + i);
+      w[2 * i] = v.x;
+      w[2 * i + 1] = v.y;
+    }
+  } else if (vec_bytes >= 4) {
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) w[i] = __ldg(reinterpret_cast<const unsigned int*>(p) + i);
+  } else {  // 2-byte elements at an odd word boundary
+    const unsigned short* h = reinterpret_cast<const unsigned short*>(p);
+#pragma unroll
+    for (int i = 0; i < kWords; ++i)
+      w[i] = static_cast<uint32_t>(__ldg(h + 2 * i)) | (static_cast<uint32_t>(__ldg(h + 2 * i + 1)) << 16);
+  }
+}
+
+// Loads the first n (< V) elements at p one by one; the rest get -inf.
+template <class T, int V>
+__device__ __forceinline__ void load_span_partial(const T* p, int n, uint32_t (&w)[Words<T, V>::kCount]) {
+  constexpr int kWords = Words<T, V>::kCount;
+  if constexpr (sizeof(T) == 4) {
+#pragma unroll
+    for (int j = 0; j < kWords; ++j)
+      w[j] = j < n ? __ldg(reinterpret_cast<const unsigned int*>(p) + j) : Elem<T>::kNegInfBits;
+  } else {
+    const unsigned short* h = reinterpret_cast<const unsigned short*>(p);
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) {
+      const uint32_t lo = 2 * i < n ? __ldg(h + 2 * i) : Elem<T>::kNegInfBits;
+      const uint32_t hi = 2 * i + 1 < n ? __ldg(h + 2 * i + 1) : Elem<T>::kNegInfBits;
+      w[i] = lo | (hi << 16);
+    }
+  }
+}
+
+// Stores V values at p (aligned to vec_bytes), rounded to T; only the first n when n < V.
+template <class T, int V>
+__device__ __forceinline__ void store_span(T* p, int vec_bytes, int n, const float (&v)[V]) {
+  constexpr int kWords = Words<T, V>::kCount;
+  uint32_t w[kWords];
+  if constexpr (sizeof(T) == 4) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) w[j] = __float_as_uint(v[j]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kWords; ++i)
+      w[i] = Elem<T>::bits(v[2 * i]) | (Elem<T>::bits(v[2 * i + 1]) << 16);
+  }
+  if (n < V) {
+    if constexpr (sizeof(T) == 4) {
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        if (j < n) reinterpret_cast<unsigned int*>(p)[j] = w[j];
+    } else {
+      unsigned short* h = reinterpret_cast<unsigned short*>(p);
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        if (j < n) h[j] = static_cast<unsigned short>((j & 1) ? (w[j >> 1] >> 16) : (w[j >> 1] & 0xffffu));
+    }
+    return;
+  }
+  if (vec_bytes >= 16) {
+#pragma unroll
+    for (int i = 0; i < kWords / 4; ++i)
+      reinterpret_cast<uint4*>(p)[i] = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
+  } else if (vec_bytes >= 8) {
+#pragma unroll
+    for (int i = 0; i < kWords / 2; ++i)
+      reinterpret_cast<uint2*>(p)[i] = make_uint2(w[2 * i], w[2 * i + 1]);
+  } else if (vec_bytes >= 4) {
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) reinterpret_cast<unsigned int*>(p)[i] = w[i];
+  } else {
+    unsigned short* h = reinterpret_cast<unsigned short*>(p);
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) {
+      h[2 * i] = static_cast<unsigned short>(w[i] & 0xffffu);
+      h[2 * i + 1] = static_cast<unsigned short>(w[i] >> 16);
+    }
+  }
+}
+
+// ---- warp top-k over keys in shared memory (generic path, groups, fake gate) ------------------
+// Items 0..n-1 with keys key_at(i); lane l owns the items i = l (mod 32). Picks the k (<= n)
+// largest keys in (key descending, item ascending) order and calls on_pick(r, item, key) for
+// r = 0..k-1 on every lane with the same arguments. Each lane keeps its Q best unpicked items in
+// registers; the warp picks the best head with a max reduction (ties: the lowest item, a min
+// reduction over the tied heads); a lane whose cache runs dry rescans its items below the last one
+// it gave away. Deterministic; O(n/32 * Q) per lane plus k reductions plus rare rescans.
+template <int Q, class KeyAt, class OnPick>
+__device__ __forceinline__ void warp_select(int n, int k, KeyAt key_at, OnPick on_pick) {
+  const int lane = threadIdx.x & 31;
+  const int own = lane < n ? (n - 1 - lane) / 32 + 1 : 0;
+  uint32_t ck[Q];
+  int ci[Q];
+  int cached = 0;
+  int popped = 0;
+  uint32_t bound_key = 0xffffffffu;  // everything real is below (0xffffffff, -1)
+  int bound_item = -1;
+  auto refill = [&]() {
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+      ck[q] = 0u;
+      ci[q] = 0;
+    }
+    for (int i = lane; i < n; i += 32) {
+      const uint32_t kk = key_at(i);
+      if (kk < bound_key || (kk == bound_key && i > bound_item)) {
+        // Items arrive in ascending order: a strict > keeps the earlier of equal keys first.
+        bool p[Q];
+#pragma unroll
+        for (int q = 0; q < Q; ++q) p[q] = kk > ck[q];
+#pragma unroll
+        for (int q = Q - 1; q > 0; --q) {
+          ck[q] = p[q - 1] ? ck[q - 1] : (p[q] ? kk : ck[q]);
+          ci[q] = p[q - 1] ? ci[q - 1] : (p[q] ? i : ci[q]);
+        }
+        ck[0] = p[0] ? kk : ck[0];
+        ci[0] = p[0] ? i : ci[0];
+      }
+    }
+    const int left = own - popped;
+    cached = left < Q ? left : Q;
+  };
+  refill();
+  for (int r = 0; r < k; ++r) {
+    const uint32_t head = cached > 0 ? ck[0] : 0u;
+    const uint32_t best = __reduce_max_sync(kFullMask, head);
+    const bool tied = cached > 0 && head == best;
+    const uint32_t item = __reduce_min_sync(kFullMask, tied ? static_cast<uint32_t>(ci[0]) : 0xffffffffu);
+    on_pick(r, static_cast<int>(item), best);
+    if (tied && static_cast<uint32_t>(ci[0]) == item) {
+      bound_key = ck[0];
+      bound_item = ci[0];
+#pragma unroll
+      for (int q = 0; q + 1 < Q; ++q) {
+        ck[q] = ck[q + 1];
+        ci[q] = ci[q + 1];
+      }
+      --cached;
+      ++popped;
+    }
+    const bool stale = cached == 0 && popped < own;
+    if (__any_sync(kFullMask, stale)) {
+      if (stale) refill();
+    }
+  }
+}
+
+}  // namespace moekit::kernels::router

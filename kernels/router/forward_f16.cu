@@ -1,0 +1,10 @@
+// Router forward kernels for one element type (__half); split per dtype to keep each compile small.
+#include "kernels/router/forward.cuh"
+
+namespace moekit::kernels::router {
+
+cudaError_t launch_router_forward_f16(const ForwardArgs& a, cudaStream_t stream) {
+  return launch_forward_dtype<__half>(a, stream);
+}
+
+}  // namespace moekit::kernels::router

@@ -1,0 +1,249 @@
+// Router forward, generic path: any E <= 4096, any K <= 32, any groups (the maths is the one of
+// kernels/router/forward_fast.cuh and include/moekit/router.h).
+//
+// One warp per token. The row's selection keys (float_key of the sanitised selection values) live
+// in shared memory, padded by one word per 32 so that lane-strided scans (expert e = lane + 32 j)
+// and group-strided scans (lane g scans experts [g S, g S + S)) are free of bank conflicts; the
+// logits are re-read through L1 where a value is needed again (softmax sum, weights, aux scores),
+// recomputed with the same instructions so they are bitwise the values the keys came from.
+//   groups: group keys by a lane-per-group scan (max / top-2 sum), or, for top-n sums with n > 2,
+//           by a warp selection of each group's n best (summed in selection order); the G' best
+//           groups by shuffle ranks (G <= 32) or a warp selection; dropped groups' keys become the
+//           mask value.
+//   top-K:  warp_select (kernels/router/common.cuh) over the row's keys.
+//   aux:    the warps of a block work in rounds of one token each; after a round each warp's aux
+//           scores p (written over its keys) are added to the block accumulator by expert, warps
+//           in order (fixed order, no atomics).
+// Shapes and outputs as in the fast path; per-block partial rows [num_blocks, E].
+#pragma once
+
+#include "kernels/router/common.cuh"
+#include "kernels/router/launch.hpp"
+#include "kernels/router/tuning.hpp"
+#include "moekit/router.h"
+
+namespace moekit::kernels::router {
+
+__device__ __forceinline__ int pad_index(int e) { return e + (e >> 5); }
+
+template <class T>
+__global__ void __launch_bounds__(kGenericMaxWarps * 32)
+    router_forward_generic_kernel(const ForwardArgs a) {
+  extern __shared__ __align__(16) uint32_t smem[];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+  constexpr int Q = kGenericCacheDepth;
+  const RouterOptions& o = a.opt;
+  const int E = o.num_experts;
+  const int K = o.top_k;
+  const int G = o.num_groups;
+  const int64_t num_tokens = a.num_tokens;
+  const GenericLayout layout = generic_layout(E, G);
+  const int warps = blockDim.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+
+  uint32_t* keyrow = smem + static_cast<size_t>(warp) * layout.warp_words;
+  uint32_t* gkey = keyrow + layout.key_words;
+  uint32_t* gbits = gkey + layout.gkey_words;
+  int* sel = reinterpret_cast<int*>(gbits + layout.gbit_words);
+  float* acc = reinterpret_cast<float*>(smem + static_cast<size_t>(warps) * layout.warp_words);
+  int* hist = reinterpret_cast<int*>(acc + E);
+  int* flags = hist + E;  // [kGenericMaxWarps]: this round's token of warp w counts for aux
+  int* block_count = flags + kGenericMaxWarps;
+
+  const bool need_load = a.load_mode != LoadMode::kNone;
+  const bool need_score = a.score_partial != nullptr;
+  const bool need_count = a.count_partial != nullptr;
+  const int sf = o.score_func;
+  const bool topk_softmax = o.topk_then_softmax != 0;
+  const bool full_softmax = sf == MOEKIT_SCORE_SOFTMAX && (!topk_softmax || need_score);
+  const bool wub = o.weights_use_bias != 0;
+  const uint32_t mask_key = float_key(o.group_mask_value + 0.0f);
+
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    acc[e] = 0.0f;
+    hist[e] = 0;
+  }
+  if (threadIdx.x == 0) *block_count = 0;
+  int my_count = 0;
+  __syncthreads();
+
+  for (int64_t round = blockIdx.x; round * warps < num_tokens; round += gridDim.x) {
+    const int64_t t = round * warps + warp;
+    const bool active = t < num_tokens;
+    const bool m = active && (a.token_mask == nullptr || __ldg(a.token_mask + t) != 0);
+    const T* row = active ? reinterpret_cast<const T*>(static_cast<const char*>(a.logits) +
+                                                        t * a.logits_stride * static_cast<int64_t>(sizeof(T)))
+                          : nullptr;
+    float mx = 0.0f, inv = 1.0f;
+    // s(e): the score of expert e, recomputed identically wherever it is needed.
+    auto score = [&](float z) -> float {
+      if (sf == MOEKIT_SCORE_SOFTMAX) return full_softmax ? __expf(z - mx) * inv : 0.0f;
+      if (sf == MOEKIT_SCORE_SIGMOID) return sigmoid_f(z);
+      return sqrt_softplus_f(z);
+    };
+    auto bias_at = [&](int e) -> float { return a.bias != nullptr ? __ldg(a.bias + e) : 0.0f; };
+
+    if (active) {
+      // ---- scores and keys -----------------------------------------------------------------
+      if (full_softmax) {
+        mx = -INFINITY;
+        for (int e = lane; e < E; e += 32) mx = fmaxf(mx, Elem<T>::load1(row + e));
+        mx = warp_max(mx);
+        float sum = 0.0f;
+        for (int e = lane; e < E; e += 32) sum += __expf(Elem<T>::load1(row + e) - mx);
+        inv = 1.0f / warp_sum(sum);
+      }
+      for (int e = lane; e < E; e += 32) {
+        const float z = Elem<T>::load1(row + e);
+        const float c = (topk_softmax ? z : score(z)) + bias_at(e);
+        keyrow[pad_index(e)] = float_key(sanitize(c));
+      }
+      __syncwarp();
+
+      // ---- groups ----------------------------------------------------------------------------
+      if (G > 1) {
+        const int S = E / G;
+        const int gs = o.group_score;
+        const int n = gs == MOEKIT_GROUP_SCORE_MAX ? 1 : gs == MOEKIT_GROUP_SCORE_TOP2_SUM ? 2 : o.group_topn;
+        if (n <= 2) {
+          for (int g = lane; g < G; g += 32) {
+            uint32_t a1 = 0u, a2 = 0u;
+            for (int i = 0; i < S; ++i) {
+              const uint32_t kk = keyrow[pad_index(g * S + i)];
+              const bool gt1 = kk > a1;
+              a2 = gt1 ? a1 : (kk > a2 ? kk : a2);
+              a1 = gt1 ? kk : a1;
+            }
+            uint32_t gk = a1;
+            if (n == 2 && S > 1) gk = float_key(sanitize(key_float(a1) + key_float(a2)) + 0.0f);
+            gkey[pad_index(g)] = gk;
+          }
+        } else {
+          for (int g = 0; g < G; ++g) {
+            float gsum = 0.0f;
+            warp_select<Q>(
+                S, n, [&](int i) { return keyrow[pad_index(g * S + i)]; },
+                [&](int, int, uint32_t k) { gsum += key_float(k); });
+            if (lane == 0) gkey[pad_index(g)] = float_key(sanitize(gsum) + 0.0f);
+          }
+        }
+        __syncwarp();
+        uint32_t keep32 = 0u;
+        if (G <= 32) {
+          const uint32_t mine = lane < G ? gkey[pad_index(lane)] : 0u;
+          int rank = 0;
+          for (int g = 0; g < G; ++g) {
+            const uint32_t other = __shfl_sync(kFullMask, mine, g);
+            rank += (other > mine || (other == mine && g < lane)) ? 1 : 0;
+          }
+          keep32 = __ballot_sync(kFullMask, lane < G && rank < o.groups_kept);
+        } else {
+          for (int w = lane; w < (G + 31) / 32; w += 32) gbits[w] = 0u;
+          __syncwarp();
+          warp_select<Q>(
+              G, o.groups_kept, [&](int i) { return gkey[pad_index(i)]; },
+              [&](int, int item, uint32_t) {
+                if (lane == 0) gbits[item >> 5] |= 1u << (item & 31);
+              });
+          __syncwarp();
+        }
+        for (int e = lane; e < E; e += 32) {
+          const int g = e / S;
+          const bool kept = G <= 32 ? ((keep32 >> g) & 1u) != 0 : ((gbits[g >> 5] >> (g & 31)) & 1u) != 0;
+          if (!kept) keyrow[pad_index(e)] = mask_key;
+        }
+        __syncwarp();
+      }
+
+      // ---- top-K -----------------------------------------------------------------------------
+      warp_select<Q>(
+          E, K, [&](int i) { return keyrow[pad_index(i)]; },
+          [&](int r, int item, uint32_t) {
+            if (lane == 0) sel[r] = item;
+          });
+      __syncwarp();
+
+      // ---- weights, indices, loads ---------------------------------------------------------------
+      const bool has = lane < K;
+      const int idx = has ? sel[lane] : 0;
+      float u = 0.0f;
+      if (has) {
+        const float z = Elem<T>::load1(row + idx);
+        u = topk_softmax ? z : (wub ? score(z) + bias_at(idx) : score(z));
+      }
+      if (topk_softmax) {
+        const float zmax = warp_max(has ? u : -INFINITY);
+        u = has ? __expf(u - zmax) : 0.0f;
+        u = u / warp_sum(u);
+      }
+      if (o.normalize) u = u / (warp_sum(has ? u : 0.0f) + 1e-20f);
+      if (has) {
+        a.weights[t * K + lane] = o.route_scale * u;
+        a.indices[t * K + lane] = idx;
+        if (need_load && m) atomicAdd(&hist[idx], 1);
+      }
+      if (m) ++my_count;
+    }
+
+    // ---- aux statistics: p over the keys (no longer needed), then the block sum in warp order
+    if (need_score) {
+      if (active) {
+        float qsum = 0.0f;
+        if (o.normalize) {
+          for (int e = lane; e < E; e += 32) {
+            const float s = score(Elem<T>::load1(row + e));
+            qsum += wub ? s + bias_at(e) : s;
+          }
+        }
+        const float f = o.normalize ? 1.0f / (warp_sum(qsum) + 1e-20f) : 1.0f;
+        __syncwarp();
+        for (int e = lane; e < E; e += 32) {
+          const float s = score(Elem<T>::load1(row + e));
+          keyrow[pad_index(e)] = __float_as_uint((wub ? s + bias_at(e) : s) * f);
+        }
+      }
+      if (lane == 0) flags[warp] = m ? 1 : 0;
+      __syncthreads();
+      for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        float v = acc[e];
+        for (int w = 0; w < warps; ++w)
+          if (flags[w]) v += __uint_as_float(smem[static_cast<size_t>(w) * layout.warp_words + pad_index(e)]);
+        acc[e] = v;
+      }
+      __syncthreads();
+    }
+  }
+
+  // ---- block epilogue ---------------------------------------------------------------------------
+  if (need_count && lane == 0 && my_count > 0) atomicAdd(block_count, my_count);
+  __syncthreads();
+  if (need_count && threadIdx.x == 0) a.count_partial[blockIdx.x] = *block_count;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    if (need_score) a.score_partial[static_cast<int64_t>(blockIdx.x) * E + e] = acc[e];
+    if (need_load) {
+      const int v = hist[e];
+      if (a.load_mode == LoadMode::kPartial)
+        a.load_partial[static_cast<int64_t>(blockIdx.x) * E + e] = v;
+      else if (v != 0)
+        atomicAdd(a.expert_load + e, v);
+    }
+  }
+}
+
+template <class T>
+cudaError_t launch_forward_generic(const ForwardArgs& a, cudaStream_t stream) {
+  const size_t smem = a.shape.smem_bytes;
+  if (smem > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(router_forward_generic_kernel<T>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  router_forward_generic_kernel<T><<<a.shape.num_blocks, a.shape.threads, smem, stream>>>(a);
+  return cudaPeekAtLastError();
+}
+
+}  // namespace moekit::kernels::router

@@ -1,0 +1,119 @@
+// Tuning numbers and launch shapes of the router family, in one place. Plain C++ (no device
+// code): the host side (src/router) sizes workspaces and grids from them and the kernels
+// (kernels/router) are built with them. Chosen by counting instructions and bytes per token for
+// the model table (docs/router.md, "Performance"); the benchmark that checks them is
+// bench/router/moekit-bench-router --preset=all, whose forward/backward "x floor" columns are
+// the ones to watch when changing a number here.
+//
+// Every shape below depends only on the configuration and T (never on the device), so the
+// workspace size query and the run always agree.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace moekit::kernels::router {
+
+// ---- fast path (E <= kFastMaxExperts) --------------------------------------------------------
+// A team of lanes_per_token (TPT, a power of two <= 32) lanes owns one token; lane l of the team
+// holds experts [l V, l V + V) of the row in registers (V = values_per_lane, a multiple of 8 so a
+// lane's logits are whole 16-byte vectors). Small TPT puts several tokens in a warp, which
+// spreads the per-token selection work (one warp reduction per pick) over more tokens; V <= 16
+// keeps registers under the 128 that two resident blocks of 256 threads allow.
+constexpr int kFastMaxExperts = 512;
+
+struct FastShape {
+  int values_per_lane;  // V
+  int lanes_per_token;  // TPT
+};
+
+// E <= 8: one thread per token (Mixtral). Up to 128: V = 8 and the smallest team that covers E.
+// 129..256: V = 16, 16 lanes (two DeepSeek-V3 tokens per warp). 257..512: V = 16, a warp.
+inline constexpr FastShape fast_shape(int num_experts) {
+  return num_experts <= 8     ? FastShape{8, 1}
+         : num_experts <= 16  ? FastShape{8, 2}
+         : num_experts <= 32  ? FastShape{8, 4}
+         : num_experts <= 64  ? FastShape{8, 8}
+         : num_experts <= 128 ? FastShape{8, 16}
+         : num_experts <= 256 ? FastShape{16, 16}
+                              : FastShape{16, 32};
+}
+
+// Threads per block of the fast forward and backward kernels (8 warps), compiled for at least
+// kFastMinBlocks resident blocks per SM (at most 128 registers per thread).
+constexpr int kFastThreads = 256;
+constexpr int kFastMinBlocks = 2;
+
+// ---- generic path (everything else: E up to 4096, any groups) ---------------------------------
+// One warp per token; the selection keys of the row live in shared memory (padded so that lane-
+// strided and group-strided scans are conflict-free) and the logits are re-read through L1.
+// Warps per block: as many as fit kGenericSmemBudget (at most kGenericMaxWarps); the budget stays
+// under the 99 KiB every sm_80+ part allows per block.
+constexpr int kGenericMaxWarps = 8;
+constexpr size_t kGenericSmemBudget = 96 * 1024;
+// Depth of each lane's sorted candidate cache in the warp top-k (refilled by a rescan of the
+// lane's items when it runs dry): 4 makes refills rare for K = 32 over E = 2048.
+constexpr int kGenericCacheDepth = 4;
+
+// ---- forward grid -----------------------------------------------------------------------------
+// The forward writes one row of partial expert statistics per block (S in fp32, loads in int32,
+// the token count) that the finalize kernel sums in block order. 256 blocks fill an H100/H200 with
+// two resident blocks per SM and keep the partials at 2 KiB per expert.
+constexpr int kMaxForwardBlocks = 256;
+// The backward has no cross-block state: more blocks only balance better.
+constexpr int kMaxBackwardBlocks = 1024;
+
+// ---- finalize, aux loss, bias update, fake gate -----------------------------------------------
+// Finalize: a block owns kFinalizeExperts experts and sums their partial rows in kFinalizeChunks
+// fixed chunks of blocks, then the chunks in order (short dependent load chains, fixed order).
+constexpr int kFinalizeExperts = 32;
+constexpr int kFinalizeChunks = 8;
+constexpr int kSmallReduceThreads = 256;  // aux loss and bias update: one block
+constexpr int kFakeGateWarps = 8;         // fake gate: one warp per token
+
+// Shared memory of the generic forward, carved in the same order on the host (size) and in the
+// kernel. Per warp: the selection keys of its token (E padded by one word per 32), the group keys
+// and kept-group bits (G > 1), the picked experts; per block: the aux statistics accumulator, the
+// load histogram and one aux flag per warp.
+struct GenericLayout {
+  size_t key_words;    // per warp
+  size_t gkey_words;   // per warp
+  size_t gbit_words;   // per warp
+  size_t warp_words;   // per warp, total (multiple of 4 words)
+  size_t block_words;  // per block: acc [E] + hist [E] + flags [kGenericMaxWarps] + count
+  int warps;
+  size_t bytes;
+};
+
+inline constexpr size_t padded_words(size_t n) { return n + n / 32 + 1; }
+inline constexpr size_t round4(size_t n) { return (n + 3) / 4 * 4; }
+
+inline constexpr GenericLayout generic_layout(int num_experts, int num_groups) {
+  GenericLayout l{};
+  l.key_words = round4(padded_words(static_cast<size_t>(num_experts)));
+  l.gkey_words = num_groups > 1 ? round4(padded_words(static_cast<size_t>(num_groups))) : 0;
+  l.gbit_words = num_groups > 1 ? round4((static_cast<size_t>(num_groups) + 31) / 32) : 0;
+  l.warp_words = l.key_words + l.gkey_words + l.gbit_words + 32;
+  l.block_words = round4(2 * static_cast<size_t>(num_experts) + kGenericMaxWarps + 1);
+  size_t warps = 1;
+  while (warps < static_cast<size_t>(kGenericMaxWarps) &&
+         4 * ((warps + 1) * l.warp_words + l.block_words) <= kGenericSmemBudget)
+    ++warps;
+  l.warps = static_cast<int>(warps);
+  l.bytes = 4 * (warps * l.warp_words + l.block_words);
+  return l;
+}
+
+// Warps per block of the generic backward: one fp32 row [E] of scattered gradient per warp.
+inline constexpr int generic_backward_warps(int num_experts) {
+  size_t w = kGenericSmemBudget / (4 * static_cast<size_t>(num_experts));
+  if (w < 1) w = 1;
+  if (w > static_cast<size_t>(kGenericMaxWarps)) w = kGenericMaxWarps;
+  return static_cast<int>(w);
+}
+
+// The forward's statistics finalize is launched as a programmatic dependent launch on sm_90+ (it
+// overlaps its launch with the forward's tail and waits in-kernel): set false to launch plainly.
+constexpr bool kFinalizeProgrammatic = true;
+
+}  // namespace moekit::kernels::router
