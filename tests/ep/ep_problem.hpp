@@ -56,19 +56,19 @@ inline Routing make_routing(const RoutingShape& s, std::mt19937_64& rng) {
     out.weights[r].resize(static_cast<size_t>(T * K));
     if (s.mask_fraction > 0) p.masks[r].resize(static_cast<size_t>(T));
     for (int64_t t = 0; t < T; ++t) {
-      std::vector<int32_t> ids;
+      std::vector<int32_t> ids(static_cast<size_t>(K));
       if (u01(rng) < s.local_only_fraction && K <= per_rank) {
-        std::vector<int32_t> local(per_rank);
+        std::vector<int32_t> local(static_cast<size_t>(per_rank));
         std::iota(local.begin(), local.end(), r * per_rank);
         std::shuffle(local.begin(), local.end(), rng);
-        ids.assign(local.begin(), local.begin() + K);
+        for (int k = 0; k < K; ++k) ids[k] = local[k];
       } else {
         // K distinct experts: a partial Fisher-Yates shuffle of all E.
         for (int k = 0; k < K; ++k) {
           std::uniform_int_distribution<int> pick(k, E - 1);
           std::swap(all[k], all[pick(rng)]);
+          ids[k] = all[k];
         }
-        ids.assign(all.begin(), all.begin() + K);
       }
       if (K > 1 && u01(rng) < s.duplicate_fraction) ids[K - 1] = ids[0];
       for (int k = 0; k < K; ++k) {
