@@ -79,22 +79,22 @@ __device__ __forceinline__ void zero_padding(const MoveArgs& a, int pad_block, i
   const int64_t nvec = a.hidden / V;
   const int e = pad_block / pad_split;
   const int part = pad_block - e * pad_split;
-  const int offset = a.expert_offsets[e];
-  const int lo = max(0, offset + max(0, a.expert_counts[e]));
-  const int hi = min(a.expert_offsets[e + 1], a.max_rows);
+  // In int64 and clamped to [0, max_rows): a corrupt plan cannot make this write out of bounds.
+  const int64_t lo = max(int64_t{0}, static_cast<int64_t>(a.expert_offsets[e]) + max(0, a.expert_counts[e]));
+  const int64_t hi = min(static_cast<int64_t>(a.expert_offsets[e + 1]), static_cast<int64_t>(a.max_rows));
   if (lo >= hi) return;
   const int64_t count = static_cast<int64_t>(hi - lo) * nvec;
   const int64_t slice = (count + pad_split - 1) / pad_split;
   const int64_t first = static_cast<int64_t>(part) * slice;
   const int64_t last = min(count, first + slice);
-  Vec* base = reinterpret_cast<Vec*>(static_cast<Bits*>(a.rows_out) + static_cast<int64_t>(lo) * a.hidden);
+  Vec* base = reinterpret_cast<Vec*>(static_cast<Bits*>(a.rows_out) + lo * a.hidden);
   Vec zero;
 #pragma unroll
   for (int i = 0; i < V; ++i) zero.e[i] = Elem<T>::store(0.0f);
   for (int64_t i = first + threadIdx.x; i < last; i += kMoveThreads) base[i] = zero;
   if constexpr (OP == MoveOp::kPermute) {
     if (part == 0 && a.row_weights != nullptr)
-      for (int r = lo + static_cast<int>(threadIdx.x); r < hi; r += kMoveThreads) a.row_weights[r] = 0.0f;
+      for (int64_t r = lo + threadIdx.x; r < hi; r += kMoveThreads) a.row_weights[r] = 0.0f;
   }
 }
 

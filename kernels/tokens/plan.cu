@@ -148,7 +148,8 @@ __global__ void __launch_bounds__(kPlanThreads) plan_scatter_kernel(PlanArgs a) 
   if (EL >= kPlanThreads) {
     for (int e = tid; e < EL; e += kPlanThreads) {
       int pre = 0, tot = 0;
-#pragma unroll 8
+      // Independent loads: unrolled so that 16 are in flight per thread.
+#pragma unroll 16
       for (int bb = 0; bb < B; ++bb) {
         const int v = a.table[static_cast<int64_t>(bb) * bins + e];
         tot += v;
