@@ -1,0 +1,356 @@
+// moekit-bench-tokens: times the routing plan, permute, combine and both backwards on the issue's
+// shapes, against the floor set by the device-to-device copy bandwidth measured in the same run.
+//
+//   moekit-bench-tokens --preset=all --json=out.json
+//   moekit-bench-tokens --tokens=8192 --hidden=4096 --top-k=2 --experts=8 --dtype=bf16
+//
+// Presets (bf16 by default): deepseek (T=4096 H=7168 K=8 E=256), wide (T=16384 H=2048 K=8
+// E=128), mixtral (T=8192 H=4096 K=2 E=8) and plan (T=16384 H=2048 K=8 E=256, the plan bar's
+// shape). Overrides: --tokens --hidden --top-k --experts --alignment --capacity --drop=position|weight
+// --dtype=bf16|f16|f32 --warmup --repeats --seed.
+//
+// Floor: every input read once from DRAM and every output written once, over the copy bandwidth
+// (read + write bytes per second):
+//   permute            T H (x) + total H (xp rows, padding included) + small plan/weight arrays
+//   combine            real H (rows read) + T H (y)
+//   permute backward   real H + T H, plus the gathered row-weight gradients
+//   combine backward   T H (dy) + total H (dyp) + real H (yp, for the weight gradients)
+// where real = rows that carry a slot (T K without drops or masks) and total includes padding.
+// Before timing, the plan of every shape is compared with the CPU reference and sampled tokens
+// of every op are checked; a mismatch aborts.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "bench/common/bench_util.hpp"
+#include "moekit/moekit.h"
+#include "tests/reference/tokens_ref.hpp"
+#include "tests/support/numeric.hpp"
+
+namespace {
+
+using moekit::bench::Json;
+
+#define MOEKIT_OK(expr)                                                                        \
+  do {                                                                                       \
+    const moekit_status_t s_ = (expr);                                                       \
+    if (s_ != MOEKIT_STATUS_SUCCESS) {                                                       \
+      std::fprintf(stderr, "%s:%d: %s -> %s: %s\n", __FILE__, __LINE__, #expr,               \
+                   moekit_status_string(s_), moekit_get_last_error());                       \
+      std::exit(1);                                                                          \
+    }                                                                                        \
+  } while (0)
+
+struct Shape {
+  std::string name;
+  int64_t tokens;
+  int64_t hidden;
+  int top_k;
+  int experts;
+};
+
+struct Buffer {
+  void* p = nullptr;
+  size_t bytes = 0;
+  explicit Buffer(size_t n) : bytes(n) { BENCH_CUDA(cudaMalloc(&p, std::max<size_t>(n, 1))); }
+  ~Buffer() { cudaFree(p); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  template <class T>
+  T* as() const { return static_cast<T*>(p); }
+  template <class T>
+  void upload(const std::vector<T>& v) {
+    BENCH_CUDA(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  template <class T>
+  std::vector<T> download(size_t n) const {
+    std::vector<T> v(n);
+    if (n) BENCH_CUDA(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return v;
+  }
+};
+
+[[noreturn]] void die(const std::string& what) {
+  std::fprintf(stderr, "validation failed: %s\n", what.c_str());
+  std::exit(2);
+}
+
+moekit_dtype_t parse_dtype(const std::string& s) {
+  if (s == "bf16") return MOEKIT_DTYPE_BF16;
+  if (s == "f16") return MOEKIT_DTYPE_F16;
+  if (s == "f32") return MOEKIT_DTYPE_F32;
+  die("--dtype must be bf16, f16 or f32, not " + s);
+}
+
+// Router-like indices: K distinct uniformly random experts per token.
+std::vector<int32_t> router_indices(std::mt19937_64& rng, int64_t T, int K, int E) {
+  std::vector<int32_t> idx(T * K);
+  std::vector<int> perm(E);
+  for (int e = 0; e < E; ++e) perm[e] = e;
+  for (int64_t t = 0; t < T; ++t)
+    for (int k = 0; k < K; ++k) {
+      std::uniform_int_distribution<int> pick(k, E - 1);
+      std::swap(perm[k], perm[pick(rng)]);
+      idx[t * K + k] = perm[k];
+    }
+  return idx;
+}
+
+std::vector<float> random_values(std::mt19937_64& rng, moekit_dtype_t dt, size_t n) {
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = moekit::test::round_to(dt, d(rng));
+  return v;
+}
+
+struct Result {
+  std::string op;
+  moekit::bench::Timing timing;
+  double bytes;
+  double floor_us;
+};
+
+void run_shape(const Shape& shape, const moekit::bench::Args& args, moekit_dtype_t dt,
+               double copy_bw, cudaStream_t stream, Json& shapes_json,
+               std::vector<std::string>& table) {
+  const int64_t T = shape.tokens, H = shape.hidden;
+  const int K = shape.top_k, E = shape.experts;
+  const size_t es = moekit::test::dtype_bytes(dt);
+  const int warmup = static_cast<int>(args.get_int("warmup", 10));
+  const int repeats = static_cast<int>(args.get_int("repeats", 50));
+  moekit_plan_config_t cfg;
+  MOEKIT_OK(moekit_plan_config_init(&cfg, sizeof(cfg)));
+  cfg.num_experts = E;
+  cfg.top_k = K;
+  cfg.alignment = static_cast<int32_t>(args.get_int("alignment", 1));
+  cfg.capacity = static_cast<int32_t>(args.get_int("capacity", 0));
+  cfg.drop_policy = args.get("drop", "position") == "weight" ? MOEKIT_DROP_BY_WEIGHT : MOEKIT_DROP_BY_POSITION;
+  MOEKIT_OK(moekit_plan_config_check(&cfg));
+
+  std::mt19937_64 rng(static_cast<uint64_t>(args.get_int("seed", 1234)));
+  const auto indices = router_indices(rng, T, K, E);
+  std::vector<float> weights(T * K);
+  {
+    std::uniform_real_distribution<float> u(0.01f, 1.0f);
+    for (auto& w : weights) w = u(rng);
+  }
+  int64_t max_rows = 0;
+  size_t ws_bytes = 0, plan_bytes = 0;
+  MOEKIT_OK(moekit_plan_max_rows(&cfg, T, &max_rows));
+  MOEKIT_OK(moekit_plan_workspace_size(&cfg, T, &ws_bytes));
+  MOEKIT_OK(moekit_plan_buffer_size(&cfg, T, &plan_bytes));
+  Buffer d_idx(indices.size() * 4), d_w(weights.size() * 4), ws(ws_bytes), plan_buf(plan_bytes);
+  d_idx.upload(indices);
+  d_w.upload(weights);
+  moekit_token_plan_t plan;
+  MOEKIT_OK(moekit_token_plan_init(&plan, sizeof(plan)));
+  MOEKIT_OK(moekit_plan_bind(&cfg, T, plan_buf.p, plan_bytes, &plan));
+
+  // Two copies of every large input, alternated between repeats.
+  const auto x = random_values(rng, dt, T * H);
+  Buffer x0(T * H * es), x1(T * H * es), xp(max_rows * H * es), rw(max_rows * 4), y(T * H * es),
+      dyp(max_rows * H * es), dw(T * K * 4), dx(T * H * es), dw2(T * K * 4);
+  x0.upload(moekit::test::pack(dt, x));
+  BENCH_CUDA(cudaMemcpy(x1.p, x0.p, x0.bytes, cudaMemcpyDeviceToDevice));
+  const Buffer* xs[2] = {&x0, &x1};
+
+  // ---- validate ----
+  MOEKIT_OK(moekit_plan_build(&cfg, T, d_idx.as<int32_t>(), d_w.as<float>(), nullptr, &plan, ws.p, ws_bytes, stream));
+  BENCH_CUDA(cudaStreamSynchronize(stream));
+  const auto ref_cfg = moekit::ref::resolve(cfg);
+  const auto want = moekit::ref::build_plan(ref_cfg, T, indices, weights, {});
+  {
+    std::vector<int32_t> got_rows(T * K), got_totals(3);
+    BENCH_CUDA(cudaMemcpy(got_rows.data(), plan.row_of_slot, T * K * 4, cudaMemcpyDeviceToHost));
+    BENCH_CUDA(cudaMemcpy(got_totals.data(), plan.totals, 12, cudaMemcpyDeviceToHost));
+    if (got_rows != want.row_of_slot) die(shape.name + ": row_of_slot differs from the reference");
+    if (got_totals[0] != want.total || got_totals[1] != want.dropped || got_totals[2] != want.invalid)
+      die(shape.name + ": totals differ from the reference");
+  }
+  const int64_t total = want.total;
+  int64_t real = 0;
+  for (int32_t r : want.row_of_slot) real += r >= 0;
+  MOEKIT_OK(moekit_tokens_permute(&cfg, &plan, T, H, dt, x0.p, H, d_w.as<float>(), xp.p, rw.as<float>(), stream));
+  MOEKIT_OK(moekit_tokens_combine(&cfg, &plan, T, H, dt, xp.p, d_w.as<float>(), y.p, H, stream));
+  BENCH_CUDA(cudaStreamSynchronize(stream));
+  {
+    // Sampled tokens: every row of the token equals x[t]; y[t] = sum_k w x[t] within tolerance.
+    std::uniform_int_distribution<int64_t> pick(0, T - 1);
+    const auto tol = moekit::test::tolerance_for(dt);
+    for (int i = 0; i < 64; ++i) {
+      const int64_t t = pick(rng);
+      std::vector<uint8_t> bytes(H * es);
+      double wsum = 0;
+      for (int k = 0; k < K; ++k) {
+        const int32_t r = want.row_of_slot[t * K + k];
+        if (r < 0) continue;
+        wsum += weights[t * K + k];
+        BENCH_CUDA(cudaMemcpy(bytes.data(), xp.as<char>() + r * H * es, H * es, cudaMemcpyDeviceToHost));
+        const auto row = moekit::test::unpack(dt, bytes);
+        for (int64_t h = 0; h < H; ++h)
+          if (row[h] != x[t * H + h]) die(shape.name + ": permuted row differs from its token");
+      }
+      BENCH_CUDA(cudaMemcpy(bytes.data(), y.as<char>() + t * H * es, H * es, cudaMemcpyDeviceToHost));
+      const auto got = moekit::test::unpack(dt, bytes);
+      for (int64_t h = 0; h < H; ++h)
+        if (!moekit::test::close(got[h], moekit::test::round_to(dt, static_cast<float>(wsum * x[t * H + h])), tol))
+          die(shape.name + ": combined token differs from the reference");
+    }
+  }
+
+  // ---- time ----
+  std::vector<Result> results;
+  auto floor_us = [&](double bytes) { return bytes / copy_bw * 1e6; };
+  const double row_bytes = static_cast<double>(H) * es;
+  {
+    const auto t = moekit::bench::time_us(stream, warmup, repeats, [&](int) {
+      moekit_plan_build(&cfg, T, d_idx.as<int32_t>(), d_w.as<float>(), nullptr, &plan, ws.p, ws_bytes, stream);
+    });
+    const double bytes = T * K * 4.0 * 2 + total * 4.0;  // indices, row_of_slot, slot_of_row
+    results.push_back({"plan", t, bytes, floor_us(bytes)});
+  }
+  {
+    const auto t = moekit::bench::time_us(stream, warmup, repeats, [&](int i) {
+      moekit_tokens_permute(&cfg, &plan, T, H, dt, xs[i % 2]->p, H, d_w.as<float>(), xp.p, rw.as<float>(), stream);
+    });
+    const double bytes = T * row_bytes + total * row_bytes + T * K * 8.0 + total * 4.0;
+    results.push_back({"permute", t, bytes, floor_us(bytes)});
+  }
+  {
+    const auto t = moekit::bench::time_us(stream, warmup, repeats, [&](int) {
+      moekit_tokens_combine(&cfg, &plan, T, H, dt, xp.p, d_w.as<float>(), y.p, H, stream);
+    });
+    const double bytes = real * row_bytes + T * row_bytes + T * K * 8.0;
+    results.push_back({"combine", t, bytes, floor_us(bytes)});
+  }
+  {
+    const auto t = moekit::bench::time_us(stream, warmup, repeats, [&](int) {
+      moekit_tokens_combine(&cfg, &plan, T, H, dt, xp.p, nullptr, y.p, H, stream);
+    });
+    const double bytes = real * row_bytes + T * row_bytes + T * K * 4.0;
+    results.push_back({"combine_unweighted", t, bytes, floor_us(bytes)});
+  }
+  {
+    const auto t = moekit::bench::time_us(stream, warmup, repeats, [&](int) {
+      moekit_tokens_permute_backward(&cfg, &plan, T, H, dt, xp.p, rw.as<float>(), dx.p, H, dw2.as<float>(), stream);
+    });
+    const double bytes = real * row_bytes + T * row_bytes + T * K * 12.0;
+    results.push_back({"permute_backward", t, bytes, floor_us(bytes)});
+  }
+  {
+    const auto t = moekit::bench::time_us(stream, warmup, repeats, [&](int i) {
+      moekit_tokens_combine_backward(&cfg, &plan, T, H, dt, xs[i % 2]->p, H, d_w.as<float>(), xp.p, dyp.p,
+                                     dw.as<float>(), stream);
+    });
+    const double bytes = T * row_bytes + total * row_bytes + real * row_bytes + T * K * 12.0;
+    results.push_back({"combine_backward", t, bytes, floor_us(bytes)});
+  }
+  BENCH_CUDA(cudaGetLastError());
+
+  Json ops = Json::array();
+  for (const auto& r : results) {
+    const double fraction = r.floor_us / r.timing.median_us;
+    std::string bar = "";
+    const bool big = shape.name == "deepseek" || shape.name == "wide";
+    if (r.op == "permute" && big) bar = fraction >= 0.85 ? "bar 85% met" : "bar 85% MISSED";
+    if (r.op == "combine" && big) bar = fraction >= 0.80 ? "bar 80% met" : "bar 80% MISSED";
+    if (r.op == "plan" && T == 16384 && K == 8 && E == 256)
+      bar = r.timing.median_us < 20.0 ? "bar 20 us met" : "bar 20 us MISSED";
+    char line[256];
+    std::snprintf(line, sizeof(line), "%-9s %-19s %10.1f %10.1f %9.1f %8.1f%%  %s", shape.name.c_str(),
+                  r.op.c_str(), r.timing.median_us, r.bytes / (r.timing.median_us * 1e-6) / 1e9, r.floor_us,
+                  100.0 * fraction, bar.c_str());
+    table.push_back(line);
+    ops.push(Json::object()
+                 .set("op", r.op)
+                 .set("median_us", r.timing.median_us)
+                 .set("min_us", r.timing.min_us)
+                 .set("max_us", r.timing.max_us)
+                 .set("repeats", r.timing.repeats)
+                 .set("bytes", r.bytes)
+                 .set("gbps", r.bytes / (r.timing.median_us * 1e-6) / 1e9)
+                 .set("floor_us", r.floor_us)
+                 .set("fraction_of_floor", fraction)
+                 .set("bar", bar));
+  }
+  shapes_json.push(Json::object()
+                       .set("name", shape.name)
+                       .set("tokens", T)
+                       .set("hidden", H)
+                       .set("top_k", K)
+                       .set("experts", E)
+                       .set("alignment", static_cast<int64_t>(cfg.alignment))
+                       .set("capacity", static_cast<int64_t>(cfg.capacity))
+                       .set("dtype", args.get("dtype", "bf16"))
+                       .set("total_rows", total)
+                       .set("real_rows", real)
+                       .set("max_rows", max_rows)
+                       .set("ops", ops));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  moekit::bench::Args args(argc, argv);
+  if (args.has("help")) {
+    std::printf(
+        "moekit-bench-tokens [--preset=deepseek|wide|mixtral|plan|all] [--tokens=T --hidden=H --top-k=K "
+        "--experts=E] [--alignment=A --capacity=C --drop=position|weight] [--dtype=bf16|f16|f32] "
+        "[--warmup=10 --repeats=50 --seed=1234] [--json=path]\n");
+    return 0;
+  }
+  const std::vector<Shape> presets = {{"deepseek", 4096, 7168, 8, 256},
+                                      {"wide", 16384, 2048, 8, 128},
+                                      {"mixtral", 8192, 4096, 2, 8},
+                                      {"plan", 16384, 2048, 8, 256}};
+  std::vector<Shape> shapes;
+  const std::string preset = args.get("preset", args.has("tokens") ? "" : "all");
+  for (const auto& p : presets)
+    if (preset == "all" || preset == p.name) shapes.push_back(p);
+  if (!preset.empty() && shapes.empty()) die("unknown --preset=" + preset);
+  if (preset.empty()) {
+    shapes.push_back({"custom", args.get_int("tokens", 4096), args.get_int("hidden", 4096),
+                      static_cast<int>(args.get_int("top-k", 8)), static_cast<int>(args.get_int("experts", 64))});
+  } else {
+    for (auto& s : shapes) {  // overrides apply to presets too
+      s.tokens = args.get_int("tokens", s.tokens);
+      s.hidden = args.get_int("hidden", s.hidden);
+      s.top_k = static_cast<int>(args.get_int("top-k", s.top_k));
+      s.experts = static_cast<int>(args.get_int("experts", s.experts));
+    }
+  }
+  const moekit_dtype_t dt = parse_dtype(args.get("dtype", "bf16"));
+  cudaStream_t stream;
+  BENCH_CUDA(cudaStreamCreate(&stream));
+  const double copy_bw = moekit::bench::measure_copy_bandwidth(stream);
+  std::printf("device: %s, copy bandwidth %.0f GB/s (read + write), commit %s\n",
+              moekit::bench::device_description().c_str(), copy_bw / 1e9, moekit::bench::build_commit().c_str());
+
+  Json shapes_json = Json::array();
+  std::vector<std::string> table;
+  for (const auto& s : shapes) run_shape(s, args, dt, copy_bw, stream, shapes_json, table);
+
+  std::printf("\n%-9s %-19s %10s %10s %9s %9s\n", "shape", "op", "median_us", "GB/s", "floor_us", "of floor");
+  for (const auto& line : table) std::printf("%s\n", line.c_str());
+
+  if (args.has("json")) {
+    Json root = Json::object()
+                    .set("benchmark", "moekit-bench-tokens")
+                    .set("device", moekit::bench::device_description())
+                    .set("commit", moekit::bench::build_commit())
+                    .set("date", moekit::bench::utc_now())
+                    .set("copy_bandwidth_gbps", copy_bw / 1e9)
+                    .set("floor", "each input read once and each output written once, over the measured copy bandwidth")
+                    .set("shapes", shapes_json);
+    if (!moekit::bench::write_file(args.get("json", ""), root.dump())) die("cannot write " + args.get("json", ""));
+    std::printf("wrote %s\n", args.get("json", "").c_str());
+  }
+  cudaStreamDestroy(stream);
+  return 0;
+}
