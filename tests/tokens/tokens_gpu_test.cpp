@@ -730,6 +730,31 @@ TEST_CASE("plan, permute, combine and backwards run inside a CUDA graph", "[gpu]
   cudaGraphDestroy(graph);
 }
 
+TEST_CASE("plans that need more than 48 KiB of shared memory capture too", "[gpu][tokens][graph]") {
+  // E_local > 1536 raises the scatter kernel's dynamic shared-memory limit on every call.
+  auto rng = moekit::test::make_rng(0x91c1);
+  for (const auto& cfg : {plan_config(4096, 8, 8), plan_config(9000, 8, 1, 300, MOEKIT_DROP_BY_WEIGHT, 4000, 4096)}) {
+    INFO(moekit::test::describe(cfg, 3000));
+    Stream stream;
+    Routed r(rng, moekit::test::PlanCase{3000, cfg, Routing::kAny, 0.01, 1});
+    DevicePlan d(cfg, 3000);
+    cudaGraph_t graph = nullptr;
+    CUDA_REQUIRE(cudaStreamBeginCapture(stream.s, cudaStreamCaptureModeGlobal));
+    const moekit_status_t status = d.build(r, stream.s);
+    const cudaError_t end = cudaStreamEndCapture(stream.s, &graph);
+    INFO(moekit_get_last_error());
+    REQUIRE(status == MOEKIT_STATUS_SUCCESS);
+    CUDA_REQUIRE(end);
+    cudaGraphExec_t exec = nullptr;
+    CUDA_REQUIRE(cudaGraphInstantiate(&exec, graph, 0));
+    CUDA_REQUIRE(cudaGraphLaunch(exec, stream.s));
+    CUDA_REQUIRE(cudaStreamSynchronize(stream.s));
+    require_plan_equal(r.reference(), d.download());
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  }
+}
+
 TEST_CASE("rejected calls leave poisoned device outputs untouched", "[gpu][tokens][validation]") {
   auto rng = moekit::test::make_rng(0x91d0);
   const auto cfg = plan_config(32, 4, 8);
