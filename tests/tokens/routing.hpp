@@ -58,6 +58,8 @@ inline std::vector<int32_t> make_indices(std::mt19937_64& rng, int64_t tokens, i
   const int hot_count = std::max(top_k, std::min(experts, 3 + experts / 16));
   std::vector<int> perm(experts);
   std::iota(perm.begin(), perm.end(), 0);
+  // A random order first: the skewed pool (the first hot_count entries) is a random subset.
+  std::shuffle(perm.begin(), perm.end(), rng);
   for (int64_t t = 0; t < tokens; ++t) {
     switch (routing) {
       case Routing::kDistinct:
