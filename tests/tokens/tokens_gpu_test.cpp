@@ -192,7 +192,7 @@ TEST_CASE("device plan equals the reference on the awkward grid", "[gpu][tokens]
 }
 
 TEST_CASE("device plan at benchmark sizes, many tiles per block and large E_local",
-          "[gpu][tokens][plan]") {
+          "[gpu][tokens][plan][large]") {
   auto rng = moekit::test::make_rng(0x91a1);
   const int pos = MOEKIT_DROP_BY_POSITION, wt = MOEKIT_DROP_BY_WEIGHT;
   const std::vector<moekit::test::PlanCase> cases = {
