@@ -164,6 +164,7 @@ __global__ void __launch_bounds__(kPlanThreads) plan_scatter_kernel(PlanArgs a) 
     const int e = tid % EL, p = tid / EL;
     int pre = 0, tot = 0;
     if (p < parts) {
+#pragma unroll 16
       for (int bb = p; bb < B; bb += parts) {
         const int v = a.table[static_cast<int64_t>(bb) * bins + e];
         tot += v;
