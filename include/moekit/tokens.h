@@ -178,7 +178,7 @@ MOEKIT_API moekit_status_t moekit_plan_build(const moekit_plan_config_t* config,
  * >= total untouched. Each token is read once and written to each of its rows.
  *   config, num_tokens  exactly as given to moekit_plan_build for this plan.
  *   plan         [in, host]    reads row_of_slot, and expert_counts / expert_offsets when A > 1.
- *   hidden       H >= 1.
+ *   hidden       H, 1 .. INT32_MAX.
  *   dtype        F32, F16 or BF16: the element type of x and xp.
  *   x            [in, device]  [T, H], row t at x + t * x_row_stride elements (>= H).
  *   weights      [in, device]  [T, K] fp32 routing weights, or NULL; given iff row_weights is.
@@ -187,8 +187,8 @@ MOEKIT_API moekit_status_t moekit_plan_build(const moekit_plan_config_t* config,
  * 16-byte loads and stores are used when H * element size, x_row_stride * element size and the
  * pointers are multiples of 16; any other H, stride or alignment takes a scalar path.
  * No output may overlap an input. Returns SUCCESS; INVALID_ARGUMENT (NULL where not allowed, bad
- * config, T < 0, H < 1, stride < H, weights without row_weights or the reverse, sizes past int32);
- * UNSUPPORTED (dtype); CUDA_ERROR. Since 0.1.
+ * config, T < 0, H outside [1, INT32_MAX], stride < H, weights without row_weights or the reverse,
+ * sizes past int32); UNSUPPORTED (dtype); CUDA_ERROR. Since 0.1.
  */
 MOEKIT_API moekit_status_t moekit_tokens_permute(const moekit_plan_config_t* config,
                                                  const moekit_token_plan_t* plan,
