@@ -20,6 +20,7 @@
 #pragma once
 
 #include "kernels/router/common.cuh"
+#include "kernels/router/grid.cuh"
 #include "kernels/router/launch.hpp"
 #include "kernels/router/tuning.hpp"
 #include "moekit/router.h"
@@ -39,7 +40,7 @@ __device__ __forceinline__ float aux_scale(const BackwardArgs& a) {
 }
 
 template <class T, int V, int TPT>
-__global__ void __launch_bounds__(kFastThreads, kFastMinBlocks)
+__global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT))
     router_backward_fast_kernel(const BackwardArgs a) {
   constexpr int kTeamsPerWarp = 32 / TPT;
   constexpr int kTeams = kFastThreads / TPT;
@@ -49,6 +50,8 @@ __global__ void __launch_bounds__(kFastThreads, kFastMinBlocks)
   constexpr int kWords = Words<T, V>::kCount;
   __shared__ __align__(16) float s_row[kTeams][kEPad];  // weight source of the team's token
   __shared__ __align__(16) float g_row[kTeams][kEPad];  // gradient scattered at the picked experts
+  __shared__ __align__(16) float s_bias[kEPad];         // correction bias, 0 past E
+  __shared__ __align__(16) float s_aux[kEPad];          // aux gradient a_e = coeff L_e E / (K N'^2)
 
   const RouterOptions& o = a.opt;
   const int E = o.num_experts;
@@ -67,13 +70,23 @@ __global__ void __launch_bounds__(kFastThreads, kFastMinBlocks)
   const bool full_softmax = sf == MOEKIT_SCORE_SOFTMAX && (!topk_softmax || aux_on);
   const bool wub = o.weights_use_bias != 0;
 
-  float bias[V], aux_a[V];
   const float scale = aux_scale(a);
-#pragma unroll
-  for (int j = 0; j < V; ++j) {
-    bias[j] = (a.bias != nullptr && j < nvalid) ? __ldg(a.bias + base + j) : 0.0f;
-    aux_a[j] = (aux_on && j < nvalid) ? scale * static_cast<float>(__ldg(a.expert_load + base + j)) : 0.0f;
+  for (int e = threadIdx.x; e < kEPad; e += kFastThreads) {
+    s_bias[e] = (a.bias != nullptr && e < E) ? __ldg(a.bias + e) : 0.0f;
+    s_aux[e] = (aux_on && e < E) ? scale * static_cast<float>(__ldg(a.expert_load + e)) : 0.0f;
   }
+  __syncthreads();
+  // V consecutive floats of a shared row as registers.
+  auto row_values = [&](const float* src, float (&v)[V]) {
+#pragma unroll
+    for (int j = 0; j < V / 4; ++j) {
+      const float4 f4 = reinterpret_cast<const float4*>(src + base)[j];
+      v[4 * j] = f4.x;
+      v[4 * j + 1] = f4.y;
+      v[4 * j + 2] = f4.z;
+      v[4 * j + 3] = f4.w;
+    }
+  };
 
   const char* logits = static_cast<const char*>(a.logits);
   const int64_t row_bytes = a.logits_stride * static_cast<int64_t>(sizeof(T));
@@ -156,6 +169,8 @@ __global__ void __launch_bounds__(kFastThreads, kFastMinBlocks)
       for (int j = 0; j < V; ++j) s[j] = sqrt_softplus_f(z[j]);
     }
 
+    float bias[V];
+    row_values(s_bias, bias);
     __syncwarp();  // the previous token's readers of s_row / g_row are done
     {
       float4* src = reinterpret_cast<float4*>(&s_row[team][base]);
@@ -247,6 +262,8 @@ __global__ void __launch_bounds__(kFastThreads, kFastMinBlocks)
 #pragma unroll
     for (int j = 0; j < V; ++j) gq[j] = 0.0f;
     if (aux_on) {
+      float aux_a[V];
+      row_values(s_aux, aux_a);
       float q[V];
 #pragma unroll
       for (int j = 0; j < V; ++j) q[j] = wub ? s[j] + bias[j] : s[j];
@@ -300,7 +317,8 @@ __global__ void __launch_bounds__(kFastThreads, kFastMinBlocks)
 
 template <class T, int V, int TPT>
 cudaError_t launch_backward_fast(const BackwardArgs& a, cudaStream_t stream) {
-  router_backward_fast_kernel<T, V, TPT><<<a.shape.num_blocks, kFastThreads, 0, stream>>>(a);
+  const int32_t grid = resident_grid(router_backward_fast_kernel<T, V, TPT>, kFastThreads, 0, a.shape.num_blocks);
+  router_backward_fast_kernel<T, V, TPT><<<grid, kFastThreads, 0, stream>>>(a);
   return cudaPeekAtLastError();
 }
 
@@ -449,7 +467,8 @@ cudaError_t launch_backward_generic(const BackwardArgs& a, cudaStream_t stream) 
                                                static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  router_backward_generic_kernel<T><<<a.shape.num_blocks, a.shape.threads, smem, stream>>>(a);
+  const int32_t grid = resident_grid(router_backward_generic_kernel<T>, a.shape.threads, smem, a.shape.num_blocks);
+  router_backward_generic_kernel<T><<<grid, a.shape.threads, smem, stream>>>(a);
   return cudaPeekAtLastError();
 }
 

@@ -3,8 +3,8 @@
 
 namespace moekit::kernels::router {
 
-cudaError_t launch_router_forward_f16(const ForwardArgs& a, cudaStream_t stream) {
-  return launch_forward_dtype<__half>(a, stream);
+cudaError_t launch_router_forward_f16(const ForwardArgs& a, cudaStream_t stream, int32_t* blocks) {
+  return launch_forward_dtype<__half>(a, stream, blocks);
 }
 
 }  // namespace moekit::kernels::router

@@ -27,6 +27,7 @@
 #pragma once
 
 #include "kernels/router/common.cuh"
+#include "kernels/router/grid.cuh"
 #include "kernels/router/launch.hpp"
 #include "kernels/router/tuning.hpp"
 #include "moekit/router.h"
@@ -34,7 +35,7 @@
 namespace moekit::kernels::router {
 
 template <class T, int V, int TPT>
-__global__ void __launch_bounds__(kFastThreads, kFastMinBlocks)
+__global__ void __launch_bounds__(kFastThreads, fast_min_blocks(V))
     router_forward_fast_kernel(const ForwardArgs a) {
   constexpr int kTeamsPerWarp = 32 / TPT;
   constexpr int kTeams = kFastThreads / TPT;
@@ -47,6 +48,7 @@ __global__ void __launch_bounds__(kFastThreads, kFastMinBlocks)
   __shared__ int s_sel[kTeams][kKMax];
   __shared__ int s_load[kEPad];
   __shared__ float s_chunk[kFastThreads];
+  __shared__ __align__(16) float s_bias[kEPad];  // correction bias, 0 past E (registers stay free)
   __shared__ int s_count;
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -76,12 +78,11 @@ __global__ void __launch_bounds__(kFastThreads, kFastMinBlocks)
   const bool full_softmax = sf == MOEKIT_SCORE_SOFTMAX && (!topk_softmax || need_score);
   const bool wub = o.weights_use_bias != 0;
 
-  for (int e = threadIdx.x; e < kEPad; e += kFastThreads) s_load[e] = 0;
+  for (int e = threadIdx.x; e < kEPad; e += kFastThreads) {
+    s_load[e] = 0;
+    s_bias[e] = (a.bias != nullptr && e < E) ? __ldg(a.bias + e) : 0.0f;
+  }
   if (threadIdx.x == 0) s_count = 0;
-
-  float bias[V];
-#pragma unroll
-  for (int j = 0; j < V; ++j) bias[j] = (a.bias != nullptr && j < nvalid) ? __ldg(a.bias + base + j) : 0.0f;
 
   float acc[V];
 #pragma unroll
@@ -160,6 +161,15 @@ __global__ void __launch_bounds__(kFastThreads, kFastMinBlocks)
     }
 
     // ---- selection keys, weight sources, aux statistics ---------------------------------------
+    float bias[V];
+#pragma unroll
+    for (int j = 0; j < V / 4; ++j) {
+      const float4 b4 = reinterpret_cast<const float4*>(&s_bias[base])[j];
+      bias[4 * j] = b4.x;
+      bias[4 * j + 1] = b4.y;
+      bias[4 * j + 2] = b4.z;
+      bias[4 * j + 3] = b4.w;
+    }
     uint32_t key[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) key[j] = float_key(sanitize((topk_softmax ? z[j] : s[j]) + bias[j]));
@@ -368,8 +378,10 @@ __global__ void __launch_bounds__(kFastThreads, kFastMinBlocks)
       const int e = threadIdx.x % kEPad;
       const int c = threadIdx.x / kEPad;
       float sum = 0.0f;
+      if (e < E) {  // padding columns were never accumulated
 #pragma unroll
-      for (int i = 0; i < V; ++i) sum += s_row[c * V + i][e];
+        for (int i = 0; i < V; ++i) sum += s_row[c * V + i][e];
+      }
       s_chunk[c * kEPad + e] = sum;
       __syncthreads();
       if (threadIdx.x < E) {
@@ -400,25 +412,27 @@ __global__ void __launch_bounds__(kFastThreads, kFastMinBlocks)
 }
 
 template <class T, int V, int TPT>
-cudaError_t launch_forward_fast(const ForwardArgs& a, cudaStream_t stream) {
-  router_forward_fast_kernel<T, V, TPT><<<a.shape.num_blocks, kFastThreads, 0, stream>>>(a);
+cudaError_t launch_forward_fast(const ForwardArgs& a, cudaStream_t stream, int32_t* blocks) {
+  const int32_t grid = resident_grid(router_forward_fast_kernel<T, V, TPT>, kFastThreads, 0, a.shape.num_blocks);
+  *blocks = grid;
+  router_forward_fast_kernel<T, V, TPT><<<grid, kFastThreads, 0, stream>>>(a);
   return cudaPeekAtLastError();
 }
 
 // Dispatches the fast shapes of kernels/router/tuning.hpp fast_shape().
 template <class T>
-cudaError_t launch_forward_fast_dtype(const ForwardArgs& a, cudaStream_t stream) {
+cudaError_t launch_forward_fast_dtype(const ForwardArgs& a, cudaStream_t stream, int32_t* blocks) {
   const int v = a.shape.values_per_lane;
   switch (a.shape.lanes_per_token) {
-    case 1: if (v == 8) return launch_forward_fast<T, 8, 1>(a, stream); break;
-    case 2: if (v == 8) return launch_forward_fast<T, 8, 2>(a, stream); break;
-    case 4: if (v == 8) return launch_forward_fast<T, 8, 4>(a, stream); break;
-    case 8: if (v == 8) return launch_forward_fast<T, 8, 8>(a, stream); break;
+    case 1: if (v == 8) return launch_forward_fast<T, 8, 1>(a, stream, blocks); break;
+    case 2: if (v == 8) return launch_forward_fast<T, 8, 2>(a, stream, blocks); break;
+    case 4: if (v == 8) return launch_forward_fast<T, 8, 4>(a, stream, blocks); break;
+    case 8: if (v == 8) return launch_forward_fast<T, 8, 8>(a, stream, blocks); break;
     case 16:
-      if (v == 8) return launch_forward_fast<T, 8, 16>(a, stream);
-      if (v == 16) return launch_forward_fast<T, 16, 16>(a, stream);
+      if (v == 8) return launch_forward_fast<T, 8, 16>(a, stream, blocks);
+      if (v == 16) return launch_forward_fast<T, 16, 16>(a, stream, blocks);
       break;
-    case 32: if (v == 16) return launch_forward_fast<T, 16, 32>(a, stream); break;
+    case 32: if (v == 16) return launch_forward_fast<T, 16, 32>(a, stream, blocks); break;
     default: break;
   }
   return cudaErrorInvalidValue;

@@ -18,6 +18,7 @@
 #pragma once
 
 #include "kernels/router/common.cuh"
+#include "kernels/router/grid.cuh"
 #include "kernels/router/launch.hpp"
 #include "kernels/router/tuning.hpp"
 #include "moekit/router.h"
@@ -234,7 +235,7 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32)
 }
 
 template <class T>
-cudaError_t launch_forward_generic(const ForwardArgs& a, cudaStream_t stream) {
+cudaError_t launch_forward_generic(const ForwardArgs& a, cudaStream_t stream, int32_t* blocks) {
   const size_t smem = a.shape.smem_bytes;
   if (smem > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(router_forward_generic_kernel<T>,
@@ -242,7 +243,9 @@ cudaError_t launch_forward_generic(const ForwardArgs& a, cudaStream_t stream) {
                                                static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  router_forward_generic_kernel<T><<<a.shape.num_blocks, a.shape.threads, smem, stream>>>(a);
+  const int32_t grid = resident_grid(router_forward_generic_kernel<T>, a.shape.threads, smem, a.shape.num_blocks);
+  *blocks = grid;
+  router_forward_generic_kernel<T><<<grid, a.shape.threads, smem, stream>>>(a);
   return cudaPeekAtLastError();
 }
 

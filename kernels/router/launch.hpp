@@ -24,7 +24,7 @@ struct RouterShape {
   int32_t values_per_lane;  // fast path: V
   int32_t lanes_per_token;  // fast path: TPT
   int32_t threads;          // threads per block
-  int32_t num_blocks;       // grid size (forward: rows of partial statistics)
+  int32_t num_blocks;       // most blocks worth launching (forward: workspace rows of partials)
   uint32_t smem_bytes;      // dynamic shared memory (generic path)
 };
 
@@ -64,9 +64,11 @@ struct ForwardArgs {
   int32_t* count_partial;     // [num_blocks] or nullptr
 };
 
-// Enqueues the forward kernel (no statistics finalize; see launch_router_finalize).
+// Enqueues the forward kernel (no statistics finalize; see launch_router_finalize) on
+// min(shape.num_blocks, blocks resident on the device) blocks, returned in *blocks: the number of
+// partial rows written.
 cudaError_t launch_router_forward(moekit_dtype_t dtype, const ForwardArgs& args,
-                                  cudaStream_t stream);
+                                  cudaStream_t stream, int32_t* blocks);
 
 // Sums the forward's partial rows in block order: expert_load (overwritten, or added to when
 // accumulate), aux_score_sum, aux_token_count; each output may be nullptr. With num_blocks = 0

@@ -29,7 +29,8 @@ __global__ void __launch_bounds__(kFinalizeExperts * kFinalizeChunks)
 #endif
   __shared__ float s_part[kFinalizeChunks][kFinalizeExperts];
   __shared__ int l_part[kFinalizeChunks][kFinalizeExperts];
-  __shared__ int n_part[kFinalizeChunks * kFinalizeExperts];
+  constexpr int kWarps = kFinalizeExperts * kFinalizeChunks / 32;
+  __shared__ int n_part[kWarps];
   const int el = threadIdx.x % kFinalizeExperts;
   const int c = threadIdx.x / kFinalizeExperts;
   const int e = blockIdx.x * kFinalizeExperts + el;
@@ -40,6 +41,7 @@ __global__ void __launch_bounds__(kFinalizeExperts * kFinalizeChunks)
   float s = 0.0f;
   int l = 0;
   if (e < a.num_experts) {
+#pragma unroll 4
     for (int b = b0; b < b1; ++b) {
       const int64_t at = static_cast<int64_t>(b) * a.num_experts + e;
       if (a.score_sum != nullptr) s += a.score_partial[at];
@@ -48,10 +50,11 @@ __global__ void __launch_bounds__(kFinalizeExperts * kFinalizeChunks)
   }
   s_part[c][el] = s;
   l_part[c][el] = l;
-  int n = 0;
+  int n = 0;  // integer sums do not depend on their order
   if (blockIdx.x == 0 && a.token_count != nullptr)
     for (int b = threadIdx.x; b < B; b += blockDim.x) n += a.count_partial[b];
-  n_part[threadIdx.x] = n;
+  for (int d = 16; d > 0; d >>= 1) n += __shfl_xor_sync(0xffffffffu, n, d);
+  if ((threadIdx.x & 31) == 0) n_part[threadIdx.x >> 5] = n;
   __syncthreads();
   if (c == 0 && e < a.num_experts) {
     float total = 0.0f;
@@ -66,7 +69,7 @@ __global__ void __launch_bounds__(kFinalizeExperts * kFinalizeChunks)
   }
   if (blockIdx.x == 0 && threadIdx.x == 0 && a.token_count != nullptr) {
     int total = 0;
-    for (int i = 0; i < kFinalizeChunks * kFinalizeExperts; ++i) total += n_part[i];
+    for (int i = 0; i < kWarps; ++i) total += n_part[i];
     a.token_count[0] = total;
   }
 }

@@ -40,9 +40,15 @@ inline constexpr FastShape fast_shape(int num_experts) {
 }
 
 // Threads per block of the fast forward and backward kernels (8 warps), compiled for at least
-// kFastMinBlocks resident blocks per SM (at most 128 registers per thread).
+// fast_min_blocks(V) resident blocks per SM: 3 (at most 80 registers, 24 warps per SM) for V = 8,
+// 2 (at most 128 registers) for V = 16, whose 16 selection keys per lane stay in registers.
 constexpr int kFastThreads = 256;
-constexpr int kFastMinBlocks = 2;
+inline constexpr int fast_min_blocks(int values_per_lane) { return values_per_lane <= 8 ? 3 : 2; }
+// The backward also holds a token's K ranks per lane (K / TPT of them): 80 registers only fit
+// when a team has at least 8 lanes.
+inline constexpr int fast_backward_min_blocks(int values_per_lane, int lanes_per_token) {
+  return values_per_lane <= 8 && lanes_per_token >= 8 ? 3 : 2;
+}
 
 // ---- generic path (everything else: E up to 4096, any groups) ---------------------------------
 // One warp per token; the selection keys of the row live in shared memory (padded so that lane-
@@ -55,19 +61,20 @@ constexpr size_t kGenericSmemBudget = 96 * 1024;
 // lane's items when it runs dry): 4 makes refills rare for K = 32 over E = 2048.
 constexpr int kGenericCacheDepth = 4;
 
-// ---- forward grid -----------------------------------------------------------------------------
-// The forward writes one row of partial expert statistics per block (S in fp32, loads in int32,
-// the token count) that the finalize kernel sums in block order. 256 blocks fill an H100/H200 with
-// two resident blocks per SM and keep the partials at 2 KiB per expert.
-constexpr int kMaxForwardBlocks = 256;
-// The backward has no cross-block state: more blocks only balance better.
-constexpr int kMaxBackwardBlocks = 1024;
+// ---- grids ------------------------------------------------------------------------------------
+// Forward and backward run one wave of resident blocks that stride over the tokens: the grid is
+// min(blocks the tokens need, blocks resident on this device, kMax...Blocks). The forward writes
+// one row of partial expert statistics per block (S in fp32, loads in int32, the token count)
+// that the finalize kernel sums in block order; the workspace holds kMaxForwardBlocks rows at most
+// (device-independent size; 1024 covers 148 SMs x 3 blocks with room to spare).
+constexpr int kMaxForwardBlocks = 1024;
+constexpr int kMaxBackwardBlocks = 4096;
 
 // ---- finalize, aux loss, bias update, fake gate -----------------------------------------------
 // Finalize: a block owns kFinalizeExperts experts and sums their partial rows in kFinalizeChunks
 // fixed chunks of blocks, then the chunks in order (short dependent load chains, fixed order).
 constexpr int kFinalizeExperts = 32;
-constexpr int kFinalizeChunks = 8;
+constexpr int kFinalizeChunks = 32;
 constexpr int kSmallReduceThreads = 256;  // aux loss and bias update: one block
 constexpr int kFakeGateWarps = 8;         // fake gate: one warp per token
 

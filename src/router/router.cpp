@@ -169,12 +169,13 @@ moekit_status_t run_forward(const ForwardCall& call) {
     a.count_partial = w.count_partial;
   }
   cudaStream_t stream = static_cast<cudaStream_t>(call.stream);
-  MOEKIT_CUDA_TRY(k::launch_router_forward(call.dtype, a, stream), "launching the router forward");
+  int32_t blocks = 0;  // partial rows written: one per block launched (<= the workspace's rows)
+  MOEKIT_CUDA_TRY(k::launch_router_forward(call.dtype, a, stream, &blocks), "launching the router forward");
 
   if (a.load_mode == k::LoadMode::kPartial || need_stats) {
     k::FinalizeArgs f{};
     f.num_experts = E;
-    f.num_blocks = call.num_tokens > 0 ? a.shape.num_blocks : 0;
+    f.num_blocks = blocks;
     f.load_partial = w.load_partial;
     f.score_partial = w.score_partial;
     f.count_partial = w.count_partial;
