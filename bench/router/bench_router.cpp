@@ -1,0 +1,459 @@
+// moekit-bench-router: times the router forward (with its load / aux statistics) and backward on
+// the model table's configurations, against the floor set by the device-to-device copy bandwidth
+// measured in the same run.
+//
+//   moekit-bench-router --preset=all --json=out.json
+//   moekit-bench-router --preset=dsv3 --tokens=32768 --dtype=bf16
+//   moekit-bench-router --experts=384 --top-k=8 --score=sigmoid --bias=1 --groups=8 --groups-kept=4
+//
+// Presets (bf16, T = 4096 and 32768 unless --tokens= gives a comma list):
+//   dsv3       E=256 K=8  sigmoid + fp32 bias, groups 8/4 top-2 sum, normalise, scale 2.5; load
+//              accumulated for the bias update (NeMo: gamma = 1e-3, alpha = 0)
+//   qwen3      E=128 K=8  softmax first, normalise; load + aux statistics, aux gradient
+//   gptoss     E=128 K=4  top-k logits then softmax; load + aux statistics, aux gradient
+//   mixtral    E=8   K=2  softmax first, normalise; load + aux statistics, aux gradient
+//   qwen3next  E=512 K=10 softmax first, normalise; load + aux statistics, aux gradient
+//   e2048      E=2048 K=32 sigmoid + bias, normalise; load accumulated
+// Overrides: --experts --top-k --score=softmax|sigmoid|sqrtsoftplus --order=first|topk
+// --groups --groups-kept --group-score=auto|max|top2|topn --topn --mask-neg-inf=0|1 --bias=0|1
+// --normalize=0|1 --scale --stats=none|load|aux --mask=0|1 --dtype=bf16|f16|f32 --warmup
+// --repeats --seed.
+//
+// Floors (every input read once from DRAM, every output written once, over the copy bandwidth):
+//   forward   T E s (logits) + T K 8 (weights, indices) [+ T (mask)]
+//   backward  T E s (logits) + T K 8 (indices, grad_weights) + T E s (grad_logits) [+ T (mask)]
+// with s the logits' element size. "launch" is the time of the smallest moekit kernel (the aux
+// loss, one block), the latency no call can go below. Inputs rotate over buffers that together
+// exceed the L2 twice, so every timed call reads from DRAM. Before timing, every configuration is
+// run on a small batch and compared with the CPU reference (indices exactly, weights, loads,
+// statistics and the gradient within tolerance); a mismatch aborts.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "bench/common/bench_util.hpp"
+#include "moekit/moekit.h"
+#include "tests/reference/router_ref.hpp"
+#include "tests/support/numeric.hpp"
+
+namespace {
+
+using moekit::bench::Json;
+
+#define MOEKIT_OK(expr)                                                                        \
+  do {                                                                                       \
+    const moekit_status_t s_ = (expr);                                                       \
+    if (s_ != MOEKIT_STATUS_SUCCESS) {                                                       \
+      std::fprintf(stderr, "%s:%d: %s -> %s: %s\n", __FILE__, __LINE__, #expr,               \
+                   moekit_status_string(s_), moekit_get_last_error());                       \
+      std::exit(1);                                                                          \
+    }                                                                                        \
+  } while (0)
+
+enum class Stats { kNone, kLoad, kAux };
+
+struct Preset {
+  std::string name;
+  moekit_router_config_t config;
+  bool bias;
+  Stats stats;
+};
+
+moekit_router_config_t make_config(int E, int K) {
+  moekit_router_config_t c;
+  moekit_router_config_init(&c, sizeof(c));
+  c.num_experts = E;
+  c.top_k = K;
+  return c;
+}
+
+std::vector<Preset> presets() {
+  std::vector<Preset> v;
+  {
+    auto c = make_config(256, 8);
+    c.score_func = MOEKIT_SCORE_SIGMOID;
+    c.num_groups = 8;
+    c.num_groups_kept = 4;
+    c.normalize = 1;
+    c.route_scale = 2.5f;
+    c.accumulate_load = 1;
+    v.push_back({"dsv3", c, true, Stats::kLoad});
+  }
+  {
+    auto c = make_config(128, 8);
+    c.normalize = 1;
+    v.push_back({"qwen3", c, false, Stats::kAux});
+  }
+  {
+    auto c = make_config(128, 4);
+    c.softmax_order = MOEKIT_TOPK_THEN_SOFTMAX;
+    v.push_back({"gptoss", c, false, Stats::kAux});
+  }
+  {
+    auto c = make_config(8, 2);
+    c.normalize = 1;
+    v.push_back({"mixtral", c, false, Stats::kAux});
+  }
+  {
+    auto c = make_config(512, 10);
+    c.normalize = 1;
+    v.push_back({"qwen3next", c, false, Stats::kAux});
+  }
+  {
+    auto c = make_config(2048, 32);
+    c.score_func = MOEKIT_SCORE_SIGMOID;
+    c.normalize = 1;
+    c.accumulate_load = 1;
+    v.push_back({"e2048", c, true, Stats::kLoad});
+  }
+  return v;
+}
+
+moekit_dtype_t parse_dtype(const std::string& s) {
+  if (s == "bf16") return MOEKIT_DTYPE_BF16;
+  if (s == "f16") return MOEKIT_DTYPE_F16;
+  if (s == "f32") return MOEKIT_DTYPE_F32;
+  std::fprintf(stderr, "unknown --dtype=%s (bf16, f16, f32)\n", s.c_str());
+  std::exit(2);
+}
+
+const char* dtype_name(moekit_dtype_t d) {
+  return d == MOEKIT_DTYPE_F32 ? "f32" : d == MOEKIT_DTYPE_F16 ? "f16" : "bf16";
+}
+
+const char* stats_name(Stats s) { return s == Stats::kNone ? "none" : s == Stats::kLoad ? "load" : "aux"; }
+
+// Applies the command-line overrides to a preset.
+void apply_overrides(const moekit::bench::Args& args, Preset* p) {
+  moekit_router_config_t& c = p->config;
+  if (args.has("experts")) c.num_experts = static_cast<int32_t>(args.get_int("experts", c.num_experts));
+  if (args.has("top-k")) c.top_k = static_cast<int32_t>(args.get_int("top-k", c.top_k));
+  if (args.has("score")) {
+    const std::string s = args.get("score", "");
+    c.score_func = s == "softmax" ? MOEKIT_SCORE_SOFTMAX : s == "sigmoid" ? MOEKIT_SCORE_SIGMOID
+                   : s == "sqrtsoftplus" ? MOEKIT_SCORE_SQRT_SOFTPLUS : -1;
+  }
+  if (args.has("order")) c.softmax_order = args.get("order", "first") == "topk" ? MOEKIT_TOPK_THEN_SOFTMAX : MOEKIT_SOFTMAX_THEN_TOPK;
+  if (args.has("groups")) c.num_groups = static_cast<int32_t>(args.get_int("groups", 1));
+  if (args.has("groups-kept")) c.num_groups_kept = static_cast<int32_t>(args.get_int("groups-kept", 1));
+  if (args.has("group-score")) {
+    const std::string s = args.get("group-score", "auto");
+    c.group_score = s == "max" ? MOEKIT_GROUP_SCORE_MAX : s == "top2" ? MOEKIT_GROUP_SCORE_TOP2_SUM
+                    : s == "topn" ? MOEKIT_GROUP_SCORE_TOPN_SUM : MOEKIT_GROUP_SCORE_AUTO;
+  }
+  if (args.has("topn")) c.group_score_topn = static_cast<int32_t>(args.get_int("topn", 2));
+  if (args.has("mask-neg-inf")) c.group_mask = args.get_int("mask-neg-inf", 0) ? MOEKIT_GROUP_MASK_NEG_INF : MOEKIT_GROUP_MASK_ZERO;
+  if (args.has("normalize")) c.normalize = static_cast<int32_t>(args.get_int("normalize", 0));
+  if (args.has("scale")) c.route_scale = static_cast<float>(args.get_double("scale", 1.0));
+  if (args.has("bias")) p->bias = args.get_int("bias", 0) != 0;
+  if (args.has("stats")) {
+    const std::string s = args.get("stats", "aux");
+    p->stats = s == "none" ? Stats::kNone : s == "load" ? Stats::kLoad : Stats::kAux;
+  }
+  c.accumulate_load = p->stats == Stats::kLoad ? 1 : 0;
+  if (moekit_router_config_check(&c) != MOEKIT_STATUS_SUCCESS) {
+    std::fprintf(stderr, "%s: %s\n", p->name.c_str(), moekit_get_last_error());
+    std::exit(2);
+  }
+}
+
+struct Buffer {
+  void* p = nullptr;
+  size_t bytes = 0;
+  explicit Buffer(size_t n = 0) : bytes(n) {
+    if (n) BENCH_CUDA(cudaMalloc(&p, n));
+  }
+  ~Buffer() {
+    if (p) cudaFree(p);
+  }
+  Buffer(Buffer&& o) noexcept : p(o.p), bytes(o.bytes) { o.p = nullptr; }
+  Buffer(const Buffer&) = delete;
+  template <class T>
+  T* as() const {
+    return static_cast<T*>(p);
+  }
+  template <class T>
+  void upload(const std::vector<T>& v) {
+    BENCH_CUDA(cudaMemcpy(p, v.data(), sizeof(T) * v.size(), cudaMemcpyHostToDevice));
+  }
+  template <class T>
+  std::vector<T> download() const {
+    std::vector<T> v(bytes / sizeof(T));
+    BENCH_CUDA(cudaMemcpy(v.data(), p, bytes, cudaMemcpyDeviceToHost));
+    return v;
+  }
+};
+
+// Random N(0, 1.5) logits exact in the dtype. For validation the rows are redrawn until no
+// near-tie can reorder fp32 against the double reference.
+std::vector<float> make_logits(const moekit_router_config_t& c, int64_t T, moekit_dtype_t dtype,
+                               const std::vector<float>* bias, std::mt19937_64& rng, bool separated) {
+  const int E = c.num_experts;
+  std::normal_distribution<float> normal(0.0f, 1.5f);
+  std::vector<float> z(static_cast<size_t>(T) * E);
+  for (int64_t t = 0; t < T; ++t) {
+    float* row = z.data() + t * E;
+    for (int attempt = 0;; ++attempt) {
+      for (int e = 0; e < E; ++e) row[e] = moekit::test::round_to(dtype, normal(rng));
+      if (!separated || moekit::ref::selection_margin(c, row, bias ? bias->data() : nullptr) >= 1e-5) break;
+      if (attempt > 500) {
+        std::fprintf(stderr, "could not draw a well-separated row\n");
+        std::exit(1);
+      }
+    }
+  }
+  return z;
+}
+
+std::vector<float> make_bias(int E, std::mt19937_64& rng) {
+  std::uniform_int_distribution<int> d(-32, 32);
+  std::vector<float> b(E);
+  for (auto& x : b) x = static_cast<float>(d(rng)) / 64.0f;
+  return b;
+}
+
+// Runs one configuration on T tokens and compares everything with the reference.
+bool validate(const Preset& p, moekit_dtype_t dtype, int64_t T, std::mt19937_64& rng) {
+  const moekit_router_config_t& c = p.config;
+  const int E = c.num_experts, K = c.top_k;
+  std::vector<float> bias = p.bias ? make_bias(E, rng) : std::vector<float>();
+  const std::vector<float> z = make_logits(c, T, dtype, p.bias ? &bias : nullptr, rng, true);
+  std::vector<uint8_t> mask(T);
+  for (int64_t t = 0; t < T; ++t) mask[t] = (t % 7) != 3;
+  Buffer d_z(moekit::test::dtype_bytes(dtype) * z.size()), d_b(4 * E), d_m(T), d_w(4 * T * K), d_i(4 * T * K),
+      d_l(4 * E), d_s(4 * E), d_n(4), d_g(moekit::test::dtype_bytes(dtype) * z.size()), d_gw(4 * T * K);
+  d_z.upload(moekit::test::pack(dtype, z));
+  if (p.bias) d_b.upload(bias);
+  d_m.upload(mask);
+  BENCH_CUDA(cudaMemset(d_l.p, 0, d_l.bytes));
+  size_t bytes = 0;
+  MOEKIT_OK(moekit_router_forward_workspace_size(&c, T, &bytes));
+  Buffer ws(bytes);
+  MOEKIT_OK(moekit_router_forward(&c, T, dtype, d_z.p, E, p.bias ? d_b.as<float>() : nullptr, d_m.as<uint8_t>(),
+                                  d_w.as<float>(), d_i.as<int32_t>(), d_l.as<int32_t>(), d_s.as<float>(),
+                                  d_n.as<int32_t>(), ws.p, ws.bytes, nullptr));
+  std::mt19937_64 g(7);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> gw(T * K);
+  for (auto& x : gw) x = u(g);
+  d_gw.upload(gw);
+  const float coeff = 0.05f;
+  MOEKIT_OK(moekit_router_backward(&c, T, dtype, d_z.p, E, p.bias ? d_b.as<float>() : nullptr, d_m.as<uint8_t>(),
+                                   d_i.as<int32_t>(), d_gw.as<float>(), coeff, d_l.as<int32_t>(), d_n.as<int32_t>(),
+                                   d_g.p, E, nullptr, 0, nullptr));
+  BENCH_CUDA(cudaDeviceSynchronize());
+  const auto r = moekit::ref::router_forward(c, T, z, p.bias ? &bias : nullptr, &mask);
+  const auto w = d_w.download<float>();
+  const auto idx = d_i.download<int32_t>();
+  const auto load = d_l.download<int32_t>();
+  const auto S = d_s.download<float>();
+  const int32_t N = d_n.download<int32_t>()[0];
+  int errors = 0;
+  for (int64_t i = 0; i < T * K; ++i) {
+    if (idx[i] != r.indices[i]) ++errors;
+    if (!moekit::test::close(w[i], r.weights[i], {2e-5, 1e-6})) ++errors;
+  }
+  for (int e = 0; e < E; ++e) {
+    if (load[e] != r.load[e]) ++errors;
+    if (!moekit::test::close(S[e], r.score_sum[e], {1e-4, 1e-5})) ++errors;
+  }
+  if (N != r.token_count) ++errors;
+  std::vector<double> zd(z.begin(), z.end());
+  std::vector<int64_t> l64(load.begin(), load.end());
+  const auto gref = moekit::ref::router_backward(c, T, zd, p.bias ? &bias : nullptr, &mask, idx, &gw, coeff, l64, N);
+  const auto gdev = moekit::test::unpack(dtype, d_g.download<uint8_t>());
+  const double rtol = dtype == MOEKIT_DTYPE_F32 ? 1e-4 : dtype == MOEKIT_DTYPE_F16 ? 4e-3 : 2e-2;
+  for (int64_t t = 0; t < T; ++t) {
+    double scale = 1e-30;
+    for (int e = 0; e < E; ++e) scale = std::max(scale, std::fabs(gref[t * E + e]));
+    for (int e = 0; e < E; ++e) {
+      const double want = moekit::test::round_to(dtype, static_cast<float>(gref[t * E + e]));
+      if (std::fabs(gdev[t * E + e] - want) > rtol * (std::fabs(want) + 0.5 * scale)) ++errors;
+    }
+  }
+  if (errors) std::fprintf(stderr, "validation of %s (%s, T=%lld) failed: %d mismatches\n", p.name.c_str(),
+                           dtype_name(dtype), static_cast<long long>(T), errors);
+  return errors == 0;
+}
+
+struct Row {
+  std::string preset;
+  int64_t tokens;
+  std::string pass;
+  double us, floor_us, gbps, bytes;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  moekit::bench::Args args(argc, argv);
+  const std::string which = args.get("preset", "all");
+  const moekit_dtype_t dtype = parse_dtype(args.get("dtype", "bf16"));
+  const int warmup = static_cast<int>(args.get_int("warmup", 10));
+  const int repeats = static_cast<int>(args.get_int("repeats", 50));
+  const bool use_mask = args.get_int("mask", 0) != 0;
+  std::vector<int64_t> token_list;
+  {
+    std::stringstream ss(args.get("tokens", "4096,32768"));
+    std::string item;
+    while (std::getline(ss, item, ',')) token_list.push_back(std::stoll(item));
+  }
+  std::vector<Preset> run;
+  for (Preset p : presets())
+    if (which == "all" || which == p.name) {
+      apply_overrides(args, &p);
+      run.push_back(p);
+    }
+  if (run.empty()) {
+    std::fprintf(stderr, "unknown --preset=%s (dsv3, qwen3, gptoss, mixtral, qwen3next, e2048, all)\n", which.c_str());
+    return 2;
+  }
+  int device = 0;
+  BENCH_CUDA(cudaGetDevice(&device));
+  cudaDeviceProp prop{};
+  BENCH_CUDA(cudaGetDeviceProperties(&prop, device));
+  std::mt19937_64 rng(static_cast<uint64_t>(args.get_int("seed", 1)));
+
+  for (const Preset& p : run)
+    if (!validate(p, dtype, 257, rng) || !validate(p, dtype, 3, rng)) return 1;
+  std::printf("validated %zu configuration(s) against the CPU reference\n", run.size());
+
+  cudaStream_t stream;
+  BENCH_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const double bandwidth = moekit::bench::measure_copy_bandwidth(stream);
+  double launch_us = 0.0;
+  {
+    Buffer l(32), s(32), n(4), aux(4);
+    BENCH_CUDA(cudaMemset(l.p, 0, 32));
+    BENCH_CUDA(cudaMemset(s.p, 0, 32));
+    BENCH_CUDA(cudaMemset(n.p, 0, 4));
+    launch_us = moekit::bench::time_us(stream, warmup, repeats, [&](int) {
+                  MOEKIT_OK(moekit_aux_loss_forward(8, 2, l.as<int32_t>(), s.as<float>(), n.as<int32_t>(),
+                                                    aux.as<float>(), stream));
+                }).median_us;
+  }
+  const size_t elem = moekit::test::dtype_bytes(dtype);
+  std::vector<Row> rows;
+  Json results = Json::array();
+  for (const Preset& p : run) {
+    const moekit_router_config_t& c = p.config;
+    const int E = c.num_experts, K = c.top_k;
+    for (int64_t T : token_list) {
+      // rotate inputs and outputs over copies that together exceed twice the L2
+      const size_t per_call = T * E * elem * 2 + T * K * 16;
+      const size_t want_copies = std::max<size_t>(2, 2 * static_cast<size_t>(prop.l2CacheSize) / per_call + 1);
+      const int copies = static_cast<int>(std::min<size_t>(want_copies, std::max<size_t>(2, (size_t{2} << 30) / per_call)));
+      std::vector<Buffer> z, w, idx, gw, grad;
+      std::vector<float> bias = make_bias(E, rng);
+      const std::vector<float> host_z = make_logits(c, T, dtype, nullptr, rng, false);
+      const auto packed = moekit::test::pack(dtype, host_z);
+      std::vector<float> host_gw(T * K);
+      for (size_t i = 0; i < host_gw.size(); ++i) host_gw[i] = static_cast<float>((i * 7919) % 2001) / 1000.0f - 1.0f;
+      for (int i = 0; i < copies; ++i) {
+        z.emplace_back(packed.size());
+        z.back().upload(packed);
+        w.emplace_back(4 * T * K);
+        idx.emplace_back(4 * T * K);
+        gw.emplace_back(4 * T * K);
+        gw.back().upload(host_gw);
+        grad.emplace_back(T * E * elem);
+      }
+      Buffer d_bias(4 * E), load(4 * E), S(4 * E), N(4), mask(T);
+      d_bias.upload(bias);
+      BENCH_CUDA(cudaMemset(load.p, 0, load.bytes));
+      BENCH_CUDA(cudaMemset(mask.p, 1, mask.bytes));
+      size_t ws_bytes = 0;
+      MOEKIT_OK(moekit_router_forward_workspace_size(&c, T, &ws_bytes));
+      Buffer ws(ws_bytes);
+      const bool aux = p.stats == Stats::kAux;
+      const float coeff = aux ? 1e-3f : 0.0f;
+      auto forward = [&](int i) {
+        const int k = i % copies;
+        MOEKIT_OK(moekit_router_forward(&c, T, dtype, z[k].p, E, p.bias ? d_bias.as<float>() : nullptr,
+                                        use_mask ? mask.as<uint8_t>() : nullptr, w[k].as<float>(), idx[k].as<int32_t>(),
+                                        p.stats != Stats::kNone ? load.as<int32_t>() : nullptr,
+                                        aux ? S.as<float>() : nullptr, aux ? N.as<int32_t>() : nullptr, ws.p,
+                                        ws.bytes, stream));
+      };
+      for (int i = 0; i < copies; ++i) forward(i);  // indices for the backward
+      auto backward = [&](int i) {
+        const int k = i % copies;
+        MOEKIT_OK(moekit_router_backward(&c, T, dtype, z[k].p, E, p.bias ? d_bias.as<float>() : nullptr,
+                                         use_mask ? mask.as<uint8_t>() : nullptr, idx[k].as<int32_t>(),
+                                         gw[k].as<float>(), coeff, aux ? load.as<int32_t>() : nullptr,
+                                         aux ? N.as<int32_t>() : nullptr, grad[k].p, E, nullptr, 0, stream));
+      };
+      const double mask_bytes = use_mask ? static_cast<double>(T) : 0.0;
+      const double fwd_bytes = static_cast<double>(T) * E * elem + static_cast<double>(T) * K * 8 + mask_bytes;
+      const double bwd_bytes = 2.0 * T * E * elem + static_cast<double>(T) * K * 8 + mask_bytes;
+      const auto tf = moekit::bench::time_us(stream, warmup, repeats, forward);
+      const auto tb = moekit::bench::time_us(stream, warmup, repeats, backward);
+      for (int pass = 0; pass < 2; ++pass) {
+        const auto& t = pass == 0 ? tf : tb;
+        const double bytes = pass == 0 ? fwd_bytes : bwd_bytes;
+        Row r{p.name, T, pass == 0 ? "forward" : "backward", t.median_us, 1e6 * bytes / bandwidth,
+              bytes / (t.median_us * 1e-6) / 1e9, bytes};
+        rows.push_back(r);
+        Json j = Json::object();
+        j.set("preset", p.name)
+            .set("pass", r.pass)
+            .set("tokens", T)
+            .set("experts", static_cast<int64_t>(E))
+            .set("top_k", static_cast<int64_t>(K))
+            .set("groups", static_cast<int64_t>(c.num_groups))
+            .set("groups_kept", static_cast<int64_t>(c.num_groups_kept))
+            .set("score_func", static_cast<int64_t>(c.score_func))
+            .set("softmax_order", static_cast<int64_t>(c.softmax_order))
+            .set("bias", p.bias)
+            .set("stats", stats_name(p.stats))
+            .set("aux_coeff", static_cast<double>(pass == 1 ? coeff : 0.0f))
+            .set("mask", use_mask)
+            .set("dtype", dtype_name(dtype))
+            .set("median_us", t.median_us)
+            .set("min_us", t.min_us)
+            .set("max_us", t.max_us)
+            .set("repeats", static_cast<int64_t>(t.repeats))
+            .set("bytes", bytes)
+            .set("floor_us", r.floor_us)
+            .set("x_floor", t.median_us / r.floor_us)
+            .set("achieved_gbps", r.gbps)
+            .set("rotated_copies", static_cast<int64_t>(copies));
+        results.push(j);
+      }
+    }
+  }
+
+  std::printf("\n%s, %s logits, copy bandwidth %.0f GB/s (read + write), smallest launch %.2f us\n",
+              moekit::bench::device_description().c_str(), dtype_name(dtype), bandwidth / 1e9, launch_us);
+  std::printf("%-10s %7s %-9s %10s %10s %9s %8s\n", "preset", "tokens", "pass", "time us", "floor us", "x floor", "GB/s");
+  for (const Row& r : rows)
+    std::printf("%-10s %7lld %-9s %10.2f %10.2f %9.2f %8.0f\n", r.preset.c_str(), static_cast<long long>(r.tokens),
+                r.pass.c_str(), r.us, r.floor_us, r.us / r.floor_us, r.gbps);
+
+  const std::string json_path = args.get("json", "");
+  if (!json_path.empty()) {
+    Json doc = Json::object();
+    doc.set("benchmark", "moekit-bench-router")
+        .set("gpu", moekit::bench::device_description())
+        .set("num_gpus", static_cast<int64_t>(1))
+        .set("commit", moekit::bench::build_commit())
+        .set("date", moekit::bench::utc_now())
+        .set("copy_bandwidth_gbps", bandwidth / 1e9)
+        .set("launch_us", launch_us)
+        .set("results", results);
+    if (!moekit::bench::write_file(json_path, doc.dump())) {
+      std::fprintf(stderr, "could not write %s\n", json_path.c_str());
+      return 1;
+    }
+    std::printf("wrote %s\n", json_path.c_str());
+  }
+  cudaStreamDestroy(stream);
+  return 0;
+}
