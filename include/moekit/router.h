@@ -13,7 +13,9 @@
  *       best groups are kept, every expert of another group gets selection score 0 or -inf.
  *   idx = the K experts with the largest selection score, in descending score order; ties go to
  *       the lower expert index (lower group index for groups); NaN never wins (treated as -inf);
- *       indices are always in [0, E), also when a row is all NaN or -inf.
+ *       indices are always in [0, E), also when a row is all NaN or -inf: such a row gets the
+ *       lowest indices among its best candidates (0 .. K-1 without groups; with groups masked to
+ *       0, the 0-masked experts of the first dropped groups outrank -inf).
  *   w_k = s[idx_k]              (c[idx_k] when weights_use_bias is set)
  *       with MOEKIT_TOPK_THEN_SOFTMAX: w = softmax over the K picked logits z[idx_k].
  *   normalise (normalize and K > 1): w_k <- w_k / (sum_k w_k + 1e-20)
@@ -131,12 +133,17 @@ MOEKIT_API moekit_status_t moekit_router_forward_workspace_size(
  *   aux_score_sum     [out, device] S [E] fp32, or NULL; given together with aux_token_count.
  *   aux_token_count   [out, device] N [1] int32, or NULL.
  *   workspace         [in, device]  moekit_router_forward_workspace_size bytes, 256-byte aligned;
- *                                   may be NULL when that size is 0.
+ *                                   may be NULL when that size is 0. Its content is scratch: no
+ *                                   state is kept between calls, any memory will do.
  *   stream            cudaStream_t.
- * No output may overlap an input or another output.
- * Returns SUCCESS; INVALID_ARGUMENT (NULL where not allowed, bad config, T < 0, stride < E, only
- * one of aux_score_sum / aux_token_count); UNSUPPORTED (dtype); WORKSPACE_TOO_SMALL; MISALIGNED
- * (workspace); CUDA_ERROR (launch failed). Since 0.1.
+ * No output may overlap an input or another output (checked on the address ranges). Every
+ * pointer is aligned to its element size. With T = 0 only expert_load (zeroed unless
+ * accumulate_load), aux_score_sum (zeros) and aux_token_count (0) are written.
+ * Returns SUCCESS; INVALID_ARGUMENT (NULL where not allowed, bad config, T < 0, stride < E or
+ * T * stride overflowing 64-bit byte offsets, only one of aux_score_sum / aux_token_count,
+ * overlapping buffers); UNSUPPORTED (dtype; weights_use_bias with MOEKIT_TOPK_THEN_SOFTMAX);
+ * WORKSPACE_TOO_SMALL; MISALIGNED (workspace, or a pointer not aligned to its element);
+ * CUDA_ERROR (launch failed). Since 0.1.
  */
 MOEKIT_API moekit_status_t moekit_router_forward(
     const moekit_router_config_t* config, int64_t num_tokens, moekit_dtype_t logits_dtype,
@@ -150,8 +157,10 @@ MOEKIT_API moekit_status_t moekit_router_forward(
  * context-parallel ranks first):  aux = sum_i (L_i E / (K N')) (S_i / N'),  N' = max(N, 1).
  *   expert_load [in, device] L [E] int32; aux_score_sum [in, device] S [E] fp32;
  *   aux_token_count [in, device] N [1] int32; aux_loss [out, device] [1] fp32.
- * Summed in a fixed order in fp32. 1.0 under perfectly uniform routing.
- * Returns SUCCESS, INVALID_ARGUMENT, CUDA_ERROR. Since 0.1.
+ * Summed in a fixed order in fp32. 1.0 under perfectly uniform routing. num_experts E,
+ * 1 .. MOEKIT_ROUTER_MAX_EXPERTS; top_k 1 .. min(E, MOEKIT_MAX_TOP_K); aux_loss must not overlap
+ * an input.
+ * Returns SUCCESS, INVALID_ARGUMENT, MISALIGNED, CUDA_ERROR. Since 0.1.
  */
 MOEKIT_API moekit_status_t moekit_aux_loss_forward(int32_t num_experts, int32_t top_k,
                                                    const int32_t* expert_load,
@@ -165,20 +174,24 @@ MOEKIT_API moekit_status_t moekit_router_backward_workspace_size(
 
 /*
  * Router backward: dlogits = d/dz [ sum_{t,k} grad_weights_tk w_tk + aux_loss_coeff * aux ].
- * The gradient flows through route scale, normalisation, the gather at the selected indices and
- * the score function; selection (top-k, group masking) is piecewise constant and passes none
- * (experts of dropped groups get gradient only through the aux term, as in NeMo). The aux term
- * flows only through P (f is treated as a constant): d aux / d S_i = L_i E / (K N'^2), and
- * d S_i / d p_ti = m_t. Saved state is O(T K): the forward's indices; everything else is
- * recomputed from the logits.
+ * The gradient flows through route scale, normalisation, the gather at the given indices and
+ * the score function (for softmax, to every expert of the row); selection (top-k, group masking)
+ * is piecewise constant and passes none, so an expert that was not picked gets gradient only
+ * through the softmax and the aux term, as in NeMo. The aux term flows only through P (f is
+ * treated as a constant): d aux / d S_i = L_i E / (K N'^2), and d S_i / d p_ti = m_t. Saved
+ * state is O(T K): the forward's indices; everything else is recomputed from the logits.
+ * Indices outside [0, E) contribute nothing; repeated indices (no moekit forward produces them)
+ * add up.
  *   config, num_tokens, logits_dtype, logits, logits_row_stride, correction_bias, token_mask:
  *                     exactly as given to the forward.
  *   indices           [in, device]  idx [T, K] int32 from the forward.
  *   grad_weights      [in, device]  dL/dw [T, K] fp32, or NULL (only the aux term).
- *   aux_loss_coeff    alpha times the caller's loss scale; 0 disables the aux term.
- *   expert_load       [in, device]  L [E] int32 as used for the aux value; NULL iff coeff == 0.
- *   aux_token_count   [in, device]  N [1] int32 as used for the aux value; NULL iff coeff == 0.
- *   grad_logits       [out, device] dL/dz [T, E] of logits_dtype, rows at grad_logits_row_stride.
+ *   aux_loss_coeff    alpha times the caller's loss scale (finite); 0 disables the aux term.
+ *   expert_load       [in, device]  L [E] int32 as used for the aux value; required when
+ *                                   aux_loss_coeff != 0, ignored when it is 0.
+ *   aux_token_count   [in, device]  N [1] int32 as used for the aux value; as expert_load.
+ *   grad_logits       [out, device] dL/dz [T, E] of logits_dtype, rows at grad_logits_row_stride
+ *                                   (>= E); must not overlap any input.
  *   workspace         as for the forward, sized by moekit_router_backward_workspace_size.
  * Returns as moekit_router_forward. Since 0.1.
  */
@@ -193,14 +206,15 @@ MOEKIT_API moekit_status_t moekit_router_backward(
 /*
  * Aux-loss-free balancing (DeepSeek-V3), once per optimiser step:
  *   b_i <- b_i + update_rate * sign(mean(L) - L_i)      (sign(0) = 0, decided exactly in integers)
- *   then, when recenter is nonzero, b <- b - mean(b).
- *   num_experts      E >= 1.
+ *   then, when recenter is nonzero, b <- b - mean(b) (fixed-order fp32 mean).
+ *   num_experts      E, 1 .. MOEKIT_ROUTER_MAX_EXPERTS.
  *   update_rate      gamma (finite).
  *   correction_bias  [in/out, device] b [E] fp32.
  *   expert_load      [in/out, device] L [E] int32, summed over micro-batches (accumulate_load) and
  *                    over data/context-parallel ranks by the caller; set to 0 after the update
  *                    when reset_load is nonzero, ready for the next step's accumulation.
- * Returns SUCCESS, INVALID_ARGUMENT, CUDA_ERROR. Since 0.1.
+ * correction_bias and expert_load must not overlap.
+ * Returns SUCCESS, INVALID_ARGUMENT, MISALIGNED, CUDA_ERROR. Since 0.1.
  */
 MOEKIT_API moekit_status_t moekit_router_bias_update(int32_t num_experts, float update_rate,
                                                      int32_t recenter, float* correction_bias,
@@ -213,14 +227,18 @@ MOEKIT_API moekit_status_t moekit_router_bias_update(int32_t num_experts, float 
  *   noise  > 0: w = (1 - noise)/K + noise * r_hat (r uniform [0,1)^{T x K}, r_hat = r / sum_k r),
  *               idx = top-K over e of (U_te + beta_e) + skip_experts, with U uniform [0,1)^{T x A}
  *               and beta_e = N(0,1) * noise * 0.1 a per-expert popularity bias.
- *   The random numbers come from a counter-based generator keyed by (seed, offset), so a
- *   recompute with the same pair reproduces them bit for bit (they do not match PyTorch's stream).
- *   num_tokens T >= 0; num_experts E >= 1; top_k 1 .. min(A, MOEKIT_MAX_TOP_K); skip_experts
- *   0 .. E - 1; noise in [0, 1].
+ *   Ties in top-K go to the lower expert index. The random numbers come from Philox-4x32-10
+ *   with key = seed and a counter holding (offset, token, purpose, index) (docs/router.md), so
+ *   a recompute with the same (seed, offset) reproduces them bit for bit whatever T or the
+ *   device (they do not match PyTorch's stream); advance offset between independent calls.
+ *   num_tokens T, 0 .. 2^48 - 1; num_experts E, 1 .. MOEKIT_ROUTER_MAX_EXPERTS; top_k
+ *   1 .. min(A, MOEKIT_MAX_TOP_K); skip_experts 0 .. E - 1; noise in [0, 1].
  *   token_mask  [in, device]  m [T] uint8 or NULL; only changes expert_load.
  *   weights     [out, device] [T, K] fp32;  indices [out, device] [T, K] int32.
- *   expert_load [in/out, device] [E] int32 or NULL; added to when accumulate_load is nonzero.
- * Returns SUCCESS, INVALID_ARGUMENT, CUDA_ERROR. Since 0.1.
+ *   expert_load [in/out, device] [E] int32 or NULL; overwritten, or added to when
+ *               accumulate_load is nonzero.
+ * No output may overlap another or the mask.
+ * Returns SUCCESS, INVALID_ARGUMENT, MISALIGNED, CUDA_ERROR. Since 0.1.
  */
 MOEKIT_API moekit_status_t moekit_fake_gate_forward(int64_t num_tokens, int32_t num_experts,
                                                     int32_t top_k, int32_t skip_experts,
