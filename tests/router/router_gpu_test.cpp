@@ -243,7 +243,7 @@ std::vector<double> reference_gradient(const ForwardSetup& s, const ForwardOut& 
 
 std::vector<int64_t> token_counts_for(const moekit_router_config_t& c) {
   if (c.num_experts >= 2048) return {1, 7, 150};
-  return {1, 7, 300, 20000};
+  return {1, 7, 300, 2500};
 }
 
 }  // namespace
@@ -264,6 +264,27 @@ TEST_CASE("router forward matches the reference on the model table", "[router][f
         const auto r = reference(s);
         check_forward(s, o, r);
       }
+    }
+  }
+}
+
+// Many tokens per block (several grid-stride steps per team, the prefetch, the block sums over
+// many tokens). Heavy under compute-sanitizer: run the sanitizers with the filter "~[large]".
+TEST_CASE("router forward and backward on 40000 tokens", "[router][forward][backward][large]") {
+  auto rng = make_rng(0x1a46);
+  for (const RouterCase& rc : model_cases()) {
+    if (rc.config.num_experts > 512) continue;
+    for (moekit_dtype_t dtype : {MOEKIT_DTYPE_BF16, MOEKIT_DTYPE_F32}) {
+      INFO(rc.name << " " << dtype_name(dtype));
+      ForwardSetup s = make_setup(rc, 40000, dtype, rng);
+      s.mask = random_mask(rng, s.T);
+      const DeviceInputs in = upload(s);
+      const ForwardOut o = run_forward(s, in);
+      check_forward(s, o, reference(s));
+      BackwardSetup b;
+      b.grad_weights = uniform(rng, static_cast<size_t>(s.T) * rc.config.top_k, -1.0f, 1.0f);
+      b.coeff = 0.1f;
+      check_gradient(s, run_backward(s, in, o.d_indices, o.d_load, o.d_count, b), reference_gradient(s, o, b));
     }
   }
 }
@@ -340,11 +361,13 @@ TEST_CASE("router forward: NaN and infinite logits never break the index range",
       for (size_t p = 0; p < patterns.size(); ++p) {
         float* row = s.logits.data() + p * E;
         for (int attempt = 0;; ++attempt) {
+          bool drawn = false;  // rows made only of specials have nothing to redraw (and tie exactly)
           for (int e = 0; e < E; ++e) {
             const float special = patterns[p](e, E);
+            drawn = drawn || special == 0.0f;
             row[e] = special == 0.0f ? round_to(dtype, normal(rng)) : special;
           }
-          if (ref::selection_margin(rc.config, row, bias) >= 1e-5) break;
+          if (!drawn || ref::selection_margin(rc.config, row, bias) >= 1e-5) break;
           REQUIRE(attempt < 200);
         }
       }
@@ -438,7 +461,7 @@ TEST_CASE("router forward and backward are bitwise deterministic", "[router][det
   auto rng = make_rng(0xde7e);
   for (const RouterCase& rc : model_cases()) {
     INFO(rc.name);
-    const int64_t T = rc.config.num_experts >= 2048 ? 300 : 6000;
+    const int64_t T = rc.config.num_experts >= 2048 ? 300 : 3000;
     ForwardSetup s = make_setup(rc, T, MOEKIT_DTYPE_BF16, rng);
     s.mask = random_mask(rng, T);
     const DeviceInputs in = upload(s);
@@ -660,7 +683,7 @@ TEST_CASE("aux loss value on the device", "[router][aux]") {
     const double want = ref::aux_loss(E, K, l64, sd, o.count);
     CHECK(close(aux.to_host<float>()[0], want, {1e-5, 1e-7}));
   }
-  // N = 0: clamped to 1, and uniform routing gives 1
+  // uniform routing gives 1 (N = 4 tokens, K = 2 of E = 8: L_i = 1, S_i = N / E)
   std::vector<int32_t> load(8, 1);
   std::vector<float> S(8, 0.5f);
   std::vector<int32_t> n = {4};
