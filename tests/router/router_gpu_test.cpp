@@ -258,7 +258,8 @@ TEST_CASE("router forward matches the reference on the model table", "[router][f
         INFO(rc.name << " " << dtype_name(dtype) << " T=" << T);
         ForwardSetup s = make_setup(rc, T, dtype, rng);
         if (T >= 300) s.mask = random_mask(rng, T);
-        if (T == 7) s.stride = rc.config.num_experts + 3;  // odd stride: narrow loads, unaligned rows
+        if (T == 7) s.stride = rc.config.num_experts + 3;    // odd stride: 2/4-byte loads
+        if (T == 300) s.stride = rc.config.num_experts + 4;  // 8-byte rows (16-bit dtypes)
         const DeviceInputs in = upload(s);
         const ForwardOut o = run_forward(s, in);
         const auto r = reference(s);
@@ -600,7 +601,7 @@ TEST_CASE("router forward, finalize, aux loss, backward and bias update capture 
       for (int32_t v : load.to_host<int32_t>()) CHECK(v == 0);
       std::vector<int64_t> l64(eager.load.begin(), eager.load.end());
       std::vector<double> sd(eager.score_sum.begin(), eager.score_sum.end());
-      CHECK(close(aux.to_host<float>()[0], ref::aux_loss(E, K, l64, sd, eager.count), {1e-5, 1e-7}));
+      CHECK(close(aux.to_host<float>()[0], ref::aux_loss(E, K, l64, sd, eager.count), {1e-4, 1e-7}));
     }
     // two updates from the same load moved the bias twice by the same sign
     std::vector<float> expect = bias0;
@@ -681,7 +682,7 @@ TEST_CASE("aux loss value on the device", "[router][aux]") {
     std::vector<int64_t> l64(o.load.begin(), o.load.end());
     std::vector<double> sd(o.score_sum.begin(), o.score_sum.end());
     const double want = ref::aux_loss(E, K, l64, sd, o.count);
-    CHECK(close(aux.to_host<float>()[0], want, {1e-5, 1e-7}));
+    CHECK(close(aux.to_host<float>()[0], want, {1e-4, 1e-7}));
   }
   // uniform routing gives 1 (N = 4 tokens, K = 2 of E = 8: L_i = 1, S_i = N / E)
   std::vector<int32_t> load(8, 1);
