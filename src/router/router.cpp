@@ -183,7 +183,9 @@ moekit_status_t run_forward(const ForwardCall& call) {
     f.accumulate = c.accumulate_load != 0;
     f.score_sum = call.aux_score_sum;
     f.token_count = call.aux_token_count;
-    const bool programmatic = call.num_tokens > 0 && programmatic_launch_available();
+    // Programmatic launch on created streams only (the legacy NULL stream synchronises with
+    // every other stream, which is not worth mixing with in-kernel dependency waits).
+    const bool programmatic = call.num_tokens > 0 && stream != nullptr && programmatic_launch_available();
     MOEKIT_CUDA_TRY(k::launch_router_finalize(f, programmatic, stream),
                     "launching the router statistics finalize");
   }
