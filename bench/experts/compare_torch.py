@@ -1,0 +1,291 @@
+#!/usr/bin/env python3
+"""moekit's grouped expert FFN next to the PyTorch way, on the same tensors, in the same run.
+
+For each shape of issue 4 (bf16, SwiGLU, routing weight applied before the down projection), with
+balanced and skewed group sizes (the same counts as moekit-bench-experts: proportional to u^3 with
+u from a fixed-seed splitmix64 stream):
+  moekit      moekit_experts_forward / _backward through ctypes on torch tensors
+  grouped_mm  torch._grouped_mm (offsets = cumulative group ends, weights [E, K, N] for x @ W) with
+              the activation as PyTorch ops: eager (F.silu in fp32, one cast, as NeMo's
+              weighted SwiGLU) and with the activation under torch.compile; forward, and forward +
+              backward through autograd
+  loop        a per-expert matmul loop (host-read counts), forward and forward + backward
+moekit is checked against the grouped_mm composition first (outputs and every gradient, within
+bf16 tolerance). TFLOP/s count 2 R H 2I + 2 R I H per forward and three times that per forward +
+backward; "of dense" divides by the dense 8192^3 bf16 GEMM rate measured in the same run. The bar
+of issue 4 is moekit forward >= 60 % of the best grouped_mm + activation forward on every row.
+
+    python3 bench/experts/compare_torch.py --out=bench/results/experts-h100.json
+    python3 bench/experts/compare_torch.py --shapes=qwen3-30b --dists=skewed --repeats=20
+
+The library is $MOEKIT_LIB, else build/libmoekit.so under the repository root.
+"""
+import argparse
+import ctypes
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
+import torchbench as tb  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+SHAPES = {
+    "dsv3-ep8": dict(experts=32, hidden=7168, inter=2048, rows=32768),
+    "qwen3-30b": dict(experts=128, hidden=2048, inter=768, rows=131072),
+    "mixtral": dict(experts=8, hidden=4096, inter=14336, rows=16384),
+}
+MASK64 = (1 << 64) - 1
+
+
+class ExpertsConfig(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("num_experts", ctypes.c_int32), ("hidden", ctypes.c_int32),
+                ("inter", ctypes.c_int32), ("dtype", ctypes.c_int32), ("activation", ctypes.c_int32),
+                ("gate_up_layout", ctypes.c_int32), ("weight_after_down", ctypes.c_int32),
+                ("act_alpha", ctypes.c_float), ("act_limit", ctypes.c_float)]
+
+
+P = ctypes.POINTER
+c_void_p, c_int32, c_int64, c_size_t = tb.c_void_p, tb.c_int32, tb.c_int64, tb.c_size_t
+
+
+def api():
+    v = c_void_p
+    return dict(
+        config_init=tb.declare("moekit_experts_config_init", [P(ExpertsConfig), c_size_t]),
+        fwd_ws=tb.declare("moekit_experts_forward_workspace_size", [P(ExpertsConfig), c_int64, P(c_size_t)]),
+        bwd_ws=tb.declare("moekit_experts_backward_workspace_size",
+                          [P(ExpertsConfig), c_int64, c_int32, P(c_size_t)]),
+        forward=tb.declare("moekit_experts_forward", [P(ExpertsConfig), c_int64, v, v, v, v, v, v, v, v, v, v,
+                                                      c_size_t, v]),
+        backward=tb.declare("moekit_experts_backward", [P(ExpertsConfig), c_int64, v, v, v, v, v, v, v, v, v, v,
+                                                        v, v, v, v, v, v, c_size_t, v]),
+    )
+
+
+def splitmix64(x):
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def make_counts(experts, rows, skewed, seed):
+    """The counts of moekit-bench-experts (bench_experts.cpp make_counts), bit for bit."""
+    w = [1.0] * experts
+    if skewed:
+        u = [(splitmix64((seed + e) & MASK64) >> 11) * 2.0 ** -53 for e in range(experts)]
+        w = [x * x * x for x in u]  # as the C++ tool: two multiplications, not pow()
+    s = sum(w)
+    counts = [int((rows * x / s) // 1) for x in w]
+    e = 0
+    while sum(counts) < rows:
+        counts[e] += 1
+        e = (e + 1) % experts
+    return counts
+
+
+class Moekit:
+    """One grouped-FFN problem for moekit: config, workspaces and the two calls."""
+
+    def __init__(self, fns, experts, hidden, inter, rows):
+        self.f = fns
+        self.rows = rows
+        self.cfg = ExpertsConfig()
+        tb.check(self.f["config_init"](ctypes.byref(self.cfg), ctypes.sizeof(ExpertsConfig)))
+        self.cfg.num_experts, self.cfg.hidden, self.cfg.inter = experts, hidden, inter
+        self.cfg.dtype = tb.DTYPE[torch.bfloat16]
+        fw, bw = c_size_t(), c_size_t()
+        tb.check(self.f["fwd_ws"](ctypes.byref(self.cfg), rows, ctypes.byref(fw)))
+        tb.check(self.f["bwd_ws"](ctypes.byref(self.cfg), rows, 1, ctypes.byref(bw)))
+        self.fws = torch.empty(max(fw.value, 1), dtype=torch.uint8, device="cuda")
+        self.bws = torch.empty(max(bw.value, 1), dtype=torch.uint8, device="cuda")
+
+    def forward(self, offsets, x, p, wgu, wd, u, out):
+        tb.check(self.f["forward"](ctypes.byref(self.cfg), self.rows, tb.ptr(offsets), tb.ptr(x), tb.ptr(p),
+                                   tb.ptr(wgu), None, tb.ptr(wd), None, tb.ptr(u), tb.ptr(out), tb.ptr(self.fws),
+                                   self.fws.numel(), tb.stream_ptr()))
+
+    def backward(self, offsets, x, p, wgu, wd, u, dout, dx, dwgu, dwd, dp):
+        tb.check(self.f["backward"](ctypes.byref(self.cfg), self.rows, tb.ptr(offsets), tb.ptr(x), tb.ptr(p),
+                                    tb.ptr(wgu), None, tb.ptr(wd), None, tb.ptr(u), tb.ptr(dout), tb.ptr(dx),
+                                    tb.ptr(dwgu), None, tb.ptr(dwd), None, tb.ptr(dp), tb.ptr(self.bws),
+                                    self.bws.numel(), tb.stream_ptr()))
+
+
+def swiglu_weighted(u, p):
+    """NeMo's weighted SwiGLU: silu(gate) * up * p in fp32, rounded once to the activation dtype."""
+    g, v = u.chunk(2, dim=-1)
+    return (F.silu(g.float()) * v.float() * p.unsqueeze(-1)).to(u.dtype)
+
+
+def grouped_mm_forward(act, x, wgu, wd, p, ends):
+    u = torch._grouped_mm(x, wgu, offs=ends)
+    return torch._grouped_mm(act(u, p), wd, offs=ends)
+
+
+def loop_forward(x, wgu, wd, p, offsets):
+    host = offsets.tolist()  # the host read a per-expert loop needs
+    out = torch.empty_like(x)
+    for e in range(len(host) - 1):
+        a, b = host[e], host[e + 1]
+        if a == b:
+            continue
+        out[a:b] = swiglu_weighted(x[a:b] @ wgu[e], p[a:b]) @ wd[e]
+    return out
+
+
+def loop_forward_grad(x, wgu, wd, p, offsets):
+    """Differentiable version (no in-place writes into a shared output)."""
+    host = offsets.tolist()
+    parts = []
+    for e in range(len(host) - 1):
+        a, b = host[e], host[e + 1]
+        if a == b:
+            continue
+        parts.append(swiglu_weighted(x[a:b] @ wgu[e], p[a:b]) @ wd[e])
+    return torch.cat(parts)
+
+
+def rel_err(got, want):
+    return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
+
+
+def run(name, shape, skewed, fns, dense, args):
+    E, H, I, R = shape["experts"], shape["hidden"], shape["inter"], shape["rows"]
+    counts = make_counts(E, R, skewed, args.seed)
+    dist = "skewed" if skewed else "balanced"
+    torch.manual_seed(args.seed)
+    dt = torch.bfloat16
+    ends = torch.tensor(counts, device="cuda", dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    offsets = torch.cat([torch.zeros(1, device="cuda", dtype=torch.int32), ends])
+    x = torch.randn(R, H, device="cuda", dtype=dt)
+    wgu = (torch.randn(E, H, 2 * I, device="cuda") / H ** 0.5).to(dt)
+    wd = (torch.randn(E, I, H, device="cuda") / I ** 0.5).to(dt)
+    p = torch.rand(R, device="cuda") * 0.9 + 0.1
+    dout = torch.randn(R, H, device="cuda", dtype=dt)
+
+    m = Moekit(fns, E, H, I, R)
+    u = torch.empty(R, 2 * I, device="cuda", dtype=dt)
+    out = torch.empty(R, H, device="cuda", dtype=dt)
+    dx, dwgu, dwd = torch.empty_like(x), torch.empty_like(wgu), torch.empty_like(wd)
+    dp = torch.empty(R, device="cuda", dtype=torch.float32)
+
+    # ---- check moekit against the grouped_mm composition first ----
+    m.forward(offsets, x, p, wgu, wd, u, out)
+    m.backward(offsets, x, p, wgu, wd, u, dout, dx, dwgu, dwd, dp)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, wgu, wd, p)]
+    ref = grouped_mm_forward(swiglu_weighted, *leaves, ends)
+    ref.backward(dout)
+    torch.cuda.synchronize()
+    for what, got, want, tol in (("out", out, ref, 1e-2), ("grad_x", dx, leaves[0].grad, 2e-2),
+                                 ("grad_w_gate_up", dwgu, leaves[1].grad, 2e-2),
+                                 ("grad_w_down", dwd, leaves[2].grad, 2e-2),
+                                 ("grad_row_weights", dp, leaves[3].grad, 2e-2)):
+        err = rel_err(got, want)
+        if not err < tol:
+            raise SystemExit("%s %s: moekit %s differs from torch._grouped_mm by %.3g (relative norm)"
+                             % (name, dist, what, err))
+    del leaves, ref
+
+    flops = 2.0 * R * H * 2 * I + 2.0 * R * I * H
+    results = []
+    reps = dict(warmup=args.warmup, repeats=args.repeats)
+
+    def add(impl, pass_, fn, f):
+        if fn is None:
+            return
+        t = tb.time_us(fn, **reps)
+        rate = f / (t["median_us"] * 1e-6)
+        results.append(dict(shape=name, dist=dist, impl=impl, passes=pass_, median_us=t["median_us"],
+                            min_us=t["min_us"], tflops=rate / 1e12, of_dense=rate / dense))
+
+    add("moekit", "fwd", lambda i: m.forward(offsets, x, p, wgu, wd, None, out), flops)
+    add("moekit", "fwd+bwd", lambda i: (m.forward(offsets, x, p, wgu, wd, u, out),
+                                        m.backward(offsets, x, p, wgu, wd, u, dout, dx, dwgu, dwd, dp)), 3 * flops)
+    with torch.no_grad():
+        add("grouped_mm+eager act", "fwd", lambda i: grouped_mm_forward(swiglu_weighted, x, wgu, wd, p, ends), flops)
+    act_c = None if args.no_compile else tb.try_compile(swiglu_weighted)
+    if act_c is not None:
+        try:
+            with torch.no_grad():
+                torch.testing.assert_close(act_c(u, p), swiglu_weighted(u, p), atol=1e-2, rtol=1e-2)
+        except Exception as e:  # pragma: no cover - depends on the machine
+            print("torch.compile activation failed: %s" % e, file=sys.stderr)
+            act_c = None
+    if act_c is not None:
+        with torch.no_grad():
+            add("grouped_mm+compiled act", "fwd", lambda i: grouped_mm_forward(act_c, x, wgu, wd, p, ends), flops)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, wgu, wd, p)]
+
+    def autograd_step(act):
+        for t in leaves:
+            t.grad = None
+        grouped_mm_forward(act, *leaves, ends).backward(dout)
+
+    add("grouped_mm+eager act", "fwd+bwd", lambda i: autograd_step(swiglu_weighted), 3 * flops)
+    if act_c is not None:
+        add("grouped_mm+compiled act", "fwd+bwd", lambda i: autograd_step(act_c), 3 * flops)
+    if not args.no_loop:
+        with torch.no_grad():
+            add("per-expert loop", "fwd", lambda i: loop_forward(x, wgu, wd, p, offsets), flops)
+
+        def loop_step():
+            for t in leaves:
+                t.grad = None
+            loop_forward_grad(*leaves, offsets).backward(dout)
+
+        add("per-expert loop", "fwd+bwd", lambda i: loop_step(), 3 * flops)
+    del leaves, m, u, out, dx, dwgu, dwd, dp, x, wgu, wd, dout
+    torch.cuda.empty_cache()
+
+    # The bar: moekit forward >= 60 % of the best grouped_mm + activation forward.
+    best = max(r["tflops"] for r in results if r["passes"] == "fwd" and r["impl"].startswith("grouped_mm"))
+    mk = next(r["tflops"] for r in results if r["passes"] == "fwd" and r["impl"] == "moekit")
+    for r in results:
+        r["of_grouped_mm_fwd"] = r["tflops"] / best if r["passes"] == "fwd" else None
+    print("%s %s: moekit forward %.1f TFLOP/s = %.0f%% of grouped_mm + activation (%.1f) -> bar 60%% %s"
+          % (name, dist, mk, 100 * mk / best, best, "met" if mk >= 0.6 * best else "MISSED"))
+    return results, counts
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help="JSON result path (e.g. bench/results/experts-h100.json)")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
+    ap.add_argument("--dists", default="balanced,skewed", help="comma-separated: balanced, skewed")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile activation")
+    ap.add_argument("--no-loop", action="store_true", help="skip the per-expert loop")
+    args = ap.parse_args()
+
+    fns = api()
+    dense = tb.gemm_rate()
+    print("device: %s, dense bf16 GEMM 8192^3 %.1f TFLOP/s" % (torch.cuda.get_device_name(0), dense / 1e12))
+    rows, counts = [], {}
+    for name in args.shapes.split(","):
+        if name not in SHAPES:
+            raise SystemExit("unknown shape %r (known: %s)" % (name, ", ".join(SHAPES)))
+        for dist in args.dists.split(","):
+            if dist not in ("balanced", "skewed"):
+                raise SystemExit("unknown distribution %r" % dist)
+            r, c = run(name, SHAPES[name], dist == "skewed", fns, dense, args)
+            rows += r
+            counts["%s/%s" % (name, dist)] = dict(max=max(c), min=min(c), empty=sum(1 for v in c if v == 0))
+    printable = [{k: ("" if v is None else v) for k, v in r.items()} for r in rows]
+    tb.print_table(printable, ["shape", "dist", "impl", "passes", "median_us", "tflops", "of_dense",
+                               "of_grouped_mm_fwd"])
+    if args.out:
+        result = tb.header("experts compare_torch")
+        result.update(dtype="bf16", activation="swiglu (weight before down)", dense_gemm_tflops=dense / 1e12,
+                      flops="forward 2 R H 2I + 2 R I H; forward+backward 3x forward",
+                      bar="moekit forward >= 60% of the best torch._grouped_mm + activation forward",
+                      shapes={k: SHAPES[k] for k in args.shapes.split(",")}, counts=counts, results=rows)
+        tb.write_json(args.out, result)
+        print("wrote %s" % args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,817 @@
+// Experts family, GPU suite: the grouped expert FFN and the dense MLP against the double reference.
+//   - small-integer relu2 problems compared bit for bit (every fp32 product and sum is exact);
+//   - random bf16 / f16 / f32 problems for every activation, both gate/up layouts, biases, both
+//     routing-weight placements, groups of 0, 1, 7, 4097 rows, rows not a multiple of the tile,
+//     I not a multiple of 64 (8, 24, 40, 200), H = 8, thousands of experts;
+//   - poisoned outputs: every row inside a segment written, every row past the total untouched;
+//     empty experts' weight and bias gradients exactly zero;
+//   - bitwise determinism over repeated runs, saved u == recomputed u, CUDA-graph capture (with
+//     the routing changed on the device between replays), garbage offsets stay in bounds;
+//   - the dense MLP in both weight layouts, forward and backward, T = 0, graph capture.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "moekit/moekit.h"
+#include "tests/experts/experts_cases.hpp"
+#include "tests/reference/experts_ref.hpp"
+#include "tests/support/catch.hpp"
+#include "tests/support/device.hpp"
+#include "tests/support/numeric.hpp"
+#include "tests/support/random.hpp"
+
+namespace ref = moekit::ref;
+using moekit::test::DeviceBuffer;
+using moekit::test::experts::Spec;
+
+namespace {
+
+const char* dtype_name(moekit_dtype_t d) {
+  return d == MOEKIT_DTYPE_BF16 ? "bf16" : d == MOEKIT_DTYPE_F16 ? "f16" : "f32";
+}
+
+ref::Rounder rounder(moekit_dtype_t dtype) {
+  return [dtype](double x) { return static_cast<double>(moekit::test::round_to(dtype, static_cast<float>(x))); };
+}
+
+// Norm-relative and max-abs tolerances for GEMM-sized outputs (the reference is rounded at the
+// same points as the device, so what remains is fp32-vs-double accumulation and rare one-ulp
+// rounding flips of intermediates).
+struct NormTol {
+  double norm;
+  double max;
+};
+NormTol norm_tol(moekit_dtype_t d) {
+  switch (d) {
+    case MOEKIT_DTYPE_BF16: return {1e-2, 3e-2};
+    case MOEKIT_DTYPE_F16: return {2e-3, 1e-2};
+    default: return {2e-5, 2e-4};
+  }
+}
+
+std::vector<uint8_t> pack_d(moekit_dtype_t dtype, const std::vector<double>& v) {
+  std::vector<float> f(v.begin(), v.end());
+  return moekit::test::pack(dtype, f);
+}
+
+template <class T>
+DeviceBuffer upload(const std::vector<T>& v) {
+  return DeviceBuffer::from(v);
+}
+
+std::vector<float> to_floats(const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); }
+
+// Compares `got` rows [0, rows) x cols with the reference (already rounded like the device).
+void compare(const char* name, const std::vector<float>& got, const std::vector<double>& want, int64_t rows,
+             int64_t cols, moekit_dtype_t dtype, bool exact) {
+  INFO(name << " (" << rows << " x " << cols << ", " << dtype_name(dtype) << (exact ? ", exact" : "") << ")");
+  REQUIRE(got.size() >= static_cast<size_t>(rows * cols));
+  double err2 = 0, ref2 = 0, max_err = 0, max_ref = 0;
+  int64_t worst = -1;
+  for (int64_t i = 0; i < rows * cols; ++i) {
+    const double g = got[i], w = want[i];
+    if (exact) {
+      if (!(g == w || (std::isnan(g) && std::isnan(w)))) {
+        INFO("element " << i << " (row " << i / cols << ", col " << i % cols << "): got " << g << ", want " << w);
+        REQUIRE(g == w);
+      }
+      continue;
+    }
+    REQUIRE(std::isfinite(g));
+    const double e = std::fabs(g - w);
+    err2 += e * e;
+    ref2 += w * w;
+    if (e > max_err) { max_err = e; worst = i; }
+    max_ref = std::max(max_ref, std::fabs(w));
+  }
+  if (exact || rows * cols == 0) return;
+  const NormTol tol = norm_tol(dtype);
+  const double rel = std::sqrt(err2) / std::max(std::sqrt(ref2), 1e-30);
+  INFO("relative norm error " << rel << ", max abs error " << max_err << " at " << worst << " (row "
+                              << (worst >= 0 ? worst / cols : -1) << ") of max |ref| " << max_ref);
+  if (ref2 == 0) {
+    REQUIRE(max_err == 0);
+  } else {
+    REQUIRE(rel < tol.norm);
+    REQUIRE(max_err <= tol.max * max_ref);
+  }
+}
+
+bool all_bytes(const std::vector<uint8_t>& b, size_t from, size_t to, uint8_t value) {
+  for (size_t i = from; i < to; ++i)
+    if (b[i] != value) return false;
+  return true;
+}
+
+// Rows [0, total) of a poisoned [R, cols] output are written (no NaN), rows [total, R) keep the
+// poison byte for byte.
+void require_rows_written(const char* name, const DeviceBuffer& buf, moekit_dtype_t dtype, int64_t total, int64_t R,
+                          int64_t cols) {
+  INFO(name << ": rows [0, " << total << ") written, [" << total << ", " << R << ") untouched");
+  const std::vector<uint8_t> bytes = buf.to_host<uint8_t>();
+  const size_t es = moekit::test::dtype_bytes(dtype);
+  REQUIRE(bytes.size() == static_cast<size_t>(R * cols) * es);
+  const std::vector<float> v = moekit::test::unpack(dtype, bytes);
+  for (int64_t i = 0; i < total * cols; ++i)
+    if (std::isnan(v[i])) {
+      INFO("row " << i / cols << " col " << i % cols << " was not written");
+      REQUIRE(!std::isnan(v[i]));
+    }
+  REQUIRE(all_bytes(bytes, static_cast<size_t>(total * cols) * es, bytes.size(), 0xff));
+}
+
+struct Problem {
+  Spec spec;
+  moekit_dtype_t dtype;
+  ref::ExpertsProblem host;
+  moekit_experts_config_t config;
+  DeviceBuffer offsets, xp, p, wgu, bgu, wd, bd;
+
+  Problem(const Spec& s, moekit_dtype_t d, ref::ExpertsProblem h) : spec(s), dtype(d), host(std::move(h)) {
+    REQUIRE(moekit_experts_config_init(&config, sizeof(config)) == MOEKIT_STATUS_SUCCESS);
+    config.num_experts = s.num_experts();
+    config.hidden = s.hidden;
+    config.inter = s.inter;
+    config.dtype = d;
+    config.activation = s.activation;
+    config.gate_up_layout = s.interleaved ? MOEKIT_GATE_UP_INTERLEAVED : MOEKIT_GATE_UP_CONCATENATED;
+    config.weight_after_down = s.weight_after_down ? 1 : 0;
+    config.act_alpha = static_cast<float>(s.alpha);
+    config.act_limit = static_cast<float>(s.limit);
+    offsets = upload(host.offsets);
+    xp = upload(pack_d(d, host.xp));
+    if (!host.row_weights.empty()) p = upload(to_floats(host.row_weights));
+    wgu = upload(pack_d(d, host.w_gate_up));
+    if (!host.b_gate_up.empty()) bgu = upload(pack_d(d, host.b_gate_up));
+    wd = upload(pack_d(d, host.w_down));
+    if (!host.b_down.empty()) bd = upload(pack_d(d, host.b_down));
+  }
+  int64_t R() const { return host.max_rows; }
+  int64_t total() const { return host.offsets.back(); }
+  size_t es() const { return moekit::test::dtype_bytes(dtype); }
+  const float* pw() const { return p.get<float>(); }
+};
+
+struct ForwardRun {
+  DeviceBuffer out, u;
+  std::vector<float> out_h, u_h;
+};
+
+ForwardRun run_forward(Problem& P, bool save_u, cudaStream_t stream) {
+  const int64_t R = P.R();
+  const int H = P.spec.hidden, NU = P.spec.nu();
+  ForwardRun r;
+  r.out = DeviceBuffer(static_cast<size_t>(R) * H * P.es());
+  r.out.poison();
+  if (save_u) {
+    r.u = DeviceBuffer(static_cast<size_t>(R) * NU * P.es());
+    r.u.poison();
+  }
+  size_t bytes = 0;
+  MOEKIT_REQUIRE_OK(moekit_experts_forward_workspace_size(&P.config, R, &bytes));
+  DeviceBuffer ws(bytes);
+  ws.poison();
+  MOEKIT_REQUIRE_OK(moekit_experts_forward(&P.config, R, P.offsets.get<int32_t>(), P.xp.get(), P.pw(), P.wgu.get(),
+                                           P.bgu.get(), P.wd.get(), P.bd.get(), r.u.get(), r.out.get(), ws.get(),
+                                           bytes, stream));
+  CUDA_REQUIRE(cudaStreamSynchronize(stream));
+  CUDA_REQUIRE(cudaGetLastError());
+  require_rows_written("out", r.out, P.dtype, P.total(), R, H);
+  r.out_h = moekit::test::unpack(P.dtype, r.out.to_host<uint8_t>());
+  if (save_u) {
+    require_rows_written("u_out", r.u, P.dtype, P.total(), R, NU);
+    r.u_h = moekit::test::unpack(P.dtype, r.u.to_host<uint8_t>());
+  }
+  return r;
+}
+
+struct BackwardRun {
+  DeviceBuffer dxp, dwgu, dbgu, dwd, dbd, dp;
+  std::vector<uint8_t> raw;  // every output's bytes, for bitwise comparisons
+};
+
+BackwardRun run_backward(Problem& P, const DeviceBuffer* u, const DeviceBuffer& dout, cudaStream_t stream) {
+  const int64_t R = P.R();
+  const int E = P.spec.num_experts(), H = P.spec.hidden, I = P.spec.inter, NU = P.spec.nu();
+  BackwardRun r;
+  r.dxp = DeviceBuffer(static_cast<size_t>(R) * H * P.es());
+  r.dwgu = DeviceBuffer(static_cast<size_t>(E) * H * NU * P.es());
+  r.dwd = DeviceBuffer(static_cast<size_t>(E) * I * H * P.es());
+  if (P.bgu.get()) r.dbgu = DeviceBuffer(static_cast<size_t>(E) * NU * P.es());
+  if (P.bd.get()) r.dbd = DeviceBuffer(static_cast<size_t>(E) * H * P.es());
+  if (P.p.get()) r.dp = DeviceBuffer(static_cast<size_t>(R) * sizeof(float));
+  for (DeviceBuffer* b : {&r.dxp, &r.dwgu, &r.dwd, &r.dbgu, &r.dbd, &r.dp}) b->poison();
+  size_t bytes = 0;
+  MOEKIT_REQUIRE_OK(moekit_experts_backward_workspace_size(&P.config, R, u ? 1 : 0, &bytes));
+  DeviceBuffer ws(bytes);
+  ws.poison();
+  MOEKIT_REQUIRE_OK(moekit_experts_backward(&P.config, R, P.offsets.get<int32_t>(), P.xp.get(), P.pw(), P.wgu.get(),
+                                            P.bgu.get(), P.wd.get(), P.bd.get(), u ? u->get() : nullptr, dout.get(),
+                                            r.dxp.get(), r.dwgu.get(), r.dbgu.get(), r.dwd.get(), r.dbd.get(),
+                                            r.dp.get<float>(), ws.get(), bytes, stream));
+  CUDA_REQUIRE(cudaStreamSynchronize(stream));
+  CUDA_REQUIRE(cudaGetLastError());
+  for (DeviceBuffer* b : {&r.dxp, &r.dwgu, &r.dwd, &r.dbgu, &r.dbd, &r.dp}) {
+    const auto bytes_h = b->to_host<uint8_t>();
+    r.raw.insert(r.raw.end(), bytes_h.begin(), bytes_h.end());
+  }
+  return r;
+}
+
+// Runs forward and backward and checks every output against the reference.
+void check_problem(Problem& P, bool exact, bool recompute_u, cudaStream_t stream) {
+  INFO(P.spec.describe() << " dtype " << dtype_name(P.dtype) << (recompute_u ? " (u recomputed)" : ""));
+  const int64_t R = P.R(), T = P.total();
+  const int E = P.spec.num_experts(), H = P.spec.hidden, I = P.spec.inter, NU = P.spec.nu();
+  const ref::Rounder round = rounder(P.dtype);
+  const ref::ExpertsForwardResult f = ref::experts_forward(P.host, round);
+
+  ForwardRun fr = run_forward(P, true, stream);
+  compare("u_out", fr.u_h, f.u, T, NU, P.dtype, exact);
+  compare("out", fr.out_h, f.out, T, H, P.dtype, exact);
+
+  // dout: integers for exact problems, N(0, 1) otherwise; rows past the total hold values too.
+  auto rng = moekit::test::make_rng(0xd0 + R);
+  std::vector<double> dout(static_cast<size_t>(R) * H);
+  if (exact) {
+    std::uniform_int_distribution<int> d(-1, 1);
+    for (auto& x : dout) x = d(rng);
+  } else {
+    dout = moekit::test::experts::normal_vec(rng, dout.size(), 1.0, P.dtype);
+  }
+  DeviceBuffer dout_d = upload(pack_d(P.dtype, dout));
+  // The backward reads the device's saved u (what a framework would keep).
+  std::vector<double> u_saved(fr.u_h.begin(), fr.u_h.end());
+  const ref::ExpertsBackwardResult b = ref::experts_backward(P.host, u_saved, dout, round);
+  BackwardRun br = run_backward(P, recompute_u ? nullptr : &fr.u, dout_d, stream);
+
+  std::vector<double> rounded;
+  auto rnd = [&](const std::vector<double>& v) {
+    rounded.resize(v.size());
+    for (size_t i = 0; i < v.size(); ++i) rounded[i] = round(v[i]);
+    return rounded;
+  };
+  require_rows_written("grad_xp", br.dxp, P.dtype, T, R, H);
+  compare("grad_xp", moekit::test::unpack(P.dtype, br.dxp.to_host<uint8_t>()), rnd(b.grad_xp), T, H, P.dtype, exact);
+  const auto dwgu = moekit::test::unpack(P.dtype, br.dwgu.to_host<uint8_t>());
+  const auto dwd = moekit::test::unpack(P.dtype, br.dwd.to_host<uint8_t>());
+  compare("grad_w_gate_up", dwgu, rnd(b.grad_w_gate_up), int64_t(E) * H, NU, P.dtype, exact);
+  compare("grad_w_down", dwd, rnd(b.grad_w_down), int64_t(E) * I, H, P.dtype, exact);
+  std::vector<float> dbgu, dbd;
+  if (P.bgu.get()) {
+    dbgu = moekit::test::unpack(P.dtype, br.dbgu.to_host<uint8_t>());
+    compare("grad_b_gate_up", dbgu, rnd(b.grad_b_gate_up), E, NU, P.dtype, exact);
+  }
+  if (P.bd.get()) {
+    dbd = moekit::test::unpack(P.dtype, br.dbd.to_host<uint8_t>());
+    compare("grad_b_down", dbd, rnd(b.grad_b_down), E, H, P.dtype, exact);
+  }
+  if (P.p.get()) {
+    const auto dp_bytes = br.dp.to_host<uint8_t>();
+    std::vector<float> dp(R);
+    std::memcpy(dp.data(), dp_bytes.data(), dp_bytes.size());
+    std::vector<double> want(b.grad_row_weights.begin(), b.grad_row_weights.end());
+    for (auto& w : want) w = static_cast<float>(w);
+    // dp is fp32 but built from dtype intermediates: the dtype's tolerance applies.
+    compare("grad_row_weights", dp, want, T, 1, exact ? MOEKIT_DTYPE_F32 : P.dtype, exact);
+    REQUIRE(all_bytes(dp_bytes, static_cast<size_t>(T) * 4, dp_bytes.size(), 0xff));
+  }
+  // Empty experts: weight and bias gradients exactly +0.
+  for (int e = 0; e < E; ++e) {
+    if (P.host.offsets[e + 1] != P.host.offsets[e]) continue;
+    INFO("empty expert " << e);
+    for (int64_t i = 0; i < int64_t(H) * NU; ++i) REQUIRE(dwgu[e * int64_t(H) * NU + i] == 0.0f);
+    for (int64_t i = 0; i < int64_t(I) * H; ++i) REQUIRE(dwd[e * int64_t(I) * H + i] == 0.0f);
+    for (int64_t i = 0; i < NU && !dbgu.empty(); ++i) REQUIRE(dbgu[e * int64_t(NU) + i] == 0.0f);
+    for (int64_t i = 0; i < H && !dbd.empty(); ++i) REQUIRE(dbd[e * int64_t(H) + i] == 0.0f);
+  }
+}
+
+struct ActCase {
+  const char* name;
+  int kind;
+  double alpha;
+  double limit;
+};
+const ActCase kActs[] = {
+    {"swiglu", MOEKIT_ACTIVATION_SWIGLU, 1.702, 0.0},
+    {"swiglu limit", MOEKIT_ACTIVATION_SWIGLU, 1.702, 1.25},
+    {"relu2", MOEKIT_ACTIVATION_RELU2, 1.702, 0.0},
+    {"quick_geglu", MOEKIT_ACTIVATION_QUICK_GEGLU, 1.702, 1.5},
+    {"quick_geglu L7", MOEKIT_ACTIVATION_QUICK_GEGLU, 1.702, 7.0},
+    {"geglu", MOEKIT_ACTIVATION_GEGLU, 1.702, 0.0},
+    {"swiglu_oai", MOEKIT_ACTIVATION_SWIGLU_OAI, 1.702, 0.0},
+    {"swiglu_oai limit", MOEKIT_ACTIVATION_SWIGLU_OAI, 1.702, 0.9},
+};
+
+Spec spec_for(const ActCase& a, int variant) {
+  Spec s;
+  s.activation = a.kind;
+  s.alpha = a.alpha;
+  s.limit = a.limit;
+  const bool gated = a.kind != MOEKIT_ACTIVATION_RELU2;
+  s.interleaved = gated && (variant == 1 || (variant == 0 && a.kind == MOEKIT_ACTIVATION_QUICK_GEGLU));
+  s.weight_after_down = variant == 2;
+  s.bias_gate_up = variant >= 1;
+  s.bias_down = variant >= 1;
+  s.row_weights = variant != 3;
+  return s;
+}
+
+struct Stream {
+  cudaStream_t s = nullptr;
+  Stream() { CUDA_REQUIRE(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
+  ~Stream() { cudaStreamDestroy(s); }
+};
+
+}  // namespace
+
+TEST_CASE("small-integer relu2 problems match the reference bit for bit", "[gpu][experts][exact]") {
+  Stream stream;
+  for (moekit_dtype_t dtype : {MOEKIT_DTYPE_BF16, MOEKIT_DTYPE_F16, MOEKIT_DTYPE_F32}) {
+    for (int variant = 0; variant < 4; ++variant) {
+      Spec s;
+      s.activation = MOEKIT_ACTIVATION_RELU2;
+      s.hidden = 64;
+      s.inter = 40;
+      s.counts = variant == 3 ? std::vector<int>{4097, 0, 3} : std::vector<int>{0, 1, 7, 300, 0, 129};
+      s.tail_rows = 9;
+      s.bias_gate_up = variant != 0;
+      s.bias_down = variant != 0;
+      s.weight_after_down = variant == 2;
+      s.row_weights = true;
+      auto rng = moekit::test::make_rng(0x100 + variant);
+      Problem P(s, dtype, moekit::test::experts::make_integer(s, rng));
+      check_problem(P, true, variant == 1, stream.s);
+    }
+  }
+}
+
+TEST_CASE("every activation, layout, bias and weight placement against the reference", "[gpu][experts]") {
+  Stream stream;
+  uint64_t salt = 0x200;
+  for (moekit_dtype_t dtype : {MOEKIT_DTYPE_BF16, MOEKIT_DTYPE_F16, MOEKIT_DTYPE_F32}) {
+    for (const ActCase& a : kActs) {
+      for (int variant = 0; variant < 4; ++variant) {
+        if (dtype != MOEKIT_DTYPE_BF16 && variant == 3) continue;
+        Spec s = spec_for(a, variant);
+        s.hidden = 96;
+        s.inter = 40;
+        s.counts = {0, 1, 7, 130, 64};
+        s.tail_rows = 3;
+        auto rng = moekit::test::make_rng(++salt);
+        Problem P(s, dtype, moekit::test::experts::make_random(s, rng, dtype));
+        INFO(a.name << " variant " << variant);
+        check_problem(P, false, variant == 2, stream.s);
+      }
+    }
+  }
+}
+
+TEST_CASE("awkward shapes: H = 8, I = 8 / 24 / 200, K tails, a 4097-row group, many experts",
+          "[gpu][experts]") {
+  Stream stream;
+  struct Shape {
+    int hidden, inter;
+    std::vector<int> counts;
+    int tail;
+  };
+  std::vector<Shape> shapes = {
+      {8, 8, {3, 0, 2, 1}, 4},
+      {136, 24, {33, 129, 0, 5}, 1},
+      {96, 200, {257, 64, 0}, 2},
+      {64, 24, {4097, 0}, 7},
+      {40, 8, {}, 5},  // 300 experts, filled below
+  };
+  {
+    auto rng = moekit::test::make_rng(0x300);
+    std::uniform_int_distribution<int> d(0, 6);
+    for (int e = 0; e < 300; ++e) shapes.back().counts.push_back(d(rng) < 2 ? 0 : d(rng) * 3);
+  }
+  uint64_t salt = 0x310;
+  for (moekit_dtype_t dtype : {MOEKIT_DTYPE_BF16, MOEKIT_DTYPE_F16, MOEKIT_DTYPE_F32}) {
+    for (const Shape& sh : shapes) {
+      for (int act : {MOEKIT_ACTIVATION_SWIGLU, MOEKIT_ACTIVATION_RELU2}) {
+        Spec s;
+        s.activation = act;
+        s.hidden = sh.hidden;
+        s.inter = sh.inter;
+        s.counts = sh.counts;
+        s.tail_rows = sh.tail;
+        s.bias_gate_up = s.bias_down = true;
+        auto rng = moekit::test::make_rng(++salt);
+        Problem P(s, dtype, moekit::test::experts::make_random(s, rng, dtype));
+        check_problem(P, false, false, stream.s);
+      }
+    }
+  }
+}
+
+TEST_CASE("more tiles than resident CTAs, skewed groups, weight-gradient splits", "[gpu][experts]") {
+  Stream stream;
+  // 8 experts x ~1100 rows x (H = 256, NU = 512): more tiles than SMs, so every persistent CTA
+  // walks several tiles and overlaps a prologue with an epilogue.
+  {
+    Spec s;
+    s.hidden = 256;
+    s.inter = 256;
+    s.counts = {1100, 1030, 1201, 999, 1100, 1024, 1111, 1089};
+    s.bias_gate_up = s.bias_down = true;
+    auto rng = moekit::test::make_rng(0x400);
+    Problem P(s, MOEKIT_DTYPE_BF16, moekit::test::experts::make_random(s, rng, MOEKIT_DTYPE_BF16));
+    check_problem(P, false, false, stream.s);
+  }
+  // Skewed counts proportional to u^3 (the benchmark's distribution) over 32 experts.
+  {
+    Spec s;
+    s.hidden = 64;
+    s.inter = 48;
+    auto rng = moekit::test::make_rng(0x401);
+    std::uniform_real_distribution<double> u(0.0, 1.0);
+    std::vector<double> w(32);
+    double sum = 0;
+    for (auto& x : w) sum += (x = std::pow(u(rng), 3.0));
+    s.counts.clear();
+    for (auto x : w) s.counts.push_back(static_cast<int>(3000 * x / sum));
+    Problem P(s, MOEKIT_DTYPE_BF16, moekit::test::experts::make_random(s, rng, MOEKIT_DTYPE_BF16));
+    check_problem(P, false, false, stream.s);
+  }
+  // One expert, few weight-gradient tiles, many rows: the weight gradients split the rows and the
+  // bias gradients split their column sums; both are summed in a second ordered pass.
+  for (moekit_dtype_t dtype : {MOEKIT_DTYPE_BF16, MOEKIT_DTYPE_F32}) {
+    Spec s;
+    s.hidden = 64;
+    s.inter = 64;
+    s.counts = {6000};
+    s.bias_gate_up = s.bias_down = true;
+    auto rng = moekit::test::make_rng(0x402);
+    Problem P(s, dtype, moekit::test::experts::make_random(s, rng, dtype));
+    check_problem(P, false, false, stream.s);
+  }
+  // The largest expert count, almost all empty.
+  {
+    Spec s;
+    s.hidden = 8;
+    s.inter = 8;
+    s.counts.assign(MOEKIT_EXPERTS_MAX_EXPERTS, 0);
+    for (int e = 0; e < MOEKIT_EXPERTS_MAX_EXPERTS; e += 97) s.counts[e] = 1 + e % 13;
+    auto rng = moekit::test::make_rng(0x403);
+    Problem P(s, MOEKIT_DTYPE_BF16, moekit::test::experts::make_random(s, rng, MOEKIT_DTYPE_BF16));
+    check_problem(P, false, false, stream.s);
+  }
+}
+
+TEST_CASE("bitwise determinism, saved u == recomputed u, graph capture with new routing", "[gpu][experts]") {
+  for (moekit_dtype_t dtype : {MOEKIT_DTYPE_BF16, MOEKIT_DTYPE_F32}) {
+    INFO(dtype_name(dtype));
+    Stream stream;
+    Spec s;
+    s.hidden = 128;
+    s.inter = 72;
+    s.counts = {500, 0, 1, 2000, 37};
+    s.bias_gate_up = s.bias_down = true;
+    auto rng = moekit::test::make_rng(0x500);
+    Problem P(s, dtype, moekit::test::experts::make_random(s, rng, dtype));
+    const int64_t R = P.R();
+    const int H = s.hidden;
+    std::vector<double> dout = moekit::test::experts::normal_vec(rng, static_cast<size_t>(R) * H, 1.0, dtype);
+    DeviceBuffer dout_d = upload(pack_d(dtype, dout));
+
+    ForwardRun f1 = run_forward(P, true, stream.s);
+    ForwardRun f2 = run_forward(P, true, stream.s);
+    REQUIRE(f1.out.to_host<uint8_t>() == f2.out.to_host<uint8_t>());
+    REQUIRE(f1.u.to_host<uint8_t>() == f2.u.to_host<uint8_t>());
+    BackwardRun b1 = run_backward(P, &f1.u, dout_d, stream.s);
+    BackwardRun b2 = run_backward(P, &f1.u, dout_d, stream.s);
+    REQUIRE(b1.raw == b2.raw);
+    BackwardRun b3 = run_backward(P, nullptr, dout_d, stream.s);
+    REQUIRE(b1.raw == b3.raw);
+
+    // Capture forward + backward once; replay with the same routing, then with new offsets
+    // written on the device (the graph must not have baked in any host copy of them).
+    size_t fbytes = 0, bbytes = 0;
+    MOEKIT_REQUIRE_OK(moekit_experts_forward_workspace_size(&P.config, R, &fbytes));
+    MOEKIT_REQUIRE_OK(moekit_experts_backward_workspace_size(&P.config, R, 1, &bbytes));
+    DeviceBuffer fws(fbytes), bws(bbytes), out(static_cast<size_t>(R) * H * P.es()),
+        u(static_cast<size_t>(R) * s.nu() * P.es()), dxp(static_cast<size_t>(R) * H * P.es()),
+        dwgu(size_t(s.num_experts()) * H * s.nu() * P.es()),
+        dwd(size_t(s.num_experts()) * s.inter * H * P.es()), dbgu(size_t(s.num_experts()) * s.nu() * P.es()),
+        dbd(size_t(s.num_experts()) * H * P.es()), dp(static_cast<size_t>(R) * 4);
+    for (DeviceBuffer* b : {&out, &u, &dxp, &dwgu, &dwd, &dbgu, &dbd, &dp}) b->poison();
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    CUDA_REQUIRE(cudaStreamBeginCapture(stream.s, cudaStreamCaptureModeGlobal));
+    const moekit_status_t fs =
+        moekit_experts_forward(&P.config, R, P.offsets.get<int32_t>(), P.xp.get(), P.pw(), P.wgu.get(), P.bgu.get(),
+                               P.wd.get(), P.bd.get(), u.get(), out.get(), fws.get(), fbytes, stream.s);
+    const moekit_status_t bs = moekit_experts_backward(
+        &P.config, R, P.offsets.get<int32_t>(), P.xp.get(), P.pw(), P.wgu.get(), P.bgu.get(), P.wd.get(), P.bd.get(),
+        u.get(), dout_d.get(), dxp.get(), dwgu.get(), dbgu.get(), dwd.get(), dbd.get(), dp.get<float>(), bws.get(),
+        bbytes, stream.s);
+    const cudaError_t end = cudaStreamEndCapture(stream.s, &graph);
+    INFO(moekit_get_last_error());
+    REQUIRE(fs == MOEKIT_STATUS_SUCCESS);
+    REQUIRE(bs == MOEKIT_STATUS_SUCCESS);
+    CUDA_REQUIRE(end);
+    CUDA_REQUIRE(cudaGraphInstantiate(&exec, graph, 0));
+    CUDA_REQUIRE(cudaGraphLaunch(exec, stream.s));
+    CUDA_REQUIRE(cudaStreamSynchronize(stream.s));
+    REQUIRE(out.to_host<uint8_t>() == f1.out.to_host<uint8_t>());
+    std::vector<uint8_t> graph_raw;
+    for (DeviceBuffer* b : {&dxp, &dwgu, &dwd, &dbgu, &dbd, &dp}) {
+      const auto h = b->to_host<uint8_t>();
+      graph_raw.insert(graph_raw.end(), h.begin(), h.end());
+    }
+    REQUIRE(graph_raw == b1.raw);
+
+    // New routing on the device: fewer rows, a different split. Replay and compare with eager.
+    const std::vector<int32_t> new_offsets = {0, 700, 900, 900, 1500, 1600};
+    CUDA_REQUIRE(cudaMemcpy(P.offsets.get(), new_offsets.data(), new_offsets.size() * 4, cudaMemcpyHostToDevice));
+    P.host.offsets = new_offsets;
+    for (DeviceBuffer* b : {&out, &u, &dxp, &dp}) b->poison();
+    CUDA_REQUIRE(cudaGraphLaunch(exec, stream.s));
+    CUDA_REQUIRE(cudaStreamSynchronize(stream.s));
+    ForwardRun f3 = run_forward(P, true, stream.s);
+    BackwardRun b4 = run_backward(P, &f3.u, dout_d, stream.s);
+    REQUIRE(out.to_host<uint8_t>() == f3.out.to_host<uint8_t>());
+    graph_raw.clear();
+    for (DeviceBuffer* b : {&dxp, &dwgu, &dwd, &dbgu, &dbd, &dp}) {
+      const auto h = b->to_host<uint8_t>();
+      graph_raw.insert(graph_raw.end(), h.begin(), h.end());
+    }
+    REQUIRE(graph_raw == b4.raw);
+    require_rows_written("graph out", out, dtype, 1600, R, H);
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  }
+}
+
+TEST_CASE("max_rows = 0, garbage offsets and rejected calls", "[gpu][experts]") {
+  Stream stream;
+  Spec s;
+  s.hidden = 64;
+  s.inter = 32;
+  s.counts = {5, 0, 9};
+  s.bias_gate_up = s.bias_down = true;
+  auto rng = moekit::test::make_rng(0x600);
+  Problem P(s, MOEKIT_DTYPE_BF16, moekit::test::experts::make_random(s, rng, MOEKIT_DTYPE_BF16));
+  const int E = s.num_experts(), H = s.hidden, I = s.inter, NU = s.nu();
+
+  SECTION("max_rows = 0: forward is a no-op, backward writes zero weight and bias gradients") {
+    MOEKIT_REQUIRE_OK(moekit_experts_forward(&P.config, 0, P.offsets.get<int32_t>(), nullptr, nullptr, P.wgu.get(),
+                                             nullptr, P.wd.get(), nullptr, nullptr, nullptr, nullptr, 0, stream.s));
+    size_t bytes = 0;
+    MOEKIT_REQUIRE_OK(moekit_experts_backward_workspace_size(&P.config, 0, 0, &bytes));
+    DeviceBuffer ws(bytes), dwgu(size_t(E) * H * NU * 2), dwd(size_t(E) * I * H * 2), dbgu(size_t(E) * NU * 2),
+        dbd(size_t(E) * H * 2);
+    for (DeviceBuffer* b : {&dwgu, &dwd, &dbgu, &dbd}) b->poison();
+    MOEKIT_REQUIRE_OK(moekit_experts_backward(&P.config, 0, P.offsets.get<int32_t>(), nullptr, nullptr, P.wgu.get(),
+                                              P.bgu.get(), P.wd.get(), P.bd.get(), nullptr, nullptr, nullptr,
+                                              dwgu.get(), dbgu.get(), dwd.get(), dbd.get(), nullptr, ws.get(), bytes,
+                                              stream.s));
+    CUDA_REQUIRE(cudaStreamSynchronize(stream.s));
+    for (DeviceBuffer* b : {&dwgu, &dwd, &dbgu, &dbd}) REQUIRE(all_bytes(b->to_host<uint8_t>(), 0, b->bytes(), 0));
+  }
+
+  SECTION("garbage offsets never leave [0, max_rows)") {
+    // Negative, decreasing and past-the-end offsets: results are meaningless but every access
+    // stays in the buffers (run under compute-sanitizer) and the calls succeed.
+    const std::vector<int32_t> garbage = {7, -40, 1000000, 3};
+    DeviceBuffer off = upload(garbage);
+    const int64_t R = P.R();
+    size_t fb = 0, bb = 0;
+    MOEKIT_REQUIRE_OK(moekit_experts_forward_workspace_size(&P.config, R, &fb));
+    MOEKIT_REQUIRE_OK(moekit_experts_backward_workspace_size(&P.config, R, 0, &bb));
+    DeviceBuffer fws(fb), bws(bb), out(size_t(R) * H * 2), dxp(size_t(R) * H * 2), dwgu(size_t(E) * H * NU * 2),
+        dwd(size_t(E) * I * H * 2), dp(size_t(R) * 4);
+    MOEKIT_REQUIRE_OK(moekit_experts_forward(&P.config, R, off.get<int32_t>(), P.xp.get(), P.pw(), P.wgu.get(),
+                                             P.bgu.get(), P.wd.get(), P.bd.get(), nullptr, out.get(), fws.get(), fb,
+                                             stream.s));
+    MOEKIT_REQUIRE_OK(moekit_experts_backward(&P.config, R, off.get<int32_t>(), P.xp.get(), P.pw(), P.wgu.get(),
+                                              P.bgu.get(), P.wd.get(), P.bd.get(), nullptr, out.get(), dxp.get(),
+                                              dwgu.get(), nullptr, dwd.get(), nullptr, dp.get<float>(), bws.get(), bb,
+                                              stream.s));
+    CUDA_REQUIRE(cudaStreamSynchronize(stream.s));
+    CUDA_REQUIRE(cudaGetLastError());
+  }
+
+  SECTION("a rejected call writes nothing") {
+    const int64_t R = P.R();
+    size_t fb = 0;
+    MOEKIT_REQUIRE_OK(moekit_experts_forward_workspace_size(&P.config, R, &fb));
+    DeviceBuffer ws(fb), out(size_t(R) * H * 2), u(size_t(R) * NU * 2);
+    out.poison();
+    u.poison();
+    REQUIRE(moekit_experts_forward(&P.config, R, P.offsets.get<int32_t>(), P.xp.get(), P.pw(), P.wgu.get(),
+                                   P.bgu.get(), P.wd.get(), P.bd.get(), u.get(), out.get(), ws.get(), fb - 256,
+                                   stream.s) == MOEKIT_STATUS_WORKSPACE_TOO_SMALL);
+    REQUIRE(std::string(moekit_get_last_error()).find("workspace_bytes") != std::string::npos);
+    REQUIRE(moekit_experts_forward(&P.config, R, P.offsets.get<int32_t>(),
+                                   static_cast<const char*>(P.xp.get()) + 2, P.pw(), P.wgu.get(), P.bgu.get(),
+                                   P.wd.get(), P.bd.get(), u.get(), out.get(), ws.get(), fb,
+                                   stream.s) == MOEKIT_STATUS_MISALIGNED);
+    CUDA_REQUIRE(cudaStreamSynchronize(stream.s));
+    REQUIRE(moekit::test::still_poisoned(out));
+    REQUIRE(moekit::test::still_poisoned(u));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dense MLP
+
+namespace {
+
+struct MlpHandle {
+  moekit_mlp_handle_t h = nullptr;
+  MlpHandle() { MOEKIT_REQUIRE_OK(moekit_mlp_handle_create(&h)); }
+  ~MlpHandle() { moekit_mlp_handle_destroy(h); }
+};
+
+// Checks the MLP against the experts reference with one expert and p = 1.
+void check_mlp(moekit_mlp_handle_t handle, const ActCase& a, bool interleaved, bool out_in, bool biases,
+               moekit_dtype_t dtype, int64_t T, int H, int I, cudaStream_t stream, uint64_t salt) {
+  Spec s;
+  s.activation = a.kind;
+  s.alpha = a.alpha;
+  s.limit = a.limit;
+  s.interleaved = interleaved && a.kind != MOEKIT_ACTIVATION_RELU2;
+  s.hidden = H;
+  s.inter = I;
+  s.counts = {static_cast<int>(T)};
+  s.tail_rows = 0;
+  s.bias_gate_up = s.bias_down = biases;
+  s.row_weights = false;
+  INFO("MLP " << a.name << (out_in ? " OUT_IN" : " IN_OUT") << " " << s.describe() << " " << dtype_name(dtype));
+  auto rng = moekit::test::make_rng(salt);
+  const ref::ExpertsProblem host = moekit::test::experts::make_random(s, rng, dtype);
+  const int NU = s.nu();
+  moekit_mlp_config_t c;
+  MOEKIT_REQUIRE_OK(moekit_mlp_config_init(&c, sizeof(c)));
+  c.hidden = H;
+  c.inter = I;
+  c.dtype = dtype;
+  c.activation = a.kind;
+  c.gate_up_layout = s.interleaved ? MOEKIT_GATE_UP_INTERLEAVED : MOEKIT_GATE_UP_CONCATENATED;
+  c.weight_layout = out_in ? MOEKIT_WEIGHT_OUT_IN : MOEKIT_WEIGHT_IN_OUT;
+  c.act_alpha = static_cast<float>(a.alpha);
+  c.act_limit = static_cast<float>(a.limit);
+  auto layout = [&](const std::vector<double>& w, int rows, int cols) {
+    return out_in ? ref::transpose(w, rows, cols) : w;
+  };
+  DeviceBuffer x = upload(pack_d(dtype, host.xp)), wgu = upload(pack_d(dtype, layout(host.w_gate_up, H, NU))),
+               wd = upload(pack_d(dtype, layout(host.w_down, I, H))), bgu, bd;
+  if (biases) {
+    bgu = upload(pack_d(dtype, host.b_gate_up));
+    bd = upload(pack_d(dtype, host.b_down));
+  }
+  const size_t es = moekit::test::dtype_bytes(dtype);
+  DeviceBuffer y(size_t(T) * H * es), u(size_t(T) * NU * es);
+  y.poison();
+  u.poison();
+  size_t fb = 0;
+  MOEKIT_REQUIRE_OK(moekit_mlp_forward_workspace_size(&c, T, &fb));
+  DeviceBuffer fws(fb);
+  MOEKIT_REQUIRE_OK(moekit_mlp_forward(handle, &c, T, x.get(), wgu.get(), bgu.get(), wd.get(), bd.get(), u.get(),
+                                       y.get(), fws.get(), fb, stream));
+  CUDA_REQUIRE(cudaStreamSynchronize(stream));
+  const ref::Rounder round = rounder(dtype);
+  const ref::ExpertsForwardResult f = ref::experts_forward(host, round);
+  const auto u_h = moekit::test::unpack(dtype, u.to_host<uint8_t>());
+  compare("mlp u", u_h, f.u, T, NU, dtype, false);
+  compare("mlp y", moekit::test::unpack(dtype, y.to_host<uint8_t>()), f.out, T, H, dtype, false);
+
+  std::vector<double> dy = moekit::test::experts::normal_vec(rng, size_t(T) * H, 1.0, dtype);
+  DeviceBuffer dy_d = upload(pack_d(dtype, dy));
+  const ref::ExpertsBackwardResult b =
+      ref::experts_backward(host, std::vector<double>(u_h.begin(), u_h.end()), dy, round);
+  std::vector<uint8_t> first;
+  for (int saved = 1; saved >= 0; --saved) {
+    DeviceBuffer dx(size_t(T) * H * es), dwgu(size_t(H) * NU * es), dwd(size_t(I) * H * es), dbgu(size_t(NU) * es),
+        dbd(size_t(H) * es);
+    for (DeviceBuffer* p : {&dx, &dwgu, &dwd, &dbgu, &dbd}) p->poison();
+    size_t bb = 0;
+    MOEKIT_REQUIRE_OK(moekit_mlp_backward_workspace_size(&c, T, saved, &bb));
+    DeviceBuffer bws(bb);
+    MOEKIT_REQUIRE_OK(moekit_mlp_backward(handle, &c, T, x.get(), wgu.get(), bgu.get(), wd.get(), bd.get(),
+                                          saved ? u.get() : nullptr, dy_d.get(), dx.get(), dwgu.get(),
+                                          biases ? dbgu.get() : nullptr, dwd.get(), biases ? dbd.get() : nullptr,
+                                          bws.get(), bb, stream));
+    CUDA_REQUIRE(cudaStreamSynchronize(stream));
+    std::vector<double> r;
+    auto rnd = [&](const std::vector<double>& v) {
+      r.resize(v.size());
+      for (size_t i = 0; i < v.size(); ++i) r[i] = round(v[i]);
+      return r;
+    };
+    compare("mlp grad_x", moekit::test::unpack(dtype, dx.to_host<uint8_t>()), rnd(b.grad_xp), T, H, dtype, false);
+    compare("mlp grad_w_gate_up", moekit::test::unpack(dtype, dwgu.to_host<uint8_t>()),
+            rnd(layout(b.grad_w_gate_up, H, NU)), H, NU, dtype, false);
+    compare("mlp grad_w_down", moekit::test::unpack(dtype, dwd.to_host<uint8_t>()), rnd(layout(b.grad_w_down, I, H)),
+            I, H, dtype, false);
+    if (biases) {
+      compare("mlp grad_b_gate_up", moekit::test::unpack(dtype, dbgu.to_host<uint8_t>()), rnd(b.grad_b_gate_up), 1,
+              NU, dtype, false);
+      compare("mlp grad_b_down", moekit::test::unpack(dtype, dbd.to_host<uint8_t>()), rnd(b.grad_b_down), 1, H, dtype,
+              false);
+    }
+    // Saved and recomputed u give the same bits.
+    std::vector<uint8_t> raw;
+    for (DeviceBuffer* p : {&dx, &dwgu, &dwd}) {
+      const auto h = p->to_host<uint8_t>();
+      raw.insert(raw.end(), h.begin(), h.end());
+    }
+    if (saved) first = raw;
+    else REQUIRE(raw == first);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("dense MLP forward and backward against the reference", "[gpu][experts][mlp]") {
+  Stream stream;
+  MlpHandle handle;
+  uint64_t salt = 0x700;
+  for (moekit_dtype_t dtype : {MOEKIT_DTYPE_BF16, MOEKIT_DTYPE_F16, MOEKIT_DTYPE_F32}) {
+    for (const ActCase& a : kActs) {
+      for (int v = 0; v < 2; ++v)
+        check_mlp(handle.h, a, v == 1, v == 1, v == 1, dtype, 77 + 50 * v, 64, 40, stream.s, ++salt);
+    }
+  }
+  check_mlp(handle.h, kActs[0], false, false, true, MOEKIT_DTYPE_BF16, 1, 8, 8, stream.s, ++salt);
+  check_mlp(handle.h, kActs[2], false, true, true, MOEKIT_DTYPE_BF16, 3001, 128, 200, stream.s, ++salt);
+}
+
+TEST_CASE("dense MLP: T = 0 and graph capture", "[gpu][experts][mlp]") {
+  Stream stream;
+  moekit_mlp_config_t c;
+  MOEKIT_REQUIRE_OK(moekit_mlp_config_init(&c, sizeof(c)));
+  c.hidden = 64;
+  c.inter = 32;
+  const int H = 64, I = 32, NU = 64;
+  auto rng = moekit::test::make_rng(0x800);
+  DeviceBuffer wgu = upload(pack_d(MOEKIT_DTYPE_BF16, moekit::test::experts::normal_vec(rng, H * NU, 0.1, MOEKIT_DTYPE_BF16)));
+  DeviceBuffer wd = upload(pack_d(MOEKIT_DTYPE_BF16, moekit::test::experts::normal_vec(rng, I * H, 0.1, MOEKIT_DTYPE_BF16)));
+  DeviceBuffer bgu(NU * 2), bd(H * 2), dwgu(H * NU * 2), dwd(I * H * 2), dbgu(NU * 2), dbd(H * 2);
+  bgu.zero();
+  bd.zero();
+
+  SECTION("T = 0 writes zero weight and bias gradients") {
+    MlpHandle handle;
+    for (DeviceBuffer* b : {&dwgu, &dwd, &dbgu, &dbd}) b->poison();
+    MOEKIT_REQUIRE_OK(moekit_mlp_forward(handle.h, &c, 0, nullptr, wgu.get(), nullptr, wd.get(), nullptr, nullptr,
+                                         nullptr, nullptr, 0, stream.s));
+    MOEKIT_REQUIRE_OK(moekit_mlp_backward(handle.h, &c, 0, nullptr, wgu.get(), bgu.get(), wd.get(), bd.get(), nullptr,
+                                          nullptr, nullptr, dwgu.get(), dbgu.get(), dwd.get(), dbd.get(), nullptr, 0,
+                                          stream.s));
+    CUDA_REQUIRE(cudaStreamSynchronize(stream.s));
+    for (DeviceBuffer* b : {&dwgu, &dwd, &dbgu, &dbd}) REQUIRE(all_bytes(b->to_host<uint8_t>(), 0, b->bytes(), 0));
+  }
+
+  SECTION("forward + backward captured in a graph, also with a fresh handle, equal eager results") {
+    const int64_t T = 300;
+    DeviceBuffer x = upload(pack_d(MOEKIT_DTYPE_BF16, moekit::test::experts::normal_vec(rng, T * H, 1.0, MOEKIT_DTYPE_BF16)));
+    DeviceBuffer dy = upload(pack_d(MOEKIT_DTYPE_BF16, moekit::test::experts::normal_vec(rng, T * H, 1.0, MOEKIT_DTYPE_BF16)));
+    size_t fb = 0, bb = 0;
+    MOEKIT_REQUIRE_OK(moekit_mlp_forward_workspace_size(&c, T, &fb));
+    MOEKIT_REQUIRE_OK(moekit_mlp_backward_workspace_size(&c, T, 1, &bb));
+    DeviceBuffer fws(fb), bws(bb);
+    auto run = [&](moekit_mlp_handle_t h, DeviceBuffer& y, DeviceBuffer& u, DeviceBuffer& dx) {
+      const moekit_status_t a = moekit_mlp_forward(h, &c, T, x.get(), wgu.get(), bgu.get(), wd.get(), bd.get(),
+                                                   u.get(), y.get(), fws.get(), fb, stream.s);
+      const moekit_status_t b = moekit_mlp_backward(h, &c, T, x.get(), wgu.get(), bgu.get(), wd.get(), bd.get(),
+                                                    u.get(), dy.get(), dx.get(), dwgu.get(), dbgu.get(), dwd.get(),
+                                                    dbd.get(), bws.get(), bb, stream.s);
+      return a != MOEKIT_STATUS_SUCCESS ? a : b;
+    };
+    for (int fresh = 0; fresh < 2; ++fresh) {
+      INFO((fresh ? "fresh handle (plans created inside the capture)" : "warm handle"));
+      MlpHandle handle;
+      DeviceBuffer y1(T * H * 2), u1(T * NU * 2), dx1(T * H * 2), y2(T * H * 2), u2(T * NU * 2), dx2(T * H * 2);
+      if (!fresh) MOEKIT_REQUIRE_OK(run(handle.h, y1, u1, dx1));
+      cudaGraph_t graph = nullptr;
+      cudaGraphExec_t exec = nullptr;
+      CUDA_REQUIRE(cudaStreamBeginCapture(stream.s, cudaStreamCaptureModeGlobal));
+      const moekit_status_t st = run(handle.h, y2, u2, dx2);
+      const cudaError_t end = cudaStreamEndCapture(stream.s, &graph);
+      INFO(moekit_get_last_error());
+      REQUIRE(st == MOEKIT_STATUS_SUCCESS);
+      CUDA_REQUIRE(end);
+      CUDA_REQUIRE(cudaGraphInstantiate(&exec, graph, 0));
+      CUDA_REQUIRE(cudaGraphLaunch(exec, stream.s));
+      CUDA_REQUIRE(cudaStreamSynchronize(stream.s));
+      if (fresh) MOEKIT_REQUIRE_OK(run(handle.h, y1, u1, dx1));
+      CUDA_REQUIRE(cudaStreamSynchronize(stream.s));
+      REQUIRE(y1.to_host<uint8_t>() == y2.to_host<uint8_t>());
+      REQUIRE(dx1.to_host<uint8_t>() == dx2.to_host<uint8_t>());
+      cudaGraphExecDestroy(exec);
+      cudaGraphDestroy(graph);
+    }
+  }
+
+}
