@@ -27,9 +27,10 @@ struct LayoutArgs {
   int32_t capacity_mode;      // nonzero: fixed blocks of chunk_capacity rows
   int32_t chunk_capacity;     // cc (capacity mode)
   int32_t signature;          // configuration signature written into the exchange
+  int32_t exchange_stride;    // P = MOEKIT_EP_MAX_CHUNKS + 1 int32 per peer, whatever C is
   // the layout buffer (src/ep/ep_plan.hpp LayoutPieces)
   int32_t* tile_counts;       // [C][J][n]
-  int32_t* exchange;          // [2][n][C + 1]
+  int32_t* exchange;          // [2][n][P]: C counts per peer, the signature at P - 1
   int32_t* starts;            // [2][n][C]
   int32_t* totals;            // [4]
   int32_t* route_dest;        // [T][D]
@@ -77,7 +78,8 @@ struct TailArgs {
   int32_t chunk;
   int32_t chunk_capacity;
   int32_t top_k;
-  const int32_t* exchange;  // send side: counts [n][C + 1]
+  const int32_t* exchange;  // send side: counts [n][P]
+  int32_t exchange_stride;  // P
   int32_t* send_meta;
   int32_t* recv_meta;
 };

@@ -10,8 +10,8 @@
 // in the recv space when d is this rank and in the send space otherwise.
 //
 // Shapes. indices [T, K] int32, token_mask [T] uint8; tile_counts [C][J][n], exchange
-// [2][n][C + 1] (counts then the configuration signature; the send side is written here, the recv
-// side by NCCL in exact mode), starts [2][n][C], totals [4], route_dest / route_slot [T][D]
+// [2][n][P] with P = MOEKIT_EP_MAX_CHUNKS + 1 (C counts, then the configuration signature at
+// P - 1; the send side is written here, the recv side by NCCL in exact mode), starts [2][n][C], totals [4], route_dest / route_slot [T][D]
 // (destinations ascending, then -1 padding).
 //
 // Kernels (one thread per token, tiles of 256 tokens that never straddle a chunk):
@@ -124,9 +124,13 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_scan_kernel(LayoutArgs 
     __syncthreads();  // temp is reused by the next round
   }
   if (threadIdx.x == 0) {
-    const int64_t stride = a.num_chunks + 1;
+    const int64_t stride = a.exchange_stride;
     a.exchange[d * stride + c] = running;
-    if (c == 0) a.exchange[d * stride + a.num_chunks] = a.signature;
+    if (c == 0) {
+      // The unused count slots are zeroed, so the exchanged block is fully defined.
+      for (int u = a.num_chunks; u < a.exchange_stride - 1; ++u) a.exchange[d * stride + u] = 0;
+      a.exchange[d * stride + a.exchange_stride - 1] = a.signature;
+    }
   }
 }
 
@@ -137,7 +141,7 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_offsets_kernel(LayoutAr
     typename Scan::TempStorage scan;
     typename Reduce::TempStorage reduce;
   } temp;
-  const int n = a.num_ranks, C = a.num_chunks, P = C + 1, me = a.rank;
+  const int n = a.num_ranks, C = a.num_chunks, P = a.exchange_stride, me = a.rank;
   const int32_t* send = a.exchange;
   const int32_t* recv = a.exchange + static_cast<int64_t>(n) * P;
   int32_t* send_starts = a.starts;

@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kMoveThreads) pack_kernel(PackArgs a) {
 __global__ void __launch_bounds__(kSmallThreads) mark_tails_kernel(TailArgs a) {
   const int64_t cc = a.chunk_capacity;
   const int64_t total = static_cast<int64_t>(a.num_ranks) * cc;
-  const int K = a.top_k, M = 2 * a.top_k + 1, C = a.num_chunks, P = C + 1;
+  const int K = a.top_k, M = 2 * a.top_k + 1, C = a.num_chunks, P = a.exchange_stride;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int d = static_cast<int>(i / cc);

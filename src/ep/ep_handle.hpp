@@ -29,5 +29,5 @@ struct moekit_ep {
   cudaEvent_t chunk[MOEKIT_EP_MAX_CHUNKS] = {};
   // Exact mode: the counts arrive here, then the calling thread waits for counts_ready.
   cudaEvent_t counts_ready = nullptr;
-  int32_t* host_staging = nullptr;  // pinned [2][n][C + 1]
+  int32_t* host_staging = nullptr;  // pinned [2][n][kExchangeStride]
 };

@@ -288,6 +288,7 @@ moekit_status_t forward_exchange(moekit_ep& h, int64_t num_tokens, const LayoutP
       ta.chunk_capacity = static_cast<int32_t>(d.chunk_capacity);
       ta.top_k = d.top_k;
       ta.exchange = p.exchange;
+      ta.exchange_stride = kExchangeStride;
       ta.send_meta = ws.send_meta;
       ta.recv_meta = ws.recv_meta;
       MOEKIT_CUDA_TRY(k::launch_mark_tails(ta, pack_stream), "launching ep mark_tails");
@@ -422,7 +423,7 @@ moekit_status_t create(const moekit_ep_config_t& config, void* comm_ptr, moekit_
       MOEKIT_CUDA_TRY(cudaEventCreateWithFlags(&h->chunk[c], cudaEventDisableTiming),
                       "creating an event");
   }
-  const size_t staging = 2 * static_cast<size_t>(config.num_ranks) * (config.num_chunks + 1);
+  const size_t staging = 2 * static_cast<size_t>(config.num_ranks) * kExchangeStride;
   MOEKIT_CUDA_TRY(cudaMallocHost(reinterpret_cast<void**>(&h->host_staging),
                                  staging * sizeof(int32_t)),
                   "allocating the pinned count buffer");
@@ -456,7 +457,7 @@ moekit_status_t layout(moekit_ep& h, int64_t num_tokens, const int32_t* indices,
                   "(use MOEKIT_EP_MODE_CAPACITY inside a CUDA graph)");
   }
   const LayoutPieces p = pieces_of(h, layout_buffer);
-  const int32_t n = d.num_ranks, C = d.num_chunks, P = C + 1;
+  const int32_t n = d.num_ranks, C = d.num_chunks, P = kExchangeStride;
 
   k::LayoutArgs a{};
   a.indices = indices;
@@ -474,6 +475,7 @@ moekit_status_t layout(moekit_ep& h, int64_t num_tokens, const int32_t* indices,
   a.capacity_mode = d.capacity_mode ? 1 : 0;
   a.chunk_capacity = static_cast<int32_t>(d.chunk_capacity);
   a.signature = h.signature;
+  a.exchange_stride = kExchangeStride;
   a.tile_counts = p.tile_counts;
   a.exchange = p.exchange;
   a.starts = p.starts;
@@ -484,7 +486,8 @@ moekit_status_t layout(moekit_ep& h, int64_t num_tokens, const int32_t* indices,
   MOEKIT_CUDA_TRY(k::launch_layout_count(a, stream), "launching ep layout_count");
   int32_t* exchange_recv = p.exchange + static_cast<int64_t>(n) * P;
   if (!d.capacity_mode) {
-    // The count exchange: C counts and the configuration signature to every rank (itself too).
+    // The count exchange: the counts and the configuration signature to every rank (itself
+    // too), kExchangeStride int32 each whatever num_chunks is.
     NcclGroup group(comm);
     MOEKIT_TRY(group.start());
     for (int32_t peer = 0; peer < n; ++peer) {
@@ -520,7 +523,7 @@ moekit_status_t layout(moekit_ep& h, int64_t num_tokens, const int32_t* indices,
   const int32_t* staged_send = h.host_staging;
   const int32_t* staged_recv = h.host_staging + static_cast<int64_t>(n) * P;
   for (int32_t peer = 0; peer < n; ++peer) {
-    const int32_t theirs = staged_recv[static_cast<int64_t>(peer) * P + C];
+    const int32_t theirs = staged_recv[static_cast<int64_t>(peer) * P + P - 1];
     if (theirs != h.signature)
       return fail(MOEKIT_STATUS_INVALID_ARGUMENT,
                   "rank %d was created with a different configuration than this rank %d "

@@ -19,7 +19,7 @@ size_t host_layout_count(const Dims& d) {
 void fill_host_layout(const Dims& d, int32_t signature, int32_t rank, int64_t num_tokens,
                       const int32_t* exchange_send, const int32_t* exchange_recv,
                       int64_t* hl) {
-  const int32_t n = d.num_ranks, C = d.num_chunks, P = C + 1;
+  const int32_t n = d.num_ranks, C = d.num_chunks, P = kExchangeStride;
   hl[kHlMagic] = kHostLayoutMagic;
   hl[kHlSignature] = signature;
   hl[kHlRank] = rank;

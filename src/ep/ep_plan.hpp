@@ -37,10 +37,15 @@ constexpr int kTotalRecvRows = 1;  // rows in the recv space
 constexpr int kTotalDropped = 2;   // (token, destination) pairs over the capacity
 constexpr int kNumTotals = 4;
 
+// int32 per peer in the count exchange: MOEKIT_EP_MAX_CHUNKS counts (the first C used) and the
+// configuration signature last. Fixed, so that ranks created with different num_chunks still
+// exchange the same number of bytes and detect the mismatch instead of hanging.
+constexpr int32_t kExchangeStride = MOEKIT_EP_MAX_CHUNKS + 1;
+
 struct LayoutPieces {
   int32_t* tile_counts;  // [C][J_max][n]: per-tile counts, then their exclusive prefix per chunk
-  int32_t* exchange;     // [2][n][C + 1]: send side then recv side; per peer C counts and the
-                         // configuration signature (exact mode exchanges the send side)
+  int32_t* exchange;     // [2][n][kExchangeStride]: send side then recv side; per peer C counts
+                         // and the configuration signature (exact mode exchanges the send side)
   int32_t* starts;       // [2][n][C]: first send row of (d, c), then first recv row of (s, c)
   int32_t* totals;       // [kNumTotals]
   int32_t* route_dest;   // [T_max][D]: destinations of each token, ascending, -1 padded
@@ -54,7 +59,7 @@ LayoutPieces carve_layout(Carver& ws, const Dims& d) {
   LayoutPieces p{};
   p.tile_counts = ws.template take<int32_t>(
       static_cast<size_t>(C * tiles_per_chunk(d.max_tokens, d.num_chunks) * n), "tile_counts");
-  p.exchange = ws.template take<int32_t>(static_cast<size_t>(2 * n * (C + 1)), "exchange");
+  p.exchange = ws.template take<int32_t>(static_cast<size_t>(2 * n * kExchangeStride), "exchange");
   p.starts = ws.template take<int32_t>(static_cast<size_t>(2 * n * C), "starts");
   p.totals = ws.template take<int32_t>(kNumTotals, "totals");
   p.route_dest = ws.template take<int32_t>(static_cast<size_t>(d.max_tokens * d.max_dests),
@@ -83,8 +88,8 @@ enum HostLayoutField : int {
 
 size_t host_layout_count(const Dims& d);
 
-// Fills a host layout from the exchanged counts (send[d][c], recv[s][c], stride C + 1 as in
-// LayoutPieces::exchange) of a rank with T tokens.
+// Fills a host layout from the exchanged counts (send[d][c], recv[s][c], stride kExchangeStride
+// as in LayoutPieces::exchange) of a rank with T tokens.
 void fill_host_layout(const Dims& d, int32_t signature, int32_t rank, int64_t num_tokens,
                       const int32_t* exchange_send, const int32_t* exchange_recv,
                       int64_t* host_layout);

@@ -210,9 +210,14 @@ inline std::vector<std::string> run_ranks(int n, const std::function<void(RankCo
   return failures;
 }
 
-// The EP sizes to test: 1, 2, 4 and every GPU, as far as there are GPUs.
+// The EP sizes to test: 1, 2, 4 and every GPU, as far as there are GPUs (at most
+// $MOEKIT_EP_TEST_MAX_RANKS when set, e.g. 2 for a quick or compute-sanitizer run).
 inline std::vector<int> ep_sizes(bool with_one) {
-  const int g = device_count();
+  int g = device_count();
+  if (const char* cap = std::getenv("MOEKIT_EP_TEST_MAX_RANKS")) {
+    const int c = std::atoi(cap);
+    if (c >= 1 && c < g) g = c;
+  }
   std::vector<int> sizes;
   for (int s : {1, 2, 4, g})
     if ((s > 1 || with_one) && s <= g && (sizes.empty() || sizes.back() < s)) sizes.push_back(s);

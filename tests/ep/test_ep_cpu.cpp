@@ -221,7 +221,7 @@ struct SimulatedRanks {
 
 SimulatedRanks simulate(const EpProblem& p, int64_t hidden) {
   SimulatedRanks sim;
-  const int n = p.num_ranks, C = p.num_chunks, P = C + 1;
+  const int n = p.num_ranks, C = p.num_chunks, P = moekit::ep::kExchangeStride;
   const int64_t max_tokens = *std::max_element(p.num_tokens.begin(), p.num_tokens.end());
   sim.config = base_config(n, p.num_experts, p.top_k, hidden, max_tokens,
                            p.capacity_mode ? MOEKIT_EP_MODE_CAPACITY : MOEKIT_EP_MODE_EXACT, C);
@@ -246,8 +246,8 @@ SimulatedRanks simulate(const EpProblem& p, int64_t hidden) {
         send[peer * P + c] = counts[r][peer][c];
         recv[peer * P + c] = counts[peer][r][c];
       }
-      send[peer * P + C] = sim.signature;
-      recv[peer * P + C] = sim.signature;
+      send[peer * P + P - 1] = sim.signature;
+      recv[peer * P + P - 1] = sim.signature;
     }
     std::vector<int64_t> hl(moekit::ep::host_layout_count(sim.dims), -7);
     moekit::ep::fill_host_layout(sim.dims, sim.signature, r, p.num_tokens[r], send.data(),

@@ -942,20 +942,24 @@ TEST_CASE("ep gpu: bad arguments write nothing; ranks with different configurati
     for (const Guarded* b : {&recv_x, &recv_idx, &recv_w, &y})
       EP_CHECK(ctx, b->untouched(s), "a refused call wrote an output");
 
-    // A rank created with another hidden size (same exchange size): every rank's layout fails and
-    // names the configuration.
-    moekit_ep_config_t other = g.config;
-    if (r == 1) other.hidden = 24;
-    RankEp mismatched;
-    create_rank_ep(ctx, other, mismatched);
-    int64_t rows = 0;
-    const moekit_status_t st =
-        moekit_ep_layout(mismatched.handle, T, idx.as<int32_t>(), nullptr,
-                         mismatched.layout.get(), mismatched.layout_bytes, mismatched.hl(), &rows,
-                         nullptr, s);
-    EP_CHECK(ctx, st == MOEKIT_STATUS_INVALID_ARGUMENT &&
-                      std::strstr(moekit_get_last_error(), "different configuration") != nullptr,
-             moekit_status_string(st) << ": " << moekit_get_last_error());
+    // Rank 1 created with another hidden size, then with another chunk count (the exchange has the
+    // same size either way): every rank's layout fails and names the configuration; none hangs.
+    for (int variant = 0; variant < 2; ++variant) {
+      moekit_ep_config_t other = g.config;
+      if (r == 1 && variant == 0) other.hidden = 24;
+      if (r == 1 && variant == 1) other.num_chunks = 3;
+      RankEp mismatched;
+      create_rank_ep(ctx, other, mismatched);
+      int64_t rows = 0;
+      const moekit_status_t st =
+          moekit_ep_layout(mismatched.handle, T, idx.as<int32_t>(), nullptr,
+                           mismatched.layout.get(), mismatched.layout_bytes, mismatched.hl(),
+                           &rows, nullptr, s);
+      EP_CHECK(ctx, st == MOEKIT_STATUS_INVALID_ARGUMENT &&
+                        std::strstr(moekit_get_last_error(), "different configuration") != nullptr,
+               "variant " << variant << ": " << moekit_status_string(st) << ": "
+                          << moekit_get_last_error());
+    }
   });
   for (const std::string& f : failures) UNSCOPED_INFO(f);
   CHECK(failures.empty());
