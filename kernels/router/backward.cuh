@@ -142,32 +142,7 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
     float z[V], s[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) z[j] = Elem<T>::get(raw, j);
-    if (sf == MOEKIT_SCORE_SOFTMAX) {
-      if (full_softmax) {
-        float mx = z[0];
-#pragma unroll
-        for (int j = 1; j < V; ++j) mx = fmaxf(mx, z[j]);
-        mx = team_max<TPT>(mx);
-        float sum = 0.0f;
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          s[j] = __expf(z[j] - mx);
-          sum += s[j];
-        }
-        const float inv = 1.0f / team_sum<TPT>(sum);
-#pragma unroll
-        for (int j = 0; j < V; ++j) s[j] *= inv;
-      } else {
-#pragma unroll
-        for (int j = 0; j < V; ++j) s[j] = 0.0f;
-      }
-    } else if (sf == MOEKIT_SCORE_SIGMOID) {
-#pragma unroll
-      for (int j = 0; j < V; ++j) s[j] = sigmoid_f(z[j]);
-    } else {
-#pragma unroll
-      for (int j = 0; j < V; ++j) s[j] = sqrt_softplus_f(z[j]);
-    }
+    lane_scores<V, TPT>(sf, full_softmax, z, s);
 
     float bias[V];
     row_values(s_bias, bias);
@@ -198,22 +173,7 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
       u[i] = valid[i] ? s_row[team][idx[i]] : 0.0f;
       gv[i] = valid[i] ? o.route_scale * gw[i] : 0.0f;
     }
-    if (topk_softmax) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < kRanks; ++i)
-        if (valid[i]) mx = fmaxf(mx, u[i]);
-      mx = team_max<TPT>(mx);
-      float sum = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kRanks; ++i) {
-        u[i] = valid[i] ? __expf(u[i] - mx) : 0.0f;
-        sum += u[i];
-      }
-      sum = team_sum<TPT>(sum);
-#pragma unroll
-      for (int i = 0; i < kRanks; ++i) u[i] = u[i] / sum;
-    }
+    if (topk_softmax) picked_softmax<TPT>(u, valid);
     if (o.normalize) {
       float su = 0.0f;
 #pragma unroll
@@ -366,20 +326,7 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32)
     T* grow = reinterpret_cast<T*>(static_cast<char*>(a.grad_logits) +
                                    t * a.grad_stride * static_cast<int64_t>(sizeof(T)));
     const bool m = a.token_mask == nullptr || __ldg(a.token_mask + t) != 0;
-    float mx = 0.0f, inv = 1.0f;
-    if (full_softmax) {
-      mx = -INFINITY;
-      for (int e = lane; e < E; e += 32) mx = fmaxf(mx, Elem<T>::load1(row + e));
-      mx = warp_max(mx);
-      float sum = 0.0f;
-      for (int e = lane; e < E; e += 32) sum += __expf(Elem<T>::load1(row + e) - mx);
-      inv = 1.0f / warp_sum(sum);
-    }
-    auto score = [&](float z) -> float {
-      if (sf == MOEKIT_SCORE_SOFTMAX) return full_softmax ? __expf(z - mx) * inv : 0.0f;
-      if (sf == MOEKIT_SCORE_SIGMOID) return sigmoid_f(z);
-      return sqrt_softplus_f(z);
-    };
+    const RowScore score = row_score(sf, full_softmax, E, [&](int e) { return Elem<T>::load1(row + e); });
     auto bias_at = [&](int e) -> float { return a.bias != nullptr ? __ldg(a.bias + e) : 0.0f; };
 
     __syncwarp();  // the previous token's readers of g_row are done

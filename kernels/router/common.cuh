@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "kernels/common/dtype.cuh"
+#include "moekit/router.h"
 
 namespace moekit::kernels::router {
 
@@ -74,6 +75,89 @@ __device__ __forceinline__ float team_max(float v) {
 
 __device__ __forceinline__ float warp_sum(float v) { return team_sum<32>(v); }
 __device__ __forceinline__ float warp_max(float v) { return team_max<32>(v); }
+
+// Scores of the V values a lane holds of its token (fast paths: forward and backward use this one
+// function, so the backward's recompute is bitwise the forward's). Softmax over the team's lanes;
+// without full_softmax (top-k-then-softmax that needs no aux scores) the softmax is skipped (0).
+template <int V, int TPT>
+__device__ __forceinline__ void lane_scores(int score_func, bool full_softmax, const float (&z)[V], float (&s)[V]) {
+  if (score_func == MOEKIT_SCORE_SOFTMAX) {
+    if (full_softmax) {
+      float mx = z[0];
+#pragma unroll
+      for (int j = 1; j < V; ++j) mx = fmaxf(mx, z[j]);
+      mx = team_max<TPT>(mx);
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        s[j] = __expf(z[j] - mx);
+        sum += s[j];
+      }
+      const float inv = 1.0f / team_sum<TPT>(sum);
+#pragma unroll
+      for (int j = 0; j < V; ++j) s[j] *= inv;
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) s[j] = 0.0f;
+    }
+  } else if (score_func == MOEKIT_SCORE_SIGMOID) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) s[j] = sigmoid_f(z[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) s[j] = sqrt_softplus_f(z[j]);
+  }
+}
+
+// Top-k-then-softmax weights: softmax over the picked logits u, held as R ranks per lane of a
+// team (has[i]: rank i is a real pick); other ranks get 0. Shared by the fast forward and backward.
+template <int TPT, int R>
+__device__ __forceinline__ void picked_softmax(float (&u)[R], const bool (&has)[R]) {
+  float mx = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+    if (has[i]) mx = fmaxf(mx, u[i]);
+  mx = team_max<TPT>(mx);
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    u[i] = has[i] ? __expf(u[i] - mx) : 0.0f;
+    sum += u[i];
+  }
+  sum = team_sum<TPT>(sum);
+#pragma unroll
+  for (int i = 0; i < R; ++i) u[i] = u[i] / sum;
+}
+
+// Scores of a row spread lane-strided over a warp (generic paths): the softmax's row max and
+// 1 / sum come first (row_score); then score(z) gives any expert's score, bitwise the same wherever
+// it is recomputed.
+struct RowScore {
+  int score_func;
+  bool full_softmax;
+  float mx;
+  float inv;
+  __device__ __forceinline__ float operator()(float z) const {
+    if (score_func == MOEKIT_SCORE_SOFTMAX) return full_softmax ? __expf(z - mx) * inv : 0.0f;
+    if (score_func == MOEKIT_SCORE_SIGMOID) return sigmoid_f(z);
+    return sqrt_softplus_f(z);
+  }
+};
+
+template <class LoadZ>
+__device__ __forceinline__ RowScore row_score(int score_func, bool full_softmax, int num_experts, LoadZ load_z) {
+  RowScore r{score_func, full_softmax, 0.0f, 1.0f};
+  if (score_func == MOEKIT_SCORE_SOFTMAX && full_softmax) {
+    const int lane = threadIdx.x & 31;
+    float mx = -INFINITY;
+    for (int e = lane; e < num_experts; e += 32) mx = fmaxf(mx, load_z(e));
+    r.mx = warp_max(mx);
+    float sum = 0.0f;
+    for (int e = lane; e < num_experts; e += 32) sum += __expf(load_z(e) - r.mx);
+    r.inv = 1.0f / warp_sum(sum);
+  }
+  return r;
+}
 
 __device__ __forceinline__ unsigned lanemask_lt() {
   unsigned m;

@@ -133,32 +133,7 @@ __global__ void __launch_bounds__(kFastThreads, fast_min_blocks(V))
     float z[V], s[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) z[j] = Elem<T>::get(raw, j);
-    if (sf == MOEKIT_SCORE_SOFTMAX) {
-      if (full_softmax) {
-        float mx = z[0];
-#pragma unroll
-        for (int j = 1; j < V; ++j) mx = fmaxf(mx, z[j]);
-        mx = team_max<TPT>(mx);
-        float sum = 0.0f;
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          s[j] = __expf(z[j] - mx);
-          sum += s[j];
-        }
-        const float inv = 1.0f / team_sum<TPT>(sum);
-#pragma unroll
-        for (int j = 0; j < V; ++j) s[j] *= inv;
-      } else {
-#pragma unroll
-        for (int j = 0; j < V; ++j) s[j] = 0.0f;
-      }
-    } else if (sf == MOEKIT_SCORE_SIGMOID) {
-#pragma unroll
-      for (int j = 0; j < V; ++j) s[j] = sigmoid_f(z[j]);
-    } else {
-#pragma unroll
-      for (int j = 0; j < V; ++j) s[j] = sqrt_softplus_f(z[j]);
-    }
+    lane_scores<V, TPT>(sf, full_softmax, z, s);
 
     // ---- selection keys, weight sources, aux statistics ---------------------------------------
     float bias[V];
@@ -321,22 +296,7 @@ __global__ void __launch_bounds__(kFastThreads, fast_min_blocks(V))
       idx[i] = has[i] ? s_sel[team][r] : 0;
       u[i] = has[i] ? s_row[team][idx[i]] : 0.0f;
     }
-    if (topk_softmax) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < kRanks; ++i)
-        if (has[i]) mx = fmaxf(mx, u[i]);
-      mx = team_max<TPT>(mx);
-      float sum = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kRanks; ++i) {
-        u[i] = has[i] ? __expf(u[i] - mx) : 0.0f;
-        sum += u[i];
-      }
-      sum = team_sum<TPT>(sum);
-#pragma unroll
-      for (int i = 0; i < kRanks; ++i) u[i] = u[i] / sum;
-    }
+    if (topk_softmax) picked_softmax<TPT>(u, has);
     if (o.normalize) {
       float sum = 0.0f;
 #pragma unroll

@@ -78,25 +78,12 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32)
     const T* row = active ? reinterpret_cast<const T*>(static_cast<const char*>(a.logits) +
                                                         t * a.logits_stride * static_cast<int64_t>(sizeof(T)))
                           : nullptr;
-    float mx = 0.0f, inv = 1.0f;
-    // s(e): the score of expert e, recomputed identically wherever it is needed.
-    auto score = [&](float z) -> float {
-      if (sf == MOEKIT_SCORE_SOFTMAX) return full_softmax ? __expf(z - mx) * inv : 0.0f;
-      if (sf == MOEKIT_SCORE_SIGMOID) return sigmoid_f(z);
-      return sqrt_softplus_f(z);
-    };
+    RowScore score{sf, full_softmax, 0.0f, 1.0f};  // set for the active token below
     auto bias_at = [&](int e) -> float { return a.bias != nullptr ? __ldg(a.bias + e) : 0.0f; };
 
     if (active) {
       // ---- scores and keys -----------------------------------------------------------------
-      if (full_softmax) {
-        mx = -INFINITY;
-        for (int e = lane; e < E; e += 32) mx = fmaxf(mx, Elem<T>::load1(row + e));
-        mx = warp_max(mx);
-        float sum = 0.0f;
-        for (int e = lane; e < E; e += 32) sum += __expf(Elem<T>::load1(row + e) - mx);
-        inv = 1.0f / warp_sum(sum);
-      }
+      score = row_score(sf, full_softmax, E, [&](int e) { return Elem<T>::load1(row + e); });
       for (int e = lane; e < E; e += 32) {
         const float z = Elem<T>::load1(row + e);
         const float c = (topk_softmax ? z : score(z)) + bias_at(e);
