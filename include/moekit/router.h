@@ -44,8 +44,6 @@
 extern "C" {
 #endif
 
-/* Largest K any router call accepts. */
-#define MOEKIT_MAX_TOP_K 32
 /* Largest E any router call accepts. */
 #define MOEKIT_ROUTER_MAX_EXPERTS 4096
 

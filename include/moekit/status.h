@@ -68,6 +68,9 @@ typedef enum moekit_dtype {
     MOEKIT_DTYPE_BF16 = 2
 } moekit_dtype_t;
 
+/* Largest K (experts per token) any call accepts. */
+#define MOEKIT_MAX_TOP_K 32
+
 /* Required alignment of every workspace pointer, in bytes (cudaMalloc gives 256). */
 #define MOEKIT_WORKSPACE_ALIGNMENT 256
 

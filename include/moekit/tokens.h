@@ -54,9 +54,6 @@ extern "C" {
 #endif
 
 /* Largest K any call accepts (the same limit as the router's). */
-#ifndef MOEKIT_MAX_TOP_K
-#define MOEKIT_MAX_TOP_K 32
-#endif
 /* Largest E_local a plan accepts. The global E may be larger (expert parallelism). */
 #define MOEKIT_PLAN_MAX_LOCAL_EXPERTS 4096
 

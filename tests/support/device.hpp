@@ -61,8 +61,10 @@ class DeviceBuffer {
   }
   size_t bytes() const { return bytes_; }
 
-  void poison() {
-    if (ptr_ && cudaMemset(ptr_, kPoisonByte, bytes_) != cudaSuccess)
+  // Fills every byte with `byte` (default 0xff: NaN floats, -1 ints; pick another where -1 is a
+  // legitimate value, e.g. the plan's sentinel).
+  void poison(int byte = kPoisonByte) {
+    if (ptr_ && cudaMemset(ptr_, byte, bytes_) != cudaSuccess)
       throw std::runtime_error("cudaMemset failed");
   }
   void zero() {
@@ -94,9 +96,9 @@ class DeviceBuffer {
 };
 
 // True when every byte equals the poison byte (nothing was written).
-inline bool still_poisoned(const DeviceBuffer& b) {
+inline bool still_poisoned(const DeviceBuffer& b, int poison_byte = kPoisonByte) {
   for (uint8_t byte : b.to_host<uint8_t>())
-    if (byte != kPoisonByte) return false;
+    if (byte != static_cast<uint8_t>(poison_byte)) return false;
   return true;
 }
 
