@@ -16,6 +16,7 @@ mkdir -p "$OUT"
 STAGES=${STAGES:-"build test sanitize bench compare"}
 FAMILIES=${FAMILIES:-"router tokens experts layer"}
 BUILD=${MOEKIT_BUILD_DIR:-build-gpu}
+case $BUILD in /*) ;; *) BUILD=$PWD/$BUILD ;; esac
 ARCHS=${MOEKIT_GPU_ARCHS:-90}
 JOBS=${MOEKIT_JOBS:-$(nproc)}
 LOG="$OUT/log.txt"
@@ -70,7 +71,7 @@ if has bench; then
 fi
 
 if has compare; then
-  export MOEKIT_LIB="$PWD/$BUILD/libmoekit.so"
+  export MOEKIT_LIB="$BUILD/libmoekit.so"
   for fam in $FAMILIES; do
     script="bench/$fam/compare_torch.py"
     [ -f "$script" ] || continue
