@@ -60,10 +60,7 @@
 extern "C" {
 #endif
 
-/* Largest K any call accepts (the same limit as the router's). */
-#ifndef MOEKIT_MAX_TOP_K
-#define MOEKIT_MAX_TOP_K 32
-#endif
+/* K is limited by MOEKIT_MAX_TOP_K (moekit/status.h), as in every family. */
 /* Largest number of EP ranks. */
 #define MOEKIT_EP_MAX_RANKS 1024
 /* Largest E an EP configuration accepts. */

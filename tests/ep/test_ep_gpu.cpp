@@ -44,7 +44,9 @@ using moekit::test::DeviceBuffer;
 using namespace moekit::test::ep;
 
 constexpr size_t kGuardBytes = 4096;
-constexpr uint8_t kPoison = 0xff;
+// Not 0xff: -1 is a legitimate value here (gap rows' ids and source tokens), so an unwritten -1
+// must not pass for a written one. 0xa7a7a7a7 is neither -1, 0, a small index nor NaN.
+constexpr uint8_t kPoison = 0xa7;
 
 // ---- device buffers with guard regions, stream-ordered --------------------------------------
 
