@@ -8,7 +8,7 @@
 //   moekit-bench-ep --preset=deepseek-v3 --json=out.json
 //   moekit-bench-ep --tokens=4096 --hidden=7168 --top-k=8 --experts=256 --gpus=4 --chunks=1,4
 //
-// Preset deepseek-v3 (the default): T = 4096 tokens per rank, H = 7168 bf16, K = 8, E = 256,
+// Preset deepseek-v3 (the default; "all" is the same): T = 4096 tokens per rank, H = 7168 bf16, K = 8, E = 256,
 // uniform random routing (K distinct experts per token) with a fixed --seed. Overrides: --tokens
 // --hidden --top-k --experts --gpus --modes=exact,capacity --chunks=1,2,4,8 --warmup --repeats
 // --seed.
@@ -396,9 +396,10 @@ int main(int argc, char** argv) {
                 "[--repeats=] [--seed=] [--json=PATH | --out=PATH]\n");
     return 0;
   }
+  // "all" (what scripts/gpu-check.sh passes every benchmark) is the one preset there is.
   const std::string preset = args.get("preset", "deepseek-v3");
-  if (preset != "deepseek-v3") {
-    std::fprintf(stderr, "unknown --preset=%s (known: deepseek-v3)\n", preset.c_str());
+  if (preset != "deepseek-v3" && preset != "all") {
+    std::fprintf(stderr, "unknown --preset=%s (known: deepseek-v3, all)\n", preset.c_str());
     return 2;
   }
   Shape sh;

@@ -153,7 +153,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--moekit", default=None, help="JSON written by moekit-bench-ep in this run")
+    ap.add_argument("--moekit", default=None, help="JSON written by moekit-bench-ep in this run "
+                                                   "(default: bench-ep.json beside --out, if any)")
     ap.add_argument("--out", default=None, help="result JSON file, or a directory for "
                                                 "ep-<N>gpu-<gpu>.json")
     args = ap.parse_args()
@@ -163,6 +164,11 @@ def main():
         return 2
     moekit = None
     payload = None
+    if args.moekit is None and args.out:
+        # scripts/gpu-check.sh writes moekit-bench-ep's JSON as bench-ep.json next to --out.
+        sibling = os.path.join(os.path.dirname(os.path.abspath(args.out)), "bench-ep.json")
+        if not (args.out.endswith("/") or os.path.isdir(args.out)) and os.path.exists(sibling):
+            args.moekit = sibling
     if args.moekit:
         with open(args.moekit) as f:
             moekit = json.load(f)

@@ -160,8 +160,13 @@ struct RankContext {
 
 // Runs body(ctx) for ranks 0 .. n-1 on their own threads and devices and returns the failures
 // (empty when every rank passed). Ends the process if the ranks are not done in timeout_s.
+// $MOEKIT_EP_TEST_TIMEOUT (seconds) overrides timeout_s, e.g. under compute-sanitizer.
 inline std::vector<std::string> run_ranks(int n, const std::function<void(RankContext&)>& body,
                                           int timeout_s = 120) {
+  if (const char* t = std::getenv("MOEKIT_EP_TEST_TIMEOUT")) {
+    const int v = std::atoi(t);
+    if (v > 0) timeout_s = v;
+  }
   const std::vector<ncclComm_t>& comms = communicators(n);
   std::vector<std::string> failures;
   std::mutex failures_mutex;

@@ -420,9 +420,16 @@ TEST_CASE("ep gpu: exact mode moves exactly the reference's rows and sums", "[gp
   run_case({"exact bf16 E=256n K=32", 256, 32, 16, MOEKIT_DTYPE_BF16, -1, MOEKIT_EP_MODE_EXACT,
             2, 0, {200, 77}, 0.0, 0.05, 0.0, 0.0},
            4, false);
+}
+
+TEST_CASE("ep gpu: exact mode at a realistic size (T=2048, H=1024, K=8, 4 chunks)",
+          "[gpu][ep][large]") {
   run_case({"exact bf16 K8 T=2048 H=1024 4 chunks", 32, 8, 1024, MOEKIT_DTYPE_BF16, -1,
             MOEKIT_EP_MODE_EXACT, 4, 0, {2048}, 0.0, 0.0, 0.0, 0.0},
            5, false);
+  run_case({"capacity bf16 K8 T=2048 H=1024 4 chunks", 32, 8, 1024, MOEKIT_DTYPE_BF16, -1,
+            MOEKIT_EP_MODE_CAPACITY, 4, 0, {2048}, 0.0, 0.0, 0.0, 0.0},
+           10, false);
 }
 
 TEST_CASE("ep gpu: capacity mode, with and without overflow", "[gpu][ep]") {
