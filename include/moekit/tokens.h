@@ -196,7 +196,9 @@ MOEKIT_API moekit_status_t moekit_tokens_permute(const moekit_plan_config_t* con
 
 /*
  * Combine (unpermute): y[t] = sum_k w[t K + k] yp[row(t, k)] over the slots of t that have a row,
- * in ascending k, accumulated in fp32 and rounded once to dtype; 0 for a token with no rows.
+ * in ascending k, accumulated in fp32 from +0 (acc = fmaf(w, yp, acc)) and rounded once to dtype;
+ * +0 for a token with no rows (masked, all slots dropped or non-local), and +0 where every term
+ * is a zero of either sign (as torch.zeros().index_add_() gives). NaN and inf propagate.
  *   plan         [in, host]    reads row_of_slot.
  *   yp           [in, device]  [max_rows, H] contiguous (rows without a slot are not read).
  *   weights      [in, device]  [T, K] fp32, or NULL for the unweighted sum (the weight was
@@ -214,7 +216,8 @@ MOEKIT_API moekit_status_t moekit_tokens_combine(const moekit_plan_config_t* con
 
 /*
  * Backward of permute:
- *   grad_x[t] = sum_k grad_xp[row(t, k)] in ascending k, fp32, rounded once (0 for no rows);
+ *   grad_x[t] = sum_k grad_xp[row(t, k)] in ascending k, fp32 from +0, rounded once (+0 for no
+ *               rows), exactly as the unweighted combine;
  *   grad_weights[t K + k] = grad_row_weights[row(t, k)] (0 for a slot with no row).
  *   plan              [in, host]    reads row_of_slot.
  *   grad_xp           [in, device]  [max_rows, H] contiguous.

@@ -10,6 +10,7 @@
 #include <climits>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -619,44 +620,95 @@ TEST_CASE("permute, combine and backwards in f16", "[gpu][tokens][movement]") {
   for (const auto& mc : movement_cases(MOEKIT_DTYPE_F16)) check_movement_case(rng, mc);
 }
 
+namespace {
+
+// Random values of `dtype` with about 1 % specials mixed in: -0, +0, +-inf, NaN, the largest
+// finite value of the dtype (twice it overflows) and the smallest subnormal of the dtype.
+std::vector<float> values_with_specials(std::mt19937_64& rng, moekit_dtype_t dtype, size_t n) {
+  auto v = random_values(rng, dtype, n);
+  const float inf = std::numeric_limits<float>::infinity();
+  const float largest = dtype == MOEKIT_DTYPE_F32    ? std::numeric_limits<float>::max()
+                        : dtype == MOEKIT_DTYPE_F16 ? 65504.0f
+                                                     : moekit::test::bf16_bits_to_float(0x7f7f);
+  const float tiniest = dtype == MOEKIT_DTYPE_F32    ? std::numeric_limits<float>::denorm_min()
+                        : dtype == MOEKIT_DTYPE_F16 ? 0x1p-24f
+                                                     : moekit::test::bf16_bits_to_float(0x0001);
+  const float specials[] = {-0.0f, 0.0f, inf, -inf, std::numeric_limits<float>::quiet_NaN(),
+                            largest, -largest, tiniest, -tiniest};
+  std::bernoulli_distribution special(0.01);
+  std::uniform_int_distribution<int> which(0, 8);
+  for (auto& x : v)
+    if (special(rng)) x = specials[which(rng)];
+  return v;
+}
+
+}  // namespace
+
+// Every real token has K rows holding its x (distinct local experts, no capacity) and a masked
+// token has none, so the unweighted combine of the permuted rows is K x for a real token and
+// zeros for a masked one. Bitwise for every dtype, against the documented arithmetic: the rows'
+// values added in fp32 from +0 in k order (fmaf(1, v, acc)), rounded once. So a token with no
+// rows is +0 whatever x holds (not 0 * x, which is -0 for negative x and NaN for NaN), and a sum
+// of -0 terms is +0 (as torch.zeros(...).index_add_ gives). For 16-bit types this is also the
+// closed form round(rows * x): rows <= 32 times a 16-bit value is exact in fp32 (or +-inf both
+// ways), checked on its own.
 TEST_CASE("round trip: permute then unweighted combine gives (rows of t) x", "[gpu][tokens][movement]") {
   auto rng = moekit::test::make_rng(0x91b3);
   for (moekit_dtype_t dt : {MOEKIT_DTYPE_BF16, MOEKIT_DTYPE_F16, MOEKIT_DTYPE_F32}) {
     for (int K : {1, 2, 8, 32}) {
-      const auto cfg = plan_config(64, K, 8);
-      const int64_t T = 333, H = 264;
-      INFO(dtype_name(dt) << " K=" << K);
-      Stream stream;
-      Routed r(rng, moekit::test::PlanCase{T, cfg, Routing::kDistinct, 0, 0.9});
-      DevicePlan d(cfg, T);
-      MOEKIT_REQUIRE_OK(d.build(r, stream.s));
-      const auto x = random_values(rng, dt, T * H);
-      DeviceBuffer d_x = DeviceBuffer::from(moekit::test::pack(dt, x));
-      DeviceBuffer xp(d.max_rows * H * moekit::test::dtype_bytes(dt));
-      DeviceBuffer y(T * H * moekit::test::dtype_bytes(dt));
-      fill(y, 0xff);
-      MOEKIT_REQUIRE_OK(moekit_tokens_permute(&cfg, &d.plan, T, H, dt, d_x.get(), H, nullptr, xp.get(),
-                                              nullptr, stream.s));
-      MOEKIT_REQUIRE_OK(moekit_tokens_combine(&cfg, &d.plan, T, H, dt, xp.get(), nullptr, y.get(), H,
-                                              stream.s));
-      CUDA_REQUIRE(cudaStreamSynchronize(stream.s));
-      const auto plan = d.download();
-      const auto got = moekit::test::unpack(dt, y.to_host<uint8_t>());
-      for (int64_t t = 0; t < T; ++t) {
-        int rows = 0;
-        for (int k = 0; k < K; ++k) rows += plan.row_of_slot[t * K + k] >= 0;
-        if (r.mask[t] == 0) REQUIRE(rows == 0);
-        for (int64_t h = 0; h < H; ++h) {
-          const float v = x[t * H + h];
-          const float g = got[t * H + h];
-          if (dt == MOEKIT_DTYPE_F32) {
-            // rows * x may need more than 24 bits: within the f32 tolerance.
-            REQUIRE(moekit::test::close(g, rows * static_cast<double>(v), moekit::test::tolerance_for(dt)));
-          } else {
-            // 16-bit inputs times at most 32 are exact in fp32: one rounding gives exactly this.
-            REQUIRE(same_bits(g, moekit::test::round_to(dt, static_cast<float>(rows) * v)));
+      for (int64_t H : {264, 263}) {  // 16-byte rows (vector path) and odd rows (scalar path)
+        const auto cfg = plan_config(64, K, 8);
+        const int64_t T = 333;
+        INFO(dtype_name(dt) << " K=" << K << " H=" << H);
+        Stream stream;
+        Routed r(rng, moekit::test::PlanCase{T, cfg, Routing::kDistinct, 0, 0.9});
+        DevicePlan d(cfg, T);
+        MOEKIT_REQUIRE_OK(d.build(r, stream.s));
+        const auto x = values_with_specials(rng, dt, T * H);
+        DeviceBuffer d_x = DeviceBuffer::from(moekit::test::pack(dt, x));
+        DeviceBuffer xp(d.max_rows * H * moekit::test::dtype_bytes(dt));
+        DeviceBuffer y(T * H * moekit::test::dtype_bytes(dt));
+        fill(y, 0xff);
+        MOEKIT_REQUIRE_OK(moekit_tokens_permute(&cfg, &d.plan, T, H, dt, d_x.get(), H, nullptr, xp.get(),
+                                                nullptr, stream.s));
+        MOEKIT_REQUIRE_OK(moekit_tokens_combine(&cfg, &d.plan, T, H, dt, xp.get(), nullptr, y.get(), H,
+                                                stream.s));
+        CUDA_REQUIRE(cudaStreamSynchronize(stream.s));
+        const auto plan = d.download();
+        const auto got = moekit::test::unpack(dt, y.to_host<uint8_t>());
+        int64_t masked = 0;
+        for (int64_t t = 0; t < T; ++t) {
+          int rows = 0;
+          for (int k = 0; k < K; ++k) rows += plan.row_of_slot[t * K + k] >= 0;
+          REQUIRE(rows == (r.mask[t] != 0 ? K : 0));
+          masked += rows == 0;
+          for (int64_t h = 0; h < H; ++h) {
+            const float v = x[t * H + h];
+            const float g = got[t * H + h];
+            float acc = 0.0f;
+            for (int j = 0; j < rows; ++j) acc = std::fmaf(1.0f, v, acc);
+            const float want = moekit::test::round_to(dt, acc);
+            const bool ok = std::isnan(want) ? std::isnan(g) : same_bits(want, g);
+            // The closed form, independent of the emulation.
+            bool closed_ok = true;
+            if (rows == 0 || v == 0.0f) {
+              closed_ok = same_bits(g, 0.0f);
+            } else if (std::isnan(v)) {
+              closed_ok = std::isnan(g);
+            } else if (dt != MOEKIT_DTYPE_F32) {
+              closed_ok = same_bits(g, moekit::test::round_to(dt, static_cast<float>(rows) * v));
+            } else if (std::isfinite(g)) {  // rows * x in f32 may need more than 24 bits
+              closed_ok = moekit::test::close(g, rows * static_cast<double>(v), moekit::test::tolerance_for(dt));
+            }
+            if (!ok || !closed_ok) {
+              INFO("y[" << t << ", " << h << "]: rows " << rows << ", x " << v << ", emulated " << want
+                        << ", device " << g << (std::signbit(g) ? " (sign bit set)" : ""));
+              REQUIRE(ok);
+              REQUIRE(closed_ok);
+            }
           }
         }
+        REQUIRE(masked > 0);  // the +0 rule for tokens without rows was exercised
       }
     }
   }
