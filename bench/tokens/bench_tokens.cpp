@@ -16,14 +16,20 @@
 //   permute backward   real H + T H, plus the gathered row-weight gradients
 //   combine backward   T H (dy) + total H (dyp) + real H (yp, for the weight gradients)
 // where real = rows that carry a slot (T K without drops or masks) and total includes padding.
-// Before timing, the plan of every shape is compared with the CPU reference and sampled tokens
-// of every op are checked; a mismatch aborts.
+// Every timed call reads its inputs from DRAM: the plan rotates over copies of the indices (and
+// weights) and plans, the movement ops over copies of every tensor they touch, with enough
+// copies that one round is at least twice the L2 (at least 2 copies while memory allows; the
+// counts are in the JSON as rotated_copies).
+// Before timing, the plan of every shape (and of every copy) is compared with the CPU reference
+// and sampled tokens of every op are checked; a mismatch aborts.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -66,7 +72,7 @@ struct Buffer {
   T* as() const { return static_cast<T*>(p); }
   template <class T>
   void upload(const std::vector<T>& v) {
-    BENCH_CUDA(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+    if (!v.empty()) BENCH_CUDA(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
   }
   template <class T>
   std::vector<T> download(size_t n) const {
@@ -109,6 +115,16 @@ std::vector<float> random_values(std::mt19937_64& rng, moekit_dtype_t dt, size_t
   return v;
 }
 
+// How many copies to rotate over so that one round of calls (each touching `per_call` bytes)
+// is at least twice the L2: at least 2, fewer only when `budget` (what all copies of
+// `set_bytes` each together may use) runs short or nothing is read, never below 1, at most 4096.
+int rotation_copies(double per_call, double set_bytes, double l2_bytes, double budget) {
+  if (per_call < 1.0) return 1;  // T = 0: nothing is read
+  double n = std::max(2.0, std::ceil(2.0 * l2_bytes / per_call) + 1.0);
+  n = std::min(n, std::floor(budget / std::max(set_bytes, 1.0)));
+  return static_cast<int>(std::max(1.0, std::min(n, 4096.0)));
+}
+
 struct Result {
   std::string op;
   moekit::bench::Timing timing;
@@ -145,41 +161,68 @@ void run_shape(const Shape& shape, const moekit::bench::Args& args, moekit_dtype
   MOEKIT_OK(moekit_plan_max_rows(&cfg, T, &max_rows));
   MOEKIT_OK(moekit_plan_workspace_size(&cfg, T, &ws_bytes));
   MOEKIT_OK(moekit_plan_buffer_size(&cfg, T, &plan_bytes));
-  Buffer d_idx(indices.size() * 4), d_w(weights.size() * 4), ws(ws_bytes), plan_buf(plan_bytes);
-  d_idx.upload(indices);
-  d_w.upload(weights);
-  moekit_token_plan_t plan;
-  MOEKIT_OK(moekit_token_plan_init(&plan, sizeof(plan)));
-  MOEKIT_OK(moekit_plan_bind(&cfg, T, plan_buf.p, plan_bytes, &plan));
+  const size_t slots = static_cast<size_t>(T) * K;
+  const size_t token_bytes = static_cast<size_t>(T) * H * es;
+  const size_t rows_bytes = static_cast<size_t>(max_rows) * H * es;
+  Buffer ws(ws_bytes);
 
-  // Two copies of every large input, alternated between repeats.
+  // Rotation sets: the plan's inputs with the plan they build, and every tensor a movement op
+  // touches. Set 0 is validated; the others are copies of it (checked too).
+  struct PlanSet {
+    Buffer idx, w, buf;
+    moekit_token_plan_t plan{};
+    PlanSet(size_t n_slots, size_t plan_buffer) : idx(n_slots * 4), w(n_slots * 4), buf(plan_buffer) {}
+  };
+  struct MoveSet {
+    Buffer x, xp, rw, y, dyp, dw, dx, dw2;
+    MoveSet(size_t token, size_t rows, int64_t n_rows, size_t n_slots)
+        : x(token), xp(rows), rw(n_rows * 4), y(token), dyp(rows), dw(n_slots * 4), dx(token), dw2(n_slots * 4) {}
+  };
+  const double plan_set_bytes = slots * 8.0 + plan_bytes;
+  const double move_set_bytes = 4.0 * token_bytes + 2.0 * rows_bytes + max_rows * 4.0 + slots * 8.0;
+  std::vector<std::unique_ptr<PlanSet>> plans;
+  std::vector<std::unique_ptr<MoveSet>> moves;
+  auto add_plan_set = [&] {
+    plans.push_back(std::make_unique<PlanSet>(slots, plan_bytes));
+    PlanSet& ps = *plans.back();
+    ps.idx.upload(indices);
+    ps.w.upload(weights);
+    MOEKIT_OK(moekit_token_plan_init(&ps.plan, sizeof(ps.plan)));
+    MOEKIT_OK(moekit_plan_bind(&cfg, T, ps.buf.p, plan_bytes, &ps.plan));
+  };
+  auto build = [&](const PlanSet& ps) {
+    MOEKIT_OK(moekit_plan_build(&cfg, T, ps.idx.as<int32_t>(), ps.w.as<float>(), nullptr, &ps.plan, ws.p,
+                                ws_bytes, stream));
+  };
+  add_plan_set();
+  moves.push_back(std::make_unique<MoveSet>(token_bytes, rows_bytes, max_rows, slots));
+  const PlanSet& p0 = *plans[0];
+  MoveSet& m0 = *moves[0];
   const auto x = random_values(rng, dt, T * H);
-  Buffer x0(T * H * es), x1(T * H * es), xp(max_rows * H * es), rw(max_rows * 4), y(T * H * es),
-      dyp(max_rows * H * es), dw(T * K * 4), dx(T * H * es), dw2(T * K * 4);
-  x0.upload(moekit::test::pack(dt, x));
-  BENCH_CUDA(cudaMemcpy(x1.p, x0.p, x0.bytes, cudaMemcpyDeviceToDevice));
-  const Buffer* xs[2] = {&x0, &x1};
+  m0.x.upload(moekit::test::pack(dt, x));
 
   // ---- validate ----
-  MOEKIT_OK(moekit_plan_build(&cfg, T, d_idx.as<int32_t>(), d_w.as<float>(), nullptr, &plan, ws.p, ws_bytes, stream));
+  build(p0);
   BENCH_CUDA(cudaStreamSynchronize(stream));
   const auto ref_cfg = moekit::ref::resolve(cfg);
   const auto want = moekit::ref::build_plan(ref_cfg, T, indices, weights, {});
-  {
-    std::vector<int32_t> got_rows(T * K), got_totals(3);
-    BENCH_CUDA(cudaMemcpy(got_rows.data(), plan.row_of_slot, T * K * 4, cudaMemcpyDeviceToHost));
-    BENCH_CUDA(cudaMemcpy(got_totals.data(), plan.totals, 12, cudaMemcpyDeviceToHost));
+  auto check_plan = [&](const PlanSet& ps) {
+    std::vector<int32_t> got_rows(slots), got_totals(3);
+    if (slots) BENCH_CUDA(cudaMemcpy(got_rows.data(), ps.plan.row_of_slot, slots * 4, cudaMemcpyDeviceToHost));
+    BENCH_CUDA(cudaMemcpy(got_totals.data(), ps.plan.totals, 12, cudaMemcpyDeviceToHost));
     if (got_rows != want.row_of_slot) die(shape.name + ": row_of_slot differs from the reference");
     if (got_totals[0] != want.total || got_totals[1] != want.dropped || got_totals[2] != want.invalid)
       die(shape.name + ": totals differ from the reference");
-  }
+  };
+  check_plan(p0);
   const int64_t total = want.total;
   int64_t real = 0;
   for (int32_t r : want.row_of_slot) real += r >= 0;
-  MOEKIT_OK(moekit_tokens_permute(&cfg, &plan, T, H, dt, x0.p, H, d_w.as<float>(), xp.p, rw.as<float>(), stream));
-  MOEKIT_OK(moekit_tokens_combine(&cfg, &plan, T, H, dt, xp.p, d_w.as<float>(), y.p, H, stream));
+  MOEKIT_OK(moekit_tokens_permute(&cfg, &p0.plan, T, H, dt, m0.x.p, H, p0.w.as<float>(), m0.xp.p, m0.rw.as<float>(),
+                                  stream));
+  MOEKIT_OK(moekit_tokens_combine(&cfg, &p0.plan, T, H, dt, m0.xp.p, p0.w.as<float>(), m0.y.p, H, stream));
   BENCH_CUDA(cudaStreamSynchronize(stream));
-  {
+  if (T > 0) {
     // Sampled tokens: every row of the token equals x[t]; y[t] = sum_k w x[t] within tolerance.
     std::uniform_int_distribution<int64_t> pick(0, T - 1);
     const auto tol = moekit::test::tolerance_for(dt);
@@ -191,12 +234,12 @@ void run_shape(const Shape& shape, const moekit::bench::Args& args, moekit_dtype
         const int32_t r = want.row_of_slot[t * K + k];
         if (r < 0) continue;
         wsum += weights[t * K + k];
-        BENCH_CUDA(cudaMemcpy(bytes.data(), xp.as<char>() + r * H * es, H * es, cudaMemcpyDeviceToHost));
+        BENCH_CUDA(cudaMemcpy(bytes.data(), m0.xp.as<char>() + r * H * es, H * es, cudaMemcpyDeviceToHost));
         const auto row = moekit::test::unpack(dt, bytes);
         for (int64_t h = 0; h < H; ++h)
           if (row[h] != x[t * H + h]) die(shape.name + ": permuted row differs from its token");
       }
-      BENCH_CUDA(cudaMemcpy(bytes.data(), y.as<char>() + t * H * es, H * es, cudaMemcpyDeviceToHost));
+      BENCH_CUDA(cudaMemcpy(bytes.data(), m0.y.as<char>() + t * H * es, H * es, cudaMemcpyDeviceToHost));
       const auto got = moekit::test::unpack(dt, bytes);
       for (int64_t h = 0; h < H; ++h)
         if (!moekit::test::close(got[h], moekit::test::round_to(dt, static_cast<float>(wsum * x[t * H + h])), tol))
@@ -204,53 +247,71 @@ void run_shape(const Shape& shape, const moekit::bench::Args& args, moekit_dtype
     }
   }
 
+  // ---- rotation copies ----
+  const double row_bytes = static_cast<double>(H) * es;
+  const double permute_bytes = T * row_bytes + total * row_bytes + T * K * 8.0 + total * 4.0;
+  const double combine_bytes = real * row_bytes + T * row_bytes + T * K * 8.0;
+  const double combine_unweighted_bytes = real * row_bytes + T * row_bytes + T * K * 4.0;
+  const double permute_backward_bytes = real * row_bytes + T * row_bytes + T * K * 12.0;
+  const double combine_backward_bytes = T * row_bytes + total * row_bytes + real * row_bytes + T * K * 12.0;
+  const double plan_call_bytes = T * K * 4.0 * 2 + total * 4.0;  // indices, row_of_slot, slot_of_row
+  int device = 0, l2_int = 0;
+  BENCH_CUDA(cudaGetDevice(&device));
+  BENCH_CUDA(cudaDeviceGetAttribute(&l2_int, cudaDevAttrL2CacheSize, device));
+  const double l2 = l2_int;
+  size_t free_bytes = 0, device_bytes = 0;
+  BENCH_CUDA(cudaMemGetInfo(&free_bytes, &device_bytes));
+  const double spare = 0.8 * static_cast<double>(free_bytes);  // what the further copies may use
+  const int plan_copies = rotation_copies(plan_call_bytes, plan_set_bytes, l2, 0.1 * spare + plan_set_bytes);
+  const double smallest_move = std::min({permute_bytes, combine_bytes, combine_unweighted_bytes,
+                                         permute_backward_bytes, combine_backward_bytes});
+  const int move_copies = rotation_copies(smallest_move, move_set_bytes, l2, 0.9 * spare + move_set_bytes);
+  while (static_cast<int>(plans.size()) < plan_copies) {
+    add_plan_set();
+    build(*plans.back());
+  }
+  BENCH_CUDA(cudaStreamSynchronize(stream));
+  for (const auto& ps : plans) check_plan(*ps);
+  while (static_cast<int>(moves.size()) < move_copies) {
+    moves.push_back(std::make_unique<MoveSet>(token_bytes, rows_bytes, max_rows, slots));
+    MoveSet& m = *moves.back();
+    // The inputs the ops read: x (also dy), xp (also yp and dxp) and rw (also d_row_weights).
+    BENCH_CUDA(cudaMemcpy(m.x.p, m0.x.p, token_bytes, cudaMemcpyDeviceToDevice));
+    BENCH_CUDA(cudaMemcpy(m.xp.p, m0.xp.p, rows_bytes, cudaMemcpyDeviceToDevice));
+    BENCH_CUDA(cudaMemcpy(m.rw.p, m0.rw.p, max_rows * 4, cudaMemcpyDeviceToDevice));
+  }
+  auto P = [&](int i) -> const PlanSet& { return *plans[i % plan_copies]; };
+  auto M = [&](int i) -> MoveSet& { return *moves[i % move_copies]; };
+
   // ---- time ----
   std::vector<Result> results;
   auto floor_us = [&](double bytes) { return bytes / copy_bw * 1e6; };
-  const double row_bytes = static_cast<double>(H) * es;
-  {
-    const auto t = moekit::bench::time_us(stream, warmup, repeats, [&](int) {
-      moekit_plan_build(&cfg, T, d_idx.as<int32_t>(), d_w.as<float>(), nullptr, &plan, ws.p, ws_bytes, stream);
-    });
-    const double bytes = T * K * 4.0 * 2 + total * 4.0;  // indices, row_of_slot, slot_of_row
-    results.push_back({"plan", t, bytes, floor_us(bytes)});
-  }
-  {
-    const auto t = moekit::bench::time_us(stream, warmup, repeats, [&](int i) {
-      moekit_tokens_permute(&cfg, &plan, T, H, dt, xs[i % 2]->p, H, d_w.as<float>(), xp.p, rw.as<float>(), stream);
-    });
-    const double bytes = T * row_bytes + total * row_bytes + T * K * 8.0 + total * 4.0;
-    results.push_back({"permute", t, bytes, floor_us(bytes)});
-  }
-  {
-    const auto t = moekit::bench::time_us(stream, warmup, repeats, [&](int) {
-      moekit_tokens_combine(&cfg, &plan, T, H, dt, xp.p, d_w.as<float>(), y.p, H, stream);
-    });
-    const double bytes = real * row_bytes + T * row_bytes + T * K * 8.0;
-    results.push_back({"combine", t, bytes, floor_us(bytes)});
-  }
-  {
-    const auto t = moekit::bench::time_us(stream, warmup, repeats, [&](int) {
-      moekit_tokens_combine(&cfg, &plan, T, H, dt, xp.p, nullptr, y.p, H, stream);
-    });
-    const double bytes = real * row_bytes + T * row_bytes + T * K * 4.0;
-    results.push_back({"combine_unweighted", t, bytes, floor_us(bytes)});
-  }
-  {
-    const auto t = moekit::bench::time_us(stream, warmup, repeats, [&](int) {
-      moekit_tokens_permute_backward(&cfg, &plan, T, H, dt, xp.p, rw.as<float>(), dx.p, H, dw2.as<float>(), stream);
-    });
-    const double bytes = real * row_bytes + T * row_bytes + T * K * 12.0;
-    results.push_back({"permute_backward", t, bytes, floor_us(bytes)});
-  }
-  {
-    const auto t = moekit::bench::time_us(stream, warmup, repeats, [&](int i) {
-      moekit_tokens_combine_backward(&cfg, &plan, T, H, dt, xs[i % 2]->p, H, d_w.as<float>(), xp.p, dyp.p,
-                                     dw.as<float>(), stream);
-    });
-    const double bytes = T * row_bytes + total * row_bytes + real * row_bytes + T * K * 12.0;
-    results.push_back({"combine_backward", t, bytes, floor_us(bytes)});
-  }
+  // run(i) gets a call counter that keeps counting from the warm-up into the timed calls, so the
+  // first timed calls do not reuse the sets the warm-up just touched.
+  auto time_op = [&](const char* op, double bytes, const std::function<void(int)>& run) {
+    int calls = 0;
+    const auto t = moekit::bench::time_us(stream, warmup, repeats, [&](int) { run(calls++); });
+    results.push_back({op, t, bytes, floor_us(bytes)});
+  };
+  time_op("plan", plan_call_bytes, [&](int i) { build(P(i)); });
+  time_op("permute", permute_bytes, [&](int i) {
+    MOEKIT_OK(moekit_tokens_permute(&cfg, &P(i).plan, T, H, dt, M(i).x.p, H, P(i).w.as<float>(), M(i).xp.p,
+                                    M(i).rw.as<float>(), stream));
+  });
+  time_op("combine", combine_bytes, [&](int i) {
+    MOEKIT_OK(moekit_tokens_combine(&cfg, &P(i).plan, T, H, dt, M(i).xp.p, P(i).w.as<float>(), M(i).y.p, H, stream));
+  });
+  time_op("combine_unweighted", combine_unweighted_bytes, [&](int i) {
+    MOEKIT_OK(moekit_tokens_combine(&cfg, &P(i).plan, T, H, dt, M(i).xp.p, nullptr, M(i).y.p, H, stream));
+  });
+  time_op("permute_backward", permute_backward_bytes, [&](int i) {
+    MOEKIT_OK(moekit_tokens_permute_backward(&cfg, &P(i).plan, T, H, dt, M(i).xp.p, M(i).rw.as<float>(), M(i).dx.p,
+                                             H, M(i).dw2.as<float>(), stream));
+  });
+  time_op("combine_backward", combine_backward_bytes, [&](int i) {
+    MOEKIT_OK(moekit_tokens_combine_backward(&cfg, &P(i).plan, T, H, dt, M(i).x.p, H, P(i).w.as<float>(), M(i).xp.p,
+                                             M(i).dyp.p, M(i).dw.as<float>(), stream));
+  });
   BENCH_CUDA(cudaGetLastError());
 
   Json ops = Json::array();
@@ -291,6 +352,9 @@ void run_shape(const Shape& shape, const moekit::bench::Args& args, moekit_dtype
                        .set("total_rows", total)
                        .set("real_rows", real)
                        .set("max_rows", max_rows)
+                       .set("l2_bytes", static_cast<int64_t>(l2_int))
+                       .set("plan_rotated_copies", plan_copies)
+                       .set("move_rotated_copies", move_copies)
                        .set("ops", ops));
 }
 

@@ -8,7 +8,10 @@ tensors) against
 eager and under torch.compile. moekit's outputs are checked against PyTorch's first (the permuted
 rows must be identical: both are the stable expert-major order; the combine within bf16
 tolerance). The floor is each input read once and each output written once over the measured
-device-to-device copy bandwidth.
+device-to-device copy bandwidth. Every timed call, moekit's and PyTorch's alike, reads its inputs
+from DRAM: calls rotate over copies of the routing (indices, weights, plan, sort order) and of
+the token/row tensors, enough that one round touches at least twice the L2 (the plan's inputs are
+well under a megabyte, so they need many copies; the large tensors at least 2).
 
     python3 bench/tokens/compare_torch.py --out=bench/results/tokens-h100.json
     python3 bench/tokens/compare_torch.py --shapes=deepseek --repeats=100
@@ -68,7 +71,7 @@ def api():
 class Moekit:
     """A plan for T tokens with its device buffers (all torch tensors), and the three calls."""
 
-    def __init__(self, fns, tokens, top_k, experts):
+    def __init__(self, fns, tokens, top_k, experts, workspace=None):
         self.f = fns
         self.T, self.K = tokens, top_k
         self.cfg = PlanConfig()
@@ -80,7 +83,10 @@ class Moekit:
         tb.check(self.f["buffer_size"](ctypes.byref(self.cfg), tokens, ctypes.byref(buf)))
         self.max_rows = rows.value
         # The caching allocator hands out 512-byte aligned blocks: fine for the 256-byte rule.
-        self.workspace = torch.empty(max(ws.value, 1), dtype=torch.uint8, device="cuda")
+        # Plans of the same shape may share one workspace (its content does not survive a call).
+        if workspace is None or workspace.numel() < ws.value:
+            workspace = torch.empty(max(ws.value, 1), dtype=torch.uint8, device="cuda")
+        self.workspace = workspace
         self.buffer = torch.empty(max(buf.value, 1), dtype=torch.uint8, device="cuda")
         self.plan = TokenPlan()
         tb.check(self.f["plan_init"](ctypes.byref(self.plan), ctypes.sizeof(TokenPlan)))
@@ -91,6 +97,9 @@ class Moekit:
         tb.check(self.f["build"](ctypes.byref(self.cfg), self.T, tb.ptr(indices), None, None,
                                  ctypes.byref(self.plan), tb.ptr(self.workspace), self.workspace.numel(),
                                  tb.stream_ptr()))
+
+    def plan_bytes(self):
+        return self.buffer.numel()
 
     def permute(self, x, weights, xp, row_weights):
         tb.check(self.f["permute"](ctypes.byref(self.cfg), ctypes.byref(self.plan), self.T, x.shape[1],
@@ -120,6 +129,15 @@ def torch_combine(yp, weights, order, tokens):
     y = torch.zeros(tokens, yp.shape[1], dtype=torch.float32, device=yp.device)
     y.index_add_(0, order // top_k, yp.float() * w.unsqueeze(1))
     return y.to(yp.dtype)
+
+
+def rotation_copies(per_call, set_bytes, budget):
+    """Copies to rotate over so that one round of calls (each touching per_call bytes) is at least
+    twice the L2: at least 2, fewer only when budget (for all copies of set_bytes each) runs
+    short, never below 1, at most 4096."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    n = max(2, -(-2 * l2 // max(per_call, 1)) + 1)
+    return int(max(1, min(n, budget // max(set_bytes, 1), 4096)))
 
 
 def run_shape(name, shape, fns, copy_bw, args):
@@ -154,25 +172,57 @@ def run_shape(name, shape, fns, copy_bw, args):
         raise SystemExit("%s: moekit's row weights differ from PyTorch's" % name)
     torch.testing.assert_close(y, ref_y, atol=1e-2, rtol=1e-2)
 
+    # ---- rotation copies (set 0 is what was just checked) ----
+    permute_bytes = (T + T * K) * H * es + T * K * 8
+    combine_bytes = (T * K + T) * H * es + T * K * 8
+    plan_call_bytes = T * K * 4 * 2 + total * 4  # indices, row_of_slot, slot_of_row
+    spare = 0.8 * torch.cuda.mem_get_info()[0]
+    route_set_bytes = T * K * (4 + 4 + 8) + m.plan_bytes()  # indices, weights, order, plan
+    move_set_bytes = (2 * T + 2 * m.max_rows) * H * es + m.max_rows * 4  # x, y, xp, ref_xp, row_w
+    n_route = rotation_copies(plan_call_bytes, route_set_bytes, 0.1 * spare + route_set_bytes)
+    n_move = rotation_copies(min(permute_bytes, combine_bytes), move_set_bytes, 0.9 * spare + move_set_bytes)
+    routes = [(indices, weights, m, order)]
+    for _ in range(1, n_route):
+        mk = Moekit(fns, T, K, E, workspace=m.workspace)
+        idx_k = indices.clone()
+        mk.build(idx_k)
+        routes.append((idx_k, weights.clone(), mk, order.clone()))
+    torch.cuda.synchronize()
+    for _, _, mk, _ in routes[1:]:
+        if mk.totals() != [total, dropped, invalid]:
+            raise SystemExit("%s: a copy of the plan has different totals" % name)
+    moves = [(x, xp, row_w, y, ref_xp)]
+    for _ in range(1, n_move):
+        moves.append((x.clone(), xp.clone(), row_w.clone(), torch.empty_like(y), ref_xp.clone()))
+
     # ---- time ----
     rows = []
     reps = dict(warmup=args.warmup, repeats=args.repeats)
-    permute_bytes = (T + T * K) * H * es + T * K * 8
-    combine_bytes = (T * K + T) * H * es + T * K * 8
     floor = lambda b: b / copy_bw * 1e6  # noqa: E731
 
     def add(op, impl, fn, floor_bytes):
         if fn is None:
             return
-        t = tb.time_us(fn, **reps)
+        # A call counter that carries on from the warm-up into the timed calls, so the first
+        # timed calls do not reuse the copies the warm-up just touched.
+        calls = [0]
+
+        def step(_):
+            i = calls[0]
+            calls[0] += 1
+            fn(routes[i % n_route], moves[i % n_move])
+
+        t = tb.time_us(step, **reps)
         f = floor(floor_bytes) if floor_bytes else None
         rows.append(dict(shape=name, op=op, impl=impl, median_us=t["median_us"], min_us=t["min_us"],
-                         floor_us=f, fraction_of_floor=(f / t["median_us"]) if f else None))
+                         floor_us=f, fraction_of_floor=(f / t["median_us"]) if f else None,
+                         routing_copies=n_route, tensor_copies=n_move))
 
-    add("plan", "moekit", lambda i: m.build(indices), None)
-    add("permute", "moekit", lambda i: m.permute(x, weights, xp, row_w), permute_bytes)
-    add("plan+permute", "moekit", lambda i: (m.build(indices), m.permute(x, weights, xp, row_w)), permute_bytes)
-    add("plan+permute", "torch eager", lambda i: torch_permute(x, indices), permute_bytes)
+    add("plan", "moekit", lambda r, v: r[2].build(r[0]), None)
+    add("permute", "moekit", lambda r, v: r[2].permute(v[0], r[1], v[1], v[2]), permute_bytes)
+    add("plan+permute", "moekit", lambda r, v: (r[2].build(r[0]), r[2].permute(v[0], r[1], v[1], v[2])),
+        permute_bytes)
+    add("plan+permute", "torch eager", lambda r, v: torch_permute(v[0], r[0]), permute_bytes)
     cp = tb.try_compile(torch_permute) if not args.no_compile else None
     if cp is not None:
         try:
@@ -181,9 +231,9 @@ def run_shape(name, shape, fns, copy_bw, args):
         except Exception as e:  # pragma: no cover - depends on the machine
             print("torch.compile permute failed: %s" % e, file=sys.stderr)
             cp = None
-    add("plan+permute", "torch.compile", (lambda i: cp(x, indices)) if cp else None, permute_bytes)
-    add("combine", "moekit", lambda i: m.combine(xp, weights, y), combine_bytes)
-    add("combine", "torch eager", lambda i: torch_combine(ref_xp, weights, order, T), combine_bytes)
+    add("plan+permute", "torch.compile", (lambda r, v: cp(v[0], r[0])) if cp else None, permute_bytes)
+    add("combine", "moekit", lambda r, v: r[2].combine(v[1], r[1], v[3]), combine_bytes)
+    add("combine", "torch eager", lambda r, v: torch_combine(v[4], r[1], r[3], T), combine_bytes)
     cc = tb.try_compile(torch_combine) if not args.no_compile else None
     if cc is not None:
         try:
@@ -191,8 +241,8 @@ def run_shape(name, shape, fns, copy_bw, args):
         except Exception as e:  # pragma: no cover
             print("torch.compile combine failed: %s" % e, file=sys.stderr)
             cc = None
-    add("combine", "torch.compile", (lambda i: cc(ref_xp, weights, order, T)) if cc else None, combine_bytes)
-    del xp, row_w, y, ref_xp, ref_y, m
+    add("combine", "torch.compile", (lambda r, v: cc(v[4], r[1], r[3], T)) if cc else None, combine_bytes)
+    del xp, row_w, y, ref_xp, ref_y, m, routes, moves
     torch.cuda.empty_cache()
     return rows
 
