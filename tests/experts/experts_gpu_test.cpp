@@ -7,7 +7,12 @@
 //     empty experts' weight and bias gradients exactly zero;
 //   - bitwise determinism over repeated runs, saved u == recomputed u, CUDA-graph capture (with
 //     the routing changed on the device between replays), garbage offsets stay in bounds;
-//   - the dense MLP in both weight layouts, forward and backward, T = 0, graph capture.
+//   - the dense MLP in both weight layouts, forward and backward, T = 0, graph capture;
+//   - every call of every problem once more inside a cudaStreamCaptureModeGlobal capture, whose
+//     replay must equal the eager run bit for bit: the capture fails on any work the library puts
+//     anywhere but the caller's stream, and the comparison catches timing-dependent results.
+// Ordering: see settle() below. The library runs on cudaStreamNonBlocking streams; the suite's own
+// uploads and poisons run on the legacy default stream, so a device-wide barrier separates them.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -77,7 +82,8 @@ void compare(const char* name, const std::vector<float>& got, const std::vector<
   for (int64_t i = 0; i < rows * cols; ++i) {
     const double g = got[i], w = want[i];
     if (exact) {
-      if (!(g == w || (std::isnan(g) && std::isnan(w)))) {
+      // No NaN passes, not even against a NaN: every exact reference value is finite.
+      if (!(g == w)) {
         INFO("element " << i << " (row " << i / cols << ", col " << i % cols << "): got " << g << ", want " << w);
         REQUIRE(g == w);
       }
@@ -101,6 +107,54 @@ void compare(const char* name, const std::vector<float>& got, const std::vector<
     REQUIRE(rel < tol.norm);
     REQUIRE(max_err <= tol.max * max_ref);
   }
+}
+
+// ---- Ordering between the suite's own device work and the library's ---------------------------
+// DeviceBuffer::from, poison() and zero() run cudaMemcpy / cudaMemset on the legacy default stream.
+// cudaMemset of device memory returns before it has run, cudaMemcpy from pageable memory may
+// return before its DMA has landed, and a cudaStreamNonBlocking stream (what this suite, like a
+// framework's side stream, runs the library on) does not wait for the legacy stream. So before a
+// library call is enqueued, that work must have finished, or a late poison lands on the outputs or
+// on the intermediates in the workspace after the library wrote them (the first H200 run failed
+// that way; compute-sanitizer, which serialises every launch and memset, passed).
+void settle() { CUDA_REQUIRE(cudaDeviceSynchronize()); }
+
+// How a test enqueues library calls: directly, or captured once in cudaStreamCaptureModeGlobal and
+// replayed. The capture fails when a call enqueues on any other stream (the legacy default stream
+// included), synchronises or allocates; the replay must then give the eager run's bits.
+enum class Mode { kEager, kGraph };
+const char* mode_name(Mode m) { return m == Mode::kEager ? "eager" : "graph replay"; }
+
+struct GraphExec {
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  ~GraphExec() {
+    if (exec) cudaGraphExecDestroy(exec);
+    if (graph) cudaGraphDestroy(graph);
+  }
+};
+
+// Runs `calls` (returning the first non-success moekit status, or SUCCESS) on `stream` after
+// settle(), in `mode`, and waits for the stream.
+template <class Calls>
+void run_on(cudaStream_t stream, Mode mode, Calls&& calls) {
+  settle();
+  if (mode == Mode::kEager) {
+    MOEKIT_REQUIRE_OK(calls());
+  } else {
+    GraphExec g;
+    CUDA_REQUIRE(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    const moekit_status_t status = calls();
+    const std::string message = moekit_get_last_error();
+    const cudaError_t end = cudaStreamEndCapture(stream, &g.graph);
+    INFO("captured calls -> " << moekit_status_string(status) << ": " << message);
+    REQUIRE(status == MOEKIT_STATUS_SUCCESS);
+    CUDA_REQUIRE(end);
+    CUDA_REQUIRE(cudaGraphInstantiate(&g.exec, g.graph, 0));
+    CUDA_REQUIRE(cudaGraphLaunch(g.exec, stream));
+  }
+  CUDA_REQUIRE(cudaStreamSynchronize(stream));
+  CUDA_REQUIRE(cudaGetLastError());
 }
 
 bool all_bytes(const std::vector<uint8_t>& b, size_t from, size_t to, uint8_t value) {
@@ -161,9 +215,10 @@ struct Problem {
 struct ForwardRun {
   DeviceBuffer out, u;
   std::vector<float> out_h, u_h;
+  std::vector<uint8_t> raw;  // out's and u's bytes, for bitwise comparisons
 };
 
-ForwardRun run_forward(Problem& P, bool save_u, cudaStream_t stream) {
+ForwardRun run_forward(Problem& P, bool save_u, cudaStream_t stream, Mode mode = Mode::kEager) {
   const int64_t R = P.R();
   const int H = P.spec.hidden, NU = P.spec.nu();
   ForwardRun r;
@@ -177,16 +232,20 @@ ForwardRun run_forward(Problem& P, bool save_u, cudaStream_t stream) {
   MOEKIT_REQUIRE_OK(moekit_experts_forward_workspace_size(&P.config, R, &bytes));
   DeviceBuffer ws(bytes);
   ws.poison();
-  MOEKIT_REQUIRE_OK(moekit_experts_forward(&P.config, R, P.offsets.get<int32_t>(), P.xp.get(), P.pw(), P.wgu.get(),
-                                           P.bgu.get(), P.wd.get(), P.bd.get(), r.u.get(), r.out.get(), ws.get(),
-                                           bytes, stream));
-  CUDA_REQUIRE(cudaStreamSynchronize(stream));
-  CUDA_REQUIRE(cudaGetLastError());
+  INFO("forward, " << mode_name(mode));
+  run_on(stream, mode, [&] {
+    return moekit_experts_forward(&P.config, R, P.offsets.get<int32_t>(), P.xp.get(), P.pw(), P.wgu.get(),
+                                  P.bgu.get(), P.wd.get(), P.bd.get(), r.u.get(), r.out.get(), ws.get(), bytes,
+                                  stream);
+  });
   require_rows_written("out", r.out, P.dtype, P.total(), R, H);
-  r.out_h = moekit::test::unpack(P.dtype, r.out.to_host<uint8_t>());
+  r.raw = r.out.to_host<uint8_t>();
+  r.out_h = moekit::test::unpack(P.dtype, r.raw);
   if (save_u) {
     require_rows_written("u_out", r.u, P.dtype, P.total(), R, NU);
-    r.u_h = moekit::test::unpack(P.dtype, r.u.to_host<uint8_t>());
+    const std::vector<uint8_t> u_raw = r.u.to_host<uint8_t>();
+    r.u_h = moekit::test::unpack(P.dtype, u_raw);
+    r.raw.insert(r.raw.end(), u_raw.begin(), u_raw.end());
   }
   return r;
 }
@@ -196,7 +255,8 @@ struct BackwardRun {
   std::vector<uint8_t> raw;  // every output's bytes, for bitwise comparisons
 };
 
-BackwardRun run_backward(Problem& P, const DeviceBuffer* u, const DeviceBuffer& dout, cudaStream_t stream) {
+BackwardRun run_backward(Problem& P, const DeviceBuffer* u, const DeviceBuffer& dout, cudaStream_t stream,
+                         Mode mode = Mode::kEager) {
   const int64_t R = P.R();
   const int E = P.spec.num_experts(), H = P.spec.hidden, I = P.spec.inter, NU = P.spec.nu();
   BackwardRun r;
@@ -211,12 +271,13 @@ BackwardRun run_backward(Problem& P, const DeviceBuffer* u, const DeviceBuffer& 
   MOEKIT_REQUIRE_OK(moekit_experts_backward_workspace_size(&P.config, R, u ? 1 : 0, &bytes));
   DeviceBuffer ws(bytes);
   ws.poison();
-  MOEKIT_REQUIRE_OK(moekit_experts_backward(&P.config, R, P.offsets.get<int32_t>(), P.xp.get(), P.pw(), P.wgu.get(),
-                                            P.bgu.get(), P.wd.get(), P.bd.get(), u ? u->get() : nullptr, dout.get(),
-                                            r.dxp.get(), r.dwgu.get(), r.dbgu.get(), r.dwd.get(), r.dbd.get(),
-                                            r.dp.get<float>(), ws.get(), bytes, stream));
-  CUDA_REQUIRE(cudaStreamSynchronize(stream));
-  CUDA_REQUIRE(cudaGetLastError());
+  INFO("backward, " << mode_name(mode) << (u ? ", saved u" : ", u recomputed"));
+  run_on(stream, mode, [&] {
+    return moekit_experts_backward(&P.config, R, P.offsets.get<int32_t>(), P.xp.get(), P.pw(), P.wgu.get(),
+                                   P.bgu.get(), P.wd.get(), P.bd.get(), u ? u->get() : nullptr, dout.get(),
+                                   r.dxp.get(), r.dwgu.get(), r.dbgu.get(), r.dwd.get(), r.dbd.get(),
+                                   r.dp.get<float>(), ws.get(), bytes, stream);
+  });
   for (DeviceBuffer* b : {&r.dxp, &r.dwgu, &r.dwd, &r.dbgu, &r.dbd, &r.dp}) {
     const auto bytes_h = b->to_host<uint8_t>();
     r.raw.insert(r.raw.end(), bytes_h.begin(), bytes_h.end());
@@ -224,7 +285,92 @@ BackwardRun run_backward(Problem& P, const DeviceBuffer* u, const DeviceBuffer& 
   return r;
 }
 
-// Runs forward and backward and checks every output against the reference.
+double max_abs(const std::vector<double>& v) {
+  double m = 0.0;
+  for (double x : v) m = std::max(m, std::fabs(x));
+  return m;
+}
+
+// Largest power of two q <= 1 of which every value is a multiple (0 when none down to 2^-24 is).
+double common_quantum(const std::vector<double>& values) {
+  double q = 1.0;
+  for (double x : values)
+    while (std::fmod(x, q) != 0.0) {  // fmod is exact; NaN and inf never divide
+      q *= 0.5;
+      if (q < 0x1p-24) return 0.0;
+    }
+  return q;
+}
+
+// The exact problems (relu2; x, W, dout in {-1, 0, 1}; small integer biases; routing weights
+// powers of two) are compared bit for bit. That holds only while every fp32 sum the device forms is
+// exact: all its terms multiples of one power of two q, and every partial sum, in whatever order
+// the device forms it (tensor-core k chunks, row splits, lanes), below 2^24 q in magnitude, which
+// the sum of the terms' magnitudes bounds. The per-row sums are inside that by construction
+// (|u| <= H + 2, |G| <= H, dp an integer sum below 2^24); the weight- and bias-gradient sums run
+// over whole segments (4097 rows in one problem) and only the data can bound them. So this checks
+// every sum on the data, against one q for all of them (conservative): a failure here means the
+// problem is not a valid exact problem, not that the device is wrong.
+void require_exact_sums(const Problem& P, const std::vector<float>& u, const std::vector<double>& dout,
+                        const ref::ExpertsForwardResult& f, const ref::ExpertsBackwardResult& b,
+                        const ref::Rounder& round) {
+  const ref::ExpertsProblem& h = P.host;
+  REQUIRE(h.act.kind == ref::kRelu2);
+  const int E = h.num_experts, H = h.hidden, I = h.inter;  // NU = I
+  REQUIRE(max_abs(h.xp) <= 1.0);
+  REQUIRE(max_abs(h.w_gate_up) <= 1.0);
+  REQUIRE(max_abs(h.w_down) <= 1.0);
+  REQUIRE(max_abs(dout) <= 1.0);
+  const double b_gu = max_abs(h.b_gate_up), b_down = max_abs(h.b_down);
+  std::vector<double> values;  // every term that need not be an integer: p, h, h', du
+  double most = 0.0;           // largest sum of term magnitudes
+  auto sum = [&most](double s) { most = std::max(most, s); };
+  for (int e = 0; e < E; ++e) {
+    std::vector<double> col_du(I, 0.0), col_hp(I, 0.0);
+    double col_p = 0.0;
+    for (int64_t r = h.offsets[e]; r < h.offsets[e + 1]; ++r) {
+      const double p = h.row_weights.empty() ? 1.0 : h.row_weights[r];
+      values.push_back(p);
+      double s_h = 0.0, s_du = 0.0, s_dp = 0.0;
+      for (int i = 0; i < I; ++i) {
+        const size_t ri = static_cast<size_t>(r) * I + i;
+        const double ur = u[ri], a = ur > 0.0 ? ur * ur : 0.0, hp = round(a * p);
+        values.push_back(f.h[ri]);
+        values.push_back(b.du[ri]);
+        values.push_back(hp);
+        s_h += std::fabs(f.h[ri]);
+        s_du += std::fabs(b.du[ri]);
+        col_du[i] += std::fabs(b.du[ri]);
+        col_hp[i] += std::fabs(hp);
+        double G = 0.0, s_G = 0.0;
+        for (int c = 0; c < H; ++c) {
+          const double t = dout[static_cast<size_t>(r) * H + c] * h.w_down[(static_cast<size_t>(e) * I + i) * H + c];
+          G += t;
+          s_G += std::fabs(t);
+        }
+        sum(s_G);                 // G = dout W_down^T
+        s_dp += std::fabs(G) * a;
+      }
+      sum(H + b_gu);                                  // u = xp W_gu + b_gu
+      sum(std::max(p, 1.0) * (s_h + b_down));         // out, either weight placement
+      sum(s_du);                                      // dxp = du W_gu^T
+      sum(s_dp + H * b_down);                         // dp = <G, a> + <dout, b_down>
+      col_p += p;
+    }
+    for (int i = 0; i < I; ++i) {
+      sum(col_du[i]);  // dW_gu = xp^T du and db_gu (|x| <= 1)
+      sum(col_hp[i]);  // dW_down = h'^T dout (|dout| <= 1)
+    }
+    sum(col_p);        // db_down = sum p dout
+  }
+  const double q = common_quantum(values);
+  INFO("exactness precondition: terms are multiples of " << q << "; largest sum of magnitudes " << most);
+  REQUIRE(q > 0.0);
+  REQUIRE(most < 0x1p24 * q);
+}
+
+// Runs forward and backward and checks every output against the reference; then runs both again
+// inside a graph capture, whose replay must give the same bits.
 void check_problem(Problem& P, bool exact, bool recompute_u, cudaStream_t stream) {
   INFO(P.spec.describe() << " dtype " << dtype_name(P.dtype) << (recompute_u ? " (u recomputed)" : ""));
   const int64_t R = P.R(), T = P.total();
@@ -235,6 +381,11 @@ void check_problem(Problem& P, bool exact, bool recompute_u, cudaStream_t stream
   ForwardRun fr = run_forward(P, true, stream);
   compare("u_out", fr.u_h, f.u, T, NU, P.dtype, exact);
   compare("out", fr.out_h, f.out, T, H, P.dtype, exact);
+  {
+    const ForwardRun replay = run_forward(P, true, stream, Mode::kGraph);
+    INFO("forward graph replay == eager, bit for bit");
+    REQUIRE(replay.raw == fr.raw);
+  }
 
   // dout: integers for exact problems, N(0, 1) otherwise; rows past the total hold values too.
   auto rng = moekit::test::make_rng(0xd0 + R);
@@ -249,7 +400,13 @@ void check_problem(Problem& P, bool exact, bool recompute_u, cudaStream_t stream
   // The backward reads the device's saved u (what a framework would keep).
   std::vector<double> u_saved(fr.u_h.begin(), fr.u_h.end());
   const ref::ExpertsBackwardResult b = ref::experts_backward(P.host, u_saved, dout, round);
+  if (exact) require_exact_sums(P, fr.u_h, dout, f, b, round);
   BackwardRun br = run_backward(P, recompute_u ? nullptr : &fr.u, dout_d, stream);
+  {
+    const BackwardRun replay = run_backward(P, recompute_u ? nullptr : &fr.u, dout_d, stream, Mode::kGraph);
+    INFO("backward graph replay == eager, bit for bit");
+    REQUIRE(replay.raw == br.raw);
+  }
 
   std::vector<double> rounded;
   auto rnd = [&](const std::vector<double>& v) {
@@ -520,6 +677,7 @@ TEST_CASE("bitwise determinism, saved u == recomputed u, graph capture with new 
     REQUIRE(bs == MOEKIT_STATUS_SUCCESS);
     CUDA_REQUIRE(end);
     CUDA_REQUIRE(cudaGraphInstantiate(&exec, graph, 0));
+    settle();  // the poisons above ran on the legacy stream
     CUDA_REQUIRE(cudaGraphLaunch(exec, stream.s));
     CUDA_REQUIRE(cudaStreamSynchronize(stream.s));
     REQUIRE(out.to_host<uint8_t>() == f1.out.to_host<uint8_t>());
@@ -535,6 +693,7 @@ TEST_CASE("bitwise determinism, saved u == recomputed u, graph capture with new 
     CUDA_REQUIRE(cudaMemcpy(P.offsets.get(), new_offsets.data(), new_offsets.size() * 4, cudaMemcpyHostToDevice));
     P.host.offsets = new_offsets;
     for (DeviceBuffer* b : {&out, &u, &dxp, &dp}) b->poison();
+    settle();  // the new offsets and the poisons went through the legacy stream
     CUDA_REQUIRE(cudaGraphLaunch(exec, stream.s));
     CUDA_REQUIRE(cudaStreamSynchronize(stream.s));
     ForwardRun f3 = run_forward(P, true, stream.s);
@@ -564,19 +723,25 @@ TEST_CASE("max_rows = 0, garbage offsets and rejected calls", "[gpu][experts]") 
   const int E = s.num_experts(), H = s.hidden, I = s.inter, NU = s.nu();
 
   SECTION("max_rows = 0: forward is a no-op, backward writes zero weight and bias gradients") {
-    MOEKIT_REQUIRE_OK(moekit_experts_forward(&P.config, 0, P.offsets.get<int32_t>(), nullptr, nullptr, P.wgu.get(),
-                                             nullptr, P.wd.get(), nullptr, nullptr, nullptr, nullptr, 0, stream.s));
     size_t bytes = 0;
     MOEKIT_REQUIRE_OK(moekit_experts_backward_workspace_size(&P.config, 0, 0, &bytes));
     DeviceBuffer ws(bytes), dwgu(size_t(E) * H * NU * 2), dwd(size_t(E) * I * H * 2), dbgu(size_t(E) * NU * 2),
         dbd(size_t(E) * H * 2);
-    for (DeviceBuffer* b : {&dwgu, &dwd, &dbgu, &dbd}) b->poison();
-    MOEKIT_REQUIRE_OK(moekit_experts_backward(&P.config, 0, P.offsets.get<int32_t>(), nullptr, nullptr, P.wgu.get(),
-                                              P.bgu.get(), P.wd.get(), P.bd.get(), nullptr, nullptr, nullptr,
-                                              dwgu.get(), dbgu.get(), dwd.get(), dbd.get(), nullptr, ws.get(), bytes,
-                                              stream.s));
-    CUDA_REQUIRE(cudaStreamSynchronize(stream.s));
-    for (DeviceBuffer* b : {&dwgu, &dwd, &dbgu, &dbd}) REQUIRE(all_bytes(b->to_host<uint8_t>(), 0, b->bytes(), 0));
+    for (Mode mode : {Mode::kEager, Mode::kGraph}) {
+      INFO(mode_name(mode));
+      for (DeviceBuffer* b : {&dwgu, &dwd, &dbgu, &dbd}) b->poison();
+      run_on(stream.s, mode, [&] {
+        moekit_status_t st = moekit_experts_forward(&P.config, 0, P.offsets.get<int32_t>(), nullptr, nullptr,
+                                                    P.wgu.get(), nullptr, P.wd.get(), nullptr, nullptr, nullptr,
+                                                    nullptr, 0, stream.s);
+        if (st == MOEKIT_STATUS_SUCCESS)
+          st = moekit_experts_backward(&P.config, 0, P.offsets.get<int32_t>(), nullptr, nullptr, P.wgu.get(),
+                                       P.bgu.get(), P.wd.get(), P.bd.get(), nullptr, nullptr, nullptr, dwgu.get(),
+                                       dbgu.get(), dwd.get(), dbd.get(), nullptr, ws.get(), bytes, stream.s);
+        return st;
+      });
+      for (DeviceBuffer* b : {&dwgu, &dwd, &dbgu, &dbd}) REQUIRE(all_bytes(b->to_host<uint8_t>(), 0, b->bytes(), 0));
+    }
   }
 
   SECTION("garbage offsets never leave [0, max_rows)") {
@@ -590,15 +755,16 @@ TEST_CASE("max_rows = 0, garbage offsets and rejected calls", "[gpu][experts]") 
     MOEKIT_REQUIRE_OK(moekit_experts_backward_workspace_size(&P.config, R, 0, &bb));
     DeviceBuffer fws(fb), bws(bb), out(size_t(R) * H * 2), dxp(size_t(R) * H * 2), dwgu(size_t(E) * H * NU * 2),
         dwd(size_t(E) * I * H * 2), dp(size_t(R) * 4);
-    MOEKIT_REQUIRE_OK(moekit_experts_forward(&P.config, R, off.get<int32_t>(), P.xp.get(), P.pw(), P.wgu.get(),
-                                             P.bgu.get(), P.wd.get(), P.bd.get(), nullptr, out.get(), fws.get(), fb,
-                                             stream.s));
-    MOEKIT_REQUIRE_OK(moekit_experts_backward(&P.config, R, off.get<int32_t>(), P.xp.get(), P.pw(), P.wgu.get(),
-                                              P.bgu.get(), P.wd.get(), P.bd.get(), nullptr, out.get(), dxp.get(),
-                                              dwgu.get(), nullptr, dwd.get(), nullptr, dp.get<float>(), bws.get(), bb,
-                                              stream.s));
-    CUDA_REQUIRE(cudaStreamSynchronize(stream.s));
-    CUDA_REQUIRE(cudaGetLastError());
+    run_on(stream.s, Mode::kEager, [&] {
+      moekit_status_t st = moekit_experts_forward(&P.config, R, off.get<int32_t>(), P.xp.get(), P.pw(), P.wgu.get(),
+                                                  P.bgu.get(), P.wd.get(), P.bd.get(), nullptr, out.get(), fws.get(),
+                                                  fb, stream.s);
+      if (st == MOEKIT_STATUS_SUCCESS)
+        st = moekit_experts_backward(&P.config, R, off.get<int32_t>(), P.xp.get(), P.pw(), P.wgu.get(), P.bgu.get(),
+                                     P.wd.get(), P.bd.get(), nullptr, out.get(), dxp.get(), dwgu.get(), nullptr,
+                                     dwd.get(), nullptr, dp.get<float>(), bws.get(), bb, stream.s);
+      return st;
+    });
   }
 
   SECTION("a rejected call writes nothing") {
@@ -672,63 +838,88 @@ void check_mlp(moekit_mlp_handle_t handle, const ActCase& a, bool interleaved, b
   }
   const size_t es = moekit::test::dtype_bytes(dtype);
   DeviceBuffer y(size_t(T) * H * es), u(size_t(T) * NU * es);
-  y.poison();
-  u.poison();
   size_t fb = 0;
   MOEKIT_REQUIRE_OK(moekit_mlp_forward_workspace_size(&c, T, &fb));
   DeviceBuffer fws(fb);
-  MOEKIT_REQUIRE_OK(moekit_mlp_forward(handle, &c, T, x.get(), wgu.get(), bgu.get(), wd.get(), bd.get(), u.get(),
-                                       y.get(), fws.get(), fb, stream));
-  CUDA_REQUIRE(cudaStreamSynchronize(stream));
+  auto forward = [&](Mode mode, DeviceBuffer& y_out, DeviceBuffer& u_out) {
+    INFO("forward, " << mode_name(mode));
+    y_out.poison();
+    u_out.poison();
+    fws.poison();
+    run_on(stream, mode, [&] {
+      return moekit_mlp_forward(handle, &c, T, x.get(), wgu.get(), bgu.get(), wd.get(), bd.get(), u_out.get(),
+                                y_out.get(), fws.get(), fb, stream);
+    });
+  };
+  forward(Mode::kEager, y, u);
   const ref::Rounder round = rounder(dtype);
   const ref::ExpertsForwardResult f = ref::experts_forward(host, round);
   const auto u_h = moekit::test::unpack(dtype, u.to_host<uint8_t>());
   compare("mlp u", u_h, f.u, T, NU, dtype, false);
   compare("mlp y", moekit::test::unpack(dtype, y.to_host<uint8_t>()), f.out, T, H, dtype, false);
+  {
+    DeviceBuffer y2(y.bytes()), u2(u.bytes());
+    forward(Mode::kGraph, y2, u2);
+    INFO("forward graph replay == eager, bit for bit");
+    REQUIRE(y2.to_host<uint8_t>() == y.to_host<uint8_t>());
+    REQUIRE(u2.to_host<uint8_t>() == u.to_host<uint8_t>());
+  }
 
   std::vector<double> dy = moekit::test::experts::normal_vec(rng, size_t(T) * H, 1.0, dtype);
   DeviceBuffer dy_d = upload(pack_d(dtype, dy));
   const ref::ExpertsBackwardResult b =
       ref::experts_backward(host, std::vector<double>(u_h.begin(), u_h.end()), dy, round);
+  // Saved u and recomputed u, each eager and as a graph replay: all four give the eager
+  // saved-u run's bits.
   std::vector<uint8_t> first;
-  for (int saved = 1; saved >= 0; --saved) {
-    DeviceBuffer dx(size_t(T) * H * es), dwgu(size_t(H) * NU * es), dwd(size_t(I) * H * es), dbgu(size_t(NU) * es),
-        dbd(size_t(H) * es);
-    for (DeviceBuffer* p : {&dx, &dwgu, &dwd, &dbgu, &dbd}) p->poison();
-    size_t bb = 0;
-    MOEKIT_REQUIRE_OK(moekit_mlp_backward_workspace_size(&c, T, saved, &bb));
-    DeviceBuffer bws(bb);
-    MOEKIT_REQUIRE_OK(moekit_mlp_backward(handle, &c, T, x.get(), wgu.get(), bgu.get(), wd.get(), bd.get(),
-                                          saved ? u.get() : nullptr, dy_d.get(), dx.get(), dwgu.get(),
-                                          biases ? dbgu.get() : nullptr, dwd.get(), biases ? dbd.get() : nullptr,
-                                          bws.get(), bb, stream));
-    CUDA_REQUIRE(cudaStreamSynchronize(stream));
-    std::vector<double> r;
-    auto rnd = [&](const std::vector<double>& v) {
-      r.resize(v.size());
-      for (size_t i = 0; i < v.size(); ++i) r[i] = round(v[i]);
-      return r;
-    };
-    compare("mlp grad_x", moekit::test::unpack(dtype, dx.to_host<uint8_t>()), rnd(b.grad_xp), T, H, dtype, false);
-    compare("mlp grad_w_gate_up", moekit::test::unpack(dtype, dwgu.to_host<uint8_t>()),
-            rnd(layout(b.grad_w_gate_up, H, NU)), H, NU, dtype, false);
-    compare("mlp grad_w_down", moekit::test::unpack(dtype, dwd.to_host<uint8_t>()), rnd(layout(b.grad_w_down, I, H)),
-            I, H, dtype, false);
-    if (biases) {
-      compare("mlp grad_b_gate_up", moekit::test::unpack(dtype, dbgu.to_host<uint8_t>()), rnd(b.grad_b_gate_up), 1,
-              NU, dtype, false);
-      compare("mlp grad_b_down", moekit::test::unpack(dtype, dbd.to_host<uint8_t>()), rnd(b.grad_b_down), 1, H, dtype,
-              false);
+  for (int saved = 1; saved >= 0; --saved)
+    for (Mode mode : {Mode::kEager, Mode::kGraph}) {
+      INFO("backward, " << (saved ? "saved u" : "u recomputed") << ", " << mode_name(mode));
+      DeviceBuffer dx(size_t(T) * H * es), dwgu(size_t(H) * NU * es), dwd(size_t(I) * H * es),
+          dbgu(size_t(NU) * es), dbd(size_t(H) * es);
+      for (DeviceBuffer* p : {&dx, &dwgu, &dwd, &dbgu, &dbd}) p->poison();
+      size_t bb = 0;
+      MOEKIT_REQUIRE_OK(moekit_mlp_backward_workspace_size(&c, T, saved, &bb));
+      DeviceBuffer bws(bb);
+      bws.poison();
+      run_on(stream, mode, [&] {
+        return moekit_mlp_backward(handle, &c, T, x.get(), wgu.get(), bgu.get(), wd.get(), bd.get(),
+                                   saved ? u.get() : nullptr, dy_d.get(), dx.get(), dwgu.get(),
+                                   biases ? dbgu.get() : nullptr, dwd.get(), biases ? dbd.get() : nullptr, bws.get(),
+                                   bb, stream);
+      });
+      std::vector<uint8_t> raw;
+      for (DeviceBuffer* p : {&dx, &dwgu, &dwd, &dbgu, &dbd}) {
+        const auto h = p->to_host<uint8_t>();
+        raw.insert(raw.end(), h.begin(), h.end());
+      }
+      if (!first.empty()) {
+        REQUIRE(raw == first);
+        continue;
+      }
+      first = raw;
+      std::vector<double> r;
+      auto rnd = [&](const std::vector<double>& v) {
+        r.resize(v.size());
+        for (size_t i = 0; i < v.size(); ++i) r[i] = round(v[i]);
+        return r;
+      };
+      compare("mlp grad_x", moekit::test::unpack(dtype, dx.to_host<uint8_t>()), rnd(b.grad_xp), T, H, dtype, false);
+      compare("mlp grad_w_gate_up", moekit::test::unpack(dtype, dwgu.to_host<uint8_t>()),
+              rnd(layout(b.grad_w_gate_up, H, NU)), H, NU, dtype, false);
+      compare("mlp grad_w_down", moekit::test::unpack(dtype, dwd.to_host<uint8_t>()),
+              rnd(layout(b.grad_w_down, I, H)), I, H, dtype, false);
+      if (biases) {
+        compare("mlp grad_b_gate_up", moekit::test::unpack(dtype, dbgu.to_host<uint8_t>()), rnd(b.grad_b_gate_up),
+                1, NU, dtype, false);
+        compare("mlp grad_b_down", moekit::test::unpack(dtype, dbd.to_host<uint8_t>()), rnd(b.grad_b_down), 1, H,
+                dtype, false);
+      } else {
+        // Bias gradients not requested: untouched.
+        REQUIRE(moekit::test::still_poisoned(dbgu));
+        REQUIRE(moekit::test::still_poisoned(dbd));
+      }
     }
-    // Saved and recomputed u give the same bits.
-    std::vector<uint8_t> raw;
-    for (DeviceBuffer* p : {&dx, &dwgu, &dwd}) {
-      const auto h = p->to_host<uint8_t>();
-      raw.insert(raw.end(), h.begin(), h.end());
-    }
-    if (saved) first = raw;
-    else REQUIRE(raw == first);
-  }
 }
 
 }  // namespace
@@ -763,14 +954,20 @@ TEST_CASE("dense MLP: T = 0 and graph capture", "[gpu][experts][mlp]") {
 
   SECTION("T = 0 writes zero weight and bias gradients") {
     MlpHandle handle;
-    for (DeviceBuffer* b : {&dwgu, &dwd, &dbgu, &dbd}) b->poison();
-    MOEKIT_REQUIRE_OK(moekit_mlp_forward(handle.h, &c, 0, nullptr, wgu.get(), nullptr, wd.get(), nullptr, nullptr,
-                                         nullptr, nullptr, 0, stream.s));
-    MOEKIT_REQUIRE_OK(moekit_mlp_backward(handle.h, &c, 0, nullptr, wgu.get(), bgu.get(), wd.get(), bd.get(), nullptr,
-                                          nullptr, nullptr, dwgu.get(), dbgu.get(), dwd.get(), dbd.get(), nullptr, 0,
-                                          stream.s));
-    CUDA_REQUIRE(cudaStreamSynchronize(stream.s));
-    for (DeviceBuffer* b : {&dwgu, &dwd, &dbgu, &dbd}) REQUIRE(all_bytes(b->to_host<uint8_t>(), 0, b->bytes(), 0));
+    for (Mode mode : {Mode::kEager, Mode::kGraph}) {
+      INFO(mode_name(mode));
+      for (DeviceBuffer* b : {&dwgu, &dwd, &dbgu, &dbd}) b->poison();
+      run_on(stream.s, mode, [&] {
+        moekit_status_t st = moekit_mlp_forward(handle.h, &c, 0, nullptr, wgu.get(), nullptr, wd.get(), nullptr,
+                                                nullptr, nullptr, nullptr, 0, stream.s);
+        if (st == MOEKIT_STATUS_SUCCESS)
+          st = moekit_mlp_backward(handle.h, &c, 0, nullptr, wgu.get(), bgu.get(), wd.get(), bd.get(), nullptr,
+                                   nullptr, nullptr, dwgu.get(), dbgu.get(), dwd.get(), dbd.get(), nullptr, 0,
+                                   stream.s);
+        return st;
+      });
+      for (DeviceBuffer* b : {&dwgu, &dwd, &dbgu, &dbd}) REQUIRE(all_bytes(b->to_host<uint8_t>(), 0, b->bytes(), 0));
+    }
   }
 
   SECTION("forward + backward captured in a graph, also with a fresh handle, equal eager results") {
@@ -789,29 +986,39 @@ TEST_CASE("dense MLP: T = 0 and graph capture", "[gpu][experts][mlp]") {
                                                     dbd.get(), bws.get(), bb, stream.s);
       return a != MOEKIT_STATUS_SUCCESS ? a : b;
     };
+    // The weight and bias gradients of the run that just finished (then poisoned for the next).
+    auto take_grads = [&] {
+      std::vector<uint8_t> raw;
+      for (DeviceBuffer* b : {&dwgu, &dwd, &dbgu, &dbd}) {
+        const auto h = b->to_host<uint8_t>();
+        raw.insert(raw.end(), h.begin(), h.end());
+        b->poison();
+      }
+      return raw;
+    };
     for (int fresh = 0; fresh < 2; ++fresh) {
       INFO((fresh ? "fresh handle (plans created inside the capture)" : "warm handle"));
       MlpHandle handle;
       DeviceBuffer y1(T * H * 2), u1(T * NU * 2), dx1(T * H * 2), y2(T * H * 2), u2(T * NU * 2), dx2(T * H * 2);
-      if (!fresh) MOEKIT_REQUIRE_OK(run(handle.h, y1, u1, dx1));
-      cudaGraph_t graph = nullptr;
-      cudaGraphExec_t exec = nullptr;
-      CUDA_REQUIRE(cudaStreamBeginCapture(stream.s, cudaStreamCaptureModeGlobal));
-      const moekit_status_t st = run(handle.h, y2, u2, dx2);
-      const cudaError_t end = cudaStreamEndCapture(stream.s, &graph);
-      INFO(moekit_get_last_error());
-      REQUIRE(st == MOEKIT_STATUS_SUCCESS);
-      CUDA_REQUIRE(end);
-      CUDA_REQUIRE(cudaGraphInstantiate(&exec, graph, 0));
-      CUDA_REQUIRE(cudaGraphLaunch(exec, stream.s));
-      CUDA_REQUIRE(cudaStreamSynchronize(stream.s));
-      if (fresh) MOEKIT_REQUIRE_OK(run(handle.h, y1, u1, dx1));
-      CUDA_REQUIRE(cudaStreamSynchronize(stream.s));
+      for (DeviceBuffer* b : {&y1, &u1, &dx1, &y2, &u2, &dx2, &dwgu, &dwd, &dbgu, &dbd}) b->poison();
+      std::vector<uint8_t> eager_grads, graph_grads;
+      if (!fresh) {
+        run_on(stream.s, Mode::kEager, [&] { return run(handle.h, y1, u1, dx1); });
+        eager_grads = take_grads();
+      }
+      run_on(stream.s, Mode::kGraph, [&] { return run(handle.h, y2, u2, dx2); });
+      graph_grads = take_grads();
+      if (fresh) {
+        run_on(stream.s, Mode::kEager, [&] { return run(handle.h, y1, u1, dx1); });
+        eager_grads = take_grads();
+      }
+      require_rows_written("y", y1, MOEKIT_DTYPE_BF16, T, T, H);
+      require_rows_written("u", u1, MOEKIT_DTYPE_BF16, T, T, NU);
+      require_rows_written("grad_x", dx1, MOEKIT_DTYPE_BF16, T, T, H);
       REQUIRE(y1.to_host<uint8_t>() == y2.to_host<uint8_t>());
+      REQUIRE(u1.to_host<uint8_t>() == u2.to_host<uint8_t>());
       REQUIRE(dx1.to_host<uint8_t>() == dx2.to_host<uint8_t>());
-      cudaGraphExecDestroy(exec);
-      cudaGraphDestroy(graph);
+      REQUIRE(eager_grads == graph_grads);
     }
   }
-
 }
