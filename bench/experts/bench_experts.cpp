@@ -443,6 +443,9 @@ int main(int argc, char** argv) {
   const bool run_loop = !args.has("no-loop");
   const bool run_backward = !args.has("no-backward");
 
+  // A blocking stream on purpose: uploads and fills (Buffer::upload, fill_random) use plain
+  // cudaMemcpy on the legacy default stream, which a blocking stream waits for; a
+  // cudaStreamNonBlocking stream would need an explicit synchronisation after them.
   cudaStream_t stream;
   BENCH_CUDA(cudaStreamCreate(&stream));
   validate(dtype, activation, limit, stream);
