@@ -286,9 +286,11 @@ MOEKIT_API moekit_status_t moekit_ep_dispatch_backward(
                                    workspace_bytes, &rows));
     MOEKIT_CHECK_ROWS(grad_recv_x, rows.recv_rows, "num_recv_rows");
     MOEKIT_CHECK_ROWS(grad_x, num_tokens, "num_tokens");
-    MOEKIT_CHECK_ARG(grad_weights != nullptr || grad_recv_weights == nullptr,
-                     "grad_recv_weights is given but grad_weights is NULL");
-    if (grad_weights != nullptr) {
+    // Weight gradients move when either side is given (every rank must agree, the NCCL groups
+    // must match); a side with no rows may pass NULL (a zero-size tensor often has no address).
+    const bool with_weights = grad_weights != nullptr || grad_recv_weights != nullptr;
+    if (with_weights) {
+      MOEKIT_CHECK_ROWS(grad_weights, num_tokens, "num_tokens");
       MOEKIT_CHECK_ROWS(grad_recv_weights, rows.recv_rows, "num_recv_rows");
       MOEKIT_CHECK_ROWS(indices, num_tokens, "num_tokens");
     }

@@ -90,7 +90,7 @@ typedef struct moekit_ep_config {
     int32_t combine_dtype;  /* moekit_dtype_t of the combine partials, or -1 = dtype. Default -1. */
     int32_t mode;           /* moekit_ep_mode_t. Default MOEKIT_EP_MODE_EXACT. */
     int32_t num_chunks;     /* C, 1 .. MOEKIT_EP_MAX_CHUNKS: pipeline depth (1 = no pipeline, no
-                               second stream). Default 4. */
+                               second stream). Default 1 (pipelining measured slower on NVLink). */
     int64_t hidden;         /* H >= 1 (any H; multiples of 8 take the 16-byte paths). Default 0. */
     int64_t max_tokens;     /* largest T any call on this rank passes, >= 0. Default 0. */
     int64_t capacity;       /* capacity mode: rows per (source, destination) pair, >= 0;
@@ -246,7 +246,9 @@ MOEKIT_API moekit_status_t moekit_ep_combine(moekit_ep_handle_t handle, int64_t 
  *   invalid id, a masked token or a pair dropped by the capacity).
  *   indices           [in, device]  [T, K] int32 as given to the layout.
  *   grad_recv_x       [in, device]  [num_recv_rows, H] of config->dtype.
- *   grad_recv_weights [in, device]  [num_recv_rows, K] fp32, or NULL; given iff grad_weights is.
+ *   grad_recv_weights [in, device]  [num_recv_rows, K] fp32, or NULL. Weight gradients move when
+ *                                   it or grad_weights is given; then every rank must ask for them,
+ *                                   and each of the two may be NULL only where its row count is 0.
  *   grad_x            [out, device] [T, H] of config->dtype.
  *   grad_weights      [out, device] [T, K] fp32, or NULL.
  * Returns as moekit_ep_dispatch. Since 0.1.

@@ -19,7 +19,7 @@ void set_defaults(moekit_ep_config_t* c) {
   c->dtype = MOEKIT_DTYPE_BF16;
   c->combine_dtype = -1;
   c->mode = MOEKIT_EP_MODE_EXACT;
-  c->num_chunks = 4;
+  c->num_chunks = 1;  // measured: chunking lost bandwidth at 2 and 4 H200s (docs/ep.md)
   c->hidden = 0;
   c->max_tokens = 0;
   c->capacity = 0;

@@ -312,7 +312,8 @@ struct ReverseIo {
   const void* rows_in;              // [R][H] of in_dtype (recv space)
   moekit_dtype_t in_dtype;
   // Whether weight gradients move too: the same on every rank (the NCCL groups must match), so it
-  // is decided by the caller's grad_weights, never by whether this rank has rows.
+  // is decided by whether the caller asked for them (either pointer given), never by whether this
+  // rank has rows.
   bool with_weights;
   const float* recv_space_weights;  // [R][K] (may be NULL when R = 0)
   void* out;                        // [T][H] of dims.dtype
@@ -578,7 +579,8 @@ moekit_status_t dispatch_backward(moekit_ep& h, int64_t num_tokens, const void* 
   WorkspaceCarver carver(workspace);
   const CombineWorkspace ws = carve_combine_workspace(carver, d, row_spaces(d, host_layout));
   const LayoutPieces p = pieces_of(h, layout_buffer);
-  ReverseIo io{grad_recv_x, d.dtype, grad_weights != nullptr, grad_recv_weights, grad_x};
+  const bool with_weights = grad_weights != nullptr || grad_recv_weights != nullptr;
+  ReverseIo io{grad_recv_x, d.dtype, with_weights, grad_recv_weights, grad_x};
   MOEKIT_TRY(reverse_exchange(h, num_tokens, p, host_layout, io, ws, stream));
   if (grad_weights == nullptr) return MOEKIT_STATUS_SUCCESS;
   k::GradWeightsArgs ga{};

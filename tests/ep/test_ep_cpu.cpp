@@ -391,7 +391,7 @@ TEST_CASE("ep config: defaults, every bad field named with its value", "[ep][con
   CHECK(c.dtype == MOEKIT_DTYPE_BF16);
   CHECK(c.combine_dtype == -1);
   CHECK(c.mode == MOEKIT_EP_MODE_EXACT);
-  CHECK(c.num_chunks == 4);
+  CHECK(c.num_chunks == 1);
   REQUIRE_STATUS(moekit_ep_config_check(&c), MOEKIT_STATUS_INVALID_ARGUMENT, "num_ranks = 0");
   REQUIRE_STATUS(moekit_ep_config_init(nullptr, sizeof(c)), MOEKIT_STATUS_INVALID_ARGUMENT,
                  "config is NULL");
