@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "kernels/common/dtype.cuh"
+#include "kernels/router/span.hpp"
 #include "moekit/router.h"
 
 namespace moekit::kernels::router {
@@ -215,62 +216,57 @@ struct Words {
   static_assert(V * sizeof(T) % 16 == 0, "a lane's span must be whole 16-byte vectors");
 };
 
-// Loads V consecutive elements at p (which is aligned to vec_bytes, one of 16, 8, 4, 2) into w.
-template <class T, int V>
-__device__ __forceinline__ void load_span(const T* p, int vec_bytes, uint32_t (&w)[Words<T, V>::kCount]) {
-  constexpr int kWords = Words<T, V>::kCount;
-  if (vec_bytes >= 16) {
-#pragma unroll
-    for (int i = 0; i < kWords / 4; ++i) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
-      w[4 * i] = v.x;
-      w[4 * i + 1] = v.y;
-      w[4 * i + 2] = v.z;
-      w[4 * i + 3] = v.w;
-    }
-  } else if (vec_bytes >= 8) {
-#pragma unroll
-    for (int i = 0; i < kWords / 2; ++i) {
-      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p) + i);
-      w[2 * i] = v.x;
-      w[2 * i + 1] = v.y;
-    }
-  } else if (vec_bytes >= 4) {
-#pragma unroll
-    for (int i = 0; i < kWords; ++i) w[i] = __ldg(reinterpret_cast<const unsigned int*>(p) + i);
-  } else {  // 2-byte elements at an odd word boundary
-    const unsigned short* h = reinterpret_cast<const unsigned short*>(p);
-#pragma unroll
-    for (int i = 0; i < kWords; ++i)
-      w[i] = static_cast<uint32_t>(__ldg(h + 2 * i)) | (static_cast<uint32_t>(__ldg(h + 2 * i + 1)) << 16);
-  }
+// Padding of a lane's words: -inf in every element (both halves of a word for 16-bit types).
+template <class T>
+constexpr uint32_t pad_word() {
+  return sizeof(T) == 4 ? Elem<T>::kNegInfBits : (Elem<T>::kNegInfBits | (Elem<T>::kNegInfBits << 16));
 }
 
-// Loads the first n (< V) elements at p one by one; the rest get -inf.
+// Loads a lane's V elements at p (row element base; p aligned to vec_bytes: 16, 8, 4 or 2) into
+// w, given rem = E - base elements of the row from p on: the accesses of visit_span
+// (kernels/router/span.hpp), all inside [p, p + rem); elements at and past rem read as -inf.
 template <class T, int V>
-__device__ __forceinline__ void load_span_partial(const T* p, int n, uint32_t (&w)[Words<T, V>::kCount]) {
+__device__ __forceinline__ void load_span(const T* p, int vec_bytes, int rem, uint32_t (&w)[Words<T, V>::kCount]) {
   constexpr int kWords = Words<T, V>::kCount;
-  if constexpr (sizeof(T) == 4) {
+  constexpr int kSize = static_cast<int>(sizeof(T));
+  if (rem < V) {
 #pragma unroll
-    for (int j = 0; j < kWords; ++j)
-      w[j] = j < n ? __ldg(reinterpret_cast<const unsigned int*>(p) + j) : Elem<T>::kNegInfBits;
-  } else {
-    const unsigned short* h = reinterpret_cast<const unsigned short*>(p);
-#pragma unroll
-    for (int i = 0; i < kWords; ++i) {
-      const uint32_t lo = 2 * i < n ? __ldg(h + 2 * i) : Elem<T>::kNegInfBits;
-      const uint32_t hi = 2 * i + 1 < n ? __ldg(h + 2 * i + 1) : Elem<T>::kNegInfBits;
-      w[i] = lo | (hi << 16);
-    }
+    for (int i = 0; i < kWords; ++i) w[i] = pad_word<T>();
   }
+  const char* base = reinterpret_cast<const char*>(p);
+  visit_span<V, kSize>(rem, vec_bytes, [&](int j, auto width) {
+    constexpr int kW = decltype(width)::value;
+    const char* src = base + j * kSize;
+    if constexpr (kW == 16) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
+      const int i = j * kSize / 4;
+      w[i] = v.x;
+      w[i + 1] = v.y;
+      w[i + 2] = v.z;
+      w[i + 3] = v.w;
+    } else if constexpr (kW == 8) {
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(src));
+      const int i = j * kSize / 4;
+      w[i] = v.x;
+      w[i + 1] = v.y;
+    } else if constexpr (kW == 4) {
+      w[j * kSize / 4] = __ldg(reinterpret_cast<const unsigned int*>(src));
+    } else {  // one 16-bit element into its half of the word
+      const uint32_t h = __ldg(reinterpret_cast<const unsigned short*>(src));
+      const int i = j >> 1;
+      w[i] = (j & 1) ? ((w[i] & 0x0000ffffu) | (h << 16)) : ((w[i] & 0xffff0000u) | h);
+    }
+  });
 }
 
-// Stores V values at p (aligned to vec_bytes), rounded to T; only the first n when n < V.
+// Stores a lane's V values at p (aligned to vec_bytes), rounded to T: only the rem = E - base
+// elements that exist, with the accesses of visit_span (never past E).
 template <class T, int V>
-__device__ __forceinline__ void store_span(T* p, int vec_bytes, int n, const float (&v)[V]) {
+__device__ __forceinline__ void store_span(T* p, int vec_bytes, int rem, const float (&v)[V]) {
   constexpr int kWords = Words<T, V>::kCount;
+  constexpr int kSize = static_cast<int>(sizeof(T));
   uint32_t w[kWords];
-  if constexpr (sizeof(T) == 4) {
+  if constexpr (kSize == 4) {
 #pragma unroll
     for (int j = 0; j < V; ++j) w[j] = __float_as_uint(v[j]);
   } else {
@@ -278,38 +274,23 @@ __device__ __forceinline__ void store_span(T* p, int vec_bytes, int n, const flo
     for (int i = 0; i < kWords; ++i)
       w[i] = Elem<T>::bits(v[2 * i]) | (Elem<T>::bits(v[2 * i + 1]) << 16);
   }
-  if (n < V) {
-    if constexpr (sizeof(T) == 4) {
-#pragma unroll
-      for (int j = 0; j < V; ++j)
-        if (j < n) reinterpret_cast<unsigned int*>(p)[j] = w[j];
+  char* base = reinterpret_cast<char*>(p);
+  visit_span<V, kSize>(rem, vec_bytes, [&](int j, auto width) {
+    constexpr int kW = decltype(width)::value;
+    char* dst = base + j * kSize;
+    const int i = j * kSize / 4;
+    if constexpr (kW == 16) {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(w[i], w[i + 1], w[i + 2], w[i + 3]);
+    } else if constexpr (kW == 8) {
+      *reinterpret_cast<uint2*>(dst) = make_uint2(w[i], w[i + 1]);
+    } else if constexpr (kW == 4) {
+      *reinterpret_cast<unsigned int*>(dst) = w[i];
     } else {
-      unsigned short* h = reinterpret_cast<unsigned short*>(p);
-#pragma unroll
-      for (int j = 0; j < V; ++j)
-        if (j < n) h[j] = static_cast<unsigned short>((j & 1) ? (w[j >> 1] >> 16) : (w[j >> 1] & 0xffffu));
+      const int h = j >> 1;
+      *reinterpret_cast<unsigned short*>(dst) =
+          static_cast<unsigned short>((j & 1) ? (w[h] >> 16) : (w[h] & 0xffffu));
     }
-    return;
-  }
-  if (vec_bytes >= 16) {
-#pragma unroll
-    for (int i = 0; i < kWords / 4; ++i)
-      reinterpret_cast<uint4*>(p)[i] = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
-  } else if (vec_bytes >= 8) {
-#pragma unroll
-    for (int i = 0; i < kWords / 2; ++i)
-      reinterpret_cast<uint2*>(p)[i] = make_uint2(w[2 * i], w[2 * i + 1]);
-  } else if (vec_bytes >= 4) {
-#pragma unroll
-    for (int i = 0; i < kWords; ++i) reinterpret_cast<unsigned int*>(p)[i] = w[i];
-  } else {
-    unsigned short* h = reinterpret_cast<unsigned short*>(p);
-#pragma unroll
-    for (int i = 0; i < kWords; ++i) {
-      h[2 * i] = static_cast<unsigned short>(w[i] & 0xffffu);
-      h[2 * i + 1] = static_cast<unsigned short>(w[i] >> 16);
-    }
-  }
+  });
 }
 
 // ---- warp top-k over keys in shared memory (generic path, groups, fake gate) ------------------

@@ -9,9 +9,10 @@
 //
 // Shapes: logits [T, E] rows logits_stride apart; weights, indices [T, K]; partial rows
 // [num_blocks, E]. Layout: a team of TPT lanes (a power of two) owns a token; lane l of the team
-// holds experts [l V, l V + V) in registers; experts past E (padding) are -inf logits with
-// selection value -inf and the highest indices, so they can only come after every real expert and
-// are never picked (K <= E). Tokens go to teams in warp-major order: step i of warp w handles
+// holds experts [l V, l V + V) in registers; experts past E (padding) are never read from memory
+// (every load stays inside [row, row + E): kernels/router/span.hpp): they are -inf logits (score
+// 0) with selection value -inf and the highest indices, so they can only come after every real
+// expert and are never picked (K <= E). Tokens go to teams in warp-major order: step i of warp w handles
 // tokens (w + i * warps) * teams_per_warp + team; a warp loops while its first team has a token,
 // so all of its lanes run every collective (teams past T work on zeros and write nothing).
 //
@@ -68,7 +69,10 @@ __global__ void __launch_bounds__(kFastThreads, fast_min_blocks(V))
   const unsigned team_mask =
       TPT == 32 ? kFullMask : (((1u << TPT) - 1u) << (team_in_warp * TPT));
   const int base = lt * V;
-  const int nvalid = E - base < 0 ? 0 : (E - base < V ? E - base : V);
+  // Elements of the row from this lane's first on: rem >= V a whole span, 0 < rem < V a span that
+  // ends at E, rem <= 0 a lane past E (padding only). Compared directly, never clamped first
+  // (kernels/router/span.hpp says why).
+  const int rem = E - base;
 
   const bool need_load = a.load_mode != LoadMode::kNone;
   const bool need_score = a.score_partial != nullptr;
@@ -105,10 +109,7 @@ __global__ void __launch_bounds__(kFastThreads, fast_min_blocks(V))
   auto fetch = [&](int64_t t) {
     if (t < num_tokens) {
       const T* p = reinterpret_cast<const T*>(logits + t * row_bytes) + base;
-      if (nvalid == V)
-        load_span<T, V>(p, a.logits_vec_bytes, next_raw);
-      else
-        load_span_partial<T, V>(p, nvalid, next_raw);
+      load_span<T, V>(p, a.logits_vec_bytes, rem, next_raw);  // -inf at and past E
       next_mask = a.token_mask == nullptr || __ldg(a.token_mask + t) != 0;
     } else {
 #pragma unroll
@@ -148,10 +149,10 @@ __global__ void __launch_bounds__(kFastThreads, fast_min_blocks(V))
     uint32_t key[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) key[j] = float_key(sanitize((topk_softmax ? z[j] : s[j]) + bias[j]));
-    if (nvalid < V) {
+    if (rem < V) {  // padding: -inf keys (a softmax score of 0 would otherwise outrank -inf)
 #pragma unroll
       for (int j = 0; j < V; ++j)
-        if (j >= nvalid) key[j] = float_key(-INFINITY);
+        if (j >= rem) key[j] = float_key(-INFINITY);
     }
     __syncwarp();  // the previous token's readers of s_row / s_sel are done
     {
@@ -325,7 +326,7 @@ __global__ void __launch_bounds__(kFastThreads, fast_min_blocks(V))
   }
   __syncthreads();
   if (need_score) {
-    if (nvalid > 0) {
+    if (rem > 0) {
       float4* dst = reinterpret_cast<float4*>(&s_row[team][base]);
 #pragma unroll
       for (int j = 0; j < V / 4; ++j) dst[j] = make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]);
