@@ -12,11 +12,25 @@
 // Selection (top-k, groups) is piecewise constant: no gradient through it. Indices outside
 // [0, E) contribute nothing; repeated indices add up (scattered in k order).
 //
+// Evaluation order (the same maths, arranged so that rounding errors scale with the size of the
+// result, not with the size of the terms that cancel; docs/router.md, "Backward precision"):
+//   - gv - <gv, v> is computed as (gv - c) - <gv - c, v> + c (1 - sum v), c = gv of the largest
+//     weight (lowest rank among equals), 1 - sum v = 1e-20 / D exactly: the dominant term is
+//     subtracted exactly instead of through a rounded mean. The picked softmax likewise subtracts
+//     c = gu of its largest weight (its backward ignores constants: sum u = 1).
+//   - the full softmax's <ds, s> over the selection part, with normalisation, is
+//     sum_k gu_k u_k = 1e-20 <gv, v> / D exactly (minus sum_k gu_k b_idx_k with weights_use_bias):
+//     an analytically ~0 sum is not formed from O(|gv|) terms.
+//   - aux: a'_e = a_e - a_ref with a_ref = the a of the mean load K N / E (a shift by a constant):
+//     the softmax ignores constants in ds (gq = a' / D_q); otherwise gq = ((a' - <a', q> / D_q) +
+//     a_ref 1e-20 / D_q) / D_q, or a itself without normalisation.
+//
 // Fast path (E <= 512): the team layout of the fast forward (kernels/router/forward_fast.cuh),
 // values in registers, the weight sources and the scattered gradient of each team in shared
-// memory. Generic path: one warp per token, lane-strided over the row, the scattered gradient in
-// shared memory, z re-read through L1 for each pass. Every output element is written once by one
-// thread; sums have a fixed order: deterministic.
+// memory; every global access stays inside [row, row + E) (kernels/router/span.hpp). Generic
+// path: one warp per token, lane-strided over the row, the scattered gradient in shared memory, z
+// re-read through L1 for each pass. Every output element is written once by one thread; sums have
+// a fixed order: deterministic.
 #pragma once
 
 #include "kernels/router/common.cuh"
@@ -30,13 +44,57 @@ namespace moekit::kernels::router {
 // The aux term is on when its coefficient is nonzero (the host then guarantees the load and count).
 __device__ __forceinline__ bool aux_enabled(const BackwardArgs& a) { return a.aux_coeff != 0.0f; }
 
-// Per-expert aux gradient scale coeff E / (K N'^2), read from the device count.
-__device__ __forceinline__ float aux_scale(const BackwardArgs& a) {
-  if (!aux_enabled(a)) return 0.0f;
+// Per-expert aux gradient a_e = scale L_e with scale = coeff E / (K N'^2), read from the device
+// count, and the reference load lref = K N / E (the mean load when the loads are this count's):
+// the kernels use a'_e = scale (L_e - lref) and a_ref = scale lref.
+struct AuxScale {
+  float scale;
+  float lref;
+  float aref;
+};
+
+__device__ __forceinline__ AuxScale aux_scale(const BackwardArgs& a) {
+  AuxScale r{0.0f, 0.0f, 0.0f};
+  if (!aux_enabled(a)) return r;
   const int32_t n = __ldg(a.token_count);
   const float np = static_cast<float>(n > 1 ? n : 1);
-  return a.aux_coeff * static_cast<float>(a.opt.num_experts) /
-         (static_cast<float>(a.opt.top_k) * np * np);
+  const float E = static_cast<float>(a.opt.num_experts);
+  const float K = static_cast<float>(a.opt.top_k);
+  r.scale = a.aux_coeff * E / (K * np * np);
+  r.lref = K * static_cast<float>(n > 0 ? n : 0) / E;
+  r.aref = r.scale * r.lref;
+  return r;
+}
+
+__device__ __forceinline__ float aux_shifted(const AuxScale& x, int32_t load) {
+  return x.scale * (static_cast<float>(load) - x.lref);
+}
+
+// The reference rank of a team's K ranks (lane lt holds ranks lt + i TPT): the largest valid u,
+// the lowest rank among equals. Returns g at that rank on every lane of the team (0 when no rank
+// is valid). Every lane of the warp must call it (team reductions and a full-warp shuffle).
+template <int TPT, int R>
+__device__ __forceinline__ float rank_shift(const float (&u)[R], const bool (&valid)[R], const float (&g)[R],
+                                            int lt, int team_base, unsigned team_mask) {
+  float mx = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+    if (valid[i]) mx = fmaxf(mx, u[i]);
+  mx = team_max<TPT>(mx);
+  unsigned mine = 0xffffffffu;
+  float mine_g = 0.0f;
+#pragma unroll
+  for (int i = R - 1; i >= 0; --i) {  // the lowest matching rank of this lane wins
+    if (valid[i] && u[i] == mx) {
+      mine = static_cast<unsigned>(lt + i * TPT);
+      mine_g = g[i];
+    }
+  }
+  unsigned best = mine;
+  if constexpr (TPT > 1) best = __reduce_min_sync(team_mask, mine);
+  const int src = team_base + (best == 0xffffffffu ? 0 : static_cast<int>(best % TPT));
+  const float c = __shfl_sync(kFullMask, mine_g, src);
+  return best == 0xffffffffu ? 0.0f : c;
 }
 
 template <class T, int V, int TPT>
@@ -51,7 +109,7 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
   __shared__ __align__(16) float s_row[kTeams][kEPad];  // weight source of the team's token
   __shared__ __align__(16) float g_row[kTeams][kEPad];  // gradient scattered at the picked experts
   __shared__ __align__(16) float s_bias[kEPad];         // correction bias, 0 past E
-  __shared__ __align__(16) float s_aux[kEPad];          // aux gradient a_e = coeff L_e E / (K N'^2)
+  __shared__ __align__(16) float s_aux[kEPad];          // shifted aux gradient a'_e, 0 past E
 
   const RouterOptions& o = a.opt;
   const int E = o.num_experts;
@@ -62,31 +120,23 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
   const int lt = lane % TPT;
   const int team_in_warp = lane / TPT;
   const int team = warp * kTeamsPerWarp + team_in_warp;
+  const int team_base = team_in_warp * TPT;
+  const unsigned team_mask = TPT == 32 ? kFullMask : (((1u << TPT) - 1u) << team_base);
   const int base = lt * V;
-  const int nvalid = E - base < 0 ? 0 : (E - base < V ? E - base : V);
+  const int rem = E - base;  // row elements from this lane's first on (kernels/router/span.hpp)
   const int sf = o.score_func;
   const bool topk_softmax = o.topk_then_softmax != 0;
   const bool aux_on = aux_enabled(a);
   const bool full_softmax = sf == MOEKIT_SCORE_SOFTMAX && (!topk_softmax || aux_on);
   const bool wub = o.weights_use_bias != 0;
 
-  const float scale = aux_scale(a);
+  const AuxScale aux = aux_scale(a);
   for (int e = threadIdx.x; e < kEPad; e += kFastThreads) {
     s_bias[e] = (a.bias != nullptr && e < E) ? __ldg(a.bias + e) : 0.0f;
-    s_aux[e] = (aux_on && e < E) ? scale * static_cast<float>(__ldg(a.expert_load + e)) : 0.0f;
+    s_aux[e] = (aux_on && e < E) ? aux_shifted(aux, __ldg(a.expert_load + e)) : 0.0f;
   }
   __syncthreads();
-  // V consecutive floats of a shared row as registers.
-  auto row_values = [&](const float* src, float (&v)[V]) {
-#pragma unroll
-    for (int j = 0; j < V / 4; ++j) {
-      const float4 f4 = reinterpret_cast<const float4*>(src + base)[j];
-      v[4 * j] = f4.x;
-      v[4 * j + 1] = f4.y;
-      v[4 * j + 2] = f4.z;
-      v[4 * j + 3] = f4.w;
-    }
-  };
+
 
   const char* logits = static_cast<const char*>(a.logits);
   const int64_t row_bytes = a.logits_stride * static_cast<int64_t>(sizeof(T));
@@ -103,10 +153,7 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
     const bool ok = t < num_tokens;
     if (ok) {
       const T* p = reinterpret_cast<const T*>(logits + t * row_bytes) + base;
-      if (nvalid == V)
-        load_span<T, V>(p, a.logits_vec_bytes, next_raw);
-      else
-        load_span_partial<T, V>(p, nvalid, next_raw);
+      load_span<T, V>(p, a.logits_vec_bytes, rem, next_raw);  // -inf at and past E
       next_mask = a.token_mask == nullptr || __ldg(a.token_mask + t) != 0;
     } else {
 #pragma unroll
@@ -139,28 +186,42 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
     const bool m = next_mask;
     fetch((step + warps_total) * kTeamsPerWarp + team_in_warp);
 
-    float z[V], s[V];
+    // Registers: the raw logits (z is re-derived from them where needed) and the scores stay
+    // live; bias, aux values and the scattered gradient are re-read from shared memory in float4
+    // chunks where they are used (fast_backward_min_blocks() caps the registers).
+    float s[V];
+    {
+      float z[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) z[j] = Elem<T>::get(raw, j);
-    lane_scores<V, TPT>(sf, full_softmax, z, s);
-
-    float bias[V];
-    row_values(s_bias, bias);
+      for (int j = 0; j < V; ++j) z[j] = Elem<T>::get(raw, j);
+      lane_scores<V, TPT>(sf, full_softmax, z, s);
+    }
     __syncwarp();  // the previous token's readers of s_row / g_row are done
     {
       float4* src = reinterpret_cast<float4*>(&s_row[team][base]);
       float4* gdst = reinterpret_cast<float4*>(&g_row[team][base]);
 #pragma unroll
       for (int j = 0; j < V / 4; ++j) {
+        const float4 b4 = reinterpret_cast<const float4*>(&s_bias[base])[j];
+        const float b[4] = {b4.x, b4.y, b4.z, b4.w};
         float w4[4];
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const int jj = 4 * j + q;
-          w4[q] = topk_softmax ? z[jj] : (wub ? s[jj] + bias[jj] : s[jj]);
+          w4[q] = topk_softmax ? Elem<T>::get(raw, jj) : (wub ? s[jj] + b[q] : s[jj]);
         }
         src[j] = make_float4(w4[0], w4[1], w4[2], w4[3]);
         gdst[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       }
+    }
+    // From here s[] is what dz needs: softmax s, sigmoid s (1 - s), sqrt-softplus d s / d z (the
+    // aux scores q of those two are their weight sources, read back from s_row).
+    if (sf == MOEKIT_SCORE_SIGMOID) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) s[j] = s[j] * (1.0f - s[j]);
+    } else if (sf != MOEKIT_SCORE_SOFTMAX) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) s[j] = sqrt_softplus_grad(Elem<T>::get(raw, j), s[j]);
     }
     __syncwarp();
 
@@ -174,25 +235,41 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
       gv[i] = valid[i] ? o.route_scale * gw[i] : 0.0f;
     }
     if (topk_softmax) picked_softmax<TPT>(u, valid);
+    float sel_dot = 0.0f;  // full softmax with normalisation: <selection part of ds, s>
     if (o.normalize) {
       float su = 0.0f;
 #pragma unroll
       for (int i = 0; i < kRanks; ++i) su += u[i];
-      const float denom = team_sum<TPT>(su) + 1e-20f;
-      float dot = 0.0f;
+      su = team_sum<TPT>(su);
+      const float denom = su + 1e-20f;
+      const float c = rank_shift<TPT>(u, valid, gv, lt, team_base, team_mask);
+      float d = 0.0f;
 #pragma unroll
-      for (int i = 0; i < kRanks; ++i) dot += gv[i] * (u[i] / denom);
-      dot = team_sum<TPT>(dot);
+      for (int i = 0; i < kRanks; ++i) d += valid[i] ? (gv[i] - c) * u[i] : 0.0f;
+      const float dotp = team_sum<TPT>(d) / denom;  // <gv - c, v>
+      const float corr = c * (1e-20f / denom);      // c (1 - sum v)
 #pragma unroll
-      for (int i = 0; i < kRanks; ++i) gv[i] = valid[i] ? (gv[i] - dot) / denom : 0.0f;
+      for (int i = 0; i < kRanks; ++i) gv[i] = valid[i] ? (((gv[i] - c) - dotp) + corr) / denom : 0.0f;
+      if (sf == MOEKIT_SCORE_SOFTMAX && !topk_softmax) {
+        const float gbar = c * (su / denom) + dotp;  // <gv, v>
+        sel_dot = (1e-20f / denom) * gbar;           // sum_k gu_k u_k
+        if (wub) {                                   // u = s + b: sum_k gu_k s_k = that - sum_k gu_k b_k
+          float gb = 0.0f;
+#pragma unroll
+          for (int i = 0; i < kRanks; ++i)
+            if (valid[i]) gb += gv[i] * s_bias[idx[i]];
+          sel_dot -= team_sum<TPT>(gb);
+        }
+      }
     }
     if (topk_softmax) {
-      float dot = 0.0f;
+      const float c = rank_shift<TPT>(u, valid, gv, lt, team_base, team_mask);
+      float d = 0.0f;
 #pragma unroll
-      for (int i = 0; i < kRanks; ++i) dot += gv[i] * u[i];
-      dot = team_sum<TPT>(dot);
+      for (int i = 0; i < kRanks; ++i) d += valid[i] ? (gv[i] - c) * u[i] : 0.0f;
+      d = team_sum<TPT>(d);
 #pragma unroll
-      for (int i = 0; i < kRanks; ++i) gv[i] = u[i] * (gv[i] - dot);
+      for (int i = 0; i < kRanks; ++i) gv[i] = valid[i] ? u[i] * ((gv[i] - c) - d) : 0.0f;
     }
     // Scatter in k order, one rank per round (repeated indices add up deterministically).
 #pragma unroll
@@ -204,73 +281,98 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
       }
     }
 
-    float gsel[V];
-    {
-      const float4* gsrc = reinterpret_cast<const float4*>(&g_row[team][base]);
+    // ---- ds = selection part (not for the picked softmax: its gradient goes to z directly)
+    //      + aux part; dsum collects what <ds, s> needs beyond sel_dot --------------------------
+    const bool sel_in_dot = sf == MOEKIT_SCORE_SOFTMAX && !topk_softmax && !o.normalize;
+    float gs[V];
+    float dsum = 0.0f;
 #pragma unroll
-      for (int j = 0; j < V / 4; ++j) {
-        const float4 g4 = gsrc[j];
-        gsel[4 * j] = g4.x;
-        gsel[4 * j + 1] = g4.y;
-        gsel[4 * j + 2] = g4.z;
-        gsel[4 * j + 3] = g4.w;
+    for (int j = 0; j < V / 4; ++j) {
+      const float4 g4 = reinterpret_cast<const float4*>(&g_row[team][base])[j];
+      const float g[4] = {g4.x, g4.y, g4.z, g4.w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        gs[4 * j + q] = topk_softmax ? 0.0f : g[q];
+        if (sel_in_dot) dsum += g[q] * s[4 * j + q];
       }
     }
-
-    // ---- aux term ----------------------------------------------------------------------------
-    float gq[V];
-#pragma unroll
-    for (int j = 0; j < V; ++j) gq[j] = 0.0f;
+    // Collectives run on every lane (aux_on, normalize, sf are uniform); masked tokens add nothing.
     if (aux_on) {
-      float aux_a[V];
-      row_values(s_aux, aux_a);
-      float q[V];
-#pragma unroll
-      for (int j = 0; j < V; ++j) q[j] = wub ? s[j] + bias[j] : s[j];
+      float inv_q = 1.0f, dq = 0.0f, corr = 0.0f;
       if (o.normalize) {
         float sq = 0.0f, saq = 0.0f;
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-          sq += q[j];
-          saq += aux_a[j] * q[j];
+        for (int j = 0; j < V / 4; ++j) {
+          const float4 a4 = reinterpret_cast<const float4*>(&s_aux[base])[j];
+          const float av[4] = {a4.x, a4.y, a4.z, a4.w};
+          float qv[4];
+          if (sf == MOEKIT_SCORE_SOFTMAX) {  // q = s (+ b); s_row may hold logits (top-k softmax)
+            const float4 b4 = reinterpret_cast<const float4*>(&s_bias[base])[j];
+            const float b[4] = {b4.x, b4.y, b4.z, b4.w};
+#pragma unroll
+            for (int q = 0; q < 4; ++q) qv[q] = wub ? s[4 * j + q] + b[q] : s[4 * j + q];
+          } else {  // q is the weight source
+            const float4 q4 = reinterpret_cast<const float4*>(&s_row[team][base])[j];
+            qv[0] = q4.x;
+            qv[1] = q4.y;
+            qv[2] = q4.z;
+            qv[3] = q4.w;
+          }
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            sq += qv[q];
+            saq += av[q] * qv[q];
+          }
         }
-        const float inv = 1.0f / (team_sum<TPT>(sq) + 1e-20f);
-        const float dq = team_sum<TPT>(saq) * inv;
-#pragma unroll
-        for (int j = 0; j < V; ++j) gq[j] = (aux_a[j] - dq) * inv;
-      } else {
-#pragma unroll
-        for (int j = 0; j < V; ++j) gq[j] = aux_a[j];
+        inv_q = 1.0f / (team_sum<TPT>(sq) + 1e-20f);
+        if (sf != MOEKIT_SCORE_SOFTMAX) {
+          dq = team_sum<TPT>(saq) * inv_q;      // <a', q> / D_q
+          corr = aux.aref * (1e-20f * inv_q);  // a_ref (1 - sum q / D_q)
+        }
       }
-      if (!m) {
+      if (m) {
 #pragma unroll
-        for (int j = 0; j < V; ++j) gq[j] = 0.0f;
+        for (int j = 0; j < V / 4; ++j) {
+          const float4 a4 = reinterpret_cast<const float4*>(&s_aux[base])[j];
+          const float av[4] = {a4.x, a4.y, a4.z, a4.w};
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const int jj = 4 * j + q;
+            float gq;
+            if (sf == MOEKIT_SCORE_SOFTMAX) {  // the softmax's backward ignores constants in ds
+              gq = av[q] * inv_q;
+              dsum += gq * s[jj];
+            } else if (o.normalize) {
+              gq = ((av[q] - dq) + corr) * inv_q;
+            } else {
+              gq = av[q] + aux.aref;
+            }
+            gs[jj] += gq;
+          }
+        }
       }
     }
 
-    // ---- through the score function ----------------------------------------------------------
-    float gz[V];
+    // ---- through the score function (dz over ds, in place) ----------------------------------
     if (sf == MOEKIT_SCORE_SOFTMAX) {
-      float gs[V];
-      float dot = 0.0f;
+      const float dot = team_sum<TPT>(dsum) + sel_dot;
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        gs[j] = (topk_softmax ? 0.0f : gsel[j]) + gq[j];
-        dot += gs[j] * s[j];
+      for (int j = 0; j < V / 4; ++j) {
+        const float4 g4 = reinterpret_cast<const float4*>(&g_row[team][base])[j];
+        const float g[4] = {g4.x, g4.y, g4.z, g4.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int jj = 4 * j + q;
+          gs[jj] = s[jj] * (gs[jj] - dot) + (topk_softmax ? g[q] : 0.0f);
+        }
       }
-      dot = team_sum<TPT>(dot);
+    } else {  // s[] holds d s / d z here
 #pragma unroll
-      for (int j = 0; j < V; ++j) gz[j] = s[j] * (gs[j] - dot) + (topk_softmax ? gsel[j] : 0.0f);
-    } else if (sf == MOEKIT_SCORE_SIGMOID) {
-#pragma unroll
-      for (int j = 0; j < V; ++j) gz[j] = (gsel[j] + gq[j]) * (s[j] * (1.0f - s[j]));
-    } else {
-#pragma unroll
-      for (int j = 0; j < V; ++j) gz[j] = (gsel[j] + gq[j]) * sqrt_softplus_grad(z[j], s[j]);
+      for (int j = 0; j < V; ++j) gs[j] = gs[j] * s[j];
     }
-    if (active && nvalid > 0) {
+    if (active && rem > 0) {
       T* p = reinterpret_cast<T*>(grad + t * grad_row_bytes) + base;
-      store_span<T, V>(p, a.grad_vec_bytes, nvalid, gz);
+      store_span<T, V>(p, a.grad_vec_bytes, rem, gs);  // only the elements below E
     }
   }
 }
@@ -302,7 +404,7 @@ cudaError_t launch_backward_fast_dtype(const BackwardArgs& a, cudaStream_t strea
 
 // ---- generic path ----------------------------------------------------------------------------
 template <class T>
-__global__ void __launch_bounds__(kGenericMaxWarps * 32)
+__global__ void __launch_bounds__(kGenericMaxWarps * 32, 4)
     router_backward_generic_kernel(const BackwardArgs a) {
   extern __shared__ __align__(16) float g_smem[];
   const RouterOptions& o = a.opt;
@@ -317,7 +419,7 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32)
   const bool aux_on = aux_enabled(a);
   const bool full_softmax = sf == MOEKIT_SCORE_SOFTMAX && (!topk_softmax || aux_on);
   const bool wub = o.weights_use_bias != 0;
-  const float scale = aux_scale(a);
+  const AuxScale aux = aux_scale(a);
   const int64_t warps_total = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
 
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + warp; t < num_tokens; t += warps_total) {
@@ -328,11 +430,12 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32)
     const bool m = a.token_mask == nullptr || __ldg(a.token_mask + t) != 0;
     const RowScore score = row_score(sf, full_softmax, E, [&](int e) { return Elem<T>::load1(row + e); });
     auto bias_at = [&](int e) -> float { return a.bias != nullptr ? __ldg(a.bias + e) : 0.0f; };
+    auto aux_at = [&](int e) -> float { return aux_shifted(aux, __ldg(a.expert_load + e)); };  // a'_e
 
     __syncwarp();  // the previous token's readers of g_row are done
     for (int e = lane; e < E; e += 32) g_row[e] = 0.0f;
 
-    // weights gradient: lane r < K owns rank r
+    // weights gradient: lane r < K owns rank r (the maths and order of the fast path)
     const bool has = lane < K;
     const int idx = has ? __ldg(a.indices + t * K + lane) : -1;
     const bool valid = has && idx >= 0 && idx < E;
@@ -347,14 +450,30 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32)
       u = valid ? __expf(u - zmax) : 0.0f;
       u = u / warp_sum(u);
     }
+    // gv of the largest weight, the lowest rank among equals (rank_shift of the fast path)
+    auto shift = [&]() -> float {
+      const float umax = warp_max(valid ? u : -INFINITY);
+      const unsigned tied = __ballot_sync(kFullMask, valid && u == umax);
+      const float c = __shfl_sync(kFullMask, gv, tied != 0u ? __ffs(tied) - 1 : 0);
+      return tied != 0u ? c : 0.0f;
+    };
+    float sel_dot = 0.0f;
     if (o.normalize) {
-      const float denom = warp_sum(u) + 1e-20f;
-      const float dot = warp_sum(gv * (u / denom));
-      gv = valid ? (gv - dot) / denom : 0.0f;
+      const float su = warp_sum(u);
+      const float denom = su + 1e-20f;
+      const float c = shift();
+      const float dotp = warp_sum(valid ? (gv - c) * u : 0.0f) / denom;
+      const float corr = c * (1e-20f / denom);
+      gv = valid ? (((gv - c) - dotp) + corr) / denom : 0.0f;
+      if (sf == MOEKIT_SCORE_SOFTMAX && !topk_softmax) {
+        sel_dot = (1e-20f / denom) * (c * (su / denom) + dotp);
+        if (wub) sel_dot -= warp_sum(valid ? gv * bias_at(idx) : 0.0f);
+      }
     }
     if (topk_softmax) {
-      const float dot = warp_sum(gv * u);
-      gv = u * (gv - dot);
+      const float c = shift();
+      const float d = warp_sum(valid ? (gv - c) * u : 0.0f);
+      gv = valid ? u * ((gv - c) - d) : 0.0f;
     }
     __syncwarp();
     for (int r = 0; r < K; ++r) {
@@ -362,43 +481,47 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32)
       __syncwarp();
     }
 
-    // aux term sums
+    // aux term: gq_e from a'_e (see the file comment); sums over the row first
     float inv_q = 1.0f, dq = 0.0f;
     if (aux_on && o.normalize) {
       float sq = 0.0f, saq = 0.0f;
       for (int e = lane; e < E; e += 32) {
-        const float s = score(Elem<T>::load1(row + e));
-        const float q = wub ? s + bias_at(e) : s;
+        const float sv = score(Elem<T>::load1(row + e));
+        const float q = wub ? sv + bias_at(e) : sv;
         sq += q;
-        saq += scale * static_cast<float>(__ldg(a.expert_load + e)) * q;
+        saq += aux_at(e) * q;
       }
       inv_q = 1.0f / (warp_sum(sq) + 1e-20f);
       dq = warp_sum(saq) * inv_q;
     }
+    const float corr_q = aux.aref * (1e-20f * inv_q);
     auto gq_at = [&](int e) -> float {
       if (!aux_on || !m) return 0.0f;
-      const float ae = scale * static_cast<float>(__ldg(a.expert_load + e));
-      return o.normalize ? (ae - dq) * inv_q : ae;
+      if (sf == MOEKIT_SCORE_SOFTMAX) return aux_at(e) * inv_q;
+      if (o.normalize) return ((aux_at(e) - dq) + corr_q) * inv_q;
+      return aux_at(e) + aux.aref;
     };
-    float dots = 0.0f;
+    const bool sel_in_dot = !topk_softmax && !o.normalize;
+    float dot = sel_dot;
     if (sf == MOEKIT_SCORE_SOFTMAX) {
+      float d = 0.0f;
       for (int e = lane; e < E; e += 32) {
-        const float s = score(Elem<T>::load1(row + e));
-        dots += ((topk_softmax ? 0.0f : g_row[e]) + gq_at(e)) * s;
+        const float sv = score(Elem<T>::load1(row + e));
+        d += ((sel_in_dot ? g_row[e] : 0.0f) + gq_at(e)) * sv;
       }
-      dots = warp_sum(dots);
+      dot = warp_sum(d) + sel_dot;
     }
     for (int e = lane; e < E; e += 32) {
       const float z = Elem<T>::load1(row + e);
-      const float s = score(z);
+      const float sv = score(z);
       float gz;
       if (sf == MOEKIT_SCORE_SOFTMAX) {
         const float gs = (topk_softmax ? 0.0f : g_row[e]) + gq_at(e);
-        gz = s * (gs - dots) + (topk_softmax ? g_row[e] : 0.0f);
+        gz = sv * (gs - dot) + (topk_softmax ? g_row[e] : 0.0f);
       } else if (sf == MOEKIT_SCORE_SIGMOID) {
-        gz = (g_row[e] + gq_at(e)) * (s * (1.0f - s));
+        gz = (g_row[e] + gq_at(e)) * (sv * (1.0f - sv));
       } else {
-        gz = (g_row[e] + gq_at(e)) * sqrt_softplus_grad(z, s);
+        gz = (g_row[e] + gq_at(e)) * sqrt_softplus_grad(z, sv);
       }
       grow[e] = from_float<T>(gz);
     }

@@ -326,6 +326,368 @@ std::vector<double> router_backward(const moekit_router_config_t& c, int64_t T, 
   return grad;
 }
 
+// ---- the backward in the kernels' evaluation order ----------------------------------------------
+namespace {
+
+// A value (in double) and a bound on the error of evaluating it with unit roundoff 2^-kBits:
+// kBits = 24 for the device's fp32 operations (reductions by the kernels' trees), 53 for this
+// file's double evaluation of router_backward (sequential sums).
+template <int kBits>
+struct Bounded {
+  static constexpr double kUnit = kBits == 24 ? 0x1p-24 : 0x1p-53;
+  static constexpr double kFlushed = kBits == 24 ? 0x1p-126 : 0x1p-1022;  // flushed / denormal results
+  double v = 0.0;
+  double e = 0.0;
+};
+using Dev = Bounded<24>;
+using Ref = Bounded<53>;
+
+// One rounded result of magnitude about |v| that already carries error e.
+template <int B>
+Bounded<B> rounded(double v, double e) {
+  const double r = e + Bounded<B>::kUnit * (std::fabs(v) + e);
+  return {v, std::isnan(r) ? kInf : r};
+}
+template <int B>
+Bounded<B> operator+(Bounded<B> a, Bounded<B> b) { return rounded<B>(a.v + b.v, a.e + b.e); }
+template <int B>
+Bounded<B> operator-(Bounded<B> a, Bounded<B> b) { return rounded<B>(a.v - b.v, a.e + b.e); }
+template <int B>
+Bounded<B> operator*(Bounded<B> a, Bounded<B> b) {
+  return rounded<B>(a.v * b.v, std::fabs(a.v) * b.e + std::fabs(b.v) * a.e + a.e * b.e + Bounded<B>::kFlushed);
+}
+// |a / b - (a + da) / (b + db)| <= (|da| + |a / b| |db|) / (|b| - |db|)
+template <int B>
+double quotient_error(Bounded<B> a, Bounded<B> b) {
+  const double room = std::fabs(b.v) - b.e;
+  if (!(room > 0.0)) return kInf;
+  return (a.e + std::fabs(a.v / b.v) * b.e) / room;
+}
+template <int B>
+Bounded<B> operator/(Bounded<B> a, Bounded<B> b) {
+  return rounded<B>(a.v / b.v, quotient_error(a, b) + Bounded<B>::kFlushed);
+}
+
+// The operations the kernels use, for double (exact maths), float (fp32 with IEEE functions) and
+// Bounded (value and error bound).
+double to_double(double x) { return x; }
+double to_double(float x) { return x; }
+template <int B>
+double to_double(Bounded<B> x) { return x.v; }
+
+template <class N>
+struct Num {
+  static N constant(double x) { return static_cast<N>(x); }  // x is an fp32 value
+};
+template <int B>
+struct Num<Bounded<B>> {
+  static Bounded<B> constant(double x) { return {x, 0.0}; }
+};
+template <class N>
+N constant(double x) { return Num<N>::constant(x); }
+
+// __expf(x) = ex2.approx(x log2 e): within 2 + floor(1.173 |x|) ulp of e^x (CUDA C Programming
+// Guide, intrinsic functions); an ulp is at most 2 u relative; flushed below 2^-126.
+double dev_exp(double x) { return std::exp(x); }
+float dev_exp(float x) { return std::exp(x); }
+template <int B>
+Bounded<B> dev_exp(Bounded<B> x) {
+  if (std::isinf(x.v) && x.v < 0.0) return {0.0, 0.0};
+  const double v = std::exp(x.v);
+  const double grown = std::exp(x.v + x.e);  // the largest value the perturbed input can give
+  const double ulps = 2.0 + std::floor(1.173 * (std::fabs(x.v) + x.e));
+  const double e = (grown - v) + grown * ulps * 2.0 * Bounded<B>::kUnit + Bounded<B>::kFlushed;
+  return {v, std::isnan(e) ? kInf : e};
+}
+// rcp.approx.ftz.f32: within 1 ulp.
+double dev_rcp(double x) { return 1.0 / x; }
+float dev_rcp(float x) { return 1.0f / x; }
+template <int B>
+Bounded<B> dev_rcp(Bounded<B> x) {
+  const double v = 1.0 / x.v;
+  const double q = quotient_error(Bounded<B>{1.0, 0.0}, x);
+  const double e = q + 2.0 * Bounded<B>::kUnit * (std::fabs(v) + q) + Bounded<B>::kFlushed;
+  return {v, std::isnan(e) ? kInf : e};
+}
+// log1pf: within 1 ulp; d log1p(t) = dt / (1 + t).
+double dev_log1p(double x) { return std::log1p(x); }
+float dev_log1p(float x) { return std::log1p(x); }
+template <int B>
+Bounded<B> dev_log1p(Bounded<B> x) {
+  const double v = std::log1p(x.v);
+  const double room = 1.0 + x.v - x.e;
+  const double prop = room > 0.0 ? x.e / room : kInf;
+  return {v, prop + 2.0 * Bounded<B>::kUnit * (std::fabs(v) + prop)};
+}
+// sqrtf (IEEE): sqrt(y + dy) - sqrt(y) <= min(dy / (2 sqrt y), sqrt(dy)).
+double dev_sqrt(double x) { return std::sqrt(x); }
+float dev_sqrt(float x) { return std::sqrt(x); }
+template <int B>
+Bounded<B> dev_sqrt(Bounded<B> x) {
+  const double v = std::sqrt(std::max(x.v, 0.0));
+  const double prop = v > 0.0 ? std::min(x.e / (2.0 * v), std::sqrt(x.e)) : std::sqrt(x.e);
+  return rounded<B>(v, prop);
+}
+double dev_max(double a, double b) { return std::fmax(a, b); }
+float dev_max(float a, float b) { return std::fmax(a, b); }
+template <int B>
+Bounded<B> dev_max(Bounded<B> a, Bounded<B> b) {
+  if (std::isnan(a.v)) return b;
+  if (std::isnan(b.v)) return a;
+  return {std::max(a.v, b.v), std::max(a.e, b.e)};
+}
+double dev_abs(double x) { return std::fabs(x); }
+float dev_abs(float x) { return std::fabs(x); }
+template <int B>
+Bounded<B> dev_abs(Bounded<B> x) { return {std::fabs(x.v), x.e}; }
+
+// A reduction: pairwise in fp32 here; the bound holds for every summation of the n nonzero terms
+// whose terms go through at most d roundings: gamma_d sum |x| (plus each term's own error). On the
+// device d <= min(n - 1, ceil(n / 32) + 37): a fast-path lane adds at most 2 V = 32 of its own
+// terms (the selection and aux parts of <ds, s>), then log2(TPT) <= 5 butterfly steps; a generic
+// lane ceil(n / 32), then 5. The double reference sums in sequence: d = n - 1.
+template <int B>
+int sum_depth(size_t n) {
+  if (n <= 1) return 0;
+  if (B != 24) return static_cast<int>(n - 1);
+  return static_cast<int>(std::min(n - 1, (n + 31) / 32 + 37));
+}
+double dev_sum(const std::vector<double>& x) {
+  double s = 0.0;
+  for (double v : x) s += v;
+  return s;
+}
+float pairwise(const float* x, size_t n) {
+  if (n == 0) return 0.0f;
+  if (n == 1) return x[0];
+  return pairwise(x, n / 2) + pairwise(x + n / 2, n - n / 2);
+}
+float dev_sum(const std::vector<float>& x) { return pairwise(x.data(), x.size()); }
+template <int B>
+Bounded<B> dev_sum(const std::vector<Bounded<B>>& x) {
+  double v = 0.0, e = 0.0, mag = 0.0;
+  size_t nonzero = 0;
+  for (const Bounded<B>& b : x) {
+    v += b.v;
+    e += b.e;
+    mag += std::fabs(b.v) + b.e;
+    if (b.v != 0.0 || b.e != 0.0) ++nonzero;
+  }
+  const double d = sum_depth<B>(nonzero) * Bounded<B>::kUnit;
+  const double r = e + (d < 1.0 ? d / (1.0 - d) : kInf) * mag;
+  return {v, std::isnan(r) ? kInf : r};
+}
+
+// The scores of kernels/router/common.cuh (lane_scores / RowScore).
+template <class N>
+std::vector<N> device_scores(const moekit_router_config_t& c, const double* z, bool full_softmax) {
+  const int E = c.num_experts;
+  std::vector<N> s(E, constant<N>(0.0));
+  if (c.score_func == MOEKIT_SCORE_SOFTMAX) {
+    if (!full_softmax) return s;
+    N mx = constant<N>(-kInf);
+    for (int e = 0; e < E; ++e) mx = dev_max(mx, constant<N>(z[e]));
+    std::vector<N> ex(E);
+    for (int e = 0; e < E; ++e) ex[e] = dev_exp(constant<N>(z[e]) - mx);
+    const N inv = constant<N>(1.0) / dev_sum(ex);
+    for (int e = 0; e < E; ++e) s[e] = ex[e] * inv;
+  } else if (c.score_func == MOEKIT_SCORE_SIGMOID) {
+    for (int e = 0; e < E; ++e) s[e] = dev_rcp(constant<N>(1.0) + dev_exp(constant<N>(-z[e])));
+  } else {
+    for (int e = 0; e < E; ++e) {
+      const N x = constant<N>(z[e]);
+      s[e] = dev_sqrt(dev_max(x, constant<N>(0.0)) + dev_log1p(dev_exp(constant<N>(0.0) - dev_abs(x))));
+    }
+  }
+  return s;
+}
+
+// d sqrt(softplus(z)) / dz as sqrt_softplus_grad computes it.
+template <class N>
+N sqrt_softplus_slope(double z, N s) {
+  if (z < -20.0) return constant<N>(0.5) * dev_exp(constant<N>(0.5) * constant<N>(z));
+  return dev_rcp(constant<N>(1.0) + dev_exp(constant<N>(-z))) * dev_rcp(constant<N>(2.0) * s);
+}
+
+// The rank whose gradient the kernels subtract first: the largest valid u, the lowest rank on ties
+// (-1: none). Its own difference g - c is exactly 0 (c is a copy of g there), which the bound must
+// know: the two operands' errors are the same error, not independent ones.
+template <class N>
+int shift_rank(const std::vector<N>& u, const std::vector<bool>& valid) {
+  int best = -1;
+  for (size_t k = 0; k < u.size(); ++k)
+    if (valid[k] && (best < 0 || to_double(u[k]) > to_double(u[best]))) best = static_cast<int>(k);
+  return best;
+}
+
+// kernels_order: the kernels' evaluation order; otherwise the textbook order of router_backward
+// (no shifts, the softmax's <ds, s> over every term, the aux mean subtracted as it is), used to
+// bound the double reference's own rounding.
+template <class N>
+void backward_in_order(const moekit_router_config_t& c, int64_t T, const std::vector<double>& logits,
+                       const std::vector<float>* bias, const std::vector<uint8_t>* mask,
+                       const std::vector<int32_t>& indices, const std::vector<float>* grad_weights, double coeff,
+                       const std::vector<int64_t>& load, int64_t token_count, bool kernels_order, std::vector<N>& out) {
+  const int E = c.num_experts, K = c.top_k;
+  const bool tks = topk_then_softmax(c);
+  const bool norm = normalizing(c);
+  const bool softmax = c.score_func == MOEKIT_SCORE_SOFTMAX;
+  const bool wub = c.weights_use_bias != 0;
+  const bool aux_on = static_cast<float>(coeff) != 0.0f;
+  const bool full_softmax = softmax && (!tks || aux_on);
+  const N zero = constant<N>(0.0), eps20 = constant<N>(static_cast<double>(1e-20f));
+  auto b_at = [&](int e) { return constant<N>(bias ? static_cast<double>((*bias)[e]) : 0.0); };
+  // aux_scale (kernels/router/backward.cuh)
+  N scale = zero, lref = zero, aref = zero;
+  if (aux_on) {
+    const N np = constant<N>(static_cast<double>(static_cast<float>(std::max<int64_t>(token_count, 1))));
+    const N Ef = constant<N>(E), Kf = constant<N>(K);
+    scale = constant<N>(static_cast<double>(static_cast<float>(coeff))) * Ef / (Kf * np * np);
+    if (kernels_order) {
+      lref = Kf * constant<N>(static_cast<double>(static_cast<float>(std::max<int64_t>(token_count, 0)))) / Ef;
+      aref = scale * lref;
+    }
+  }
+  out.assign(static_cast<size_t>(T) * E, zero);
+  for (int64_t t = 0; t < T; ++t) {
+    const double* z = logits.data() + t * E;
+    const bool m = mask == nullptr || (*mask)[t] != 0;
+    const std::vector<N> s = device_scores<N>(c, z, full_softmax);
+    // weights gradient per rank
+    std::vector<bool> valid(K);
+    std::vector<int> idx(K);
+    std::vector<N> u(K, zero), gv(K, zero);
+    for (int k = 0; k < K; ++k) {
+      idx[k] = indices[t * K + k];
+      valid[k] = idx[k] >= 0 && idx[k] < E;
+      if (!valid[k]) continue;
+      u[k] = tks ? constant<N>(z[idx[k]]) : (wub ? s[idx[k]] + b_at(idx[k]) : s[idx[k]]);
+      if (grad_weights)
+        gv[k] = constant<N>(static_cast<double>(c.route_scale)) *
+                constant<N>(static_cast<double>((*grad_weights)[t * K + k]));
+    }
+    if (tks) {
+      N mx = constant<N>(-kInf);
+      for (int k = 0; k < K; ++k)
+        if (valid[k]) mx = dev_max(mx, u[k]);
+      for (int k = 0; k < K; ++k) u[k] = valid[k] ? dev_exp(u[k] - mx) : zero;
+      const N sum = dev_sum(u);
+      for (int k = 0; k < K; ++k) u[k] = u[k] / sum;
+    }
+    N sel_dot = zero;
+    if (norm) {
+      const N su = dev_sum(u);
+      const N denom = su + eps20;
+      const int best = kernels_order ? shift_rank(u, valid) : -1;
+      const N cs = best < 0 ? zero : gv[best];
+      std::vector<N> delta(K, zero), terms(K, zero);
+      for (int k = 0; k < K; ++k) {
+        delta[k] = k == best ? zero : gv[k] - cs;
+        if (valid[k]) terms[k] = delta[k] * u[k];
+      }
+      const N dotp = dev_sum(terms) / denom;
+      const N corr = cs * (eps20 / denom);
+      for (int k = 0; k < K; ++k) gv[k] = valid[k] ? ((delta[k] - dotp) + corr) / denom : zero;
+      if (kernels_order && softmax && !tks) {
+        sel_dot = (eps20 / denom) * (cs * (su / denom) + dotp);
+        if (wub) {
+          std::vector<N> gb(K, zero);
+          for (int k = 0; k < K; ++k)
+            if (valid[k]) gb[k] = gv[k] * b_at(idx[k]);
+          sel_dot = sel_dot - dev_sum(gb);
+        }
+      }
+    }
+    if (tks) {
+      const int best = kernels_order ? shift_rank(u, valid) : -1;
+      const N cs = best < 0 ? zero : gv[best];
+      std::vector<N> delta(K, zero), terms(K, zero);
+      for (int k = 0; k < K; ++k) {
+        delta[k] = k == best ? zero : gv[k] - cs;
+        if (valid[k]) terms[k] = delta[k] * u[k];
+      }
+      const N d = dev_sum(terms);
+      for (int k = 0; k < K; ++k) gv[k] = valid[k] ? u[k] * (delta[k] - d) : zero;
+    }
+    std::vector<N> g(E, zero);
+    for (int k = 0; k < K; ++k)
+      if (valid[k]) g[idx[k]] = g[idx[k]] + gv[k];
+    // aux part
+    const bool drop_constants = kernels_order && softmax;  // the softmax's backward ignores them
+    std::vector<N> gq(E, zero);
+    if (aux_on) {
+      std::vector<N> a(E), q(E);
+      for (int e = 0; e < E; ++e) {
+        a[e] = scale * (constant<N>(static_cast<double>(static_cast<float>(load[e]))) - lref);
+        q[e] = wub ? s[e] + b_at(e) : s[e];
+      }
+      N inv_q = constant<N>(1.0), dq = zero, corr = zero;
+      if (norm) {
+        inv_q = constant<N>(1.0) / (dev_sum(q) + eps20);
+        if (!drop_constants) {
+          std::vector<N> aq(E);
+          for (int e = 0; e < E; ++e) aq[e] = a[e] * q[e];
+          dq = dev_sum(aq) * inv_q;
+          corr = aref * (eps20 * inv_q);
+        }
+      }
+      if (m)
+        for (int e = 0; e < E; ++e)
+          gq[e] = drop_constants ? a[e] * inv_q : (norm ? ((a[e] - dq) + corr) * inv_q : a[e] + aref);
+    }
+    N* dz = out.data() + t * E;
+    if (softmax) {
+      const bool sel_in_dot = !tks && (!norm || !kernels_order);
+      std::vector<N> terms(2 * static_cast<size_t>(E), zero);  // the selection and aux parts
+      for (int e = 0; e < E; ++e) {
+        if (sel_in_dot) terms[e] = g[e] * s[e];
+        if (aux_on && m) terms[E + e] = gq[e] * s[e];
+      }
+      const N dot = dev_sum(terms) + sel_dot;
+      for (int e = 0; e < E; ++e) {
+        const N gs = tks ? gq[e] : (aux_on && m ? g[e] + gq[e] : g[e]);
+        dz[e] = s[e] * (gs - dot);
+        if (tks) dz[e] = dz[e] + g[e];
+      }
+    } else {
+      for (int e = 0; e < E; ++e) {
+        const N gs = aux_on && m ? g[e] + gq[e] : g[e];
+        const N slope = c.score_func == MOEKIT_SCORE_SIGMOID ? s[e] * (constant<N>(1.0) - s[e])
+                                                             : sqrt_softplus_slope(z[e], s[e]);
+        dz[e] = gs * slope;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+BackwardEvaluation router_backward_device_order(const moekit_router_config_t& c, int64_t T,
+                                                const std::vector<double>& logits, const std::vector<float>* bias,
+                                                const std::vector<uint8_t>* mask, const std::vector<int32_t>& indices,
+                                                const std::vector<float>* grad_weights, double coeff,
+                                                const std::vector<int64_t>& load, int64_t token_count,
+                                                bool emulations) {
+  BackwardEvaluation r;
+  if (emulations) {
+    backward_in_order<double>(c, T, logits, bias, mask, indices, grad_weights, coeff, load, token_count, true, r.value);
+    backward_in_order<float>(c, T, logits, bias, mask, indices, grad_weights, coeff, load, token_count, true, r.fp32);
+    backward_in_order<float>(c, T, logits, bias, mask, indices, grad_weights, coeff, load, token_count, false,
+                             r.textbook_fp32);
+  }
+  std::vector<Dev> dev;
+  backward_in_order<Dev>(c, T, logits, bias, mask, indices, grad_weights, coeff, load, token_count, true, dev);
+  std::vector<Ref> ref;
+  backward_in_order<Ref>(c, T, logits, bias, mask, indices, grad_weights, coeff, load, token_count, false, ref);
+  r.bound.resize(dev.size());
+  r.reference_bound.resize(ref.size());
+  for (size_t i = 0; i < dev.size(); ++i) {
+    r.bound[i] = dev[i].e;
+    r.reference_bound[i] = ref[i].e;
+  }
+  return r;
+}
+
 void bias_update(int32_t E, float rate, bool recenter, std::vector<float>& bias, std::vector<int32_t>& load,
                  bool reset_load) {
   int64_t total = 0;

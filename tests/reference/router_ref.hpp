@@ -71,6 +71,40 @@ std::vector<double> router_backward(const moekit_router_config_t& config, int64_
                                     const std::vector<float>* grad_weights, double aux_coeff,
                                     const std::vector<int64_t>& load, int64_t token_count);
 
+// The backward as the kernels evaluate it (kernels/router/backward.cuh, "Evaluation order"), for
+// the same arguments as router_backward:
+//   value: that order in double -- the same maths as router_backward (tests check the two agree);
+//   fp32:  that order in fp32 with IEEE exp / division in place of the MUFU approximations (what
+//          the device computes up to those approximations; tests check it stays within bound);
+//   bound: a bound on |device fp32 result - exact value| per element, by running error analysis
+//          of that order: every fp32 operation rounds with relative error u = 2^-24 (plus the
+//          flush of results below 2^-126), __expf(x) is within (2 + 1.173 |x|) ulp (CUDA's
+//          documented bound), rcp.approx and log1pf within 1 ulp; a sum over n terms by any of the
+//          kernels' trees is within gamma_d sum |term|, d = min(n - 1, ceil(n / 32) + 37) (the
+//          deepest per-lane chain of the fast and the generic path plus the butterfly).
+//   textbook_fp32: router_backward's textbook order in fp32 (the kernels' order before the first
+//          GPU run): tests show it leaves the bound where the rows cancel;
+//   reference_bound: the same analysis of router_backward's own double evaluation (textbook
+//          order, sequential sums, u = 2^-53): values that are analytically ~1e-20 (the 1e-20 of
+//          the normalisation) come out of O(1) terms there, so the reference is not exact either.
+// Neither includes the rounding of the result to the gradient's dtype (docs/router.md, "Backward
+// precision" tells how the GPU suite combines them).
+struct BackwardEvaluation {
+  std::vector<double> value;            // [T, E]
+  std::vector<float> fp32;              // [T, E]
+  std::vector<float> textbook_fp32;     // [T, E]
+  std::vector<double> bound;            // [T, E]
+  std::vector<double> reference_bound;  // [T, E]
+};
+BackwardEvaluation router_backward_device_order(const moekit_router_config_t& config, int64_t num_tokens,
+                                                const std::vector<double>& logits,
+                                                const std::vector<float>* bias,
+                                                const std::vector<uint8_t>* mask,
+                                                const std::vector<int32_t>& indices,
+                                                const std::vector<float>* grad_weights, double aux_coeff,
+                                                const std::vector<int64_t>& load, int64_t token_count,
+                                                bool emulations = true);  // false: bounds only
+
 // b_i += rate sign(mean(L) - L_i) (fp32 additions, as on the device), then optionally
 // b -= mean(b) (in double), then optionally L = 0.
 void bias_update(int32_t num_experts, float rate, bool recenter, std::vector<float>& bias,

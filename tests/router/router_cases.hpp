@@ -198,6 +198,14 @@ inline std::vector<float> coarse_bias(int E, std::mt19937_64& rng) {
   return b;
 }
 
+// A token mask keeping about 80% of the tokens.
+inline std::vector<uint8_t> random_mask(std::mt19937_64& rng, int64_t T) {
+  std::bernoulli_distribution keep(0.8);
+  std::vector<uint8_t> m(static_cast<size_t>(T));
+  for (auto& v : m) v = keep(rng) ? 1 : 0;
+  return m;
+}
+
 inline const char* dtype_name(moekit_dtype_t d) {
   return d == MOEKIT_DTYPE_F32 ? "f32" : d == MOEKIT_DTYPE_F16 ? "f16" : "bf16";
 }

@@ -55,10 +55,13 @@ struct DeviceInputs {
 };
 
 // Logits with their row stride; the padding columns hold values that would win if they were read.
+// The buffer holds exactly (T - 1) stride + E elements (what the API requires): the last row ends
+// at the allocation's end, so compute-sanitizer flags any read past E in it.
 DeviceInputs upload(const ForwardSetup& s) {
   const int E = s.config.num_experts;
   const int64_t ld = s.row_stride();
-  std::vector<float> rows(static_cast<size_t>(s.T) * ld, round_to(s.dtype, 60.0f));
+  const size_t count = s.T == 0 ? 0 : static_cast<size_t>((s.T - 1) * ld + E);
+  std::vector<float> rows(count, round_to(s.dtype, 60.0f));
   for (int64_t t = 0; t < s.T; ++t)
     std::copy(s.logits.begin() + t * E, s.logits.begin() + (t + 1) * E, rows.begin() + t * ld);
   DeviceInputs d;
@@ -164,13 +167,6 @@ void check_forward(const ForwardSetup& s, const ForwardOut& o, const ref::Router
   }
 }
 
-std::vector<uint8_t> random_mask(std::mt19937_64& rng, int64_t T) {
-  std::bernoulli_distribution keep(0.8);
-  std::vector<uint8_t> m(T);
-  for (auto& v : m) v = keep(rng) ? 1 : 0;
-  return m;
-}
-
 ForwardSetup make_setup(const RouterCase& rc, int64_t T, moekit_dtype_t dtype, std::mt19937_64& rng) {
   ForwardSetup s;
   s.config = rc.config;
@@ -193,7 +189,8 @@ std::vector<float> run_backward(const ForwardSetup& s, const DeviceInputs& in, c
   const int E = s.config.num_experts;
   const int64_t gld = b.grad_stride ? b.grad_stride : E;
   DeviceBuffer gw = b.grad_weights.empty() ? DeviceBuffer() : DeviceBuffer::from(b.grad_weights);
-  DeviceBuffer grad(dtype_bytes(s.dtype) * s.T * gld);
+  const size_t elements = s.T == 0 ? 0 : static_cast<size_t>((s.T - 1) * gld + E);  // last row ends at E
+  DeviceBuffer grad(dtype_bytes(s.dtype) * elements);
   grad.poison();
   size_t bytes = 1;
   MOEKIT_REQUIRE_OK(moekit_router_backward_workspace_size(&s.config, s.T, &bytes));
@@ -208,37 +205,68 @@ std::vector<float> run_backward(const ForwardSetup& s, const DeviceInputs& in, c
   for (int64_t t = 0; t < s.T; ++t)
     for (int e = 0; e < E; ++e) g[t * E + e] = all[t * gld + e];
   // padding columns were never written
-  for (int64_t t = 0; t < s.T; ++t)
+  for (int64_t t = 0; t + 1 < s.T; ++t)
     for (int64_t e = E; e < gld; ++e) CHECK(std::isnan(all[t * gld + e]));
   return g;
 }
 
-// Gradient tolerance after rounding the reference to the dtype; atol relative to the row's size.
-void check_gradient(const ForwardSetup& s, const std::vector<float>& got, const std::vector<double>& want) {
+// The reference gradient and what bounds the comparison (ref::router_backward_device_order).
+struct GradientReference {
+  std::vector<double> value;  // router_backward
+  ref::BackwardEvaluation order;
+};
+
+// Spacing of the dtype's values at magnitude x (subnormal spacing below the normal range).
+double dtype_ulp(moekit_dtype_t dtype, double x) {
+  const int mantissa = dtype == MOEKIT_DTYPE_F32 ? 23 : dtype == MOEKIT_DTYPE_F16 ? 10 : 7;
+  const int min_exp = dtype == MOEKIT_DTYPE_F16 ? -14 : -126;
+  int exp = min_exp;
+  if (x > 0.0 && std::isfinite(x)) exp = std::max(min_exp, std::ilogb(x));
+  return std::ldexp(1.0, exp - mantissa);
+}
+
+// Per element: |device - round(reference)| <= 2 B + B_ref + ulp, with B the computed bound on the
+// device's fp32 error (kernels' evaluation order, documented MUFU accuracies; the factor 2 is the
+// margin for that error model), B_ref the bound on the double reference's own rounding, and ulp the
+// dtype's spacing at the larger magnitude (the device rounds its fp32 value once, the reference is
+// rounded once: they can land on neighbouring values, a full subnormal step in f16).
+void check_gradient(const ForwardSetup& s, const std::vector<float>& got, const GradientReference& want) {
   const int E = s.config.num_experts;
-  const Tolerance t = s.dtype == MOEKIT_DTYPE_F32 ? Tolerance{1e-4, 2e-5}
-                      : s.dtype == MOEKIT_DTYPE_F16 ? Tolerance{4e-3, 2e-3}
-                                                    : Tolerance{2e-2, 1e-2};
   for (int64_t tok = 0; tok < s.T; ++tok) {
-    double scale = 1e-30;
-    for (int e = 0; e < E; ++e) scale = std::max(scale, std::fabs(want[tok * E + e]));
     for (int e = 0; e < E; ++e) {
-      const double r = round_to(s.dtype, static_cast<float>(want[tok * E + e]));
-      const double g = got[tok * E + e];
-      if (!(std::fabs(g - r) <= t.atol * scale + t.rtol * std::fabs(r))) {
-        INFO("token " << tok << " expert " << e << ": device " << g << " reference " << r << " (row max " << scale << ")");
-        CHECK(std::fabs(g - r) <= t.atol * scale + t.rtol * std::fabs(r));
+      const size_t i = static_cast<size_t>(tok * E + e);
+      const double exact = want.value[i];
+      const double r = round_to(s.dtype, static_cast<float>(exact));
+      const double g = got[i];
+      if (!std::isfinite(exact)) {
+        INFO("token " << tok << " expert " << e << ": device " << g << " reference " << exact);
+        CHECK((std::isnan(exact) ? std::isnan(g) : g == exact));
+        return;
+      }
+      const double bound = 2.0 * want.order.bound[i] + want.order.reference_bound[i];
+      const double tol = bound + dtype_ulp(s.dtype, std::fabs(exact) + bound);
+      if (!(std::fabs(g - r) <= tol)) {
+        INFO("token " << tok << " expert " << e << ": device " << g << " reference " << r << " (exact " << exact
+                      << "), allowed " << tol << " = 2 x bound " << want.order.bound[i] << " + reference bound "
+                      << want.order.reference_bound[i] << " + " << dtype_name(s.dtype) << " ulp");
+        CHECK(std::fabs(g - r) <= tol);
         return;
       }
     }
   }
 }
 
-std::vector<double> reference_gradient(const ForwardSetup& s, const ForwardOut& o, const BackwardSetup& b) {
+GradientReference reference_gradient(const ForwardSetup& s, const ForwardOut& o, const BackwardSetup& b) {
   std::vector<double> z(s.logits.begin(), s.logits.end());
   std::vector<int64_t> load(o.load.begin(), o.load.end());
-  return ref::router_backward(s.config, s.T, z, s.bias.empty() ? nullptr : &s.bias, s.mask.empty() ? nullptr : &s.mask,
-                              o.indices, b.grad_weights.empty() ? nullptr : &b.grad_weights, b.coeff, load, o.count);
+  const auto* bias = s.bias.empty() ? nullptr : &s.bias;
+  const auto* mask = s.mask.empty() ? nullptr : &s.mask;
+  const auto* gw = b.grad_weights.empty() ? nullptr : &b.grad_weights;
+  GradientReference r;
+  r.value = ref::router_backward(s.config, s.T, z, bias, mask, o.indices, gw, b.coeff, load, o.count);
+  r.order = ref::router_backward_device_order(s.config, s.T, z, bias, mask, o.indices, gw, b.coeff, load, o.count,
+                                              false);
+  return r;
 }
 
 std::vector<int64_t> token_counts_for(const moekit_router_config_t& c) {
@@ -384,31 +412,74 @@ TEST_CASE("router forward: NaN and infinite logits never break the index range",
   }
 }
 
-TEST_CASE("router forward: awkward shapes", "[router][forward][shapes]") {
+// Every E up to 17 (a lane's span longer than the row, rows ending inside a 16-byte chunk, one and
+// two lanes a token), E around the fast path's lane and path boundaries, and the generic path, in
+// all three dtypes, with tight, odd (2- and 4-byte accesses) and 8-byte row strides; the logits
+// and gradient buffers end at the last row's E (compute-sanitizer sees any access past it).
+// Forward against the reference, then the backward (aux term and grad_weights) on its indices.
+TEST_CASE("router forward and backward: awkward shapes, every dtype and row alignment", "[router][forward][backward][shapes]") {
   auto rng = make_rng(0x5a9e);
   struct Shape {
     int E, K, G, Gk;
     int sf;
+    int order;
+    bool bias;
+    int normalize;
   };
-  const Shape shapes[] = {
-      {1, 1, 1, 1, MOEKIT_SCORE_SOFTMAX},   {2, 2, 1, 1, MOEKIT_SCORE_SIGMOID},  {8, 8, 1, 1, MOEKIT_SCORE_SOFTMAX},
-      {8, 1, 4, 1, MOEKIT_SCORE_SIGMOID},   {32, 32, 1, 1, MOEKIT_SCORE_SIGMOID}, {16, 16, 2, 2, MOEKIT_SCORE_SOFTMAX},
-      {33, 5, 1, 1, MOEKIT_SCORE_SQRT_SOFTPLUS}, {100, 1, 1, 1, MOEKIT_SCORE_SIGMOID}, {257, 32, 1, 1, MOEKIT_SCORE_SOFTMAX},
-      {512, 32, 16, 16, MOEKIT_SCORE_SIGMOID}, {513, 3, 1, 1, MOEKIT_SCORE_SIGMOID}, {1000, 32, 10, 3, MOEKIT_SCORE_SIGMOID},
-      {4096, 32, 1, 1, MOEKIT_SCORE_SOFTMAX}, {4096, 32, 4096, 32, MOEKIT_SCORE_SIGMOID},
+  std::vector<Shape> shapes = {
+      {1, 1, 1, 1, MOEKIT_SCORE_SOFTMAX, MOEKIT_SOFTMAX_THEN_TOPK, false, 1},
+      {2, 2, 1, 1, MOEKIT_SCORE_SIGMOID, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
+      {8, 8, 1, 1, MOEKIT_SCORE_SOFTMAX, MOEKIT_SOFTMAX_THEN_TOPK, false, 1},
+      {8, 1, 4, 1, MOEKIT_SCORE_SIGMOID, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
+      {32, 32, 1, 1, MOEKIT_SCORE_SIGMOID, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
+      {16, 16, 2, 2, MOEKIT_SCORE_SOFTMAX, MOEKIT_SOFTMAX_THEN_TOPK, false, 1},
+      {33, 5, 1, 1, MOEKIT_SCORE_SQRT_SOFTPLUS, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
+      {100, 1, 1, 1, MOEKIT_SCORE_SIGMOID, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
+      {257, 32, 1, 1, MOEKIT_SCORE_SOFTMAX, MOEKIT_SOFTMAX_THEN_TOPK, false, 1},
+      {512, 32, 16, 16, MOEKIT_SCORE_SIGMOID, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
+      {513, 3, 1, 1, MOEKIT_SCORE_SIGMOID, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
+      {1000, 32, 10, 3, MOEKIT_SCORE_SIGMOID, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
+      {4096, 32, 1, 1, MOEKIT_SCORE_SOFTMAX, MOEKIT_SOFTMAX_THEN_TOPK, false, 1},
+      {4096, 32, 4096, 32, MOEKIT_SCORE_SIGMOID, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
   };
+  const int score_funcs[] = {MOEKIT_SCORE_SOFTMAX, MOEKIT_SCORE_SIGMOID, MOEKIT_SCORE_SQRT_SOFTPLUS};
+  for (int E = 1; E <= 17; ++E) {
+    for (int variant = 0; variant < 2; ++variant) {
+      const int sf = score_funcs[(E + variant) % 3];
+      const int order = sf == MOEKIT_SCORE_SOFTMAX && variant == 1 ? MOEKIT_TOPK_THEN_SOFTMAX : MOEKIT_SOFTMAX_THEN_TOPK;
+      shapes.push_back({E, std::min(E, 1 + (E + variant) % 4), 1, 1, sf, order, sf != MOEKIT_SCORE_SOFTMAX, variant == 0});
+    }
+  }
+  for (int E : {24, 31, 63, 65, 127, 129, 255, 511})
+    shapes.push_back({E, std::min(E, 6), 1, 1, score_funcs[E % 3], MOEKIT_SOFTMAX_THEN_TOPK, E % 2 == 1, 1});
+
   for (const Shape& sh : shapes) {
-    for (int64_t T : {int64_t{1}, int64_t{3}, int64_t{sh.E > 200 ? 64 : 1000}}) {
-      auto c = router_config(sh.E, sh.K);
-      c.score_func = sh.sf;
-      c.num_groups = sh.G;
-      c.num_groups_kept = sh.Gk;
-      c.normalize = 1;
-      INFO("E=" << sh.E << " K=" << sh.K << " G=" << sh.G << "/" << sh.Gk << " T=" << T);
-      RouterCase rc{"shape", c, sh.sf != MOEKIT_SCORE_SOFTMAX};
-      ForwardSetup s = make_setup(rc, T, MOEKIT_DTYPE_F32, rng);
-      const DeviceInputs in = upload(s);
-      check_forward(s, run_forward(s, in), reference(s));
+    for (moekit_dtype_t dtype : kDtypes) {
+      for (int64_t T : {int64_t{1}, int64_t{3}, int64_t{sh.E > 200 ? 64 : 1000}}) {
+        auto c = router_config(sh.E, sh.K);
+        c.score_func = sh.sf;
+        c.softmax_order = sh.order;
+        c.num_groups = sh.G;
+        c.num_groups_kept = sh.Gk;
+        c.normalize = sh.normalize;
+        RouterCase rc{"shape", c, sh.bias};
+        ForwardSetup s = make_setup(rc, T, dtype, rng);
+        // tight rows, odd rows (2- or 4-byte accesses only), rows of 8-byte multiples (16-bit dtypes)
+        const int64_t pad = T == 1 ? 0 : T == 3 ? 1 : (dtype == MOEKIT_DTYPE_F32 ? 3 : 4);
+        s.stride = sh.E + pad;
+        if (T > 3) s.mask = random_mask(rng, T);
+        INFO("E=" << sh.E << " K=" << sh.K << " G=" << sh.G << "/" << sh.Gk << " score " << sh.sf << " order "
+                  << sh.order << " bias " << sh.bias << " normalize " << sh.normalize << " " << dtype_name(dtype)
+                  << " T=" << T << " stride " << s.stride);
+        const DeviceInputs in = upload(s);
+        const ForwardOut o = run_forward(s, in);
+        check_forward(s, o, reference(s));
+        BackwardSetup b;
+        b.grad_weights = uniform(rng, static_cast<size_t>(T) * sh.K, -1.0f, 1.0f);
+        b.coeff = 0.37f;
+        b.grad_stride = sh.E + (pad == 0 ? 0 : pad + 2);
+        check_gradient(s, run_backward(s, in, o.d_indices, o.d_load, o.d_count, b), reference_gradient(s, o, b));
+      }
     }
   }
 }
