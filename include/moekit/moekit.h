@@ -9,6 +9,7 @@
 #include "moekit/router.h"
 #include "moekit/tokens.h"
 #include "moekit/experts.h"
+#include "moekit/layer.h"
 #include "moekit/ep.h"
 
 #endif /* MOEKIT_MOEKIT_H */

@@ -1,0 +1,649 @@
+#include "src/layer/layer.hpp"
+
+#include <cuda_runtime_api.h>
+
+#include <new>
+
+#include "kernels/layer/launch.hpp"
+#include "kernels/layer/tuning.hpp"
+#include "src/common/error.hpp"
+#include "src/common/workspace.hpp"
+#include "src/experts/experts_grouped.hpp"
+#include "src/experts/mlp.hpp"
+#include "src/router/router.hpp"
+#include "src/tokens/movement.hpp"
+#include "src/tokens/plan.hpp"
+
+namespace moekit::layer {
+namespace {
+
+namespace kl = moekit::kernels::layer;
+
+size_t bytes_of(moekit_dtype_t dtype) { return moekit_dtype_size(dtype); }
+
+// The router options of the layer's own router calls: the load goes into the saved buffer and is
+// never accumulated there (the aux loss needs this call's load); the caller's accumulation applies
+// to the forward's expert_load output only.
+moekit_router_config_t internal_router(const LayerConfig& c) {
+  moekit_router_config_t r = c.router;
+  r.accumulate_load = 0;
+  return r;
+}
+
+// A bump allocator with phases: pieces that are never alive at the same time start at the same
+// offset (rewind), and the buffer is as large as the high-water mark. Count-only with a null base:
+// the size queries run the same code as the calls.
+class Carver {
+ public:
+  explicit Carver(void* base) : base_(static_cast<char*>(base)) {}
+
+  template <class T>
+  T* take(size_t count) {
+    offset_ = WorkspaceCarver::align_up(offset_);
+    T* piece = base_ ? reinterpret_cast<T*>(base_ + offset_) : nullptr;
+    offset_ += count * sizeof(T);
+    if (offset_ > high_) high_ = offset_;
+    return piece;
+  }
+  void* bytes(size_t count) { return take<unsigned char>(count); }
+
+  size_t mark() {
+    offset_ = WorkspaceCarver::align_up(offset_);
+    return offset_;
+  }
+  void rewind(size_t to) { offset_ = to; }
+  size_t size() const { return WorkspaceCarver::align_up(high_); }
+
+ private:
+  char* base_;
+  size_t offset_ = 0;
+  size_t high_ = 0;
+};
+
+// ---- saved buffer -----------------------------------------------------------------------------
+struct SavedLayout {
+  void* logits = nullptr;       // [T, stride] logits dtype
+  float* weights = nullptr;     // [T, K]
+  int32_t* indices = nullptr;   // [T, K]
+  int32_t* load = nullptr;      // [E]
+  float* score_sum = nullptr;   // [E]
+  int32_t* count = nullptr;     // [1]
+  moekit_token_plan_t plan{};
+  void* expert_u = nullptr;     // [R, NU]      unless recompute
+  void* shared_u = nullptr;     // [T, NU_s]    shared, unless recompute
+  float* gate_logit = nullptr;  // [T]          shared gate
+  void* shared_out = nullptr;   // [T, H]       shared gate
+};
+
+SavedLayout carve_saved(WorkspaceCarver& ws, const LayerConfig& c, const tokens::PlanShape& s) {
+  const size_t T = static_cast<size_t>(s.num_tokens), R = static_cast<size_t>(s.max_rows);
+  const size_t K = static_cast<size_t>(c.top_k), E = static_cast<size_t>(c.num_experts);
+  const size_t H = static_cast<size_t>(c.hidden), es = bytes_of(c.dtype);
+  const bool recompute = c.layer.recompute != 0;
+  SavedLayout l;
+  l.logits = ws.take<unsigned char>(T * static_cast<size_t>(c.logits_stride) * bytes_of(c.logits_dtype), "logits");
+  l.weights = ws.take<float>(T * K, "weights");
+  l.indices = ws.take<int32_t>(T * K, "indices");
+  l.load = ws.take<int32_t>(E, "expert_load");
+  l.score_sum = ws.take<float>(E, "aux_score_sum");
+  l.count = ws.take<int32_t>(1, "aux_token_count");
+  l.plan = tokens::carve_plan_buffer(ws, s);
+  if (!recompute) l.expert_u = ws.take<unsigned char>(R * static_cast<size_t>(c.expert_nu) * es, "expert_u");
+  if (c.has_shared && !recompute)
+    l.shared_u = ws.take<unsigned char>(T * static_cast<size_t>(c.shared_nu) * es, "shared_u");
+  if (c.gated_shared) {
+    l.gate_logit = ws.take<float>(T, "shared_gate_logit");
+    l.shared_out = ws.take<unsigned char>(T * H * es, "shared_out");
+  }
+  return l;
+}
+
+SavedLayout saved_layout(const LayerConfig& c, const tokens::PlanShape& s, const void* saved) {
+  WorkspaceCarver ws(const_cast<void*>(saved));
+  return carve_saved(ws, c, s);
+}
+
+// ---- forward workspace ------------------------------------------------------------------------
+struct ForwardLayout {
+  // routing: projection, router, plan
+  void* lt = nullptr;
+  void* router_ws = nullptr;
+  void* plan_ws = nullptr;
+  // routed experts
+  void* xp = nullptr;            // [R, H]
+  float* row_weights = nullptr;  // [R]
+  void* yp = nullptr;            // [R, H]
+  void* experts_ws = nullptr;
+  // shared MLP
+  void* shared_out = nullptr;    // [T, H] (in the saved buffer instead with a gate)
+  void* mlp_ws = nullptr;
+};
+
+ForwardLayout carve_forward(Carver& ws, const LayerConfig& c, const tokens::PlanShape& s) {
+  const size_t T = static_cast<size_t>(s.num_tokens), R = static_cast<size_t>(s.max_rows);
+  const size_t H = static_cast<size_t>(c.hidden), es = bytes_of(c.dtype);
+  ForwardLayout l;
+  const size_t start = ws.mark();
+  if (T > 0) l.lt = ws.bytes(kLtWorkspaceBytes);
+  l.router_ws = ws.bytes(router::forward_workspace_bytes(internal_router(c), s.num_tokens));
+  l.plan_ws = ws.bytes(tokens::plan_workspace_bytes(s));
+  if (T == 0) return l;
+  ws.rewind(start);
+  l.xp = ws.bytes(R * H * es);
+  l.row_weights = ws.take<float>(R);
+  l.yp = ws.bytes(R * H * es);
+  l.experts_ws = ws.bytes(experts::forward_workspace_bytes(c.experts, s.max_rows));
+  if (c.has_shared) {
+    ws.rewind(start);
+    if (!c.gated_shared) l.shared_out = ws.bytes(T * H * es);
+    l.mlp_ws = ws.bytes(experts::mlp_forward_workspace_bytes(c.shared, s.num_tokens));
+  }
+  return l;
+}
+
+// ---- backward workspace -----------------------------------------------------------------------
+struct BackwardLayout {
+  // alive through the whole call
+  void* dx_shared = nullptr;          // [T, H]   shared MLP's dx
+  float* grad_gate = nullptr;         // [T]      d(x . w_g)
+  float* grad_weights = nullptr;      // [T, K]
+  void* grad_logits = nullptr;        // [T, stride] logits dtype
+  // shared phase
+  void* grad_shared = nullptr;        // [T, H]   g dy (with the gate)
+  void* mlp_ws = nullptr;
+  float* gate_partial = nullptr;
+  // routed phase
+  void* xp = nullptr;                 // [R, H]
+  float* row_weights = nullptr;       // [R]
+  void* grad_yp = nullptr;            // [R, H]
+  void* grad_xp = nullptr;            // [R, H]
+  float* grad_row_weights = nullptr;  // [R]
+  void* experts_ws = nullptr;
+  // router and projection phase (the router backward needs no workspace: router.h)
+  float* dx_router = nullptr;         // [T, H] fp32
+  float* w32 = nullptr;               // [E, H] fp32 copy of W_r (router_fp32 with a 16-bit dtype)
+  float* x32 = nullptr;               // [T, H] fp32 copy of x   (same)
+  float* dw32 = nullptr;              // [E, H] fp32 dW_r        (same)
+  float* bias_partial = nullptr;
+  void* lt = nullptr;
+};
+
+BackwardLayout carve_backward(Carver& ws, const LayerConfig& c, const tokens::PlanShape& s) {
+  const size_t T = static_cast<size_t>(s.num_tokens), R = static_cast<size_t>(s.max_rows);
+  const size_t H = static_cast<size_t>(c.hidden), K = static_cast<size_t>(c.top_k);
+  const size_t E = static_cast<size_t>(c.num_experts), es = bytes_of(c.dtype);
+  const bool saved_u = c.layer.recompute == 0;
+  BackwardLayout l;
+  if (T > 0) {
+    if (c.has_shared) l.dx_shared = ws.bytes(T * H * es);
+    if (c.gated_shared) l.grad_gate = ws.take<float>(T);
+    l.grad_weights = ws.take<float>(T * K);
+    l.grad_logits = ws.bytes(T * static_cast<size_t>(c.logits_stride) * bytes_of(c.logits_dtype));
+  }
+  const size_t start = ws.mark();
+  if (c.has_shared) {
+    if (c.gated_shared && T > 0) l.grad_shared = ws.bytes(T * H * es);
+    l.mlp_ws = ws.bytes(experts::mlp_backward_workspace_bytes(c.shared, s.num_tokens, saved_u));
+    if (c.gated_shared)
+      l.gate_partial = ws.take<float>(static_cast<size_t>(kl::column_sum_partial_floats(s.num_tokens, c.hidden)));
+    ws.rewind(start);
+  }
+  l.xp = ws.bytes(R * H * es);
+  l.row_weights = ws.take<float>(R);
+  l.grad_yp = ws.bytes(R * H * es);
+  l.grad_xp = ws.bytes(R * H * es);
+  l.grad_row_weights = ws.take<float>(R);
+  l.experts_ws = ws.bytes(experts::backward_workspace_bytes(c.experts, s.max_rows, saved_u));
+  if (T == 0) return l;
+  ws.rewind(start);
+  l.dx_router = ws.take<float>(T * H);
+  if (c.mixed_router) {
+    l.w32 = ws.take<float>(E * H);
+    l.x32 = ws.take<float>(T * H);
+    l.dw32 = ws.take<float>(E * H);
+  }
+  l.bias_partial = ws.take<float>(static_cast<size_t>(kl::column_sum_partial_floats(s.num_tokens, c.num_experts)));
+  l.lt = ws.bytes(kLtWorkspaceBytes);
+  return l;
+}
+
+// Records the diagnostic stage events (moekit_layer_set_stage_events) when the caller set them.
+class Stages {
+ public:
+  Stages(void* const* events, cudaStream_t stream) : events_(events), stream_(stream) {}
+  moekit_status_t begin(moekit_layer_stage_t stage) { return record(2 * stage); }
+  moekit_status_t end(moekit_layer_stage_t stage) { return record(2 * stage + 1); }
+
+ private:
+  moekit_status_t record(int index) {
+    if (events_ == nullptr) return MOEKIT_STATUS_SUCCESS;
+    MOEKIT_CUDA_TRY(cudaEventRecord(static_cast<cudaEvent_t>(events_[index]), stream_), "recording a stage event");
+    return MOEKIT_STATUS_SUCCESS;
+  }
+  void* const* events_;
+  cudaStream_t stream_;
+};
+
+tokens::MoveRequest move_request(tokens::Movement op, const LayerConfig& c) {
+  tokens::MoveRequest r;
+  r.op = op;
+  r.hidden = c.hidden;
+  r.dtype = c.dtype;
+  return r;
+}
+
+// z = x W_r^T (+ b_r) into the saved logits [T, stride]. In cuBLASLt's column-major terms
+// z^T [E, T] = W_r^T (W_r row-major [E, H] is column-major [H, E]: op T) times x^T [H, T].
+moekit_status_t project(moekit_layer& L, int64_t T, const void* x, const moekit_layer_params_t& p, void* logits,
+                        void* lt_ws, cudaStream_t stream) {
+  const LayerConfig& c = L.config;
+  Gemm g{};
+  g.in = cuda_type(c.dtype);
+  g.out = cuda_type(c.logits_dtype);
+  g.op_a = CUBLAS_OP_T;
+  g.op_b = CUBLAS_OP_N;
+  g.m = c.num_experts;
+  g.n = T;
+  g.k = c.hidden;
+  g.lda = c.hidden;
+  g.ldb = c.hidden;
+  g.ldd = c.logits_stride;
+  g.a = p.router_weight;
+  g.b = x;
+  g.d = logits;
+  // The bias epilogue with a bias of D's type; fp32 logits from 16-bit inputs add the 16-bit bias
+  // in a separate pass instead (the same single fp32 addition, no rounding in between).
+  g.bias = c.mixed_router ? nullptr : p.router_bias;
+  MOEKIT_TRY(L.projection.run(g, lt_ws, stream));
+  if (c.mixed_router && p.router_bias != nullptr)
+    MOEKIT_CUDA_TRY(kl::launch_add_row_bias(T, c.num_experts, c.logits_stride, static_cast<float*>(logits), c.dtype,
+                                            p.router_bias, stream),
+                    "launching the router bias add");
+  return MOEKIT_STATUS_SUCCESS;
+}
+
+// dW_r = dz^T x (stored [E, H] like W_r), db_r = sum_t dz_t, dx_router = dz W_r (fp32).
+moekit_status_t project_backward(moekit_layer& L, int64_t T, const void* x, const moekit_layer_params_t& p,
+                                 const void* grad_logits, const moekit_layer_grads_t& g, const BackwardLayout& w,
+                                 cudaStream_t stream) {
+  const LayerConfig& c = L.config;
+  const int64_t E = c.num_experts, H = c.hidden;
+  // Operands of the two GEMMs: the parameters as they are, or fp32 copies next to fp32 logits.
+  const void* weight = p.router_weight;
+  const void* x_operand = x;
+  const cudaDataType_t in = cuda_type(c.logits_dtype);
+  if (c.mixed_router) {
+    MOEKIT_CUDA_TRY(kl::launch_convert(c.dtype, MOEKIT_DTYPE_F32, E * H, p.router_weight, w.w32, stream),
+                    "converting the router weight to fp32");
+    weight = w.w32;
+  }
+  // dx_router^T [H, T] = W_r^T-as-stored ([H, E] column-major, op N) times dz^T ([E, T], ld stride).
+  Gemm dx{};
+  dx.in = in;
+  dx.out = CUDA_R_32F;
+  dx.op_a = CUBLAS_OP_N;
+  dx.op_b = CUBLAS_OP_N;
+  dx.m = H;
+  dx.n = T;
+  dx.k = E;
+  dx.lda = H;
+  dx.ldb = c.logits_stride;
+  dx.ldd = H;
+  dx.a = weight;
+  dx.b = grad_logits;
+  dx.d = w.dx_router;
+  dx.bias = nullptr;
+  MOEKIT_TRY(L.projection.run(dx, w.lt, stream));
+  if (g.router_weight != nullptr) {
+    if (c.mixed_router) {
+      MOEKIT_CUDA_TRY(kl::launch_convert(c.dtype, MOEKIT_DTYPE_F32, T * H, x, w.x32, stream),
+                      "converting x to fp32 for the router weight gradient");
+      x_operand = w.x32;
+    }
+    // dW_r^T [H, E] (= dW_r row-major [E, H]) = x^T ([H, T], op N) times dz ([E, T] ld stride, op T).
+    Gemm dw{};
+    dw.in = in;
+    dw.out = c.mixed_router ? CUDA_R_32F : cuda_type(c.dtype);
+    dw.op_a = CUBLAS_OP_N;
+    dw.op_b = CUBLAS_OP_T;
+    dw.m = H;
+    dw.n = E;
+    dw.k = T;
+    dw.lda = H;
+    dw.ldb = c.logits_stride;
+    dw.ldd = H;
+    dw.a = x_operand;
+    dw.b = grad_logits;
+    dw.d = c.mixed_router ? static_cast<void*>(w.dw32) : g.router_weight;
+    dw.bias = nullptr;
+    MOEKIT_TRY(L.projection.run(dw, w.lt, stream));
+    if (c.mixed_router)
+      MOEKIT_CUDA_TRY(kl::launch_convert(MOEKIT_DTYPE_F32, c.dtype, E * H, w.dw32, g.router_weight, stream),
+                      "rounding the router weight gradient");
+  }
+  if (g.router_bias != nullptr)
+    MOEKIT_CUDA_TRY(kl::launch_column_sum(c.logits_dtype, c.dtype, T, c.num_experts, grad_logits, c.logits_stride,
+                                          nullptr, w.bias_partial, g.router_bias, stream),
+                    "launching the router bias gradient");
+  return MOEKIT_STATUS_SUCCESS;
+}
+
+}  // namespace
+
+moekit_status_t shape_for(const LayerConfig& c, int64_t num_tokens, tokens::PlanShape* shape) {
+  return tokens::plan_shape(c.plan, num_tokens, shape);
+}
+
+size_t saved_bytes(const LayerConfig& c, const tokens::PlanShape& s) {
+  WorkspaceCarver ws(nullptr);
+  (void)carve_saved(ws, c, s);
+  return ws.bytes();
+}
+
+size_t forward_workspace_bytes(const LayerConfig& c, const tokens::PlanShape& s) {
+  Carver ws(nullptr);
+  (void)carve_forward(ws, c, s);
+  return ws.size();
+}
+
+size_t backward_workspace_bytes(const LayerConfig& c, const tokens::PlanShape& s) {
+  Carver ws(nullptr);
+  (void)carve_backward(ws, c, s);
+  return ws.size();
+}
+
+void saved_view(const LayerConfig& c, const tokens::PlanShape& s, void* saved, moekit_layer_saved_view_t* v) {
+  const SavedLayout l = saved_layout(c, s, saved);
+  v->max_rows = s.max_rows;
+  v->logits_row_stride = c.logits_stride;
+  v->logits_dtype = c.logits_dtype;
+  v->logits = l.logits;
+  v->weights = l.weights;
+  v->indices = l.indices;
+  v->expert_load = l.load;
+  v->aux_score_sum = l.score_sum;
+  v->aux_token_count = l.count;
+  v->expert_counts = l.plan.expert_counts;
+  v->expert_offsets = l.plan.expert_offsets;
+  v->row_of_slot = l.plan.row_of_slot;
+  v->slot_of_row = l.plan.slot_of_row;
+  v->plan_totals = l.plan.totals;
+  v->expert_u = l.expert_u;
+  v->shared_u = l.shared_u;
+  v->shared_gate_logit = l.gate_logit;
+  v->shared_out = l.shared_out;
+}
+
+ParamSizes param_sizes(const LayerConfig& c) {
+  const uint64_t E = static_cast<uint64_t>(c.num_experts), H = static_cast<uint64_t>(c.hidden);
+  const uint64_t I = static_cast<uint64_t>(c.experts.inter), NU = static_cast<uint64_t>(c.expert_nu);
+  const uint64_t Is = static_cast<uint64_t>(c.shared_inter), NUs = static_cast<uint64_t>(c.shared_nu);
+  const uint64_t es = bytes_of(c.dtype);
+  const bool eb = c.layer.expert_bias != 0, sb = c.layer.shared_bias != 0;
+  ParamSizes s;
+  s.router_weight = E * H * es;
+  s.router_bias = c.layer.router_bias ? E * es : 0;
+  s.correction_bias = 4 * E;
+  s.w_gate_up = E * H * NU * es;
+  s.b_gate_up = eb ? E * NU * es : 0;
+  s.w_down = E * I * H * es;
+  s.b_down = eb ? E * H * es : 0;
+  s.shared_w_gate_up = c.has_shared ? H * NUs * es : 0;
+  s.shared_b_gate_up = sb ? NUs * es : 0;
+  s.shared_w_down = c.has_shared ? Is * H * es : 0;
+  s.shared_b_down = sb ? H * es : 0;
+  s.shared_gate_weight = c.gated_shared ? H * es : 0;
+  return s;
+}
+
+moekit_status_t create(const LayerConfig& config, moekit_layer_t* out) {
+  auto* layer = new (std::nothrow) moekit_layer();
+  if (layer == nullptr) return fail(MOEKIT_STATUS_OUT_OF_MEMORY, "allocating the layer failed");
+  struct Guard {
+    moekit_layer* layer;
+    ~Guard() {
+      if (layer) (void)destroy(layer);
+    }
+  } guard{layer};
+  layer->config = config;
+  MOEKIT_CUDA_TRY(cudaGetDevice(&layer->device), "querying the current device");
+  MOEKIT_TRY(experts::check_device(config.experts));
+  MOEKIT_TRY(layer->projection.create());
+  if (config.has_shared) MOEKIT_TRY(experts::mlp_handle_create(&layer->shared));
+  *out = layer;
+  guard.layer = nullptr;
+  return MOEKIT_STATUS_SUCCESS;
+}
+
+moekit_status_t destroy(moekit_layer_t layer) {
+  if (layer == nullptr) return MOEKIT_STATUS_SUCCESS;
+  const moekit_status_t status = experts::mlp_handle_destroy(layer->shared);
+  delete layer;  // the projection's cuBLASLt state goes with it
+  return status;
+}
+
+moekit_status_t forward(moekit_layer& L, const tokens::PlanShape& shape, const ForwardCall& a) {
+  const LayerConfig& c = L.config;
+  const moekit_layer_params_t& p = a.params;
+  const int64_t T = a.num_tokens, R = shape.max_rows;
+  const cudaStream_t stream = a.stream;
+  const SavedLayout s = saved_layout(c, shape, a.saved);
+  Carver carver(a.workspace);
+  const ForwardLayout w = carve_forward(carver, c, shape);
+  Stages stages(L.stage_events.load(std::memory_order_acquire), stream);
+
+  if (T > 0) {
+    MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PROJECTION));
+    MOEKIT_TRY(project(L, T, a.x, p, s.logits, w.lt, stream));
+    MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PROJECTION));
+  }
+
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_ROUTER));
+  router::ForwardCall rc{};
+  rc.config = internal_router(c);
+  rc.num_tokens = T;
+  rc.dtype = c.logits_dtype;
+  rc.logits = s.logits;
+  rc.logits_row_stride = c.logits_stride;
+  rc.bias = p.correction_bias;
+  rc.token_mask = a.token_mask;
+  rc.weights = s.weights;
+  rc.indices = s.indices;
+  rc.expert_load = s.load;
+  rc.aux_score_sum = s.score_sum;
+  rc.aux_token_count = s.count;
+  rc.workspace = w.router_ws;
+  rc.stream = stream;
+  MOEKIT_TRY(router::run_forward(rc));
+  if (a.expert_load != nullptr) {
+    if (c.router.accumulate_load) {
+      MOEKIT_CUDA_TRY(kl::launch_add_int32(c.num_experts, s.load, a.expert_load, stream),
+                      "launching the expert-load accumulation");
+    } else {
+      MOEKIT_CUDA_TRY(cudaMemcpyAsync(a.expert_load, s.load, sizeof(int32_t) * c.num_experts,
+                                      cudaMemcpyDeviceToDevice, stream),
+                      "copying the expert load");
+    }
+  }
+  if (a.aux_loss != nullptr)
+    MOEKIT_TRY(router::run_aux_loss(c.num_experts, c.top_k, s.load, s.score_sum, s.count, a.aux_loss, stream));
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_ROUTER));
+
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PLAN));
+  MOEKIT_TRY(tokens::build_plan(shape, s.indices, s.weights, a.token_mask, s.plan, w.plan_ws, stream));
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PLAN));
+  if (T == 0) return MOEKIT_STATUS_SUCCESS;
+
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PERMUTE));
+  tokens::MoveRequest permute = move_request(tokens::Movement::kPermute, c);
+  permute.token_in = a.x;
+  permute.token_in_stride = c.hidden;
+  permute.rows_out = w.xp;
+  permute.weights = s.weights;
+  permute.row_weights = w.row_weights;
+  MOEKIT_TRY(tokens::run_move(shape, s.plan, permute, stream));
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PERMUTE));
+
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_EXPERTS));
+  const experts::ForwardArgs ea{R,         s.plan.expert_offsets, w.xp,       w.row_weights, p.w_gate_up,
+                                p.b_gate_up, p.w_down,            p.b_down,   s.expert_u,    w.yp};
+  MOEKIT_TRY(experts::forward(c.experts, ea, w.experts_ws, stream));
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_EXPERTS));
+
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_COMBINE));
+  tokens::MoveRequest combine = move_request(tokens::Movement::kCombine, c);
+  combine.rows_in = w.yp;
+  combine.weights = nullptr;  // the weight was applied inside the expert
+  combine.token_out = a.y;
+  combine.token_out_stride = c.hidden;
+  MOEKIT_TRY(tokens::run_move(shape, s.plan, combine, stream));
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_COMBINE));
+
+  if (c.has_shared) {
+    MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_SHARED));
+    void* shared_out = c.gated_shared ? s.shared_out : w.shared_out;
+    const experts::MlpForwardArgs ma{T,        a.x,      p.shared_w_gate_up, p.shared_b_gate_up, p.shared_w_down,
+                                     p.shared_b_down, s.shared_u, shared_out};
+    MOEKIT_TRY(experts::mlp_forward(L.shared, c.shared, ma, w.mlp_ws, stream));
+    MOEKIT_CUDA_TRY(kl::launch_shared_add(c.dtype, T, c.hidden, a.x, c.gated_shared ? p.shared_gate_weight : nullptr,
+                                          shared_out, a.y, s.gate_logit, stream),
+                    "launching the shared-expert add");
+    MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_SHARED));
+  }
+  return MOEKIT_STATUS_SUCCESS;
+}
+
+moekit_status_t backward(moekit_layer& L, const tokens::PlanShape& shape, const BackwardCall& a) {
+  const LayerConfig& c = L.config;
+  const moekit_layer_params_t& p = a.params;
+  const moekit_layer_grads_t& g = a.grads;
+  const int64_t T = a.num_tokens, R = shape.max_rows;
+  const cudaStream_t stream = a.stream;
+  const size_t es = bytes_of(c.dtype);
+  const SavedLayout s = saved_layout(c, shape, a.saved);
+  Carver carver(a.workspace);
+  const BackwardLayout w = carve_backward(carver, c, shape);
+  Stages stages(L.stage_events.load(std::memory_order_acquire), stream);
+
+  if (T == 0) {
+    // Nothing flows, but every requested weight gradient is written (zeros).
+    const uint64_t E = static_cast<uint64_t>(c.num_experts), H = static_cast<uint64_t>(c.hidden);
+    if (g.router_weight)
+      MOEKIT_CUDA_TRY(cudaMemsetAsync(g.router_weight, 0, E * H * es, stream), "zeroing the router weight gradient");
+    if (g.router_bias)
+      MOEKIT_CUDA_TRY(cudaMemsetAsync(g.router_bias, 0, E * es, stream), "zeroing the router bias gradient");
+    if (g.shared_gate_weight)
+      MOEKIT_CUDA_TRY(cudaMemsetAsync(g.shared_gate_weight, 0, H * es, stream), "zeroing the shared gate gradient");
+    const experts::BackwardArgs eb{0,       s.plan.expert_offsets, nullptr,  nullptr,      p.w_gate_up, p.b_gate_up,
+                                   p.w_down, p.b_down,             nullptr,  nullptr,      nullptr,     g.w_gate_up,
+                                   g.b_gate_up, g.w_down,          g.b_down, nullptr};
+    MOEKIT_TRY(experts::backward(c.experts, eb, w.experts_ws, stream));
+    if (c.has_shared) {
+      const experts::MlpBackwardArgs mb{0,       nullptr, p.shared_w_gate_up, p.shared_b_gate_up, p.shared_w_down,
+                                        p.shared_b_down, nullptr, nullptr, nullptr, g.shared_w_gate_up,
+                                        g.shared_b_gate_up, g.shared_w_down, g.shared_b_down};
+      MOEKIT_TRY(experts::mlp_backward(L.shared, c.shared, mb, w.mlp_ws, stream));
+    }
+    return MOEKIT_STATUS_SUCCESS;
+  }
+
+  // Shared expert: its gate, the MLP, the gate weight.
+  if (c.has_shared) {
+    MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_SHARED_BACKWARD));
+    const void* grad_shared = a.grad_y;
+    if (c.gated_shared) {
+      MOEKIT_CUDA_TRY(kl::launch_shared_gate_backward(c.dtype, T, c.hidden, a.grad_y, s.shared_out, s.gate_logit,
+                                                      w.grad_shared, w.grad_gate, stream),
+                      "launching the shared-gate backward");
+      grad_shared = w.grad_shared;
+    }
+    const experts::MlpBackwardArgs mb{T,
+                                      a.x,
+                                      p.shared_w_gate_up,
+                                      p.shared_b_gate_up,
+                                      p.shared_w_down,
+                                      p.shared_b_down,
+                                      s.shared_u,
+                                      grad_shared,
+                                      w.dx_shared,
+                                      g.shared_w_gate_up,
+                                      g.shared_b_gate_up,
+                                      g.shared_w_down,
+                                      g.shared_b_down};
+    MOEKIT_TRY(experts::mlp_backward(L.shared, c.shared, mb, w.mlp_ws, stream));
+    if (c.gated_shared && g.shared_gate_weight != nullptr)
+      MOEKIT_CUDA_TRY(kl::launch_column_sum(c.dtype, c.dtype, T, c.hidden, a.x, c.hidden, w.grad_gate,
+                                            w.gate_partial, g.shared_gate_weight, stream),
+                      "launching the shared gate weight gradient");
+    MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_SHARED_BACKWARD));
+  }
+
+  // Routed experts: xp again, dy into rows, the experts, back to tokens.
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PERMUTE_RECOMPUTE));
+  tokens::MoveRequest permute = move_request(tokens::Movement::kPermute, c);
+  permute.token_in = a.x;
+  permute.token_in_stride = c.hidden;
+  permute.rows_out = w.xp;
+  permute.weights = s.weights;
+  permute.row_weights = w.row_weights;
+  MOEKIT_TRY(tokens::run_move(shape, s.plan, permute, stream));
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PERMUTE_RECOMPUTE));
+
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_COMBINE_BACKWARD));
+  tokens::MoveRequest combine_bwd = move_request(tokens::Movement::kCombineBackward, c);
+  combine_bwd.token_in = a.grad_y;
+  combine_bwd.token_in_stride = c.hidden;
+  combine_bwd.weights = nullptr;  // unweighted combine: dyp[row(t, k)] = dy[t]
+  combine_bwd.rows_out = w.grad_yp;
+  MOEKIT_TRY(tokens::run_move(shape, s.plan, combine_bwd, stream));
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_COMBINE_BACKWARD));
+
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_EXPERTS_BACKWARD));
+  const experts::BackwardArgs eb{R,           s.plan.expert_offsets, w.xp,        w.row_weights, p.w_gate_up,
+                                 p.b_gate_up, p.w_down,              p.b_down,    s.expert_u,    w.grad_yp,
+                                 w.grad_xp,   g.w_gate_up,           g.b_gate_up, g.w_down,      g.b_down,
+                                 w.grad_row_weights};
+  MOEKIT_TRY(experts::backward(c.experts, eb, w.experts_ws, stream));
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_EXPERTS_BACKWARD));
+
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PERMUTE_BACKWARD));
+  tokens::MoveRequest permute_bwd = move_request(tokens::Movement::kPermuteBackward, c);
+  permute_bwd.rows_in = w.grad_xp;
+  permute_bwd.grad_row_weights = w.grad_row_weights;
+  permute_bwd.token_out = a.grad_x;
+  permute_bwd.token_out_stride = c.hidden;
+  permute_bwd.grad_weights = w.grad_weights;
+  MOEKIT_TRY(tokens::run_move(shape, s.plan, permute_bwd, stream));
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PERMUTE_BACKWARD));
+
+  // Router, then the projection and the sum of the four dx terms.
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_ROUTER_BACKWARD));
+  router::BackwardCall rb{};
+  rb.config = internal_router(c);
+  rb.num_tokens = T;
+  rb.dtype = c.logits_dtype;
+  rb.logits = s.logits;
+  rb.logits_row_stride = c.logits_stride;
+  rb.bias = p.correction_bias;
+  rb.token_mask = a.token_mask;
+  rb.indices = s.indices;
+  rb.grad_weights = w.grad_weights;
+  rb.aux_loss_coeff = a.aux_loss_coeff;
+  rb.expert_load = s.load;
+  rb.aux_token_count = s.count;
+  rb.grad_logits = w.grad_logits;
+  rb.grad_logits_row_stride = c.logits_stride;
+  rb.stream = stream;
+  MOEKIT_TRY(router::run_backward(rb));
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_ROUTER_BACKWARD));
+
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PROJECTION_BACKWARD));
+  MOEKIT_TRY(project_backward(L, T, a.x, p, w.grad_logits, g, w, stream));
+  MOEKIT_CUDA_TRY(kl::launch_dx_sum(c.dtype, T, c.hidden, a.grad_x, w.dx_shared, w.grad_gate,
+                                    c.gated_shared ? p.shared_gate_weight : nullptr, w.dx_router, stream),
+                  "launching the sum into grad_x");
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PROJECTION_BACKWARD));
+  return MOEKIT_STATUS_SUCCESS;
+}
+
+}  // namespace moekit::layer
