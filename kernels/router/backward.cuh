@@ -22,8 +22,9 @@
 //     sum_k gu_k u_k = 1e-20 <gv, v> / D exactly (minus sum_k gu_k b_idx_k with weights_use_bias):
 //     an analytically ~0 sum is not formed from O(|gv|) terms.
 //   - aux: a'_e = a_e - a_ref with a_ref = the a of the mean load K N / E (a shift by a constant):
-//     the softmax ignores constants in ds (gq = a' / D_q); otherwise gq = ((a' - <a', q> / D_q) +
-//     a_ref 1e-20 / D_q) / D_q, or a itself without normalisation.
+//     the softmax ignores constants in ds (gq = (a' - a'_top) / D_q, a'_top at the largest score,
+//     so its term in <ds, s> is exactly 0); otherwise gq = ((a' - <a', q> / D_q) + a_ref 1e-20 /
+//     D_q) / D_q, or a itself without normalisation.
 //
 // Fast path (E <= 512): the team layout of the fast forward (kernels/router/forward_fast.cuh),
 // values in registers, the weight sources and the scattered gradient of each team in shared
@@ -330,6 +331,21 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
           corr = aux.aref * (1e-20f * inv_q);  // a_ref (1 - sum q / D_q)
         }
       }
+      // Softmax: shift by the a' of the largest score (lowest index among equals), so that the
+      // term of an expert with s ~ 1 is exactly 0 in <ds, s> instead of cancelling there.
+      float a_top = 0.0f;
+      if (sf == MOEKIT_SCORE_SOFTMAX) {
+        float smax = s[0];
+#pragma unroll
+        for (int j = 1; j < V; ++j) smax = fmaxf(smax, s[j]);
+        smax = team_max<TPT>(smax);
+        unsigned first = 0xffffffffu;
+#pragma unroll
+        for (int j = V - 1; j >= 0; --j)
+          if (s[j] == smax) first = static_cast<unsigned>(base + j);
+        if constexpr (TPT > 1) first = __reduce_min_sync(team_mask, first);
+        a_top = first < static_cast<unsigned>(kEPad) ? s_aux[first] : 0.0f;  // 0 past E
+      }
       if (m) {
 #pragma unroll
         for (int j = 0; j < V / 4; ++j) {
@@ -340,7 +356,7 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
             const int jj = 4 * j + q;
             float gq;
             if (sf == MOEKIT_SCORE_SOFTMAX) {  // the softmax's backward ignores constants in ds
-              gq = av[q] * inv_q;
+              gq = (av[q] - a_top) * inv_q;
               dsum += gq * s[jj];
             } else if (o.normalize) {
               gq = ((av[q] - dq) + corr) * inv_q;
@@ -495,9 +511,18 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32, 4)
       dq = warp_sum(saq) * inv_q;
     }
     const float corr_q = aux.aref * (1e-20f * inv_q);
+    // softmax: shift by the a' of the largest score (the largest logit, lowest index among equals)
+    float a_top = 0.0f;
+    if (aux_on && sf == MOEKIT_SCORE_SOFTMAX) {
+      unsigned first = 0xffffffffu;
+      for (int e = lane; e < E; e += 32)
+        if (first == 0xffffffffu && Elem<T>::load1(row + e) == score.mx) first = static_cast<unsigned>(e);
+      first = __reduce_min_sync(kFullMask, first);
+      a_top = first < static_cast<unsigned>(E) ? aux_at(static_cast<int>(first)) : 0.0f;
+    }
     auto gq_at = [&](int e) -> float {
       if (!aux_on || !m) return 0.0f;
-      if (sf == MOEKIT_SCORE_SOFTMAX) return aux_at(e) * inv_q;
+      if (sf == MOEKIT_SCORE_SOFTMAX) return (aux_at(e) - a_top) * inv_q;
       if (o.normalize) return ((aux_at(e) - dq) + corr_q) * inv_q;
       return aux_at(e) + aux.aref;
     };

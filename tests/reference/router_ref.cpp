@@ -631,9 +631,15 @@ void backward_in_order(const moekit_router_config_t& c, int64_t T, const std::ve
           corr = aref * (eps20 * inv_q);
         }
       }
+      // softmax: also shifted by a at the largest score (lowest index among equals), whose own
+      // difference is exactly 0
+      int top = 0;
+      for (int e = 1; e < E; ++e)
+        if (to_double(s[e]) > to_double(s[top])) top = e;
       if (m)
         for (int e = 0; e < E; ++e)
-          gq[e] = drop_constants ? a[e] * inv_q : (norm ? ((a[e] - dq) + corr) * inv_q : a[e] + aref);
+          gq[e] = drop_constants ? (e == top ? zero : (a[e] - a[top]) * inv_q)
+                                 : (norm ? ((a[e] - dq) + corr) * inv_q : a[e] + aref);
     }
     N* dz = out.data() + t * E;
     if (softmax) {
