@@ -466,8 +466,15 @@ TEST_CASE("backward in the kernels' order: the reference's maths, and fp32 withi
         for (int e = 0; e < E; ++e) load[e] = n * K / E + jitter(rng);
         const std::vector<double> z(logits.begin(), logits.end());
         const std::vector<float>* gwp = gw_kind == 2 ? nullptr : &gw;
-        const auto want = ref::router_backward(c, T, z, oc.bias ? &bias : nullptr, &mask, fwd.indices, gwp, coeff, load, n);
-        const auto got = ref::router_backward_device_order(c, T, z, oc.bias ? &bias : nullptr, &mask, fwd.indices, gwp,
+        // some tokens' indices repeated or out of range, as a caller may pass them (every 7th and
+        // every 11th token; both are legal inputs of the backward)
+        std::vector<int32_t> indices = fwd.indices;
+        for (int64_t t = 0; t < T; ++t) {
+          if (t % 7 == 3 && K > 1) indices[t * K + K - 1] = indices[t * K];
+          if (t % 11 == 5) indices[t * K + (K > 1 ? 1 : 0)] = (t % 2) ? -7 : E + 11;
+        }
+        const auto want = ref::router_backward(c, T, z, oc.bias ? &bias : nullptr, &mask, indices, gwp, coeff, load, n);
+        const auto got = ref::router_backward_device_order(c, T, z, oc.bias ? &bias : nullptr, &mask, indices, gwp,
                                                            coeff, load, n);
         int64_t algebra = -1, beyond = -1;
         for (size_t i = 0; i < want.size(); ++i) {
