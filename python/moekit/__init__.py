@@ -15,13 +15,14 @@ torch.autograd.Functions live in moekit.autograd (imported on first use; needs t
 is found at $MOEKIT_LIB, the repository's build directories, or by the dynamic loader (see _lib).
 """
 from . import _capi
-from ._config import (Activation, Dtype, DropPolicy, EpMode, GateUpLayout, GroupMask, GroupScore, ScoreFunc,
-                      SoftmaxOrder, WeightLayout)
+from ._config import (Activation, Dtype, DropPolicy, EpMode, GateUpLayout, GroupMask, GroupScore, LayerStage,
+                      ScoreFunc, SoftmaxOrder, WeightLayout)
 from ._lib import (CublasError, CudaError, InternalError, InvalidArgumentError, MisalignedError, MoekitError,
                    NcclError, NotAvailableError, OutOfMemoryError, UnsupportedError, WorkspaceTooSmallError,
                    last_error, library_path, status_string, version)
 from ._tensor import DeviceArray
 from .ep import EP, EpConfig, EpLayout, allreduce_aux_stats, allreduce_expert_load, nccl_version
+from .layer import GRAD_NAMES as LAYER_GRAD_NAMES, PARAM_NAMES as LAYER_PARAM_NAMES, Layer, LayerConfig, LayerOutput
 from .experts import (ExpertsConfig, ExpertsGrads, MlpConfig, MlpGrads, MlpHandle, experts_backward,
                       experts_forward, mlp_backward, mlp_forward, mlp_handle)
 from .router import (PRESETS as ROUTER_PRESETS, RouterConfig, RouterOutput, aux_loss, bias_update, fake_gate,
@@ -42,3 +43,26 @@ def __getattr__(name):
         import importlib
         return importlib.import_module(".autograd", __name__)
     raise AttributeError("module 'moekit' has no attribute %r" % name)
+
+__all__ = [
+    # errors and the library
+    "MoekitError", "InvalidArgumentError", "UnsupportedError", "WorkspaceTooSmallError", "MisalignedError",
+    "CudaError", "CublasError", "NcclError", "NotAvailableError", "OutOfMemoryError", "InternalError",
+    "version", "library_path", "status_string", "last_error", "HEADER_VERSION", "MAX_TOP_K", "DeviceArray",
+    # enums
+    "Dtype", "ScoreFunc", "SoftmaxOrder", "GroupScore", "GroupMask", "DropPolicy", "Activation", "GateUpLayout",
+    "WeightLayout", "EpMode", "LayerStage",
+    # router
+    "RouterConfig", "ROUTER_PRESETS", "preset_uses_correction_bias", "RouterOutput", "router_forward",
+    "router_backward", "aux_loss", "bias_update", "fake_gate",
+    # tokens
+    "PlanConfig", "TokenPlan", "plan_alloc", "plan_build", "permute", "combine", "permute_backward",
+    "combine_backward",
+    # experts and the dense MLP
+    "ExpertsConfig", "ExpertsGrads", "experts_forward", "experts_backward", "MlpConfig", "MlpGrads", "MlpHandle",
+    "mlp_handle", "mlp_forward", "mlp_backward",
+    # the layer
+    "LayerConfig", "Layer", "LayerOutput", "LAYER_PARAM_NAMES", "LAYER_GRAD_NAMES",
+    # expert parallelism
+    "EpConfig", "EP", "EpLayout", "nccl_version", "allreduce_expert_load", "allreduce_aux_stats",
+]

@@ -84,6 +84,25 @@ MOEKIT_GATE_UP_INTERLEAVED = 2
 MOEKIT_WEIGHT_IN_OUT = 0
 MOEKIT_WEIGHT_OUT_IN = 1
 
+# ---- moekit/layer.h
+MOEKIT_LAYER_TENSOR_ALIGNMENT = 16
+
+MOEKIT_LAYER_STAGE_PROJECTION = 0
+MOEKIT_LAYER_STAGE_ROUTER = 1
+MOEKIT_LAYER_STAGE_PLAN = 2
+MOEKIT_LAYER_STAGE_PERMUTE = 3
+MOEKIT_LAYER_STAGE_EXPERTS = 4
+MOEKIT_LAYER_STAGE_COMBINE = 5
+MOEKIT_LAYER_STAGE_SHARED = 6
+MOEKIT_LAYER_STAGE_SHARED_BACKWARD = 7
+MOEKIT_LAYER_STAGE_PERMUTE_RECOMPUTE = 8
+MOEKIT_LAYER_STAGE_COMBINE_BACKWARD = 9
+MOEKIT_LAYER_STAGE_EXPERTS_BACKWARD = 10
+MOEKIT_LAYER_STAGE_PERMUTE_BACKWARD = 11
+MOEKIT_LAYER_STAGE_ROUTER_BACKWARD = 12
+MOEKIT_LAYER_STAGE_PROJECTION_BACKWARD = 13
+MOEKIT_LAYER_NUM_STAGES = 14
+
 # ---- moekit/ep.h
 MOEKIT_EP_MAX_RANKS = 1024
 MOEKIT_EP_MAX_EXPERTS = 65536
@@ -168,6 +187,91 @@ class MlpConfigStruct(ctypes.Structure):
     ]
 
 
+class LayerConfigStruct(ctypes.Structure):
+    """moekit_layer_config_t (moekit/layer.h). router / experts / shared point to the family
+    structs (ctypes.addressof)."""
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("hidden", c_int32),
+        ("dtype", c_int32),
+        ("router", c_void_p),
+        ("experts", c_void_p),
+        ("shared", c_void_p),
+        ("shared_gate", c_int32),
+        ("router_bias", c_int32),
+        ("expert_bias", c_int32),
+        ("shared_bias", c_int32),
+        ("router_fp32", c_int32),
+        ("alignment", c_int32),
+        ("capacity", c_int32),
+        ("drop_policy", c_int32),
+        ("recompute", c_int32),
+        ("expert_parallel", c_void_p),
+    ]
+
+
+class LayerParamsStruct(ctypes.Structure):
+    """moekit_layer_params_t (moekit/layer.h)."""
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("router_weight", c_void_p),
+        ("router_bias", c_void_p),
+        ("correction_bias", c_void_p),
+        ("w_gate_up", c_void_p),
+        ("b_gate_up", c_void_p),
+        ("w_down", c_void_p),
+        ("b_down", c_void_p),
+        ("shared_w_gate_up", c_void_p),
+        ("shared_b_gate_up", c_void_p),
+        ("shared_w_down", c_void_p),
+        ("shared_b_down", c_void_p),
+        ("shared_gate_weight", c_void_p),
+    ]
+
+
+class LayerGradsStruct(ctypes.Structure):
+    """moekit_layer_grads_t (moekit/layer.h)."""
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("router_weight", c_void_p),
+        ("router_bias", c_void_p),
+        ("w_gate_up", c_void_p),
+        ("b_gate_up", c_void_p),
+        ("w_down", c_void_p),
+        ("b_down", c_void_p),
+        ("shared_w_gate_up", c_void_p),
+        ("shared_b_gate_up", c_void_p),
+        ("shared_w_down", c_void_p),
+        ("shared_b_down", c_void_p),
+        ("shared_gate_weight", c_void_p),
+    ]
+
+
+class LayerSavedViewStruct(ctypes.Structure):
+    """moekit_layer_saved_view_t (moekit/layer.h)."""
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("max_rows", c_int64),
+        ("logits_row_stride", c_int64),
+        ("logits_dtype", c_int32),
+        ("logits", c_void_p),
+        ("weights", c_void_p),
+        ("indices", c_void_p),
+        ("expert_load", c_void_p),
+        ("aux_score_sum", c_void_p),
+        ("aux_token_count", c_void_p),
+        ("expert_counts", c_void_p),
+        ("expert_offsets", c_void_p),
+        ("row_of_slot", c_void_p),
+        ("slot_of_row", c_void_p),
+        ("plan_totals", c_void_p),
+        ("expert_u", c_void_p),
+        ("shared_u", c_void_p),
+        ("shared_gate_logit", c_void_p),
+        ("shared_out", c_void_p),
+    ]
+
+
 class EpConfigStruct(ctypes.Structure):
     """moekit_ep_config_t (moekit/ep.h)."""
     _fields_ = [
@@ -192,11 +296,15 @@ STRUCTS = {
     "moekit_token_plan_t": TokenPlanStruct,
     "moekit_experts_config_t": ExpertsConfigStruct,
     "moekit_mlp_config_t": MlpConfigStruct,
+    "moekit_layer_config_t": LayerConfigStruct,
+    "moekit_layer_params_t": LayerParamsStruct,
+    "moekit_layer_grads_t": LayerGradsStruct,
+    "moekit_layer_saved_view_t": LayerSavedViewStruct,
     "moekit_ep_config_t": EpConfigStruct,
 }
 
 # Opaque handle typedefs (pointers to incomplete structs): passed as c_void_p.
-HANDLES = ("moekit_mlp_handle_t", "moekit_ep_handle_t")
+HANDLES = ("moekit_mlp_handle_t", "moekit_layer_t", "moekit_ep_handle_t")
 
 # name -> (result type, [(argument name, argument type), ...]) for every MOEKIT_API function.
 PROTOTYPES = {
@@ -513,6 +621,83 @@ PROTOTYPES = {
         ("workspace", c_void_p),
         ("workspace_bytes", c_size_t),
         ("stream", c_void_p),
+    ]),
+    # moekit/layer.h
+    "moekit_layer_config_init": (c_int, [
+        ("config", POINTER(LayerConfigStruct)),
+        ("struct_size", c_size_t),
+    ]),
+    "moekit_layer_params_init": (c_int, [
+        ("params", POINTER(LayerParamsStruct)),
+        ("struct_size", c_size_t),
+    ]),
+    "moekit_layer_grads_init": (c_int, [
+        ("grads", POINTER(LayerGradsStruct)),
+        ("struct_size", c_size_t),
+    ]),
+    "moekit_layer_config_check": (c_int, [
+        ("config", POINTER(LayerConfigStruct)),
+    ]),
+    "moekit_layer_saved_size": (c_int, [
+        ("config", POINTER(LayerConfigStruct)),
+        ("num_tokens", c_int64),
+        ("saved_bytes", c_void_p),
+    ]),
+    "moekit_layer_workspace_size": (c_int, [
+        ("config", POINTER(LayerConfigStruct)),
+        ("num_tokens", c_int64),
+        ("forward_bytes", c_void_p),
+        ("backward_bytes", c_void_p),
+    ]),
+    "moekit_layer_saved_view": (c_int, [
+        ("config", POINTER(LayerConfigStruct)),
+        ("num_tokens", c_int64),
+        ("saved", c_void_p),
+        ("saved_bytes", c_size_t),
+        ("view", POINTER(LayerSavedViewStruct)),
+    ]),
+    "moekit_layer_create": (c_int, [
+        ("config", POINTER(LayerConfigStruct)),
+        ("layer", c_void_p),
+    ]),
+    "moekit_layer_destroy": (c_int, [
+        ("layer", c_void_p),
+    ]),
+    "moekit_layer_forward": (c_int, [
+        ("layer", c_void_p),
+        ("num_tokens", c_int64),
+        ("x", c_void_p),
+        ("token_mask", c_void_p),
+        ("params", POINTER(LayerParamsStruct)),
+        ("y", c_void_p),
+        ("expert_load", c_void_p),
+        ("aux_loss", c_void_p),
+        ("saved", c_void_p),
+        ("saved_bytes", c_size_t),
+        ("workspace", c_void_p),
+        ("workspace_bytes", c_size_t),
+        ("stream", c_void_p),
+    ]),
+    "moekit_layer_backward": (c_int, [
+        ("layer", c_void_p),
+        ("num_tokens", c_int64),
+        ("x", c_void_p),
+        ("token_mask", c_void_p),
+        ("params", POINTER(LayerParamsStruct)),
+        ("saved", c_void_p),
+        ("saved_bytes", c_size_t),
+        ("grad_y", c_void_p),
+        ("aux_loss_coeff", c_float),
+        ("grad_x", c_void_p),
+        ("grads", POINTER(LayerGradsStruct)),
+        ("workspace", c_void_p),
+        ("workspace_bytes", c_size_t),
+        ("stream", c_void_p),
+    ]),
+    "moekit_layer_set_stage_events": (c_int, [
+        ("layer", c_void_p),
+        ("events", c_void_p),
+        ("num_events", c_int32),
     ]),
     # moekit/ep.h
     "moekit_ep_config_init": (c_int, [

@@ -242,3 +242,115 @@ def mlp(x, w_gate_up, w_down, config=None, *, b_gate_up=None, b_down=None, handl
         config = _experts._resolve_config(_experts.MlpConfig, config, options, infer, "moekit.autograd.mlp")
     return MlpFunction.apply(_rows_dense(x).contiguous(), w_gate_up, b_gate_up, w_down, b_down, config, handle,
                              bool(save_u))
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole layer
+
+class LayerFunction(torch.autograd.Function):
+    """(x, token_mask, layer, aux_loss_coeff, expert_load_acc, *params in layer.PARAM_NAMES order) ->
+    (y, expert_load, aux_loss). Differentiable in x and every parameter but correction_bias."""
+
+    @staticmethod
+    def forward(ctx, x, token_mask, layer, aux_loss_coeff, load_accumulator, *params):
+        from .layer import PARAM_NAMES
+        named = dict(zip(PARAM_NAMES, params))
+        out = layer.forward(x, named, token_mask=token_mask, return_load=True, return_aux=True)
+        if load_accumulator is not None:
+            load_accumulator.add_(out.expert_load)
+        ctx.layer, ctx.coeff = layer, float(aux_loss_coeff)
+        ctx.moekit_saved = out.saved  # a uint8 buffer only the backward reads: no version tracking needed
+        ctx.save_for_backward(x, token_mask, *params)
+        ctx.mark_non_differentiable(out.expert_load, out.aux_loss)
+        return out.y, out.expert_load, out.aux_loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, _grad_load, _grad_aux):
+        from .layer import PARAM_NAMES
+        x, mask, *params = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        needs = [n for n, need in zip(PARAM_NAMES, ctx.needs_input_grad[5:]) if need and n != "correction_bias"]
+        if grad_y is None or not (need_x or needs):
+            return (None,) * (5 + len(params))
+        gx, grads = ctx.layer.backward(x, dict(zip(PARAM_NAMES, params)), ctx.moekit_saved, grad_y.contiguous(),
+                                       token_mask=mask, aux_loss_coeff=ctx.coeff, needs=needs)
+        ctx.moekit_saved = None
+        return (gx if need_x else None, None, None, None, None) + tuple(grads.get(n) for n in PARAM_NAMES)
+
+
+def layer(x, layer, params, *, token_mask=None, aux_loss_coeff=0.0, load_accumulator=None):
+    """The whole MoE layer with autograd: (y [T, H], expert_load [E] int32, aux_loss [1] fp32).
+    layer: a moekit.Layer; params: mapping of moekit.layer.PARAM_NAMES to tensors (None where the
+    config has none). The aux term enters the backward with aux_loss_coeff (see the top of this
+    module); load_accumulator ([E] int32) gets this call's load added."""
+    from .layer import PARAM_NAMES
+    get = params.get if isinstance(params, dict) else (lambda n: getattr(params, n, None))
+    return LayerFunction.apply(x.contiguous(), token_mask, layer, float(aux_loss_coeff), load_accumulator,
+                               *[get(n) for n in PARAM_NAMES])
+
+
+class MoE(torch.nn.Module):
+    """A MoE layer as a torch module over moekit's layer: parameters in moekit's layouts
+    (router_weight [E, H], w_gate_up [E, H, NU], w_down [E, I, H], shared MLP in its config's
+    layout), an fp32 correction_bias buffer when use_correction_bias, and an expert_load buffer that
+    accumulates the load over micro-batches for update_bias().
+
+        cfg = moekit.LayerConfig.from_sizes(moekit.RouterConfig.preset("qwen3"), 2048, 768)
+        moe = moekit.autograd.MoE(cfg, device="cuda")
+        y = moe(x)                      # x [..., H]; moe.aux_loss holds the last aux value
+    """
+
+    def __init__(self, config, *, device=None, init_std=0.02, aux_loss_coeff=0.0, use_correction_bias=False):
+        super().__init__()
+        from .layer import Layer
+        device = torch.device(device if device is not None else "cuda")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.config = config
+        self.aux_loss_coeff = float(aux_loss_coeff)
+        self.moekit_layer = Layer(config, device=device.index)
+        dtype = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}[self.moekit_layer.c_config.dtype]
+        L = self.moekit_layer
+        shapes = dict(router_weight=(L.E, L.H), w_gate_up=(L.E, L.H, L.NU), w_down=(L.E, L.I, L.H))
+        if config.router_bias:
+            shapes["router_bias"] = (L.E,)
+        if config.expert_bias:
+            shapes.update(b_gate_up=(L.E, L.NU), b_down=(L.E, L.H))
+        if config.shared is not None:
+            swap = L.shared_out_in
+            shapes["shared_w_gate_up"] = (L.NU_s, L.H) if swap else (L.H, L.NU_s)
+            shapes["shared_w_down"] = (L.H, L.I_s) if swap else (L.I_s, L.H)
+            if config.shared_bias:
+                shapes.update(shared_b_gate_up=(L.NU_s,), shared_b_down=(L.H,))
+            if config.shared_gate:
+                shapes["shared_gate_weight"] = (L.H,)
+        for name, shape in shapes.items():
+            t = torch.empty(shape, device=device, dtype=dtype)
+            if name.startswith("b_") or "_b_" in name or name == "router_bias":
+                torch.nn.init.zeros_(t)
+            else:
+                torch.nn.init.normal_(t, std=init_std)
+            self.register_parameter(name, torch.nn.Parameter(t))
+        self.register_buffer("correction_bias", torch.zeros(L.E, device=device, dtype=torch.float32)
+                             if use_correction_bias else None)
+        self.register_buffer("expert_load", torch.zeros(L.E, device=device, dtype=torch.int32))
+        self.aux_loss = None
+
+    def forward(self, x, token_mask=None):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        m = None if token_mask is None else token_mask.reshape(-1)
+        y, _, aux = layer(x2, self.moekit_layer, self, token_mask=m, aux_loss_coeff=self.aux_loss_coeff,
+                          load_accumulator=self.expert_load)
+        self.aux_loss = aux
+        return y.view(shape)
+
+    @torch.no_grad()
+    def update_bias(self, update_rate, *, recenter=False):
+        """DeepSeek-V3's aux-loss-free balancing, once per optimiser step: correction_bias moves
+        by update_rate * sign(mean(L) - L) over the load accumulated since the last call, which
+        is then reset."""
+        if self.correction_bias is None:
+            raise invalid("moekit.autograd.MoE.update_bias", "the module was made with use_correction_bias=False")
+        _router.bias_update(self.correction_bias, self.expert_load, update_rate, recenter=recenter, reset_load=True)

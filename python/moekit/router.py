@@ -219,16 +219,11 @@ def fake_gate(num_tokens, num_experts, top_k, *, skip_experts=0, noise=0.0, seed
 
 
 def _default_framework(fname):
-    import sys
-    if "torch" in sys.modules or _importable("torch"):
-        import torch  # noqa: F401
-        return "torch"
-    if "cupy" in sys.modules or _importable("cupy"):
-        import cupy  # noqa: F401
-        return "cupy"
-    raise invalid(fname, "no tensor argument and neither torch nor CuPy is installed: pass the outputs")
-
-
-def _importable(name):
+    """torch when installed (imported here so that allocation can use it), else CuPy."""
+    import importlib
     import importlib.util
-    return importlib.util.find_spec(name) is not None
+    for name in ("torch", "cupy"):
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+            return name
+    raise invalid(fname, "no tensor argument and neither torch nor CuPy is installed: pass the outputs")

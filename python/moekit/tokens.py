@@ -108,8 +108,10 @@ class TokenPlan(object):
         for name in self._ARRAYS:
             address = getattr(self.c_plan, name) or 0
             n = counts[name]
-            if self.framework is None or address == 0:
+            if self.framework is None:
                 view = DeviceArray.wrap(address, (n,), I32, device=self.device)
+            elif n == 0:
+                view = c.empty((0,), I32).owner
             else:
                 view = c.view_i32(self._buffer, address - self._buffer.ptr, n)
             setattr(self, name, view)
@@ -242,6 +244,10 @@ def combine_backward(grad_y, plan, *, weights=None, yp=None, grad_yp=None, grad_
         gw = c.output(grad_weights, "grad_weights", F32, (T, K)) if need_grad_weights else None
         if gyp is None and gw is None:
             raise invalid(fname, "nothing to compute: need_grad_yp and need_grad_weights are both off")
+        if all(a is None or a.numel == 0 for a in (gyp, gw)):
+            # T = 0: nothing to write (and empty outputs would reach the library as two NULLs).
+            return CombineGrads(None if gyp is None else result(gyp, grad_yp),
+                                None if gw is None else result(gw, grad_weights))
         call("moekit_tokens_combine_backward", ctypes.byref(plan.c_config), ctypes.byref(plan.c_plan), T, H,
              MOEKIT_DTYPE[gy.kind], ptr(gy), gy.row_stride(), ptr(w), ptr(ypa), ptr(gyp), ptr(gw), c.stream_arg)
         return CombineGrads(None if gyp is None else result(gyp, grad_yp),

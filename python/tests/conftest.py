@@ -44,3 +44,14 @@ def lib():
         if os.environ.get("MOEKIT_LIB"):
             raise
         pytest.skip("libmoekit is not built: %s" % e)
+
+
+@pytest.fixture(scope="session")
+def cuda(lib):
+    """torch with a CUDA device, or a visible skip. TF32 off: references compare in full fp32."""
+    torch = pytest.importorskip("torch", reason="torch is not installed (the GPU tests compare against PyTorch)")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return torch.device("cuda", torch.cuda.current_device())

@@ -44,7 +44,7 @@ def expected_field_ctype(t):
 
 def test_the_parser_read_every_header(header):
     names = {f.header for f in header.functions.values()}
-    assert {"status.h", "router.h", "tokens.h", "experts.h", "ep.h"} <= names
+    assert {"status.h", "router.h", "tokens.h", "experts.h", "layer.h", "ep.h"} <= names
     assert len(header.functions) >= 50 and len(header.structs) >= 6
 
 
@@ -126,7 +126,7 @@ def test_struct_layouts_match_the_c_compiler(header, include_dir, tmp_path):
 
 CONFIGS = [(moekit.RouterConfig, "moekit_router_config_t"), (moekit.PlanConfig, "moekit_plan_config_t"),
            (moekit.ExpertsConfig, "moekit_experts_config_t"), (moekit.MlpConfig, "moekit_mlp_config_t"),
-           (moekit.EpConfig, "moekit_ep_config_t")]
+           (moekit.EpConfig, "moekit_ep_config_t"), (moekit.LayerConfig, "moekit_layer_config_t")]
 
 
 @pytest.mark.parametrize("cls,cname", CONFIGS, ids=[c[1] for c in CONFIGS])
@@ -151,7 +151,8 @@ ENUMS = [(_config.Dtype, "moekit_dtype_t"), (_config.ScoreFunc, "moekit_score_fu
          (_config.SoftmaxOrder, "moekit_softmax_order_t"), (_config.GroupScore, "moekit_group_score_t"),
          (_config.GroupMask, "moekit_group_mask_t"), (_config.DropPolicy, "moekit_drop_policy_t"),
          (_config.Activation, "moekit_activation_t"), (_config.GateUpLayout, "moekit_gate_up_layout_t"),
-         (_config.WeightLayout, "moekit_weight_layout_t"), (_config.EpMode, "moekit_ep_mode_t")]
+         (_config.WeightLayout, "moekit_weight_layout_t"), (_config.EpMode, "moekit_ep_mode_t"),
+         (_config.LayerStage, "moekit_layer_stage_t")]
 
 
 def test_every_enum_has_an_intenum(header):

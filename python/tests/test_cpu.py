@@ -387,3 +387,75 @@ def test_arrays_on_different_devices_are_rejected():
     with pytest.raises(moekit.InvalidArgumentError) as e:
         _tensor.Call("moekit.x", None, [D.wrap(0x1000, (4,), "f32", device=0), D.wrap(0x2000, (4,), "f32", device=1)])
     assert e.value.message == "moekit.x: arguments are on different CUDA devices (0 and 1)"
+
+
+# ---- the layer (host side: configs, sizes, the saved buffer's layout) -------------------------
+
+def _layer_config(**kw):
+    return moekit.LayerConfig.from_sizes(moekit.RouterConfig.preset("qwen3"), 256, 64, **kw)
+
+
+def test_layer_configs_for_every_router_preset():
+    for name in moekit.ROUTER_PRESETS:
+        cfg = moekit.LayerConfig.from_sizes(moekit.RouterConfig.preset(name), 512, 128, shared_inter=256)
+        cfg.check()
+        assert cfg.experts.num_experts == cfg.router.num_experts and cfg.shared.hidden == 512
+
+
+@pytest.mark.parametrize("change,cls,text", [
+    (dict(experts=moekit.ExpertsConfig(num_experts=64, hidden=256, inter=64)), moekit.InvalidArgumentError,
+     "config->experts->num_experts = 64 differs from config->router->num_experts = 128"),
+    (dict(router=moekit.RouterConfig.preset("qwen3", top_k=40)), moekit.InvalidArgumentError,
+     "config->router->top_k = 40 is outside [1, 32]"),
+    (dict(shared_gate=True), moekit.InvalidArgumentError, "config->shared_gate = 1 but config->shared is NULL"),
+    (dict(expert_parallel=0x1000), moekit.UnsupportedError, "config->expert_parallel = 0x1000"),
+    (dict(hidden=260), moekit.InvalidArgumentError, "config->hidden = 260 is not a multiple of 8"),
+], ids=["experts-E", "router-K", "gate-without-shared", "expert-parallel", "hidden"])
+def test_bad_layer_configs_name_the_path(change, cls, text):
+    with pytest.raises(cls) as e:
+        _layer_config().replace(**change).check()
+    assert e.value.message.startswith("moekit_layer_config_check: ") and text in e.value.message
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(shared_inter=128, shared_gate=True), dict(recompute=True, shared_inter=64),
+                                dict(router_fp32=True, alignment=8)], ids=["plain", "gated-shared", "recompute", "fp32"])
+def test_layer_saved_buffer_layout(kw):
+    cfg = _layer_config(**kw)
+    T = 100
+    size = cfg.saved_size(T)
+    assert cfg.saved_size(2 * T) > size and cfg.saved_size(0) >= 0
+    fwd, bwd = cfg.workspace_size(T)
+    assert fwd >= 0 and bwd >= 0
+    buf = fake((size,), "u8")
+    v = cfg.saved_view(T, buf)
+    assert v.max_rows == moekit.PlanConfig(num_experts=128, top_k=8, alignment=cfg.alignment).max_rows(T)
+    assert v.logits_row_stride == 128
+    assert v.logits.kind == ("f32" if cfg.router_fp32 else "bf16")
+    assert v.weights.shape == (T, 8) and v.indices.shape == (T, 8) and v.slot_of_row.shape == (v.max_rows,)
+    assert (v.expert_u is None) == bool(cfg.recompute)
+    assert (v.shared_u is None) == (cfg.shared is None or bool(cfg.recompute))
+    assert (v.shared_out is None) == (not cfg.shared_gate)
+    spans = []
+    for name, a in v._asdict().items():
+        if isinstance(a, moekit.DeviceArray):
+            assert a.ptr % 256 == 0 and buf.ptr <= a.ptr and a.ptr + a.nbytes <= buf.ptr + size, name
+            spans.append((a.ptr, a.ptr + a.nbytes))
+    spans.sort()
+    assert all(spans[i][1] <= spans[i + 1][0] for i in range(len(spans) - 1))
+    # layer.h says INVALID_ARGUMENT for a short buffer, the library returns WORKSPACE_TOO_SMALL
+    # (as the forward does for the same buffer): either is a clear refusal naming saved_bytes.
+    with pytest.raises((moekit.InvalidArgumentError, moekit.WorkspaceTooSmallError)) as e:
+        cfg.saved_view(T, fake((size - 1,), "u8"))
+    assert e.value.message.startswith("moekit_layer_saved_view: saved_bytes = %d" % (size - 1))
+
+
+def test_layer_entry_points_reject_a_null_layer():
+    with pytest.raises(moekit.InvalidArgumentError) as e:
+        _lib.call("moekit_layer_forward", None, 4, None, None, None, None, None, None, None, 0, None, 0, None)
+    assert e.value.message == "moekit_layer_forward: layer is NULL"
+    with pytest.raises(moekit.InvalidArgumentError) as e:
+        _lib.call("moekit_layer_backward", None, 4, None, None, None, None, 0, None, 0.0, None, None, None, 0, None)
+    assert e.value.message == "moekit_layer_backward: layer is NULL"
+    assert moekit.LAYER_PARAM_NAMES[0] == "router_weight" and "correction_bias" not in moekit.LAYER_GRAD_NAMES
+    assert [f[0] for f in _capi.LayerParamsStruct._fields_[1:]] == list(moekit.LAYER_PARAM_NAMES)
+    assert [f[0] for f in _capi.LayerGradsStruct._fields_[1:]] == list(moekit.LAYER_GRAD_NAMES)
