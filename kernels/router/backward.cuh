@@ -138,7 +138,6 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
   }
   __syncthreads();
 
-
   const char* logits = static_cast<const char*>(a.logits);
   const int64_t row_bytes = a.logits_stride * static_cast<int64_t>(sizeof(T));
   char* grad = static_cast<char*>(a.grad_logits);
@@ -187,9 +186,10 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
     const bool m = next_mask;
     fetch((step + warps_total) * kTeamsPerWarp + team_in_warp);
 
-    // Registers: the raw logits (z is re-derived from them where needed) and the scores stay
-    // live; bias, aux values and the scattered gradient are re-read from shared memory in float4
-    // chunks where they are used (fast_backward_min_blocks() caps the registers).
+    // Registers: per value only s[] (turned into ds/dz below) and the next token's prefetched
+    // logits stay live across the token; bias, aux values, weight sources and the scattered
+    // gradient are re-read from shared memory in float4 chunks where they are used
+    // (fast_backward_min_blocks() caps the registers: no spills on sm_80 or sm_90).
     float s[V];
     {
       float z[V];
