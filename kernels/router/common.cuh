@@ -229,7 +229,7 @@ template <class T, int V>
 __device__ __forceinline__ void load_span(const T* p, int vec_bytes, int rem, uint32_t (&w)[Words<T, V>::kCount]) {
   constexpr int kWords = Words<T, V>::kCount;
   constexpr int kSize = static_cast<int>(sizeof(T));
-  if (rem < V) {
+  if (rem < V || vec_bytes < 4) {  // padding past E; 2-byte accesses fill words half by half
 #pragma unroll
     for (int i = 0; i < kWords; ++i) w[i] = pad_word<T>();
   }
