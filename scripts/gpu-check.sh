@@ -7,6 +7,7 @@
 #   scripts/gpu-check.sh                 all stages, all families
 #   STAGES="build test" scripts/gpu-check.sh
 #   FAMILIES="router tokens" scripts/gpu-check.sh
+#   COMPARE_ARGS_router="--tokens=32768" ...  extra arguments for one family's compare_torch.py
 #   SANITIZE_FILTER='...'                Catch2 filter for memcheck (default: '~[large]')
 # racecheck (slow on shared-memory-heavy kernels) runs the per-family filter below.
 set -uo pipefail
@@ -44,11 +45,22 @@ if has build; then
   run build ninja -C "$BUILD" -j "$JOBS" || { echo "build failed"; printf '%s\n' "${summary[@]}"; exit 1; }
 fi
 
+# Tests and sanitizer runs are independent and mostly bound by host-side reference work, so they
+# run concurrently (GPU time is the scarce resource); each writes its own log, appended in order.
+jobs_names=()
+jobs_logs=()
+jobs_pids=()
+jobs_t0=()
+launch() {  # launch NAME CMD...: in the background, own log
+  local name=$1; shift
+  local log="$OUT/job-${#jobs_names[@]}.txt"
+  echo "=== $name: $*" >"$log"
+  ( "$@" >>"$log" 2>&1 ) &
+  jobs_names+=("$name"); jobs_logs+=("$log"); jobs_pids+=($!); jobs_t0+=("$(date +%s)")
+}
 if has test; then
-  run "meson test" meson test -C "$BUILD" --print-errorlogs --num-processes 4 --timeout-multiplier 3
-  cp "$BUILD/meson-logs/testlog.txt" "$OUT/testlog.txt" 2>/dev/null
+  launch "meson test" meson test -C "$BUILD" --print-errorlogs --num-processes 4 --timeout-multiplier 3
 fi
-
 if has sanitize; then
   for fam in $FAMILIES; do
     bin="$BUILD/tests/$fam/test_${fam}_gpu"
@@ -57,10 +69,19 @@ if has sanitize; then
       experts) race_filter='[exact]' ;;  # the GEMMs' shared-memory pipeline on small exact cases
       *) race_filter='~[large]' ;;
     esac
-    run "memcheck $fam" compute-sanitizer --tool memcheck --error-exitcode 99 --leak-check no "$bin" "${SANITIZE_FILTER:-~[large]}"
-    run "racecheck $fam" compute-sanitizer --tool racecheck --error-exitcode 99 "$bin" "$race_filter"
+    launch "memcheck $fam" compute-sanitizer --tool memcheck --error-exitcode 99 --leak-check no "$bin" "${SANITIZE_FILTER:-~[large]}"
+    launch "racecheck $fam" compute-sanitizer --tool racecheck --error-exitcode 99 "$bin" "$race_filter"
   done
 fi
+for i in "${!jobs_pids[@]}"; do
+  wait "${jobs_pids[$i]}"
+  rc=$?
+  cat "${jobs_logs[$i]}" >>"$LOG"
+  rm -f "${jobs_logs[$i]}"
+  dt=$(( $(date +%s) - ${jobs_t0[$i]} ))
+  if [ $rc -eq 0 ]; then note "${jobs_names[$i]}" "ok (${dt}s)"; else note "${jobs_names[$i]}" "FAILED rc=$rc (${dt}s)"; fi
+done
+[ -f "$BUILD/meson-logs/testlog.txt" ] && cp "$BUILD/meson-logs/testlog.txt" "$OUT/testlog.txt"
 
 if has bench; then
   for fam in $FAMILIES; do
@@ -75,8 +96,13 @@ if has compare; then
   for fam in $FAMILIES; do
     script="bench/$fam/compare_torch.py"
     [ -f "$script" ] || continue
-    run "compare $fam" python3 "$script" --out="$OUT/compare-$fam.json"
+    extra="COMPARE_ARGS_$fam"  # e.g. COMPARE_ARGS_router="--tokens=32768"
+    run "compare $fam" python3 "$script" --out="$OUT/compare-$fam.json" ${!extra:-}
   done
+fi
+
+if has demo && [ -x "$BUILD/demo/moekit-demo" ]; then
+  run demo "$BUILD/demo/moekit-demo" ${DEMO_ARGS:-}
 fi
 
 echo
