@@ -17,6 +17,10 @@ command -v meson >/dev/null 2>&1 || missing+=(meson)
 command -v ninja >/dev/null 2>&1 || missing+=(ninja-build)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 if ! pkg-config --exists catch2 2>/dev/null; then missing+=(catch2); fi
+# The Python bindings' CPU tests (header sync, error paths) run under pytest when it is there.
+if command -v apt-get >/dev/null 2>&1 && ! python3 -c "import pytest" >/dev/null 2>&1; then
+  missing+=(python3-pytest)
+fi
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
