@@ -338,6 +338,10 @@ std::vector<double> stage_flops(const LayerCase& c, int64_t T, int64_t rows) {
 int run_preset(const Preset& preset, const Args& args, Json& results) {
   LayerCase c = preset.layer;
   const int64_t T = args.get_int("tokens", preset.tokens);
+  if (T < 1) {
+    std::printf("  --tokens = %lld: the demo needs at least one token\n", static_cast<long long>(T));
+    return 1;
+  }
   if (args.has("hidden")) c.set_hidden(static_cast<int>(args.get_int("hidden", c.hidden)));
   if (args.has("experts") || args.has("top-k")) {
     const int e = static_cast<int>(args.get_int("experts", c.num_experts()));

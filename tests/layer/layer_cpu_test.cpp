@@ -130,7 +130,7 @@ TEST_CASE("layer reference backward equals finite differences of its objective",
   }
 }
 
-TEST_CASE("layer reference with variants: shared MLP in nn.Linear layout, gate, recompute-free options",
+TEST_CASE("layer reference backward with a gated, biased geglu shared MLP in nn.Linear layout and alignment 4",
           "[layer][reference]") {
   LayerCase c = tiny_cases()[2];  // gpt-oss: router bias, expert biases, quick_geglu
   c.has_shared = true;
