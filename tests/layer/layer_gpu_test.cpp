@@ -324,16 +324,17 @@ TEST_CASE("layer with one token matches the reference", "[layer]") {
   }
 }
 
-TEST_CASE("layer variants: every token padding, fp32 router without groups, no mask", "[layer]") {
+TEST_CASE("layer variants: every token padding, fp32 router with a bias, gated shared MLP in nn.Linear layout", "[layer]") {
   std::vector<LayerCase> cases = model_cases();
   SECTION("all padding") {
     LayerCase c = case_named(cases, "deepseek-v3");
     c.mask_fraction = 1.0;  // every token is padding: no rows, y = shared(x), N = 0
     check_case(c, 40, 0x1a7e2001);
   }
-  SECTION("qwen3 with an fp32 router, bf16 weights after down, no mask") {
+  SECTION("qwen3 with an fp32 router and a router bias, weights after down, no mask") {
     LayerCase c = case_named(cases, "qwen3");
     c.router_fp32 = true;
+    c.router_bias = true;  // bf16 bias added to fp32 logits; its gradient summed from fp32 dz
     c.experts.weight_after_down = 1;
     c.recompute = false;
     c.mask_fraction = 0.0;
