@@ -5,6 +5,9 @@
 // stream), replayed bit for bit; recompute == saved pre-activations bit for bit; the load
 // accumulation; the stage events; every bad argument rejected with a message and nothing written.
 //
+// Tags: [race] is the small subset (every model at T = 1) meant for compute-sanitizer racecheck, whose
+// cost on the grouped GEMMs' shared-memory pipeline makes the whole suite slow under it.
+//
 // Ordering: every upload, poison and download runs on the test's cudaStreamNonBlocking stream
 // (tests/layer/layer_device.hpp), the stream the layer runs on, so nothing relies on the legacy
 // default stream.
@@ -315,7 +318,7 @@ TEST_CASE("layer forward and backward match the reference for every model of the
   }
 }
 
-TEST_CASE("layer with one token matches the reference", "[layer]") {
+TEST_CASE("layer with one token matches the reference", "[layer][race]") {
   const std::vector<LayerCase> cases = model_cases();
   uint64_t salt = 1;
   for (const LayerCase& c : cases) {
