@@ -187,20 +187,14 @@ struct BigLayer {
   int64_t T = 0;
   moekit_layer_t layer = nullptr;
   DevBuf x, mask, y, dy, dx, load, aux, saved, ws;
-  DevBuf rw, rb, cb, wgu, bgu, wd, bd, swgu, sbgu, swd, sbd, gw;
+  ParamBuffers p;
   GradBuffers g;
   moekit_layer_params_t params{};
   moekit_layer_grads_t grads{};
   size_t saved_bytes = 0, forward_bytes = 0, backward_bytes = 0;
-  double total_bytes = 0;
 
   ~BigLayer() {
     if (layer) moekit_layer_destroy(layer);
-  }
-
-  DevBuf alloc(size_t bytes) {
-    total_bytes += static_cast<double>(bytes);
-    return DevBuf(bytes);
   }
 
   void build(const LayerCase& c, int64_t tokens, uint64_t seed) {
@@ -232,77 +226,44 @@ struct BigLayer {
     uint64_t salt = seed;
     auto param = [&](size_t count, double sd, bool present) {
       if (!present) return DevBuf();
-      DevBuf b = alloc(count * es);
+      DevBuf b = DevBuf(count * es);
       fill_random(b.get(), count, d, sd, ++salt);
       return b;
     };
     x = param(TH, 1.0, true);
     dy = param(TH, 1.0, true);
-    y = alloc(TH * es);
-    dx = alloc(TH * es);
-    rw = param(E * H, 1.0 / std::sqrt(double(H)), true);
-    rb = param(E, 0.5, lc.router_bias);
-    wgu = param(E * H * NU, 1.0 / std::sqrt(double(H)), true);
-    bgu = param(E * NU, 0.1, lc.expert_bias);
-    wd = param(E * I * H, 1.0 / std::sqrt(double(I)), true);
-    bd = param(E * H, 0.1, lc.expert_bias);
-    swgu = param(H * NUs, 1.0 / std::sqrt(double(H)), lc.has_shared);
-    sbgu = param(NUs, 0.1, lc.shared_bias);
-    swd = param(Is * H, 1.0 / std::sqrt(double(std::max<size_t>(Is, 1))), lc.has_shared);
-    sbd = param(H, 0.1, lc.shared_bias);
-    gw = param(H, 1.0 / std::sqrt(double(H)), lc.shared_gate);
+    y = DevBuf(TH * es);
+    dx = DevBuf(TH * es);
+    p.router_weight = param(E * H, 1.0 / std::sqrt(double(H)), true);
+    p.router_bias = param(E, 0.5, lc.router_bias);
+    p.w_gate_up = param(E * H * NU, 1.0 / std::sqrt(double(H)), true);
+    p.b_gate_up = param(E * NU, 0.1, lc.expert_bias);
+    p.w_down = param(E * I * H, 1.0 / std::sqrt(double(I)), true);
+    p.b_down = param(E * H, 0.1, lc.expert_bias);
+    p.shared_w_gate_up = param(H * NUs, 1.0 / std::sqrt(double(H)), lc.has_shared);
+    p.shared_b_gate_up = param(NUs, 0.1, lc.shared_bias);
+    p.shared_w_down = param(Is * H, 1.0 / std::sqrt(double(std::max<size_t>(Is, 1))), lc.has_shared);
+    p.shared_b_down = param(H, 0.1, lc.shared_bias);
+    p.shared_gate_weight = param(H, 1.0 / std::sqrt(double(H)), lc.shared_gate);
     if (lc.correction_bias) {
-      cb = alloc(E * 4);
-      fill_random(cb.get(), E, MOEKIT_DTYPE_F32, 0.1, ++salt);
+      p.correction_bias = DevBuf(E * 4);
+      fill_random(p.correction_bias.get(), E, MOEKIT_DTYPE_F32, 0.1, ++salt);
     }
     if (lc.mask_fraction > 0) {
       std::vector<uint8_t> m(static_cast<size_t>(T));
       std::mt19937_64 rng(seed);
       std::bernoulli_distribution pad(lc.mask_fraction);
       for (auto& v : m) v = pad(rng) ? 0 : 1;
-      mask = alloc(m.size());
+      mask = DevBuf(m.size());
       cuda_check(cudaMemcpy(mask.get(), m.data(), m.size(), cudaMemcpyHostToDevice), "uploading the mask");
     }
-    load = alloc(E * 4);
-    aux = alloc(4);
-    saved = alloc(saved_bytes);
-    ws = alloc(std::max(forward_bytes, backward_bytes));
-    moekit_layer_params_init(&params, sizeof(params));
-    params.router_weight = rw.get();
-    params.router_bias = rb.get();
-    params.correction_bias = cb.as<float>();
-    params.w_gate_up = wgu.get();
-    params.b_gate_up = bgu.get();
-    params.w_down = wd.get();
-    params.b_down = bd.get();
-    params.shared_w_gate_up = swgu.get();
-    params.shared_b_gate_up = sbgu.get();
-    params.shared_w_down = swd.get();
-    params.shared_b_down = sbd.get();
-    params.shared_gate_weight = gw.get();
-    g.router_weight = alloc(rw.bytes());
-    g.router_bias = alloc(rb.bytes());
-    g.w_gate_up = alloc(wgu.bytes());
-    g.b_gate_up = alloc(bgu.bytes());
-    g.w_down = alloc(wd.bytes());
-    g.b_down = alloc(bd.bytes());
-    g.shared_w_gate_up = alloc(swgu.bytes());
-    g.shared_b_gate_up = alloc(sbgu.bytes());
-    g.shared_w_down = alloc(swd.bytes());
-    g.shared_b_down = alloc(sbd.bytes());
-    g.shared_gate_weight = alloc(gw.bytes());
-    moekit_layer_grads_init(&grads, sizeof(grads));
-    grads.router_weight = g.router_weight.get();
-    grads.router_bias = g.router_bias.get();
-    grads.w_gate_up = g.w_gate_up.get();
-    grads.b_gate_up = g.b_gate_up.get();
-    grads.w_down = g.w_down.get();
-    grads.b_down = g.b_down.get();
-    grads.shared_w_gate_up = g.shared_w_gate_up.get();
-    grads.shared_b_gate_up = g.shared_b_gate_up.get();
-    grads.shared_w_down = g.shared_w_down.get();
-    grads.shared_b_down = g.shared_b_down.get();
-    grads.shared_gate_weight = g.shared_gate_weight.get();
+    load = DevBuf(E * 4);
+    aux = DevBuf(4);
+    saved = DevBuf(saved_bytes);
+    ws = DevBuf(std::max(forward_bytes, backward_bytes));
+    params = p.pointers();
+    g = GradBuffers::like(p);
+    grads = g.pointers();
   }
 
   void forward(cudaStream_t s) {

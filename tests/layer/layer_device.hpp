@@ -67,7 +67,7 @@ class DevBuf {
     b.upload(host.data(), b.bytes_, s);
     return b;
   }
-  void fill(int byte, cudaStream_t s) {
+  void fill(int byte, cudaStream_t s) const {
     if (ptr_) cuda_check(cudaMemsetAsync(ptr_, byte, bytes_, s), "fill");
   }
 
@@ -106,10 +106,73 @@ inline std::vector<double> download_values(const void* ptr, size_t count, moekit
   return std::vector<double>(f.begin(), f.end());
 }
 
+// The parameter buffers, named as in moekit_layer_params_t (empty where the layer has none).
+struct ParamBuffers {
+  DevBuf router_weight, router_bias, correction_bias, w_gate_up, b_gate_up, w_down, b_down, shared_w_gate_up,
+      shared_b_gate_up, shared_w_down, shared_b_down, shared_gate_weight;
+
+  moekit_layer_params_t pointers() const {
+    moekit_layer_params_t p;
+    moekit_layer_params_init(&p, sizeof(p));
+    p.router_weight = router_weight.get();
+    p.router_bias = router_bias.get();
+    p.correction_bias = correction_bias.as<float>();
+    p.w_gate_up = w_gate_up.get();
+    p.b_gate_up = b_gate_up.get();
+    p.w_down = w_down.get();
+    p.b_down = b_down.get();
+    p.shared_w_gate_up = shared_w_gate_up.get();
+    p.shared_b_gate_up = shared_b_gate_up.get();
+    p.shared_w_down = shared_w_down.get();
+    p.shared_b_down = shared_b_down.get();
+    p.shared_gate_weight = shared_gate_weight.get();
+    return p;
+  }
+};
+
 // The gradient buffers, named as in moekit_layer_grads_t.
 struct GradBuffers {
   DevBuf router_weight, router_bias, w_gate_up, b_gate_up, w_down, b_down, shared_w_gate_up, shared_b_gate_up,
       shared_w_down, shared_b_down, shared_gate_weight;
+
+  // One gradient per parameter of `p`, of its size (none where the layer has no such parameter).
+  static GradBuffers like(const ParamBuffers& p) {
+    GradBuffers g;
+    g.router_weight = DevBuf(p.router_weight.bytes());
+    g.router_bias = DevBuf(p.router_bias.bytes());
+    g.w_gate_up = DevBuf(p.w_gate_up.bytes());
+    g.b_gate_up = DevBuf(p.b_gate_up.bytes());
+    g.w_down = DevBuf(p.w_down.bytes());
+    g.b_down = DevBuf(p.b_down.bytes());
+    g.shared_w_gate_up = DevBuf(p.shared_w_gate_up.bytes());
+    g.shared_b_gate_up = DevBuf(p.shared_b_gate_up.bytes());
+    g.shared_w_down = DevBuf(p.shared_w_down.bytes());
+    g.shared_b_down = DevBuf(p.shared_b_down.bytes());
+    g.shared_gate_weight = DevBuf(p.shared_gate_weight.bytes());
+    return g;
+  }
+
+  std::vector<const DevBuf*> all() const {
+    return {&router_weight, &router_bias, &w_gate_up, &b_gate_up, &w_down, &b_down, &shared_w_gate_up,
+            &shared_b_gate_up, &shared_w_down, &shared_b_down, &shared_gate_weight};
+  }
+
+  moekit_layer_grads_t pointers() const {
+    moekit_layer_grads_t g;
+    moekit_layer_grads_init(&g, sizeof(g));
+    g.router_weight = router_weight.get();
+    g.router_bias = router_bias.get();
+    g.w_gate_up = w_gate_up.get();
+    g.b_gate_up = b_gate_up.get();
+    g.w_down = w_down.get();
+    g.b_down = b_down.get();
+    g.shared_w_gate_up = shared_w_gate_up.get();
+    g.shared_b_gate_up = shared_b_gate_up.get();
+    g.shared_w_down = shared_w_down.get();
+    g.shared_b_down = shared_b_down.get();
+    g.shared_gate_weight = shared_gate_weight.get();
+    return g;
+  }
 };
 
 class DeviceProblem {
@@ -136,56 +199,21 @@ class DeviceProblem {
     saved_ = DevBuf(saved_bytes_);
     forward_ws_ = DevBuf(forward_bytes_);
     backward_ws_ = DevBuf(backward_bytes_);
-    router_weight_ = upload_values(problem.router_weight);
-    router_bias_ = upload_values(problem.router_bias);
-    if (!problem.correction_bias.empty()) correction_bias_ = DevBuf::from(problem.correction_bias, stream_);
-    w_gate_up_ = upload_values(problem.w_gate_up);
-    b_gate_up_ = upload_values(problem.b_gate_up);
-    w_down_ = upload_values(problem.w_down);
-    b_down_ = upload_values(problem.b_down);
-    shared_w_gate_up_ = upload_values(problem.shared_w_gate_up);
-    shared_b_gate_up_ = upload_values(problem.shared_b_gate_up);
-    shared_w_down_ = upload_values(problem.shared_w_down);
-    shared_b_down_ = upload_values(problem.shared_b_down);
-    shared_gate_weight_ = upload_values(problem.shared_gate_weight);
-
-    moekit_layer_params_init(&params_, sizeof(params_));
-    params_.router_weight = router_weight_.get();
-    params_.router_bias = router_bias_.get();
-    params_.correction_bias = correction_bias_.as<float>();
-    params_.w_gate_up = w_gate_up_.get();
-    params_.b_gate_up = b_gate_up_.get();
-    params_.w_down = w_down_.get();
-    params_.b_down = b_down_.get();
-    params_.shared_w_gate_up = shared_w_gate_up_.get();
-    params_.shared_b_gate_up = shared_b_gate_up_.get();
-    params_.shared_w_down = shared_w_down_.get();
-    params_.shared_b_down = shared_b_down_.get();
-    params_.shared_gate_weight = shared_gate_weight_.get();
-
-    grads_.router_weight = DevBuf(router_weight_.bytes());
-    grads_.router_bias = DevBuf(router_bias_.bytes());
-    grads_.w_gate_up = DevBuf(w_gate_up_.bytes());
-    grads_.b_gate_up = DevBuf(b_gate_up_.bytes());
-    grads_.w_down = DevBuf(w_down_.bytes());
-    grads_.b_down = DevBuf(b_down_.bytes());
-    grads_.shared_w_gate_up = DevBuf(shared_w_gate_up_.bytes());
-    grads_.shared_b_gate_up = DevBuf(shared_b_gate_up_.bytes());
-    grads_.shared_w_down = DevBuf(shared_w_down_.bytes());
-    grads_.shared_b_down = DevBuf(shared_b_down_.bytes());
-    grads_.shared_gate_weight = DevBuf(shared_gate_weight_.bytes());
-    moekit_layer_grads_init(&grad_ptrs_, sizeof(grad_ptrs_));
-    grad_ptrs_.router_weight = grads_.router_weight.get();
-    grad_ptrs_.router_bias = grads_.router_bias.get();
-    grad_ptrs_.w_gate_up = grads_.w_gate_up.get();
-    grad_ptrs_.b_gate_up = grads_.b_gate_up.get();
-    grad_ptrs_.w_down = grads_.w_down.get();
-    grad_ptrs_.b_down = grads_.b_down.get();
-    grad_ptrs_.shared_w_gate_up = grads_.shared_w_gate_up.get();
-    grad_ptrs_.shared_b_gate_up = grads_.shared_b_gate_up.get();
-    grad_ptrs_.shared_w_down = grads_.shared_w_down.get();
-    grad_ptrs_.shared_b_down = grads_.shared_b_down.get();
-    grad_ptrs_.shared_gate_weight = grads_.shared_gate_weight.get();
+    p_.router_weight = upload_values(problem.router_weight);
+    p_.router_bias = upload_values(problem.router_bias);
+    if (!problem.correction_bias.empty()) p_.correction_bias = DevBuf::from(problem.correction_bias, stream_);
+    p_.w_gate_up = upload_values(problem.w_gate_up);
+    p_.b_gate_up = upload_values(problem.b_gate_up);
+    p_.w_down = upload_values(problem.w_down);
+    p_.b_down = upload_values(problem.b_down);
+    p_.shared_w_gate_up = upload_values(problem.shared_w_gate_up);
+    p_.shared_b_gate_up = upload_values(problem.shared_b_gate_up);
+    p_.shared_w_down = upload_values(problem.shared_w_down);
+    p_.shared_b_down = upload_values(problem.shared_b_down);
+    p_.shared_gate_weight = upload_values(problem.shared_gate_weight);
+    params_ = p_.pointers();
+    grads_ = GradBuffers::like(p_);
+    grad_ptrs_ = grads_.pointers();
     cuda_check(cudaStreamSynchronize(stream_), "uploading the problem");
   }
   ~DeviceProblem() {
@@ -208,11 +236,8 @@ class DeviceProblem {
 
   // Every output (y, dx, load, aux, saved, gradients) filled with `byte` (stream-ordered).
   void poison_outputs(int byte) {
-    for (DevBuf* b : {&y_, &dx_, &load_, &aux_, &saved_, &grads_.router_weight, &grads_.router_bias,
-                      &grads_.w_gate_up, &grads_.b_gate_up, &grads_.w_down, &grads_.b_down, &grads_.shared_w_gate_up,
-                      &grads_.shared_b_gate_up, &grads_.shared_w_down, &grads_.shared_b_down,
-                      &grads_.shared_gate_weight})
-      b->fill(byte, stream_);
+    for (DevBuf* b : {&y_, &dx_, &load_, &aux_, &saved_}) b->fill(byte, stream_);
+    for (const DevBuf* b : grads_.all()) b->fill(byte, stream_);
   }
   // Workspaces filled with `byte` (a library that reads scratch before writing it shows up).
   void poison_workspaces(int byte) {
@@ -231,11 +256,8 @@ class DeviceProblem {
   // Every output and gradient as bytes, in a fixed order (for bitwise comparisons).
   std::vector<std::vector<uint8_t>> all_outputs() {
     std::vector<std::vector<uint8_t>> out;
-    for (const DevBuf* b : {&y_, &dx_, &load_, &aux_, &grads_.router_weight, &grads_.router_bias, &grads_.w_gate_up,
-                            &grads_.b_gate_up, &grads_.w_down, &grads_.b_down, &grads_.shared_w_gate_up,
-                            &grads_.shared_b_gate_up, &grads_.shared_w_down, &grads_.shared_b_down,
-                            &grads_.shared_gate_weight})
-      out.push_back(download(*b, stream_));
+    for (const DevBuf* b : {&y_, &dx_, &load_, &aux_}) out.push_back(download(*b, stream_));
+    for (const DevBuf* b : grads_.all()) out.push_back(download(*b, stream_));
     // The saved pieces that are outputs in their own right (routing, plan, statistics).
     const moekit_layer_saved_view_t v = view();
     const size_t T = static_cast<size_t>(T_), K = lcase_.top_k(), E = lcase_.num_experts();
@@ -281,8 +303,7 @@ class DeviceProblem {
   moekit_layer_t layer_ = nullptr;
   size_t saved_bytes_ = 0, forward_bytes_ = 0, backward_bytes_ = 0;
   DevBuf x_, mask_, y_, dy_, dx_, load_, aux_, saved_, forward_ws_, backward_ws_;
-  DevBuf router_weight_, router_bias_, correction_bias_, w_gate_up_, b_gate_up_, w_down_, b_down_, shared_w_gate_up_,
-      shared_b_gate_up_, shared_w_down_, shared_b_down_, shared_gate_weight_;
+  ParamBuffers p_;
   GradBuffers grads_;
   moekit_layer_params_t params_{};
   moekit_layer_grads_t grad_ptrs_{};

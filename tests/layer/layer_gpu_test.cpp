@@ -371,10 +371,7 @@ TEST_CASE("layer with T = 0 writes the statistics and zero gradients", "[layer]"
       const moekit_layer_saved_view_t v = dp.view();
       require_equal("aux_token_count", download_as<int32_t>(v.aux_token_count, 1, s), std::vector<int32_t>{0});
       require_equal("expert_offsets", download_as<int32_t>(v.expert_offsets, E + 1, s), std::vector<int32_t>(E + 1, 0));
-      const GradBuffers& g = dp.grads();
-      for (const DevBuf* b : {&g.router_weight, &g.router_bias, &g.w_gate_up, &g.b_gate_up, &g.w_down, &g.b_down,
-                              &g.shared_w_gate_up, &g.shared_b_gate_up, &g.shared_w_down, &g.shared_b_down,
-                              &g.shared_gate_weight}) {
+      for (const DevBuf* b : dp.grads().all()) {
         if (b->bytes() == 0) continue;
         REQUIRE(all_bytes(download(*b, s), 0));
       }
