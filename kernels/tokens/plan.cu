@@ -14,22 +14,31 @@
 // Workspace: table [blocks, E_local + 1] int32 and, for drop by weight, raw_counts and
 // list_offsets [E_local], list_slots / list_keys [N].
 //
-// Kernels (2 launches, 3 with drop by weight):
-//  1. plan_count_kernel: block b counts its contiguous slot range per local expert (shared-memory
-//     integer atomics: a count does not depend on their order) into table[b][*].
+// Kernels (2 launches, 3 with drop by weight); the index arithmetic is in plan_steps.hpp (labels,
+// slot of a lane, ballot match, placement), which the CPU suite replays in this file's order:
+//  1. plan_count_kernel: block b counts its contiguous slot range per label into table[b][*]
+//     (E_local + 1 bins, the last one invalid ids). A warp matches the labels of each 32-slot step
+//     with one ballot per label bit, and the lowest lane of each group of equal labels adds the
+//     group's size with a shared-memory integer atomic (a count does not depend on their order).
 //  2. plan_scatter_kernel: every block reads the whole table, so it knows n_e (column sums), the
 //     offsets (a block scan over experts) and its own start inside each expert (the column prefix
 //     over lower blocks), without a third launch or a global barrier. Block 0 writes the counts,
-//     offsets and totals; padding rows are marked -1, experts spread over the blocks. Then the
-//     block walks its range in tiles of 4096 slots; each warp owns 512 consecutive slots of the
-//     tile. A slot's rank inside its expert is
-//        (start of this block) + (earlier tiles) + (earlier warps of the tile) + (earlier lanes of
-//        earlier steps of the warp) + popc(match_any peers below the lane),
+//     offsets and totals; padding rows are marked -1, one warp per expert. Then the block walks
+//     its range in tiles of 4096 slots; each warp owns 512 consecutive slots of the tile in 16
+//     steps of 32. A slot's rank inside its expert is
+//        (start of this block) + (earlier tiles) + (earlier warps of the tile, an inclusive scan
+//        over the warps' counts) + (earlier steps of the warp, a per-warp shared counter) +
+//        popc(lanes below with the same label),
 //     all exact integer bookkeeping in a fixed order: stable and deterministic by construction.
 //  3. plan_select_kernel (drop by weight, one block per expert over capacity): radix-selects the
 //     C-th largest weight key among the expert's slots (listed in slot order by kernel 2), keeps
 //     the keys above it plus the first (in slot order) of the keys equal to it, and numbers the
 //     kept slots in slot order with block scans.
+//
+// Latency is what the plan costs (its data are a few hundred KiB), so every global load is issued
+// in batches before its first use: the first tile's labels before the table, the table in
+// predicated batches of kPlanTableBatch (a loop that adds each load before issuing the next pays
+// one L2 round trip per table row), the next tile's labels before the current tile's writes.
 // Every index written is in range: ids are checked against [0, E) before use, rows are below
 // total <= max_rows by construction.
 #include <cub/block/block_reduce.cuh>
@@ -38,74 +47,64 @@
 #include <climits>
 
 #include "kernels/tokens/launch.hpp"
+#include "kernels/tokens/plan_steps.hpp"
 #include "kernels/tokens/tuning.hpp"
 
 namespace moekit::kernels::tokens {
 namespace {
 
-constexpr int kNoRow = -1;
-constexpr int kInvalidId = -2;
 constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kSteps = kPlanItersPerWarp;
 
-// Local expert of slot s, kNoRow or kInvalidId. The id of a masked token is not read.
-__device__ __forceinline__ int classify(const PlanArgs& a, int64_t slot) {
-  if (a.token_mask != nullptr) {
-    const unsigned t = static_cast<unsigned>(slot) / static_cast<unsigned>(a.top_k);
-    if (a.token_mask[t] == 0) return kNoRow;
+// label[i] = label of this lane's slot in step i of the tile starting at `tile` (label_none past
+// `end`). The loads of all steps are issued before any is used.
+__device__ __forceinline__ void load_labels(const PlanArgs& a, int64_t tile, int64_t end, int warp,
+                                            int lane, int (&label)[kSteps]) {
+#pragma unroll
+  for (int it = 0; it < kSteps; ++it) {
+    const int64_t s = plan_slot(tile, warp, it, lane);
+    label[it] = s < end ? slot_label(a, s) : label_none(a.num_local);
   }
-  const int id = a.indices[slot];
-  if (id < 0 || id >= a.num_experts) return kInvalidId;
-  const unsigned rel = static_cast<unsigned>(id - a.expert_begin);
-  return rel < static_cast<unsigned>(a.num_local) ? static_cast<int>(rel) : kNoRow;
 }
 
-// Order-preserving key of a routing weight: a larger weight gives a larger key; -0 and +0 are
-// equal; every NaN maps to 0, below -inf.
-__device__ __forceinline__ uint32_t weight_key(float w) {
-  uint32_t u = __float_as_uint(w);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0u;
-  if (u == 0x80000000u) u = 0u;
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-__device__ __forceinline__ int capacity_or_max(const PlanArgs& a) {
-  return a.capacity > 0 ? a.capacity : INT_MAX;
-}
-
-// roundup(kept, A) without int32 overflow in the intermediate (the result fits: it is bounded by
-// max_rows, checked on the host).
-__device__ __forceinline__ int padded_size(int kept, int alignment) {
-  return static_cast<int>((static_cast<int64_t>(kept) + alignment - 1) / alignment * alignment);
-}
-
-__device__ __forceinline__ bool listed(const PlanArgs& a, int n, int cap) {
-  return a.drop_by_weight != 0 && n > cap;
+// peers[i] = the lanes whose step-i label equals ours: one ballot per label bit (fold_vote), the
+// steps interleaved so that their ballots are independent. All 32 lanes take part.
+__device__ __forceinline__ void match_labels(const int (&label)[kSteps], unsigned (&peers)[kSteps],
+                                             int bits) {
+#pragma unroll
+  for (int it = 0; it < kSteps; ++it) peers[it] = kFullMask;
+  for (int bit = 0; bit < bits; ++bit) {
+#pragma unroll
+    for (int it = 0; it < kSteps; ++it)
+      peers[it] = fold_vote(peers[it], __ballot_sync(kFullMask, (label[it] >> bit) & 1), label[it], bit);
+  }
 }
 
 // ---- 1. counts per block ----------------------------------------------------------------------
 __global__ void __launch_bounds__(kPlanThreads) plan_count_kernel(PlanArgs a) {
   extern __shared__ int s_hist[];  // [E_local + 1], the last bin counts invalid ids
-  const int bins = a.num_local + 1;
+  const int EL = a.num_local;
+  const int bins = EL + 1;
   for (int i = threadIdx.x; i < bins; i += kPlanThreads) s_hist[i] = 0;
-  __syncthreads();
 
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int bits = label_bits(EL);
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * a.slots_per_block;
   const int64_t end = min(static_cast<int64_t>(a.num_slots), begin + a.slots_per_block);
-  for (int64_t base = begin + threadIdx.x; base < end;
-       base += static_cast<int64_t>(kPlanThreads) * kCountUnroll) {
-    int cls[kCountUnroll];
+  int label[kSteps];
+  load_labels(a, begin, end, warp, lane, label);  // every label_none when the range is empty
+  __syncthreads();
+  for (int64_t tile = begin; tile < end; tile += kPlanTileSlots) {
+    unsigned peers[kSteps];
+    match_labels(label, peers, bits);
+    int cur[kSteps];
 #pragma unroll
-    for (int u = 0; u < kCountUnroll; ++u) {
-      const int64_t s = base + static_cast<int64_t>(u) * kPlanThreads;
-      cls[u] = s < end ? classify(a, s) : kNoRow;
-    }
+    for (int it = 0; it < kSteps; ++it) cur[it] = label[it];
+    // The next tile's loads go out before this tile's atomics.
+    if (tile + kPlanTileSlots < end) load_labels(a, tile + kPlanTileSlots, end, warp, lane, label);
 #pragma unroll
-    for (int u = 0; u < kCountUnroll; ++u) {
-      if (cls[u] >= 0)
-        atomicAdd(&s_hist[cls[u]], 1);
-      else if (cls[u] == kInvalidId)
-        atomicAdd(&s_hist[a.num_local], 1);
-    }
+    for (int it = 0; it < kSteps; ++it)
+      if (cur[it] <= EL && lane == __ffs(peers[it]) - 1) atomicAdd(&s_hist[cur[it]], __popc(peers[it]));
   }
   __syncthreads();
   int* out = a.table + static_cast<int64_t>(blockIdx.x) * bins;
@@ -114,10 +113,50 @@ __global__ void __launch_bounds__(kPlanThreads) plan_count_kernel(PlanArgs a) {
 
 // ---- 2. offsets and stable ranks --------------------------------------------------------------
 // Dynamic shared memory of plan_scatter_kernel for E_local experts.
-__host__ __device__ constexpr int woff_stride(int num_local) { return (num_local + 1) & ~1; }
+__host__ __device__ constexpr int wcnt_stride(int num_local) { return (num_local + 1) & ~1; }
 __host__ __device__ constexpr size_t scatter_smem_bytes(int num_local) {
   return sizeof(int) * (4 * static_cast<size_t>(num_local) + 1) +
-         sizeof(uint16_t) * kPlanWarps * static_cast<size_t>(woff_stride(num_local));
+         sizeof(uint16_t) * kPlanWarps * static_cast<size_t>(wcnt_stride(num_local));
+}
+
+// E_local >= kPlanThreads: thread t owns the columns t, t + kPlanThreads, ... of the local
+// experts; it loads RP rows of kPlanTableBatch / RP columns per batch (all issued, then used)
+// and writes s_n[e] (sum over all blocks) and s_run[e] (sum over blocks below b).
+template <int RP>
+__device__ __forceinline__ void sum_owned_columns(const PlanArgs& a, int b, int B, int* s_n, int* s_run) {
+  constexpr int CP = kPlanTableBatch / RP;
+  const int EL = a.num_local;
+  const int64_t bins = EL + 1;
+  for (int c0 = threadIdx.x; c0 < EL; c0 += CP * kPlanThreads) {
+    int tot[CP], pre[CP];
+#pragma unroll
+    for (int c = 0; c < CP; ++c) tot[c] = pre[c] = 0;
+    for (int r0 = 0; r0 < B; r0 += RP) {
+      int v[CP][RP];
+#pragma unroll
+      for (int c = 0; c < CP; ++c)
+#pragma unroll
+        for (int j = 0; j < RP; ++j) {
+          const int e = c0 + c * kPlanThreads, r = r0 + j;
+          v[c][j] = e < EL && r < B ? a.table[r * bins + e] : 0;
+        }
+#pragma unroll
+      for (int c = 0; c < CP; ++c)
+#pragma unroll
+        for (int j = 0; j < RP; ++j) {
+          tot[c] += v[c][j];
+          pre[c] += r0 + j < b ? v[c][j] : 0;
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < CP; ++c) {
+      const int e = c0 + c * kPlanThreads;
+      if (e < EL) {
+        s_n[e] = tot[c];
+        s_run[e] = pre[c];
+      }
+    }
+  }
 }
 
 __global__ void __launch_bounds__(kPlanThreads) plan_scatter_kernel(PlanArgs a) {
@@ -128,47 +167,63 @@ __global__ void __launch_bounds__(kPlanThreads) plan_scatter_kernel(PlanArgs a) 
   __shared__ int s_part[2][kPlanThreads];
 
   const int EL = a.num_local;
-  const int stride = woff_stride(EL);
+  const int stride = wcnt_stride(EL);
   extern __shared__ int s_dyn[];
   int* s_n = s_dyn;              // [EL] n_e, routed slots of expert e (all blocks)
   int* s_off = s_n + EL;         // [EL + 1] offset_e
   int* s_run = s_off + EL + 1;   // [EL] rank of this block's next slot of expert e
   int* s_list = s_run + EL;      // [EL] list start of expert e (drop by weight)
-  uint16_t* s_woff = reinterpret_cast<uint16_t*>(s_list + EL);  // [kPlanWarps][stride]
+  // [kPlanWarps][stride]: per-warp counts of the current tile, then their inclusive scan over warps
+  uint16_t* s_wcnt = reinterpret_cast<uint16_t*>(s_list + EL);
 
   const int tid = threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32;
   const int b = blockIdx.x;
   const int B = gridDim.x;
-  const int bins = EL + 1;
+  const int64_t bins = EL + 1;
   const int cap = capacity_or_max(a);
+  const int bits = label_bits(EL);
+  const int64_t begin = static_cast<int64_t>(b) * a.slots_per_block;
+  const int64_t end = min(static_cast<int64_t>(a.num_slots), begin + a.slots_per_block);
 
-  for (int i = tid; i < kPlanWarps * stride; i += kPlanThreads) s_woff[i] = 0;
+  // Loads first: this block's first tile of labels, then (block 0) the invalid-id column; the
+  // table columns follow, so the three latencies overlap.
+  int label[kSteps];
+  load_labels(a, begin, end, warp, lane, label);
+  int my_invalid = 0;
+  if (b == 0)
+    for (int bb = tid; bb < B; bb += kPlanThreads) my_invalid += a.table[bb * bins + EL];
+
+  for (int i = tid; i < kPlanWarps * stride; i += kPlanThreads) s_wcnt[i] = 0;
 
   // Column sums of the table: n_e over all blocks, and the prefix over blocks below b.
   if (EL >= kPlanThreads) {
-    for (int e = tid; e < EL; e += kPlanThreads) {
-      int pre = 0, tot = 0;
-      // Independent loads: unrolled so that 16 are in flight per thread.
-#pragma unroll 16
-      for (int bb = 0; bb < B; ++bb) {
-        const int v = a.table[static_cast<int64_t>(bb) * bins + e];
-        tot += v;
-        pre += bb < b ? v : 0;
-      }
-      s_run[e] = pre;
-      s_n[e] = tot;
-    }
+    const int rows = table_rows_per_batch(B);
+    if (rows == kPlanTableBatch / 4)
+      sum_owned_columns<kPlanTableBatch / 4>(a, b, B, s_n, s_run);
+    else if (rows == kPlanTableBatch / 2)
+      sum_owned_columns<kPlanTableBatch / 2>(a, b, B, s_n, s_run);
+    else
+      sum_owned_columns<kPlanTableBatch>(a, b, B, s_n, s_run);
   } else {
-    // Fewer experts than threads: `parts` threads share each column.
-    const int parts = kPlanThreads / EL;
+    // Fewer experts than threads: `parts` threads share each column, part p loading the rows
+    // p, p + parts, ... in predicated batches.
+    const int parts = column_parts(EL, B);
     const int e = tid % EL, p = tid / EL;
     int pre = 0, tot = 0;
     if (p < parts) {
-#pragma unroll 16
-      for (int bb = p; bb < B; bb += parts) {
-        const int v = a.table[static_cast<int64_t>(bb) * bins + e];
-        tot += v;
-        pre += bb < b ? v : 0;
+      for (int r0 = p; r0 < B; r0 += parts * kPlanTableBatch) {
+        int v[kPlanTableBatch];
+#pragma unroll
+        for (int j = 0; j < kPlanTableBatch; ++j) {
+          const int r = r0 + j * parts;
+          v[j] = r < B ? a.table[r * bins + e] : 0;
+        }
+#pragma unroll
+        for (int j = 0; j < kPlanTableBatch; ++j) {
+          tot += v[j];
+          pre += r0 + j * parts < b ? v[j] : 0;
+        }
       }
     }
     s_part[0][tid] = pre;
@@ -218,9 +273,6 @@ __global__ void __launch_bounds__(kPlanThreads) plan_scatter_kernel(PlanArgs a) 
   if (b == 0) {
     const int dropped = BlockReduce(s_reduce).Sum(my_dropped);
     __syncthreads();
-    int my_invalid = 0;
-    for (int bb = tid; bb < B; bb += kPlanThreads)
-      my_invalid += a.table[static_cast<int64_t>(bb) * bins + EL];
     const int invalid = BlockReduce(s_reduce).Sum(my_invalid);
     if (tid == 0) {
       a.totals[0] = total_rows;
@@ -242,86 +294,93 @@ __global__ void __launch_bounds__(kPlanThreads) plan_scatter_kernel(PlanArgs a) 
     if (tid == 0) a.expert_offsets[EL] = s_off[EL];
   }
 
-  // Padding rows of the experts this block looks after.
-  for (int e = b; e < EL; e += B) {
+  // Padding rows of the experts this block looks after: one warp per expert, lanes on
+  // consecutive rows.
+  for (int e = b + warp * B; e < EL; e += B * kPlanWarps) {
     const int pad_begin = s_off[e] + min(s_n[e], cap);
     const int pad_end = s_off[e + 1];
-    for (int r = pad_begin + tid; r < pad_end; r += kPlanThreads) a.slot_of_row[r] = kNoRow;
+    for (int r = pad_begin + lane; r < pad_end; r += 32) a.slot_of_row[r] = kNoRow;
   }
 
   // Stable ranks, tile by tile.
-  const int warp = tid / 32, lane = tid % 32;
   const unsigned below = (1u << lane) - 1u;
-  uint16_t* my_woff = s_woff + warp * stride;
-  const int64_t begin = static_cast<int64_t>(b) * a.slots_per_block;
-  const int64_t end = min(static_cast<int64_t>(a.num_slots), begin + a.slots_per_block);
+  uint16_t* my_wcnt = s_wcnt + warp * stride;
   for (int64_t tile = begin; tile < end; tile += kPlanTileSlots) {
-    const int64_t warp_base = tile + static_cast<int64_t>(warp) * (kPlanItersPerWarp * 32);
-    int le[kPlanItersPerWarp];
-    unsigned peers[kPlanItersPerWarp];
+    unsigned peers[kSteps];
+    match_labels(label, peers, bits);
+    // Rank inside the warp: the label's count in earlier steps (the warp's shared counter,
+    // advanced by the lowest lane of each group) plus the group's lanes below this one.
+    int wrank[kSteps];
 #pragma unroll
-    for (int it = 0; it < kPlanItersPerWarp; ++it) {
-      const int64_t s = warp_base + it * 32 + lane;
-      const int c = s < end ? classify(a, s) : kNoRow;
-      le[it] = c >= 0 ? c : kNoRow;
-    }
-    // Counts of each warp's 512 slots per expert (one writer per expert and step: the lowest
-    // lane of the peers).
-#pragma unroll
-    for (int it = 0; it < kPlanItersPerWarp; ++it) {
-      peers[it] = __match_any_sync(kFullMask, le[it]);
-      if (le[it] >= 0 && lane == __ffs(peers[it]) - 1)
-        my_woff[le[it]] = static_cast<uint16_t>(my_woff[le[it]] + __popc(peers[it]));
+    for (int it = 0; it < kSteps; ++it) {
+      const int l = label[it];
+      const bool routed = l < EL;
+      const int before = routed ? static_cast<int>(my_wcnt[l]) : 0;
       __syncwarp();
+      if (routed && lane == __ffs(peers[it]) - 1)
+        my_wcnt[l] = static_cast<uint16_t>(before + __popc(peers[it]));
+      __syncwarp();
+      wrank[it] = before + __popc(peers[it] & below);
     }
+    // The next tile's loads go out before this tile's scan and writes.
+    int next[kSteps];
+    load_labels(a, tile + kPlanTileSlots, end, warp, lane, next);
     __syncthreads();
-    // Exclusive prefix over the warps of the tile, per expert.
+    // Inclusive prefix over the warps of the tile, per expert: s_wcnt[w][e] = count of e in
+    // warps 0 .. w; the last warp's entry is the tile's count.
     for (int e = tid; e < EL; e += kPlanThreads) {
       int run = 0;
 #pragma unroll
       for (int w = 0; w < kPlanWarps; ++w) {
-        const int v = s_woff[w * stride + e];
-        s_woff[w * stride + e] = static_cast<uint16_t>(run);
-        run += v;
+        run += s_wcnt[w * stride + e];
+        s_wcnt[w * stride + e] = static_cast<uint16_t>(run);
       }
     }
     __syncthreads();
-    // Ranks and writes, in step order; each step advances the warp's counters.
+    // Positions and writes. List entries (drop by weight) get their keys after the loop, so that
+    // the weight loads of all steps are in flight together.
+    int list_entry[kSteps];
 #pragma unroll
-    for (int it = 0; it < kPlanItersPerWarp; ++it) {
-      const int64_t s = warp_base + it * 32 + lane;
-      const int l = le[it];
-      const unsigned p = peers[it];
-      if (l >= 0) {
-        const int pos = s_run[l] + static_cast<int>(my_woff[l]) + __popc(p & below);
-        const int n = s_n[l];
-        if (listed(a, n, cap)) {
-          const int idx = s_list[l] + pos;
-          a.list_slots[idx] = static_cast<int>(s);
-          a.list_keys[idx] = weight_key(a.weights[s]);
-        } else if (pos < min(n, cap)) {
-          const int row = s_off[l] + pos;
-          a.row_of_slot[s] = row;
-          a.slot_of_row[row] = static_cast<int>(s);
+    for (int it = 0; it < kSteps; ++it) {
+      const int64_t s = plan_slot(tile, warp, it, lane);
+      const int l = label[it];
+      list_entry[it] = -1;
+      if (l < EL) {
+        const int earlier_warps = warp > 0 ? static_cast<int>(s_wcnt[(warp - 1) * stride + l]) : 0;
+        const int pos = s_run[l] + earlier_warps + wrank[it];
+        const Placement pl = place_slot(a, pos, s_n[l], cap, s_off[l], s_list[l]);
+        if (pl.kind == Place::kRow) {
+          a.row_of_slot[s] = pl.index;
+          a.slot_of_row[pl.index] = static_cast<int>(s);
+        } else if (pl.kind == Place::kDropped) {
+          a.row_of_slot[s] = kNoRow;
         } else {
-          a.row_of_slot[s] = kNoRow;  // dropped by position
+          a.list_slots[pl.index] = static_cast<int>(s);
+          list_entry[it] = pl.index;
         }
       } else if (s < end) {
         a.row_of_slot[s] = kNoRow;
       }
-      __syncwarp();
-      if (l >= 0 && lane == __ffs(p) - 1)
-        my_woff[l] = static_cast<uint16_t>(my_woff[l] + __popc(p));
-      __syncwarp();
     }
-    __syncthreads();
-    // The last warp's counters now hold the tile's totals: advance and clear.
-    for (int e = tid; e < EL; e += kPlanThreads) {
-      s_run[e] += s_woff[(kPlanWarps - 1) * stride + e];
+    if (a.drop_by_weight != 0) {
+      float w[kSteps];
 #pragma unroll
-      for (int w = 0; w < kPlanWarps; ++w) s_woff[w * stride + e] = 0;
+      for (int it = 0; it < kSteps; ++it)
+        w[it] = list_entry[it] >= 0 ? a.weights[plan_slot(tile, warp, it, lane)] : 0.0f;
+#pragma unroll
+      for (int it = 0; it < kSteps; ++it)
+        if (list_entry[it] >= 0) a.list_keys[list_entry[it]] = weight_key(w[it]);
     }
     __syncthreads();
+    // Advance past the tile and clear the warps' counters.
+    for (int e = tid; e < EL; e += kPlanThreads) {
+      s_run[e] += s_wcnt[(kPlanWarps - 1) * stride + e];
+#pragma unroll
+      for (int w = 0; w < kPlanWarps; ++w) s_wcnt[w * stride + e] = 0;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int it = 0; it < kSteps; ++it) label[it] = next[it];
   }
 }
 

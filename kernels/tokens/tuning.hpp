@@ -14,16 +14,20 @@ namespace moekit::kernels::tokens {
 constexpr int kPlanThreads = 256;
 constexpr int kPlanWarps = kPlanThreads / 32;
 // Slots each warp ranks per tile, in 32-slot steps: a tile is kPlanThreads * 16 = 4096 slots.
-// 16 keeps 16 independent index loads in flight per lane and the per-warp counters in uint16.
+// 16 keeps 16 independent index loads in flight per lane (one round trip per tile) and the
+// per-warp counters in uint16; the warp's serial part is 16 steps of one shared load and store.
 constexpr int kPlanItersPerWarp = 16;
+constexpr int kPlanWarpSlots = kPlanItersPerWarp * 32;
 constexpr int kPlanTileSlots = kPlanThreads * kPlanItersPerWarp;
 // Every scatter block reads the whole [blocks, E_local + 1] count table once (that is how it
 // finds its offsets without a third launch): the table is kept under this many entries, i.e.
 // at most 128 loads per thread. T=16384, K=8, E=256 runs on 32 blocks of one tile each.
 constexpr int kPlanMaxTableEntries = 32768;
 constexpr int kPlanMaxBlocks = 128;
-// Slots each thread of the counting kernel classifies per step (independent loads in flight).
-constexpr int kCountUnroll = 8;
+// Table loads a scatter thread issues before it uses any (predicated, so a short column costs
+// one round trip, never one per row: a loop that adds each load before issuing the next pays a
+// full L2 latency per table row).
+constexpr int kPlanTableBatch = 32;
 // Threads of the per-expert selection kernel (capacity with drop by weight).
 constexpr int kSelectThreads = 256;
 

@@ -7,9 +7,11 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "kernels/tokens/plan_steps.hpp"
 #include "moekit/moekit.h"
 #include "tests/reference/tokens_ref.hpp"
 #include "tests/support/catch.hpp"
@@ -668,4 +670,365 @@ TEST_CASE("movement entry points reject bad arguments before enqueueing", "[toke
       {"combine: plan row_of_slot NULL", [&] { return moekit_tokens_combine(&cfg1, &no_rows, T, H, bf16, x, w, out, H, nullptr); },
        MOEKIT_STATUS_INVALID_ARGUMENT, "plan->row_of_slot is NULL"},
   });
+}
+
+// ---- the plan kernels' index arithmetic, replayed on the host -----------------------------------
+// kernels/tokens/plan.cu runs its index arithmetic through kernels/tokens/plan_steps.hpp. This
+// replay calls the same functions in the kernels' order (blocks, then tiles, warps, steps and
+// lanes; ballots as the OR of the lanes' bits; the per-warp counters, their inclusive scan over
+// warps, the column sums split as the kernel splits them) and checks the result against the
+// reference. Every array access is bounds-checked, and the uint16 counters are checked for
+// overflow, so an index the device would compute out of range fails here.
+namespace {
+
+namespace kt = moekit::kernels::tokens;
+
+struct ReplayedPlan {
+  moekit::ref::TokenPlan plan;          // slot_of_row cut at the total
+  std::vector<int32_t> slot_of_row_all; // [max_rows], -7 where never written
+  std::vector<int32_t> raw_counts, list_offsets, list_slots;
+  std::vector<uint32_t> list_keys;
+  int blocks = 0;
+};
+
+template <class T>
+T& at(std::vector<T>& v, int64_t i) {
+  if (i < 0 || i >= static_cast<int64_t>(v.size()))
+    throw std::out_of_range("replayed kernel index " + std::to_string(i) + " outside [0, " +
+                            std::to_string(v.size()) + ")");
+  return v[static_cast<size_t>(i)];
+}
+
+ReplayedPlan replay_plan_kernels(const moekit_plan_config_t& cfg, int64_t T, const Inputs& in) {
+  const auto c = moekit::ref::resolve(cfg);
+  int64_t max_rows = 0;
+  REQUIRE(moekit_plan_max_rows(&cfg, T, &max_rows) == MOEKIT_STATUS_SUCCESS);
+  const int64_t N = T * c.top_k;
+  const int EL = c.num_local;
+  const kt::PlanGrid grid = kt::plan_grid(N, EL);
+  const int B = grid.blocks;
+  const int bins = EL + 1;
+
+  ReplayedPlan out;
+  out.blocks = B;
+  std::vector<int32_t> table(static_cast<size_t>(B) * bins, -7);
+  std::vector<int32_t> counts(EL, -7), offsets(EL + 1, -7), row_of_slot(N, -7), totals(3, -7);
+  out.slot_of_row_all.assign(max_rows, -7);
+  out.raw_counts.assign(EL, -7);
+  out.list_offsets.assign(EL, -7);
+  out.list_slots.assign(N, -7);
+  out.list_keys.assign(N, 0xdeadbeefu);
+
+  kt::PlanArgs a{};
+  a.indices = in.indices.data();
+  a.weights = in.weights.data();
+  a.token_mask = in.mask.empty() ? nullptr : in.mask.data();
+  a.num_slots = static_cast<int32_t>(N);
+  a.top_k = c.top_k;
+  a.num_experts = c.num_experts;
+  a.expert_begin = c.expert_begin;
+  a.num_local = EL;
+  a.alignment = c.alignment;
+  a.capacity = c.capacity;
+  a.drop_by_weight = c.drop_by_weight ? 1 : 0;
+  a.num_blocks = B;
+  a.slots_per_block = grid.slots_per_block;
+  const int bits = kt::label_bits(EL);
+  REQUIRE((1 << bits) > EL + 1);  // every label fits
+  const int cap = kt::capacity_or_max(a);
+
+  // Labels and peer masks of one 32-slot step, as the warp's ballots compute them.
+  auto step = [&](int64_t tile, int64_t end, int warp, int it, int (&label)[32], unsigned (&peers)[32]) {
+    for (int lane = 0; lane < 32; ++lane) {
+      const int64_t s = kt::plan_slot(tile, warp, it, lane);
+      label[lane] = s < end ? kt::slot_label(a, s) : kt::label_none(EL);
+      peers[lane] = 0xffffffffu;
+    }
+    for (int bit = 0; bit < bits; ++bit) {
+      unsigned vote = 0;
+      for (int lane = 0; lane < 32; ++lane)
+        if ((label[lane] >> bit) & 1) vote |= 1u << lane;
+      for (int lane = 0; lane < 32; ++lane) peers[lane] = kt::fold_vote(peers[lane], vote, label[lane], bit);
+    }
+    for (int lane = 0; lane < 32; ++lane) {  // the ballots found exactly the equal labels
+      unsigned want = 0;
+      for (int other = 0; other < 32; ++other)
+        if (label[other] == label[lane]) want |= 1u << other;
+      REQUIRE(peers[lane] == want);
+    }
+  };
+  auto leader = [](unsigned peers) { int l = 0; while (!((peers >> l) & 1u)) ++l; return l; };
+
+  // ---- kernel 1: counts per block
+  for (int b = 0; b < B; ++b) {
+    std::vector<int32_t> hist(bins, 0);
+    const int64_t begin = static_cast<int64_t>(b) * a.slots_per_block;
+    const int64_t end = std::min(N, begin + a.slots_per_block);
+    for (int64_t tile = begin; tile < end; tile += kt::kPlanTileSlots)
+      for (int warp = 0; warp < kt::kPlanWarps; ++warp)
+        for (int it = 0; it < kt::kPlanItersPerWarp; ++it) {
+          int label[32];
+          unsigned peers[32];
+          step(tile, end, warp, it, label, peers);
+          for (int lane = 0; lane < 32; ++lane)
+            if (label[lane] <= EL && lane == leader(peers[lane])) at(hist, label[lane]) += __builtin_popcount(peers[lane]);
+        }
+    for (int i = 0; i < bins; ++i) at(table, static_cast<int64_t>(b) * bins + i) = hist[i];
+  }
+
+  // ---- kernel 2: offsets and stable ranks
+  for (int b = 0; b < B; ++b) {
+    std::vector<int32_t> s_n(EL), s_off(EL + 1), s_run(EL), s_list(EL);
+    // Column sums, split over threads as the kernel splits them.
+    if (EL >= kt::kPlanThreads) {
+      for (int e = 0; e < EL; ++e) {
+        int pre = 0, tot = 0;
+        for (int r = 0; r < B; ++r) {
+          const int v = at(table, static_cast<int64_t>(r) * bins + e);
+          tot += v;
+          pre += r < b ? v : 0;
+        }
+        s_n[e] = tot;
+        s_run[e] = pre;
+      }
+    } else {
+      const int parts = kt::column_parts(EL, B);
+      REQUIRE(parts >= 1);
+      REQUIRE(parts * EL <= kt::kPlanThreads);
+      std::vector<int> part_pre(kt::kPlanThreads, 0), part_tot(kt::kPlanThreads, 0);
+      for (int tid = 0; tid < kt::kPlanThreads; ++tid) {
+        const int e = tid % EL, p = tid / EL;
+        if (p >= parts) continue;
+        for (int r = p; r < B; r += parts) {
+          const int v = at(table, static_cast<int64_t>(r) * bins + e);
+          part_tot[tid] += v;
+          part_pre[tid] += r < b ? v : 0;
+        }
+      }
+      for (int e = 0; e < EL; ++e) {
+        s_run[e] = s_n[e] = 0;
+        for (int q = 0; q < parts; ++q) {
+          s_run[e] += at(part_pre, q * EL + e);
+          s_n[e] += at(part_tot, q * EL + e);
+        }
+      }
+    }
+    // Offsets: contiguous runs of experts per thread, an exclusive scan over the threads.
+    const int per_thread = (EL + kt::kPlanThreads - 1) / kt::kPlanThreads;
+    int64_t size_prefix = 0, list_prefix = 0, dropped = 0;
+    for (int tid = 0; tid < kt::kPlanThreads; ++tid) {
+      const int e_begin = std::min(EL, tid * per_thread), e_end = std::min(EL, e_begin + per_thread);
+      for (int e = e_begin; e < e_end; ++e) {
+        const int n = s_n[e];
+        s_off[e] = static_cast<int32_t>(size_prefix);
+        size_prefix += kt::padded_size(std::min(n, cap), a.alignment);
+        s_list[e] = static_cast<int32_t>(list_prefix);
+        if (kt::listed(a, n, cap)) list_prefix += n;
+        dropped += n - std::min(n, cap);
+      }
+    }
+    REQUIRE(size_prefix <= max_rows);
+    s_off[EL] = static_cast<int32_t>(size_prefix);
+    if (b == 0) {
+      int invalid = 0;
+      for (int r = 0; r < B; ++r) invalid += at(table, static_cast<int64_t>(r) * bins + EL);
+      totals = {s_off[EL], static_cast<int32_t>(dropped), invalid};
+      for (int e = 0; e < EL; ++e) {
+        counts[e] = std::min(s_n[e], cap);
+        offsets[e] = s_off[e];
+        if (a.drop_by_weight) {
+          out.raw_counts[e] = s_n[e];
+          out.list_offsets[e] = s_list[e];
+        }
+      }
+      offsets[EL] = s_off[EL];
+    }
+    // Padding: one warp per expert.
+    for (int warp = 0; warp < kt::kPlanWarps; ++warp)
+      for (int e = b + warp * B; e < EL; e += B * kt::kPlanWarps)
+        for (int lane = 0; lane < 32; ++lane)
+          for (int r = s_off[e] + std::min(s_n[e], cap) + lane; r < s_off[e + 1]; r += 32)
+            at(out.slot_of_row_all, r) = kt::kNoRow;
+    // Tiles.
+    const int64_t begin = static_cast<int64_t>(b) * a.slots_per_block;
+    const int64_t end = std::min(N, begin + a.slots_per_block);
+    std::vector<int> wcnt(static_cast<size_t>(kt::kPlanWarps) * EL, 0);
+    for (int64_t tile = begin; tile < end; tile += kt::kPlanTileSlots) {
+      int label[kt::kPlanWarps][kt::kPlanItersPerWarp][32];
+      unsigned peers[kt::kPlanWarps][kt::kPlanItersPerWarp][32];
+      int wrank[kt::kPlanWarps][kt::kPlanItersPerWarp][32];
+      for (int warp = 0; warp < kt::kPlanWarps; ++warp)
+        for (int it = 0; it < kt::kPlanItersPerWarp; ++it) {
+          step(tile, end, warp, it, label[warp][it], peers[warp][it]);
+          int before[32];
+          for (int lane = 0; lane < 32; ++lane) {
+            const int l = label[warp][it][lane];
+            before[lane] = l < EL ? at(wcnt, static_cast<int64_t>(warp) * EL + l) : 0;
+          }
+          for (int lane = 0; lane < 32; ++lane) {
+            const int l = label[warp][it][lane];
+            const unsigned p = peers[warp][it][lane];
+            if (l < EL && lane == leader(p)) {
+              const int v = before[lane] + __builtin_popcount(p);
+              REQUIRE(v <= 65535);
+              at(wcnt, static_cast<int64_t>(warp) * EL + l) = v;
+            }
+            wrank[warp][it][lane] = before[lane] + __builtin_popcount(p & ((1u << lane) - 1u));
+          }
+        }
+      for (int e = 0; e < EL; ++e) {  // inclusive scan over warps
+        int run = 0;
+        for (int w = 0; w < kt::kPlanWarps; ++w) {
+          run += wcnt[static_cast<size_t>(w) * EL + e];
+          REQUIRE(run <= 65535);
+          wcnt[static_cast<size_t>(w) * EL + e] = run;
+        }
+      }
+      for (int warp = 0; warp < kt::kPlanWarps; ++warp)
+        for (int it = 0; it < kt::kPlanItersPerWarp; ++it)
+          for (int lane = 0; lane < 32; ++lane) {
+            const int64_t s = kt::plan_slot(tile, warp, it, lane);
+            const int l = label[warp][it][lane];
+            if (l < EL) {
+              const int earlier = warp > 0 ? wcnt[static_cast<size_t>(warp - 1) * EL + l] : 0;
+              const int pos = s_run[l] + earlier + wrank[warp][it][lane];
+              const kt::Placement pl = kt::place_slot(a, pos, s_n[l], cap, s_off[l], s_list[l]);
+              if (pl.kind == kt::Place::kRow) {
+                REQUIRE(pl.index < s_off[l + 1]);
+                at(row_of_slot, s) = pl.index;
+                at(out.slot_of_row_all, pl.index) = static_cast<int32_t>(s);
+              } else if (pl.kind == kt::Place::kDropped) {
+                at(row_of_slot, s) = kt::kNoRow;
+              } else {
+                REQUIRE(pl.index < s_list[l] + s_n[l]);
+                at(out.list_slots, pl.index) = static_cast<int32_t>(s);
+                at(out.list_keys, pl.index) = kt::weight_key(in.weights[s]);
+              }
+            } else if (s < end) {
+              at(row_of_slot, s) = kt::kNoRow;
+            }
+          }
+      for (int e = 0; e < EL; ++e) {
+        s_run[e] += wcnt[static_cast<size_t>(kt::kPlanWarps - 1) * EL + e];
+        for (int w = 0; w < kt::kPlanWarps; ++w) wcnt[static_cast<size_t>(w) * EL + e] = 0;
+      }
+    }
+  }
+
+  out.plan.expert_counts = counts;
+  out.plan.expert_offsets = offsets;
+  out.plan.row_of_slot = row_of_slot;
+  out.plan.total = totals[0];
+  out.plan.dropped = totals[1];
+  out.plan.invalid = totals[2];
+  out.plan.slot_of_row.assign(out.slot_of_row_all.begin(), out.slot_of_row_all.begin() + totals[0]);
+  return out;
+}
+
+// Compares a replay with the reference. Drop by weight: the selection kernel (unchanged by the
+// replay) finishes the listed experts, so those are checked as lists (each listed expert's slots
+// in slot order with their keys) and everything else against the reference.
+void check_replay(const moekit::test::PlanCase& pc, const Inputs& in) {
+  INFO(moekit::test::describe(pc.config, pc.tokens));
+  const auto c = moekit::ref::resolve(pc.config);
+  const auto want = moekit::ref::build_plan(c, pc.tokens, in.indices, in.weights, in.mask);
+  ReplayedPlan got;
+  try {
+    got = replay_plan_kernels(pc.config, pc.tokens, in);
+  } catch (const std::out_of_range& e) {
+    FAIL(e.what());
+  }
+  REQUIRE(got.plan.total == want.total);
+  REQUIRE(got.plan.dropped == want.dropped);
+  REQUIRE(got.plan.invalid == want.invalid);
+  REQUIRE(got.plan.expert_counts == want.expert_counts);
+  REQUIRE(got.plan.expert_offsets == want.expert_offsets);
+  for (int64_t r = want.total; r < static_cast<int64_t>(got.slot_of_row_all.size()); ++r)
+    REQUIRE(got.slot_of_row_all[r] == -7);  // rows past the total are never written
+  const int64_t N = pc.tokens * c.top_k;
+  const int cap = c.capacity > 0 ? c.capacity : INT_MAX;
+  std::vector<bool> listed_expert(c.num_local, false);
+  if (c.drop_by_weight) {
+    int32_t list_start = 0;
+    for (int e = 0; e < c.num_local; ++e) {
+      REQUIRE(got.raw_counts[e] >= want.expert_counts[e]);
+      REQUIRE(got.list_offsets[e] == list_start);
+      if (got.raw_counts[e] > cap) {
+        listed_expert[e] = true;
+        list_start += got.raw_counts[e];
+      }
+    }
+  }
+  std::vector<int32_t> list_fill(c.num_local, 0);
+  for (int64_t s = 0; s < N; ++s) {
+    const bool real = in.mask.empty() || in.mask[s / c.top_k] != 0;
+    const int64_t id = in.indices[s];
+    const bool routed = real && id >= c.expert_begin && id < c.expert_begin + c.num_local;
+    const int e = routed ? static_cast<int>(id - c.expert_begin) : -1;
+    INFO("slot " << s);
+    if (routed && listed_expert[e]) {
+      const int32_t entry = got.list_offsets[e] + list_fill[e]++;
+      REQUIRE(got.list_slots[entry] == s);  // slot order inside the list
+      REQUIRE(got.list_keys[entry] == kt::weight_key(in.weights[s]));
+    } else {
+      REQUIRE(got.plan.row_of_slot[s] == want.row_of_slot[s]);
+      if (want.row_of_slot[s] >= 0) REQUIRE(got.plan.slot_of_row[want.row_of_slot[s]] == s);
+    }
+  }
+  for (int e = 0; e < c.num_local; ++e)
+    if (listed_expert[e]) REQUIRE(list_fill[e] == got.raw_counts[e]);
+  for (int e = 0; e < c.num_local; ++e)  // padding rows are the sentinel
+    for (int32_t r = want.expert_offsets[e] + want.expert_counts[e]; r < want.expert_offsets[e + 1]; ++r)
+      REQUIRE(got.plan.slot_of_row[r] == -1);
+}
+
+}  // namespace
+
+TEST_CASE("the plan kernels' index arithmetic replayed on the host", "[tokens][plan][replay]") {
+  auto rng = moekit::test::make_rng(0x70d1);
+  for (const auto& pc : moekit::test::plan_case_grid()) check_replay(pc, make_inputs(rng, pc, true));
+  // The GPU suite's large cases (several tiles per block, E_local = 4096 with few blocks, lists of
+  // thousands) and the benchmark shapes, where the grid has 4 to 128 blocks.
+  const int pos = MOEKIT_DROP_BY_POSITION, wt = MOEKIT_DROP_BY_WEIGHT;
+  const std::vector<moekit::test::PlanCase> large = {
+      {16384, plan_config(256, 8), Routing::kDistinct, 0, 1},
+      {4096, plan_config(256, 8), Routing::kDistinct, 0, 1},
+      {8192, plan_config(8, 2), Routing::kDistinct, 0, 1},
+      {16384, plan_config(128, 8), Routing::kDistinct, 0, 1},
+      {16384, plan_config(256, 8, 128), Routing::kSkewed, 0, 0.95},
+      {70000, plan_config(64, 8, 8), Routing::kAny, 0.001, 0.9},
+      {20000, plan_config(4096, 8, 1), Routing::kDistinct, 0, 1},
+      {20000, plan_config(6000, 8, 8, 0, pos, 1904, 4096), Routing::kDistinct, 0.01, 1},
+      {30000, plan_config(600, 8, 4), Routing::kSkewed, 0, 1},    // E_local in (256, 4096): 2 columns a thread
+      {5000, plan_config(1000, 8, 2), Routing::kAny, 0, 1},
+      {16384, plan_config(256, 8, 8, 400, wt), Routing::kSkewed, 0, 1},
+      {40000, plan_config(16, 4, 1, 3000, wt), Routing::kDistinct, 0, 1},
+      {50000, plan_config(2, 1, 1, 1, wt), Routing::kOneHot, 0, 1},
+      {200000, plan_config(1, 1), Routing::kOneHot, 0, 1},          // one expert: 49 blocks, 1 bit of label
+  };
+  for (const auto& pc : large) check_replay(pc, make_inputs(rng, pc, true));
+}
+
+TEST_CASE("plan grids keep the table small and cover every slot once", "[tokens][plan][replay]") {
+  for (int64_t N : {int64_t(0), int64_t(1), int64_t(4095), int64_t(4096), int64_t(4097), int64_t(131072),
+                    int64_t(1) << 20, int64_t(INT32_MAX)})
+    for (int EL : {1, 7, 255, 256, 257, 1000, 4096}) {
+      INFO("N=" << N << " E_local=" << EL);
+      const kt::PlanGrid g = kt::plan_grid(N, EL);
+      REQUIRE(g.blocks >= 1);
+      REQUIRE(g.blocks <= kt::kPlanMaxBlocks);
+      REQUIRE(static_cast<int64_t>(g.blocks) * (EL + 1) <= std::max<int64_t>(kt::kPlanMaxTableEntries, EL + 1));
+      REQUIRE(g.slots_per_block % kt::kPlanTileSlots == 0);
+      REQUIRE(static_cast<int64_t>(g.blocks) * g.slots_per_block >= N);
+      if (N > 0) REQUIRE(static_cast<int64_t>(g.blocks - 1) * g.slots_per_block < N);  // no empty block
+      // The scatter kernel's table loads: parts * E_local threads at most, batches of whole rows.
+      const int parts = kt::column_parts(EL, g.blocks);
+      REQUIRE(parts >= 1);
+      REQUIRE((EL >= kt::kPlanThreads || parts * EL <= kt::kPlanThreads));
+      const int rows = kt::table_rows_per_batch(g.blocks);
+      REQUIRE(kt::kPlanTableBatch % rows == 0);
+    }
+  REQUIRE(kt::label_bits(1) == 2);
+  REQUIRE(kt::label_bits(256) == 9);
+  REQUIRE(kt::label_bits(4096) == 13);
 }
