@@ -62,21 +62,20 @@ class DeviceBuffer {
   size_t bytes() const { return bytes_; }
 
   // Fills every byte with `byte` (default 0xff: NaN floats, -1 ints; pick another where -1 is a
-  // legitimate value, e.g. the plan's sentinel).
-  void poison(int byte = kPoisonByte) {
-    if (ptr_ && cudaMemset(ptr_, byte, bytes_) != cudaSuccess)
-      throw std::runtime_error("cudaMemset failed");
-  }
-  void zero() {
-    if (ptr_ && cudaMemset(ptr_, 0, bytes_) != cudaSuccess)
-      throw std::runtime_error("cudaMemset failed");
-  }
+  // legitimate value, e.g. the plan's sentinel). Finished before it returns: cudaMemset runs on
+  // the legacy stream, which a cudaStreamNonBlocking stream does not wait for, so without the
+  // synchronisation a late poison could land on the library's results (this bit the experts suite).
+  void poison(int byte = kPoisonByte) { fill(byte); }
+  void zero() { fill(0); }
 
+  // Uploads and waits until the copy has landed (a pageable cudaMemcpy may return while the DMA
+  // is still in flight relative to other streams).
   template <class T>
   static DeviceBuffer from(const std::vector<T>& host) {
     DeviceBuffer b(host.size() * sizeof(T));
     if (!host.empty() &&
-        cudaMemcpy(b.ptr_, host.data(), b.bytes_, cudaMemcpyHostToDevice) != cudaSuccess)
+        (cudaMemcpy(b.ptr_, host.data(), b.bytes_, cudaMemcpyHostToDevice) != cudaSuccess ||
+         cudaDeviceSynchronize() != cudaSuccess))
       throw std::runtime_error("upload failed");
     return b;
   }
@@ -91,6 +90,11 @@ class DeviceBuffer {
   }
 
  private:
+  void fill(int byte) {
+    if (ptr_ && (cudaMemset(ptr_, byte, bytes_) != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess))
+      throw std::runtime_error("cudaMemset failed");
+  }
+
   void* ptr_ = nullptr;
   size_t bytes_ = 0;
 };
