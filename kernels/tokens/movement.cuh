@@ -28,6 +28,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <climits>
+#include <cstring>
+
 #include "kernels/common/dtype.cuh"
 #include "kernels/tokens/launch.hpp"
 #include "kernels/tokens/tuning.hpp"
@@ -72,7 +75,29 @@ struct __align__(sizeof(Bits) * V) Pack {
 
 constexpr int kMaxGroups = kMoveThreads / 32;
 
-template <class T, int V, MoveOp OP>
+// A store of the row side of the scatters (xp, dyp and their padding rows). With STREAM it is
+// st.global.cs: the rows are written once and read by a later kernel, so L2 may evict them first
+// instead of holding them against the lines of the rest of the stream.
+template <bool STREAM, class Vec>
+__device__ __forceinline__ void store_row(Vec* p, const Vec& v) {
+  if constexpr (STREAM && sizeof(Vec) == 16) {
+    int4 bits;
+    memcpy(&bits, &v, sizeof(bits));
+    __stcs(reinterpret_cast<int4*>(p), bits);
+  } else if constexpr (STREAM && sizeof(Vec) == 4) {
+    unsigned bits;
+    memcpy(&bits, &v, sizeof(bits));
+    __stcs(reinterpret_cast<unsigned*>(p), bits);
+  } else if constexpr (STREAM && sizeof(Vec) == 2) {
+    unsigned short bits;
+    memcpy(&bits, &v, sizeof(bits));
+    __stcs(reinterpret_cast<unsigned short*>(p), bits);
+  } else {
+    *p = v;
+  }
+}
+
+template <class T, int V, MoveOp OP, bool STREAM>
 __device__ __forceinline__ void zero_padding(const MoveArgs& a, int pad_block, int pad_split) {
   using Bits = typename Elem<T>::Bits;
   using Vec = Pack<Bits, V>;
@@ -91,7 +116,7 @@ __device__ __forceinline__ void zero_padding(const MoveArgs& a, int pad_block, i
   Vec zero;
 #pragma unroll
   for (int i = 0; i < V; ++i) zero.e[i] = Elem<T>::store(0.0f);
-  for (int64_t i = first + threadIdx.x; i < last; i += kMoveThreads) base[i] = zero;
+  for (int64_t i = first + threadIdx.x; i < last; i += kMoveThreads) store_row<STREAM>(base + i, zero);
   if constexpr (OP == MoveOp::kPermute) {
     if (part == 0 && a.row_weights != nullptr)
       for (int64_t r = lo + threadIdx.x; r < hi; r += kMoveThreads) a.row_weights[r] = 0.0f;
@@ -118,16 +143,18 @@ __device__ __forceinline__ void accumulate(float (&acc)[U][V], const Vec (&buf)[
       for (int i = 0; i < V; ++i) acc[u][i] = fmaf(w, Elem<T>::load(buf[u].e[i]), acc[u][i]);
 }
 
-template <class T, int V, MoveOp OP>
+// SCATTER_U: accesses per thread and pass of permute; STREAM: store_row's streaming stores for
+// the scatters. Both come from tuning.hpp; other values exist for the tuning benchmark.
+template <class T, int V, MoveOp OP, int SCATTER_U = kMoveScatterUnroll, bool STREAM = kMoveStreamingStores>
 __global__ void __launch_bounds__(kMoveThreads, kMoveMinBlocks)
     move_kernel(MoveArgs a, int group_size, int pad_blocks, int pad_split) {
   using Bits = typename Elem<T>::Bits;
   using Vec = Pack<Bits, V>;
-  constexpr int U = OP == MoveOp::kPermute ? kMoveScatterUnroll : kMoveGatherUnroll;
+  constexpr int U = OP == MoveOp::kPermute ? SCATTER_U : kMoveGatherUnroll;
 
   if (static_cast<int>(blockIdx.x) < pad_blocks) {
     if constexpr (OP == MoveOp::kPermute || OP == MoveOp::kCombineBackward)
-      zero_padding<T, V, OP>(a, blockIdx.x, pad_split);
+      zero_padding<T, V, OP, STREAM>(a, blockIdx.x, pad_split);
     return;
   }
 
@@ -180,19 +207,28 @@ __global__ void __launch_bounds__(kMoveThreads, kMoveMinBlocks)
   const int n = s_count[g];
 
   if constexpr (OP == MoveOp::kPermute) {
+    // With U = kMoveAccessesPerThread one pass holds the thread's whole share of the token (the
+    // group size gives each thread at most that many accesses up to 2048 accesses a row): all its
+    // loads are in flight at once, then the rows are written one after the other, each warp's
+    // consecutive stores filling one row's contiguous span.
+    // Offsets inside a pass are 32-bit (u G < left <= INT_MAX); a row starts at Vec r * nvec
+    // (H = nvec V exactly on both paths).
     if (active && n > 0) {
       const Vec* src = reinterpret_cast<const Vec*>(static_cast<const Bits*>(a.token_in) + t * a.token_in_stride);
-      Bits* rows = static_cast<Bits*>(a.rows_out);
+      Vec* rows = static_cast<Vec*>(a.rows_out);
       for (int64_t v0 = lane; v0 < nvec; v0 += static_cast<int64_t>(G) * U) {
+        const int left = static_cast<int>(min(nvec - v0, static_cast<int64_t>(INT_MAX)));
+        const Vec* s0 = src + v0;
         Vec buf[U];
 #pragma unroll
         for (int u = 0; u < U; ++u)
-          if (v0 + u * G < nvec) buf[u] = src[v0 + u * G];
+          if (u * G < left) buf[u] = s0[u * G];
+#pragma unroll 1
         for (int j = 0; j < n; ++j) {
-          Vec* dst = reinterpret_cast<Vec*>(rows + static_cast<int64_t>(s_row[g][j]) * H);
+          Vec* d0 = rows + static_cast<int64_t>(s_row[g][j]) * nvec + v0;
 #pragma unroll
           for (int u = 0; u < U; ++u)
-            if (v0 + u * G < nvec) dst[v0 + u * G] = buf[u];
+            if (u * G < left) store_row<STREAM>(d0 + u * G, buf[u]);
         }
       }
     }
@@ -251,7 +287,7 @@ __global__ void __launch_bounds__(kMoveThreads, kMoveMinBlocks)
                 Vec out;
 #pragma unroll
                 for (int i = 0; i < V; ++i) out.e[i] = Elem<T>::store(w * Elem<T>::load(d[u].e[i]));
-                dst[v0 + u * G] = out;
+                store_row<STREAM>(dst + v0 + u * G, out);
               }
             }
           }
@@ -302,7 +338,7 @@ inline int move_group_size(int64_t nvec) {
   return g;
 }
 
-template <class T, int V, MoveOp OP>
+template <class T, int V, MoveOp OP, int SCATTER_U = kMoveScatterUnroll, bool STREAM = kMoveStreamingStores>
 cudaError_t launch_move_op(const MoveArgs& a, cudaStream_t stream) {
   if (a.num_tokens == 0) return cudaSuccess;
   const int64_t nvec = a.hidden / V;
@@ -324,7 +360,8 @@ cudaError_t launch_move_op(const MoveArgs& a, cudaStream_t stream) {
   size_t smem = 0;
   if (OP == MoveOp::kCombineBackward && a.grad_weights != nullptr)
     smem = sizeof(float) * static_cast<size_t>(a.top_k) * kMoveThreads;
-  move_kernel<T, V, OP><<<static_cast<unsigned>(blocks), kMoveThreads, smem, stream>>>(a, group, pad_blocks, pad_split);
+  move_kernel<T, V, OP, SCATTER_U, STREAM>
+      <<<static_cast<unsigned>(blocks), kMoveThreads, smem, stream>>>(a, group, pad_blocks, pad_split);
   return cudaPeekAtLastError();
 }
 

@@ -597,6 +597,10 @@ std::vector<MoveCase> movement_cases(moekit_dtype_t dt) {
       {dt, PC{256, plan_config(64, 8, 8, 0, pos, 16, 16), R::kDistinct, 0, 1}, 128, 0, 0, 0},
       // every token masked: no rows at all
       {dt, PC{40, plan_config(16, 2, 8), R::kDistinct, 0, 0}, 64, 0, 0, 0},
+      // rows past 8 accesses per thread of 256: permute's scatter takes several passes
+      // (vector path: 2 or 3 passes; scalar path: 3 passes)
+      {dt, PC{9, plan_config(8, 2, 4), R::kDistinct, 0, 1}, 20000, 0, 0, 0},
+      {dt, PC{9, plan_config(8, 3, 1), R::kAny, 0, 1}, 4099, 0, 0, 0},
       // f32 vectors hold 4 elements: H = 4 is a vector row for f32 only, H = 6 never
       {dt, PC{70, plan_config(8, 2, 2), R::kDistinct, 0, 1}, 4, 0, 0, 0},
       {dt, PC{70, plan_config(8, 2, 2), R::kDistinct, 0, 1}, 6, 0, 0, 0},
