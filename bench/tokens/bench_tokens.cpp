@@ -22,6 +22,9 @@
 // counts are in the JSON as rotated_copies).
 // Before timing, the plan of every shape (and of every copy) is compared with the CPU reference
 // and sampled tokens of every op are checked; a mismatch aborts.
+// Also timed: plan_no_tokens, the plan call with T = 0 (its fixed cost: two launches and the
+// offsets scan), and the header's write bandwidth (cudaMemsetAsync), the ceiling of a
+// write-mostly op such as permute.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -123,6 +126,17 @@ int rotation_copies(double per_call, double set_bytes, double l2_bytes, double b
   double n = std::max(2.0, std::ceil(2.0 * l2_bytes / per_call) + 1.0);
   n = std::min(n, std::floor(budget / std::max(set_bytes, 1.0)));
   return static_cast<int>(std::max(1.0, std::min(n, 4096.0)));
+}
+
+// Bytes written per second by cudaMemsetAsync over 1 GiB: what an op that mostly writes (permute
+// writes K rows per token read) can reach at best, next to the copy bandwidth the floors use.
+double measure_write_bandwidth(cudaStream_t stream) {
+  const size_t bytes = size_t(1) << 30;
+  Buffer a(bytes);
+  const auto t = moekit::bench::time_us(stream, 3, 20, [&](int i) {
+    BENCH_CUDA(cudaMemsetAsync(a.p, i & 0xff, bytes, stream));
+  });
+  return static_cast<double>(bytes) / (t.median_us * 1e-6);
 }
 
 struct Result {
@@ -294,6 +308,20 @@ void run_shape(const Shape& shape, const moekit::bench::Args& args, moekit_dtype
     results.push_back({op, t, bytes, floor_us(bytes)});
   };
   time_op("plan", plan_call_bytes, [&](int i) { build(P(i)); });
+  {
+    // The same call with T = 0: both plan kernels launch (one block each, the offsets scan over
+    // E_local) with no slot to read, i.e. the plan's fixed cost on this device and host.
+    size_t empty_ws = 0, empty_buf = 0;
+    MOEKIT_OK(moekit_plan_workspace_size(&cfg, 0, &empty_ws));
+    MOEKIT_OK(moekit_plan_buffer_size(&cfg, 0, &empty_buf));
+    Buffer ews(empty_ws), ebuf(empty_buf);
+    moekit_token_plan_t empty{};
+    MOEKIT_OK(moekit_token_plan_init(&empty, sizeof(empty)));
+    MOEKIT_OK(moekit_plan_bind(&cfg, 0, ebuf.p, empty_buf, &empty));
+    time_op("plan_no_tokens", 0.0, [&](int) {
+      MOEKIT_OK(moekit_plan_build(&cfg, 0, nullptr, nullptr, nullptr, &empty, ews.p, empty_ws, stream));
+    });
+  }
   time_op("permute", permute_bytes, [&](int i) {
     MOEKIT_OK(moekit_tokens_permute(&cfg, &P(i).plan, T, H, dt, M(i).x.p, H, P(i).w.as<float>(), M(i).xp.p,
                                     M(i).rw.as<float>(), stream));
@@ -323,6 +351,7 @@ void run_shape(const Shape& shape, const moekit::bench::Args& args, moekit_dtype
     if (r.op == "combine" && big) bar = fraction >= 0.80 ? "bar 80% met" : "bar 80% MISSED";
     if (r.op == "plan" && T == 16384 && K == 8 && E == 256)
       bar = r.timing.median_us < 20.0 ? "bar 20 us met" : "bar 20 us MISSED";
+    if (r.op == "plan_no_tokens") bar = "fixed cost (T = 0)";
     char line[256];
     std::snprintf(line, sizeof(line), "%-9s %-19s %10.1f %10.1f %9.1f %8.1f%%  %s", shape.name.c_str(),
                   r.op.c_str(), r.timing.median_us, r.bytes / (r.timing.median_us * 1e-6) / 1e9, r.floor_us,
@@ -393,8 +422,10 @@ int main(int argc, char** argv) {
   cudaStream_t stream;
   BENCH_CUDA(cudaStreamCreate(&stream));
   const double copy_bw = moekit::bench::measure_copy_bandwidth(stream);
-  std::printf("device: %s, copy bandwidth %.0f GB/s (read + write), commit %s\n",
-              moekit::bench::device_description().c_str(), copy_bw / 1e9, moekit::bench::build_commit().c_str());
+  const double write_bw = measure_write_bandwidth(stream);
+  std::printf("device: %s, copy bandwidth %.0f GB/s (read + write), write bandwidth %.0f GB/s (memset), commit %s\n",
+              moekit::bench::device_description().c_str(), copy_bw / 1e9, write_bw / 1e9,
+              moekit::bench::build_commit().c_str());
 
   Json shapes_json = Json::array();
   std::vector<std::string> table;
@@ -410,6 +441,7 @@ int main(int argc, char** argv) {
                     .set("commit", moekit::bench::build_commit())
                     .set("date", moekit::bench::utc_now())
                     .set("copy_bandwidth_gbps", copy_bw / 1e9)
+                    .set("write_bandwidth_gbps", write_bw / 1e9)
                     .set("floor", "each input read once and each output written once, over the measured copy bandwidth")
                     .set("shapes", shapes_json);
     if (!moekit::bench::write_file(args.get("json", ""), root.dump())) die("cannot write " + args.get("json", ""));
