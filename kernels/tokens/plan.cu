@@ -17,9 +17,9 @@
 // Kernels (2 launches, 3 with drop by weight); the index arithmetic is in plan_steps.hpp (labels,
 // slot of a lane, ballot match, placement), which the CPU suite replays in this file's order:
 //  1. plan_count_kernel: block b counts its contiguous slot range per label into table[b][*]
-//     (E_local + 1 bins, the last one invalid ids). A warp matches the labels of each 32-slot step
-//     with one ballot per label bit, and the lowest lane of each group of equal labels adds the
-//     group's size with a shared-memory integer atomic (a count does not depend on their order).
+//     (E_local + 1 bins, the last one invalid ids) with shared-memory integer atomics (a count
+//     does not depend on their order). With few experts a warp first matches the labels of each
+//     32-slot step (one ballot per label bit) and the lowest lane of each group adds its size.
 //  2. plan_scatter_kernel: every block reads the whole table, so it knows n_e (column sums), the
 //     offsets (a block scan over experts) and its own start inside each expert (the column prefix
 //     over lower blocks), without a third launch or a global barrier. Block 0 writes the counts,
@@ -91,12 +91,20 @@ __global__ void __launch_bounds__(kPlanThreads) plan_count_kernel(PlanArgs a) {
   const int bits = label_bits(EL);
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * a.slots_per_block;
   const int64_t end = min(static_cast<int64_t>(a.num_slots), begin + a.slots_per_block);
+  // Few labels: many lanes of a step share one, so the lowest lane of each group adds the
+  // group's size (one ballot per bit); many labels: lanes rarely collide, one atomic each.
+  const bool aggregate = count_aggregates(EL);
   int label[kSteps];
   load_labels(a, begin, end, warp, lane, label);  // every label_none when the range is empty
   __syncthreads();
   for (int64_t tile = begin; tile < end; tile += kPlanTileSlots) {
     unsigned peers[kSteps];
-    match_labels(label, peers, bits);
+    if (aggregate) {
+      match_labels(label, peers, bits);
+    } else {
+#pragma unroll
+      for (int it = 0; it < kSteps; ++it) peers[it] = 1u << lane;
+    }
     int cur[kSteps];
 #pragma unroll
     for (int it = 0; it < kSteps; ++it) cur[it] = label[it];

@@ -67,6 +67,10 @@ MOEKIT_PLAN_FN unsigned fold_vote(unsigned peers, unsigned vote, int label, int 
   return peers & (((static_cast<unsigned>(label) >> bit) & 1u) != 0u ? vote : ~vote);
 }
 
+// Whether the counting kernel aggregates equal labels of a step before its atomics: worth its
+// ballots only when few labels make lanes collide (E_local <= 62: at most 6 label bits).
+MOEKIT_PLAN_FN bool count_aggregates(int num_local) { return label_bits(num_local) <= kPlanCountAggregateBits; }
+
 // Threads that share one column of the [blocks, E_local + 1] count table when a scatter block
 // sums the columns of the local experts: with E_local >= kPlanThreads a thread owns whole columns
 // (1); otherwise up to kPlanThreads / E_local threads split a column's rows, never more threads

@@ -28,6 +28,11 @@ constexpr int kPlanMaxBlocks = 128;
 // one round trip, never one per row: a loop that adds each load before issuing the next pays a
 // full L2 latency per table row).
 constexpr int kPlanTableBatch = 32;
+// The counting kernel matches equal labels of a 32-slot step (one ballot per label bit) and adds
+// each group once when labels have at most this many bits (E_local <= 62), where lanes collide
+// often (E = 8: ~4 lanes per address); with more experts one atomic per slot is cheaper than the
+// ballots (E = 256: 9 ballots per step against rare collisions).
+constexpr int kPlanCountAggregateBits = 6;
 // Threads of the per-expert selection kernel (capacity with drop by weight).
 constexpr int kSelectThreads = 256;
 
