@@ -137,8 +137,6 @@ bool aligned16(std::initializer_list<const void*> pointers) {
   return true;
 }
 
-size_t dtype_size(moekit_dtype_t dtype) { return dtype == MOEKIT_DTYPE_F32 ? 4 : 2; }
-
 // Grid cap of the row kernels: beside NCCL (pipelined) leave room for its blocks.
 int move_blocks(const moekit_ep& h) {
   return h.side != nullptr ? h.sm_count * k::kMoveBlocksPerSm : h.sm_count * 32;
@@ -159,96 +157,74 @@ LayoutPieces pieces_of(const moekit_ep& h, const void* layout) {
   return carve_layout(carver, h.dims);
 }
 
-// Sends the send-space rows of one chunk and receives the recv-space rows (dispatch direction).
-// Metadata (2K + 1 words per row) moves beside the rows when send_meta is given.
-moekit_status_t dispatch_group(const moekit_ep& h, const int64_t* host_layout, int32_t chunk,
-                               const uint8_t* send_rows, uint8_t* recv_rows, int64_t row_bytes,
-                               const int32_t* send_meta, int32_t* recv_meta, cudaStream_t stream) {
-  const Dims& d = h.dims;
-  ncclComm_t comm = comm_of(h);
-  const int64_t M = d.meta_words;
-  NcclGroup group(comm);
-  MOEKIT_TRY(group.start());
-  MOEKIT_TRY(for_each_transfer(d, h.rank, host_layout, chunk, [&](const Transfer& t) {
-    if (t.send_count > 0) {
-      MOEKIT_NCCL_TRY(ncclSend(send_rows + t.send_row * row_bytes,
-                               static_cast<size_t>(t.send_count * row_bytes), ncclUint8, t.peer,
-                               comm, stream),
-                      comm, "ncclSend (rows)");
-      if (send_meta != nullptr)
-        MOEKIT_NCCL_TRY(ncclSend(send_meta + t.send_row * M, static_cast<size_t>(t.send_count * M),
-                                 ncclInt32, t.peer, comm, stream),
-                        comm, "ncclSend (ids and weights)");
-    }
-    if (t.recv_count > 0) {
-      MOEKIT_NCCL_TRY(ncclRecv(recv_rows + t.recv_row * row_bytes,
-                               static_cast<size_t>(t.recv_count * row_bytes), ncclUint8, t.peer,
-                               comm, stream),
-                      comm, "ncclRecv (rows)");
-      if (recv_meta != nullptr)
-        MOEKIT_NCCL_TRY(ncclRecv(recv_meta + t.recv_row * M, static_cast<size_t>(t.recv_count * M),
-                                 ncclInt32, t.peer, comm, stream),
-                        comm, "ncclRecv (ids and weights)");
-    }
-    return MOEKIT_STATUS_SUCCESS;
-  }));
-  return group.end();
-}
+// The buffers one group's operations read and write, by payload and row space (NULL where this
+// rank has no rows of that kind: the script then lists no operation on it).
+struct GroupBuffers {
+  const int32_t* counts_out = nullptr;  // kCounts: [n][kExchangeStride] send side
+  int32_t* counts_in = nullptr;         //          recv side
+  uint8_t* rows[2] = {};                // kRows:    [send space, recv space]
+  uint8_t* meta[2] = {};                // kMeta:    [send space, recv space], int32 [*, 2K + 1]
+  uint8_t* weights[2] = {};             // kWeights: [send space, recv space], fp32 [*, K]
+};
 
-// The combine direction: recv-space rows go back to their source, send-space rows come back.
-// Weight gradients ([*, K] fp32) move beside the rows when with_weights is set.
-moekit_status_t combine_group(const moekit_ep& h, const int64_t* host_layout, int32_t chunk,
-                              const uint8_t* recv_space_rows, uint8_t* send_space_rows,
-                              int64_t row_bytes, bool with_weights,
-                              const float* recv_space_weights, float* send_space_weights,
-                              cudaStream_t stream) {
+// One NCCL group of `call`: exactly the operations of for_each_op (src/ep/ep_plan.hpp), which the
+// CPU suite checks pair by pair for simulated ranks.
+moekit_status_t issue_group(const moekit_ep& h, const int64_t* host_layout, Call call,
+                            int32_t group, Payloads payloads, const GroupBuffers& b,
+                            cudaStream_t stream) {
   const Dims& d = h.dims;
   ncclComm_t comm = comm_of(h);
-  const int64_t K = d.top_k;
-  NcclGroup group(comm);
-  MOEKIT_TRY(group.start());
-  MOEKIT_TRY(for_each_transfer(d, h.rank, host_layout, chunk, [&](const Transfer& t) {
-    if (t.recv_count > 0) {
-      MOEKIT_NCCL_TRY(ncclSend(recv_space_rows + t.recv_row * row_bytes,
-                               static_cast<size_t>(t.recv_count * row_bytes), ncclUint8, t.peer,
-                               comm, stream),
-                      comm, "ncclSend (partial rows)");
-      if (with_weights)
-        MOEKIT_NCCL_TRY(ncclSend(recv_space_weights + t.recv_row * K,
-                                 static_cast<size_t>(t.recv_count * K), ncclFloat32, t.peer, comm,
-                                 stream),
-                        comm, "ncclSend (weight gradients)");
+  NcclGroup nccl_group(comm);
+  MOEKIT_TRY(nccl_group.start());
+  MOEKIT_TRY(for_each_op(d, h.rank, host_layout, call, group, payloads, [&](const P2pOp& op) {
+    uint8_t* base = nullptr;
+    switch (op.payload) {
+      case Payload::kCounts:
+        base = op.send ? reinterpret_cast<uint8_t*>(const_cast<int32_t*>(b.counts_out))
+                       : reinterpret_cast<uint8_t*>(b.counts_in);
+        break;
+      case Payload::kRows: base = b.rows[op.recv_space ? 1 : 0]; break;
+      case Payload::kMeta: base = b.meta[op.recv_space ? 1 : 0]; break;
+      case Payload::kWeights: base = b.weights[op.recv_space ? 1 : 0]; break;
     }
-    if (t.send_count > 0) {
-      MOEKIT_NCCL_TRY(ncclRecv(send_space_rows + t.send_row * row_bytes,
-                               static_cast<size_t>(t.send_count * row_bytes), ncclUint8, t.peer,
-                               comm, stream),
-                      comm, "ncclRecv (partial rows)");
-      if (with_weights)
-        MOEKIT_NCCL_TRY(ncclRecv(send_space_weights + t.send_row * K,
-                                 static_cast<size_t>(t.send_count * K), ncclFloat32, t.peer, comm,
-                                 stream),
-                        comm, "ncclRecv (weight gradients)");
-    }
+    // The API checks make every buffer with rows non-NULL; a NULL here is a bug of this file, and
+    // failing is better than letting NCCL read address 0 (the peers still wait: a hang to debug,
+    // never silent corruption).
+    if (base == nullptr)
+      return fail(MOEKIT_STATUS_INTERNAL_ERROR,
+                  "%s: no buffer for a %s of %lld bytes with rank %d (payload %d)", call_name(call),
+                  op.send ? "send" : "receive", static_cast<long long>(op.bytes), op.peer,
+                  static_cast<int>(op.payload));
+    void* at = base + op.first_row * payload_row_bytes(d, call, op.payload);
+    if (op.send)
+      MOEKIT_NCCL_TRY(ncclSend(at, static_cast<size_t>(op.bytes), ncclUint8, op.peer, comm, stream),
+                      comm, "ncclSend");
+    else
+      MOEKIT_NCCL_TRY(ncclRecv(at, static_cast<size_t>(op.bytes), ncclUint8, op.peer, comm, stream),
+                      comm, "ncclRecv");
     return MOEKIT_STATUS_SUCCESS;
   }));
-  return group.end();
+  return nccl_group.end();
 }
 
 // Dispatch direction, shared by dispatch (with metadata) and combine backward (rows only):
 // recv_rows[row of t at d] = src_rows[t] for every kept (t, d).
 struct ForwardIo {
+  Call call;                  // kDispatch (rows and metadata) or kCombineBackward (rows only)
   const void* src_rows;       // [T][row_bytes]
   void* recv_rows;            // [R][row_bytes]
-  const int32_t* indices;     // metadata: [T, K], or nullptr for rows only
-  const float* weights;       // metadata: [T, K]
+  const int32_t* indices;     // metadata: [T, K] (NULL when T = 0)
+  const float* weights;       // metadata: [T, K] (NULL when T = 0)
 };
 
 moekit_status_t forward_exchange(moekit_ep& h, int64_t num_tokens, const LayoutPieces& p,
                                  const int64_t* host_layout, const ForwardIo& io,
                                  const DispatchWorkspace& ws, cudaStream_t stream) {
   const Dims& d = h.dims;
-  const bool with_meta = io.indices != nullptr;
+  // From the call alone, never from io.indices: a rank with T = 0 passes NULL ids and must still
+  // receive its peers' metadata (src/ep/ep_plan.hpp, "the NCCL script of a call").
+  const Payloads payloads = call_payloads(io.call, false, false);
+  const bool with_meta = payloads.meta;
   const bool pipelined = h.side != nullptr;
   cudaStream_t pack_stream = pipelined ? h.side : stream;
   const int vec = vector_bytes(d.row_bytes, {io.src_rows, ws.send_x, io.recv_rows});
@@ -297,9 +273,14 @@ moekit_status_t forward_exchange(moekit_ep& h, int64_t num_tokens, const LayoutP
       MOEKIT_CUDA_TRY(cudaEventRecord(h.chunk[c], h.side), "recording a chunk event");
       MOEKIT_CUDA_TRY(cudaStreamWaitEvent(stream, h.chunk[c], 0), "waiting for a packed chunk");
     }
-    MOEKIT_TRY(dispatch_group(h, host_layout, c, ws.send_x, static_cast<uint8_t*>(io.recv_rows),
-                              d.row_bytes, with_meta ? ws.send_meta : nullptr,
-                              with_meta ? ws.recv_meta : nullptr, stream));
+    GroupBuffers b;
+    b.rows[0] = ws.send_x;
+    b.rows[1] = static_cast<uint8_t*>(io.recv_rows);
+    if (with_meta) {
+      b.meta[0] = reinterpret_cast<uint8_t*>(ws.send_meta);
+      b.meta[1] = reinterpret_cast<uint8_t*>(ws.recv_meta);
+    }
+    MOEKIT_TRY(issue_group(h, host_layout, io.call, c, payloads, b, stream));
   }
   if (pipelined) MOEKIT_TRY(side_join.join());  // already ordered by the last chunk wait; cheap
   return MOEKIT_STATUS_SUCCESS;
@@ -309,12 +290,12 @@ moekit_status_t forward_exchange(moekit_ep& h, int64_t num_tokens, const LayoutP
 // out[t] = rank-ordered fp32 sum of rows_in over t's rows; optionally the weight gradients of
 // the recv space come back into ws.peer_weights.
 struct ReverseIo {
+  Call call;                        // kCombine or kDispatchBackward
   const void* rows_in;              // [R][H] of in_dtype (recv space)
   moekit_dtype_t in_dtype;
-  // Whether weight gradients move too: the same on every rank (the NCCL groups must match), so it
-  // is decided by whether the caller asked for them (either pointer given), never by whether this
-  // rank has rows.
-  bool with_weights;
+  // Whether weight gradients move too (call_payloads): the same on every rank, decided by whether
+  // the caller asked for them (either pointer given), never by whether this rank has rows.
+  Payloads payloads;
   const float* recv_space_weights;  // [R][K] (may be NULL when R = 0)
   void* out;                        // [T][H] of dims.dtype
 };
@@ -325,15 +306,19 @@ moekit_status_t reverse_exchange(moekit_ep& h, int64_t num_tokens, const LayoutP
   const Dims& d = h.dims;
   const bool pipelined = h.side != nullptr;
   cudaStream_t reduce_stream = pipelined ? h.side : stream;
-  const int64_t in_row_bytes = d.hidden * static_cast<int64_t>(dtype_size(io.in_dtype));
   const bool vectorized = d.hidden % 8 == 0 && aligned16({io.rows_in, ws.peer_rows, io.out});
   const int max_blocks = move_blocks(h);
 
   SideJoin side_join(h, stream);
   for (int32_t c = 0; c < d.num_chunks; ++c) {
-    MOEKIT_TRY(combine_group(h, host_layout, c, static_cast<const uint8_t*>(io.rows_in),
-                             ws.peer_rows, in_row_bytes, io.with_weights,
-                             io.recv_space_weights, ws.peer_weights, stream));
+    GroupBuffers b;
+    b.rows[0] = ws.peer_rows;
+    b.rows[1] = static_cast<uint8_t*>(const_cast<void*>(io.rows_in));
+    if (io.payloads.weights) {
+      b.weights[0] = reinterpret_cast<uint8_t*>(ws.peer_weights);
+      b.weights[1] = reinterpret_cast<uint8_t*>(const_cast<float*>(io.recv_space_weights));
+    }
+    MOEKIT_TRY(issue_group(h, host_layout, io.call, c, io.payloads, b, stream));
     if (pipelined) {
       MOEKIT_CUDA_TRY(cudaEventRecord(h.chunk[c], stream), "recording a chunk event");
       MOEKIT_CUDA_TRY(cudaStreamWaitEvent(h.side, h.chunk[c], 0), "waiting for a received chunk");
@@ -447,7 +432,6 @@ moekit_status_t layout(moekit_ep& h, int64_t num_tokens, const int32_t* indices,
                        const uint8_t* token_mask, void* layout_buffer, int64_t* host_layout,
                        int64_t* num_recv_rows, int32_t* dropped, cudaStream_t stream) {
   const Dims& d = h.dims;
-  ncclComm_t comm = comm_of(h);
   if (!d.capacity_mode) {
     // The host read below cannot be captured: refuse before anything is enqueued.
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
@@ -489,17 +473,11 @@ moekit_status_t layout(moekit_ep& h, int64_t num_tokens, const int32_t* indices,
   if (!d.capacity_mode) {
     // The count exchange: the counts and the configuration signature to every rank (itself
     // too), kExchangeStride int32 each whatever num_chunks is.
-    NcclGroup group(comm);
-    MOEKIT_TRY(group.start());
-    for (int32_t peer = 0; peer < n; ++peer) {
-      MOEKIT_NCCL_TRY(ncclSend(p.exchange + static_cast<int64_t>(peer) * P, P, ncclInt32, peer,
-                               comm, stream),
-                      comm, "ncclSend (counts)");
-      MOEKIT_NCCL_TRY(ncclRecv(exchange_recv + static_cast<int64_t>(peer) * P, P, ncclInt32, peer,
-                               comm, stream),
-                      comm, "ncclRecv (counts)");
-    }
-    MOEKIT_TRY(group.end());
+    GroupBuffers b;
+    b.counts_out = p.exchange;
+    b.counts_in = exchange_recv;
+    MOEKIT_TRY(issue_group(h, nullptr, Call::kLayout, 0, call_payloads(Call::kLayout, false, false),
+                           b, stream));
   }
   MOEKIT_CUDA_TRY(k::launch_layout_offsets(a, stream), "launching ep layout_offsets");
   if (!d.capacity_mode) {
@@ -546,7 +524,7 @@ moekit_status_t dispatch(moekit_ep& h, int64_t num_tokens, const void* layout_bu
   WorkspaceCarver carver(workspace);
   const DispatchWorkspace ws = carve_dispatch_workspace(carver, d, rows);
   const LayoutPieces p = pieces_of(h, layout_buffer);
-  ForwardIo io{x, recv_x, indices, weights};
+  ForwardIo io{Call::kDispatch, x, recv_x, indices, weights};
   MOEKIT_TRY(forward_exchange(h, num_tokens, p, host_layout, io, ws, stream));
   k::UnpackArgs ua{};
   ua.recv_meta = ws.recv_meta;
@@ -566,7 +544,8 @@ moekit_status_t combine(moekit_ep& h, int64_t num_tokens, const void* layout_buf
   const Dims& d = h.dims;
   WorkspaceCarver carver(workspace);
   const CombineWorkspace ws = carve_combine_workspace(carver, d, row_spaces(d, host_layout));
-  ReverseIo io{partials, d.combine_dtype, false, nullptr, y};
+  ReverseIo io{Call::kCombine, partials, d.combine_dtype, call_payloads(Call::kCombine, false, false),
+               nullptr, y};
   return reverse_exchange(h, num_tokens, pieces_of(h, layout_buffer), host_layout, io, ws, stream);
 }
 
@@ -579,8 +558,9 @@ moekit_status_t dispatch_backward(moekit_ep& h, int64_t num_tokens, const void* 
   WorkspaceCarver carver(workspace);
   const CombineWorkspace ws = carve_combine_workspace(carver, d, row_spaces(d, host_layout));
   const LayoutPieces p = pieces_of(h, layout_buffer);
-  const bool with_weights = grad_weights != nullptr || grad_recv_weights != nullptr;
-  ReverseIo io{grad_recv_x, d.dtype, with_weights, grad_recv_weights, grad_x};
+  const Payloads payloads = call_payloads(Call::kDispatchBackward, grad_weights != nullptr,
+                                         grad_recv_weights != nullptr);
+  ReverseIo io{Call::kDispatchBackward, grad_recv_x, d.dtype, payloads, grad_recv_weights, grad_x};
   MOEKIT_TRY(reverse_exchange(h, num_tokens, p, host_layout, io, ws, stream));
   if (grad_weights == nullptr) return MOEKIT_STATUS_SUCCESS;
   k::GradWeightsArgs ga{};
@@ -606,7 +586,7 @@ moekit_status_t combine_backward(moekit_ep& h, int64_t num_tokens, const void* l
   const Dims& d = h.dims;
   WorkspaceCarver carver(workspace);
   const DispatchWorkspace ws = carve_dispatch_workspace(carver, d, row_spaces(d, host_layout));
-  ForwardIo io{grad_y, grad_partials, nullptr, nullptr};
+  ForwardIo io{Call::kCombineBackward, grad_y, grad_partials, nullptr, nullptr};
   return forward_exchange(h, num_tokens, pieces_of(h, layout_buffer), host_layout, io, ws, stream);
 }
 

@@ -94,6 +94,50 @@ std::vector<Transfer> chunk_transfers(const Dims& d, int32_t rank, const int64_t
   return out;
 }
 
+const char* call_name(Call call) {
+  switch (call) {
+    case Call::kLayout: return "moekit_ep_layout";
+    case Call::kDispatch: return "moekit_ep_dispatch";
+    case Call::kCombine: return "moekit_ep_combine";
+    case Call::kDispatchBackward: return "moekit_ep_dispatch_backward";
+    case Call::kCombineBackward: return "moekit_ep_combine_backward";
+  }
+  return "?";
+}
+
+Payloads call_payloads(Call call, bool grad_weights_given, bool grad_recv_weights_given) {
+  Payloads p{};
+  p.meta = call == Call::kDispatch;
+  p.weights = call == Call::kDispatchBackward && (grad_weights_given || grad_recv_weights_given);
+  return p;
+}
+
+int32_t call_groups(const Dims& d, Call call) {
+  if (call == Call::kLayout) return d.capacity_mode ? 0 : 1;
+  return d.num_chunks;
+}
+
+int64_t payload_row_bytes(const Dims& d, Call call, Payload payload) {
+  switch (payload) {
+    case Payload::kCounts: return static_cast<int64_t>(kExchangeStride) * 4;
+    case Payload::kMeta: return static_cast<int64_t>(d.meta_words) * 4;
+    case Payload::kWeights: return static_cast<int64_t>(d.top_k) * 4;
+    case Payload::kRows: return call == Call::kCombine ? d.combine_row_bytes : d.row_bytes;
+  }
+  return 0;
+}
+
+std::vector<std::vector<P2pOp>> call_script(const Dims& d, int32_t rank, const int64_t* hl,
+                                            Call call, Payloads payloads) {
+  std::vector<std::vector<P2pOp>> groups(static_cast<size_t>(call_groups(d, call)));
+  for (int32_t g = 0; g < static_cast<int32_t>(groups.size()); ++g)
+    for_each_op(d, rank, hl, call, g, payloads, [&](const P2pOp& op) {
+      groups[static_cast<size_t>(g)].push_back(op);
+      return MOEKIT_STATUS_SUCCESS;
+    });
+  return groups;
+}
+
 size_t workspace_bytes(const Dims& d, const RowSpaces& r) {
   WorkspaceCarver a(nullptr);
   carve_dispatch_workspace(a, d, r);

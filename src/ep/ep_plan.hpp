@@ -187,6 +187,108 @@ moekit_status_t for_each_transfer(const Dims& d, int32_t rank, const int64_t* ho
 std::vector<Transfer> chunk_transfers(const Dims& d, int32_t rank, const int64_t* host_layout,
                                       int32_t chunk);
 
+// ---- the NCCL script of a call ------------------------------------------------------------------
+// Every collective of this family is a fixed sequence of NCCL groups (ncclGroupStart, sends and
+// receives, ncclGroupEnd) on the caller's stream. NCCL pairs the k-th send from a to b with the
+// k-th receive at b from a; a send or receive without its partner, or with another byte count,
+// waits forever. So the sequence a rank issues may depend only on what every rank agrees on: the
+// configuration, the host layouts (the count exchange gives a's send counts to b as b's receive
+// counts) and the call's payloads, never on whether a pointer is NULL on this rank (a rank with
+// T = 0 passes NULL where its peers pass arrays: deriving "metadata moves" from indices != NULL
+// was the hang of the first multi-GPU test case). src/ep/ep_ops.cpp issues exactly the operations
+// listed here, and tests/ep checks, for simulated ranks, that both ends of every pair agree.
+
+enum class Call : int32_t { kLayout, kDispatch, kCombine, kDispatchBackward, kCombineBackward };
+const char* call_name(Call call);
+
+// What moves beside the rows of a call.
+struct Payloads {
+  bool meta;     // dispatch: K ids, K weights and the token index (2K + 1 int32 per row)
+  bool weights;  // dispatch backward: the weight gradients (K fp32 per row)
+};
+// Dispatch always moves metadata (whatever this rank's pointers). Dispatch backward moves weight
+// gradients when the caller gives grad_weights or grad_recv_weights: the API requires every rank to
+// ask for them or none, and a rank whose row counts make both arrays empty has no transfers at all,
+// so its choice cannot change what its peers see. The other calls move rows only.
+Payloads call_payloads(Call call, bool grad_weights_given, bool grad_recv_weights_given);
+
+enum class Payload : int32_t { kCounts, kRows, kMeta, kWeights };
+
+// One ncclSend / ncclRecv (ncclUint8, `bytes` bytes) of a group.
+struct P2pOp {
+  bool send;
+  int32_t peer;
+  Payload payload;
+  bool recv_space;    // rows of the recv space, else of the send space (unused for kCounts)
+  int64_t first_row;  // first row in that space (kCounts: the peer's block of the exchange)
+  int64_t rows;
+  int64_t bytes;      // rows * payload_row_bytes
+};
+
+// Groups of a call: C for dispatch, combine and the backwards; an exact-mode layout has one (the
+// count exchange), a capacity-mode layout none.
+int32_t call_groups(const Dims& d, Call call);
+// Bytes per row of a payload in a call (kCounts: one block of kExchangeStride int32).
+int64_t payload_row_bytes(const Dims& d, Call call, Payload payload);
+
+// Calls f(const P2pOp&) -> moekit_status_t for every operation of group `group` of `call`, in the
+// order they are issued, and stops at the first failure. No allocation: the NCCL calls run inside.
+//   layout (exact):             to every rank, itself included: send counts, receive counts.
+//   dispatch, combine backward: per transfer (ascending peer): send rows [, send metadata] of the
+//                               send space, then receive rows [, metadata] into the recv space.
+//   combine, dispatch backward: per transfer: send rows [, weight gradients] of the recv space
+//                               back, then receive rows [, weight gradients] into the send space.
+template <class F>
+moekit_status_t for_each_op(const Dims& d, int32_t rank, const int64_t* host_layout, Call call,
+                            int32_t group, Payloads payloads, F&& f) {
+  if (call == Call::kLayout) {
+    if (d.capacity_mode) return MOEKIT_STATUS_SUCCESS;
+    const int64_t bytes = payload_row_bytes(d, call, Payload::kCounts);
+    for (int32_t peer = 0; peer < d.num_ranks; ++peer) {
+      for (const bool send : {true, false}) {
+        const moekit_status_t s = f(P2pOp{send, peer, Payload::kCounts, false, peer, 1, bytes});
+        if (s != MOEKIT_STATUS_SUCCESS) return s;
+      }
+    }
+    return MOEKIT_STATUS_SUCCESS;
+  }
+  const bool forward = call == Call::kDispatch || call == Call::kCombineBackward;
+  const Payload extra = forward ? Payload::kMeta : Payload::kWeights;
+  const bool with_extra = forward ? payloads.meta : payloads.weights;
+  const int64_t row_bytes = payload_row_bytes(d, call, Payload::kRows);
+  const int64_t extra_bytes = payload_row_bytes(d, call, extra);
+  return for_each_transfer(d, rank, host_layout, group, [&](const Transfer& t) {
+    // Forward: the send space goes out, the recv space comes in; reverse: the other way round.
+    const int64_t out_row = forward ? t.send_row : t.recv_row;
+    const int64_t out_count = forward ? t.send_count : t.recv_count;
+    const int64_t in_row = forward ? t.recv_row : t.send_row;
+    const int64_t in_count = forward ? t.recv_count : t.send_count;
+    const bool out_recv_space = !forward;
+    if (out_count > 0) {
+      moekit_status_t s = f(P2pOp{true, t.peer, Payload::kRows, out_recv_space, out_row,
+                                  out_count, out_count * row_bytes});
+      if (s == MOEKIT_STATUS_SUCCESS && with_extra)
+        s = f(P2pOp{true, t.peer, extra, out_recv_space, out_row, out_count,
+                    out_count * extra_bytes});
+      if (s != MOEKIT_STATUS_SUCCESS) return s;
+    }
+    if (in_count > 0) {
+      moekit_status_t s = f(P2pOp{false, t.peer, Payload::kRows, !out_recv_space, in_row,
+                                  in_count, in_count * row_bytes});
+      if (s == MOEKIT_STATUS_SUCCESS && with_extra)
+        s = f(P2pOp{false, t.peer, extra, !out_recv_space, in_row, in_count,
+                    in_count * extra_bytes});
+      if (s != MOEKIT_STATUS_SUCCESS) return s;
+    }
+    return MOEKIT_STATUS_SUCCESS;
+  });
+}
+
+// Every group of a call, collected (for tests and tools).
+std::vector<std::vector<P2pOp>> call_script(const Dims& d, int32_t rank,
+                                            const int64_t* host_layout, Call call,
+                                            Payloads payloads);
+
 // ---- workspace ----------------------------------------------------------------------------------
 struct DispatchWorkspace {
   uint8_t* send_x;     // [S][row_bytes] (also the combine-backward send buffer)

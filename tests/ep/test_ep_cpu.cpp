@@ -15,6 +15,7 @@
 #include "src/ep/ep_handle.hpp"
 #include "src/ep/ep_plan.hpp"
 #include "tests/ep/ep_problem.hpp"
+#include "tests/ep/ep_script.hpp"
 #include "tests/reference/ep_ref.hpp"
 #include "tests/support/catch.hpp"
 #include "tests/support/random.hpp"
@@ -221,7 +222,7 @@ struct SimulatedRanks {
 
 SimulatedRanks simulate(const EpProblem& p, int64_t hidden) {
   SimulatedRanks sim;
-  const int n = p.num_ranks, C = p.num_chunks, P = moekit::ep::kExchangeStride;
+  const int n = p.num_ranks, C = p.num_chunks;
   const int64_t max_tokens = *std::max_element(p.num_tokens.begin(), p.num_tokens.end());
   sim.config = base_config(n, p.num_experts, p.top_k, hidden, max_tokens,
                            p.capacity_mode ? MOEKIT_EP_MODE_CAPACITY : MOEKIT_EP_MODE_EXACT, C);
@@ -229,31 +230,8 @@ SimulatedRanks simulate(const EpProblem& p, int64_t hidden) {
   REQUIRE(moekit_ep_config_check(&sim.config) == MOEKIT_STATUS_SUCCESS);
   sim.dims = moekit::ep::dims_of(sim.config);
   sim.signature = moekit::ep::config_signature(sim.config);
-  if (p.capacity_mode) return sim;
-  // counts[s][d][c]: tokens of chunk c of rank s that go to d.
-  std::vector<std::vector<std::vector<int32_t>>> counts(
-      n, std::vector<std::vector<int32_t>>(n, std::vector<int32_t>(C, 0)));
-  const EpExchange x = moekit::ref::ep_exchange(p);
-  for (int s = 0; s < n; ++s) {
-    const int64_t T = p.num_tokens[s], L = (T + C - 1) / C;
-    for (int64_t t = 0; t < T; ++t)
-      for (int d : x.dests[s][t]) ++counts[s][d][t / L];
-  }
-  for (int r = 0; r < n; ++r) {
-    std::vector<int32_t> send(static_cast<size_t>(n) * P), recv(static_cast<size_t>(n) * P);
-    for (int peer = 0; peer < n; ++peer) {
-      for (int c = 0; c < C; ++c) {
-        send[peer * P + c] = counts[r][peer][c];
-        recv[peer * P + c] = counts[peer][r][c];
-      }
-      send[peer * P + P - 1] = sim.signature;
-      recv[peer * P + P - 1] = sim.signature;
-    }
-    std::vector<int64_t> hl(moekit::ep::host_layout_count(sim.dims), -7);
-    moekit::ep::fill_host_layout(sim.dims, sim.signature, r, p.num_tokens[r], send.data(),
-                                 recv.data(), hl.data());
-    sim.host_layouts.push_back(hl);
-  }
+  sim.host_layouts = moekit::test::ep::reference_host_layouts(sim.dims, sim.signature, p,
+                                                              moekit::ref::ep_exchange(p));
   return sim;
 }
 
@@ -354,6 +332,183 @@ TEST_CASE("ep protocol: both ends of every pair agree, and rows land where the r
       }
     }
   }
+}
+
+// ---- the NCCL script of every call ----------------------------------------------------------
+
+using moekit::ep::Call;
+using moekit::ep::call_payloads;
+using moekit::ep::P2pOp;
+using moekit::ep::Payload;
+using moekit::ep::Payloads;
+using moekit::test::ep::all_scripts;
+using moekit::test::ep::check_rank_calls;
+using moekit::test::ep::check_scripts;
+using moekit::test::ep::ScriptedCall;
+
+// Every call once, each rank passing the pointers a real caller has: NULL where its T or its
+// received rows are 0 (dispatch backward with and without weight gradients).
+std::vector<ScriptedCall> every_call(int64_t T, int64_t R) {
+  return {{Call::kLayout, call_payloads(Call::kLayout, false, false)},
+          {Call::kDispatch, call_payloads(Call::kDispatch, false, false)},
+          {Call::kCombine, call_payloads(Call::kCombine, false, false)},
+          {Call::kDispatchBackward, call_payloads(Call::kDispatchBackward, T > 0, R > 0)},
+          {Call::kDispatchBackward, call_payloads(Call::kDispatchBackward, false, false)},
+          {Call::kCombineBackward, call_payloads(Call::kCombineBackward, false, false)}};
+}
+
+TEST_CASE("ep protocol: every rank issues the same NCCL groups, both ends of every pair agree",
+          "[ep][protocol]") {
+  auto rng = moekit::test::make_rng(0x5c41);
+  for (int trial = 0; trial < 60; ++trial) {
+    RoutingShape s;
+    s.num_ranks = std::vector<int>{2, 3, 4, 8, 1, 5}[trial % 6];
+    s.num_experts = s.num_ranks * (1 + trial % 5);
+    s.top_k = 1 + trial % std::min(s.num_experts, 8);
+    s.num_chunks = 1 + (trial / 2) % 5;
+    s.capacity_mode = trial % 2 == 1;
+    for (int r = 0; r < s.num_ranks; ++r)  // ranks with no tokens in a third of the trials
+      s.num_tokens.push_back(r % 2 == 1 && trial % 3 == 0 ? 0 : 1 + (trial * 13 + r * 7) % 250);
+    s.capacity = s.capacity_mode ? 1 + trial * 7 % 90 : 0;
+    s.invalid_fraction = 0.02;
+    s.local_only_fraction = 0.3;
+    s.mask_fraction = trial % 4 == 0 ? 0.2 : 0.0;
+    const auto routing = make_routing(s, rng);
+    const EpProblem& p = routing.problem;
+    const EpExchange x = moekit::ref::ep_exchange(p);
+    const SimulatedRanks sim = simulate(p, 8 + trial % 3);
+    const moekit::ep::Dims& d = sim.dims;
+    const int n = p.num_ranks;
+    INFO("trial " << trial << " n " << n << " C " << d.num_chunks
+                  << (p.capacity_mode ? " capacity" : " exact"));
+    std::vector<std::vector<ScriptedCall>> calls;
+    for (int r = 0; r < n; ++r)
+      calls.push_back(every_call(p.num_tokens[r], static_cast<int64_t>(x.rows[r].size())));
+    const auto scripts = all_scripts(d, sim.host_layouts, calls);
+    const std::string why = check_scripts(scripts);
+    INFO(why);
+    REQUIRE(why.empty());
+    // Group counts, and every operation inside its row space with the bytes of its rows.
+    for (int r = 0; r < n; ++r) {
+      const int64_t* hl = p.capacity_mode ? nullptr : sim.host_layouts[r].data();
+      const moekit::ep::RowSpaces rows = moekit::ep::row_spaces(d, hl);
+      REQUIRE(scripts[r].size() ==
+              static_cast<size_t>((p.capacity_mode ? 0 : 1) + 5 * d.num_chunks));
+      for (const auto& g : scripts[r])
+        for (const P2pOp& op : g.ops) {
+          REQUIRE(op.peer >= 0);
+          REQUIRE(op.peer < n);
+          REQUIRE(op.rows > 0);
+          REQUIRE(op.bytes == op.rows * moekit::ep::payload_row_bytes(d, g.call, op.payload));
+          if (op.payload == Payload::kCounts) {
+            REQUIRE(g.call == Call::kLayout);
+            continue;
+          }
+          REQUIRE(op.peer != r);  // rows that stay on this rank are local copies, never NCCL
+          const int64_t space = op.recv_space ? rows.recv_rows : rows.send_rows;
+          REQUIRE((op.first_row >= 0 && op.first_row + op.rows <= space));
+          // Dispatch moves metadata on every rank, whatever its T; the other calls never do.
+          if (op.payload == Payload::kMeta) REQUIRE(g.call == Call::kDispatch);
+          if (op.payload == Payload::kWeights) REQUIRE(g.call == Call::kDispatchBackward);
+        }
+    }
+  }
+}
+
+// The GPU suite's first case, made as test_ep_gpu.cpp makes it: ep = 2 (and 4), 8 experts per
+// rank, K = 4, H = 64 bf16, exact mode, one chunk, tokens {37, 0, 300, 5} cycled over the ranks
+// (rank 1 has none), 30 % local-only tokens, 10 % masked, 5 % invalid ids, 10 % duplicates.
+struct FirstGpuCase {
+  EpProblem problem;
+  EpExchange x;
+  SimulatedRanks sim;
+};
+
+FirstGpuCase first_gpu_case(int n, uint64_t salt) {
+  RoutingShape s;
+  s.num_ranks = n;
+  s.num_experts = 8 * n;
+  s.top_k = 4;
+  s.num_chunks = 1;
+  const std::vector<int64_t> tokens{37, 0, 300, 5};
+  for (int r = 0; r < n; ++r) s.num_tokens.push_back(tokens[r % tokens.size()]);
+  s.capacity = 0;
+  s.local_only_fraction = 0.3;
+  s.mask_fraction = 0.1;
+  s.invalid_fraction = 0.05;
+  s.duplicate_fraction = 0.1;
+  auto rng = moekit::test::make_rng(salt);
+  FirstGpuCase c;
+  c.problem = make_routing(s, rng).problem;
+  c.x = moekit::ref::ep_exchange(c.problem);
+  c.sim = simulate(c.problem, 64);
+  return c;
+}
+
+TEST_CASE("ep protocol: the GPU suite's first case, call by call, on every rank",
+          "[ep][protocol]") {
+  for (int n : {2, 4}) {
+    for (uint64_t salt = 0; salt < 8; ++salt) {
+      const FirstGpuCase c = first_gpu_case(n, 0xf1257 + salt);
+      INFO("ep = " << n << ", salt " << salt);
+      std::vector<std::vector<ScriptedCall>> calls;
+      for (int r = 0; r < n; ++r)
+        calls.push_back(check_rank_calls(c.problem.num_tokens[r],
+                                         static_cast<int64_t>(c.x.rows[r].size()), true));
+      const auto scripts = all_scripts(c.sim.dims, c.sim.host_layouts, calls);
+      const std::string why = check_scripts(scripts);
+      INFO(why);
+      REQUIRE(why.empty());
+      // Rank 1 (no tokens) still receives rank 0's rows with their ids and weights.
+      REQUIRE(c.x.sent[0][1] > 0);
+      const auto& dispatch = scripts[1][1];
+      REQUIRE(dispatch.call == Call::kDispatch);
+      int64_t meta_bytes = 0;
+      for (const P2pOp& op : dispatch.ops)
+        if (!op.send && op.peer == 0 && op.payload == Payload::kMeta) meta_bytes += op.bytes;
+      REQUIRE(meta_bytes == c.x.sent[0][1] * (2 * 4 + 1) * 4);
+    }
+  }
+}
+
+TEST_CASE("ep protocol: the script check catches both hangs the GPU suite met",
+          "[ep][protocol]") {
+  const FirstGpuCase c = first_gpu_case(2, 0xf1257);
+  const EpProblem& p = c.problem;
+  REQUIRE(p.num_tokens[1] == 0);
+  REQUIRE(c.x.sent[0][1] > 0);
+  std::vector<std::vector<ScriptedCall>> calls;
+  for (int r = 0; r < 2; ++r)
+    calls.push_back(
+        check_rank_calls(p.num_tokens[r], static_cast<int64_t>(c.x.rows[r].size()), true));
+  auto broken = calls;
+  // The hang of run 5: dispatch moved metadata only where indices != NULL, so rank 1 (T = 0)
+  // posted no receive for the ids and weights rank 0 sent.
+  for (int r = 0; r < 2; ++r)
+    for (ScriptedCall& call : broken[r])
+      if (call.call == Call::kDispatch) call.payloads.meta = p.num_tokens[r] > 0;
+  std::string why = check_scripts(all_scripts(c.sim.dims, c.sim.host_layouts, broken));
+  INFO(why);
+  CHECK(why.find("moekit_ep_dispatch") != std::string::npos);
+  CHECK(why.find("rank 0 sends rank 1 [rows") != std::string::npos);
+  CHECK(why.find("ids+weights") != std::string::npos);
+  // The first 4-GPU hang (fixed in d8451b7): weight gradients moved only where grad_weights was
+  // given, which a rank with T = 0 cannot do.
+  broken = calls;
+  for (int r = 0; r < 2; ++r)
+    for (ScriptedCall& call : broken[r])
+      if (call.call == Call::kDispatchBackward)
+        call.payloads.weights = p.num_tokens[r] > 0;
+  why = check_scripts(all_scripts(c.sim.dims, c.sim.host_layouts, broken));
+  INFO(why);
+  CHECK(why.find("moekit_ep_dispatch_backward") != std::string::npos);
+  CHECK(why.find("weight grads") != std::string::npos);
+  // Ranks that disagree on the sequence of calls (one skips a combine).
+  broken = calls;
+  broken[1].erase(broken[1].begin() + 2);
+  why = check_scripts(all_scripts(c.sim.dims, c.sim.host_layouts, broken));
+  INFO(why);
+  CHECK(why.find("moekit_ep_combine") != std::string::npos);
 }
 
 TEST_CASE("ep protocol: a host layout from another configuration, rank or T is refused",
