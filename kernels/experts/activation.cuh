@@ -53,66 +53,56 @@ struct GatedGrad {
 
 // Forward and backward of a gated activation in one go (the backward needs the forward's pieces).
 // 1 - sigmoid(x) is evaluated as sigmoid(-x) and gelu_tanh through 0.5 (1 + tanh z) = sigmoid(2z),
-// so no derivative suffers cancellation where the sigmoid saturates.
+// so no derivative suffers cancellation where the sigmoid saturates. Per kind (a = alpha,
+// k0 = sqrt(2/pi), k1 = 0.044715), with s = sigmoid(x), sm = sigmoid(-x), q = g s:
+//   swiglu       x = g                        dq = s + g s sm                       c = 0
+//   quick/oai    x = a g                      dq = s + a g s sm                     c = 1
+//   geglu        x = 2 k0 (g + k1 g^3)        dq = s + 2 g s sm k0 (1 + 3 k1 g^2)   c = 0
+//   act = q (v + c), d act / d g = dq (v + c), d act / d v = q.
+// Straight-line code with selects (each kind's operations in the order written above, so the
+// values are those of a per-kind switch bit for bit): the backward epilogue inlines this for 64
+// column pairs per thread, and branches there cost ptxas minutes and registers.
 __host__ __device__ inline GatedGrad act_gated_grad(const ActParams& p, float g, float v) {
-  float gate_mask = 1.0f, up_mask = 1.0f;
-  if (act_clamps(p)) {
-    const float L = p.limit;
-    gate_mask = g <= L ? 1.0f : 0.0f;
-    up_mask = (v >= -L && v <= L) ? 1.0f : 0.0f;
-    g = g > L ? L : g;
-    v = v > L ? L : (v < -L ? -L : v);
-  }
+  const bool clamp = act_clamps(p);
+  const float L = p.limit;
+  const float gate_mask = (clamp && !(g <= L)) ? 0.0f : 1.0f;
+  const float up_mask = (clamp && !(v >= -L && v <= L)) ? 0.0f : 1.0f;
+  g = (clamp && g > L) ? L : g;
+  v = clamp ? (v > L ? L : (v < -L ? -L : v)) : v;
+  const bool quick = p.kind == kActQuickGeglu || p.kind == kActSwigluOai;
+  const bool geglu = p.kind == kActGeglu;
+  const float k0 = 0.7978845608028654f;  // sqrt(2 / pi)
+  const float k1 = 0.044715f;
+  const float z2 = 2.0f * k0 * (g + k1 * g * g * g);
+  const float x = geglu ? z2 : (quick ? p.alpha * g : g);
+  const float s = act_sigmoid(x), sm = act_sigmoid(-x);
+  const float q = g * s;
+  const float d_geglu = 2.0f * g * s * sm * k0 * (1.0f + 3.0f * k1 * g * g);
+  const float d_quick = p.alpha * g * s * sm;
+  const float d_swiglu = g * s * sm;
+  const float dq = s + (geglu ? d_geglu : (quick ? d_quick : d_swiglu));
+  const float vc = quick ? v + 1.0f : v;
   GatedGrad r;
-  switch (p.kind) {
-    case kActQuickGeglu:
-    case kActSwigluOai: {
-      const float x = p.alpha * g;
-      const float s = act_sigmoid(x), sm = act_sigmoid(-x);
-      const float q = g * s;                     // quick_gelu(g)
-      const float dq = s + p.alpha * g * s * sm;  // d quick_gelu / d g
-      r.act = q * (v + 1.0f);
-      r.d_gate = dq * (v + 1.0f) * gate_mask;
-      r.d_up = q * up_mask;
-      break;
-    }
-    case kActGeglu: {
-      const float k0 = 0.7978845608028654f;  // sqrt(2 / pi)
-      const float k1 = 0.044715f;
-      const float z2 = 2.0f * k0 * (g + k1 * g * g * g);
-      const float s = act_sigmoid(z2), sm = act_sigmoid(-z2);
-      const float gelu = g * s;
-      const float dgelu = s + 2.0f * g * s * sm * k0 * (1.0f + 3.0f * k1 * g * g);
-      r.act = gelu * v;
-      r.d_gate = dgelu * v * gate_mask;
-      r.d_up = gelu * up_mask;
-      break;
-    }
-    default: {  // kActSwiglu
-      const float s = act_sigmoid(g), sm = act_sigmoid(-g);
-      const float silu = g * s;
-      const float dsilu = s + g * s * sm;
-      r.act = silu * v;
-      r.d_gate = dsilu * v * gate_mask;
-      r.d_up = silu * up_mask;
-      break;
-    }
-  }
+  r.act = q * vc;
+  r.d_gate = dq * vc * gate_mask;
+  r.d_up = q * up_mask;
   return r;
 }
 
+// Written as one straight-line formula with selects, act = g sigmoid(z) (v + c), z = g (swiglu),
+// alpha g (quick_geglu, swiglu_oai) or 2 sqrt(2/pi) (g + 0.044715 g^3) (geglu), c = 1 for
+// quick_geglu / swiglu_oai: every operation and its order per kind is that of the textbook form
+// (bitwise), but the grouped GEMM's gate-up epilogue, which inlines this for each of a thread's 64
+// accumulator pairs, gets no per-call branches (ptxas time and code size of that kernel).
 __host__ __device__ inline float act_gated(const ActParams& p, float g, float v) {
-  if (act_clamps(p)) {
-    const float L = p.limit;
-    g = g > L ? L : g;
-    v = v > L ? L : (v < -L ? -L : v);
-  }
-  switch (p.kind) {
-    case kActQuickGeglu:
-    case kActSwigluOai: return g * act_sigmoid(p.alpha * g) * (v + 1.0f);
-    case kActGeglu: return g * act_sigmoid(2.0f * 0.7978845608028654f * (g + 0.044715f * g * g * g)) * v;
-    default: return g * act_sigmoid(g) * v;
-  }
+  const bool clamp = act_clamps(p);
+  const float L = p.limit;
+  g = (clamp && g > L) ? L : g;
+  v = clamp ? (v > L ? L : (v < -L ? -L : v)) : v;
+  const bool quick = p.kind == kActQuickGeglu || p.kind == kActSwigluOai;
+  const float cubic = 2.0f * 0.7978845608028654f * (g + 0.044715f * g * g * g);
+  const float z = p.kind == kActGeglu ? cubic : (quick ? p.alpha * g : g);
+  return g * act_sigmoid(z) * (quick ? v + 1.0f : v);
 }
 
 // relu2 (single projection).

@@ -25,6 +25,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "kernels/experts/epilogue.cuh"
 #include "kernels/experts/grouped_problem.cuh"
@@ -58,11 +59,27 @@ struct SmemLayout {
       kBNK ? Cfg::kBN * (Cfg::kBK + Cfg::kPad) : Cfg::kBK * (Cfg::kBN + Cfg::kPad);
   static constexpr size_t kPipelineBytes = size_t(Cfg::kStages) * (kAElems + kBElems) * 2;
   static constexpr size_t kDpBytes = size_t(Cfg::kBM) * Cfg::kWarpsN * sizeof(float);
+  // Axis M: the routing weights of a tile's rows, double-buffered by tile parity (loaded before
+  // the main loop, read by the epilogue, so their latency hides behind the k loop).
+  static constexpr size_t kRowWeightBytes = kAxis == kAxisM ? size_t(2) * Cfg::kBM * sizeof(float) : 0;
   static size_t bytes(int num_groups) {
     const size_t prefix = kAxis == kAxisM ? (size_t(num_groups) + 1 + Cfg::kThreads / 32) * 4 : 0;
-    return kPipelineBytes + kDpBytes + prefix;
+    return kPipelineBytes + kDpBytes + kRowWeightBytes + prefix;
   }
 };
+
+// Calls f(std::integral_constant<int, i>{}) for i = 0 .. N - 1 in order: an unrolled loop whose
+// index is a constant expression in the body, for the epilogue, whose per-row code is too large
+// for the compiler's unroll budget (a rolled loop would index the accumulators at run time and
+// move them to local memory).
+template <class F, int... kI>
+__device__ __forceinline__ void static_for_impl(F&& f, std::integer_sequence<int, kI...>) {
+  (f(std::integral_constant<int, kI>{}), ...);
+}
+template <int kN, class F>
+__device__ __forceinline__ void static_for(F&& f) {
+  static_for_impl(f, std::make_integer_sequence<int, kN>{});
+}
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -75,6 +92,12 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool 
                : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// 4-byte async copy (.ca: the only cache mode for sizes below 16); src_bytes = 0 zero-fills.
+__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
+               : "memory");
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
@@ -125,102 +148,185 @@ struct TileCtx {
   int split;
 };
 
+// One operand's share of the cp.async copies of a thread (copy_row / copy_col, mma_layout.cuh):
+// the global address of its chunk 0 at the current k tile, advanced by a fixed step per k tile;
+// chunk i lies i * chunk_stride elements further. Which chunks are inside the operand is settled
+// per tile (outer_mask: rows of the segment, or output columns) and per k tile (the k bound); an
+// outside chunk copies 0 bytes (zero fill) from the tensor's base address, never read.
+struct OperandCopy {
+  uint64_t addr;          // byte address of chunk 0 at the current k tile (may lie past the tensor
+                          // when the chunk is outside; then it is never used)
+  int64_t chunk_stride;   // bytes between chunks i and i + 1
+  int64_t k_step;         // bytes per k tile
+  uint32_t outer_mask;    // bit i: chunk i is inside the rows / columns of the operand
+  int k_first;            // k offset inside the k tile of chunk 0 (k along columns: of every chunk)
+};
+
 template <class T, int kAxis, bool kBNK, int kKind, class Cfg>
 struct GroupedGemmSm80 {
   using Smem = SmemLayout<kAxis, kBNK, Cfg>;
   static constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kBK = Cfg::kBK, kPad = Cfg::kPad;
   static constexpr int kThreads = Cfg::kThreads;
   static constexpr int kMI = Cfg::kMI, kNI = Cfg::kNI;
+  static constexpr int kKSteps = kBK / 16;
+
+  // Stored tiles: A is [BM][BK] (axis M, k along columns) or [BK][BM] (axis K, k along rows);
+  // B is [BN][BK] (NK, k along columns) or [BK][BN] (KN, k along rows); every row padded by kPad.
+  static constexpr bool kAKCols = kAxis == kAxisM;
+  static constexpr int kACols = kAKCols ? kBK : kBM;
+  static constexpr int kAPitch = kACols + kPad;
+  static constexpr int kACpr = kACols / 8;
+  static constexpr int kAChunks = kBM * kBK / 8 / kThreads;
+  static constexpr int kARowStep = kThreads / kACpr;
+  static constexpr bool kBKCols = kBNK;
+  static constexpr int kBCols = kBKCols ? kBK : kBN;
+  static constexpr int kBPitch = kBCols + kPad;
+  static constexpr int kBCpr = kBCols / 8;
+  static constexpr int kBChunks = kBN * kBK / 8 / kThreads;
+  static constexpr int kBRowStep = kThreads / kBCpr;
+  static constexpr uint32_t kAStageBytes = Smem::kAElems * 2;
+  static constexpr uint32_t kBStageBytes = Smem::kBElems * 2;
 
   static_assert(kAxis == kAxisM || !kBNK, "axis K reads Y row-major (KN)");
+  static_assert(kBK % 32 == 0, "k steps come in pairs (fragment double buffer)");
   static_assert((kBM * kBK / 8) % kThreads == 0 && (kBN * kBK / 8) % kThreads == 0, "even copy split");
+  static_assert(kThreads % kACpr == 0 && kThreads % kBCpr == 0, "whole rows per thread group");
+  static_assert((kACpr == 4 || kACpr % 8 == 0) && (kBCpr == 4 || kBCpr % 8 == 0), "copy_row layouts");
+  static_assert(kAChunks <= 32 && kBChunks <= 32, "outer masks are 32 bits");
 
-  // Issues the cp.async copies of k tile kt into one pipeline stage.
-  static __device__ __forceinline__ void load_stage(T* sA, T* sB, const TileCtx<T>& t,
-                                                    const GroupedGemmProblem& prob, int kt, int tid) {
-    const int k0 = kt * kBK;
-    if constexpr (kAxis == kAxisM) {
-      constexpr int kChunksPerRow = kBK / 8;
+  // Copy state of A and B for tile t, positioned at k tile kt0.
+  static __device__ __forceinline__ void make_copies(const TileCtx<T>& t, const GroupedGemmProblem& prob, int tid,
+                                                     int kt0, OperandCopy* ca, OperandCopy* cb) {
+    const int64_t esz = static_cast<int64_t>(sizeof(T));
+    {
+      const int r0 = copy_row(tid, 0, kACpr, kThreads), col = copy_col(tid, kACpr);
+      int64_t elem;  // element offset of chunk 0 at k tile 0
+      if constexpr (kAKCols) {
+        // A [rows][K]: chunk rows are tile rows, the column is k.
+        elem = (t.row0 + r0) * prob.lda + col;
+        ca->chunk_stride = static_cast<int64_t>(kARowStep) * prob.lda * esz;
+        ca->k_step = static_cast<int64_t>(kBK) * esz;
+        uint32_t mask = 0;
 #pragma unroll
-      for (int i = 0; i < kBM * kChunksPerRow / kThreads; ++i) {
-        const int c = tid + i * kThreads;
-        const int r = c / kChunksPerRow, kc = c % kChunksPerRow;
-        const int64_t k = k0 + kc * 8;
-        const bool valid = r < t.rows_valid && k < t.k_len;
-        const T* src = valid ? t.a + (t.row0 + r) * prob.lda + k : t.a;
-        cp_async_16(smem_addr(sA + r * (kBK + kPad) + kc * 8), src, valid);
+        for (int i = 0; i < kAChunks; ++i) mask |= (r0 + i * kARowStep < t.rows_valid ? 1u : 0u) << i;
+        ca->outer_mask = mask;
+        ca->k_first = col;
+      } else {
+        // X [rows][M] read as X^T: chunk rows are k (rows of the split), the column is m.
+        elem = (t.row0 + r0) * prob.lda + t.m0 + col;
+        ca->chunk_stride = static_cast<int64_t>(kARowStep) * prob.lda * esz;
+        ca->k_step = static_cast<int64_t>(kBK) * prob.lda * esz;
+        ca->outer_mask = t.m0 + col < prob.m ? ~0u : 0u;
+        ca->k_first = r0;
       }
-    } else {
-      constexpr int kChunksPerRow = kBM / 8;
-#pragma unroll
-      for (int i = 0; i < kBK * kChunksPerRow / kThreads; ++i) {
-        const int c = tid + i * kThreads;
-        const int kr = c / kChunksPerRow, mc = c % kChunksPerRow;
-        const int m = t.m0 + mc * 8;
-        const bool valid = k0 + kr < t.k_len && m < prob.m;
-        const T* src = valid ? t.a + (t.row0 + k0 + kr) * prob.lda + m : t.a;
-        cp_async_16(smem_addr(sA + kr * (kBM + kPad) + mc * 8), src, valid);
-      }
+      ca->addr = reinterpret_cast<uint64_t>(t.a) + static_cast<uint64_t>(elem * esz) +
+                 static_cast<uint64_t>(kt0) * static_cast<uint64_t>(ca->k_step);
     }
-    if constexpr (kBNK) {
-      constexpr int kChunksPerRow = kBK / 8;
+    {
+      const int r0 = copy_row(tid, 0, kBCpr, kThreads), col = copy_col(tid, kBCpr);
+      int64_t elem;
+      if constexpr (kBKCols) {
+        // B_g [N][K]: chunk rows are output columns, the column is k.
+        elem = static_cast<int64_t>(t.n0 + r0) * prob.ldb + col;
+        cb->chunk_stride = static_cast<int64_t>(kBRowStep) * prob.ldb * esz;
+        cb->k_step = static_cast<int64_t>(kBK) * esz;
+        uint32_t mask = 0;
 #pragma unroll
-      for (int i = 0; i < kBN * kChunksPerRow / kThreads; ++i) {
-        const int c = tid + i * kThreads;
-        const int n = c / kChunksPerRow, kc = c % kChunksPerRow;
-        const int64_t k = k0 + kc * 8;
-        const bool valid = t.n0 + n < prob.n && k < t.k_len;
-        const T* src = valid ? t.b + static_cast<int64_t>(t.n0 + n) * prob.ldb + k : t.b;
-        cp_async_16(smem_addr(sB + n * (kBK + kPad) + kc * 8), src, valid);
+        for (int i = 0; i < kBChunks; ++i) mask |= (t.n0 + r0 + i * kBRowStep < prob.n ? 1u : 0u) << i;
+        cb->outer_mask = mask;
+        cb->k_first = col;
+      } else {
+        // B_g [K][N] (axis M) or Y [rows][N] (axis K): chunk rows are k, the column is a
+        // (virtual) output column, stored at b_column (gate/up pairing).
+        const int v = t.n0 + col;
+        const int64_t krow = kAxis == kAxisM ? static_cast<int64_t>(r0) : t.row0 + r0;
+        elem = krow * prob.ldb + (v < prob.n ? b_column(v, prob.gate_up_half) : 0);
+        cb->chunk_stride = static_cast<int64_t>(kBRowStep) * prob.ldb * esz;
+        cb->k_step = static_cast<int64_t>(kBK) * prob.ldb * esz;
+        cb->outer_mask = v < prob.n ? ~0u : 0u;
+        cb->k_first = r0;
       }
-    } else {
-      constexpr int kChunksPerRow = kBN / 8;
-#pragma unroll
-      for (int i = 0; i < kBK * kChunksPerRow / kThreads; ++i) {
-        const int c = tid + i * kThreads;
-        const int kr = c / kChunksPerRow, nc = c % kChunksPerRow;
-        const int v = t.n0 + nc * 8;
-        const bool valid = k0 + kr < t.k_len && v < prob.n;
-        const int64_t krow = kAxis == kAxisM ? static_cast<int64_t>(k0 + kr) : t.row0 + k0 + kr;
-        const T* src = valid ? t.b + krow * prob.ldb + b_column(v, prob.gate_up_half) : t.b;
-        cp_async_16(smem_addr(sB + kr * (kBN + kPad) + nc * 8), src, valid);
-      }
+      cb->addr = reinterpret_cast<uint64_t>(t.b) + static_cast<uint64_t>(elem * esz) +
+                 static_cast<uint64_t>(kt0) * static_cast<uint64_t>(cb->k_step);
     }
   }
 
-  // Two k16 steps of mma over one stage.
-  static __device__ __forceinline__ void compute_stage(const T* sA, const T* sB, float (&acc)[kMI][kNI][4],
-                                                       int wm, int wn, int lane) {
+  // Issues one operand's chunks of the current k tile (k_rem = reduction length left from the
+  // tile's first k) into a stage at shared address dst0 (this thread's chunk 0), then steps on.
+  template <int kChunks, bool kKCols, int kRowStep, int kPitch>
+  static __device__ __forceinline__ void copy_operand(OperandCopy& c, uint32_t dst0, int k_rem,
+                                                      const void* fallback) {
 #pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
-      uint32_t af[kMI][4];
-      uint32_t bf[kNI][2];
-#pragma unroll
-      for (int mi = 0; mi < kMI; ++mi) {
-        const int m = wm * Cfg::kWM + mi * 16;
-        if constexpr (kAxis == kAxisM)
-          ldmatrix_x4(af[mi], smem_addr(sA + ldsm_offset_a_mk(lane, m, kk, kBK + kPad)));
-        else
-          ldmatrix_x4_trans(af[mi], smem_addr(sA + ldsm_offset_a_km(lane, m, kk, kBM + kPad)));
-      }
-#pragma unroll
-      for (int np = 0; np < kNI / 2; ++np) {
-        uint32_t r[4];
-        const int n = wn * Cfg::kWN + np * 16;
-        if constexpr (kBNK)
-          ldmatrix_x4(r, smem_addr(sB + ldsm_offset_b_nk(lane, n, kk, kBK + kPad)));
-        else
-          ldmatrix_x4_trans(r, smem_addr(sB + ldsm_offset_b_kn(lane, n, kk, kBN + kPad)));
-        bf[2 * np][0] = r[0];
-        bf[2 * np][1] = r[1];
-        bf[2 * np + 1][0] = r[2];
-        bf[2 * np + 1][1] = r[3];
-      }
-#pragma unroll
-      for (int mi = 0; mi < kMI; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < kNI; ++ni) mma_16816<T>(acc[mi][ni], af[mi], bf[ni]);
+    for (int i = 0; i < kChunks; ++i) {
+      const int k = kKCols ? c.k_first : c.k_first + i * kRowStep;
+      const bool valid = ((c.outer_mask >> i) & 1u) && k < k_rem;
+      const void* src = valid ? reinterpret_cast<const void*>(c.addr + static_cast<uint64_t>(i * c.chunk_stride))
+                              : fallback;
+      cp_async_16(dst0 + static_cast<uint32_t>(i * kRowStep * kPitch * 2), src, valid);
     }
+    c.addr += static_cast<uint64_t>(c.k_step);
+  }
+
+  // Reduction length of k tile kt inside the tile's range, clamped to [0, BK]: BK for the full k
+  // tiles, the tail for the last, 0 past the end (then every chunk zero-fills: no branch needed).
+  static __device__ __forceinline__ int k_rem_of(const TileCtx<T>& t, int kt) {
+    const int64_t left = t.k_len - static_cast<int64_t>(kt) * kBK;
+    return left >= kBK ? kBK : (left > 0 ? static_cast<int>(left) : 0);
+  }
+
+  // The copies of k tile kt (A, then B) into stage `stage`, k_rem = k_rem_of(t, kt).
+  static __device__ __forceinline__ void load_stage(uint32_t sA_copy, uint32_t sB_copy, OperandCopy& ca,
+                                                    OperandCopy& cb, const GroupedGemmProblem& prob, int k_rem,
+                                                    int stage) {
+    copy_operand<kAChunks, kAKCols, kARowStep, kAPitch>(ca, sA_copy + stage * kAStageBytes, k_rem, prob.a);
+    copy_operand<kBChunks, kBKCols, kBRowStep, kBPitch>(cb, sB_copy + stage * kBStageBytes, k_rem, prob.b);
+  }
+
+  // Shared addresses of this thread's chunk 0 in stage 0 (copies) and of its ldmatrix rows for
+  // k step 0 of stage 0 (fragments).
+  static __device__ __forceinline__ uint32_t copy_dst_a(uint32_t sA, int tid) {
+    return sA + static_cast<uint32_t>((copy_row(tid, 0, kACpr, kThreads) * kAPitch + copy_col(tid, kACpr)) * 2);
+  }
+  static __device__ __forceinline__ uint32_t copy_dst_b(uint32_t sB, int tid) {
+    return sB + static_cast<uint32_t>((copy_row(tid, 0, kBCpr, kThreads) * kBPitch + copy_col(tid, kBCpr)) * 2);
+  }
+
+  // Fragments of one k16 step: A for the warp's kMI m16 blocks, B for its kNI n8 blocks.
+  struct Frags {
+    uint32_t a[kMI][4];
+    uint32_t b[kNI][2];
+  };
+
+  // ldmatrix of k step kk (0 .. kKSteps - 1) from a stage; a_rd / b_rd: the lane's addresses for
+  // m block 0 / n block pair 0 at k step 0 of that stage. Offsets of the other blocks and k steps
+  // are compile-time constants.
+  static __device__ __forceinline__ void load_frags(Frags& f, uint32_t a_rd, uint32_t b_rd, int kk) {
+#pragma unroll
+    for (int mi = 0; mi < kMI; ++mi) {
+      if constexpr (kAKCols)
+        ldmatrix_x4(f.a[mi], a_rd + static_cast<uint32_t>((mi * 16 * kAPitch + kk * 16) * 2));
+      else
+        ldmatrix_x4_trans(f.a[mi], a_rd + static_cast<uint32_t>((kk * 16 * kAPitch + mi * 16) * 2));
+    }
+#pragma unroll
+    for (int np = 0; np < kNI / 2; ++np) {
+      uint32_t r[4];
+      if constexpr (kBKCols)
+        ldmatrix_x4(r, b_rd + static_cast<uint32_t>((np * 16 * kBPitch + kk * 16) * 2));
+      else
+        ldmatrix_x4_trans(r, b_rd + static_cast<uint32_t>((kk * 16 * kBPitch + np * 16) * 2));
+      f.b[2 * np][0] = r[0];
+      f.b[2 * np][1] = r[1];
+      f.b[2 * np + 1][0] = r[2];
+      f.b[2 * np + 1][1] = r[3];
+    }
+  }
+
+  static __device__ __forceinline__ void mma_frags(float (&acc)[kMI][kNI][4], const Frags& f) {
+#pragma unroll
+    for (int mi = 0; mi < kMI; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < kNI; ++ni) mma_16816<T>(acc[mi][ni], f.a[mi], f.b[ni]);
   }
 
   static __device__ __forceinline__ bool make_tile(const GroupedGemmProblem& prob, const int32_t* s_prefix,
@@ -260,37 +366,120 @@ struct GroupedGemmSm80 {
     return true;
   }
 
-  static __device__ __forceinline__ void prologue(T* sA, T* sB, const TileCtx<T>& t,
+  // Issues the copies of k tiles 0 .. kStages - 2 (one commit group each, empty past the end).
+  static __device__ __forceinline__ void prologue(uint32_t sA_copy, uint32_t sB_copy, const TileCtx<T>& t,
                                                   const GroupedGemmProblem& prob, int tid) {
+    OperandCopy ca, cb;
+    make_copies(t, prob, tid, 0, &ca, &cb);
     const int64_t ktiles = (t.k_len + kBK - 1) / kBK;
 #pragma unroll
     for (int s = 0; s < Cfg::kStages - 1; ++s) {
-      if (s < ktiles) load_stage(sA + s * Smem::kAElems, sB + s * Smem::kBElems, t, prob, s, tid);
+      if (s < ktiles) load_stage(sA_copy, sB_copy, ca, cb, prob, k_rem_of(t, s), s);
       cp_async_commit();
     }
   }
 
-  static __device__ __forceinline__ void mainloop(T* sA, T* sB, const TileCtx<T>& t,
+  // The k loop of one tile, after its prologue. Per k tile, with kKSteps = BK / 16 k steps:
+  //   step kk:  ldmatrix of step kk + 1 into the other fragment buffer (for the last step: step 0
+  //             of the next stage), then the mma of step kk from the buffer loaded one step
+  //             earlier, so every ldmatrix has a whole step of mma to land behind;
+  //   step 0:   also issues the copies of k tile kt + kStages - 1 into the stage read during k
+  //             tile kt - 1 (every warp finished reading it before the barrier of k tile kt - 1);
+  //   step kKSteps - 2: commit, wait until k tile kt + 1 landed (at most kStages - 2 groups in
+  //             flight), one __syncthreads: its data is visible to every warp before anyone's
+  //             ldmatrix of it, and nobody still reads the stage that the next copies overwrite.
+  // So one barrier per k tile, and it sits while the tensor pipe still works through the mma just
+  // issued; the copies of a k tile overlap the mma of the kStages - 1 before it.
+  static __device__ __forceinline__ void mainloop(uint32_t sA_copy, uint32_t sB_copy, uint32_t a_rd0,
+                                                  uint32_t b_rd0, const TileCtx<T>& t,
                                                   const GroupedGemmProblem& prob, float (&acc)[kMI][kNI][4],
-                                                  int tid, int wm, int wn, int lane) {
+                                                  int tid) {
     const int ktiles = static_cast<int>((t.k_len + kBK - 1) / kBK);
+    if (ktiles <= 0) return;
+    // k tile pf = kt + kStages - 1 is full while pf < full_tiles, has `tail` elements at
+    // pf == full_tiles and none after (32-bit: the k loop never sees the 64-bit length).
+    const int full_tiles = static_cast<int>(t.k_len / kBK);
+    const int tail = static_cast<int>(t.k_len - static_cast<int64_t>(full_tiles) * kBK);
+    OperandCopy ca, cb;
+    make_copies(t, prob, tid, Cfg::kStages - 1, &ca, &cb);
+    Frags f[2];
+    cp_async_wait<Cfg::kStages - 2>();
+    __syncthreads();  // k tile 0 landed and is visible
+    load_frags(f[0], a_rd0, b_rd0, 0);
+    int read_stage = 0;
+    int write_stage = Cfg::kStages - 1;
     for (int kt = 0; kt < ktiles; ++kt) {
-      cp_async_wait<Cfg::kStages - 2>();
-      __syncthreads();  // stage kt landed for every thread; stage kt - 1 is free again
-      const int pf = kt + Cfg::kStages - 1;
-      if (pf < ktiles) {
-        const int s = pf % Cfg::kStages;
-        load_stage(sA + s * Smem::kAElems, sB + s * Smem::kBElems, t, prob, pf, tid);
-      }
-      cp_async_commit();
-      const int s = kt % Cfg::kStages;
-      compute_stage(sA + s * Smem::kAElems, sB + s * Smem::kBElems, acc, wm, wn, lane);
+      const uint32_t a_rd = a_rd0 + read_stage * kAStageBytes;
+      const uint32_t b_rd = b_rd0 + read_stage * kBStageBytes;
+      const int next_stage = read_stage + 1 == Cfg::kStages ? 0 : read_stage + 1;
+      static_for<kKSteps>([&](auto step) {
+        constexpr int kk = decltype(step)::value;  // constant: f[] stays in registers
+        if constexpr (kk + 1 < kKSteps) {
+          load_frags(f[(kk + 1) & 1], a_rd, b_rd, kk + 1);
+        } else {
+          if (kt + 1 < ktiles)
+            load_frags(f[(kk + 1) & 1], a_rd0 + next_stage * kAStageBytes, b_rd0 + next_stage * kBStageBytes, 0);
+        }
+        if constexpr (kk == 0) {
+          // Predicated, not branched (past the end every chunk zero-fills a stage nobody reads),
+          // so the copies interleave freely with the mma below.
+          const int pf = kt + Cfg::kStages - 1;
+          const int k_rem = pf < full_tiles ? kBK : (pf == full_tiles ? tail : 0);
+          load_stage(sA_copy, sB_copy, ca, cb, prob, k_rem, write_stage);
+          cp_async_commit();
+        }
+        mma_frags(acc, f[kk & 1]);
+        if constexpr (kk == kKSteps - 2) {
+          cp_async_wait<Cfg::kStages - 2>();
+          __syncthreads();
+        }
+      });
+      read_stage = next_stage;
+      write_stage = write_stage + 1 == Cfg::kStages ? 0 : write_stage + 1;
     }
+  }
+
+  struct RowAcc {
+    float v[kNI][2];  // columns col_base + 8 ni + {0, 1} of one row
+  };
+
+  // Axis-M epilogue of one row inside the segment (tile row lr); returns its dp contribution
+  // (kEpiBwdAct, else 0).
+  static __device__ __forceinline__ float row_epilogue(const TileCtx<T>& t, const GroupedGemmProblem& prob,
+                                                       const EpilogueParams& ep, const T* bias, const float* s_p,
+                                                       int lr, int col_base, const RowAcc r) {
+    const float p = ep.row_weights ? s_p[lr] : 1.0f;
+    const EpilogueRow<T> er{ep, bias, t.row0 + lr, p};
+    float dpsum = 0.0f;
+    if constexpr (kKind == kEpiGateUp) {
+      if (!ep.interleaved) {
+        static_for<kNI / 2>([&](auto j) {
+          constexpr int ni = 2 * decltype(j)::value;
+          const int v = col_base + ni * 8;  // virtual gate column (block ni even)
+          if (v < prob.n)
+            er.gate_up_pair2(paired_gate_index(v), r.v[ni][0], r.v[ni][1], r.v[ni + 1][0], r.v[ni + 1][1]);
+        });
+      } else {
+        static_for<kNI>([&](auto j) {
+          constexpr int ni = decltype(j)::value;
+          const int v = col_base + ni * 8;  // even: gate, v + 1: up
+          if (v < prob.n) er.gate_up_pair1(v >> 1, r.v[ni][0], r.v[ni][1]);
+        });
+      }
+    } else {
+      static_for<kNI>([&](auto j) {
+        constexpr int ni = decltype(j)::value;
+        const int c = col_base + ni * 8;
+        if (c < prob.n) dpsum += er.template plain_pair<kKind>(c, r.v[ni][0], r.v[ni][1]);
+      });
+    }
+    return dpsum;
   }
 
   static __device__ __forceinline__ void epilogue(const TileCtx<T>& t, const GroupedGemmProblem& prob,
                                                   const EpilogueParams& ep, float (&acc)[kMI][kNI][4],
-                                                  float* s_dp, int tid, int wm, int wn, int lane) {
+                                                  float* s_dp, const float* s_p, int tid, int wm, int wn,
+                                                  int lane) {
     // Accumulator element (mi, ni, 2 half + e) sits at tile row wm kWM + 16 mi + acc_row(lane, 2 half)
     // and column wn kWN + 8 ni + acc_col(lane, e) (mma_layout.cuh).
     const int q = lane & 3;
@@ -313,43 +502,17 @@ struct GroupedGemmSm80 {
     } else {
       const T* bias = ep.bias ? static_cast<const T*>(ep.bias) + t.group * ep.bias_group_stride : nullptr;
       float dp[kMI][2];
+      static_for<2 * kMI>([&](auto rr) {
+        constexpr int mi = decltype(rr)::value / 2, half = decltype(rr)::value % 2;
+        RowAcc r;
 #pragma unroll
-      for (int mi = 0; mi < kMI; ++mi)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int lr = wm * Cfg::kWM + mi * 16 + acc_row(lane, 2 * half);
-          const int64_t row = t.row0 + lr;
-          float dpsum = 0.0f;
-          if (lr < t.rows_valid) {
-            const float p = ep.row_weights ? ep.row_weights[row] : 1.0f;
-            const EpilogueRow<T> er{ep, bias, row, p};
-            if constexpr (kKind == kEpiGateUp) {
-              if (!ep.interleaved) {
-#pragma unroll
-                for (int ni = 0; ni < kNI; ni += 2) {
-                  const int v = col_base + ni * 8;  // virtual gate column (block ni even)
-                  if (v < prob.n)
-                    er.gate_up_pair2(paired_gate_index(v), acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1],
-                                     acc[mi][ni + 1][2 * half], acc[mi][ni + 1][2 * half + 1]);
-                }
-              } else {
-#pragma unroll
-                for (int ni = 0; ni < kNI; ++ni) {
-                  const int v = col_base + ni * 8;  // even: gate, v + 1: up
-                  if (v < prob.n) er.gate_up_pair1(v >> 1, acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
-                }
-              }
-            } else {
-#pragma unroll
-              for (int ni = 0; ni < kNI; ++ni) {
-                const int c = col_base + ni * 8;
-                if (c < prob.n)
-                  dpsum += er.template plain_pair<kKind>(c, acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
-              }
-            }
-          }
-          dp[mi][half] = dpsum;
+        for (int ni = 0; ni < kNI; ++ni) {
+          r.v[ni][0] = acc[mi][ni][2 * half];
+          r.v[ni][1] = acc[mi][ni][2 * half + 1];
         }
+        const int lr = wm * Cfg::kWM + mi * 16 + acc_row(lane, 2 * half);
+        dp[mi][half] = lr < t.rows_valid ? row_epilogue(t, prob, ep, bias, s_p, lr, col_base, r) : 0.0f;
+      });
       if constexpr (kKind == kEpiBwdAct) {
         // Row sums of G * act(u): the 4 lanes of a row (fixed xor tree), then the kWarpsN warps
         // of a row band in warp order.
@@ -374,17 +537,43 @@ struct GroupedGemmSm80 {
     }
   }
 
+  // Axis M: copies the routing weights of tile t's rows into s_p (4-byte cp.async in the current
+  // commit group, so the k loop's first wait covers them; rows outside the segment get 0, never
+  // read). Nothing without row weights.
+  static __device__ __forceinline__ void load_row_weights(const TileCtx<T>& t, const EpilogueParams& ep,
+                                                          float* s_p, int tid) {
+    if (ep.row_weights == nullptr || tid >= kBM) return;
+    const bool valid = tid < t.rows_valid;
+    const float* src = valid ? ep.row_weights + t.row0 + tid : ep.row_weights;
+    cp_async_4(smem_addr(s_p + tid), src, valid);
+  }
+
   static __device__ __forceinline__ void run(const GroupedGemmProblem& prob, const EpilogueParams& ep,
                                              unsigned char* smem_raw) {
     T* sA = reinterpret_cast<T*>(smem_raw);
     T* sB = sA + Cfg::kStages * Smem::kAElems;
     float* s_dp = reinterpret_cast<float*>(smem_raw + Smem::kPipelineBytes);
-    int32_t* s_prefix = reinterpret_cast<int32_t*>(smem_raw + Smem::kPipelineBytes + Smem::kDpBytes);
+    float* s_p = reinterpret_cast<float*>(smem_raw + Smem::kPipelineBytes + Smem::kDpBytes);
+    int32_t* s_prefix = reinterpret_cast<int32_t*>(smem_raw + Smem::kPipelineBytes + Smem::kDpBytes +
+                                                   Smem::kRowWeightBytes);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp / Cfg::kWarpsN, wn = warp % Cfg::kWarpsN;
     const int tiles_n = (prob.n + kBN - 1) / kBN;
     const int tiles_m = kAxis == kAxisK ? (prob.m + kBM - 1) / kBM : 0;
+
+    // Shared addresses: this thread's copy destinations and its ldmatrix rows (stage 0, k step 0).
+    const uint32_t sA_addr = smem_addr(sA), sB_addr = smem_addr(sB);
+    const uint32_t sA_copy = copy_dst_a(sA_addr, tid), sB_copy = copy_dst_b(sB_addr, tid);
+    uint32_t a_rd0, b_rd0;
+    if constexpr (kAKCols)
+      a_rd0 = sA_addr + 2u * ldsm_offset_a_mk(lane, wm * Cfg::kWM, 0, kAPitch);
+    else
+      a_rd0 = sA_addr + 2u * ldsm_offset_a_km(lane, wm * Cfg::kWM, 0, kAPitch);
+    if constexpr (kBKCols)
+      b_rd0 = sB_addr + 2u * ldsm_offset_b_nk(lane, wn * Cfg::kWN, 0, kBPitch);
+    else
+      b_rd0 = sB_addr + 2u * ldsm_offset_b_kn(lane, wn * Cfg::kWN, 0, kBPitch);
 
     int64_t total;
     if constexpr (kAxis == kAxisM) {
@@ -396,10 +585,12 @@ struct GroupedGemmSm80 {
     }
 
     int64_t tile = blockIdx.x;
+    int buf = 0;  // row-weight buffer of the current tile (tile parity)
     TileCtx<T> cur{};
     if (tile < total) {
       make_tile(prob, s_prefix, tiles_m, tiles_n, tile, &cur);
-      prologue(sA, sB, cur, prob, tid);
+      if constexpr (kAxis == kAxisM) load_row_weights(cur, ep, s_p, tid);
+      prologue(sA_copy, sB_copy, cur, prob, tid);
     }
     while (tile < total) {
       float acc[kMI][kNI][4];
@@ -409,18 +600,23 @@ struct GroupedGemmSm80 {
         for (int ni = 0; ni < kNI; ++ni)
 #pragma unroll
           for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
-      mainloop(sA, sB, cur, prob, acc, tid, wm, wn, lane);
+      mainloop(sA_copy, sB_copy, a_rd0, b_rd0, cur, prob, acc, tid);
       cp_async_wait<0>();
-      __syncthreads();  // every warp is done with the stages: the next tile may refill them
+      __syncthreads();  // every warp is done with the stages: the next tile may refill them; this
+                        // tile's row weights have landed and are visible
       const int64_t next = tile + gridDim.x;
       TileCtx<T> nxt{};
       if (next < total) {
         make_tile(prob, s_prefix, tiles_m, tiles_n, next, &nxt);
-        prologue(sA, sB, nxt, prob, tid);  // overlaps this tile's epilogue
+        // The other row-weight buffer: its last reader, the previous tile's epilogue, finished
+        // before the barriers of this tile's k loop.
+        if constexpr (kAxis == kAxisM) load_row_weights(nxt, ep, s_p + (buf ^ 1) * kBM, tid);
+        prologue(sA_copy, sB_copy, nxt, prob, tid);  // overlaps this tile's epilogue
       }
-      epilogue(cur, prob, ep, acc, s_dp, tid, wm, wn, lane);
+      epilogue(cur, prob, ep, acc, s_dp, s_p + buf * kBM, tid, wm, wn, lane);
       cur = nxt;
       tile = next;
+      buf ^= 1;
     }
     cp_async_wait<0>();
   }

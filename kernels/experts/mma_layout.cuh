@@ -43,6 +43,35 @@ __host__ __device__ inline int ldsm_offset_b_kn(int lane, int n_base, int k_base
   return (k_base + r + (j & 1) * 8) * pitch + n_base + (j >> 1) * 8;
 }
 
+// cp.async partition of one operand tile stored [rows][cols + pad] in shared memory (cols
+// contiguous, cpr = cols / 8 chunks of 16 bytes per row) among `threads` threads: chunk i of thread
+// tid sits at row copy_row(tid, i, cpr, threads) and element column copy_col(tid, cpr). A thread's
+// column is the same for all its chunks and its rows step by threads / cpr, so the kernel keeps one
+// global address per operand and adds a fixed stride per chunk.
+//   cpr >= 8 (the k-major [k][m] and [k][n] tiles, pitches of 17 and 33 bank groups): consecutive
+//     threads take consecutive chunks of a row; the 8 chunks of every 8-thread phase of the
+//     shared-memory write are 8 consecutive bank groups.
+//   cpr == 4 (the k-contiguous [m][k] and [n][k] tiles of BK = 32, pitch 40 elements = 5 bank
+//     groups): a warp covers 8 whole rows (so global reads stay whole 32-byte sectors: lanes 2j,
+//     2j + 1 read the two halves of one sector), arranged so that each 8-thread phase writes rows
+//     {0, 2, 4, 6} or {1, 3, 5, 7} at one pair of chunks: bank groups 5 r + c mod 8 are then all 8
+//     distinct (row-major order would put chunks (0, 0) and (1, 3) in the same group).
+// The CPU tests replay both: every chunk exactly once, conflict-free phases, whole sectors.
+__host__ __device__ inline int copy_row(int tid, int i, int cpr, int threads) {
+  if (cpr == 4) {
+    const int lane = tid & 31, warp = tid >> 5;
+    return warp * 8 + ((lane >> 1) & 3) * 2 + (lane >> 4) + i * (threads / 4);
+  }
+  return tid / cpr + i * (threads / cpr);
+}
+__host__ __device__ inline int copy_col(int tid, int cpr) {
+  if (cpr == 4) {
+    const int lane = tid & 31;
+    return ((lane & 1) | ((lane >> 2) & 2)) * 8;
+  }
+  return (tid % cpr) * 8;
+}
+
 // Row and column (within the 16 x 8 tile) of accumulator element e (0..3) of a lane.
 __host__ __device__ inline int acc_row(int lane, int e) { return (lane >> 2) + 8 * (e >> 1); }
 __host__ __device__ inline int acc_col(int lane, int e) { return 2 * (lane & 3) + (e & 1); }

@@ -13,6 +13,7 @@
 #include <set>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "kernels/experts/activation.cuh"
@@ -156,6 +157,97 @@ TEST_CASE("device activation functions match the double reference", "[experts][a
       REQUIRE(std::isnan(kx::act_gated(dev, nan, 1.0f)));
       REQUIRE(std::isnan(kx::act_gated(dev, 0.5f, nan)));
     }
+  }
+}
+
+namespace {
+
+// The per-kind (switch) form of the gated activations, in float, operation by operation as the
+// formulas read: what activation.cuh's straight-line versions must equal bit for bit.
+float sig(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+void gated_textbook(const kx::ActParams& p, float g, float v, float* act, float* dg, float* dv) {
+  float gm = 1.0f, um = 1.0f;
+  if (kx::act_clamps(p)) {
+    const float L = p.limit;
+    gm = g <= L ? 1.0f : 0.0f;
+    um = (v >= -L && v <= L) ? 1.0f : 0.0f;
+    g = g > L ? L : g;
+    v = v > L ? L : (v < -L ? -L : v);
+  }
+  switch (p.kind) {
+    case kx::kActQuickGeglu:
+    case kx::kActSwigluOai: {
+      const float x = p.alpha * g;
+      const float s = sig(x), sm = sig(-x);
+      const float q = g * s;
+      const float dq = s + p.alpha * g * s * sm;
+      *act = q * (v + 1.0f);
+      *dg = dq * (v + 1.0f) * gm;
+      *dv = q * um;
+      return;
+    }
+    case kx::kActGeglu: {
+      const float k0 = 0.7978845608028654f, k1 = 0.044715f;
+      const float z2 = 2.0f * k0 * (g + k1 * g * g * g);
+      const float s = sig(z2), sm = sig(-z2);
+      const float gelu = g * s;
+      const float dgelu = s + 2.0f * g * s * sm * k0 * (1.0f + 3.0f * k1 * g * g);
+      *act = gelu * v;
+      *dg = dgelu * v * gm;
+      *dv = gelu * um;
+      return;
+    }
+    default: {
+      const float s = sig(g), sm = sig(-g);
+      const float silu = g * s;
+      const float dsilu = s + g * s * sm;
+      *act = silu * v;
+      *dg = dsilu * v * gm;
+      *dv = silu * um;
+      return;
+    }
+  }
+}
+
+bool same_bits(float a, float b) {
+  if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b);
+  uint32_t x, y;
+  std::memcpy(&x, &a, 4);
+  std::memcpy(&y, &b, 4);
+  return x == y;
+}
+
+}  // namespace
+
+TEST_CASE("straight-line gated activations equal the per-kind formulas bit for bit", "[experts][activation]") {
+  // activation.cuh computes every kind through one select-based formula (no branches in the
+  // GEMM epilogues); the values must be exactly those of the textbook per-kind code, also where
+  // the unused kinds' terms overflow (huge g) and for signed zeros, infinities and NaN.
+  auto rng = moekit::test::make_rng(0xe7);
+  std::normal_distribution<float> d(0.0f, 4.0f);
+  std::uniform_real_distribution<float> wide(-60.0f, 60.0f);
+  const float specials[] = {0.0f, -0.0f, 1e-30f, -1e-30f, 3e12f, -3e12f, 1e38f, -1e38f,
+                            std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::quiet_NaN(), 7.0f, -7.0f, 1.25f, -1.25f};
+  for (const ActCase& a : kActCases) {
+    if (a.kind == ref::kRelu2) continue;
+    INFO(a.name);
+    const kx::ActParams p{a.kind, static_cast<float>(a.alpha), static_cast<float>(a.limit)};
+    auto check = [&](float g, float v) {
+      INFO("g = " << g << ", v = " << v);
+      float act, dg, dv;
+      gated_textbook(p, g, v, &act, &dg, &dv);
+      const kx::GatedGrad got = kx::act_gated_grad(p, g, v);
+      REQUIRE(same_bits(kx::act_gated(p, g, v), act));
+      REQUIRE(same_bits(got.act, act));
+      REQUIRE(same_bits(got.d_gate, dg));
+      REQUIRE(same_bits(got.d_up, dv));
+    };
+    for (int it = 0; it < 20000; ++it) check(d(rng), d(rng));
+    for (int it = 0; it < 5000; ++it) check(wide(rng), wide(rng));
+    for (float g : specials)
+      for (float v : specials) check(g, v);
   }
 }
 
@@ -478,6 +570,77 @@ TEST_CASE("ldmatrix phases are free of shared-memory bank conflicts", "[experts]
         REQUIRE(groups.size() == 8);
       }
   }
+}
+
+TEST_CASE("ldmatrix offsets of other blocks and k steps are the constants the kernel adds", "[experts][mma]") {
+  // load_frags computes each lane's address once (block 0, k step 0) and adds compile-time
+  // offsets for m block mi / n block pair np and k step kk; that must equal the full formula.
+  for (int lane = 0; lane < 32; ++lane)
+    for (int base = 0; base < 128; base += 64)
+      for (int blk = 0; blk < 4; ++blk)
+        for (int kk = 0; kk < 2; ++kk) {
+          INFO("lane " << lane << ", base " << base << ", block " << blk << ", k step " << kk);
+          REQUIRE(kx::ldsm_offset_a_mk(lane, base + 16 * blk, 16 * kk, 40) ==
+                  kx::ldsm_offset_a_mk(lane, base, 0, 40) + blk * 16 * 40 + kk * 16);
+          REQUIRE(kx::ldsm_offset_a_km(lane, base + 16 * blk, 16 * kk, 136) ==
+                  kx::ldsm_offset_a_km(lane, base, 0, 136) + kk * 16 * 136 + blk * 16);
+          REQUIRE(kx::ldsm_offset_b_nk(lane, base + 16 * blk, 16 * kk, 40) ==
+                  kx::ldsm_offset_b_nk(lane, base, 0, 40) + blk * 16 * 40 + kk * 16);
+          REQUIRE(kx::ldsm_offset_b_kn(lane, base + 16 * blk, 16 * kk, 264) ==
+                  kx::ldsm_offset_b_kn(lane, base, 0, 264) + kk * 16 * 264 + blk * 16);
+        }
+}
+
+TEST_CASE("cp.async partition: every chunk once, conflict-free writes, whole sectors", "[experts][mma]") {
+  // The four stored tiles of the tensor-core kernel (BM = 128, BN = 256, BK = 32, 256 threads,
+  // rows padded by 8 elements): [m][k], [k][m], [n][k], [k][n].
+  struct Tile { const char* name; int rows, cols; };
+  const Tile tiles[] = {{"A [m][k]", 128, 32}, {"A [k][m]", 32, 128}, {"B [n][k]", 256, 32}, {"B [k][n]", 32, 256}};
+  const int threads = 256;
+  for (const Tile& t : tiles) {
+    INFO(t.name);
+    const int cpr = t.cols / 8, pitch = t.cols + 8;
+    const int chunks = t.rows * cpr / threads;
+    REQUIRE(chunks * threads == t.rows * cpr);
+    std::vector<int> hits(t.rows * cpr, 0);
+    for (int tid = 0; tid < threads; ++tid) {
+      const int col = kx::copy_col(tid, cpr);
+      REQUIRE(col % 8 == 0);
+      REQUIRE(col < t.cols);
+      for (int i = 0; i < chunks; ++i) {
+        const int row = kx::copy_row(tid, i, cpr, threads);
+        // The kernel's strides: chunk i is i * threads / cpr rows below chunk 0, same column.
+        REQUIRE(row == kx::copy_row(tid, 0, cpr, threads) + i * (threads / cpr));
+        REQUIRE(row >= 0);
+        REQUIRE(row < t.rows);
+        ++hits[row * cpr + col / 8];
+      }
+    }
+    for (int h : hits) REQUIRE(h == 1);
+    for (int warp = 0; warp < threads / 32; ++warp)
+      for (int i = 0; i < chunks; ++i) {
+        // Each 8-thread phase of the 16-byte shared-memory writes covers 8 distinct bank groups.
+        for (int phase = 0; phase < 4; ++phase) {
+          std::set<int> groups;
+          for (int lane = 8 * phase; lane < 8 * phase + 8; ++lane) {
+            const int tid = 32 * warp + lane;
+            const int off = kx::copy_row(tid, i, cpr, threads) * pitch + kx::copy_col(tid, cpr);
+            groups.insert((off * 2 / 16) % 8);
+          }
+          REQUIRE(groups.size() == 8);
+        }
+        // The warp's global reads are whole 32-byte sectors: each chunk's partner half is read
+        // by the same instruction.
+        std::set<std::pair<int, int>> mine;
+        for (int lane = 0; lane < 32; ++lane) {
+          const int tid = 32 * warp + lane;
+          mine.insert({kx::copy_row(tid, i, cpr, threads), kx::copy_col(tid, cpr)});
+        }
+        for (const auto& rc : mine) REQUIRE(mine.count({rc.first, rc.second ^ 8}) == 1);
+      }
+  }
+  // The row-major order the k-contiguous tiles avoid: chunk (0, 0) and (1, 3) share a bank group.
+  REQUIRE((0 * 40 * 2 / 16) % 8 == (1 * 40 + 24) * 2 / 16 % 8);
 }
 
 // ---------------------------------------------------------------------------------------------
