@@ -136,14 +136,23 @@ def loop_forward(x, wgu, wd, p, offsets):
 
 
 def loop_forward_grad(x, wgu, wd, p, offsets):
-    """Differentiable version (no in-place writes into a shared output)."""
+    """Differentiable version (no in-place writes into a shared output).
+
+    The leaves are cut once (split / unbind), not indexed per expert: autograd's backward of
+    x[a:b] or wgu[e] materialises a zero tensor of the leaf's full size per slice and adds into it,
+    which made this loop's backward E full-size gradients (O(E * |W|) traffic, 72 TFLOP/s for
+    dsv3 on an H200) instead of one concatenation."""
     host = offsets.tolist()
+    counts = [host[e + 1] - host[e] for e in range(len(host) - 1)]
+    total = host[-1]
+    xs = x[:total].split(counts)
+    ps = p[:total].split(counts)
+    wgus, wds = wgu.unbind(0), wd.unbind(0)
     parts = []
-    for e in range(len(host) - 1):
-        a, b = host[e], host[e + 1]
-        if a == b:
+    for e, n in enumerate(counts):
+        if n == 0:
             continue
-        parts.append(swiglu_weighted(x[a:b] @ wgu[e], p[a:b]) @ wd[e])
+        parts.append(swiglu_weighted(xs[e] @ wgus[e], ps[e]) @ wds[e])
     return torch.cat(parts)
 
 
