@@ -190,12 +190,14 @@ void validate(int n, uint64_t seed) {
       w.upload(routing.weights[r], s);
       xb.upload(in.x[r], s);
       part.upload(in.partials[r], s);
+      ctx.sync(__LINE__);  // allocations end before the first collective (tests/ep/multi_gpu.hpp)
       int64_t rows = 0;
       RANK_OK(ctx, moekit_ep_layout(h, T, idx.as<int32_t>(), nullptr, layout.p, layout_bytes, hlp,
                                     &rows, nullptr, s));
       EP_CHECK(ctx, rows == R, "rows " << rows << " != " << R);
       RANK_OK(ctx, moekit_ep_workspace_size(&cfg, hlp, &ws_bytes));
       DevBuf ws(ws_bytes);
+      ctx.sync(__LINE__);  // and again before the next one
       RANK_OK(ctx, moekit_ep_dispatch(h, T, layout.p, hlp, xb.p, idx.as<int32_t>(), w.as<float>(),
                                       rx.p, ridx.as<int32_t>(), rw.as<float>(), nullptr, nullptr,
                                       ws.p, ws_bytes, s));

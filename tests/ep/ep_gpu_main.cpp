@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdio>
+#include <cstring>
 
 #include "moekit/ep.h"
 #include "tests/support/random.hpp"
@@ -43,7 +44,20 @@ int main(int argc, char** argv) {
               std::getenv("NCCL_NVLS_ENABLE"));
   std::printf("random seed for fresh inputs: %llu (set MOEKIT_TEST_SEED to repeat)\n",
               static_cast<unsigned long long>(moekit::test::session_seed()));
-  const int result = Catch::Session().run(argc, argv);
+  // Declaration order unless --order is given: the smoke steps come first, so that a hang is met
+  // at the smallest step that shows it (some Catch2 3 releases default to random order).
+  Catch::Session session;
+  const int parse = session.applyCommandLine(argc, argv);
+  if (parse != 0) return parse;
+  bool order_given = false;
+  for (int i = 1; i < argc; ++i)
+    order_given = order_given || std::strncmp(argv[i], "--order", 7) == 0;
+#if __has_include(<catch2/catch_all.hpp>)
+  if (!order_given) session.configData().runOrder = Catch::TestRunOrder::Declared;
+#else
+  if (!order_given) session.configData().runOrder = Catch::RunTests::InDeclarationOrder;
+#endif
+  const int result = session.run();
   moekit::test::ep::destroy_communicators();
   return result;
 #endif

@@ -1,6 +1,10 @@
 // EP on 2, 4 and all GPUs (and 1, the path with no peer), one process, one thread per rank
-// (tests/ep/multi_gpu.hpp). Every rank compares its own outputs with the CPU reference of the
-// global problem (tests/reference/ep_ref.hpp):
+// (tests/ep/multi_gpu.hpp). Smoke steps first (ep = 2: layout, then dispatch of a few tokens, with
+// and without a rank that has none), so a hang is met at the smallest step. Before a problem's
+// ranks start, the NCCL groups every rank will issue are checked pair by pair on the host
+// (tests/ep/ep_script.hpp): a mismatch fails the case instead of hanging. Bodies allocate and free
+// only in the phases run_ranks allows. Every rank compares its own outputs with the CPU reference
+// of the global problem (tests/reference/ep_ref.hpp):
 //  - dispatch delivers exactly the expected rows (bitwise), ids, weights, source tokens and mask,
 //    in the documented order; nothing is written outside the outputs (poisoned guard regions);
 //  - combine equals the rank-ordered fp32 sum, bitwise; gap rows (NaN) are never summed;
@@ -28,6 +32,7 @@
 #include "moekit/ep.h"
 #include "moekit/tokens.h"
 #include "tests/ep/ep_problem.hpp"
+#include "tests/ep/ep_script.hpp"
 #include "tests/ep/ep_test_kernels.hpp"
 #include "tests/ep/multi_gpu.hpp"
 #include "tests/reference/ep_ref.hpp"
@@ -54,7 +59,8 @@ constexpr uint8_t kPoison = 0xa7;
 class Guarded {
  public:
   Guarded() = default;
-  Guarded(size_t bytes, cudaStream_t stream) : bytes_(bytes), buffer_(bytes + 2 * kGuardBytes) {
+  // Allocates (cudaMalloc): only inside an allocation phase (the rule in multi_gpu.hpp).
+  Guarded(size_t bytes, cudaStream_t stream) : bytes_(bytes), buffer_(allocation(bytes)) {
     poison(stream);
   }
   void* get() const { return bytes_ == 0 ? nullptr : buffer_.get<uint8_t>() + kGuardBytes; }
@@ -64,6 +70,7 @@ class Guarded {
   }
   size_t bytes() const { return bytes_; }
   void poison(cudaStream_t stream) {
+    crumb_step("Guarded::poison: cudaMemsetAsync", __LINE__);
     if (cudaMemsetAsync(buffer_.get(), kPoison, buffer_.bytes(), stream) != cudaSuccess)
       throw std::runtime_error("cudaMemsetAsync failed");
   }
@@ -71,6 +78,7 @@ class Guarded {
   void upload(const std::vector<T>& host, cudaStream_t stream) {
     if (host.size() * sizeof(T) != bytes_) throw std::runtime_error("upload size mismatch");
     if (bytes_ == 0) return;
+    crumb_step("Guarded::upload: cudaMemcpyAsync + cudaStreamSynchronize", __LINE__);
     if (cudaMemcpyAsync(get(), host.data(), bytes_, cudaMemcpyHostToDevice, stream) !=
             cudaSuccess ||
         cudaStreamSynchronize(stream) != cudaSuccess)
@@ -79,6 +87,7 @@ class Guarded {
   // Payload and guards (the stream is synchronised first).
   std::vector<uint8_t> all(cudaStream_t stream) const {
     std::vector<uint8_t> host(buffer_.bytes());
+    crumb_step("Guarded download: cudaStreamSynchronize + cudaMemcpy", __LINE__);
     if (cudaStreamSynchronize(stream) != cudaSuccess ||
         cudaMemcpy(host.data(), buffer_.get(), host.size(), cudaMemcpyDeviceToHost) != cudaSuccess)
       throw std::runtime_error("download failed");
@@ -104,6 +113,10 @@ class Guarded {
   }
 
  private:
+  static size_t allocation(size_t bytes) {
+    crumb_step("Guarded: cudaMalloc", __LINE__);
+    return bytes + 2 * kGuardBytes;
+  }
   size_t bytes_ = 0;
   DeviceBuffer buffer_;
 };
@@ -216,7 +229,8 @@ Global make_global(const Case& c, int n, uint64_t salt) {
   return g;
 }
 
-// One rank's handle and layout.
+// One rank's handle and layout. Creating and destroying it allocates and frees (pinned staging,
+// the layout buffer, the workspace): only inside an allocation phase (multi_gpu.hpp).
 struct RankEp {
   moekit_ep_handle_t handle = nullptr;
   DeviceBuffer layout;
@@ -225,7 +239,10 @@ struct RankEp {
   int64_t recv_rows = 0;
   DeviceBuffer workspace;
   size_t workspace_bytes = 0;
-  ~RankEp() { moekit_ep_destroy(handle); }
+  ~RankEp() {
+    crumb_step("RankEp: moekit_ep_destroy and cudaFree", __LINE__);
+    moekit_ep_destroy(handle);
+  }
   int64_t* hl() { return host_layout.empty() ? nullptr : host_layout.data(); }
 };
 
@@ -233,16 +250,20 @@ void create_rank_ep(RankContext& ctx, const moekit_ep_config_t& cfg, RankEp& e) 
   EP_REQUIRE_OK(ctx, moekit_ep_create(&cfg, ctx.comm, &e.handle));
   size_t host_count = 0;
   EP_REQUIRE_OK(ctx, moekit_ep_layout_size(&cfg, &e.layout_bytes, &host_count));
+  crumb_step("layout buffer: cudaMalloc", __LINE__);
   e.layout = DeviceBuffer(e.layout_bytes);
   e.host_layout.assign(host_count, 0);
 }
 
-// Layout, then a workspace of exactly the size the layout needs.
+// Layout, then a workspace of exactly the size the layout needs. The workspace's cudaMalloc is an
+// allocation phase after the layout's collective (which every rank has issued once this rank's
+// layout returns): the caller ends it with ctx.sync() before its next collective.
 void run_layout(RankContext& ctx, const moekit_ep_config_t& cfg, RankEp& e, int64_t T,
                 const int32_t* indices, const uint8_t* mask, int32_t* dropped) {
   EP_REQUIRE_OK(ctx, moekit_ep_layout(e.handle, T, indices, mask, e.layout.get(), e.layout_bytes,
                                       e.hl(), &e.recv_rows, dropped, ctx.stream));
   EP_REQUIRE_OK(ctx, moekit_ep_workspace_size(&cfg, e.hl(), &e.workspace_bytes));
+  crumb_step("workspace: cudaMalloc", __LINE__);
   e.workspace = DeviceBuffer(e.workspace_bytes);
 }
 
@@ -261,7 +282,11 @@ struct PassOutputs {
   }
 };
 
-// Every check of one rank for one problem. Runs the same collectives on every rank.
+// Every check of one rank for one problem. Runs the same collectives on every rank, in the order
+// check_rank_calls (tests/ep/ep_script.hpp) lists, which run_case checks on the host first.
+// Allocation phases (multi_gpu.hpp): everything before the layout, then the workspace and the
+// row buffers after it; both end with ctx.sync(). The two runs reuse their buffers (poisoned again)
+// so that nothing is allocated or freed between collectives.
 void check_rank(RankContext& ctx, const Global& g) {
   const int r = ctx.rank;
   const EpProblem& p = g.routing.problem;
@@ -280,6 +305,7 @@ void check_rank(RankContext& ctx, const Global& g) {
   x.upload(g.xrows[r], s);
   if (!p.masks[r].empty()) mask.upload(p.masks[r], s);
   grad_y.upload(g.grad_y[r], s);
+  ctx.sync(__LINE__);  // end of the first allocation phase
   run_layout(ctx, g.config, e, T, indices.as<int32_t>(), mask.as<uint8_t>(), dropped.as<int32_t>());
 
   EP_CHECK(ctx, e.recv_rows == R, "num_recv_rows " << e.recv_rows << " != reference " << R);
@@ -307,12 +333,18 @@ void check_rank(RankContext& ctx, const Global& g) {
   partials.upload(to_dtype_bytes(g.combine_dtype, resized(g.partials[r], Rd * H)), s);
   grad_recv_x.upload(to_dtype_bytes(c.dtype, resized(g.grad_recv_x[r], Rd * H)), s);
   grad_recv_w.upload(resized(g.grad_recv_w[r], Rd * K), s);
+  Guarded recv_x(Rd * row_bytes, s), recv_idx(Rd * K * 4, s), recv_w(Rd * K * 4, s),
+      recv_src(Rd * 4, s), recv_mask(Rd, s), y(T * row_bytes, s), grad_x(T * row_bytes, s),
+      grad_w(T * K * 4, s), grad_partials(Rd * row_bytes, s), dual_y(T * row_bytes, s);
+  ctx.sync(__LINE__);  // end of the second allocation phase
 
+  const bool duality = g.combine_dtype == c.dtype;
   PassOutputs pass[2];
   for (int run = 0; run < 2; ++run) {
-    Guarded recv_x(Rd * row_bytes, s), recv_idx(Rd * K * 4, s), recv_w(Rd * K * 4, s),
-        recv_src(Rd * 4, s), recv_mask(Rd, s), y(T * row_bytes, s), grad_x(T * row_bytes, s),
-        grad_w(T * K * 4, s), grad_partials(Rd * row_bytes, s), dual_y(T * row_bytes, s);
+    if (run > 0)
+      for (Guarded* b : {&recv_x, &recv_idx, &recv_w, &recv_src, &recv_mask, &y, &grad_x, &grad_w,
+                         &grad_partials, &dual_y})
+        b->poison(s);
     EP_REQUIRE_OK(ctx, moekit_ep_dispatch(e.handle, T, e.layout.get(), e.hl(), x.get(),
                                           indices.as<int32_t>(), weights.as<float>(), recv_x.get(),
                                           recv_idx.as<int32_t>(), recv_w.as<float>(),
@@ -327,7 +359,6 @@ void check_rank(RankContext& ctx, const Global& g) {
     EP_REQUIRE_OK(ctx, moekit_ep_combine_backward(e.handle, T, e.layout.get(), e.hl(),
                                                   grad_y.get(), grad_partials.get(),
                                                   e.workspace.get(), e.workspace_bytes, s));
-    const bool duality = g.combine_dtype == c.dtype;
     if (duality)  // dispatch backward is a combine: the same call on the same rows
       EP_REQUIRE_OK(ctx, moekit_ep_combine(e.handle, T, e.layout.get(), e.hl(), grad_recv_x.get(),
                                            dual_y.get(), e.workspace.get(), e.workspace_bytes, s));
@@ -398,16 +429,132 @@ void check_rank(RankContext& ctx, const Global& g) {
            "weight gradients differ from the owner ranks' rows");
 }
 
+// Checks on the host, before any rank thread starts, that the NCCL groups every rank of `g` will
+// issue in check_rank match pair by pair (tests/ep/ep_script.hpp, from the library's own script
+// and the reference's counts). Returns the mismatch in words, or "" (capacity mode: the same).
+// `layouts_before`: layouts every rank runs before check_rank (same routing).
+std::string script_mismatch(const Global& g, int layouts_before = 0) {
+  const moekit::ep::Dims d = moekit::ep::dims_of(g.config);
+  const int32_t signature = moekit::ep::config_signature(g.config);
+  std::vector<std::vector<ScriptedCall>> calls;
+  for (int r = 0; r < g.n; ++r) {
+    std::vector<ScriptedCall> rank_calls(
+        static_cast<size_t>(layouts_before),
+        ScriptedCall{Call::kLayout, moekit::ep::call_payloads(Call::kLayout, false, false)});
+    for (const ScriptedCall& call : check_rank_calls(g.routing.problem.num_tokens[r],
+                                                     g.recv_rows[r], g.combine_dtype == g.c.dtype))
+      rank_calls.push_back(call);
+    calls.push_back(rank_calls);
+  }
+  return check_scripts(all_scripts(
+      d, reference_host_layouts(d, signature, g.routing.problem, g.x), calls));
+}
+
+// Seconds one problem may take before the watchdog reports the ranks and ends the process: the
+// problems here take well under a second, NCCL's first connections a few.
+constexpr int kProblemTimeout = 60;
+
 void run_case(const Case& c, uint64_t salt, bool with_one) {
   for (int n : ep_sizes(with_one)) {
     const Global g = make_global(c, n, salt);
     INFO("case " << c.name << ", ep = " << n);
-    const std::vector<std::string> failures = run_ranks(n, [&](RankContext& ctx) {
-      check_rank(ctx, g);
-    });
+    const std::string mismatch = script_mismatch(g);
+    INFO("NCCL script check: " << (mismatch.empty() ? "every pair agrees" : mismatch));
+    REQUIRE(mismatch.empty());  // running it would hang: fail here instead
+    const std::vector<std::string> failures = run_ranks(
+        n, [&](RankContext& ctx) { check_rank(ctx, g); }, kProblemTimeout,
+        std::string("case ") + c.name + ", ep = " + std::to_string(n));
     for (const std::string& f : failures) UNSCOPED_INFO(f);
     CHECK(failures.empty());
   }
+}
+
+// ---- smoke: the smallest steps first --------------------------------------------------------
+
+// ep = 2, exact mode, one chunk, a few tokens: the layout alone, then layout and dispatch. If the
+// suite hangs, the first of these steps that the watchdog names is the smallest failing one.
+void smoke_step(const char* label, const std::vector<int64_t>& tokens, bool with_dispatch,
+                uint64_t salt) {
+  const int n = 2;
+  const Case c{label, 4, 2, 16, MOEKIT_DTYPE_BF16, -1, MOEKIT_EP_MODE_EXACT, 1, 0, tokens,
+               0.25, 0.0, 0.0, 0.0};
+  const Global g = make_global(c, n, salt);
+  INFO("smoke: " << label);
+  {
+    const moekit::ep::Dims d = moekit::ep::dims_of(g.config);
+    std::vector<ScriptedCall> rank_calls{
+        {Call::kLayout, moekit::ep::call_payloads(Call::kLayout, false, false)}};
+    if (with_dispatch)
+      rank_calls.push_back({Call::kDispatch, moekit::ep::call_payloads(Call::kDispatch, false,
+                                                                       false)});
+    const std::string mismatch = check_scripts(all_scripts(
+        d,
+        reference_host_layouts(d, moekit::ep::config_signature(g.config), g.routing.problem,
+                               g.x),
+        std::vector<std::vector<ScriptedCall>>(n, rank_calls)));
+    INFO("NCCL script check: " << (mismatch.empty() ? "every pair agrees" : mismatch));
+    REQUIRE(mismatch.empty());
+  }
+  const std::vector<std::string> failures = run_ranks(n, [&](RankContext& ctx) {
+    const int r = ctx.rank;
+    cudaStream_t s = ctx.stream;
+    const EpProblem& p = g.routing.problem;
+    const int64_t T = p.num_tokens[r], H = c.hidden, K = c.top_k, R = g.recv_rows[r];
+    const size_t row_bytes = H * 2;
+    RankEp e;
+    create_rank_ep(ctx, g.config, e);
+    Guarded idx(T * K * 4, s), w(T * K * 4, s), x(T * row_bytes, s);
+    idx.upload(p.indices[r], s);
+    w.upload(g.routing.weights[r], s);
+    x.upload(g.xrows[r], s);
+    ctx.sync(__LINE__);  // end of the allocation phase
+    run_layout(ctx, g.config, e, T, idx.as<int32_t>(), nullptr, nullptr);
+    EP_CHECK(ctx, e.recv_rows == R, "num_recv_rows " << e.recv_rows << " != reference " << R);
+    std::vector<int64_t> sent(n), received(n);
+    EP_REQUIRE_OK(ctx, moekit_ep_layout_counts(e.handle, e.hl(), sent.data(), received.data()));
+    for (int q = 0; q < n; ++q)
+      EP_CHECK(ctx, sent[q] == g.x.sent[r][q] && received[q] == g.x.sent[q][r],
+               "rows to/from rank " << q << ": " << sent[q] << "/" << received[q]
+                                    << ", reference " << g.x.sent[r][q] << "/" << g.x.sent[q][r]);
+    if (!with_dispatch) return;  // the same on every rank
+    // Sized by the library's count (a wrong count fails the checks, never writes out of bounds).
+    const int64_t Rd = e.recv_rows;
+    Guarded recv_x(Rd * row_bytes, s), recv_idx(Rd * K * 4, s), recv_w(Rd * K * 4, s),
+        recv_src(Rd * 4, s);
+    ctx.sync(__LINE__);  // end of the allocation phase
+    EP_REQUIRE_OK(ctx, moekit_ep_dispatch(e.handle, T, e.layout.get(), e.hl(), x.get(),
+                                          idx.as<int32_t>(), w.as<float>(), recv_x.get(),
+                                          recv_idx.as<int32_t>(), recv_w.as<float>(),
+                                          recv_src.as<int32_t>(), nullptr, e.workspace.get(),
+                                          e.workspace_bytes, s));
+    const std::vector<uint8_t> got_x = recv_x.download<uint8_t>(s);
+    const std::vector<int32_t> got_idx = recv_idx.download<int32_t>(s);
+    const std::vector<float> got_w = recv_w.download<float>(s);
+    const std::vector<int32_t> got_src = recv_src.download<int32_t>(s);
+    for (int64_t i = 0; i < std::min(R, Rd); ++i) {
+      const moekit::ref::EpRecvRow want = g.x.rows[r][i];
+      const bool ok = got_src[i] == want.token &&
+                std::memcmp(&got_x[i * row_bytes],
+                            g.xrows[want.src].data() + want.token * row_bytes, row_bytes) == 0 &&
+                std::memcmp(&got_idx[i * K], &p.indices[want.src][want.token * K], K * 4) == 0 &&
+                std::memcmp(&got_w[i * K], &g.routing.weights[want.src][want.token * K],
+                            K * 4) == 0;
+      EP_CHECK(ctx, ok, "received row " << i << ": want rank " << want.src << " token "
+                                        << want.token << ", got token " << got_src[i]);
+    }
+    for (const Guarded* b : {&recv_x, &recv_idx, &recv_w, &recv_src})
+      EP_CHECK(ctx, b->guards_intact(s), "dispatch wrote outside an output");
+  }, 30, std::string("smoke: ") + label);
+  for (const std::string& f : failures) UNSCOPED_INFO(f);
+  REQUIRE(failures.empty());
+}
+
+TEST_CASE("ep gpu smoke: ep = 2, exact mode, layout then dispatch of a few tokens",
+          "[gpu][ep][smoke]") {
+  smoke_step("layout only, T = 5 and 3", {5, 3}, false, 61);
+  smoke_step("layout and dispatch, T = 5 and 3", {5, 3}, true, 62);
+  smoke_step("layout and dispatch, T = 5 and 0 (a rank without tokens)", {5, 0}, true, 63);
+  smoke_step("layout and dispatch, T = 0 and 0", {0, 0}, true, 64);
 }
 
 // ---- the exchange ----------------------------------------------------------------------------
@@ -472,6 +619,9 @@ TEST_CASE("ep gpu: tokens whose experts are all local never leave their rank", "
       g.grad_recv_w[q] = moekit::test::uniform(rng2, g.recv_rows[q] * 4, -1.0f, 1.0f);
     }
     INFO("ep = " << n);
+    const std::string mismatch = script_mismatch(g, 1);
+    INFO("NCCL script check: " << (mismatch.empty() ? "every pair agrees" : mismatch));
+    REQUIRE(mismatch.empty());
     const std::vector<std::string> failures = run_ranks(n, [&](RankContext& ctx) {
       // Rank 0 reports 0 rows for every other rank, and every other rank 0 rows from rank 0.
       RankEp e;
@@ -479,6 +629,7 @@ TEST_CASE("ep gpu: tokens whose experts are all local never leave their rank", "
       const EpProblem& p = g.routing.problem;
       Guarded idx(p.num_tokens[ctx.rank] * 16, ctx.stream);
       idx.upload(p.indices[ctx.rank], ctx.stream);
+      ctx.sync(__LINE__);  // end of the allocation phase
       run_layout(ctx, g.config, e, p.num_tokens[ctx.rank], idx.as<int32_t>(), nullptr, nullptr);
       std::vector<int64_t> sent(n), received(n);
       EP_REQUIRE_OK(ctx, moekit_ep_layout_counts(e.handle, e.hl(), sent.data(), received.data()));
@@ -487,8 +638,8 @@ TEST_CASE("ep gpu: tokens whose experts are all local never leave their rank", "
         if (ctx.rank != 0 && q == 0)
           EP_CHECK(ctx, received[q] == 0, "received " << received[q] << " rows from rank 0");
       }
-      check_rank(ctx, g);  // and the full exchange is still exact
-    });
+      check_rank(ctx, g);  // and the full exchange is still exact (its allocations end in a sync)
+    }, kProblemTimeout, "local only, ep = " + std::to_string(n));
     for (const std::string& f : failures) UNSCOPED_INFO(f);
     CHECK(failures.empty());
   }
@@ -528,8 +679,8 @@ TEST_CASE("ep gpu: capacity mode replays from a CUDA graph with new routing; exa
         idx.upload(g1.routing.problem.indices[r], s);
         EP_CUDA_OK(ctx, cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
         const moekit_status_t st =
-            moekit_ep_layout(ee.handle, T, idx.as<int32_t>(), nullptr, ee.layout.get(),
-                             ee.layout_bytes, ee.hl(), &rows, nullptr, s);
+            EP_CALL(moekit_ep_layout(ee.handle, T, idx.as<int32_t>(), nullptr, ee.layout.get(),
+                                     ee.layout_bytes, ee.hl(), &rows, nullptr, s));
         cudaGraph_t empty = nullptr;
         EP_CUDA_OK(ctx, cudaStreamEndCapture(s, &empty));
         EP_CHECK(ctx, st == MOEKIT_STATUS_INVALID_ARGUMENT &&
@@ -541,6 +692,8 @@ TEST_CASE("ep gpu: capacity mode replays from a CUDA graph with new routing; exa
         EP_CHECK(ctx, nodes == 0, "the refused call enqueued " << nodes << " nodes");
         cudaGraphDestroy(empty);
       }
+
+      ctx.sync(__LINE__);  // end of the allocation phase (ee was created and destroyed above)
 
       // An eager pass first (NCCL sets up its peer connections outside the capture), checked
       // below against the graph's replay of the same inputs.
@@ -561,7 +714,7 @@ TEST_CASE("ep gpu: capacity mode replays from a CUDA graph with new routing; exa
       const std::vector<uint8_t> eager_x = recv_x.download<uint8_t>(s);
       const std::vector<uint8_t> eager_y = y.download<uint8_t>(s);
 
-      ctx.sync();  // every rank captures at the same time
+      ctx.sync(__LINE__);  // every rank captures at the same time
       EP_CUDA_OK(ctx, cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
       EP_REQUIRE_OK(ctx, moekit_ep_layout(e.handle, T, idx.as<int32_t>(), nullptr, e.layout.get(),
                                           e.layout_bytes, nullptr, &rows, dropped.as<int32_t>(),
@@ -586,7 +739,7 @@ TEST_CASE("ep gpu: capacity mode replays from a CUDA graph with new routing; exa
         x.upload(g->xrows[r], s);
         partials.upload(to_dtype_bytes(MOEKIT_DTYPE_BF16, g->partials[r]), s);
         for (Guarded* b : {&recv_x, &recv_idx, &recv_src, &y, &dropped}) b->poison(s);
-        ctx.sync();
+        ctx.sync(__LINE__);  // also ends the allocation phase of cudaGraphInstantiate
         EP_CUDA_OK(ctx, cudaGraphLaunch(exec, s));
         EP_CUDA_OK(ctx, cudaStreamSynchronize(s));
         EP_CHECK(ctx, dropped.download<int32_t>(s)[0] == g->x.dropped[r], "dropped count");
@@ -624,7 +777,7 @@ TEST_CASE("ep gpu: capacity mode replays from a CUDA graph with new routing; exa
       }
       cudaGraphExecDestroy(exec);
       cudaGraphDestroy(graph);
-    });
+    }, kProblemTimeout, "graph replay, ep = " + std::to_string(n));
     for (const std::string& f : failures) UNSCOPED_INFO(f);
     CHECK(failures.empty());
   }
@@ -774,10 +927,12 @@ TEST_CASE("ep gpu: an expert-parallel routed computation equals the one-GPU comp
           mask.upload(slice(mask_all, 1), s);
           RankEp ep;
           create_rank_ep(ctx, g.config, ep);
+          ctx.sync(__LINE__);  // end of the first allocation phase
           run_layout(ctx, g.config, ep, T, idx.as<int32_t>(), mask.as<uint8_t>(), nullptr);
           const int64_t R = ep.recv_rows;
           Guarded rx(R * H * e, s), ridx(R * K * 4, s), rw(R * K * 4, s), rmask(R, s),
               partials(R * H * e, s), grad_partials(R * H * e, s);
+          ctx.sync(__LINE__);  // end of the second
           EP_REQUIRE_OK(ctx, moekit_ep_dispatch(ep.handle, T, ep.layout.get(), ep.hl(), x.get(),
                                                 idx.as<int32_t>(), w.as<float>(), rx.get(),
                                                 ridx.as<int32_t>(), rw.as<float>(), nullptr,
@@ -785,14 +940,18 @@ TEST_CASE("ep gpu: an expert-parallel routed computation equals the one-GPU comp
                                                 ep.workspace_bytes, s));
           // The receiver's local plan over its rows (gaps masked), the expert, the local combine.
           PlanOnDevice pd;
+          crumb_step("build_plan (cudaMalloc, moekit_plan_build)", __LINE__);
           build_plan(pd, E, K, r * per_rank, per_rank, R, ridx.as<int32_t>(), rmask.as<uint8_t>(),
                      s);
           Routed local;
+          ctx.sync(__LINE__);  // end of build_plan's allocations
           EP_REQUIRE_OK(ctx, moekit_ep_combine_backward(ep.handle, T, ep.layout.get(), ep.hl(),
                                                         dy.get(), grad_partials.get(),
                                                         ep.workspace.get(), ep.workspace_bytes, s));
+          crumb_step("routed_forward_backward (cudaMalloc, tokens calls)", __LINE__);
           routed_forward_backward(pd, dtype, R, H, ridx.as<int32_t>(), rx.get(), rw.as<float>(),
                                   grad_partials.get(), local, s);
+          ctx.sync(__LINE__);  // end of its allocations
           EP_CUDA_OK(ctx, cudaMemcpyAsync(partials.get(), local.y.get(), R * H * e,
                                           cudaMemcpyDeviceToDevice, s));
           EP_REQUIRE_OK(ctx, moekit_ep_combine(ep.handle, T, ep.layout.get(), ep.hl(),
@@ -806,7 +965,7 @@ TEST_CASE("ep gpu: an expert-parallel routed computation equals the one-GPU comp
           y_ep[r] = y.download<uint8_t>(s);
           gx_ep[r] = gx.download<uint8_t>(s);
           gw_ep[r] = gw.download<uint8_t>(s);
-        });
+        }, kProblemTimeout, "end to end, ep = " + std::to_string(n));
         for (const std::string& f : failures) UNSCOPED_INFO(f);
         REQUIRE(failures.empty());
 
@@ -898,6 +1057,7 @@ TEST_CASE("ep gpu: expert load and aux statistics summed over the communicator",
       EP_REQUIRE_OK(ctx, moekit_ep_aux_stats_workspace_size(ctx.comm, E, &ws_bytes));
       EP_CHECK(ctx, ws_bytes >= static_cast<size_t>(n) * E * 4, "aux workspace " << ws_bytes);
       DeviceBuffer ws(ws_bytes);
+      ctx.sync(__LINE__);  // end of the allocation phase
       EP_REQUIRE_OK(ctx, moekit_ep_allreduce_expert_load(ctx.comm, E, l.as<int32_t>(), s));
       EP_REQUIRE_OK(ctx, moekit_ep_allreduce_aux_stats(ctx.comm, E, sm.as<float>(),
                                                        c.as<int32_t>(), ws.get(), ws_bytes, s));
@@ -906,7 +1066,7 @@ TEST_CASE("ep gpu: expert load and aux statistics summed over the communicator",
       EP_CHECK(ctx, std::memcmp(got.data(), want_sums.data(), E * 4) == 0,
                "aux score sums are not the rank-ordered fp32 sums");
       EP_CHECK(ctx, c.download<int32_t>(s)[0] == want_count, "token count sum");
-    });
+    }, kProblemTimeout, "reductions, ep = " + std::to_string(n));
     for (const std::string& f : failures) UNSCOPED_INFO(f);
     CHECK(failures.empty());
   }
@@ -931,24 +1091,25 @@ TEST_CASE("ep gpu: bad arguments write nothing; ranks with different configurati
     idx.upload(p.indices[r], s);
     w.upload(g.routing.weights[r], s);
     x.upload(g.xrows[r], s);
+    ctx.sync(__LINE__);  // end of the allocation phase
     run_layout(ctx, g.config, e, T, idx.as<int32_t>(), nullptr, nullptr);
     Guarded recv_x(R * H * 2, s), recv_idx(R * K * 4, s), recv_w(R * K * 4, s), y(T * H * 2, s);
     // Every rank makes the same mistake, so no rank reaches NCCL.
-    const moekit_status_t small_ws = moekit_ep_dispatch(
+    const moekit_status_t small_ws = EP_CALL(moekit_ep_dispatch(
         e.handle, T, e.layout.get(), e.hl(), x.get(), idx.as<int32_t>(), w.as<float>(),
         recv_x.get(), recv_idx.as<int32_t>(), recv_w.as<float>(), nullptr, nullptr,
-        e.workspace.get(), e.workspace_bytes - 1, s);
+        e.workspace.get(), e.workspace_bytes - 1, s));
     EP_CHECK(ctx, small_ws == MOEKIT_STATUS_WORKSPACE_TOO_SMALL, moekit_get_last_error());
-    const moekit_status_t wrong_t = moekit_ep_combine(e.handle, T + 1, e.layout.get(), e.hl(),
-                                                      recv_x.get(), y.get(), e.workspace.get(),
-                                                      e.workspace_bytes, s);
+    const moekit_status_t wrong_t = EP_CALL(moekit_ep_combine(
+        e.handle, T + 1, e.layout.get(), e.hl(), recv_x.get(), y.get(), e.workspace.get(),
+        e.workspace_bytes, s));
     EP_CHECK(ctx, wrong_t == MOEKIT_STATUS_INVALID_ARGUMENT &&
                       std::strstr(moekit_get_last_error(), "num_tokens") != nullptr,
              moekit_get_last_error());
     EP_CUDA_OK(ctx, cudaSetDevice(1 - r));
-    const moekit_status_t wrong_device = moekit_ep_combine(
+    const moekit_status_t wrong_device = EP_CALL(moekit_ep_combine(
         e.handle, T, e.layout.get(), e.hl(), recv_x.get(), y.get(), e.workspace.get(),
-        e.workspace_bytes, s);
+        e.workspace_bytes, s));
     EP_CUDA_OK(ctx, cudaSetDevice(r));
     EP_CHECK(ctx, wrong_device == MOEKIT_STATUS_INVALID_ARGUMENT &&
                       std::strstr(moekit_get_last_error(), "current device") != nullptr,
@@ -962,19 +1123,22 @@ TEST_CASE("ep gpu: bad arguments write nothing; ranks with different configurati
       moekit_ep_config_t other = g.config;
       if (r == 1 && variant == 0) other.hidden = 24;
       if (r == 1 && variant == 1) other.num_chunks = 3;
+      // Allocation phase: the previous variant's handle was destroyed after its layout returned
+      // (every rank had issued that exchange), and this one is created; both end here.
       RankEp mismatched;
       create_rank_ep(ctx, other, mismatched);
+      ctx.sync(__LINE__);
       int64_t rows = 0;
-      const moekit_status_t st =
+      const moekit_status_t st = EP_CALL(
           moekit_ep_layout(mismatched.handle, T, idx.as<int32_t>(), nullptr,
                            mismatched.layout.get(), mismatched.layout_bytes, mismatched.hl(),
-                           &rows, nullptr, s);
+                           &rows, nullptr, s));
       EP_CHECK(ctx, st == MOEKIT_STATUS_INVALID_ARGUMENT &&
                         std::strstr(moekit_get_last_error(), "different configuration") != nullptr,
                "variant " << variant << ": " << moekit_status_string(st) << ": "
                           << moekit_get_last_error());
     }
-  });
+  }, kProblemTimeout, "bad arguments, ep = 2");
   for (const std::string& f : failures) UNSCOPED_INFO(f);
   CHECK(failures.empty());
 }
