@@ -46,7 +46,17 @@
  * exchanged counts on the host exactly once, in moekit_ep_layout (not capturable); its
  * dispatch/combine/backward calls are capturable but bake that layout's sizes into the graph.
  * Collectives: moekit_ep_layout (exact mode), dispatch, combine and both backwards must be called
- * by every rank of the communicator, in the same order, also by a rank with T = 0.
+ * by every rank of the communicator, in the same order, also by a rank with T = 0. What a call
+ * sends and receives depends only on the configuration, the layouts and the call, never on a
+ * pointer being NULL on one rank: a rank whose T (or received row count) is 0 may pass NULL for
+ * the arrays that are empty there while its peers pass arrays. The caller's choices that must agree
+ * across ranks: weight gradients in moekit_ep_dispatch_backward (every rank asks for them or none)
+ * and which of the two arrays moekit_ep_allreduce_aux_stats reduces.
+ * One process driving several GPUs (a thread per rank): cudaMalloc, cudaFree, cudaMallocHost and
+ * cudaFreeHost, and so moekit_ep_create and moekit_ep_destroy (pinned staging), may wait for every
+ * GPU with peer access to this one. A thread must not make such a call while a peer may be waiting
+ * in a collective for this thread's side (NCCL's rule): allocate before the collectives, or between
+ * them behind a host barrier of all ranks (docs/ep.md, "Hangs").
  * Streams: every call takes the caller's stream; with num_chunks > 1 the handle forks a second
  * stream of its own for the pipeline and joins it back before the call returns (in stream order).
  * The calling thread's current device must be the communicator's device.
@@ -142,7 +152,9 @@ MOEKIT_API moekit_status_t moekit_ep_workspace_size(const moekit_ep_config_t* co
                                                     size_t* workspace_bytes);
 
 /* Creates a handle on the caller's communicator. Not a collective: it reads the communicator's
- * size, rank and device (host calls) and creates the pipeline stream and events on that device.
+ * size, rank and device (host calls), creates the pipeline stream and events on that device and
+ * allocates a small pinned staging buffer (cudaMallocHost: see "One process driving several GPUs"
+ * at the top).
  *   config    [in, host]  every rank passes the same values.
  *   nccl_comm [in, host]  an ncclComm_t; moekit never creates, splits or destroys it. It must
  *                         outlive the handle.
@@ -152,8 +164,9 @@ MOEKIT_API moekit_status_t moekit_ep_workspace_size(const moekit_ep_config_t* co
 MOEKIT_API moekit_status_t moekit_ep_create(const moekit_ep_config_t* config, void* nccl_comm,
                                             moekit_ep_handle_t* handle);
 
-/* Destroys a handle (NULL is a no-op). Waits for nothing: the caller must not have work using it in
- * flight. Returns SUCCESS. Since 0.1. */
+/* Destroys a handle (NULL is a no-op). Waits for nothing itself, but frees pinned memory
+ * (cudaFreeHost, which CUDA may synchronise); the caller must not have work using it in flight.
+ * Returns SUCCESS. Since 0.1. */
 MOEKIT_API moekit_status_t moekit_ep_destroy(moekit_ep_handle_t handle);
 
 /*
@@ -292,7 +305,8 @@ MOEKIT_API moekit_status_t moekit_ep_aux_stats_workspace_size(void* nccl_comm, i
  *          followed by an ordered sum, so every rank gets bitwise the same S, run after run;
  *   N   <- sum over ranks of N (int32 all-reduce, exact).
  *   aux_score_sum   [in/out, device] S fp32 [E], or NULL.
- *   aux_token_count [in/out, device] N int32 [1], or NULL. At least one of the two.
+ *   aux_token_count [in/out, device] N int32 [1], or NULL. At least one of the two, and the same
+ *                   choice on every rank (each array is its own NCCL collective).
  *   workspace       [in, device] moekit_ep_aux_stats_workspace_size bytes, 256-byte aligned
  *                   (may be NULL when aux_score_sum is).
  * Returns SUCCESS; INVALID_ARGUMENT; WORKSPACE_TOO_SMALL; MISALIGNED; CUDA_ERROR; NCCL_ERROR;
