@@ -431,7 +431,13 @@ struct GroupedGemmSm80 {
         mma_frags(acc, f[kk & 1]);
         if constexpr (kk == kKSteps - 2) {
           cp_async_wait<Cfg::kStages - 2>();
-          __syncthreads();
+          // The barrier (a counting one: its result is 0) feeds the fragments of step kk + 1,
+          // so ptxas keeps that step's mma after it. Otherwise it hoists every mma of the k tile
+          // above the barrier (they only need registers), and after the barrier the warp has
+          // nothing to issue while the next stage's ldmatrix land: the tensor pipe idles.
+          const uint32_t zero = static_cast<uint32_t>(__syncthreads_count(0));
+#pragma unroll
+          for (int mi = 0; mi < kMI; ++mi) f[(kk + 1) & 1].a[mi][0] += zero;
         }
       });
       read_stage = next_stage;
