@@ -44,6 +44,7 @@ int main(int argc, char** argv) {
               std::getenv("NCCL_NVLS_ENABLE"));
   std::printf("random seed for fresh inputs: %llu (set MOEKIT_TEST_SEED to repeat)\n",
               static_cast<unsigned long long>(moekit::test::session_seed()));
+  std::fflush(stdout);  // the watchdog may end the process with _Exit, which flushes nothing
   // Declaration order unless --order is given: the smoke steps come first, so that a hang is met
   // at the smallest step that shows it (some Catch2 3 releases default to random order).
   Catch::Session session;

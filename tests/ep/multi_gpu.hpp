@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "moekit/status.h"
+#include "tests/support/random.hpp"
 
 namespace moekit::test::ep {
 
@@ -268,9 +269,12 @@ inline void report_stuck_ranks(const std::string& label, int timeout_s,
                                const std::vector<Breadcrumb>& crumbs,
                                const std::vector<ncclComm_t>& comms) {
   const int64_t now = now_ms();
+  std::fflush(stdout);  // what the run printed so far (stdout is block-buffered into a log)
   std::fprintf(stderr,
-               "EP watchdog: %s%sranks still running after %d s; the process ends now (exit 1)\n",
-               label.c_str(), label.empty() ? "" : ": ", timeout_s);
+               "EP watchdog: %s%sranks still running after %d s; the process ends now (exit 1); "
+               "MOEKIT_TEST_SEED=%llu repeats the inputs\n",
+               label.c_str(), label.empty() ? "" : ": ", timeout_s,
+               static_cast<unsigned long long>(moekit::test::session_seed()));
   for (size_t r = 0; r < crumbs.size(); ++r) {
     const Breadcrumb& b = crumbs[r];
     if (b.finished.load()) {
@@ -295,7 +299,7 @@ inline void report_stuck_ranks(const std::string& label, int timeout_s,
   std::thread([] {
     std::this_thread::sleep_for(std::chrono::seconds(10));
     std::fprintf(stderr, "EP watchdog: querying NCCL blocked for 10 s\n");
-    std::fflush(stderr);
+    std::fflush(nullptr);
     std::_Exit(1);
   }).detach();
   for (size_t r = 0; r < comms.size(); ++r) {
@@ -383,6 +387,7 @@ inline std::vector<std::string> run_ranks(int n, const std::function<void(RankCo
         std::fflush(stderr);
       }
       report_stuck_ranks(label, timeout_s, crumbs, comms);
+      std::fflush(nullptr);
       std::_Exit(1);
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
