@@ -1,38 +1,22 @@
 // The dense MLP (shared experts) on the host side: the caller-owned cuBLASLt state behind
-// moekit_mlp_handle_t, a cache of matmul plans keyed by shape, and the forward/backward sequences
-// (cuBLASLt GEMMs around the elementwise activation kernels of kernels/experts).
+// moekit_mlp_handle_t (src/common/lt_gemm.hpp) and the forward/backward sequences (cuBLASLt GEMMs
+// around the elementwise activation kernels of kernels/experts).
 #pragma once
 
-#include <cublasLt.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
-#include <map>
-#include <mutex>
-#include <tuple>
 
 #include "moekit/experts.h"
+#include "src/common/lt_gemm.hpp"
 
-// The opaque handle of moekit/experts.h.
+// The opaque handle of moekit/experts.h: cuBLASLt state and its plan cache, on one device.
 struct moekit_mlp_handle {
-  cublasLtHandle_t lt = nullptr;
+  moekit::LtGemm gemm;
   int device = 0;
-  std::mutex mutex;  // serialises plan lookups and the per-call descriptor attributes
-  struct Plan {
-    cublasLtMatmulDesc_t desc = nullptr;
-    cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
-    cublasLtMatmulAlgo_t algo{};
-  };
-  // (dtype in, dtype out, op a, op b, m, n, k, lda, ldb, ldd, epilogue)
-  using Key = std::tuple<int, int, int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int>;
-  std::map<Key, Plan> plans;
 };
 
 namespace moekit::experts {
-
-// cuBLASLt workspace carved from the caller's workspace of every MLP call (a fixed size, so the
-// algorithm choice and therefore the bits never depend on the caller's buffer).
-constexpr size_t kCublasWorkspaceBytes = size_t(32) << 20;
 
 moekit_status_t mlp_handle_create(moekit_mlp_handle_t* handle);
 moekit_status_t mlp_handle_destroy(moekit_mlp_handle_t handle);

@@ -12,14 +12,14 @@
 
 #include "moekit/layer.h"
 #include "src/layer/layer_config.hpp"
-#include "src/layer/layer_gemm.hpp"
+#include "src/common/lt_gemm.hpp"
 #include "src/tokens/plan_config.hpp"
 
 // The opaque handle of moekit/layer.h.
 struct moekit_layer {
   moekit::layer::LayerConfig config;
   int device = 0;
-  moekit::layer::LtGemm projection;      // cuBLASLt for z = x W_r^T and its backward
+  moekit::LtGemm projection;      // cuBLASLt for z = x W_r^T and its backward
   moekit_mlp_handle_t shared = nullptr;  // the shared MLP's cuBLASLt state (with a shared MLP)
   std::atomic<void* const*> stage_events{nullptr};
 };

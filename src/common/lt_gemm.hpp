@@ -1,7 +1,8 @@
-// The router projection's GEMMs (z = x W_r^T, dW_r = dz^T x, dx += dz W_r) on cuBLASLt: a handle
-// owned by the layer and a cache of matmul plans keyed by shape, so that after the first call of a
-// shape a GEMM is one cublasLtMatmul on the caller's stream (host work only: capturable).
-// Determinism as the dense MLP's (docs/experts.md): a fixed cuBLASLt workspace, no in-place split-K
+// Dense GEMMs on cuBLASLt, shared by the dense MLP (shared experts) and the layer's router
+// projection: a cuBLASLt handle and a cache of matmul plans keyed by shape, so that after the first
+// call of a shape a GEMM is one cublasLtMatmul on the caller's stream (host work only: capturable).
+// Deterministic: fp32 compute (fp32 inputs never run as TF32), a fixed cuBLASLt workspace (so the
+// algorithm, and therefore the bits, never depend on the caller's buffer), no in-place split-K
 // reduction, one stream.
 #pragma once
 
@@ -15,10 +16,9 @@
 
 #include "moekit/status.h"
 
-namespace moekit::layer {
+namespace moekit {
 
-// cuBLASLt workspace carved from the layer's workspace for every projection GEMM (a fixed size, so
-// the algorithm, and therefore the bits, never depend on the caller's buffer).
+// cuBLASLt workspace every GEMM gets, carved from the caller's workspace.
 constexpr size_t kLtWorkspaceBytes = size_t(32) << 20;
 
 // One column-major GEMM: D[m, n] = op(A) op(B) (+ bias[m] broadcast over n, bias of D's type).
@@ -41,6 +41,7 @@ class LtGemm {
   LtGemm(const LtGemm&) = delete;
   LtGemm& operator=(const LtGemm&) = delete;
 
+  // Creates the cuBLASLt handle (not graph-safe; once, before any run).
   moekit_status_t create();
   // Enqueues D = op(A) op(B) (+ bias) on stream; lt_workspace holds kLtWorkspaceBytes.
   moekit_status_t run(const Gemm& gemm, void* lt_workspace, cudaStream_t stream);
@@ -61,6 +62,7 @@ class LtGemm {
   std::map<Key, Plan> plans_;
 };
 
-cudaDataType_t cuda_type(moekit_dtype_t dtype);
+// cuBLASLt's type of a moekit_dtype_t value.
+cudaDataType_t cuda_type(int32_t dtype);
 
-}  // namespace moekit::layer
+}  // namespace moekit
