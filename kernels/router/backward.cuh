@@ -76,7 +76,7 @@ __device__ __forceinline__ float aux_shifted(const AuxScale& x, int32_t load) {
 // is valid). Every lane of the warp must call it (team reductions and a full-warp shuffle).
 template <int TPT, int R>
 __device__ __forceinline__ float rank_shift(const float (&u)[R], const bool (&valid)[R], const float (&g)[R],
-                                            int lt, int team_base, unsigned team_mask) {
+                                            int lt, int team_base) {
   float mx = -INFINITY;
 #pragma unroll
   for (int i = 0; i < R; ++i)
@@ -91,14 +91,13 @@ __device__ __forceinline__ float rank_shift(const float (&u)[R], const bool (&va
       mine_g = g[i];
     }
   }
-  unsigned best = mine;
-  if constexpr (TPT > 1) best = __reduce_min_sync(team_mask, mine);
+  const unsigned best = team_umin<TPT>(mine, team_base / TPT);
   const int src = team_base + (best == 0xffffffffu ? 0 : static_cast<int>(best % TPT));
   const float c = __shfl_sync(kFullMask, mine_g, src);
   return best == 0xffffffffu ? 0.0f : c;
 }
 
-template <class T, int V, int TPT>
+template <class T, int V, int TPT, ScoreMode MODE>
 __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT))
     router_backward_fast_kernel(const BackwardArgs a) {
   constexpr int kTeamsPerWarp = 32 / TPT;
@@ -122,11 +121,10 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
   const int team_in_warp = lane / TPT;
   const int team = warp * kTeamsPerWarp + team_in_warp;
   const int team_base = team_in_warp * TPT;
-  const unsigned team_mask = TPT == 32 ? kFullMask : (((1u << TPT) - 1u) << team_base);
   const int base = lt * V;
   const int rem = E - base;  // row elements from this lane's first on (kernels/router/span.hpp)
-  const int sf = o.score_func;
-  const bool topk_softmax = o.topk_then_softmax != 0;
+  constexpr int sf = score_func_of(MODE);  // compiled per score function
+  constexpr bool topk_softmax = MODE == ScoreMode::kTopkSoftmax;
   const bool aux_on = aux_enabled(a);
   const bool full_softmax = sf == MOEKIT_SCORE_SOFTMAX && (!topk_softmax || aux_on);
   const bool wub = o.weights_use_bias != 0;
@@ -243,7 +241,7 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
       for (int i = 0; i < kRanks; ++i) su += u[i];
       su = team_sum<TPT>(su);
       const float denom = su + 1e-20f;
-      const float c = rank_shift<TPT>(u, valid, gv, lt, team_base, team_mask);
+      const float c = rank_shift<TPT>(u, valid, gv, lt, team_base);
       float d = 0.0f;
 #pragma unroll
       for (int i = 0; i < kRanks; ++i) d += valid[i] ? (gv[i] - c) * u[i] : 0.0f;
@@ -264,7 +262,7 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
       }
     }
     if (topk_softmax) {
-      const float c = rank_shift<TPT>(u, valid, gv, lt, team_base, team_mask);
+      const float c = rank_shift<TPT>(u, valid, gv, lt, team_base);
       float d = 0.0f;
 #pragma unroll
       for (int i = 0; i < kRanks; ++i) d += valid[i] ? (gv[i] - c) * u[i] : 0.0f;
@@ -272,13 +270,26 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
 #pragma unroll
       for (int i = 0; i < kRanks; ++i) gv[i] = valid[i] ? u[i] * ((gv[i] - c) - d) : 0.0f;
     }
-    // Scatter in k order, one rank per round (repeated indices add up deterministically).
+    // Scatter in k order, one rank per round (repeated indices add up deterministically). With
+    // one rank per lane and no index repeated in a team (every moekit forward), the ranks touch
+    // distinct entries: one round does it, in any order, with the same result.
+    bool one_round = false;
+    if constexpr (kRanks == 1 && TPT > 1) {
+      const uint32_t tag = valid[0] ? (static_cast<uint32_t>(idx[0]) | (static_cast<uint32_t>(team_in_warp) << 16))
+                                    : (0x80000000u | static_cast<uint32_t>(lane));
+      one_round = __all_sync(kFullMask, __match_any_sync(kFullMask, tag) == (1u << lane));
+    }
+    if (one_round) {
+      if (valid[0]) g_row[team][idx[0]] += gv[0];
+      __syncwarp();
+    } else {
 #pragma unroll
-    for (int i = 0; i < kRanks; ++i) {
-      if (i * TPT >= K) break;
-      for (int l = 0; l < TPT && l + i * TPT < K; ++l) {
-        if (lt == l && valid[i]) g_row[team][idx[i]] += gv[i];
-        __syncwarp();
+      for (int i = 0; i < kRanks; ++i) {
+        if (i * TPT >= K) break;
+        for (int l = 0; l < TPT && l + i * TPT < K; ++l) {
+          if (lt == l && valid[i]) g_row[team][idx[i]] += gv[i];
+          __syncwarp();
+        }
       }
     }
 
@@ -343,7 +354,7 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
 #pragma unroll
         for (int j = V - 1; j >= 0; --j)
           if (s[j] == smax) first = static_cast<unsigned>(base + j);
-        if constexpr (TPT > 1) first = __reduce_min_sync(team_mask, first);
+        first = team_umin<TPT>(first, team_in_warp);
         a_top = first < static_cast<unsigned>(kEPad) ? s_aux[first] : 0.0f;  // 0 past E
       }
       if (m) {
@@ -393,11 +404,23 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
   }
 }
 
+template <class T, int V, int TPT, ScoreMode MODE>
+cudaError_t launch_backward_fast_mode(const BackwardArgs& a, cudaStream_t stream) {
+  auto kernel = router_backward_fast_kernel<T, V, TPT, MODE>;
+  const int32_t grid = resident_grid(kernel, kFastThreads, 0, a.shape.num_blocks);
+  kernel<<<grid, kFastThreads, 0, stream>>>(a);
+  return cudaPeekAtLastError();
+}
+
 template <class T, int V, int TPT>
 cudaError_t launch_backward_fast(const BackwardArgs& a, cudaStream_t stream) {
-  const int32_t grid = resident_grid(router_backward_fast_kernel<T, V, TPT>, kFastThreads, 0, a.shape.num_blocks);
-  router_backward_fast_kernel<T, V, TPT><<<grid, kFastThreads, 0, stream>>>(a);
-  return cudaPeekAtLastError();
+  switch (score_mode(a.opt.score_func, a.opt.topk_then_softmax)) {
+    case ScoreMode::kSoftmax: return launch_backward_fast_mode<T, V, TPT, ScoreMode::kSoftmax>(a, stream);
+    case ScoreMode::kSigmoid: return launch_backward_fast_mode<T, V, TPT, ScoreMode::kSigmoid>(a, stream);
+    case ScoreMode::kSqrtSoftplus: return launch_backward_fast_mode<T, V, TPT, ScoreMode::kSqrtSoftplus>(a, stream);
+    case ScoreMode::kTopkSoftmax: return launch_backward_fast_mode<T, V, TPT, ScoreMode::kTopkSoftmax>(a, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 template <class T>
@@ -429,7 +452,15 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32, 4)
   const int64_t num_tokens = a.num_tokens;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  float* g_row = g_smem + static_cast<size_t>(warp) * E;
+  // Per warp: the scattered gradient [E], then two staging buffers for logits rows (the current
+  // token's and the next one's; kernels/router/tuning.hpp, GenericBackwardLayout): every pass over
+  // the row reads shared memory while the next row is in flight (kernels/router/common.cuh).
+  const GenericBackwardLayout layout = generic_backward_layout(E, static_cast<int>(sizeof(T)));
+  float* g_row = g_smem + static_cast<size_t>(warp) * layout.warp_words;
+  const uint32_t* zbuf = reinterpret_cast<const uint32_t*>(g_row + layout.grad_words);
+  const uint32_t zbuf_addr = static_cast<uint32_t>(__cvta_generic_to_shared(zbuf));
+  const int row_bytes = E * static_cast<int>(sizeof(T));
+  const int64_t stride_bytes = a.logits_stride * static_cast<int64_t>(sizeof(T));
   const int sf = o.score_func;
   const bool topk_softmax = o.topk_then_softmax != 0;
   const bool aux_on = aux_enabled(a);
@@ -438,13 +469,26 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32, 4)
   const AuxScale aux = aux_scale(a);
   const int64_t warps_total = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
 
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + warp; t < num_tokens; t += warps_total) {
-    const T* row = reinterpret_cast<const T*>(static_cast<const char*>(a.logits) +
-                                              t * a.logits_stride * static_cast<int64_t>(sizeof(T)));
+  auto stage = [&](int64_t tok, int buf) {  // the row of token tok into buffer buf (if it exists)
+    if (tok < num_tokens)
+      stage_row<sizeof(T)>(zbuf_addr + 4u * static_cast<uint32_t>(buf * layout.row_words),
+                           static_cast<const char*>(a.logits) + tok * stride_bytes, row_bytes, a.logits_vec_bytes, lane);
+    cp_async_commit();
+  };
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + warp;
+  stage(t0, 0);
+  int buf = 0;
+  for (int64_t t = t0; t < num_tokens; t += warps_total, buf ^= 1) {
+    __syncwarp();  // every lane is done with the other buffer (the token before last)
+    stage(t + warps_total, buf ^ 1);
+    cp_async_wait<1>();  // this token's row is complete
+    __syncwarp();        // ... and visible to the whole warp
+    const T* zrow = reinterpret_cast<const T*>(zbuf + buf * layout.row_words);
+    auto load_z = [&](int e) { return smem_elem<T>(zrow, e); };
     T* grow = reinterpret_cast<T*>(static_cast<char*>(a.grad_logits) +
                                    t * a.grad_stride * static_cast<int64_t>(sizeof(T)));
     const bool m = a.token_mask == nullptr || __ldg(a.token_mask + t) != 0;
-    const RowScore score = row_score(sf, full_softmax, E, [&](int e) { return Elem<T>::load1(row + e); });
+    const RowScore score = row_score(sf, full_softmax, E, load_z);
     auto bias_at = [&](int e) -> float { return a.bias != nullptr ? __ldg(a.bias + e) : 0.0f; };
     auto aux_at = [&](int e) -> float { return aux_shifted(aux, __ldg(a.expert_load + e)); };  // a'_e
 
@@ -457,13 +501,13 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32, 4)
     const bool valid = has && idx >= 0 && idx < E;
     float u = 0.0f;
     if (valid) {
-      const float z = Elem<T>::load1(row + idx);
+      const float z = load_z(idx);
       u = topk_softmax ? z : (wub ? score(z) + bias_at(idx) : score(z));
     }
     float gv = (valid && a.grad_weights != nullptr) ? o.route_scale * __ldg(a.grad_weights + t * K + lane) : 0.0f;
     if (topk_softmax) {
       const float zmax = warp_max(valid ? u : -INFINITY);
-      u = valid ? __expf(u - zmax) : 0.0f;
+      u = valid ? softmax_num(u, zmax) : 0.0f;
       u = u / warp_sum(u);
     }
     // gv of the largest weight, the lowest rank among equals (rank_shift of the fast path)
@@ -502,7 +546,7 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32, 4)
     if (aux_on && o.normalize) {
       float sq = 0.0f, saq = 0.0f;
       for (int e = lane; e < E; e += 32) {
-        const float sv = score(Elem<T>::load1(row + e));
+        const float sv = score(load_z(e));
         const float q = wub ? sv + bias_at(e) : sv;
         sq += q;
         saq += aux_at(e) * q;
@@ -516,7 +560,7 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32, 4)
     if (aux_on && sf == MOEKIT_SCORE_SOFTMAX) {
       unsigned first = 0xffffffffu;
       for (int e = lane; e < E; e += 32)
-        if (first == 0xffffffffu && Elem<T>::load1(row + e) == score.mx) first = static_cast<unsigned>(e);
+        if (first == 0xffffffffu && load_z(e) == score.mx) first = static_cast<unsigned>(e);
       first = __reduce_min_sync(kFullMask, first);
       a_top = first < static_cast<unsigned>(E) ? aux_at(static_cast<int>(first)) : 0.0f;
     }
@@ -531,13 +575,13 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32, 4)
     if (sf == MOEKIT_SCORE_SOFTMAX) {
       float d = 0.0f;
       for (int e = lane; e < E; e += 32) {
-        const float sv = score(Elem<T>::load1(row + e));
+        const float sv = score(load_z(e));
         d += ((sel_in_dot ? g_row[e] : 0.0f) + gq_at(e)) * sv;
       }
       dot = warp_sum(d) + sel_dot;
     }
     for (int e = lane; e < E; e += 32) {
-      const float z = Elem<T>::load1(row + e);
+      const float z = load_z(e);
       const float sv = score(z);
       float gz;
       if (sf == MOEKIT_SCORE_SOFTMAX) {
@@ -551,17 +595,14 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32, 4)
       grow[e] = from_float<T>(gz);
     }
   }
+  cp_async_wait<0>();  // nothing in flight when the warp exits
 }
 
 template <class T>
 cudaError_t launch_backward_generic(const BackwardArgs& a, cudaStream_t stream) {
   const size_t smem = a.shape.smem_bytes;
-  if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(router_backward_generic_kernel<T>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
-  }
+  const cudaError_t e = ensure_dynamic_smem(router_backward_generic_kernel<T>, smem);
+  if (e != cudaSuccess) return e;
   const int32_t grid = resident_grid(router_backward_generic_kernel<T>, a.shape.threads, smem, a.shape.num_blocks);
   router_backward_generic_kernel<T><<<grid, a.shape.threads, smem, stream>>>(a);
   return cudaPeekAtLastError();

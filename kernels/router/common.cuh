@@ -7,7 +7,11 @@
 // candidate" (a lane that has given away all its experts).
 //
 // Scores: fp32 with the MUFU exponential and reciprocal (a few ulp; docs/router.md), the same
-// functions in the forward and the backward so that a recompute sees the forward's values.
+// functions in the forward and the backward so that a recompute sees the forward's values. The
+// exponential is ex2.approx.ftz of a separately rounded x log2(e) (results below 2^-126 flush to
+// 0): one MUFU instruction and one multiply, without the subnormal range fix-up of the non-ftz
+// intrinsic. Every multiply / add a score depends on is an explicitly rounded intrinsic, so no
+// contraction can make two evaluations of the same score differ.
 //
 // Team reductions: xor butterflies inside aligned groups of TPT lanes (a power of two); every
 // lane of the team ends with the bitwise-same result (fp32 addition is commutative), and the
@@ -21,12 +25,33 @@
 #include <cstdint>
 
 #include "kernels/common/dtype.cuh"
+#include "kernels/router/layout.hpp"
 #include "kernels/router/span.hpp"
 #include "moekit/router.h"
 
 namespace moekit::kernels::router {
 
 constexpr unsigned kFullMask = 0xffffffffu;
+
+// Score function of a kernel, fixed at compile time (each kernel holds only its own instructions).
+enum class ScoreMode : int {
+  kSoftmax = 0,      // softmax, then top-k
+  kSigmoid = 1,
+  kSqrtSoftplus = 2,
+  kTopkSoftmax = 3,  // top-k of the logits, then a softmax over the K picked
+};
+
+inline ScoreMode score_mode(int32_t score_func, int32_t topk_then_softmax) {
+  if (score_func == MOEKIT_SCORE_SOFTMAX) return topk_then_softmax ? ScoreMode::kTopkSoftmax : ScoreMode::kSoftmax;
+  return score_func == MOEKIT_SCORE_SIGMOID ? ScoreMode::kSigmoid : ScoreMode::kSqrtSoftplus;
+}
+
+// The moekit_score_func_t of a mode.
+constexpr int score_func_of(ScoreMode m) {
+  return m == ScoreMode::kSigmoid ? MOEKIT_SCORE_SIGMOID
+         : m == ScoreMode::kSqrtSoftplus ? MOEKIT_SCORE_SQRT_SOFTPLUS
+                                         : MOEKIT_SCORE_SOFTMAX;
+}
 
 __device__ __forceinline__ uint32_t float_key(float x) {
   const uint32_t u = __float_as_uint(x);
@@ -46,19 +71,33 @@ __device__ __forceinline__ float approx_rcp(float x) {
   return r;
 }
 
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ float approx_exp2(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
+// e^x = 2^(x log2 e): the product rounded once, then MUFU.EX2 (flushes results below 2^-126).
+__device__ __forceinline__ float approx_exp(float x) { return approx_exp2(__fmul_rn(x, kLog2e)); }
+
 // 1 / (1 + e^-x): 0 at -inf, 1 at +inf, NaN at NaN.
-__device__ __forceinline__ float sigmoid_f(float x) { return approx_rcp(1.0f + __expf(-x)); }
+__device__ __forceinline__ float sigmoid_f(float x) { return approx_rcp(__fadd_rn(1.0f, approx_exp(-x))); }
 
 // sqrt(softplus(x)) with softplus(x) = max(x, 0) + log1p(e^-|x|) (no overflow, exact tails).
 __device__ __forceinline__ float sqrt_softplus_f(float x) {
-  return sqrtf(fmaxf(x, 0.0f) + log1pf(__expf(-fabsf(x))));
+  return __fsqrt_rn(__fadd_rn(fmaxf(x, 0.0f), log1pf(approx_exp(-fabsf(x)))));
 }
 
 // d sqrt(softplus(x)) / dx = sigmoid(x) / (2 s). Below x = -20 (s ~ e^(x/2)) it is computed as
 // e^(x/2) / 2 (relative error < e^-20), which is also the safe value where s underflows to 0.
 __device__ __forceinline__ float sqrt_softplus_grad(float x, float s) {
-  return x < -20.0f ? 0.5f * __expf(0.5f * x) : sigmoid_f(x) * approx_rcp(2.0f * s);
+  return x < -20.0f ? 0.5f * approx_exp(0.5f * x) : sigmoid_f(x) * approx_rcp(2.0f * s);
 }
+
+// Softmax numerator e^(z - mx): the subtraction rounded once, then approx_exp.
+__device__ __forceinline__ float softmax_num(float z, float mx) { return approx_exp(__fsub_rn(z, mx)); }
 
 template <int TPT>
 __device__ __forceinline__ float team_sum(float v) {
@@ -72,6 +111,46 @@ __device__ __forceinline__ float team_max(float v) {
 #pragma unroll
   for (int d = TPT / 2; d > 0; d >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, d));
   return v;
+}
+
+// Max of a uint32 over the lanes of each team (all lanes of the warp call it). TPT >= 16: one
+// redux.sync per team of the warp, each over the full warp (the other team contributes 0, below
+// every real key), so no partial-mask collective serialises the warp; below: a butterfly.
+template <int TPT>
+__device__ __forceinline__ uint32_t team_umax(uint32_t v, int team_in_warp) {
+  if constexpr (TPT == 32) {
+    return __reduce_max_sync(kFullMask, v);
+  } else if constexpr (TPT == 16) {
+    const uint32_t lo = __reduce_max_sync(kFullMask, team_in_warp == 0 ? v : 0u);
+    const uint32_t hi = __reduce_max_sync(kFullMask, team_in_warp == 0 ? 0u : v);
+    return team_in_warp == 0 ? lo : hi;
+  } else {
+#pragma unroll
+    for (int d = TPT / 2; d > 0; d >>= 1) {
+      const uint32_t o = __shfl_xor_sync(kFullMask, v, d);
+      v = o > v ? o : v;
+    }
+    return v;
+  }
+}
+
+// Min of a uint32 over the lanes of each team (as team_umax; the other team contributes ~0).
+template <int TPT>
+__device__ __forceinline__ uint32_t team_umin(uint32_t v, int team_in_warp) {
+  if constexpr (TPT == 32) {
+    return __reduce_min_sync(kFullMask, v);
+  } else if constexpr (TPT == 16) {
+    const uint32_t lo = __reduce_min_sync(kFullMask, team_in_warp == 0 ? v : 0xffffffffu);
+    const uint32_t hi = __reduce_min_sync(kFullMask, team_in_warp == 0 ? 0xffffffffu : v);
+    return team_in_warp == 0 ? lo : hi;
+  } else {
+#pragma unroll
+    for (int d = TPT / 2; d > 0; d >>= 1) {
+      const uint32_t o = __shfl_xor_sync(kFullMask, v, d);
+      v = o < v ? o : v;
+    }
+    return v;
+  }
 }
 
 __device__ __forceinline__ float warp_sum(float v) { return team_sum<32>(v); }
@@ -91,12 +170,12 @@ __device__ __forceinline__ void lane_scores(int score_func, bool full_softmax, c
       float sum = 0.0f;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        s[j] = __expf(z[j] - mx);
+        s[j] = softmax_num(z[j], mx);
         sum += s[j];
       }
       const float inv = 1.0f / team_sum<TPT>(sum);
 #pragma unroll
-      for (int j = 0; j < V; ++j) s[j] *= inv;
+      for (int j = 0; j < V; ++j) s[j] = __fmul_rn(s[j], inv);
     } else {
 #pragma unroll
       for (int j = 0; j < V; ++j) s[j] = 0.0f;
@@ -122,7 +201,7 @@ __device__ __forceinline__ void picked_softmax(float (&u)[R], const bool (&has)[
   float sum = 0.0f;
 #pragma unroll
   for (int i = 0; i < R; ++i) {
-    u[i] = has[i] ? __expf(u[i] - mx) : 0.0f;
+    u[i] = has[i] ? softmax_num(u[i], mx) : 0.0f;
     sum += u[i];
   }
   sum = team_sum<TPT>(sum);
@@ -139,7 +218,7 @@ struct RowScore {
   float mx;
   float inv;
   __device__ __forceinline__ float operator()(float z) const {
-    if (score_func == MOEKIT_SCORE_SOFTMAX) return full_softmax ? __expf(z - mx) * inv : 0.0f;
+    if (score_func == MOEKIT_SCORE_SOFTMAX) return full_softmax ? __fmul_rn(softmax_num(z, mx), inv) : 0.0f;
     if (score_func == MOEKIT_SCORE_SIGMOID) return sigmoid_f(z);
     return sqrt_softplus_f(z);
   }
@@ -154,10 +233,35 @@ __device__ __forceinline__ RowScore row_score(int score_func, bool full_softmax,
     for (int e = lane; e < num_experts; e += 32) mx = fmaxf(mx, load_z(e));
     r.mx = warp_max(mx);
     float sum = 0.0f;
-    for (int e = lane; e < num_experts; e += 32) sum += __expf(load_z(e) - r.mx);
+    for (int e = lane; e < num_experts; e += 32) sum += softmax_num(load_z(e), r.mx);
     r.inv = 1.0f / warp_sum(sum);
   }
   return r;
+}
+
+// x + d through an asm statement the optimiser cannot see into: keeps a strided induction
+// variable an addition per step (otherwise it may be rebuilt from the loop counter with 64-bit
+// multiplies every iteration when registers are tight).
+__device__ __forceinline__ int64_t opaque_add(int64_t x, int64_t d) {
+  int64_t r;
+  asm("add.s64 %0, %1, %2;" : "=l"(r) : "l"(x), "l"(d));
+  return r;
+}
+__device__ __forceinline__ const char* opaque_add(const char* p, int64_t d) {
+  return reinterpret_cast<const char*>(opaque_add(reinterpret_cast<int64_t>(p), d));
+}
+
+// The value itself, through a volatile asm: the compiler must keep it in a register instead of
+// rebuilding it (rematerialising from the thread index) wherever it is used.
+__device__ __forceinline__ uint32_t pinned(uint32_t x) {
+  uint32_t r;
+  asm volatile("mov.b32 %0, %1;" : "=r"(r) : "r"(x));
+  return r;
+}
+
+// Two words to a shared-memory address (32-bit, from __cvta_generic_to_shared).
+__device__ __forceinline__ void st_shared_u32x2(uint32_t addr, uint32_t x, uint32_t y) {
+  asm volatile("st.shared.v2.u32 [%0], {%1, %2};" ::"r"(addr), "r"(x), "r"(y) : "memory");
 }
 
 __device__ __forceinline__ unsigned lanemask_lt() {
@@ -293,62 +397,110 @@ __device__ __forceinline__ void store_span(T* p, int vec_bytes, int rem, const f
   });
 }
 
+// ---- asynchronous row staging ------------------------------------------------------------------
+template <int W>
+__device__ __forceinline__ void cp_async(uint32_t dst, const void* src) {
+  static_assert(W == 4 || W == 8 || W == 16, "cp.async moves 4, 8 or 16 bytes");
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(dst), "l"(src), "n"(W) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// Copies the row [src, src + bytes) (aligned to vec_bytes) to shared memory at dst (16-byte
+// aligned) with the accesses of visit_row (kernels/router/layout.hpp): 4-, 8- and 16-byte pieces
+// by cp.async (complete once cp_async_wait says so), 2-byte elements by a plain load and store.
+template <int kElemBytes>
+__device__ __forceinline__ void stage_row(uint32_t dst, const char* src, int bytes, int vec_bytes, int lane) {
+  visit_row<kElemBytes>(bytes, vec_bytes, lane, [&](int off, auto width) {
+    constexpr int W = decltype(width)::value;
+    if constexpr (W >= 4) {
+      cp_async<W>(dst + off, src + off);
+    } else {  // a 16-bit element at a 2-byte boundary
+      const unsigned short v = __ldg(reinterpret_cast<const unsigned short*>(src + off));
+      asm volatile("st.shared.u16 [%0], %1;" ::"r"(dst + off), "h"(v) : "memory");
+    }
+  });
+}
+
+template <class T>
+__device__ __forceinline__ float smem_elem(const T* row, int e);
+template <>
+__device__ __forceinline__ float smem_elem<float>(const float* row, int e) { return row[e]; }
+template <>
+__device__ __forceinline__ float smem_elem<__half>(const __half* row, int e) { return __half2float(row[e]); }
+template <>
+__device__ __forceinline__ float smem_elem<__nv_bfloat16>(const __nv_bfloat16* row, int e) {
+  return __bfloat162float(row[e]);
+}
+
 // ---- warp top-k over keys in shared memory (generic path, groups, fake gate) ------------------
 // Items 0..n-1 with keys key_at(i); lane l owns the items i = l (mod 32). Picks the k (<= n)
 // largest keys in (key descending, item ascending) order and calls on_pick(r, item, key) for
 // r = 0..k-1 on every lane with the same arguments. Each lane keeps its Q best unpicked items in
-// registers; the warp picks the best head with a max reduction (ties: the lowest item, a min
-// reduction over the tied heads); a lane whose cache runs dry rescans its items below the last one
-// it gave away. Deterministic; O(n/32 * Q) per lane plus k reductions plus rare rescans.
-template <int Q, class KeyAt, class OnPick>
-__device__ __forceinline__ void warp_select(int n, int k, KeyAt key_at, OnPick on_pick) {
-  const int lane = threadIdx.x & 31;
-  const int own = lane < n ? (n - 1 - lane) / 32 + 1 : 0;
+// registers (LaneTop); the warp picks the best head with a max reduction (ties: the lowest item, a
+// min reduction over the tied heads); a lane whose cache runs dry rescans its items below the last
+// one it gave away. Deterministic; O(n/32 * Q) per lane plus k reductions plus rare rescans.
+
+// A lane's Q best (key, item), descending; items offered in ascending order (a strict > keeps
+// the earlier of equal keys first). Key 0 = empty.
+template <int Q>
+struct LaneTop {
   uint32_t ck[Q];
   int ci[Q];
-  int cached = 0;
-  int popped = 0;
-  uint32_t bound_key = 0xffffffffu;  // everything real is below (0xffffffff, -1)
-  int bound_item = -1;
-  auto refill = [&]() {
+  __device__ __forceinline__ void clear() {
 #pragma unroll
     for (int q = 0; q < Q; ++q) {
       ck[q] = 0u;
       ci[q] = 0;
     }
+  }
+  __device__ __forceinline__ void insert(uint32_t kk, int i) {
+    bool p[Q];
+#pragma unroll
+    for (int q = 0; q < Q; ++q) p[q] = kk > ck[q];
+#pragma unroll
+    for (int q = Q - 1; q > 0; --q) {
+      ck[q] = p[q - 1] ? ck[q - 1] : (p[q] ? kk : ck[q]);
+      ci[q] = p[q - 1] ? ci[q - 1] : (p[q] ? i : ci[q]);
+    }
+    ck[0] = p[0] ? kk : ck[0];
+    ci[0] = p[0] ? i : ci[0];
+  }
+};
+
+// warp_select with the lane caches already filled with every item (LaneTop::insert over the
+// lane's items in ascending order, e.g. while the keys were computed).
+template <int Q, class KeyAt, class OnPick>
+__device__ __forceinline__ void warp_select_cached(int n, int k, KeyAt key_at, OnPick on_pick, LaneTop<Q>& c) {
+  const int lane = threadIdx.x & 31;
+  const int own = lane < n ? (n - 1 - lane) / 32 + 1 : 0;
+  int cached = own < Q ? own : Q;
+  int popped = 0;
+  uint32_t bound_key = 0xffffffffu;  // everything real is below (0xffffffff, -1)
+  int bound_item = -1;
+  auto refill = [&]() {
+    c.clear();
     for (int i = lane; i < n; i += 32) {
       const uint32_t kk = key_at(i);
-      if (kk < bound_key || (kk == bound_key && i > bound_item)) {
-        // Items arrive in ascending order: a strict > keeps the earlier of equal keys first.
-        bool p[Q];
-#pragma unroll
-        for (int q = 0; q < Q; ++q) p[q] = kk > ck[q];
-#pragma unroll
-        for (int q = Q - 1; q > 0; --q) {
-          ck[q] = p[q - 1] ? ck[q - 1] : (p[q] ? kk : ck[q]);
-          ci[q] = p[q - 1] ? ci[q - 1] : (p[q] ? i : ci[q]);
-        }
-        ck[0] = p[0] ? kk : ck[0];
-        ci[0] = p[0] ? i : ci[0];
-      }
+      if (kk < bound_key || (kk == bound_key && i > bound_item)) c.insert(kk, i);
     }
     const int left = own - popped;
     cached = left < Q ? left : Q;
   };
-  refill();
   for (int r = 0; r < k; ++r) {
-    const uint32_t head = cached > 0 ? ck[0] : 0u;
+    const uint32_t head = cached > 0 ? c.ck[0] : 0u;
     const uint32_t best = __reduce_max_sync(kFullMask, head);
     const bool tied = cached > 0 && head == best;
-    const uint32_t item = __reduce_min_sync(kFullMask, tied ? static_cast<uint32_t>(ci[0]) : 0xffffffffu);
+    const uint32_t item = __reduce_min_sync(kFullMask, tied ? static_cast<uint32_t>(c.ci[0]) : 0xffffffffu);
     on_pick(r, static_cast<int>(item), best);
-    if (tied && static_cast<uint32_t>(ci[0]) == item) {
-      bound_key = ck[0];
-      bound_item = ci[0];
+    if (tied && static_cast<uint32_t>(c.ci[0]) == item) {
+      bound_key = c.ck[0];
+      bound_item = c.ci[0];
 #pragma unroll
       for (int q = 0; q + 1 < Q; ++q) {
-        ck[q] = ck[q + 1];
-        ci[q] = ci[q + 1];
+        c.ck[q] = c.ck[q + 1];
+        c.ci[q] = c.ci[q + 1];
       }
       --cached;
       ++popped;
@@ -358,6 +510,15 @@ __device__ __forceinline__ void warp_select(int n, int k, KeyAt key_at, OnPick o
       if (stale) refill();
     }
   }
+}
+
+template <int Q, class KeyAt, class OnPick>
+__device__ __forceinline__ void warp_select(int n, int k, KeyAt key_at, OnPick on_pick) {
+  const int lane = threadIdx.x & 31;
+  LaneTop<Q> c;
+  c.clear();
+  for (int i = lane; i < n; i += 32) c.insert(key_at(i), i);
+  warp_select_cached<Q>(n, k, key_at, on_pick, c);
 }
 
 }  // namespace moekit::kernels::router

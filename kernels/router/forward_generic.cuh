@@ -1,16 +1,21 @@
 // Router forward, generic path: any E <= 4096, any K <= 32, any groups (the maths is the one of
 // kernels/router/forward_fast.cuh and include/moekit/router.h).
 //
-// One warp per token. The row's selection keys (float_key of the sanitised selection values) live
-// in shared memory, padded by one word per 32 so that lane-strided scans (expert e = lane + 32 j)
-// and group-strided scans (lane g scans experts [g S, g S + S)) are free of bank conflicts; the
-// logits are re-read through L1 where a value is needed again (softmax sum, weights, aux scores),
-// recomputed with the same instructions so they are bitwise the values the keys came from.
+// One warp per token. The token's logits row is staged in shared memory by asynchronous copies
+// (cp.async, 16 / 8 / 4 bytes as the row alignment allows; a tail shorter than that, and rows of
+// 16-bit elements at odd addresses, element by element; nothing past E is read), double-buffered
+// per warp: the next token's row is in flight while the current one is computed, and every pass
+// over the row (softmax max and sum, keys, weights, aux scores) reads shared memory, recomputing a
+// score with the same instructions wherever it is needed again (bitwise the values the keys came
+// from). The row's selection keys (float_key of the sanitised selection values) live in shared
+// memory, padded by one word per 32 so that lane-strided scans (expert e = lane + 32 j) and
+// group-strided scans (lane g scans experts [g S, g S + S)) are free of bank conflicts.
 //   groups: group keys by a lane-per-group scan (max / top-2 sum), or, for top-n sums with n > 2,
 //           by a warp selection of each group's n best (summed in selection order); the G' best
 //           groups by shuffle ranks (G <= 32) or a warp selection; dropped groups' keys become the
 //           mask value.
-//   top-K:  warp_select (kernels/router/common.cuh) over the row's keys.
+//   top-K:  warp_select (kernels/router/common.cuh) over the row's keys; without groups each
+//           lane's cache is filled while the keys are computed.
 //   aux:    the warps of a block work in rounds of one token each; after a round each warp's aux
 //           scores p (written over its keys) are added to the block accumulator by expert, warps
 //           in order (fixed order, no atomics).
@@ -20,6 +25,7 @@
 #include "kernels/router/common.cuh"
 #include "kernels/router/grid.cuh"
 #include "kernels/router/launch.hpp"
+#include "kernels/router/layout.hpp"
 #include "kernels/router/tuning.hpp"
 #include "moekit/router.h"
 
@@ -40,7 +46,7 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32)
   const int K = o.top_k;
   const int G = o.num_groups;
   const int64_t num_tokens = a.num_tokens;
-  const GenericLayout layout = generic_layout(E, G);
+  const GenericLayout layout = generic_layout(E, G, static_cast<int>(sizeof(T)));
   const int warps = blockDim.x >> 5;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -49,6 +55,7 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32)
   uint32_t* gkey = keyrow + layout.key_words;
   uint32_t* gbits = gkey + layout.gkey_words;
   int* sel = reinterpret_cast<int*>(gbits + layout.gbit_words);
+  uint32_t* zbuf = reinterpret_cast<uint32_t*>(sel + 32);  // [2][row_words], 16-byte aligned
   float* acc = reinterpret_cast<float*>(smem + static_cast<size_t>(warps) * layout.warp_words);
   int* hist = reinterpret_cast<int*>(acc + E);
   int* flags = hist + E;  // [kGenericMaxWarps]: this round's token of warp w counts for aux
@@ -69,25 +76,46 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32)
   }
   if (threadIdx.x == 0) *block_count = 0;
   int my_count = 0;
-  __syncthreads();
 
-  for (int64_t round = blockIdx.x; round * warps < num_tokens; round += gridDim.x) {
+  const int row_bytes = E * static_cast<int>(sizeof(T));
+  const int64_t stride_bytes = a.logits_stride * static_cast<int64_t>(sizeof(T));
+  const char* logits = static_cast<const char*>(a.logits);
+  const uint32_t zbuf_addr = static_cast<uint32_t>(__cvta_generic_to_shared(zbuf));
+  auto stage = [&](int64_t tok, int buf) {  // the row of token tok into buffer buf (if it exists)
+    if (tok < num_tokens)
+      stage_row<sizeof(T)>(zbuf_addr + 4u * static_cast<uint32_t>(buf * layout.row_words), logits + tok * stride_bytes,
+                           row_bytes, a.logits_vec_bytes, lane);
+    cp_async_commit();
+  };
+  const int64_t round_step = static_cast<int64_t>(gridDim.x) * warps;
+  __syncthreads();
+  stage(static_cast<int64_t>(blockIdx.x) * warps + warp, 0);
+
+  int buf = 0;
+  for (int64_t round = blockIdx.x; round * warps < num_tokens; round += gridDim.x, buf ^= 1) {
     const int64_t t = round * warps + warp;
     const bool active = t < num_tokens;
     const bool m = active && (a.token_mask == nullptr || __ldg(a.token_mask + t) != 0);
-    const T* row = active ? reinterpret_cast<const T*>(static_cast<const char*>(a.logits) +
-                                                        t * a.logits_stride * static_cast<int64_t>(sizeof(T)))
-                          : nullptr;
+    __syncwarp();  // every lane is done with the other buffer (the token before last)
+    stage(t + round_step, buf ^ 1);
+    cp_async_wait<1>();  // this token's copies (all but the newest group) are complete
+    __syncwarp();        // ... and visible to the whole warp
+    const T* zrow = reinterpret_cast<const T*>(zbuf + buf * layout.row_words);
+    auto load_z = [&](int e) { return smem_elem<T>(zrow, e); };
     RowScore score{sf, full_softmax, 0.0f, 1.0f};  // set for the active token below
     auto bias_at = [&](int e) -> float { return a.bias != nullptr ? __ldg(a.bias + e) : 0.0f; };
 
     if (active) {
-      // ---- scores and keys -----------------------------------------------------------------
-      score = row_score(sf, full_softmax, E, [&](int e) { return Elem<T>::load1(row + e); });
+      // ---- scores and keys (without groups, each lane's top-K cache fills as they come) -------
+      score = row_score(sf, full_softmax, E, load_z);
+      LaneTop<Q> cache;
+      cache.clear();
       for (int e = lane; e < E; e += 32) {
-        const float z = Elem<T>::load1(row + e);
+        const float z = load_z(e);
         const float c = (topk_softmax ? z : score(z)) + bias_at(e);
-        keyrow[pad_index(e)] = float_key(sanitize(c));
+        const uint32_t kk = float_key(sanitize(c));
+        keyrow[pad_index(e)] = kk;
+        if (G == 1) cache.insert(kk, e);
       }
       __syncwarp();
 
@@ -144,14 +172,16 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32)
           if (!kept) keyrow[pad_index(e)] = mask_key;
         }
         __syncwarp();
+        for (int e = lane; e < E; e += 32) cache.insert(keyrow[pad_index(e)], e);
       }
 
       // ---- top-K -----------------------------------------------------------------------------
-      warp_select<Q>(
+      warp_select_cached<Q>(
           E, K, [&](int i) { return keyrow[pad_index(i)]; },
           [&](int r, int item, uint32_t) {
             if (lane == 0) sel[r] = item;
-          });
+          },
+          cache);
       __syncwarp();
 
       // ---- weights, indices, loads ---------------------------------------------------------------
@@ -159,12 +189,12 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32)
       const int idx = has ? sel[lane] : 0;
       float u = 0.0f;
       if (has) {
-        const float z = Elem<T>::load1(row + idx);
+        const float z = load_z(idx);
         u = topk_softmax ? z : (wub ? score(z) + bias_at(idx) : score(z));
       }
       if (topk_softmax) {
         const float zmax = warp_max(has ? u : -INFINITY);
-        u = has ? __expf(u - zmax) : 0.0f;
+        u = has ? softmax_num(u, zmax) : 0.0f;
         u = u / warp_sum(u);
       }
       if (o.normalize) u = u / (warp_sum(has ? u : 0.0f) + 1e-20f);
@@ -182,14 +212,14 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32)
         float qsum = 0.0f;
         if (o.normalize) {
           for (int e = lane; e < E; e += 32) {
-            const float s = score(Elem<T>::load1(row + e));
+            const float s = score(load_z(e));
             qsum += wub ? s + bias_at(e) : s;
           }
         }
         const float f = o.normalize ? 1.0f / (warp_sum(qsum) + 1e-20f) : 1.0f;
         __syncwarp();
         for (int e = lane; e < E; e += 32) {
-          const float s = score(Elem<T>::load1(row + e));
+          const float s = score(load_z(e));
           keyrow[pad_index(e)] = __float_as_uint((wub ? s + bias_at(e) : s) * f);
         }
       }
@@ -204,6 +234,7 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32)
       __syncthreads();
     }
   }
+  cp_async_wait<0>();  // nothing in flight when the block exits
 
   // ---- block epilogue ---------------------------------------------------------------------------
   if (need_count && lane == 0 && my_count > 0) atomicAdd(block_count, my_count);
@@ -224,12 +255,8 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32)
 template <class T>
 cudaError_t launch_forward_generic(const ForwardArgs& a, cudaStream_t stream, int32_t* blocks) {
   const size_t smem = a.shape.smem_bytes;
-  if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(router_forward_generic_kernel<T>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
-  }
+  const cudaError_t e = ensure_dynamic_smem(router_forward_generic_kernel<T>, smem);
+  if (e != cudaSuccess) return e;
   const int32_t grid = resident_grid(router_forward_generic_kernel<T>, a.shape.threads, smem, a.shape.num_blocks);
   *blocks = grid;
   router_forward_generic_kernel<T><<<grid, a.shape.threads, smem, stream>>>(a);

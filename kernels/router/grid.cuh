@@ -1,22 +1,30 @@
 // Grid sizing shared by the router launchers: one wave of resident blocks (the kernels stride over
 // tokens), never more than the shape asks for. Occupancy and SM count are host queries of the
-// device's properties (no device data is read), cached per device.
+// device's properties (no device data is read), cached per device: a call pays one cudaGetDevice
+// and a table look-up, not an occupancy calculation.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <atomic>
 #include <cstdint>
+#include <mutex>
+#include <vector>
 
 namespace moekit::kernels::router {
 
-inline int device_sm_count() {
-  static std::atomic<int> cache[64];
+inline int current_device() {
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
+  if (cudaGetDevice(&device) != cudaSuccess) {
     (void)cudaGetLastError();
-    return 1;
+    return -1;
   }
+  return device;
+}
+
+inline int device_sm_count(int device) {
+  static std::atomic<int> cache[64];
+  if (device < 0 || device >= 64) return 1;
   int n = cache[device].load(std::memory_order_relaxed);
   if (n == 0) {
     if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n < 1) {
@@ -28,18 +36,68 @@ inline int device_sm_count() {
   return n;
 }
 
-// min(wanted, blocks of `kernel` resident on the whole device at once), at least 1.
-template <class Kernel>
-int32_t resident_grid(Kernel kernel, int threads, size_t smem_bytes, int32_t wanted) {
+inline int device_sm_count() { return device_sm_count(current_device()); }
+
+// Blocks of `kernel` resident per SM for (threads, smem_bytes) on `device`, cached (a kernel's
+// resources do not change while the process runs). Thread-safe.
+inline int blocks_per_sm(const void* kernel, int threads, size_t smem_bytes, int device) {
+  struct Entry {
+    const void* kernel;
+    int threads;
+    size_t smem;
+    int device;
+    int per_sm;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> entries;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (const Entry& e : entries)
+      if (e.kernel == kernel && e.threads == threads && e.smem == smem_bytes && e.device == device) return e.per_sm;
+  }
   int per_sm = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes) != cudaSuccess) {
     (void)cudaGetLastError();
-    per_sm = 1;
+    return 1;  // not cached: a later call asks again
   }
   if (per_sm < 1) per_sm = 1;
-  const int64_t resident = static_cast<int64_t>(per_sm) * device_sm_count();
+  std::lock_guard<std::mutex> lock(mutex);
+  entries.push_back({kernel, threads, smem_bytes, device, per_sm});
+  return per_sm;
+}
+
+// min(wanted, blocks of `kernel` resident on the whole device at once), at least 1.
+template <class Kernel>
+int32_t resident_grid(Kernel kernel, int threads, size_t smem_bytes, int32_t wanted) {
+  const int device = current_device();
+  const void* fn = reinterpret_cast<const void*>(kernel);
+  const int per_sm = blocks_per_sm(fn, threads, smem_bytes, device);
+  const int64_t resident = static_cast<int64_t>(per_sm) * device_sm_count(device);
   const int64_t grid = wanted < resident ? wanted : resident;
   return static_cast<int32_t>(grid < 1 ? 1 : grid);
+}
+
+// cudaFuncSetAttribute(MaxDynamicSharedMemorySize) once per (kernel, device) for at least `bytes`
+// (the attribute only raises the limit; a kernel keeps the largest value set).
+template <class Kernel>
+cudaError_t ensure_dynamic_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  struct Entry {
+    const void* kernel;
+    int device;
+    size_t bytes;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> entries;
+  const int device = current_device();
+  const void* fn = reinterpret_cast<const void*>(kernel);
+  std::lock_guard<std::mutex> lock(mutex);
+  for (Entry& e : entries)
+    if (e.kernel == fn && e.device == device && e.bytes >= bytes) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err != cudaSuccess) return err;
+  entries.push_back({fn, device, bytes});
+  return cudaSuccess;
 }
 
 }  // namespace moekit::kernels::router

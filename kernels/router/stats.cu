@@ -41,11 +41,26 @@ __global__ void __launch_bounds__(kFinalizeExperts * kFinalizeChunks)
   float s = 0.0f;
   int l = 0;
   if (e < a.num_experts) {
-#pragma unroll 4
-    for (int b = b0; b < b1; ++b) {
-      const int64_t at = static_cast<int64_t>(b) * a.num_experts + e;
-      if (a.score_sum != nullptr) s += a.score_partial[at];
-      if (a.expert_load != nullptr) l += a.load_partial[at];
+    // In batches of kFinalizeBatch rows: every load of a batch is issued before the first add (one
+    // L2 round trip per batch, not per row); the adds keep the row order.
+    constexpr int kFinalizeBatch = 16;
+    for (int b = b0; b < b1; b += kFinalizeBatch) {
+      float sv[kFinalizeBatch];
+      int lv[kFinalizeBatch];
+#pragma unroll
+      for (int i = 0; i < kFinalizeBatch; ++i) {
+        const int64_t at = static_cast<int64_t>(b + i) * a.num_experts + e;
+        const bool in = b + i < b1;
+        sv[i] = (in && a.score_sum != nullptr) ? a.score_partial[at] : 0.0f;
+        lv[i] = (in && a.expert_load != nullptr) ? a.load_partial[at] : 0;
+      }
+#pragma unroll
+      for (int i = 0; i < kFinalizeBatch; ++i) {
+        if (b + i < b1) {
+          s += sv[i];
+          l += lv[i];
+        }
+      }
     }
   }
   s_part[c][el] = s;

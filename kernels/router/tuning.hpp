@@ -43,11 +43,11 @@ inline constexpr FastShape fast_shape(int num_experts) {
 // fast_min_blocks(V) resident blocks per SM: 3 (at most 80 registers, 24 warps per SM) for V = 8,
 // 2 (at most 128 registers) for V = 16, whose 16 selection keys per lane stay in registers.
 constexpr int kFastThreads = 256;
-inline constexpr int fast_min_blocks(int values_per_lane) { return values_per_lane <= 8 ? 3 : 2; }
+inline constexpr int fast_min_blocks(int values_per_lane) { return values_per_lane <= 8 ? 4 : 3; }
 // The backward also holds a token's K ranks per lane (K / TPT of them): 80 registers only fit
 // when a team has at least 8 lanes.
 inline constexpr int fast_backward_min_blocks(int values_per_lane, int lanes_per_token) {
-  return values_per_lane <= 8 && lanes_per_token >= 8 ? 3 : 2;
+  return values_per_lane <= 8 && lanes_per_token >= 8 ? 4 : 3;
 }
 
 // ---- generic path (everything else: E up to 4096, any groups) ---------------------------------
@@ -80,12 +80,18 @@ constexpr int kFakeGateWarps = 8;         // fake gate: one warp per token
 
 // Shared memory of the generic forward, carved in the same order on the host (size) and in the
 // kernel. Per warp: the selection keys of its token (E padded by one word per 32), the group keys
-// and kept-group bits (G > 1), the picked experts; per block: the aux statistics accumulator, the
-// load histogram and one aux flag per warp.
+// and kept-group bits (G > 1), the picked experts, and two staging buffers for logits rows (the
+// current token's and the next one's, elem_bytes each); per block: the aux statistics
+// accumulator, the load histogram and one aux flag per warp. The workspace size query knows
+// neither the dtype nor which statistics a call asks for: it sizes for 4-byte rows and every
+// block array (the most shared memory per warp, so the fewest warps per block and the most
+// blocks); a launch with less per warp has more warps per block, fewer blocks, so fewer partial
+// rows than the workspace holds.
 struct GenericLayout {
   size_t key_words;    // per warp
   size_t gkey_words;   // per warp
   size_t gbit_words;   // per warp
+  size_t row_words;    // per warp, each of the two staging buffers (multiple of 4 words)
   size_t warp_words;   // per warp, total (multiple of 4 words)
   size_t block_words;  // per block: acc [E] + hist [E] + flags [kGenericMaxWarps] + count
   int warps;
@@ -95,13 +101,15 @@ struct GenericLayout {
 inline constexpr size_t padded_words(size_t n) { return n + n / 32 + 1; }
 inline constexpr size_t round4(size_t n) { return (n + 3) / 4 * 4; }
 
-inline constexpr GenericLayout generic_layout(int num_experts, int num_groups) {
+inline constexpr GenericLayout generic_layout(int num_experts, int num_groups, int elem_bytes = 4) {
   GenericLayout l{};
-  l.key_words = round4(padded_words(static_cast<size_t>(num_experts)));
+  const size_t E = static_cast<size_t>(num_experts);
+  l.key_words = round4(padded_words(E));
   l.gkey_words = num_groups > 1 ? round4(padded_words(static_cast<size_t>(num_groups))) : 0;
   l.gbit_words = num_groups > 1 ? round4((static_cast<size_t>(num_groups) + 31) / 32) : 0;
-  l.warp_words = l.key_words + l.gkey_words + l.gbit_words + 32;
-  l.block_words = round4(2 * static_cast<size_t>(num_experts) + kGenericMaxWarps + 1);
+  l.row_words = round4((E * static_cast<size_t>(elem_bytes) + 3) / 4);
+  l.warp_words = l.key_words + l.gkey_words + l.gbit_words + 32 + 2 * l.row_words;
+  l.block_words = round4(2 * E + kGenericMaxWarps + 1);
   size_t warps = 1;
   while (warps < static_cast<size_t>(kGenericMaxWarps) &&
          4 * ((warps + 1) * l.warp_words + l.block_words) <= kGenericSmemBudget)
@@ -111,12 +119,29 @@ inline constexpr GenericLayout generic_layout(int num_experts, int num_groups) {
   return l;
 }
 
-// Warps per block of the generic backward: one fp32 row [E] of scattered gradient per warp.
-inline constexpr int generic_backward_warps(int num_experts) {
-  size_t w = kGenericSmemBudget / (4 * static_cast<size_t>(num_experts));
+// Shared memory of the generic backward, per warp: one fp32 row [E] of scattered gradient and two
+// staging buffers for logits rows (elem_bytes each; kernels/router/backward.cuh). Warps per block:
+// as many as fit kGenericSmemBudget (at most kGenericMaxWarps).
+struct GenericBackwardLayout {
+  size_t grad_words;  // per warp (multiple of 4 words)
+  size_t row_words;   // per warp, each of the two staging buffers (multiple of 4 words)
+  size_t warp_words;  // per warp, total
+  int warps;
+  size_t bytes;
+};
+
+inline constexpr GenericBackwardLayout generic_backward_layout(int num_experts, int elem_bytes) {
+  GenericBackwardLayout l{};
+  const size_t E = static_cast<size_t>(num_experts);
+  l.grad_words = round4(E);
+  l.row_words = round4((E * static_cast<size_t>(elem_bytes) + 3) / 4);
+  l.warp_words = l.grad_words + 2 * l.row_words;
+  size_t w = kGenericSmemBudget / (4 * l.warp_words);
   if (w < 1) w = 1;
   if (w > static_cast<size_t>(kGenericMaxWarps)) w = kGenericMaxWarps;
-  return static_cast<int>(w);
+  l.warps = static_cast<int>(w);
+  l.bytes = 4 * w * l.warp_words;
+  return l;
 }
 
 // The forward's statistics finalize is launched as a programmatic dependent launch on sm_90+ (it

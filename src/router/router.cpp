@@ -79,7 +79,7 @@ bool fast_path(const moekit_router_config_t& c) {
   return n <= 2;
 }
 
-k::RouterShape forward_shape(const moekit_router_config_t& c, int64_t num_tokens) {
+k::RouterShape forward_shape(const moekit_router_config_t& c, int64_t num_tokens, int elem_bytes) {
   k::RouterShape s{};
   if (fast_path(c)) {
     const k::FastShape fs = k::fast_shape(c.num_experts);
@@ -90,7 +90,7 @@ k::RouterShape forward_shape(const moekit_router_config_t& c, int64_t num_tokens
     const int64_t teams = k::kFastThreads / fs.lanes_per_token;
     s.num_blocks = clamp_blocks(ceil_div(num_tokens, teams), k::kMaxForwardBlocks);
   } else {
-    const k::GenericLayout l = k::generic_layout(c.num_experts, c.num_groups);
+    const k::GenericLayout l = k::generic_layout(c.num_experts, c.num_groups, elem_bytes);
     s.fast = 0;
     s.threads = 32 * l.warps;
     s.num_blocks = clamp_blocks(ceil_div(num_tokens, l.warps), k::kMaxForwardBlocks);
@@ -99,7 +99,7 @@ k::RouterShape forward_shape(const moekit_router_config_t& c, int64_t num_tokens
   return s;
 }
 
-k::RouterShape backward_shape(const moekit_router_config_t& c, int64_t num_tokens) {
+k::RouterShape backward_shape(const moekit_router_config_t& c, int64_t num_tokens, int elem_bytes) {
   k::RouterShape s{};
   if (c.num_experts <= k::kFastMaxExperts) {  // no selection: groups do not matter here
     const k::FastShape fs = k::fast_shape(c.num_experts);
@@ -110,18 +110,19 @@ k::RouterShape backward_shape(const moekit_router_config_t& c, int64_t num_token
     const int64_t teams = k::kFastThreads / fs.lanes_per_token;
     s.num_blocks = clamp_blocks(ceil_div(num_tokens, teams), k::kMaxBackwardBlocks);
   } else {
-    const int warps = k::generic_backward_warps(c.num_experts);
+    const k::GenericBackwardLayout l = k::generic_backward_layout(c.num_experts, elem_bytes);
     s.fast = 0;
-    s.threads = 32 * warps;
-    s.num_blocks = clamp_blocks(ceil_div(num_tokens, warps), k::kMaxBackwardBlocks);
-    s.smem_bytes = static_cast<uint32_t>(4 * static_cast<size_t>(warps) * c.num_experts);
+    s.threads = 32 * l.warps;
+    s.num_blocks = clamp_blocks(ceil_div(num_tokens, l.warps), k::kMaxBackwardBlocks);
+    s.smem_bytes = static_cast<uint32_t>(l.bytes);
   }
   return s;
 }
 
 size_t forward_workspace_bytes(const moekit_router_config_t& c, int64_t num_tokens) {
   WorkspaceCarver ws(nullptr);
-  carve_forward(ws, c.num_experts, forward_shape(c, num_tokens).num_blocks);
+  // 4-byte rows: the most blocks any dtype launches (kernels/router/tuning.hpp, GenericLayout)
+  carve_forward(ws, c.num_experts, forward_shape(c, num_tokens, 4).num_blocks);
   return ws.bytes();
 }
 
@@ -143,7 +144,7 @@ moekit_status_t run_forward(const ForwardCall& call) {
   const bool need_stats = call.aux_score_sum != nullptr;  // S and N come together
   k::ForwardArgs a{};
   a.opt = resolve_options(c, call.bias != nullptr);
-  a.shape = forward_shape(c, call.num_tokens);
+  a.shape = forward_shape(c, call.num_tokens, static_cast<int>(moekit_dtype_size(call.dtype)));
   a.num_tokens = call.num_tokens;
   a.logits = call.logits;
   a.logits_stride = call.logits_row_stride;
@@ -198,7 +199,7 @@ moekit_status_t run_backward(const BackwardCall& call) {
   const size_t element = moekit_dtype_size(call.dtype);
   k::BackwardArgs a{};
   a.opt = resolve_options(c, call.bias != nullptr);
-  a.shape = backward_shape(c, call.num_tokens);
+  a.shape = backward_shape(c, call.num_tokens, static_cast<int>(element));
   a.num_tokens = call.num_tokens;
   a.logits = call.logits;
   a.logits_stride = call.logits_row_stride;

@@ -15,9 +15,13 @@ namespace moekit::router {
 // two whether or not a bias is given, so the choice never depends on the bias).
 bool fast_path(const moekit_router_config_t& config);
 
-// Grid and block of the forward / backward for T tokens; depends only on the config and T.
-kernels::router::RouterShape forward_shape(const moekit_router_config_t& config, int64_t num_tokens);
-kernels::router::RouterShape backward_shape(const moekit_router_config_t& config, int64_t num_tokens);
+// Grid and block of the forward / backward for T tokens; depends only on the config, T and (the
+// generic forward's row staging) the logits' element size. The forward workspace is sized for
+// 4-byte elements, the most blocks of any dtype.
+kernels::router::RouterShape forward_shape(const moekit_router_config_t& config, int64_t num_tokens,
+                                           int elem_bytes);
+kernels::router::RouterShape backward_shape(const moekit_router_config_t& config, int64_t num_tokens,
+                                            int elem_bytes);
 
 // Workspace bytes of the forward / backward (the same carving as the run).
 size_t forward_workspace_bytes(const moekit_router_config_t& config, int64_t num_tokens);

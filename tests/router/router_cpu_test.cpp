@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/router/layout.hpp"
 #include "kernels/router/span.hpp"
 #include "kernels/router/tuning.hpp"
 #include "moekit/router.h"
@@ -383,6 +384,119 @@ TEST_CASE("span accesses of the fast paths stay inside [row, row + E) and move e
     }
   }
   CHECK(checked > 10000);
+}
+
+// ---- index arithmetic of the kernels (kernels/router/layout.hpp, tuning.hpp) ----------------------
+
+TEST_CASE("layout: chunk-major team arrays are a bijection onto [0, V TPT)", "[router][layout]") {
+  namespace kr = moekit::kernels::router;
+  for (int E = 1; E <= kr::kFastMaxExperts; ++E) {
+    const kr::FastShape fs = kr::fast_shape(E);
+    const int V = fs.values_per_lane, TPT = fs.lanes_per_token;
+    std::vector<int> seen(static_cast<size_t>(V * TPT), 0);
+    for (int e = 0; e < V * TPT; ++e) {
+      const int off = kr::chunk_major_offset_of_expert(e, V, TPT);
+      REQUIRE((off >= 0 && off < V * TPT));
+      ++seen[static_cast<size_t>(off)];
+      // lane l, slot j: the same offset, and slots 4c..4c+3 of a lane are one 16-byte chunk
+      const int l = e / V, j = e % V;
+      REQUIRE(kr::chunk_major_offset(l, j, TPT) == off);
+      REQUIRE(off / 4 == (j / 4) * TPT + l);
+      REQUIRE(off % 4 == j % 4);
+    }
+    for (int c : seen) REQUIRE(c == 1);
+  }
+}
+
+TEST_CASE("layout: the fast forward's token walk gives every token to exactly one team", "[router][layout]") {
+  namespace kr = moekit::kernels::router;
+  for (int tpt : {1, 2, 4, 8, 16, 32}) {
+    const int tpw = 32 / tpt;
+    const int warps_per_block = kr::kFastThreads / 32;
+    for (int blocks : {1, 3, 7, 132}) {
+      for (int64_t T : {int64_t{1}, int64_t{5}, int64_t{257}, int64_t{40000}}) {
+        std::vector<int> owner_count(static_cast<size_t>(T), 0);
+        const int64_t warps_total = static_cast<int64_t>(blocks) * warps_per_block;
+        for (int64_t wg = 0; wg < warps_total; ++wg) {
+          int64_t steps = -1;  // every team of a warp runs the same steps
+          for (int team = 0; team < tpw; ++team) {
+            const kr::TokenWalk w = kr::token_walk(wg, warps_total, tpw, team);
+            int64_t n = 0;
+            for (int64_t first = w.first_of_warp, t = w.first_token; first < T; first += w.stride, t += w.stride, ++n) {
+              REQUIRE(t == first + team);
+              if (t < T) ++owner_count[static_cast<size_t>(t)];
+            }
+            if (steps < 0) steps = n;
+            REQUIRE(n == steps);
+          }
+        }
+        INFO("TPT " << tpt << " blocks " << blocks << " T " << T);
+        for (int c : owner_count) REQUIRE(c == 1);
+      }
+    }
+  }
+}
+
+TEST_CASE("layout: generic row staging copies [0, bytes) once, aligned, nothing outside", "[router][layout]") {
+  namespace kr = moekit::kernels::router;
+  int64_t checked = 0;
+  for (int elem : {2, 4}) {
+    for (int E : {513, 514, 515, 517, 520, 1000, 1001, 2047, 2048, 4095, 4096}) {
+      const int bytes = E * elem;
+      for (int vec : {16, 8, 4, 2}) {
+        if (vec < elem) continue;
+        std::vector<int> hits(static_cast<size_t>(bytes), 0);
+        for (int lane = 0; lane < 32; ++lane) {
+          kr::visit_row<4>(0, vec, lane, [](int, auto) {});  // an empty row touches nothing
+          auto copy = [&](int off, auto width) {
+            constexpr int W = decltype(width)::value;
+            REQUIRE(off % W == 0);     // aligned to its size (the row start is aligned to vec)
+            REQUIRE(W <= std::max(vec, elem));
+            REQUIRE((off >= 0 && off + W <= bytes));
+            if (W < 4) REQUIRE(elem == 2);  // only 16-bit elements move alone as 2 bytes
+            for (int b = off; b < off + W; ++b) ++hits[static_cast<size_t>(b)];
+          };
+          if (elem == 2)
+            kr::visit_row<2>(bytes, vec, lane, copy);
+          else
+            kr::visit_row<4>(bytes, vec, lane, copy);
+        }
+        INFO("element bytes " << elem << " E=" << E << " row alignment " << vec);
+        for (int h : hits) REQUIRE(h == 1);
+        ++checked;
+      }
+    }
+  }
+  CHECK(checked > 50);
+}
+
+TEST_CASE("layout: the generic forward's shared memory fits, with 16-byte staging buffers", "[router][layout]") {
+  namespace kr = moekit::kernels::router;
+  for (int E = kr::kFastMaxExperts + 1; E <= MOEKIT_ROUTER_MAX_EXPERTS; E += (E < 600 ? 1 : 97)) {
+    for (int G : {1, 2, 7, 16, 64, 513, E}) {
+      if (G > E || E % G != 0) continue;
+      const kr::GenericLayout worst = kr::generic_layout(E, G, 4);
+      for (int elem : {2, 4}) {
+        const kr::GenericLayout l = kr::generic_layout(E, G, elem);
+        INFO("E=" << E << " G=" << G << " element bytes " << elem);
+        REQUIRE(l.warps >= 1);
+        REQUIRE(l.warps <= kr::kGenericMaxWarps);
+        // a row of E elements fits a staging buffer; the buffers start 16-byte aligned
+        REQUIRE(4 * l.row_words >= static_cast<size_t>(E) * elem);
+        const size_t zbuf_words = l.key_words + l.gkey_words + l.gbit_words + 32;
+        REQUIRE(zbuf_words % 4 == 0);
+        REQUIRE(l.row_words % 4 == 0);
+        REQUIRE(l.warp_words % 4 == 0);
+        REQUIRE(l.warp_words == zbuf_words + 2 * l.row_words);
+        REQUIRE(l.key_words >= kr::padded_words(static_cast<size_t>(E)));
+        REQUIRE(l.bytes == 4 * (static_cast<size_t>(l.warps) * l.warp_words + l.block_words));
+        REQUIRE(l.block_words >= 2 * static_cast<size_t>(E) + kr::kGenericMaxWarps + 1);
+        REQUIRE(l.bytes <= 99 * 1024);  // what every sm_80+ part allows a block
+        // the workspace is sized with 4-byte rows: never fewer warps per block than that
+        REQUIRE(l.warps >= worst.warps);
+      }
+    }
+  }
 }
 
 // ---- the kernels' evaluation order of the backward -----------------------------------------------
