@@ -22,17 +22,29 @@
 // Floors (every input read once from DRAM, every output written once, over the copy bandwidth):
 //   forward   T E s (logits) + T K 8 (weights, indices) [+ T (mask)]
 //   backward  T E s (logits) + T K 8 (indices, grad_weights) + T E s (grad_logits) [+ T (mask)]
-// with s the logits' element size. "launch" is the time of the smallest moekit kernel (the aux
-// loss, one block), the latency no call can go below. Inputs rotate over buffers that together
-// exceed the L2 twice, so every timed call reads from DRAM. Before timing, every configuration is
-// run on a small batch and compared with the CPU reference (indices exactly, weights, loads,
-// statistics and the gradient within tolerance); a mismatch aborts.
+// with s the logits' element size. Inputs rotate over buffers that together exceed the L2 twice,
+// so every timed call reads from DRAM. Before timing, every configuration is run on a small batch
+// and compared with the CPU reference (indices exactly, weights, loads, statistics and the gradient
+// within tolerance); a mismatch aborts.
+//
+// Three times per call (medians over the repeats):
+//   gpu   the device time of the call: a large memset is queued before the start event, so the
+//         host has enqueued the call's kernels before the device reaches them and the events see
+//         the kernels back to back (launch gaps between a call's own kernels included). This is
+//         what a training step pays when the host runs ahead of the device, and what "x floor"
+//         compares with the floor.
+//   call  events around each call with nothing queued before it: when the host takes longer to
+//         issue the call than the device takes to run it, this includes the host's part.
+//   host  host wall-clock time of the call (validation, launch), without waiting for the device.
+// "launch" is the gpu time of the smallest moekit kernel (the aux loss, one block).
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -292,8 +304,55 @@ struct Row {
   std::string preset;
   int64_t tokens;
   std::string pass;
-  double us, floor_us, gbps, bytes;
+  double us, floor_us, gbps, bytes, call_us, host_us;
 };
+
+struct CallTiming {
+  moekit::bench::Timing gpu;   // device time (queue filled before the start event)
+  moekit::bench::Timing call;  // events around the call, nothing queued before it
+  double host_us = 0.0;        // median host time of a call
+};
+
+// The three timings of the header comment. filler: a device buffer whose memset keeps the device
+// busy while the host enqueues the call (its size covers the host's share many times over).
+CallTiming time_call(cudaStream_t stream, int warmup, int repeats, Buffer& filler, const std::function<void(int)>& run) {
+  CallTiming r;
+  for (int i = 0; i < warmup; ++i) run(i);
+  BENCH_CUDA(cudaStreamSynchronize(stream));
+  std::vector<cudaEvent_t> ev(2 * static_cast<size_t>(repeats));
+  for (auto& e : ev) BENCH_CUDA(cudaEventCreate(&e));
+  std::vector<double> host(static_cast<size_t>(repeats)), gpu(static_cast<size_t>(repeats));
+  for (int i = 0; i < repeats; ++i) {
+    BENCH_CUDA(cudaMemsetAsync(filler.p, i & 0xff, filler.bytes, stream));
+    BENCH_CUDA(cudaEventRecord(ev[2 * i], stream));
+    const auto h0 = std::chrono::steady_clock::now();
+    run(i);
+    const auto h1 = std::chrono::steady_clock::now();
+    BENCH_CUDA(cudaEventRecord(ev[2 * i + 1], stream));
+    host[static_cast<size_t>(i)] = std::chrono::duration<double, std::micro>(h1 - h0).count();
+  }
+  BENCH_CUDA(cudaStreamSynchronize(stream));
+  BENCH_CUDA(cudaGetLastError());
+  for (int i = 0; i < repeats; ++i) {
+    float ms = 0;
+    BENCH_CUDA(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]));
+    gpu[static_cast<size_t>(i)] = 1000.0 * ms;
+  }
+  for (auto& e : ev) cudaEventDestroy(e);
+  auto summarise = [&](std::vector<double> us) {
+    std::sort(us.begin(), us.end());
+    moekit::bench::Timing t;
+    t.repeats = repeats;
+    t.min_us = us.front();
+    t.max_us = us.back();
+    t.median_us = repeats % 2 ? us[repeats / 2] : 0.5 * (us[repeats / 2 - 1] + us[repeats / 2]);
+    return t;
+  };
+  r.gpu = summarise(gpu);
+  r.host_us = summarise(host).median_us;
+  r.call = moekit::bench::time_us(stream, 0, repeats, run);
+  return r;
+}
 
 }  // namespace
 
@@ -333,16 +392,18 @@ int main(int argc, char** argv) {
   cudaStream_t stream;
   BENCH_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   const double bandwidth = moekit::bench::measure_copy_bandwidth(stream);
-  double launch_us = 0.0;
+  Buffer filler(size_t{256} << 20);  // ~70 us of memset on any current part
+  double launch_us = 0.0, launch_call_us = 0.0;
   {
     Buffer l(32), s(32), n(4), aux(4);
     BENCH_CUDA(cudaMemset(l.p, 0, 32));
     BENCH_CUDA(cudaMemset(s.p, 0, 32));
     BENCH_CUDA(cudaMemset(n.p, 0, 4));
-    launch_us = moekit::bench::time_us(stream, warmup, repeats, [&](int) {
-                  MOEKIT_OK(moekit_aux_loss_forward(8, 2, l.as<int32_t>(), s.as<float>(), n.as<int32_t>(),
-                                                    aux.as<float>(), stream));
-                }).median_us;
+    const CallTiming t = time_call(stream, warmup, repeats, filler, [&](int) {
+      MOEKIT_OK(moekit_aux_loss_forward(8, 2, l.as<int32_t>(), s.as<float>(), n.as<int32_t>(), aux.as<float>(), stream));
+    });
+    launch_us = t.gpu.median_us;
+    launch_call_us = t.call.median_us;
   }
   const size_t elem = moekit::test::dtype_bytes(dtype);
   std::vector<Row> rows;
@@ -398,13 +459,14 @@ int main(int argc, char** argv) {
       const double mask_bytes = use_mask ? static_cast<double>(T) : 0.0;
       const double fwd_bytes = static_cast<double>(T) * E * elem + static_cast<double>(T) * K * 8 + mask_bytes;
       const double bwd_bytes = 2.0 * T * E * elem + static_cast<double>(T) * K * 8 + mask_bytes;
-      const auto tf = moekit::bench::time_us(stream, warmup, repeats, forward);
-      const auto tb = moekit::bench::time_us(stream, warmup, repeats, backward);
+      const CallTiming tf = time_call(stream, warmup, repeats, filler, forward);
+      const CallTiming tb = time_call(stream, warmup, repeats, filler, backward);
       for (int pass = 0; pass < 2; ++pass) {
-        const auto& t = pass == 0 ? tf : tb;
+        const CallTiming& ct = pass == 0 ? tf : tb;
+        const auto& t = ct.gpu;
         const double bytes = pass == 0 ? fwd_bytes : bwd_bytes;
         Row r{p.name, T, pass == 0 ? "forward" : "backward", t.median_us, 1e6 * bytes / bandwidth,
-              bytes / (t.median_us * 1e-6) / 1e9, bytes};
+              bytes / (t.median_us * 1e-6) / 1e9, bytes, ct.call.median_us, ct.host_us};
         rows.push_back(r);
         Json j = Json::object();
         j.set("preset", p.name)
@@ -421,13 +483,16 @@ int main(int argc, char** argv) {
             .set("aux_coeff", static_cast<double>(pass == 1 ? coeff : 0.0f))
             .set("mask", use_mask)
             .set("dtype", dtype_name(dtype))
-            .set("median_us", t.median_us)
+            .set("median_us", t.median_us)  // gpu time (see the top of this file)
             .set("min_us", t.min_us)
             .set("max_us", t.max_us)
+            .set("call_median_us", ct.call.median_us)
+            .set("host_us", ct.host_us)
             .set("repeats", static_cast<int64_t>(t.repeats))
             .set("bytes", bytes)
             .set("floor_us", r.floor_us)
             .set("x_floor", t.median_us / r.floor_us)
+            .set("x_floor_call", ct.call.median_us / r.floor_us)
             .set("achieved_gbps", r.gbps)
             .set("rotated_copies", static_cast<int64_t>(copies));
         results.push(j);
@@ -435,12 +500,15 @@ int main(int argc, char** argv) {
     }
   }
 
-  std::printf("\n%s, %s logits, copy bandwidth %.0f GB/s (read + write), smallest launch %.2f us\n",
-              moekit::bench::device_description().c_str(), dtype_name(dtype), bandwidth / 1e9, launch_us);
-  std::printf("%-10s %7s %-9s %10s %10s %9s %8s\n", "preset", "tokens", "pass", "time us", "floor us", "x floor", "GB/s");
+  std::printf("\n%s, %s logits, copy bandwidth %.0f GB/s (read + write), smallest launch %.2f us gpu / %.2f us call\n",
+              moekit::bench::device_description().c_str(), dtype_name(dtype), bandwidth / 1e9, launch_us,
+              launch_call_us);
+  std::printf("%-10s %7s %-9s %10s %10s %9s %8s %10s %9s\n", "preset", "tokens", "pass", "gpu us", "floor us",
+              "x floor", "GB/s", "call us", "host us");
   for (const Row& r : rows)
-    std::printf("%-10s %7lld %-9s %10.2f %10.2f %9.2f %8.0f\n", r.preset.c_str(), static_cast<long long>(r.tokens),
-                r.pass.c_str(), r.us, r.floor_us, r.us / r.floor_us, r.gbps);
+    std::printf("%-10s %7lld %-9s %10.2f %10.2f %9.2f %8.0f %10.2f %9.2f\n", r.preset.c_str(),
+                static_cast<long long>(r.tokens), r.pass.c_str(), r.us, r.floor_us, r.us / r.floor_us, r.gbps, r.call_us,
+                r.host_us);
 
   const std::string json_path = args.get("json", "");
   if (!json_path.empty()) {
@@ -452,6 +520,9 @@ int main(int argc, char** argv) {
         .set("date", moekit::bench::utc_now())
         .set("copy_bandwidth_gbps", bandwidth / 1e9)
         .set("launch_us", launch_us)
+        .set("launch_call_us", launch_call_us)
+        .set("timing", "median_us and x_floor: device time with the queue filled before each call; "
+                       "call_median_us: events around the call alone; host_us: host time of the call")
         .set("results", results);
     if (!moekit::bench::write_file(json_path, doc.dump())) {
       std::fprintf(stderr, "could not write %s\n", json_path.c_str());

@@ -16,7 +16,10 @@ PyTorch's own indices -- index sets may differ only where scores tie or nearly t
 such tokens are counted and reported; moekit's weights must match PyTorch's weights gathered at
 moekit's indices; S and N must match; moekit's gradient must match autograd's for moekit's
 indices. Timing rotates over copies of the logits that together exceed the L2 twice (same copies
-for every implementation). The floor is each input read once and each output written once over
+for every implementation). Two times per call: median_us, CUDA events around each call (when the
+host is slower than the device, as eager PyTorch is, this includes the host's part: what a loop
+that waits on it sees), and gpu_median_us, the same with a spin kernel queued first so the events
+see only the device's work (what a step pays when the host runs ahead); speedups from both. The floor is each input read once and each output written once over
 the measured device-to-device copy bandwidth:
   forward   T E 2 + T K 8 bytes;   backward   2 T E 2 + T K 8 bytes.
 
@@ -97,16 +100,32 @@ class Moekit:
         off = (-raw.data_ptr()) % 256
         self._raw, self.ws, self.ws_bytes = raw, raw[off:], n.value
 
+    def forward_args(self, z, bias, w, idx, load, S, N):
+        """The argument tuple of one forward call (converted once; the timed loop only calls)."""
+        return (ctypes.byref(self.cfg), self.T, tb.DTYPE[z.dtype], tb.ptr(z), z.stride(0), tb.ptr(bias), None,
+                tb.ptr(w), tb.ptr(idx), tb.ptr(load), tb.ptr(S), tb.ptr(N),
+                tb.ptr(self.ws) if self.ws_bytes else None, self.ws_bytes, tb.stream_ptr())
+
+    def backward_args(self, z, bias, idx, gw, coeff, load, N, grad):
+        return (ctypes.byref(self.cfg), self.T, tb.DTYPE[z.dtype], tb.ptr(z), z.stride(0), tb.ptr(bias), None,
+                tb.ptr(idx), tb.ptr(gw), coeff, tb.ptr(load) if coeff else None, tb.ptr(N) if coeff else None,
+                tb.ptr(grad), grad.stride(0), None, 0, tb.stream_ptr())
+
+    def call_forward(self, args):
+        status = self.f["forward"](*args)
+        if status:
+            tb.check(status)
+
+    def call_backward(self, args):
+        status = self.f["backward"](*args)
+        if status:
+            tb.check(status)
+
     def forward(self, z, bias, w, idx, load, S, N):
-        tb.check(self.f["forward"](ctypes.byref(self.cfg), self.T, tb.DTYPE[z.dtype], tb.ptr(z), z.stride(0),
-                                   tb.ptr(bias), None, tb.ptr(w), tb.ptr(idx), tb.ptr(load), tb.ptr(S), tb.ptr(N),
-                                   tb.ptr(self.ws) if self.ws_bytes else None, self.ws_bytes, tb.stream_ptr()))
+        self.call_forward(self.forward_args(z, bias, w, idx, load, S, N))
 
     def backward(self, z, bias, idx, gw, coeff, load, N, grad):
-        tb.check(self.f["backward"](ctypes.byref(self.cfg), self.T, tb.DTYPE[z.dtype], tb.ptr(z), z.stride(0),
-                                    tb.ptr(bias), None, tb.ptr(idx), tb.ptr(gw), coeff,
-                                    tb.ptr(load) if coeff else None, tb.ptr(N) if coeff else None,
-                                    tb.ptr(grad), grad.stride(0), None, 0, tb.stream_ptr()))
+        self.call_backward(self.backward_args(z, bias, idx, gw, coeff, load, N, grad))
 
 
 # ---- the same semantics in PyTorch ----------------------------------------------------------------
@@ -202,6 +221,27 @@ def torch_forward_backward(p, z, bias, gw, load):
     return torch.autograd.grad(J, zz)[0]
 
 
+# ---- timing -----------------------------------------------------------------------------------------
+
+def time_gpu_us(fn, warmup=10, repeats=50):
+    """Device time of fn(i): a spin kernel queued before the start event keeps the device busy
+    while the host enqueues fn's work, so the events see only its kernels (tb.time_us: events
+    around fn alone, which includes the host's part when the host is the slower one)."""
+    for i in range(warmup):
+        fn(i)
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for i in range(repeats):
+        torch.cuda._sleep(10_000_000)  # ~5 ms of cycles: longer than any call's host time here
+        starts[i].record()
+        fn(i)
+        ends[i].record()
+    torch.cuda.synchronize()
+    us = sorted(1000.0 * s.elapsed_time(e) for s, e in zip(starts, ends))
+    return {"median_us": us[len(us) // 2], "min_us": us[0], "max_us": us[-1], "repeats": repeats}
+
+
 # ---- one preset -----------------------------------------------------------------------------------
 
 def run(name, p, T, fns, copy_bw, args):
@@ -285,11 +325,18 @@ def run(name, p, T, fns, copy_bw, args):
     bwd_bytes = 2 * T * E * 2 + T * K * 8
     tload = torch.zeros(E, device="cuda", dtype=torch.int32)
 
+    # The argument tuples are built once per copy: the timed loop pays one ctypes call per moekit
+    # call (Python's own overhead, not the library's; the library's host time is in
+    # moekit-bench-router's "host us").
+    fwd_args = [m.forward_args(zs[k], bias, w, idx, load, S if aux else None, N if aux else None)
+                for k in range(copies)]
+    bwd_args = [m.backward_args(zs[k], bias, idx, gw, coeff, load, N, grad) for k in range(copies)]
+
     def mk_fwd(i):
-        m.forward(zs[i % copies], bias, w, idx, load, S if aux else None, N if aux else None)
+        m.call_forward(fwd_args[i % copies])
 
     def mk_bwd(i):
-        m.backward(zs[i % copies], bias, idx, gw, coeff, load, N, grad)
+        m.call_backward(bwd_args[i % copies])
 
     def mk_both(i):
         mk_fwd(i)
@@ -297,9 +344,12 @@ def run(name, p, T, fns, copy_bw, args):
 
     def add(pass_, impl, fn, floor_bytes):
         t = tb.time_us(fn, **reps)
+        g = time_gpu_us(fn, **reps)
         floor = floor_bytes / copy_bw * 1e6 if floor_bytes else None
         rows.append(dict(preset=name, tokens=T, pass_=pass_, impl=impl, median_us=t["median_us"], min_us=t["min_us"],
-                         floor_us=floor, fraction_of_floor=(floor / t["median_us"]) if floor else None))
+                         gpu_median_us=g["median_us"], floor_us=floor,
+                         fraction_of_floor=(floor / t["median_us"]) if floor else None,
+                         gpu_fraction_of_floor=(floor / g["median_us"]) if floor else None))
 
     add("forward", "moekit", mk_fwd, fwd_bytes)
     add("backward", "moekit", mk_bwd, bwd_bytes)
@@ -318,11 +368,13 @@ def run(name, p, T, fns, copy_bw, args):
                 add(pass_, "torch.compile", lambda i, fn=fn: fn(zs[i % copies]), nbytes)
             except Exception as e:  # pragma: no cover - depends on the machine
                 print("torch.compile %s failed for %s: %s" % (label, name, e), file=sys.stderr)
-    by = {(r["pass_"], r["impl"]): r["median_us"] for r in rows}
+    by = {(r["pass_"], r["impl"]): r for r in rows}
     for r in rows:
         for impl, key in (("torch eager", "speedup_vs_eager"), ("torch.compile", "speedup_vs_compile")):
             other = by.get((r["pass_"], impl))
-            r[key] = (other / r["median_us"]) if (other and r["impl"] == "moekit") else None
+            mine = r["impl"] == "moekit"
+            r[key] = (other["median_us"] / r["median_us"]) if (other and mine) else None
+            r["gpu_" + key] = (other["gpu_median_us"] / r["gpu_median_us"]) if (other and mine) else None
         r["tie_rows"] = tie_rows
     del zs
     torch.cuda.empty_cache()
@@ -371,12 +423,15 @@ def main():
         for T in (int(t) for t in args.tokens.split(",")):
             rows += run(name, p, T, fns, copy_bw, args)
     printable = [{k: ("" if v is None else v) for k, v in r.items()} for r in rows]
-    tb.print_table(printable, ["preset", "tokens", "pass_", "impl", "median_us", "floor_us", "fraction_of_floor",
-                               "speedup_vs_eager", "speedup_vs_compile"])
+    tb.print_table(printable, ["preset", "tokens", "pass_", "impl", "median_us", "gpu_median_us", "floor_us",
+                               "fraction_of_floor", "speedup_vs_eager", "speedup_vs_compile", "gpu_speedup_vs_eager"])
     if args.out:
         result = tb.header("router compare_torch")
         result.update(copy_bandwidth_gbps=copy_bw / 1e9, dtype="bf16", aux_coeff=AUX_COEFF,
                       floor="forward T E 2 + T K 8 bytes, backward 2 T E 2 + T K 8 bytes, over the copy bandwidth",
+                      timing="median_us: CUDA events around each call (host time included when the host is "
+                             "slower than the device); gpu_median_us: the same with a spin kernel queued "
+                             "before each call (device time only); speedups from each",
                       presets=chosen, results=rows)
         tb.write_json(args.out, result)
         print("wrote %s" % args.out)
