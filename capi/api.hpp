@@ -5,9 +5,11 @@
 // writes nothing.
 #pragma once
 
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <new>
+#include <vector>
 
 #include "src/common/error.hpp"
 #include "moekit/status.h"
@@ -44,6 +46,41 @@ moekit_status_t read_config(const Config* user, const char* name, size_t min_siz
   const size_t n = user->struct_size < sizeof(Config) ? user->struct_size : sizeof(Config);
   std::memcpy(static_cast<void*>(out), static_cast<const void*>(user), n);
   out->struct_size = sizeof(Config);
+  return MOEKIT_STATUS_SUCCESS;
+}
+
+// A pointer argument with the bytes a call touches through it (0 when unused).
+struct Span {
+  const void* ptr;
+  uint64_t bytes;
+  const char* name;
+};
+
+inline bool intersect(const Span& a, const Span& b) {
+  if (a.ptr == nullptr || b.ptr == nullptr || a.bytes == 0 || b.bytes == 0) return false;
+  const uintptr_t a0 = reinterpret_cast<uintptr_t>(a.ptr), b0 = reinterpret_cast<uintptr_t>(b.ptr);
+  return a0 < b0 + b.bytes && b0 < a0 + a.bytes;
+}
+
+// No output overlaps an input or another output.
+inline moekit_status_t check_disjoint(const std::vector<Span>& outputs, const std::vector<Span>& inputs) {
+  for (size_t o = 0; o < outputs.size(); ++o) {
+    for (const Span& i : inputs)
+      if (intersect(outputs[o], i))
+        return fail(MOEKIT_STATUS_INVALID_ARGUMENT, "%s = %p overlaps %s = %p", outputs[o].name,
+                    outputs[o].ptr, i.name, i.ptr);
+    for (size_t q = o + 1; q < outputs.size(); ++q)
+      if (intersect(outputs[o], outputs[q]))
+        return fail(MOEKIT_STATUS_INVALID_ARGUMENT, "%s = %p overlaps %s = %p", outputs[o].name,
+                    outputs[o].ptr, outputs[q].name, outputs[q].ptr);
+  }
+  return MOEKIT_STATUS_SUCCESS;
+}
+
+// MISALIGNED unless p (NULL passes) is a multiple of `alignment` bytes.
+inline moekit_status_t check_aligned(const void* p, size_t alignment, const char* name) {
+  if (p != nullptr && reinterpret_cast<uintptr_t>(p) % alignment != 0)
+    return fail(MOEKIT_STATUS_MISALIGNED, "%s = %p is not aligned to %zu bytes", name, p, alignment);
   return MOEKIT_STATUS_SUCCESS;
 }
 

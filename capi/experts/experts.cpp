@@ -17,14 +17,9 @@ namespace {
 
 constexpr int64_t kMaxRows = INT32_MAX;  // row indices and offsets are int32
 
-moekit_status_t check_aligned(const void* p, const char* name, size_t alignment) {
-  if (p != nullptr && reinterpret_cast<uintptr_t>(p) % alignment != 0)
-    return moekit::fail(MOEKIT_STATUS_MISALIGNED, "%s = %p is not %zu-byte aligned", name, p, alignment);
-  return MOEKIT_STATUS_SUCCESS;
-}
-
-#define MOEKIT_CHECK_TENSOR(p) MOEKIT_TRY(check_aligned((p), #p, MOEKIT_EXPERTS_TENSOR_ALIGNMENT))
-#define MOEKIT_CHECK_ALIGN4(p) MOEKIT_TRY(check_aligned((p), #p, 4))
+#define MOEKIT_CHECK_TENSOR(p) \
+  MOEKIT_TRY(moekit::capi::check_aligned((p), MOEKIT_EXPERTS_TENSOR_ALIGNMENT, #p))
+#define MOEKIT_CHECK_ALIGN4(p) MOEKIT_TRY(moekit::capi::check_aligned((p), 4, #p))
 
 template <class Config>
 moekit_status_t init_config(Config* config, size_t struct_size, size_t min_size) {

@@ -13,42 +13,13 @@
 #include "src/layer/layer.hpp"
 #include "src/layer/layer_config.hpp"
 
+using moekit::capi::check_aligned;
+using moekit::capi::check_disjoint;
 using moekit::capi::guarded;
+using moekit::capi::Span;
 namespace ly = moekit::layer;
 
 namespace {
-
-// A pointer argument with the bytes a call touches through it (0 when unused).
-struct Span {
-  const void* ptr;
-  uint64_t bytes;
-  const char* name;
-};
-
-bool intersect(const Span& a, const Span& b) {
-  if (a.ptr == nullptr || b.ptr == nullptr || a.bytes == 0 || b.bytes == 0) return false;
-  const uintptr_t a0 = reinterpret_cast<uintptr_t>(a.ptr), b0 = reinterpret_cast<uintptr_t>(b.ptr);
-  return a0 < b0 + b.bytes && b0 < a0 + a.bytes;
-}
-
-// No output overlaps an input or another output.
-moekit_status_t check_disjoint(const std::vector<Span>& outputs, const std::vector<Span>& inputs) {
-  for (size_t o = 0; o < outputs.size(); ++o) {
-    for (const Span& i : inputs)
-      MOEKIT_CHECK_ARG(!intersect(outputs[o], i), "%s = %p overlaps %s = %p", outputs[o].name, outputs[o].ptr, i.name,
-                       i.ptr);
-    for (size_t q = o + 1; q < outputs.size(); ++q)
-      MOEKIT_CHECK_ARG(!intersect(outputs[o], outputs[q]), "%s = %p overlaps %s = %p", outputs[o].name,
-                       outputs[o].ptr, outputs[q].name, outputs[q].ptr);
-  }
-  return MOEKIT_STATUS_SUCCESS;
-}
-
-moekit_status_t check_aligned(const void* p, size_t alignment, const char* name) {
-  if (p != nullptr && reinterpret_cast<uintptr_t>(p) % alignment != 0)
-    return moekit::fail(MOEKIT_STATUS_MISALIGNED, "%s = %p is not %zu-byte aligned", name, p, alignment);
-  return MOEKIT_STATUS_SUCCESS;
-}
 
 // A caller-owned buffer of at least `needed` bytes, 256-byte aligned (the saved buffer; the
 // workspace goes through moekit::check_workspace, which names "workspace").

@@ -10,41 +10,13 @@
 #include "src/router/router.hpp"
 #include "src/router/router_config.hpp"
 
+using moekit::capi::check_aligned;
+using moekit::capi::check_disjoint;
 using moekit::capi::guarded;
+using moekit::capi::Span;
 namespace rt = moekit::router;
 
 namespace {
-
-// A pointer argument with the bytes a call touches through it (0 when unused).
-struct Span {
-  const void* ptr;
-  uint64_t bytes;
-  const char* name;
-};
-
-bool intersect(const Span& a, const Span& b) {
-  if (a.ptr == nullptr || b.ptr == nullptr || a.bytes == 0 || b.bytes == 0) return false;
-  const uintptr_t a0 = reinterpret_cast<uintptr_t>(a.ptr), b0 = reinterpret_cast<uintptr_t>(b.ptr);
-  return a0 < b0 + b.bytes && b0 < a0 + a.bytes;
-}
-
-// No output overlaps an input or another output.
-moekit_status_t check_disjoint(std::initializer_list<Span> outputs, std::initializer_list<Span> inputs) {
-  for (auto o = outputs.begin(); o != outputs.end(); ++o) {
-    for (const Span& i : inputs)
-      MOEKIT_CHECK_ARG(!intersect(*o, i), "%s = %p overlaps %s = %p", o->name, o->ptr, i.name, i.ptr);
-    for (auto p = o + 1; p != outputs.end(); ++p)
-      MOEKIT_CHECK_ARG(!intersect(*o, *p), "%s = %p overlaps %s = %p", o->name, o->ptr, p->name, p->ptr);
-  }
-  return MOEKIT_STATUS_SUCCESS;
-}
-
-moekit_status_t check_aligned(const void* ptr, size_t alignment, const char* name) {
-  if (ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % alignment != 0)
-    return moekit::fail(MOEKIT_STATUS_MISALIGNED, "%s = %p is not aligned to its %zu-byte elements",
-                        name, ptr, alignment);
-  return MOEKIT_STATUS_SUCCESS;
-}
 
 moekit_status_t check_dtype(moekit_dtype_t dtype, const char* name) {
   MOEKIT_CHECK_SUPPORTED(dtype == MOEKIT_DTYPE_F32 || dtype == MOEKIT_DTYPE_F16 || dtype == MOEKIT_DTYPE_BF16,
