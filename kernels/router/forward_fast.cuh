@@ -31,8 +31,8 @@
 // values (a butterfly over the group's lanes), the groups' ranks come from G shuffles.
 // Weights: the lane owning rank r reads the pick; where the weight source differs from the
 // selection value (a bias without weights_use_bias, groups: a masked pick is weighted by its
-// unmasked score) it re-reads z[idx] (an L1 hit: the row was just loaded) and recomputes the
-// score with the same instructions as the selection's.
+// unmasked score; a pick at -inf, which may have been a NaN) it re-reads z[idx] (an L1 hit: the
+// row was just loaded) and recomputes the score with the same instructions as the selection's.
 //
 // Determinism: every sum has a fixed order (per lane, then a fixed butterfly; per block, teams in
 // order); loads use integer atomics only (order-independent). No global float atomics.
@@ -118,6 +118,7 @@ __global__ void __launch_bounds__(kFastThreads, fast_min_blocks(V))
   const bool full_softmax = kSoftmaxFirst || (kTopk && need_score);
   // Weight source = the picked selection value, or a recompute from z[idx] (see the top).
   const bool recompute_weight = kGroups || (has_bias && !wub);
+  const uint32_t neg_inf_key = float_key(-INFINITY);
 
   for (int e = threadIdx.x; e < kEPad; e += kFastThreads)  // chunk-major (kernels/router/layout.hpp)
     reinterpret_cast<float*>(&s_bias[0][0])[chunk_major_offset_of_expert(e, V, TPT)] =
@@ -329,6 +330,7 @@ __global__ void __launch_bounds__(kFastThreads, fast_min_blocks(V))
     uint32_t k1 = float_key(f1 + 0.0f), k2 = float_key(f2 + 0.0f);
     // (pinned: a register, not rebuilt from the thread index at every pick)
     const uint32_t picks = pinned(static_cast<uint32_t>(__cvta_generic_to_shared(&s_pick[team][0])));
+    const uint32_t base_u = pinned(static_cast<uint32_t>(base));
     const unsigned masked_bits = kGroups ? __ballot_sync(kFullMask, masked) : 0u;
     __syncwarp();  // the previous token's readers of s_pick are done
     for (int r = 0; r < K; ++r) {
@@ -336,7 +338,7 @@ __global__ void __launch_bounds__(kFastThreads, fast_min_blocks(V))
       const bool hit = k1 == best;
       const unsigned hits = __ballot_sync(kFullMask, hit);  // every lane (no short-circuit around it)
       const bool win = hit & ((hits & below_in_team) == 0u);
-      if (win) st_shared_u32x2(picks + 8u * static_cast<uint32_t>(r), static_cast<uint32_t>(base + s1), k1);
+      if (win) st_shared_u32x2(picks + 8u * static_cast<uint32_t>(r), base_u + static_cast<uint32_t>(s1), k1);
       k1 = win ? k2 : k1;
       s1 = win ? s2 : s1;
       k2 = win ? 0u : k2;
@@ -395,7 +397,9 @@ __global__ void __launch_bounds__(kFastThreads, fast_min_blocks(V))
       const uint2 p = has[i] ? s_pick[team][r] : make_uint2(0u, 0u);
       idx[i] = static_cast<int>(p.x);
       if (has[i]) {
-        if (!recompute_weight) {
+        // The key of -inf also stands for a NaN selection value (sanitised): recomputed, so a
+        // NaN score stays NaN in the weights.
+        if (!recompute_weight && p.y != neg_inf_key) {
           u[i] = key_float(p.y);  // the selection value is the weight source
         } else if (active) {
           const float z = Elem<T>::load1(zrow + idx[i]);
@@ -524,7 +528,10 @@ cudaError_t launch_forward_fast_dtype(const ForwardArgs& a, cudaStream_t stream,
     case 1: if (v == 8) return launch_forward_fast_mode<T, 8, 1>(a, stream, blocks); break;
     case 2: if (v == 8) return launch_forward_fast_mode<T, 8, 2>(a, stream, blocks); break;
     case 4: if (v == 8) return launch_forward_fast_mode<T, 8, 4>(a, stream, blocks); break;
-    case 8: if (v == 8) return launch_forward_fast_mode<T, 8, 8>(a, stream, blocks); break;
+    case 8:
+      if (v == 8) return launch_forward_fast_mode<T, 8, 8>(a, stream, blocks);
+      if (v == 16) return launch_forward_fast_mode<T, 16, 8>(a, stream, blocks);
+      break;
     case 16:
       if (v == 8) return launch_forward_fast_mode<T, 8, 16>(a, stream, blocks);
       if (v == 16) return launch_forward_fast_mode<T, 16, 16>(a, stream, blocks);

@@ -27,16 +27,25 @@ struct FastShape {
   int lanes_per_token;  // TPT
 };
 
-// E <= 8: one thread per token (Mixtral). Up to 128: V = 8 and the smallest team that covers E.
-// 129..256: V = 16, 16 lanes (two DeepSeek-V3 tokens per warp). 257..512: V = 16, a warp.
+// Forward: E <= 8: one thread per token (Mixtral). Up to 64: V = 8 and the smallest team that
+// covers E. 65..128: V = 16, 8 lanes (four Qwen3 / GPT-OSS tokens per warp: a pick's reductions
+// and ballots serve four tokens, at the price of more refills, ~2.3 per warp-step for Qwen3
+// against ~0.3 with 16 lanes; docs/router.md). 129..256: V = 16, 16 lanes (two DeepSeek-V3 tokens
+// per warp). 257..512: V = 16, a warp.
 inline constexpr FastShape fast_shape(int num_experts) {
   return num_experts <= 8     ? FastShape{8, 1}
          : num_experts <= 16  ? FastShape{8, 2}
          : num_experts <= 32  ? FastShape{8, 4}
          : num_experts <= 64  ? FastShape{8, 8}
-         : num_experts <= 128 ? FastShape{8, 16}
+         : num_experts <= 128 ? FastShape{16, 8}
          : num_experts <= 256 ? FastShape{16, 16}
                               : FastShape{16, 32};
+}
+
+// Backward (no selection: nothing to amortise over tokens per warp; 8 values per lane keep its
+// registers low up to E = 128): as the forward but 65..128 with V = 8, 16 lanes.
+inline constexpr FastShape fast_backward_shape(int num_experts) {
+  return num_experts > 64 && num_experts <= 128 ? FastShape{8, 16} : fast_shape(num_experts);
 }
 
 // Threads per block of the fast forward and backward kernels (8 warps), compiled for at least

@@ -102,7 +102,7 @@ k::RouterShape forward_shape(const moekit_router_config_t& c, int64_t num_tokens
 k::RouterShape backward_shape(const moekit_router_config_t& c, int64_t num_tokens, int elem_bytes) {
   k::RouterShape s{};
   if (c.num_experts <= k::kFastMaxExperts) {  // no selection: groups do not matter here
-    const k::FastShape fs = k::fast_shape(c.num_experts);
+    const k::FastShape fs = k::fast_backward_shape(c.num_experts);
     s.fast = 1;
     s.values_per_lane = fs.values_per_lane;
     s.lanes_per_token = fs.lanes_per_token;

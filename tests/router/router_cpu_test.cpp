@@ -356,29 +356,31 @@ TEST_CASE("span accesses of the fast paths stay inside [row, row + E) and move e
   int64_t checked = 0;
   for (int elem : {2, 4}) {
     for (int E = 1; E <= kr::kFastMaxExperts; ++E) {
-      const kr::FastShape fs = kr::fast_shape(E);
-      const int V = fs.values_per_lane, TPT = fs.lanes_per_token;
-      REQUIRE(V * TPT >= E);         // the team covers the row
-      REQUIRE(V * elem % 16 == 0);   // a lane's span is whole 16-byte chunks (its first element too)
-      REQUIRE(std::min(V * TPT, 32) >= std::min(E, 32));  // the rank arrays hold K <= min(E, 32)
-      for (int vec : {16, 8, 4, 2}) {
-        if (vec < elem) continue;
-        for (int lt = 0; lt < TPT; ++lt) {
-          const int base = lt * V;
-          SpanReplay r = V == 8 ? (elem == 2 ? replay_span<8, 2>(E, base, vec) : replay_span<8, 4>(E, base, vec))
-                                : (elem == 2 ? replay_span<16, 2>(E, base, vec) : replay_span<16, 4>(E, base, vec));
-          INFO("element bytes " << elem << " E=" << E << " V=" << V << " TPT=" << TPT << " lane " << lt
-                                << " row alignment " << vec);
-          REQUIRE(r.error.empty());
-          for (int j = 0; j < V; ++j) {
-            INFO("element " << base + j);
-            REQUIRE(r.hits[static_cast<size_t>(j)] == (base + j < E ? 1 : 0));
+      for (const kr::FastShape fs : {kr::fast_shape(E), kr::fast_backward_shape(E)}) {  // forward, backward
+        const int V = fs.values_per_lane, TPT = fs.lanes_per_token;
+        REQUIRE((V == 8 || V == 16));  // the kernels' instantiations (and the replays below)
+        REQUIRE(V * TPT >= E);         // the team covers the row
+        REQUIRE(V * elem % 16 == 0);   // a lane's span is whole 16-byte chunks (its first element too)
+        REQUIRE(std::min(V * TPT, 32) >= std::min(E, 32));  // the rank arrays hold K <= min(E, 32)
+        for (int vec : {16, 8, 4, 2}) {
+          if (vec < elem) continue;
+          for (int lt = 0; lt < TPT; ++lt) {
+            const int base = lt * V;
+            SpanReplay r = V == 8 ? (elem == 2 ? replay_span<8, 2>(E, base, vec) : replay_span<8, 4>(E, base, vec))
+                                  : (elem == 2 ? replay_span<16, 2>(E, base, vec) : replay_span<16, 4>(E, base, vec));
+            INFO("element bytes " << elem << " E=" << E << " V=" << V << " TPT=" << TPT << " lane " << lt
+                                  << " row alignment " << vec);
+            REQUIRE(r.error.empty());
+            for (int j = 0; j < V; ++j) {
+              INFO("element " << base + j);
+              REQUIRE(r.hits[static_cast<size_t>(j)] == (base + j < E ? 1 : 0));
+            }
+            if (base + V <= E) {  // whole spans keep the widest access the row allows, and no more
+              REQUIRE(r.widest == std::max(vec, elem));
+              REQUIRE(r.accesses == V * elem / std::max(vec, elem));
+            }
+            ++checked;
           }
-          if (base + V <= E) {  // whole spans keep the widest access the row allows, and no more
-            REQUIRE(r.widest == std::max(vec, elem));
-            REQUIRE(r.accesses == V * elem / std::max(vec, elem));
-          }
-          ++checked;
         }
       }
     }
