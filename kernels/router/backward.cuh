@@ -271,13 +271,16 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
       for (int i = 0; i < kRanks; ++i) gv[i] = valid[i] ? u[i] * ((gv[i] - c) - d) : 0.0f;
     }
     // Scatter in k order, one rank per round (repeated indices add up deterministically). With
-    // one rank per lane and no index repeated in a team (every moekit forward), the ranks touch
-    // distinct entries: one round does it, in any order, with the same result.
+    // K <= TPT (one rank per lane, rank 0) and no index repeated in a team (every moekit
+    // forward), the ranks touch distinct entries: one round does it, in any order, with the same
+    // result.
     bool one_round = false;
-    if constexpr (kRanks == 1 && TPT > 1) {
-      const uint32_t tag = valid[0] ? (static_cast<uint32_t>(idx[0]) | (static_cast<uint32_t>(team_in_warp) << 16))
-                                    : (0x80000000u | static_cast<uint32_t>(lane));
-      one_round = __all_sync(kFullMask, __match_any_sync(kFullMask, tag) == (1u << lane));
+    if constexpr (TPT > 1) {
+      if (K <= TPT) {  // warp-uniform
+        const uint32_t tag = valid[0] ? (static_cast<uint32_t>(idx[0]) | (static_cast<uint32_t>(team_in_warp) << 16))
+                                      : (0x80000000u | static_cast<uint32_t>(lane));
+        one_round = __all_sync(kFullMask, __match_any_sync(kFullMask, tag) == (1u << lane));
+      }
     }
     if (one_round) {
       if (valid[0]) g_row[team][idx[0]] += gv[0];
