@@ -259,6 +259,12 @@ __device__ __forceinline__ uint32_t pinned(uint32_t x) {
   return r;
 }
 
+__device__ __forceinline__ int64_t pinned(int64_t x) {
+  int64_t r;
+  asm volatile("mov.b64 %0, %1;" : "=l"(r) : "l"(x));
+  return r;
+}
+
 // Two words to a shared-memory address (32-bit, from __cvta_generic_to_shared).
 __device__ __forceinline__ void st_shared_u32x2(uint32_t addr, uint32_t x, uint32_t y) {
   asm volatile("st.shared.v2.u32 [%0], {%1, %2};" ::"r"(addr), "r"(x), "r"(y) : "memory");

@@ -143,17 +143,32 @@ __global__ void __launch_bounds__(kFastThreads, fast_min_blocks(V))
   const int64_t row_bytes = a.logits_stride * static_cast<int64_t>(sizeof(T));
   const TokenWalk walk = token_walk(static_cast<int64_t>(blockIdx.x) * (kFastThreads / 32) + warp,
                                     static_cast<int64_t>(gridDim.x) * (kFastThreads / 32), kTeamsPerWarp, team_in_warp);
-  const int64_t t_stride = walk.stride;
-  const int64_t row_stride_step = t_stride * row_bytes;
+  const int64_t t_stride = pinned(walk.stride);  // (pinned: not rebuilt at every step)
+  const int64_t row_stride_step = pinned(t_stride * row_bytes);
   int64_t t = walk.first_token;                                          // this step's token
   const char* row = static_cast<const char*>(a.logits) + t * row_bytes;  // its row
 
   uint32_t next_raw[kWords];
   bool next_mask = false;
   // Loads token tn's span (row pointer p) into next_raw / next_mask.
+  // The common case, decided once: a whole span of 16-byte vectors (kernels/router/span.hpp's
+  // first branch, without its width dispatch at every token).
+  const bool whole16 = rem >= V && a.logits_vec_bytes >= 16;
   auto fetch = [&](int64_t tn, const char* p) {
     if (tn < num_tokens) {
-      load_span<T, V>(reinterpret_cast<const T*>(p) + base, a.logits_vec_bytes, rem, next_raw);  // -inf past E
+      const T* span = reinterpret_cast<const T*>(p) + base;
+      if (whole16) {
+#pragma unroll
+        for (int i = 0; i < kWords / 4; ++i) {
+          const uint4 v = __ldg(reinterpret_cast<const uint4*>(span) + i);
+          next_raw[4 * i] = v.x;
+          next_raw[4 * i + 1] = v.y;
+          next_raw[4 * i + 2] = v.z;
+          next_raw[4 * i + 3] = v.w;
+        }
+      } else {
+        load_span<T, V>(span, a.logits_vec_bytes, rem, next_raw);  // -inf past E
+      }
       next_mask = a.token_mask == nullptr || __ldg(a.token_mask + tn) != 0;
     } else {
 #pragma unroll
