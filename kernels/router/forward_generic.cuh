@@ -46,7 +46,11 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32)
   const int K = o.top_k;
   const int G = o.num_groups;
   const int64_t num_tokens = a.num_tokens;
-  const GenericLayout layout = generic_layout(E, G, static_cast<int>(sizeof(T)));
+  const bool need_score = a.score_partial != nullptr;
+  // Keys kept in shared memory only where they are read again (kernels/router/tuning.hpp; the
+  // host carved the same layout): groups scan them, the aux sums are written over them.
+  const bool keys_kept = G > 1 || need_score;
+  const GenericLayout layout = generic_layout(E, G, static_cast<int>(sizeof(T)), keys_kept);
   const int warps = blockDim.x >> 5;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -62,7 +66,6 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32)
   int* block_count = flags + kGenericMaxWarps;
 
   const bool need_load = a.load_mode != LoadMode::kNone;
-  const bool need_score = a.score_partial != nullptr;
   const bool need_count = a.count_partial != nullptr;
   const int sf = o.score_func;
   const bool topk_softmax = o.topk_then_softmax != 0;
@@ -110,11 +113,14 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32)
       score = row_score(sf, full_softmax, E, load_z);
       LaneTop<Q> cache;
       cache.clear();
-      for (int e = lane; e < E; e += 32) {
+      // The key of expert e, from the staged row (the same instructions wherever it is needed).
+      auto key_of = [&](int e) -> uint32_t {
         const float z = load_z(e);
-        const float c = (topk_softmax ? z : score(z)) + bias_at(e);
-        const uint32_t kk = float_key(sanitize(c));
-        keyrow[pad_index(e)] = kk;
+        return float_key(sanitize((topk_softmax ? z : score(z)) + bias_at(e)));
+      };
+      for (int e = lane; e < E; e += 32) {
+        const uint32_t kk = key_of(e);
+        if (keys_kept) keyrow[pad_index(e)] = kk;
         if (G == 1) cache.insert(kk, e);
       }
       __syncwarp();
@@ -177,7 +183,7 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32)
 
       // ---- top-K -----------------------------------------------------------------------------
       warp_select_cached<Q>(
-          E, K, [&](int i) { return keyrow[pad_index(i)]; },
+          E, K, [&](int i) { return keys_kept ? keyrow[pad_index(i)] : key_of(i); },
           [&](int r, int item, uint32_t) {
             if (lane == 0) sel[r] = item;
           },

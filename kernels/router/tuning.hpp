@@ -91,13 +91,15 @@ constexpr int kFakeGateWarps = 8;         // fake gate: one warp per token
 // kernel. Per warp: the selection keys of its token (E padded by one word per 32), the group keys
 // and kept-group bits (G > 1), the picked experts, and two staging buffers for logits rows (the
 // current token's and the next one's, elem_bytes each); per block: the aux statistics
-// accumulator, the load histogram and one aux flag per warp. The workspace size query knows
-// neither the dtype nor which statistics a call asks for: it sizes for 4-byte rows and every
-// block array (the most shared memory per warp, so the fewest warps per block and the most
-// blocks); a launch with less per warp has more warps per block, fewer blocks, so fewer partial
-// rows than the workspace holds.
+// accumulator, the load histogram and one aux flag per warp. The keys are kept only where they
+// are read again (groups, or the aux scores written over them for the block sum); otherwise a
+// refill recomputes a key from the staged row (the same instructions, the same bits). The
+// workspace size query knows neither the dtype nor which statistics a call asks for: it sizes
+// for 4-byte rows and kept keys (the most shared memory per warp, so the fewest warps per block
+// and the most blocks); a launch with less per warp has more warps per block, fewer blocks, so
+// fewer partial rows than the workspace holds.
 struct GenericLayout {
-  size_t key_words;    // per warp
+  size_t key_words;    // per warp (0: keys not kept)
   size_t gkey_words;   // per warp
   size_t gbit_words;   // per warp
   size_t row_words;    // per warp, each of the two staging buffers (multiple of 4 words)
@@ -110,10 +112,11 @@ struct GenericLayout {
 inline constexpr size_t padded_words(size_t n) { return n + n / 32 + 1; }
 inline constexpr size_t round4(size_t n) { return (n + 3) / 4 * 4; }
 
-inline constexpr GenericLayout generic_layout(int num_experts, int num_groups, int elem_bytes = 4) {
+inline constexpr GenericLayout generic_layout(int num_experts, int num_groups, int elem_bytes = 4,
+                                              bool keys = true) {
   GenericLayout l{};
   const size_t E = static_cast<size_t>(num_experts);
-  l.key_words = round4(padded_words(E));
+  l.key_words = keys ? round4(padded_words(E)) : 0;
   l.gkey_words = num_groups > 1 ? round4(padded_words(static_cast<size_t>(num_groups))) : 0;
   l.gbit_words = num_groups > 1 ? round4((static_cast<size_t>(num_groups) + 31) / 32) : 0;
   l.row_words = round4((E * static_cast<size_t>(elem_bytes) + 3) / 4);

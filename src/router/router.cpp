@@ -79,7 +79,7 @@ bool fast_path(const moekit_router_config_t& c) {
   return n <= 2;
 }
 
-k::RouterShape forward_shape(const moekit_router_config_t& c, int64_t num_tokens, int elem_bytes) {
+k::RouterShape forward_shape(const moekit_router_config_t& c, int64_t num_tokens, int elem_bytes, bool stats) {
   k::RouterShape s{};
   if (fast_path(c)) {
     const k::FastShape fs = k::fast_shape(c.num_experts);
@@ -90,7 +90,8 @@ k::RouterShape forward_shape(const moekit_router_config_t& c, int64_t num_tokens
     const int64_t teams = k::kFastThreads / fs.lanes_per_token;
     s.num_blocks = clamp_blocks(ceil_div(num_tokens, teams), k::kMaxForwardBlocks);
   } else {
-    const k::GenericLayout l = k::generic_layout(c.num_experts, c.num_groups, elem_bytes);
+    // keys kept in shared memory where they are read again (groups, aux scores)
+    const k::GenericLayout l = k::generic_layout(c.num_experts, c.num_groups, elem_bytes, c.num_groups > 1 || stats);
     s.fast = 0;
     s.threads = 32 * l.warps;
     s.num_blocks = clamp_blocks(ceil_div(num_tokens, l.warps), k::kMaxForwardBlocks);
@@ -122,7 +123,7 @@ k::RouterShape backward_shape(const moekit_router_config_t& c, int64_t num_token
 size_t forward_workspace_bytes(const moekit_router_config_t& c, int64_t num_tokens) {
   WorkspaceCarver ws(nullptr);
   // 4-byte rows: the most blocks any dtype launches (kernels/router/tuning.hpp, GenericLayout)
-  carve_forward(ws, c.num_experts, forward_shape(c, num_tokens, 4).num_blocks);
+  carve_forward(ws, c.num_experts, forward_shape(c, num_tokens, 4, true).num_blocks);
   return ws.bytes();
 }
 
@@ -144,7 +145,7 @@ moekit_status_t run_forward(const ForwardCall& call) {
   const bool need_stats = call.aux_score_sum != nullptr;  // S and N come together
   k::ForwardArgs a{};
   a.opt = resolve_options(c, call.bias != nullptr);
-  a.shape = forward_shape(c, call.num_tokens, static_cast<int>(moekit_dtype_size(call.dtype)));
+  a.shape = forward_shape(c, call.num_tokens, static_cast<int>(moekit_dtype_size(call.dtype)), need_stats);
   a.num_tokens = call.num_tokens;
   a.logits = call.logits;
   a.logits_stride = call.logits_row_stride;

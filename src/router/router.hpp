@@ -16,10 +16,11 @@ namespace moekit::router {
 bool fast_path(const moekit_router_config_t& config);
 
 // Grid and block of the forward / backward for T tokens; depends only on the config, T and (the
-// generic forward's row staging) the logits' element size. The forward workspace is sized for
-// 4-byte elements, the most blocks of any dtype.
+// generic forward's shared memory) the logits' element size and whether aux statistics are asked
+// for. The forward workspace is sized for 4-byte elements with statistics, the most blocks of any
+// call.
 kernels::router::RouterShape forward_shape(const moekit_router_config_t& config, int64_t num_tokens,
-                                           int elem_bytes);
+                                           int elem_bytes, bool stats);
 kernels::router::RouterShape backward_shape(const moekit_router_config_t& config, int64_t num_tokens,
                                             int elem_bytes);
 

@@ -477,25 +477,27 @@ TEST_CASE("layout: the generic forward's shared memory fits, with 16-byte stagin
   for (int E = kr::kFastMaxExperts + 1; E <= MOEKIT_ROUTER_MAX_EXPERTS; E += (E < 600 ? 1 : 97)) {
     for (int G : {1, 2, 7, 16, 64, 513, E}) {
       if (G > E || E % G != 0) continue;
-      const kr::GenericLayout worst = kr::generic_layout(E, G, 4);
+      const kr::GenericLayout worst = kr::generic_layout(E, G, 4, true);  // what the workspace assumes
       for (int elem : {2, 4}) {
-        const kr::GenericLayout l = kr::generic_layout(E, G, elem);
-        INFO("E=" << E << " G=" << G << " element bytes " << elem);
-        REQUIRE(l.warps >= 1);
-        REQUIRE(l.warps <= kr::kGenericMaxWarps);
-        // a row of E elements fits a staging buffer; the buffers start 16-byte aligned
-        REQUIRE(4 * l.row_words >= static_cast<size_t>(E) * elem);
-        const size_t zbuf_words = l.key_words + l.gkey_words + l.gbit_words + 32;
-        REQUIRE(zbuf_words % 4 == 0);
-        REQUIRE(l.row_words % 4 == 0);
-        REQUIRE(l.warp_words % 4 == 0);
-        REQUIRE(l.warp_words == zbuf_words + 2 * l.row_words);
-        REQUIRE(l.key_words >= kr::padded_words(static_cast<size_t>(E)));
-        REQUIRE(l.bytes == 4 * (static_cast<size_t>(l.warps) * l.warp_words + l.block_words));
-        REQUIRE(l.block_words >= 2 * static_cast<size_t>(E) + kr::kGenericMaxWarps + 1);
-        REQUIRE(l.bytes <= 99 * 1024);  // what every sm_80+ part allows a block
-        // the workspace is sized with 4-byte rows: never fewer warps per block than that
-        REQUIRE(l.warps >= worst.warps);
+        for (bool keys : {true, false}) {
+          const kr::GenericLayout l = kr::generic_layout(E, G, elem, keys);
+          INFO("E=" << E << " G=" << G << " element bytes " << elem << " keys kept " << keys);
+          REQUIRE(l.warps >= 1);
+          REQUIRE(l.warps <= kr::kGenericMaxWarps);
+          // a row of E elements fits a staging buffer; the buffers start 16-byte aligned
+          REQUIRE(4 * l.row_words >= static_cast<size_t>(E) * elem);
+          const size_t zbuf_words = l.key_words + l.gkey_words + l.gbit_words + 32;
+          REQUIRE(zbuf_words % 4 == 0);
+          REQUIRE(l.row_words % 4 == 0);
+          REQUIRE(l.warp_words % 4 == 0);
+          REQUIRE(l.warp_words == zbuf_words + 2 * l.row_words);
+          REQUIRE(l.key_words == (keys ? kr::round4(kr::padded_words(static_cast<size_t>(E))) : 0));
+          REQUIRE(l.bytes == 4 * (static_cast<size_t>(l.warps) * l.warp_words + l.block_words));
+          REQUIRE(l.block_words >= 2 * static_cast<size_t>(E) + kr::kGenericMaxWarps + 1);
+          REQUIRE(l.bytes <= 99 * 1024);  // what every sm_80+ part allows a block
+          // the workspace is sized with 4-byte rows: never fewer warps per block than that
+          REQUIRE(l.warps >= worst.warps);
+        }
       }
     }
   }
