@@ -4,6 +4,7 @@
 #include <cstddef>
 
 #include "capi/api.hpp"
+#include "src/common/dtype.hpp"
 #include "src/common/error.hpp"
 
 namespace moekit::ep {
@@ -30,8 +31,6 @@ namespace {
 bool is_dtype(int32_t v) {
   return v == MOEKIT_DTYPE_F32 || v == MOEKIT_DTYPE_F16 || v == MOEKIT_DTYPE_BF16;
 }
-
-size_t elem_size(int32_t dtype) { return dtype == MOEKIT_DTYPE_F32 ? 4 : 2; }
 
 // Largest H: keeps every per-row byte count far inside int64 and a row inside what one warp copies.
 constexpr int64_t kMaxHidden = int64_t(1) << 24;
@@ -110,8 +109,8 @@ Dims dims_of(const moekit_ep_config_t& c) {
     const int64_t cap = c.capacity > 0 ? c.capacity : c.max_tokens;
     d.chunk_capacity = (cap + c.num_chunks - 1) / c.num_chunks;
   }
-  d.row_bytes = c.hidden * static_cast<int64_t>(elem_size(d.dtype));
-  d.combine_row_bytes = c.hidden * static_cast<int64_t>(elem_size(d.combine_dtype));
+  d.row_bytes = c.hidden * static_cast<int64_t>(dtype_bytes(d.dtype));
+  d.combine_row_bytes = c.hidden * static_cast<int64_t>(dtype_bytes(d.combine_dtype));
   return d;
 }
 

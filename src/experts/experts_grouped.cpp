@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "kernels/experts/grouped_gemm.hpp"
+#include "src/common/dtype.hpp"
 #include "src/common/error.hpp"
 #include "src/common/workspace.hpp"
 #include "src/experts/experts_config.hpp"
@@ -11,8 +12,6 @@ namespace moekit::experts {
 namespace {
 
 namespace kx = moekit::kernels::experts;
-
-size_t dtype_bytes(int32_t dtype) { return dtype == MOEKIT_DTYPE_F32 ? 4 : 2; }
 
 // Forward: h [R, I] between the two GEMMs.
 struct ForwardLayout {

@@ -4,6 +4,7 @@
 #include <new>
 
 #include "kernels/experts/grouped_gemm.hpp"
+#include "src/common/dtype.hpp"
 #include "src/common/error.hpp"
 #include "src/common/workspace.hpp"
 #include "src/experts/experts_config.hpp"
@@ -12,8 +13,6 @@ namespace moekit::experts {
 namespace {
 
 namespace kx = moekit::kernels::experts;
-
-size_t dtype_bytes(int32_t dtype) { return dtype == MOEKIT_DTYPE_F32 ? 4 : 2; }
 
 moekit_status_t check_handle(const moekit_mlp_handle& h) {
   int device = 0;
