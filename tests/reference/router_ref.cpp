@@ -348,13 +348,30 @@ Bounded<B> rounded(double v, double e) {
   const double r = e + Bounded<B>::kUnit * (std::fabs(v) + e);
   return {v, std::isnan(r) ? kInf : r};
 }
+// An fp32 operation on exact operands whose exact result is an fp32 number (a normal one, or
+// zero) makes no error: route_scale 1 times a weight, or the difference of two gradients within a
+// factor of two (Sterbenz). Without this the bound of a small difference of nearly equal
+// gradients is dominated by errors that never happen. The double result must itself be exact
+// (two-sum / fma residual 0) before its fp32 representability says anything.
 template <int B>
-Bounded<B> operator+(Bounded<B> a, Bounded<B> b) { return rounded<B>(a.v + b.v, a.e + b.e); }
+bool exact_in_fp32(Bounded<B> a, Bounded<B> b, double v, double residual) {
+  if (B != 24 || a.e != 0.0 || b.e != 0.0 || residual != 0.0 || static_cast<double>(static_cast<float>(v)) != v)
+    return false;
+  return v == 0.0 || std::fabs(v) >= Bounded<B>::kFlushed;
+}
 template <int B>
-Bounded<B> operator-(Bounded<B> a, Bounded<B> b) { return rounded<B>(a.v - b.v, a.e + b.e); }
+Bounded<B> operator+(Bounded<B> a, Bounded<B> b) {
+  const double v = a.v + b.v, bv = v - a.v, residual = (a.v - (v - bv)) + (b.v - bv);
+  if (exact_in_fp32(a, b, v, residual)) return {v, 0.0};
+  return rounded<B>(v, a.e + b.e);
+}
+template <int B>
+Bounded<B> operator-(Bounded<B> a, Bounded<B> b) { return a + Bounded<B>{-b.v, b.e}; }
 template <int B>
 Bounded<B> operator*(Bounded<B> a, Bounded<B> b) {
-  return rounded<B>(a.v * b.v, std::fabs(a.v) * b.e + std::fabs(b.v) * a.e + a.e * b.e + Bounded<B>::kFlushed);
+  const double v = a.v * b.v;
+  if (exact_in_fp32(a, b, v, std::fma(a.v, b.v, -v))) return {v, 0.0};
+  return rounded<B>(v, std::fabs(a.v) * b.e + std::fabs(b.v) * a.e + a.e * b.e + Bounded<B>::kFlushed);
 }
 // |a / b - (a + da) / (b + db)| <= (|da| + |a / b| |db|) / (|b| - |db|)
 template <int B>

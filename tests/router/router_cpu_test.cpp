@@ -661,7 +661,11 @@ TEST_CASE("backward error bound: a small multiple of u times the row's largest g
       }
       INFO(oc.name << " coeff " << coeff << ": largest bound / row's largest gradient = " << worst
                    << "; textbook-order elements outside " << textbook_out);
-      CHECK(worst < 1e-4);
+      // Over 300 fresh seeds the largest ratio was 9.9e-5 (deepseek-v3: __expf's error grows
+      // as 1.173 |x| ulp with logits up to 16); 5e-4 (~8400 u) leaves room for the tail and
+      // is still three orders below what the cancelling textbook order needs (~1 when the
+      // row's gradient is ~1e-7 |gw|).
+      CHECK(worst < 5e-4);
       if (oc.name != "deepseek-v3") CHECK(textbook_out > 0);  // sigmoid: no softmax dot to cancel in
     }
   }
