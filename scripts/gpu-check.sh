@@ -67,6 +67,7 @@ if has sanitize; then
     [ -x "$bin" ] || continue
     case $fam in
       experts) race_filter='[exact]' ;;  # the GEMMs' shared-memory pipeline on small exact cases
+      layer) race_filter='[race]' ;;     # every model at T = 1: the whole layer is slow under racecheck
       *) race_filter='~[large]' ;;
     esac
     launch "memcheck $fam" compute-sanitizer --tool memcheck --error-exitcode 99 --leak-check no "$bin" "${SANITIZE_FILTER:-~[large]}"
