@@ -9,6 +9,7 @@
 #include "moekit/layer.h"
 #include "src/common/error.hpp"
 #include "src/common/workspace.hpp"
+#include "src/ep/ep_ops.hpp"
 #include "src/experts/experts_grouped.hpp"
 #include "src/layer/layer.hpp"
 #include "src/layer/layer_config.hpp"
@@ -163,13 +164,32 @@ std::vector<Span> grad_spans(const ly::LayerConfig& c, const moekit_layer_grads_
           {g.shared_gate_weight, s.shared_gate_weight, "grads->shared_gate_weight"}};
 }
 
-// The handle's device is current and can run the grouped experts.
+// The handle's device is current and can run the grouped experts; with expert parallelism the EP
+// handle is still alive and its communicator's device is the current one.
 moekit_status_t check_layer_device(const moekit_layer& layer) {
   int device = 0;
   MOEKIT_CUDA_TRY(cudaGetDevice(&device), "querying the current device");
   MOEKIT_CHECK_ARG(device == layer.device, "layer was created on device %d but device %d is current", layer.device,
                    device);
-  return moekit::experts::check_device(layer.config.experts);
+  MOEKIT_TRY(moekit::experts::check_device(layer.config.experts));
+  if (layer.config.ep == nullptr) return MOEKIT_STATUS_SUCCESS;
+  MOEKIT_CHECK_ARG(layer.config.ep->magic == moekit_ep::kMagic,
+                   "the layer's expert_parallel handle %p was destroyed (it must outlive the layer)",
+                   static_cast<void*>(layer.config.ep));
+  return moekit::ep::check_device(*layer.config.ep);
+}
+
+// Exact expert-parallel mode reads the exchanged counts on the host in every forward: such a forward
+// cannot be captured (capacity mode can).
+moekit_status_t check_not_capturing(const ly::LayerConfig& c, cudaStream_t stream) {
+  if (c.ep == nullptr || !c.ep_exact) return MOEKIT_STATUS_SUCCESS;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  MOEKIT_CUDA_TRY(cudaStreamIsCapturing(stream, &capture), "querying the stream's capture status");
+  MOEKIT_CHECK_ARG(capture == cudaStreamCaptureStatusNone,
+                   "stream = %p is capturing, but config->expert_parallel is in exact mode, whose forward reads the "
+                   "exchanged counts on the host (use MOEKIT_EP_MODE_CAPACITY to capture)",
+                   static_cast<void*>(stream));
+  return MOEKIT_STATUS_SUCCESS;
 }
 
 #define CHECK_TOKENS_DATA(ptr)                                                                   \
@@ -233,7 +253,7 @@ MOEKIT_API moekit_status_t moekit_layer_saved_size(const moekit_layer_config_t* 
   return guarded(__func__, [&] {
     ly::LayerConfig c;
     MOEKIT_TRY(ly::read_and_check(config, &c));
-    moekit::tokens::PlanShape shape;
+    ly::CallShape shape;
     MOEKIT_TRY(ly::shape_for(c, num_tokens, &shape));
     MOEKIT_CHECK_NOT_NULL(saved_bytes);
     *saved_bytes = ly::saved_bytes(c, shape);
@@ -246,7 +266,7 @@ MOEKIT_API moekit_status_t moekit_layer_workspace_size(const moekit_layer_config
   return guarded(__func__, [&] {
     ly::LayerConfig c;
     MOEKIT_TRY(ly::read_and_check(config, &c));
-    moekit::tokens::PlanShape shape;
+    ly::CallShape shape;
     MOEKIT_TRY(ly::shape_for(c, num_tokens, &shape));
     MOEKIT_CHECK_ARG(forward_bytes != nullptr || backward_bytes != nullptr,
                      "forward_bytes and backward_bytes are both NULL: nothing to return");
@@ -261,7 +281,7 @@ MOEKIT_API moekit_status_t moekit_layer_saved_view(const moekit_layer_config_t* 
   return guarded(__func__, [&] {
     ly::LayerConfig c;
     MOEKIT_TRY(ly::read_and_check(config, &c));
-    moekit::tokens::PlanShape shape;
+    ly::CallShape shape;
     MOEKIT_TRY(ly::shape_for(c, num_tokens, &shape));
     MOEKIT_CHECK_NOT_NULL(view);
     MOEKIT_CHECK_ARG(view->struct_size >= ly::saved_view_min_size(),
@@ -301,7 +321,7 @@ MOEKIT_API moekit_status_t moekit_layer_forward(moekit_layer_t layer, int64_t nu
   return guarded(__func__, [&] {
     MOEKIT_CHECK_NOT_NULL(layer);
     const ly::LayerConfig& c = layer->config;
-    moekit::tokens::PlanShape shape;
+    ly::CallShape shape;
     MOEKIT_TRY(ly::shape_for(c, num_tokens, &shape));
     ly::ForwardCall call{};
     MOEKIT_TRY(read_params(c, params, &call.params));
@@ -326,6 +346,7 @@ MOEKIT_API moekit_status_t moekit_layer_forward(moekit_layer_t layer, int64_t nu
                                {workspace, need_ws, "workspace"}},
                               inputs));
     MOEKIT_TRY(check_layer_device(*layer));
+    MOEKIT_TRY(check_not_capturing(c, static_cast<cudaStream_t>(stream)));
     call.num_tokens = num_tokens;
     call.x = x;
     call.token_mask = token_mask;
@@ -347,7 +368,7 @@ MOEKIT_API moekit_status_t moekit_layer_backward(moekit_layer_t layer, int64_t n
   return guarded(__func__, [&] {
     MOEKIT_CHECK_NOT_NULL(layer);
     const ly::LayerConfig& c = layer->config;
-    moekit::tokens::PlanShape shape;
+    ly::CallShape shape;
     MOEKIT_TRY(ly::shape_for(c, num_tokens, &shape));
     ly::BackwardCall call{};
     MOEKIT_TRY(read_params(c, params, &call.params));

@@ -50,8 +50,34 @@
  * buffers are 256-byte aligned. No output may overlap an input, another output, the saved buffer
  * (except as documented) or the workspace. Tensors are contiguous, row-major.
  *
- * Expert parallelism is not part of 0.1: the layer runs every expert on this GPU. The config
- * field `expert_parallel` is the reserved place for an EP handle (moekit/ep.h) and must be NULL.
+ * Expert parallelism (config->expert_parallel, a moekit_ep_handle_t of moekit/ep.h). Each of the
+ * n ranks of the handle's communicator creates its own layer with the same configuration, except
+ * that config->experts->num_experts = E / n: rank r holds experts [r E/n, (r+1) E/n) (params
+ * w_gate_up [E/n, H, NU], b_gate_up [E/n, NU], w_down [E/n, I, H], b_down [E/n, H], and their
+ * gradients likewise); the router weight, correction bias and shared MLP are replicated. Every rank
+ * passes its own T tokens (0 .. the handle's max_tokens; T may differ between ranks, and may be 0).
+ * The router, its load and aux statistics, the projection and the shared MLP run on this rank's
+ * tokens; after routing, each token is dispatched once to every rank owning one of its experts
+ * (moekit_ep_dispatch), each rank runs its experts over the rows it received (its own plan with
+ * config->alignment / capacity / drop_policy over its experts), sums each received row's expert
+ * outputs (unweighted, in fp32, rounded once) and the EP combine adds those partial rows back at
+ * the token's rank in ascending rank order (fp32, rounded once). The backward is the transpose:
+ * dy goes to the rows' ranks, dx and the routing-weight gradients come back the same way.
+ * What differs from one GPU running the whole batch: y rounds each rank's partial sum before the
+ * cross-rank sum (with one owning rank per token nothing differs); the expert load, aux statistics
+ * and aux loss are those of this rank's tokens, and the router gradients (dW_r, db_r) and shared
+ * MLP gradients are this rank's contributions (reduce them as data-parallel gradients;
+ * moekit_ep_allreduce_expert_load / moekit_ep_allreduce_aux_stats for global statistics). Expert
+ * weight gradients are complete: they cover every token that reached this rank's experts.
+ * Forward and backward are collectives over the communicator: every rank calls them, in the same
+ * order. The handle's mode decides graph safety: MOEKIT_EP_MODE_CAPACITY never reads the device
+ * from the host (capturable); MOEKIT_EP_MODE_EXACT exchanges the counts in every forward and reads
+ * them on the host once (not capturable: the forward refuses a capturing stream; its backward is
+ * capturable). In exact mode the layer keeps each forward's counts, keyed by the saved buffer's
+ * address, for that buffer's backward. The EP handle must outlive the layer; its combine_dtype
+ * must be the layer's dtype. The saved buffer also keeps the EP layout and the received rows
+ * (recv_x, their ids, weights and mask), so the backward permutes them again without a second
+ * dispatch; buffers are sized for the handle's worst case (moekit_ep_max_recv_rows rows received).
  */
 #ifndef MOEKIT_LAYER_H
 #define MOEKIT_LAYER_H
@@ -105,8 +131,10 @@ typedef struct moekit_layer_config {
     int32_t recompute;                      /* nonzero: the backward recomputes the experts' and the shared
                                                MLP's pre-activations instead of saving them (smaller saved
                                                buffer, two more GEMMs in the backward). Default 0. */
-    void* expert_parallel;                  /* reserved for expert parallelism (a moekit_ep_handle_t in a
-                                               later version); must be NULL. Default NULL. */
+    void* expert_parallel;                  /* a moekit_ep_handle_t (moekit/ep.h) to run expert-parallel
+                                               over its communicator (see the top of this header), whose
+                                               num_experts, top_k, dtype and hidden are this layer's; or
+                                               NULL: every expert on this GPU. Default NULL. */
 } moekit_layer_config_t;
 
 /* The parameters (and the correction-bias buffer) of one layer: device pointers, all of dtype except
@@ -167,9 +195,19 @@ typedef struct moekit_layer_saved_view {
     void* shared_u;              /* [T, NU_s] of dtype, NULL without shared MLP or with recompute */
     float* shared_gate_logit;    /* [T] fp32 (x . w_g), NULL without shared_gate */
     void* shared_out;            /* s [T, H] of dtype, NULL without shared_gate */
+    /* Expert parallelism (all NULL / 0 without it). The plan above is then over the received
+     * rows (recv_rows of them at most) and this rank's experts. */
+    int64_t recv_rows;           /* the most rows a dispatch brings (moekit_ep_max_recv_rows) */
+    void* ep_layout;             /* the forward's moekit_ep_layout device layout */
+    void* recv_x;                /* [recv_rows, H] of dtype: the dispatched tokens */
+    int32_t* recv_indices;       /* [recv_rows, K] global expert ids (-1 in gaps) */
+    float* recv_weights;         /* [recv_rows, K] fp32 routing weights */
+    uint8_t* recv_mask;          /* [recv_rows] 1 for a received token, 0 for a gap */
 } moekit_layer_saved_view_t;
 
-/* Stages of the forward (0 .. 6) and backward (7 .. 13), for moekit_layer_set_stage_events. */
+/* Stages of the forward (0 .. 6) and backward (7 .. 13), for moekit_layer_set_stage_events. With
+ * expert parallelism PLAN also holds the EP layout and the dispatch, COMBINE the EP combine,
+ * COMBINE_BACKWARD the EP combine's backward and PERMUTE_BACKWARD the dispatch's backward. */
 typedef enum moekit_layer_stage {
     MOEKIT_LAYER_STAGE_PROJECTION = 0,           /* z = x W_r^T + b_r */
     MOEKIT_LAYER_STAGE_ROUTER = 1,               /* router, load output, aux value */
@@ -261,8 +299,9 @@ MOEKIT_API moekit_status_t moekit_layer_destroy(moekit_layer_t layer);
  *   stream         cudaStream_t; every piece of work goes on it, in order.
  * Returns SUCCESS; INVALID_ARGUMENT (NULL where not allowed, T < 0 or sizes past int32, a parameter
  * pointer given or missing against the config, overlapping buffers, bad params->struct_size, the
- * handle's device not current); WORKSPACE_TOO_SMALL (workspace or saved buffer too small);
- * MISALIGNED; NOT_AVAILABLE; CUDA_ERROR; CUBLAS_ERROR. Since 0.1.
+ * handle's device not current; expert parallelism: T past the EP handle's max_tokens, a capturing
+ * stream in exact mode); WORKSPACE_TOO_SMALL (workspace or saved buffer too small); MISALIGNED;
+ * NOT_AVAILABLE; CUDA_ERROR; CUBLAS_ERROR; NCCL_ERROR (expert parallelism). Since 0.1.
  */
 MOEKIT_API moekit_status_t moekit_layer_forward(moekit_layer_t layer, int64_t num_tokens, const void* x,
                                                 const uint8_t* token_mask,
@@ -282,7 +321,8 @@ MOEKIT_API moekit_status_t moekit_layer_forward(moekit_layer_t layer, int64_t nu
  *   grads          [in, host]    the parameter gradients (device pointers), or NULL for none.
  *   workspace      moekit_layer_workspace_size (backward) bytes, 256-byte aligned.
  *   stream         cudaStream_t.
- * Returns as moekit_layer_forward. Since 0.1.
+ * Returns as moekit_layer_forward; in exact expert-parallel mode also INVALID_ARGUMENT when saved
+ * was not written by a forward of this layer. Since 0.1.
  */
 MOEKIT_API moekit_status_t moekit_layer_backward(moekit_layer_t layer, int64_t num_tokens, const void* x,
                                                  const uint8_t* token_mask,

@@ -48,7 +48,7 @@ class LayerConfig(_StructConfig):
     capacity: int = 0
     drop_policy: Union[DropPolicy, int, str] = DropPolicy.BY_POSITION
     recompute: bool = False
-    expert_parallel: Optional[int] = None  # reserved by moekit 0.1: must stay None
+    expert_parallel: Optional[int] = None  # address of a moekit_ep_handle_t (moekit.EP(...).handle.value), or None
 
     _struct = _capi.LayerConfigStruct
     _init = "moekit_layer_config_init"

@@ -8,6 +8,8 @@
 #include "kernels/layer/tuning.hpp"
 #include "src/common/error.hpp"
 #include "src/common/workspace.hpp"
+#include "src/ep/ep_ops.hpp"
+#include "src/ep/ep_plan.hpp"
 #include "src/experts/experts_grouped.hpp"
 #include "src/experts/mlp.hpp"
 #include "src/router/router.hpp"
@@ -68,15 +70,23 @@ struct SavedLayout {
   int32_t* load = nullptr;      // [E]
   float* score_sum = nullptr;   // [E]
   int32_t* count = nullptr;     // [1]
-  moekit_token_plan_t plan{};
+  moekit_token_plan_t plan{};  // over the T tokens, or with expert parallelism over the received rows
   void* expert_u = nullptr;     // [R, NU]      unless recompute
   void* shared_u = nullptr;     // [T, NU_s]    shared, unless recompute
   float* gate_logit = nullptr;  // [T]          shared gate
   void* shared_out = nullptr;   // [T, H]       shared gate
+  // expert parallelism: the layout and what the dispatch brought (Rr = the most rows it can bring);
+  // the backward permutes recv_x again instead of dispatching x again
+  void* ep_layout = nullptr;         // moekit_ep_layout's device layout
+  void* recv_x = nullptr;            // [Rr, H]
+  int32_t* recv_indices = nullptr;   // [Rr, K]
+  float* recv_weights = nullptr;     // [Rr, K]
+  uint8_t* recv_mask = nullptr;      // [Rr]
 };
 
-SavedLayout carve_saved(WorkspaceCarver& ws, const LayerConfig& c, const tokens::PlanShape& s) {
-  const size_t T = static_cast<size_t>(s.num_tokens), R = static_cast<size_t>(s.max_rows);
+SavedLayout carve_saved(WorkspaceCarver& ws, const LayerConfig& c, const CallShape& s) {
+  const size_t T = static_cast<size_t>(s.num_tokens), R = static_cast<size_t>(s.plan.max_rows);
+  const size_t Rr = static_cast<size_t>(s.recv_rows);
   const size_t K = static_cast<size_t>(c.top_k), E = static_cast<size_t>(c.num_experts);
   const size_t H = static_cast<size_t>(c.hidden), es = bytes_of(c.dtype);
   const bool recompute = c.layer.recompute != 0;
@@ -87,7 +97,14 @@ SavedLayout carve_saved(WorkspaceCarver& ws, const LayerConfig& c, const tokens:
   l.load = ws.take<int32_t>(E, "expert_load");
   l.score_sum = ws.take<float>(E, "aux_score_sum");
   l.count = ws.take<int32_t>(1, "aux_token_count");
-  l.plan = tokens::carve_plan_buffer(ws, s);
+  l.plan = tokens::carve_plan_buffer(ws, s.plan);
+  if (c.ep != nullptr) {
+    l.ep_layout = ws.take<unsigned char>(c.ep_layout_bytes, "ep_layout");
+    l.recv_x = ws.take<unsigned char>(Rr * H * es, "recv_x");
+    l.recv_indices = ws.take<int32_t>(Rr * K, "recv_indices");
+    l.recv_weights = ws.take<float>(Rr * K, "recv_weights");
+    l.recv_mask = ws.take<uint8_t>(Rr, "recv_mask");
+  }
   if (!recompute) l.expert_u = ws.take<unsigned char>(R * static_cast<size_t>(c.expert_nu) * es, "expert_u");
   if (c.has_shared && !recompute)
     l.shared_u = ws.take<unsigned char>(T * static_cast<size_t>(c.shared_nu) * es, "shared_u");
@@ -98,7 +115,7 @@ SavedLayout carve_saved(WorkspaceCarver& ws, const LayerConfig& c, const tokens:
   return l;
 }
 
-SavedLayout saved_layout(const LayerConfig& c, const tokens::PlanShape& s, const void* saved) {
+SavedLayout saved_layout(const LayerConfig& c, const CallShape& s, const void* saved) {
   WorkspaceCarver ws(const_cast<void*>(saved));
   return carve_saved(ws, c, s);
 }
@@ -114,26 +131,35 @@ struct ForwardLayout {
   float* row_weights = nullptr;  // [R]
   void* yp = nullptr;            // [R, H]
   void* experts_ws = nullptr;
+  // expert parallelism (alive from the dispatch to the combine; the plan's workspace may share
+  // bytes with them: the stream orders its use between the two)
+  void* ep_ws = nullptr;
+  void* partials = nullptr;      // [Rr, H] this rank's sums for the rows it received
   // shared MLP
   void* shared_out = nullptr;    // [T, H] (in the saved buffer instead with a gate)
   void* mlp_ws = nullptr;
 };
 
-ForwardLayout carve_forward(Carver& ws, const LayerConfig& c, const tokens::PlanShape& s) {
-  const size_t T = static_cast<size_t>(s.num_tokens), R = static_cast<size_t>(s.max_rows);
+ForwardLayout carve_forward(Carver& ws, const LayerConfig& c, const CallShape& s) {
+  const size_t T = static_cast<size_t>(s.num_tokens), R = static_cast<size_t>(s.plan.max_rows);
   const size_t H = static_cast<size_t>(c.hidden), es = bytes_of(c.dtype);
   ForwardLayout l;
   const size_t start = ws.mark();
   if (T > 0) l.lt = ws.bytes(kLtWorkspaceBytes);
   l.router_ws = ws.bytes(router::forward_workspace_bytes(internal_router(c), s.num_tokens));
-  l.plan_ws = ws.bytes(tokens::plan_workspace_bytes(s));
-  if (T == 0) return l;
+  l.plan_ws = ws.bytes(tokens::plan_workspace_bytes(s.plan));
+  // A rank without tokens still serves the rows other ranks send its experts.
+  if (T == 0 && c.ep == nullptr) return l;
   ws.rewind(start);
+  if (c.ep != nullptr) {
+    l.ep_ws = ws.bytes(c.ep_workspace_bytes);
+    l.partials = ws.bytes(static_cast<size_t>(s.recv_rows) * H * es);
+  }
   l.xp = ws.bytes(R * H * es);
   l.row_weights = ws.take<float>(R);
   l.yp = ws.bytes(R * H * es);
-  l.experts_ws = ws.bytes(experts::forward_workspace_bytes(c.experts, s.max_rows));
-  if (c.has_shared) {
+  l.experts_ws = ws.bytes(experts::forward_workspace_bytes(c.experts, s.plan.max_rows));
+  if (c.has_shared && T > 0) {
     ws.rewind(start);
     if (!c.gated_shared) l.shared_out = ws.bytes(T * H * es);
     l.mlp_ws = ws.bytes(experts::mlp_forward_workspace_bytes(c.shared, s.num_tokens));
@@ -159,6 +185,11 @@ struct BackwardLayout {
   void* grad_xp = nullptr;            // [R, H]
   float* grad_row_weights = nullptr;  // [R]
   void* experts_ws = nullptr;
+  // expert parallelism, routed phase
+  void* ep_ws = nullptr;
+  void* grad_partials = nullptr;      // [Rr, H]  dy at the received rows
+  void* grad_recv_x = nullptr;        // [Rr, H]
+  float* grad_recv_weights = nullptr; // [Rr, K]
   // router and projection phase (the router backward needs no workspace: router.h)
   float* dx_router = nullptr;         // [T, H] fp32
   float* w32 = nullptr;               // [E, H] fp32 copy of W_r (router_fp32 with a 16-bit dtype)
@@ -168,8 +199,9 @@ struct BackwardLayout {
   void* lt = nullptr;
 };
 
-BackwardLayout carve_backward(Carver& ws, const LayerConfig& c, const tokens::PlanShape& s) {
-  const size_t T = static_cast<size_t>(s.num_tokens), R = static_cast<size_t>(s.max_rows);
+BackwardLayout carve_backward(Carver& ws, const LayerConfig& c, const CallShape& s) {
+  const size_t T = static_cast<size_t>(s.num_tokens), R = static_cast<size_t>(s.plan.max_rows);
+  const size_t Rr = static_cast<size_t>(s.recv_rows);
   const size_t H = static_cast<size_t>(c.hidden), K = static_cast<size_t>(c.top_k);
   const size_t E = static_cast<size_t>(c.num_experts), es = bytes_of(c.dtype);
   const bool saved_u = c.layer.recompute == 0;
@@ -181,19 +213,25 @@ BackwardLayout carve_backward(Carver& ws, const LayerConfig& c, const tokens::Pl
     l.grad_logits = ws.bytes(T * static_cast<size_t>(c.logits_stride) * bytes_of(c.logits_dtype));
   }
   const size_t start = ws.mark();
-  if (c.has_shared) {
+  if (c.has_shared) {  // T = 0 too: the shared MLP's backward writes zero weight gradients
     if (c.gated_shared && T > 0) l.grad_shared = ws.bytes(T * H * es);
     l.mlp_ws = ws.bytes(experts::mlp_backward_workspace_bytes(c.shared, s.num_tokens, saved_u));
     if (c.gated_shared)
       l.gate_partial = ws.take<float>(static_cast<size_t>(kl::column_sum_partial_floats(s.num_tokens, c.hidden)));
     ws.rewind(start);
   }
+  if (c.ep != nullptr) {
+    l.ep_ws = ws.bytes(c.ep_workspace_bytes);
+    l.grad_partials = ws.bytes(Rr * H * es);
+    l.grad_recv_x = ws.bytes(Rr * H * es);
+    l.grad_recv_weights = ws.take<float>(Rr * K);
+  }
   l.xp = ws.bytes(R * H * es);
   l.row_weights = ws.take<float>(R);
   l.grad_yp = ws.bytes(R * H * es);
   l.grad_xp = ws.bytes(R * H * es);
   l.grad_row_weights = ws.take<float>(R);
-  l.experts_ws = ws.bytes(experts::backward_workspace_bytes(c.experts, s.max_rows, saved_u));
+  l.experts_ws = ws.bytes(experts::backward_workspace_bytes(c.experts, s.plan.max_rows, saved_u));
   if (T == 0) return l;
   ws.rewind(start);
   l.dx_router = ws.take<float>(T * H);
@@ -330,31 +368,50 @@ moekit_status_t project_backward(moekit_layer& L, int64_t T, const void* x, cons
 
 }  // namespace
 
-moekit_status_t shape_for(const LayerConfig& c, int64_t num_tokens, tokens::PlanShape* shape) {
-  return tokens::plan_shape(c.plan, num_tokens, shape);
+moekit_status_t shape_for(const LayerConfig& c, int64_t num_tokens, CallShape* shape) {
+  if (c.ep == nullptr) {
+    MOEKIT_TRY(tokens::plan_shape(c.plan, num_tokens, &shape->plan));
+    shape->num_tokens = num_tokens;
+    shape->recv_rows = 0;
+    return MOEKIT_STATUS_SUCCESS;
+  }
+  if (num_tokens < 0 || num_tokens > c.ep_max_tokens)
+    return fail(MOEKIT_STATUS_INVALID_ARGUMENT,
+                "num_tokens = %lld is outside [0, %lld] (max_tokens of config->expert_parallel)",
+                static_cast<long long>(num_tokens), static_cast<long long>(c.ep_max_tokens));
+  // The plan runs over the received rows: its worst case is every rank's max_tokens arriving here.
+  // (A handle whose worst case overflows int32 rows fails the layer's calls, not its config check.)
+  if (tokens::plan_shape(c.plan, c.ep_recv_rows, &shape->plan) != MOEKIT_STATUS_SUCCESS)
+    return fail(MOEKIT_STATUS_INVALID_ARGUMENT,
+                "config->expert_parallel can bring %lld rows per dispatch (max_tokens %lld from each rank), "
+                "whose plan (top_k = %d) would pass INT32_MAX slots or rows",
+                static_cast<long long>(c.ep_recv_rows), static_cast<long long>(c.ep_max_tokens), c.top_k);
+  shape->num_tokens = num_tokens;
+  shape->recv_rows = c.ep_recv_rows;
+  return MOEKIT_STATUS_SUCCESS;
 }
 
-size_t saved_bytes(const LayerConfig& c, const tokens::PlanShape& s) {
+size_t saved_bytes(const LayerConfig& c, const CallShape& s) {
   WorkspaceCarver ws(nullptr);
   (void)carve_saved(ws, c, s);
   return ws.bytes();
 }
 
-size_t forward_workspace_bytes(const LayerConfig& c, const tokens::PlanShape& s) {
+size_t forward_workspace_bytes(const LayerConfig& c, const CallShape& s) {
   Carver ws(nullptr);
   (void)carve_forward(ws, c, s);
   return ws.size();
 }
 
-size_t backward_workspace_bytes(const LayerConfig& c, const tokens::PlanShape& s) {
+size_t backward_workspace_bytes(const LayerConfig& c, const CallShape& s) {
   Carver ws(nullptr);
   (void)carve_backward(ws, c, s);
   return ws.size();
 }
 
-void saved_view(const LayerConfig& c, const tokens::PlanShape& s, void* saved, moekit_layer_saved_view_t* v) {
+void saved_view(const LayerConfig& c, const CallShape& s, void* saved, moekit_layer_saved_view_t* v) {
   const SavedLayout l = saved_layout(c, s, saved);
-  v->max_rows = s.max_rows;
+  v->max_rows = s.plan.max_rows;
   v->logits_row_stride = c.logits_stride;
   v->logits_dtype = c.logits_dtype;
   v->logits = l.logits;
@@ -372,10 +429,17 @@ void saved_view(const LayerConfig& c, const tokens::PlanShape& s, void* saved, m
   v->shared_u = l.shared_u;
   v->shared_gate_logit = l.gate_logit;
   v->shared_out = l.shared_out;
+  v->recv_rows = s.recv_rows;
+  v->ep_layout = l.ep_layout;
+  v->recv_x = l.recv_x;
+  v->recv_indices = l.recv_indices;
+  v->recv_weights = l.recv_weights;
+  v->recv_mask = l.recv_mask;
 }
 
 ParamSizes param_sizes(const LayerConfig& c) {
   const uint64_t E = static_cast<uint64_t>(c.num_experts), H = static_cast<uint64_t>(c.hidden);
+  const uint64_t El = static_cast<uint64_t>(c.local_experts);  // the expert weights held here
   const uint64_t I = static_cast<uint64_t>(c.experts.inter), NU = static_cast<uint64_t>(c.expert_nu);
   const uint64_t Is = static_cast<uint64_t>(c.shared_inter), NUs = static_cast<uint64_t>(c.shared_nu);
   const uint64_t es = bytes_of(c.dtype);
@@ -384,10 +448,10 @@ ParamSizes param_sizes(const LayerConfig& c) {
   s.router_weight = E * H * es;
   s.router_bias = c.layer.router_bias ? E * es : 0;
   s.correction_bias = 4 * E;
-  s.w_gate_up = E * H * NU * es;
-  s.b_gate_up = eb ? E * NU * es : 0;
-  s.w_down = E * I * H * es;
-  s.b_down = eb ? E * H * es : 0;
+  s.w_gate_up = El * H * NU * es;
+  s.b_gate_up = eb ? El * NU * es : 0;
+  s.w_down = El * I * H * es;
+  s.b_down = eb ? El * H * es : 0;
   s.shared_w_gate_up = c.has_shared ? H * NUs * es : 0;
   s.shared_b_gate_up = sb ? NUs * es : 0;
   s.shared_w_down = c.has_shared ? Is * H * es : 0;
@@ -422,10 +486,123 @@ moekit_status_t destroy(moekit_layer_t layer) {
   return status;
 }
 
-moekit_status_t forward(moekit_layer& L, const tokens::PlanShape& shape, const ForwardCall& a) {
+namespace {
+
+// The plan of this call's routed rows: the worst-case shape, or in exact expert-parallel mode the
+// rows this layout brought (host_layout's receive counts).
+moekit_status_t routed_shape(const LayerConfig& c, const CallShape& shape, const int64_t* host_layout,
+                             tokens::PlanShape* out) {
+  if (c.ep == nullptr || !c.ep_exact) {
+    *out = shape.plan;
+    return MOEKIT_STATUS_SUCCESS;
+  }
+  const int64_t rows = ep::row_spaces(c.ep->dims, host_layout).recv_rows;
+  return tokens::plan_shape(c.plan, rows, out);
+}
+
+// Expert parallelism, forward of the routed part: layout (exact mode: the count exchange and its one
+// host read), dispatch, the plan of the received rows over this rank's experts, permute, experts,
+// the unweighted local combine into one partial row per received row, and the EP combine into y.
+moekit_status_t forward_routed_ep(moekit_layer& L, const CallShape& shape, const ForwardCall& a,
+                                  const SavedLayout& s, const ForwardLayout& w, Stages& stages) {
   const LayerConfig& c = L.config;
   const moekit_layer_params_t& p = a.params;
-  const int64_t T = a.num_tokens, R = shape.max_rows;
+  moekit_ep& h = *c.ep;
+  const int64_t T = a.num_tokens;
+  const cudaStream_t stream = a.stream;
+  int64_t* host_layout = nullptr;
+  if (c.ep_exact) {
+    std::vector<int64_t>& kept = L.host_layouts[a.saved];
+    kept.assign(c.ep_host_layout_count, 0);
+    host_layout = kept.data();
+  }
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PLAN));
+  int64_t received = 0;
+  const moekit_status_t laid = ep::layout(h, T, s.indices, a.token_mask, s.ep_layout, host_layout, &received,
+                                          nullptr, stream);
+  if (laid != MOEKIT_STATUS_SUCCESS) {
+    if (c.ep_exact) L.host_layouts.erase(a.saved);  // no backward may use a layout that failed
+    return laid;
+  }
+  tokens::PlanShape rows;
+  MOEKIT_TRY(routed_shape(c, shape, host_layout, &rows));
+  MOEKIT_TRY(ep::dispatch(h, T, s.ep_layout, host_layout, a.x, s.indices, s.weights, s.recv_x, s.recv_indices,
+                          s.recv_weights, nullptr, s.recv_mask, w.ep_ws, stream));
+  // Gap rows of capacity mode are masked out; ids of other ranks' experts make no row here.
+  MOEKIT_TRY(tokens::build_plan(rows, s.recv_indices, s.recv_weights, s.recv_mask, s.plan, w.plan_ws, stream));
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PLAN));
+
+  if (rows.num_tokens > 0) {
+    MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PERMUTE));
+    tokens::MoveRequest permute = move_request(tokens::Movement::kPermute, c);
+    permute.token_in = s.recv_x;
+    permute.token_in_stride = c.hidden;
+    permute.rows_out = w.xp;
+    permute.weights = s.recv_weights;
+    permute.row_weights = w.row_weights;
+    MOEKIT_TRY(tokens::run_move(rows, s.plan, permute, stream));
+    MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PERMUTE));
+
+    MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_EXPERTS));
+    const experts::ForwardArgs ea{rows.max_rows, s.plan.expert_offsets, w.xp,       w.row_weights, p.w_gate_up,
+                                  p.b_gate_up,   p.w_down,              p.b_down,   s.expert_u,    w.yp};
+    MOEKIT_TRY(experts::forward(c.experts, ea, w.experts_ws, stream));
+    MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_EXPERTS));
+  }
+
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_COMBINE));
+  if (rows.num_tokens > 0) {
+    tokens::MoveRequest combine = move_request(tokens::Movement::kCombine, c);
+    combine.rows_in = w.yp;
+    combine.weights = nullptr;  // the weight was applied inside the expert
+    combine.token_out = w.partials;
+    combine.token_out_stride = c.hidden;
+    MOEKIT_TRY(tokens::run_move(rows, s.plan, combine, stream));
+  }
+  MOEKIT_TRY(ep::combine(h, T, s.ep_layout, host_layout, w.partials, a.y, w.ep_ws, stream));
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_COMBINE));
+  return MOEKIT_STATUS_SUCCESS;
+}
+
+// Without expert parallelism: plan, permute, experts and combine on this GPU (T > 0).
+moekit_status_t forward_routed_local(moekit_layer& L, const CallShape& shape, const ForwardCall& a,
+                                     const SavedLayout& s, const ForwardLayout& w, Stages& stages) {
+  const LayerConfig& c = L.config;
+  const moekit_layer_params_t& p = a.params;
+  const cudaStream_t stream = a.stream;
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PERMUTE));
+  tokens::MoveRequest permute = move_request(tokens::Movement::kPermute, c);
+  permute.token_in = a.x;
+  permute.token_in_stride = c.hidden;
+  permute.rows_out = w.xp;
+  permute.weights = s.weights;
+  permute.row_weights = w.row_weights;
+  MOEKIT_TRY(tokens::run_move(shape.plan, s.plan, permute, stream));
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PERMUTE));
+
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_EXPERTS));
+  const experts::ForwardArgs ea{shape.plan.max_rows, s.plan.expert_offsets, w.xp,     w.row_weights, p.w_gate_up,
+                                p.b_gate_up,         p.w_down,              p.b_down, s.expert_u,    w.yp};
+  MOEKIT_TRY(experts::forward(c.experts, ea, w.experts_ws, stream));
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_EXPERTS));
+
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_COMBINE));
+  tokens::MoveRequest combine = move_request(tokens::Movement::kCombine, c);
+  combine.rows_in = w.yp;
+  combine.weights = nullptr;  // the weight was applied inside the expert
+  combine.token_out = a.y;
+  combine.token_out_stride = c.hidden;
+  MOEKIT_TRY(tokens::run_move(shape.plan, s.plan, combine, stream));
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_COMBINE));
+  return MOEKIT_STATUS_SUCCESS;
+}
+
+}  // namespace
+
+moekit_status_t forward(moekit_layer& L, const CallShape& shape, const ForwardCall& a) {
+  const LayerConfig& c = L.config;
+  const moekit_layer_params_t& p = a.params;
+  const int64_t T = a.num_tokens;
   const cudaStream_t stream = a.stream;
   const SavedLayout s = saved_layout(c, shape, a.saved);
   Carver carver(a.workspace);
@@ -469,37 +646,16 @@ moekit_status_t forward(moekit_layer& L, const tokens::PlanShape& shape, const F
     MOEKIT_TRY(router::run_aux_loss(c.num_experts, c.top_k, s.load, s.score_sum, s.count, a.aux_loss, stream));
   MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_ROUTER));
 
-  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PLAN));
-  MOEKIT_TRY(tokens::build_plan(shape, s.indices, s.weights, a.token_mask, s.plan, w.plan_ws, stream));
-  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PLAN));
-  if (T == 0) return MOEKIT_STATUS_SUCCESS;
+  if (c.ep != nullptr) {
+    MOEKIT_TRY(forward_routed_ep(L, shape, a, s, w, stages));
+  } else {
+    MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PLAN));
+    MOEKIT_TRY(tokens::build_plan(shape.plan, s.indices, s.weights, a.token_mask, s.plan, w.plan_ws, stream));
+    MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PLAN));
+    if (T > 0) MOEKIT_TRY(forward_routed_local(L, shape, a, s, w, stages));
+  }
 
-  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PERMUTE));
-  tokens::MoveRequest permute = move_request(tokens::Movement::kPermute, c);
-  permute.token_in = a.x;
-  permute.token_in_stride = c.hidden;
-  permute.rows_out = w.xp;
-  permute.weights = s.weights;
-  permute.row_weights = w.row_weights;
-  MOEKIT_TRY(tokens::run_move(shape, s.plan, permute, stream));
-  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PERMUTE));
-
-  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_EXPERTS));
-  const experts::ForwardArgs ea{R,         s.plan.expert_offsets, w.xp,       w.row_weights, p.w_gate_up,
-                                p.b_gate_up, p.w_down,            p.b_down,   s.expert_u,    w.yp};
-  MOEKIT_TRY(experts::forward(c.experts, ea, w.experts_ws, stream));
-  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_EXPERTS));
-
-  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_COMBINE));
-  tokens::MoveRequest combine = move_request(tokens::Movement::kCombine, c);
-  combine.rows_in = w.yp;
-  combine.weights = nullptr;  // the weight was applied inside the expert
-  combine.token_out = a.y;
-  combine.token_out_stride = c.hidden;
-  MOEKIT_TRY(tokens::run_move(shape, s.plan, combine, stream));
-  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_COMBINE));
-
-  if (c.has_shared) {
+  if (c.has_shared && T > 0) {
     MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_SHARED));
     void* shared_out = c.gated_shared ? s.shared_out : w.shared_out;
     const experts::MlpForwardArgs ma{T,        a.x,      p.shared_w_gate_up, p.shared_b_gate_up, p.shared_w_down,
@@ -513,42 +669,118 @@ moekit_status_t forward(moekit_layer& L, const tokens::PlanShape& shape, const F
   return MOEKIT_STATUS_SUCCESS;
 }
 
-moekit_status_t backward(moekit_layer& L, const tokens::PlanShape& shape, const BackwardCall& a) {
+namespace {
+
+// The routed experts' backward over a plan of `rows`: xp and p again (from x, or from the received
+// rows), dy into rows (grad_rows_in: dy, or dy at the received rows), the experts, and back to one
+// gradient row per plan token (grad_tokens_out) with the weight gradients per slot.
+moekit_status_t backward_routed(moekit_layer& L, const tokens::PlanShape& rows, const BackwardCall& a,
+                                const SavedLayout& s, const BackwardLayout& w, const void* tokens_in,
+                                const float* token_weights, const void* grad_rows_in, void* grad_tokens_out,
+                                float* grad_weights_out, Stages& stages) {
   const LayerConfig& c = L.config;
   const moekit_layer_params_t& p = a.params;
   const moekit_layer_grads_t& g = a.grads;
-  const int64_t T = a.num_tokens, R = shape.max_rows;
   const cudaStream_t stream = a.stream;
+  if (rows.num_tokens == 0) {  // no rows: every requested expert weight gradient is zero
+    const experts::BackwardArgs eb{0,       s.plan.expert_offsets, nullptr,  nullptr,      p.w_gate_up, p.b_gate_up,
+                                   p.w_down, p.b_down,             nullptr,  nullptr,      nullptr,     g.w_gate_up,
+                                   g.b_gate_up, g.w_down,          g.b_down, nullptr};
+    return experts::backward(c.experts, eb, w.experts_ws, stream);
+  }
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PERMUTE_RECOMPUTE));
+  tokens::MoveRequest permute = move_request(tokens::Movement::kPermute, c);
+  permute.token_in = tokens_in;
+  permute.token_in_stride = c.hidden;
+  permute.rows_out = w.xp;
+  permute.weights = token_weights;
+  permute.row_weights = w.row_weights;
+  MOEKIT_TRY(tokens::run_move(rows, s.plan, permute, stream));
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PERMUTE_RECOMPUTE));
+
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_COMBINE_BACKWARD));
+  tokens::MoveRequest combine_bwd = move_request(tokens::Movement::kCombineBackward, c);
+  combine_bwd.token_in = grad_rows_in;
+  combine_bwd.token_in_stride = c.hidden;
+  combine_bwd.weights = nullptr;  // unweighted combine: dyp[row(t, k)] = dy[t]
+  combine_bwd.rows_out = w.grad_yp;
+  MOEKIT_TRY(tokens::run_move(rows, s.plan, combine_bwd, stream));
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_COMBINE_BACKWARD));
+
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_EXPERTS_BACKWARD));
+  const experts::BackwardArgs eb{rows.max_rows, s.plan.expert_offsets, w.xp,        w.row_weights, p.w_gate_up,
+                                 p.b_gate_up,   p.w_down,              p.b_down,    s.expert_u,    w.grad_yp,
+                                 w.grad_xp,     g.w_gate_up,           g.b_gate_up, g.w_down,      g.b_down,
+                                 w.grad_row_weights};
+  MOEKIT_TRY(experts::backward(c.experts, eb, w.experts_ws, stream));
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_EXPERTS_BACKWARD));
+
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PERMUTE_BACKWARD));
+  tokens::MoveRequest permute_bwd = move_request(tokens::Movement::kPermuteBackward, c);
+  permute_bwd.rows_in = w.grad_xp;
+  permute_bwd.grad_row_weights = w.grad_row_weights;
+  permute_bwd.token_out = grad_tokens_out;
+  permute_bwd.token_out_stride = c.hidden;
+  permute_bwd.grad_weights = grad_weights_out;
+  MOEKIT_TRY(tokens::run_move(rows, s.plan, permute_bwd, stream));
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PERMUTE_BACKWARD));
+  return MOEKIT_STATUS_SUCCESS;
+}
+
+// A rank without tokens: zero router and shared-gate gradients, and the shared MLP's zero weight
+// gradients (the routed experts' come from the rows they served).
+moekit_status_t zero_token_gradients(moekit_layer& L, const BackwardCall& a, const BackwardLayout& w) {
+  const LayerConfig& c = L.config;
+  const moekit_layer_params_t& p = a.params;
+  const moekit_layer_grads_t& g = a.grads;
+  const cudaStream_t stream = a.stream;
+  const uint64_t E = static_cast<uint64_t>(c.num_experts), H = static_cast<uint64_t>(c.hidden);
   const size_t es = bytes_of(c.dtype);
+  if (g.router_weight)
+    MOEKIT_CUDA_TRY(cudaMemsetAsync(g.router_weight, 0, E * H * es, stream), "zeroing the router weight gradient");
+  if (g.router_bias)
+    MOEKIT_CUDA_TRY(cudaMemsetAsync(g.router_bias, 0, E * es, stream), "zeroing the router bias gradient");
+  if (g.shared_gate_weight)
+    MOEKIT_CUDA_TRY(cudaMemsetAsync(g.shared_gate_weight, 0, H * es, stream), "zeroing the shared gate gradient");
+  if (c.has_shared) {
+    const experts::MlpBackwardArgs mb{0,       nullptr, p.shared_w_gate_up, p.shared_b_gate_up, p.shared_w_down,
+                                      p.shared_b_down, nullptr, nullptr, nullptr, g.shared_w_gate_up,
+                                      g.shared_b_gate_up, g.shared_w_down, g.shared_b_down};
+    MOEKIT_TRY(experts::mlp_backward(L.shared, c.shared, mb, w.mlp_ws, stream));
+  }
+  return MOEKIT_STATUS_SUCCESS;
+}
+
+}  // namespace
+
+moekit_status_t backward(moekit_layer& L, const CallShape& shape, const BackwardCall& a) {
+  const LayerConfig& c = L.config;
+  const moekit_layer_params_t& p = a.params;
+  const moekit_layer_grads_t& g = a.grads;
+  const int64_t T = a.num_tokens;
+  const cudaStream_t stream = a.stream;
   const SavedLayout s = saved_layout(c, shape, a.saved);
   Carver carver(a.workspace);
   const BackwardLayout w = carve_backward(carver, c, shape);
   Stages stages(L.stage_events.load(std::memory_order_acquire), stream);
 
-  if (T == 0) {
-    // Nothing flows, but every requested weight gradient is written (zeros).
-    const uint64_t E = static_cast<uint64_t>(c.num_experts), H = static_cast<uint64_t>(c.hidden);
-    if (g.router_weight)
-      MOEKIT_CUDA_TRY(cudaMemsetAsync(g.router_weight, 0, E * H * es, stream), "zeroing the router weight gradient");
-    if (g.router_bias)
-      MOEKIT_CUDA_TRY(cudaMemsetAsync(g.router_bias, 0, E * es, stream), "zeroing the router bias gradient");
-    if (g.shared_gate_weight)
-      MOEKIT_CUDA_TRY(cudaMemsetAsync(g.shared_gate_weight, 0, H * es, stream), "zeroing the shared gate gradient");
-    const experts::BackwardArgs eb{0,       s.plan.expert_offsets, nullptr,  nullptr,      p.w_gate_up, p.b_gate_up,
-                                   p.w_down, p.b_down,             nullptr,  nullptr,      nullptr,     g.w_gate_up,
-                                   g.b_gate_up, g.w_down,          g.b_down, nullptr};
-    MOEKIT_TRY(experts::backward(c.experts, eb, w.experts_ws, stream));
-    if (c.has_shared) {
-      const experts::MlpBackwardArgs mb{0,       nullptr, p.shared_w_gate_up, p.shared_b_gate_up, p.shared_w_down,
-                                        p.shared_b_down, nullptr, nullptr, nullptr, g.shared_w_gate_up,
-                                        g.shared_b_gate_up, g.shared_w_down, g.shared_b_down};
-      MOEKIT_TRY(experts::mlp_backward(L.shared, c.shared, mb, w.mlp_ws, stream));
-    }
-    return MOEKIT_STATUS_SUCCESS;
+  // Exact expert-parallel mode: the counts of this saved buffer's forward (found before anything is
+  // enqueued, so a refused call writes nothing).
+  const int64_t* host_layout = nullptr;
+  if (c.ep != nullptr && c.ep_exact) {
+    const auto kept = L.host_layouts.find(a.saved);
+    if (kept == L.host_layouts.end())
+      return fail(MOEKIT_STATUS_INVALID_ARGUMENT,
+                  "saved = %p was not written by a forward of this layer (in exact expert-parallel mode the "
+                  "layer keeps each forward's exchanged counts for the backward of its saved buffer)",
+                  a.saved);
+    host_layout = kept->second.data();
   }
+  tokens::PlanShape rows;
+  MOEKIT_TRY(routed_shape(c, shape, host_layout, &rows));
 
   // Shared expert: its gate, the MLP, the gate weight.
-  if (c.has_shared) {
+  if (c.has_shared && T > 0) {
     MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_SHARED_BACKWARD));
     const void* grad_shared = a.grad_y;
     if (c.gated_shared) {
@@ -578,43 +810,23 @@ moekit_status_t backward(moekit_layer& L, const tokens::PlanShape& shape, const 
     MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_SHARED_BACKWARD));
   }
 
-  // Routed experts: xp again, dy into rows, the experts, back to tokens.
-  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PERMUTE_RECOMPUTE));
-  tokens::MoveRequest permute = move_request(tokens::Movement::kPermute, c);
-  permute.token_in = a.x;
-  permute.token_in_stride = c.hidden;
-  permute.rows_out = w.xp;
-  permute.weights = s.weights;
-  permute.row_weights = w.row_weights;
-  MOEKIT_TRY(tokens::run_move(shape, s.plan, permute, stream));
-  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PERMUTE_RECOMPUTE));
-
-  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_COMBINE_BACKWARD));
-  tokens::MoveRequest combine_bwd = move_request(tokens::Movement::kCombineBackward, c);
-  combine_bwd.token_in = a.grad_y;
-  combine_bwd.token_in_stride = c.hidden;
-  combine_bwd.weights = nullptr;  // unweighted combine: dyp[row(t, k)] = dy[t]
-  combine_bwd.rows_out = w.grad_yp;
-  MOEKIT_TRY(tokens::run_move(shape, s.plan, combine_bwd, stream));
-  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_COMBINE_BACKWARD));
-
-  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_EXPERTS_BACKWARD));
-  const experts::BackwardArgs eb{R,           s.plan.expert_offsets, w.xp,        w.row_weights, p.w_gate_up,
-                                 p.b_gate_up, p.w_down,              p.b_down,    s.expert_u,    w.grad_yp,
-                                 w.grad_xp,   g.w_gate_up,           g.b_gate_up, g.w_down,      g.b_down,
-                                 w.grad_row_weights};
-  MOEKIT_TRY(experts::backward(c.experts, eb, w.experts_ws, stream));
-  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_EXPERTS_BACKWARD));
-
-  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PERMUTE_BACKWARD));
-  tokens::MoveRequest permute_bwd = move_request(tokens::Movement::kPermuteBackward, c);
-  permute_bwd.rows_in = w.grad_xp;
-  permute_bwd.grad_row_weights = w.grad_row_weights;
-  permute_bwd.token_out = a.grad_x;
-  permute_bwd.token_out_stride = c.hidden;
-  permute_bwd.grad_weights = w.grad_weights;
-  MOEKIT_TRY(tokens::run_move(shape, s.plan, permute_bwd, stream));
-  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PERMUTE_BACKWARD));
+  // Routed experts. With expert parallelism dy goes to the rows' ranks (combine's backward), the
+  // experts run over the received rows, and dx and the weight gradients come back (dispatch's).
+  if (c.ep != nullptr) {
+    moekit_ep& h = *c.ep;
+    MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_COMBINE_BACKWARD));
+    MOEKIT_TRY(ep::combine_backward(h, T, s.ep_layout, host_layout, a.grad_y, w.grad_partials, w.ep_ws, stream));
+    MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_COMBINE_BACKWARD));
+    MOEKIT_TRY(backward_routed(L, rows, a, s, w, s.recv_x, s.recv_weights, w.grad_partials, w.grad_recv_x,
+                               w.grad_recv_weights, stages));
+    MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PERMUTE_BACKWARD));
+    MOEKIT_TRY(ep::dispatch_backward(h, T, s.ep_layout, host_layout, s.indices, w.grad_recv_x, w.grad_recv_weights,
+                                     a.grad_x, w.grad_weights, w.ep_ws, stream));
+    MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PERMUTE_BACKWARD));
+  } else {
+    MOEKIT_TRY(backward_routed(L, rows, a, s, w, a.x, s.weights, a.grad_y, a.grad_x, w.grad_weights, stages));
+  }
+  if (T == 0) return zero_token_gradients(L, a, w);
 
   // Router, then the projection and the sum of the four dx terms.
   MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_ROUTER_BACKWARD));

@@ -9,6 +9,8 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <map>
+#include <vector>
 
 #include "moekit/layer.h"
 #include "src/layer/layer_config.hpp"
@@ -22,20 +24,31 @@ struct moekit_layer {
   moekit::LtGemm projection;      // cuBLASLt for z = x W_r^T and its backward
   moekit_mlp_handle_t shared = nullptr;  // the shared MLP's cuBLASLt state (with a shared MLP)
   std::atomic<void* const*> stage_events{nullptr};
+  // Expert parallelism in exact mode: the host layout (exchanged counts) of the last forward into
+  // each saved buffer, which its backward needs to size the NCCL transfers. Keyed by the saved
+  // buffer's address, so forwards of several micro-batches can precede their backwards.
+  std::map<const void*, std::vector<int64_t>> host_layouts;
 };
 
 namespace moekit::layer {
 
-// The plan sizes of a call with T tokens (validates T: messages name num_tokens).
-moekit_status_t shape_for(const LayerConfig& config, int64_t num_tokens, tokens::PlanShape* shape);
+// The sizes of a call with T tokens. Without expert parallelism the plan is over the T tokens;
+// with it, over the rows a dispatch brings to this rank, at most recv_rows (the buffers are sized
+// for that worst case; exact mode runs the plan over the rows that came).
+struct CallShape {
+  int64_t num_tokens = 0;  // T
+  tokens::PlanShape plan;  // the (worst-case) plan; plan.max_rows is R
+  int64_t recv_rows = 0;   // expert parallelism: the most rows a dispatch brings here; else 0
+};
+// Validates T (messages name num_tokens).
+moekit_status_t shape_for(const LayerConfig& config, int64_t num_tokens, CallShape* shape);
 
-size_t saved_bytes(const LayerConfig& config, const tokens::PlanShape& shape);
-size_t forward_workspace_bytes(const LayerConfig& config, const tokens::PlanShape& shape);
-size_t backward_workspace_bytes(const LayerConfig& config, const tokens::PlanShape& shape);
+size_t saved_bytes(const LayerConfig& config, const CallShape& shape);
+size_t forward_workspace_bytes(const LayerConfig& config, const CallShape& shape);
+size_t backward_workspace_bytes(const LayerConfig& config, const CallShape& shape);
 
 // The pieces of a saved buffer (host arithmetic). view->struct_size is kept.
-void saved_view(const LayerConfig& config, const tokens::PlanShape& shape, void* saved,
-                moekit_layer_saved_view_t* view);
+void saved_view(const LayerConfig& config, const CallShape& shape, void* saved, moekit_layer_saved_view_t* view);
 
 // Bytes of each parameter (0 for one the config does not have), in the order of
 // moekit_layer_params_t / moekit_layer_grads_t after struct_size.
@@ -60,7 +73,7 @@ struct ForwardCall {
   void* workspace;
   cudaStream_t stream;
 };
-moekit_status_t forward(moekit_layer& layer, const tokens::PlanShape& shape, const ForwardCall& call);
+moekit_status_t forward(moekit_layer& layer, const CallShape& shape, const ForwardCall& call);
 
 struct BackwardCall {
   int64_t num_tokens;
@@ -75,6 +88,6 @@ struct BackwardCall {
   void* workspace;
   cudaStream_t stream;
 };
-moekit_status_t backward(moekit_layer& layer, const tokens::PlanShape& shape, const BackwardCall& call);
+moekit_status_t backward(moekit_layer& layer, const CallShape& shape, const BackwardCall& call);
 
 }  // namespace moekit::layer

@@ -5,6 +5,8 @@
 
 #include "capi/api.hpp"
 #include "src/common/error.hpp"
+#include "src/ep/ep_handle.hpp"
+#include "src/ep/ep_plan.hpp"
 #include "src/experts/experts_config.hpp"
 #include "src/router/router_config.hpp"
 #include "src/tokens/plan_config.hpp"
@@ -41,6 +43,54 @@ const char* dtype_name(int32_t d) {
     case MOEKIT_DTYPE_BF16: return "BF16";
   }
   return "?";
+}
+
+// config->expert_parallel: NULL (every expert here), or a live EP handle whose configuration is
+// this layer's (experts, K, dtype, H), with config->experts holding this rank's E / n experts.
+moekit_status_t check_expert_parallel(const moekit_layer_config_t& c, const moekit_router_config_t& r,
+                                      const moekit_experts_config_t& x, LayerConfig* out) {
+  out->ep = nullptr;
+  out->local_experts = r.num_experts;
+  if (c.expert_parallel == nullptr) {
+    MOEKIT_CHECK_ARG(x.num_experts == r.num_experts,
+                     "config->experts->num_experts = %d differs from config->router->num_experts = %d (every "
+                     "expert runs on this GPU: config->expert_parallel is NULL)",
+                     x.num_experts, r.num_experts);
+    return MOEKIT_STATUS_SUCCESS;
+  }
+  auto* h = static_cast<moekit_ep*>(c.expert_parallel);
+  MOEKIT_CHECK_ARG(h->magic == moekit_ep::kMagic,
+                   "config->expert_parallel = %p is not a live moekit_ep_handle_t (destroyed or never created)",
+                   c.expert_parallel);
+  const moekit_ep_config_t& e = h->config;
+  const ep::Dims& d = h->dims;
+  MOEKIT_CHECK_ARG(e.num_experts == r.num_experts,
+                   "config->expert_parallel's num_experts = %d differs from config->router->num_experts = %d",
+                   e.num_experts, r.num_experts);
+  MOEKIT_CHECK_ARG(e.top_k == r.top_k, "config->expert_parallel's top_k = %d differs from config->router->top_k = %d",
+                   e.top_k, r.top_k);
+  MOEKIT_CHECK_ARG(e.dtype == c.dtype, "config->expert_parallel's dtype = %s differs from config->dtype = %s",
+                   dtype_name(e.dtype), dtype_name(c.dtype));
+  MOEKIT_CHECK_ARG(e.hidden == c.hidden, "config->expert_parallel's hidden = %lld differs from config->hidden = %d",
+                   static_cast<long long>(e.hidden), c.hidden);
+  // The partials are the local combine's output, which is of the layer's dtype.
+  MOEKIT_CHECK_SUPPORTED(d.combine_dtype == d.dtype,
+                         "config->expert_parallel's combine_dtype = %s differs from config->dtype = %s (the layer "
+                         "sends its partial sums in its own dtype)",
+                         dtype_name(d.combine_dtype), dtype_name(c.dtype));
+  MOEKIT_CHECK_ARG(x.num_experts == d.experts_per_rank,
+                   "config->experts->num_experts = %d differs from the %d experts each of the %d ranks of "
+                   "config->expert_parallel owns (E / n = %d / %d)",
+                   x.num_experts, d.experts_per_rank, d.num_ranks, r.num_experts, d.num_ranks);
+  out->ep = h;
+  out->ep_exact = !d.capacity_mode;
+  out->local_experts = d.experts_per_rank;
+  out->ep_max_tokens = d.max_tokens;
+  out->ep_recv_rows = ep::row_spaces(d, nullptr).recv_rows;
+  out->ep_layout_bytes = ep::layout_bytes(d);
+  out->ep_host_layout_count = ep::host_layout_count(d);
+  out->ep_workspace_bytes = ep::workspace_bytes(d, ep::row_spaces(d, nullptr));
+  return MOEKIT_STATUS_SUCCESS;
 }
 
 }  // namespace
@@ -80,19 +130,12 @@ moekit_status_t read_and_check(const moekit_layer_config_t* user, LayerConfig* o
                          "config->dtype = %d is not a supported moekit_dtype_t (F32, F16 or BF16)", c.dtype);
   MOEKIT_CHECK_ARG(c.router != nullptr, "config->router is NULL (a layer needs a router configuration)");
   MOEKIT_CHECK_ARG(c.experts != nullptr, "config->experts is NULL (a layer needs an experts configuration)");
-  MOEKIT_CHECK_SUPPORTED(c.expert_parallel == nullptr,
-                         "config->expert_parallel = %p: expert parallelism inside the layer is not available in "
-                         "this version (leave it NULL; moekit/ep.h moves tokens between ranks)",
-                         c.expert_parallel);
 
   MOEKIT_TRY_RENAMED(router::read_and_check(c.router, &out->router), "config->router");
   MOEKIT_TRY_RENAMED(experts::read_and_check(c.experts, &out->experts), "config->experts");
   const moekit_router_config_t& r = out->router;
   const moekit_experts_config_t& x = out->experts;
-  MOEKIT_CHECK_ARG(x.num_experts == r.num_experts,
-                   "config->experts->num_experts = %d differs from config->router->num_experts = %d (every "
-                   "expert runs on this GPU)",
-                   x.num_experts, r.num_experts);
+  MOEKIT_TRY(check_expert_parallel(c, r, x, out));
   MOEKIT_CHECK_ARG(r.num_experts <= MOEKIT_PLAN_MAX_LOCAL_EXPERTS,
                    "config->router->num_experts = %d exceeds MOEKIT_PLAN_MAX_LOCAL_EXPERTS = %d", r.num_experts,
                    MOEKIT_PLAN_MAX_LOCAL_EXPERTS);
@@ -123,6 +166,8 @@ moekit_status_t read_and_check(const moekit_layer_config_t* user, LayerConfig* o
   tokens::set_defaults(&out->plan);
   out->plan.num_experts = r.num_experts;
   out->plan.top_k = r.top_k;
+  out->plan.local_expert_begin = out->ep ? out->ep->rank * out->local_experts : 0;
+  out->plan.num_local_experts = out->local_experts;
   out->plan.alignment = c.alignment;
   out->plan.capacity = c.capacity;
   out->plan.drop_policy = c.drop_policy;

@@ -8,6 +8,8 @@
 
 #include "moekit/layer.h"
 
+struct moekit_ep;  // src/ep/ep_handle.hpp
+
 namespace moekit::layer {
 
 struct LayerConfig {
@@ -16,7 +18,8 @@ struct LayerConfig {
   moekit_experts_config_t experts;
   bool has_shared = false;
   moekit_mlp_config_t shared;       // meaningful when has_shared
-  moekit_plan_config_t plan;        // E, K, alignment, capacity, drop policy; all experts local
+  moekit_plan_config_t plan;        // E, K, alignment, capacity, drop policy; the local experts
+                                    // [e0, e0 + E_local) (all of them without expert parallelism)
 
   // Resolved sizes and types.
   moekit_dtype_t dtype;             // of x, y, parameters and gradients
@@ -30,6 +33,16 @@ struct LayerConfig {
   int32_t shared_inter;             // I_s (0 without shared MLP)
   int32_t shared_nu;                // NU_s (0 without shared MLP)
   int64_t logits_stride;            // E rounded up to a multiple of 8
+
+  // Expert parallelism (config->expert_parallel): the handle, and what the layer derives from it.
+  moekit_ep* ep = nullptr;          // NULL: every expert on this GPU
+  bool ep_exact = false;            // MOEKIT_EP_MODE_EXACT (a host read per forward) vs capacity
+  int32_t local_experts = 0;        // E_local = E / n (E without expert parallelism)
+  int64_t ep_max_tokens = 0;        // the handle's max_tokens: the largest T a call may pass
+  int64_t ep_recv_rows = 0;         // the most rows one dispatch can bring (moekit_ep_max_recv_rows)
+  size_t ep_layout_bytes = 0;       // the handle's device layout
+  size_t ep_host_layout_count = 0;  // int64 entries of its host layout (exact mode)
+  size_t ep_workspace_bytes = 0;    // worst-case workspace of dispatch/combine and backwards
 };
 
 // Defaults of every field (what moekit_layer_config_init writes).

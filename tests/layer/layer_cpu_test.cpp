@@ -7,7 +7,10 @@
 //     that names it through the caller's path ("config->experts->inter");
 //   - the size queries and the saved layout: T = 0, growth with T, what recompute removes (exactly
 //     the two pre-activation pieces), every piece of moekit_layer_saved_view inside the buffer,
-//     aligned and disjoint, the bad arguments of each query; the init functions.
+//     aligned and disjoint, the bad arguments of each query; the init functions;
+//   - expert parallelism: a layer config against its EP handle (a handle struct filled here, as
+//     moekit_ep_create would, without a communicator): every disagreement refused, the token
+//     limit, the worst-case received rows in the sizes and the saved view.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -18,6 +21,7 @@
 #include <vector>
 
 #include "moekit/moekit.h"
+#include "src/ep/ep_handle.hpp"
 #include "tests/layer/layer_cases.hpp"
 #include "tests/reference/layer_ref.hpp"
 #include "tests/support/catch.hpp"
@@ -234,7 +238,7 @@ TEST_CASE("every bad field of a layer config is rejected with a message naming i
       {"config->router is NULL", MOEKIT_STATUS_INVALID_ARGUMENT, [](LayerCase&, moekit_layer_config_t& c) { c.router = nullptr; }},
       {"config->experts is NULL", MOEKIT_STATUS_INVALID_ARGUMENT,
        [](LayerCase&, moekit_layer_config_t& c) { c.experts = nullptr; }},
-      {"config->expert_parallel", MOEKIT_STATUS_UNSUPPORTED,
+      {"is not a live moekit_ep_handle_t", MOEKIT_STATUS_INVALID_ARGUMENT,
        [](LayerCase&, moekit_layer_config_t& c) { c.expert_parallel = &c; }},
       {"config->router->top_k = 0", MOEKIT_STATUS_INVALID_ARGUMENT, [](LayerCase& l, moekit_layer_config_t&) { l.router.top_k = 0; }},
       {"config->router->num_experts = 5000", MOEKIT_STATUS_INVALID_ARGUMENT,
@@ -534,4 +538,164 @@ TEST_CASE("layer entry points refuse a NULL layer without touching the device", 
   const moekit_layer_config_t c = l.config();
   REQUIRE(moekit_layer_create(&c, nullptr) == MOEKIT_STATUS_INVALID_ARGUMENT);
   REQUIRE(last_error().find("layer is NULL") != std::string::npos);
+}
+
+// ---- expert parallelism ------------------------------------------------------------------------
+
+namespace {
+
+// What moekit_ep_create would hold for this configuration on `rank` (no communicator is touched by
+// the config checks and size queries).
+moekit_ep fake_ep_handle(const moekit_ep_config_t& config, int32_t rank) {
+  moekit_ep h;
+  h.config = config;
+  h.dims = moekit::ep::dims_of(config);
+  h.signature = moekit::ep::config_signature(config);
+  h.rank = rank;
+  return h;
+}
+
+moekit_ep_config_t ep_config_for(const LayerCase& l, int32_t ranks, int64_t max_tokens, int32_t mode) {
+  moekit_ep_config_t e;
+  moekit_ep_config_init(&e, sizeof(e));
+  e.num_ranks = ranks;
+  e.num_experts = l.num_experts();
+  e.top_k = l.top_k();
+  e.dtype = l.dtype;
+  e.hidden = l.hidden;
+  e.max_tokens = max_tokens;
+  e.mode = mode;
+  return e;
+}
+
+}  // namespace
+
+TEST_CASE("an expert-parallel layer config must agree with its EP handle", "[layer][config][ep]") {
+  LayerCase l = model_cases()[0];  // deepseek-v3: H = 64, E = 64, bf16, shared
+  const int32_t n = 4;
+  const moekit_ep_config_t good = ep_config_for(l, n, 32, MOEKIT_EP_MODE_EXACT);
+  REQUIRE(moekit_ep_config_check(&good) == MOEKIT_STATUS_SUCCESS);
+  moekit_ep h = fake_ep_handle(good, 2);
+  l.experts.num_experts = l.num_experts() / n;
+  {
+    moekit_layer_config_t c = l.config();
+    c.expert_parallel = &h;
+    REQUIRE(moekit_layer_config_check(&c) == MOEKIT_STATUS_SUCCESS);
+    // Without the handle, E / n experts are a mismatch that names the missing handle.
+    c.expert_parallel = nullptr;
+    REQUIRE(moekit_layer_config_check(&c) == MOEKIT_STATUS_INVALID_ARGUMENT);
+    REQUIRE(last_error().find("config->expert_parallel is NULL") != std::string::npos);
+  }
+  struct Bad {
+    const char* what;
+    moekit_status_t status;
+    std::function<void(moekit_ep_config_t&, LayerCase&)> spoil;
+  };
+  const std::vector<Bad> bads = {
+      {"config->expert_parallel's num_experts = 128 differs from config->router->num_experts = 64",
+       MOEKIT_STATUS_INVALID_ARGUMENT, [](moekit_ep_config_t& e, LayerCase&) { e.num_experts = 128; }},
+      {"config->expert_parallel's top_k = 2 differs from config->router->top_k", MOEKIT_STATUS_INVALID_ARGUMENT,
+       [](moekit_ep_config_t& e, LayerCase&) { e.top_k = 2; }},
+      {"config->expert_parallel's dtype = F16 differs from config->dtype = BF16", MOEKIT_STATUS_INVALID_ARGUMENT,
+       [](moekit_ep_config_t& e, LayerCase&) { e.dtype = MOEKIT_DTYPE_F16; }},
+      {"config->expert_parallel's hidden = 128 differs from config->hidden = 64", MOEKIT_STATUS_INVALID_ARGUMENT,
+       [](moekit_ep_config_t& e, LayerCase&) { e.hidden = 128; }},
+      {"config->expert_parallel's combine_dtype = F32 differs from config->dtype = BF16", MOEKIT_STATUS_UNSUPPORTED,
+       [](moekit_ep_config_t& e, LayerCase&) { e.combine_dtype = MOEKIT_DTYPE_F32; }},
+      {"config->experts->num_experts = 64 differs from the 16 experts each of the 4 ranks",
+       MOEKIT_STATUS_INVALID_ARGUMENT, [](moekit_ep_config_t&, LayerCase& c) { c.experts.num_experts = 64; }},
+  };
+  for (const Bad& b : bads) {
+    INFO("spoiled: " << b.what);
+    moekit_ep_config_t e = good;
+    LayerCase spoiled = l;
+    b.spoil(e, spoiled);
+    REQUIRE(moekit_ep_config_check(&e) == MOEKIT_STATUS_SUCCESS);  // a valid handle, just not this layer's
+    moekit_ep bad_handle = fake_ep_handle(e, 2);
+    moekit_layer_config_t c = spoiled.config();
+    c.expert_parallel = &bad_handle;
+    REQUIRE(moekit_layer_config_check(&c) == b.status);
+    const std::string msg = last_error();
+    INFO("message: " << msg);
+    REQUIRE(msg.find(b.what) != std::string::npos);
+    size_t bytes = 777;
+    REQUIRE(moekit_layer_saved_size(&c, 4, &bytes) == b.status);
+    REQUIRE(bytes == 777);
+  }
+}
+
+TEST_CASE("expert-parallel layer sizes cover the worst-case received rows", "[layer][sizes][ep]") {
+  LayerCase l = model_cases()[0];
+  const int32_t n = 4;
+  const int64_t max_tokens = 32;
+  l.experts.num_experts = l.num_experts() / n;
+  for (int32_t mode : {int32_t(MOEKIT_EP_MODE_EXACT), int32_t(MOEKIT_EP_MODE_CAPACITY)}) {
+    moekit_ep_config_t e = ep_config_for(l, n, max_tokens, mode);
+    e.capacity = mode == MOEKIT_EP_MODE_CAPACITY ? 20 : 0;
+    moekit_ep h = fake_ep_handle(e, 1);
+    int64_t recv_rows = 0;
+    REQUIRE(moekit_ep_max_recv_rows(&e, &recv_rows) == MOEKIT_STATUS_SUCCESS);
+    REQUIRE(recv_rows == (mode == MOEKIT_EP_MODE_EXACT ? n * max_tokens : n * 20));
+    moekit_layer_config_t c = l.config();
+    c.expert_parallel = &h;
+    INFO("mode " << mode);
+    // T is limited by the handle's max_tokens; T = 0 is a valid call (the rank still serves rows).
+    size_t at_max = 0, at_zero = 0, fw = 0, bw = 0;
+    REQUIRE(moekit_layer_saved_size(&c, max_tokens, &at_max) == MOEKIT_STATUS_SUCCESS);
+    REQUIRE(moekit_layer_saved_size(&c, 0, &at_zero) == MOEKIT_STATUS_SUCCESS);
+    REQUIRE(at_zero < at_max);
+    REQUIRE(moekit_layer_workspace_size(&c, 0, &fw, &bw) == MOEKIT_STATUS_SUCCESS);
+    const size_t H = l.hidden, K = l.top_k(), es = moekit_dtype_size(l.dtype);
+    // A rank without tokens still needs the partials, the received rows and the experts' rows.
+    REQUIRE(fw >= static_cast<size_t>(recv_rows) * H * es);
+    REQUIRE(bw >= 2 * static_cast<size_t>(recv_rows) * H * es);
+    size_t bytes = 55;
+    REQUIRE(moekit_layer_saved_size(&c, max_tokens + 1, &bytes) == MOEKIT_STATUS_INVALID_ARGUMENT);
+    REQUIRE(last_error().find("num_tokens = 33 is outside [0, 32]") != std::string::npos);
+    REQUIRE(bytes == 55);
+
+    // The view: the received rows' pieces inside the buffer, disjoint from the rest; the plan over
+    // the received rows and this rank's 16 experts.
+    char* base = reinterpret_cast<char*>(uintptr_t(1) << 40);
+    moekit_layer_saved_view_t v;
+    std::memset(&v, 0, sizeof(v));
+    v.struct_size = sizeof(v);
+    REQUIRE(moekit_layer_saved_view(&c, 5, base, bytes = 0, &v) == MOEKIT_STATUS_WORKSPACE_TOO_SMALL);
+    REQUIRE(moekit_layer_saved_size(&c, 5, &bytes) == MOEKIT_STATUS_SUCCESS);
+    REQUIRE(moekit_layer_saved_view(&c, 5, base, bytes, &v) == MOEKIT_STATUS_SUCCESS);
+    REQUIRE(v.recv_rows == recv_rows);
+    const size_t Rr = static_cast<size_t>(recv_rows), El = static_cast<size_t>(l.experts.num_experts);
+    REQUIRE(v.max_rows >= static_cast<int64_t>(Rr * K));
+    struct Piece {
+      const void* p;
+      size_t n;
+      const char* name;
+    };
+    const std::vector<Piece> pieces = {
+        {v.weights, 5 * K * 4, "weights"},
+        {v.indices, 5 * K * 4, "indices"},
+        {v.expert_counts, El * 4, "expert_counts"},
+        {v.expert_offsets, (El + 1) * 4, "expert_offsets"},
+        {v.row_of_slot, Rr * K * 4, "row_of_slot"},
+        {v.slot_of_row, static_cast<size_t>(v.max_rows) * 4, "slot_of_row"},
+        {v.ep_layout, 1, "ep_layout"},
+        {v.recv_x, Rr * H * es, "recv_x"},
+        {v.recv_indices, Rr * K * 4, "recv_indices"},
+        {v.recv_weights, Rr * K * 4, "recv_weights"},
+        {v.recv_mask, Rr, "recv_mask"},
+    };
+    for (const Piece& a : pieces) {
+      INFO(a.name);
+      REQUIRE(a.p != nullptr);
+      const char* pa = static_cast<const char*>(a.p);
+      REQUIRE(pa >= base);
+      REQUIRE(pa + a.n <= base + bytes);
+      REQUIRE(reinterpret_cast<uintptr_t>(pa) % 256 == 0);
+      for (const Piece& b : pieces) {
+        if (&a == &b) continue;
+        const char* pb = static_cast<const char*>(b.p);
+        REQUIRE((pa + a.n <= pb || pb + b.n <= pa));
+      }
+    }
+  }
 }

@@ -1,0 +1,438 @@
+// The expert-parallel MoE layer (moekit_layer with config->expert_parallel) on 2 and 4 GPUs against
+// the same layer on one GPU over the global batch (every rank's tokens, in rank order):
+//  - routing is the same (the router inputs are chosen so that every logit is exact in fp32, so
+//    no summation order can move a top-k choice): each rank's indices equal its slice, bitwise,
+//    and the ranks' expert loads add up to the one-GPU load exactly;
+//  - y and dx of each rank equal its slice of the one-GPU results, and each rank's expert weight
+//    gradients equal the one-GPU gradients of its experts, within a tolerance per dtype (the EP
+//    combine rounds each rank's partial sum before the cross-rank sum; weight-gradient row chunks
+//    differ with the row count); router and shared-MLP gradients summed over the ranks equal the
+//    one-GPU ones (they are data-parallel contributions);
+//  - a second forward + backward gives bitwise the same outputs on every rank;
+//  - both EP modes (exact, capacity without drops), a rank with no tokens, padding tokens.
+#if MOEKIT_EP_TEST_HAVE_NCCL
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "moekit/moekit.h"
+#include "tests/ep/multi_gpu.hpp"
+#include "tests/support/catch.hpp"
+#include "tests/support/device.hpp"
+#include "tests/support/numeric.hpp"
+#include "tests/support/random.hpp"
+
+namespace {
+
+using moekit::test::DeviceBuffer;
+using namespace moekit::test::ep;
+
+constexpr int kExpertsPerRank = 4;
+constexpr int kTopK = 3;
+constexpr int kHidden = 64;
+constexpr int kInter = 32;
+constexpr int kSharedInter = 32;
+
+size_t dtype_bytes(moekit_dtype_t d) { return d == MOEKIT_DTYPE_F32 ? 4 : 2; }
+
+// The whole problem, on the host (values already rounded to the dtype).
+struct Problem {
+  moekit_dtype_t dtype;
+  int n;                         // ranks
+  int E;                         // n * kExpertsPerRank
+  std::vector<int64_t> tokens;   // T per rank
+  std::vector<int64_t> offset;   // first global token of each rank
+  std::vector<float> x, dy;      // [T_all, H]
+  std::vector<uint8_t> mask;     // [T_all]
+  std::vector<float> w_router;   // [E, H]
+  std::vector<float> w_gate_up;  // [E, H, 2I]
+  std::vector<float> w_down;     // [E, I, H]
+  std::vector<float> s_gate_up;  // [H, 2 I_s]
+  std::vector<float> s_down;     // [I_s, H]
+  int64_t total() const { return offset[n]; }
+};
+
+Problem make_problem(moekit_dtype_t dtype, int n, uint64_t salt) {
+  auto rng = moekit::test::make_rng(salt);
+  Problem p;
+  p.dtype = dtype;
+  p.n = n;
+  p.E = n * kExpertsPerRank;
+  const int64_t counts[4] = {23, 0, 41, 17};  // rank 1 has no tokens
+  p.offset.assign(n + 1, 0);
+  for (int r = 0; r < n; ++r) {
+    p.tokens.push_back(counts[r % 4]);
+    p.offset[r + 1] = p.offset[r] + p.tokens[r];
+  }
+  const int64_t T = p.total(), H = kHidden;
+  // Router inputs on a grid that makes every logit exact in fp32: x in multiples of 1/8 within
+  // [-3/8, 3/8], W_r in multiples of 1/16 within [-2/16, 2/16]: each product is a multiple of
+  // 2^-7 below 2^-4, 64 of them sum exactly.
+  std::uniform_int_distribution<int> small(-3, 3), tiny(-2, 2);
+  p.x.resize(T * H);
+  for (auto& v : p.x) v = small(rng) / 8.0f;
+  p.w_router.resize(static_cast<size_t>(p.E) * H);
+  for (auto& v : p.w_router) v = tiny(rng) / 16.0f;
+  p.dy = moekit::test::rounded(dtype, moekit::test::uniform(rng, T * H, -1.0f, 1.0f));
+  p.mask.assign(T, 1);
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  for (auto& m : p.mask) m = u(rng) < 0.1 ? 0 : 1;
+  const float ws = 1.0f / std::sqrt(static_cast<float>(H)), wd = 1.0f / std::sqrt(static_cast<float>(kInter));
+  p.w_gate_up = moekit::test::rounded(dtype, moekit::test::uniform(rng, size_t(p.E) * H * 2 * kInter, -ws, ws));
+  p.w_down = moekit::test::rounded(dtype, moekit::test::uniform(rng, size_t(p.E) * kInter * H, -wd, wd));
+  p.s_gate_up = moekit::test::rounded(dtype, moekit::test::uniform(rng, size_t(H) * 2 * kSharedInter, -ws, ws));
+  p.s_down = moekit::test::rounded(dtype, moekit::test::uniform(rng, size_t(kSharedInter) * H, -wd, wd));
+  return p;
+}
+
+// The layer's configs (experts = the experts held here: E, or E / n with expert parallelism).
+struct Configs {
+  moekit_router_config_t router;
+  moekit_experts_config_t experts;
+  moekit_mlp_config_t shared;
+  moekit_layer_config_t layer;
+  Configs(const Problem& p, int experts_here, void* ep) {
+    moekit_router_config_init(&router, sizeof(router));
+    router.num_experts = p.E;
+    router.top_k = kTopK;
+    router.score_func = MOEKIT_SCORE_SOFTMAX;
+    moekit_experts_config_init(&experts, sizeof(experts));
+    experts.num_experts = experts_here;
+    experts.hidden = kHidden;
+    experts.inter = kInter;
+    experts.dtype = p.dtype;
+    experts.activation = MOEKIT_ACTIVATION_SWIGLU;
+    moekit_mlp_config_init(&shared, sizeof(shared));
+    shared.hidden = kHidden;
+    shared.inter = kSharedInter;
+    shared.dtype = p.dtype;
+    moekit_layer_config_init(&layer, sizeof(layer));
+    layer.hidden = kHidden;
+    layer.dtype = p.dtype;
+    layer.router = &router;
+    layer.experts = &experts;
+    layer.shared = &shared;
+    layer.router_fp32 = 1;  // exact logits (see make_problem)
+    layer.expert_parallel = ep;
+  }
+};
+
+// What one layer run (forward + backward) gives, as bytes.
+struct Outputs {
+  std::vector<uint8_t> y, dx, d_router, d_gate_up, d_down, d_s_gate_up, d_s_down, indices, load;
+  bool operator==(const Outputs& o) const {
+    return y == o.y && dx == o.dx && d_router == o.d_router && d_gate_up == o.d_gate_up && d_down == o.d_down &&
+           d_s_gate_up == o.d_s_gate_up && d_s_down == o.d_s_down && indices == o.indices && load == o.load;
+  }
+};
+
+template <class V>
+V slice(const V& all, int64_t first, int64_t count, int64_t width) {
+  return V(all.begin() + first * width, all.begin() + (first + count) * width);
+}
+
+// One layer's device state for T tokens and the experts [e0, e0 + El); all allocation happens in
+// the constructor (an allocation phase of run_ranks), every transfer on `stream`.
+struct LayerRun {
+  const Problem& p;
+  int64_t T;
+  int El;
+  cudaStream_t stream;
+  moekit_layer_t layer = nullptr;
+  size_t saved_bytes = 0, ws_bytes = 0;
+  DeviceBuffer x, dy, mask, w_router, w_gate_up, w_down, s_gate_up, s_down, y, dx, g_router, g_gate_up, g_down,
+      g_s_gate_up, g_s_down, load, saved, workspace;
+  moekit_layer_params_t params;
+  moekit_layer_grads_t grads;
+
+  LayerRun(const Problem& prob, const Configs& cfg, int64_t first, int64_t count, int e0, int el, cudaStream_t s)
+      : p(prob), T(count), El(el), stream(s) {
+    const int64_t H = kHidden;
+    const moekit_dtype_t d = p.dtype;
+    moekit_check(moekit_layer_create(&cfg.layer, &layer), "moekit_layer_create");
+    size_t fw = 0, bw = 0;
+    moekit_check(moekit_layer_saved_size(&cfg.layer, T, &saved_bytes), "moekit_layer_saved_size");
+    moekit_check(moekit_layer_workspace_size(&cfg.layer, T, &fw, &bw), "moekit_layer_workspace_size");
+    ws_bytes = std::max(fw, bw);
+    x = DeviceBuffer::from(moekit::test::pack(d, slice(p.x, first, T, H)));
+    dy = DeviceBuffer::from(moekit::test::pack(d, slice(p.dy, first, T, H)));
+    mask = DeviceBuffer::from(slice(p.mask, first, T, 1));
+    w_router = DeviceBuffer::from(moekit::test::pack(d, p.w_router));
+    w_gate_up = DeviceBuffer::from(moekit::test::pack(d, slice(p.w_gate_up, e0, El, H * 2 * kInter)));
+    w_down = DeviceBuffer::from(moekit::test::pack(d, slice(p.w_down, e0, El, int64_t(kInter) * H)));
+    s_gate_up = DeviceBuffer::from(moekit::test::pack(d, p.s_gate_up));
+    s_down = DeviceBuffer::from(moekit::test::pack(d, p.s_down));
+    const size_t es = dtype_bytes(d);
+    y = DeviceBuffer(T * H * es);
+    dx = DeviceBuffer(T * H * es);
+    g_router = DeviceBuffer(size_t(p.E) * H * es);
+    g_gate_up = DeviceBuffer(size_t(El) * H * 2 * kInter * es);
+    g_down = DeviceBuffer(size_t(El) * kInter * H * es);
+    g_s_gate_up = DeviceBuffer(size_t(H) * 2 * kSharedInter * es);
+    g_s_down = DeviceBuffer(size_t(kSharedInter) * H * es);
+    load = DeviceBuffer(size_t(p.E) * 4);
+    saved = DeviceBuffer(saved_bytes);
+    workspace = DeviceBuffer(ws_bytes);
+    moekit_layer_params_init(&params, sizeof(params));
+    params.router_weight = w_router.get();
+    params.w_gate_up = w_gate_up.get();
+    params.w_down = w_down.get();
+    params.shared_w_gate_up = s_gate_up.get();
+    params.shared_w_down = s_down.get();
+    moekit_layer_grads_init(&grads, sizeof(grads));
+    grads.router_weight = g_router.get();
+    grads.w_gate_up = g_gate_up.get();
+    grads.w_down = g_down.get();
+    grads.shared_w_gate_up = g_s_gate_up.get();
+    grads.shared_w_down = g_s_down.get();
+  }
+  ~LayerRun() { moekit_layer_destroy(layer); }
+
+  static void moekit_check(moekit_status_t s, const char* what) {
+    if (s != MOEKIT_STATUS_SUCCESS)
+      throw std::runtime_error(std::string(what) + ": " + moekit_status_string(s) + ": " + moekit_get_last_error());
+  }
+
+  // Poisons every output (stream-ordered: no allocation, no device-wide synchronisation).
+  void poison() {
+    for (DeviceBuffer* b : {&y, &dx, &g_router, &g_gate_up, &g_down, &g_s_gate_up, &g_s_down, &load})
+      if (b->bytes() > 0 && cudaMemsetAsync(b->get(), 0xa7, b->bytes(), stream) != cudaSuccess)
+        throw std::runtime_error("cudaMemsetAsync failed");
+  }
+  moekit_status_t forward() {
+    return moekit_layer_forward(layer, T, T ? x.get() : nullptr, T ? mask.get<uint8_t>() : nullptr, &params,
+                                T ? y.get() : nullptr, load.get<int32_t>(), nullptr, saved.get(), saved_bytes,
+                                workspace.get(), ws_bytes, stream);
+  }
+  moekit_status_t backward() {
+    return moekit_layer_backward(layer, T, T ? x.get() : nullptr, T ? mask.get<uint8_t>() : nullptr, &params,
+                                 saved.get(), saved_bytes, T ? dy.get() : nullptr, 0.0f, T ? dx.get() : nullptr,
+                                 &grads, workspace.get(), ws_bytes, stream);
+  }
+  std::vector<uint8_t> fetch(const void* ptr, size_t bytes) const {
+    std::vector<uint8_t> h(bytes);
+    if (cudaStreamSynchronize(stream) != cudaSuccess ||
+        (bytes > 0 && cudaMemcpyAsync(h.data(), ptr, bytes, cudaMemcpyDeviceToHost, stream) != cudaSuccess) ||
+        cudaStreamSynchronize(stream) != cudaSuccess)
+      throw std::runtime_error("download failed");
+    return h;
+  }
+  std::vector<uint8_t> fetch(const DeviceBuffer& b) const { return fetch(b.get(), b.bytes()); }
+  Outputs outputs(const Configs& cfg) const {
+    Outputs o;
+    o.y = fetch(y);
+    o.dx = fetch(dx);
+    o.d_router = fetch(g_router);
+    o.d_gate_up = fetch(g_gate_up);
+    o.d_down = fetch(g_down);
+    o.d_s_gate_up = fetch(g_s_gate_up);
+    o.d_s_down = fetch(g_s_down);
+    o.load = fetch(load);
+    moekit_layer_saved_view_t v;
+    std::memset(&v, 0, sizeof(v));
+    v.struct_size = sizeof(v);
+    moekit_check(moekit_layer_saved_view(&cfg.layer, T, saved.get(), saved_bytes, &v), "moekit_layer_saved_view");
+    o.indices = fetch(v.indices, static_cast<size_t>(T) * kTopK * 4);
+    return o;
+  }
+};
+
+// max |a - b| <= tol * max |b| over a tensor (both as values of dtype); the first offender named.
+std::string compare(const char* what, moekit_dtype_t d, const std::vector<float>& a, const std::vector<float>& b,
+                    double tol) {
+  if (a.size() != b.size()) return std::string(what) + ": sizes differ";
+  double scale = 0;
+  for (float v : b) scale = std::max(scale, std::fabs(static_cast<double>(v)));
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double diff = std::fabs(static_cast<double>(a[i]) - b[i]);
+    if (!(diff <= tol * scale + 1e-30)) {
+      std::ostringstream s;
+      s << what << "[" << i << "]: " << a[i] << " vs one GPU " << b[i] << " (tolerance " << tol << " x "
+        << scale << ", dtype " << d << ")";
+      return s.str();
+    }
+  }
+  return "";
+}
+
+std::vector<float> values(moekit_dtype_t d, const std::vector<uint8_t>& bytes) {
+  return moekit::test::unpack(d, bytes);
+}
+
+void run_ep_layer_case(moekit_dtype_t dtype, moekit_ep_mode_t mode, int n) {
+  const Problem p = make_problem(dtype, n, 0xe9a7 + 16 * n + 4 * static_cast<int>(dtype) + mode);
+  const int64_t H = kHidden;
+  const double tol = dtype == MOEKIT_DTYPE_F32 ? 1e-4 : 3e-2;
+  INFO("dtype " << dtype << ", mode " << mode << ", ep = " << n);
+
+  // One GPU, the whole batch, every expert.
+  Outputs one;
+  {
+    CUDA_REQUIRE(cudaSetDevice(0));
+    cudaStream_t s;
+    CUDA_REQUIRE(cudaStreamCreate(&s));
+    {
+      const Configs cfg(p, p.E, nullptr);
+      LayerRun run(p, cfg, 0, p.total(), 0, p.E, s);
+      run.poison();
+      REQUIRE(run.forward() == MOEKIT_STATUS_SUCCESS);
+      REQUIRE(run.backward() == MOEKIT_STATUS_SUCCESS);
+      one = run.outputs(cfg);
+    }
+    CUDA_REQUIRE(cudaStreamDestroy(s));
+  }
+
+  // Expert parallel: rank r its tokens and its experts; two passes for determinism.
+  std::vector<Outputs> first(n), second(n);
+  const int64_t max_tokens = *std::max_element(p.tokens.begin(), p.tokens.end());
+  const std::vector<std::string> failures = run_ranks(n, [&](RankContext& ctx) {
+    const int r = ctx.rank;
+    moekit_ep_config_t e;
+    moekit_ep_config_init(&e, sizeof(e));
+    e.num_ranks = n;
+    e.num_experts = p.E;
+    e.top_k = kTopK;
+    e.dtype = dtype;
+    e.hidden = H;
+    e.max_tokens = max_tokens;
+    e.mode = mode;
+    e.capacity = 0;  // capacity mode: max_tokens rows per pair, never drops
+    moekit_ep_handle_t handle = nullptr;
+    EP_REQUIRE_OK(ctx, moekit_ep_create(&e, ctx.comm, &handle));
+    struct HandleGuard {
+      moekit_ep_handle_t h;
+      ~HandleGuard() { moekit_ep_destroy(h); }
+    } handle_guard{handle};
+    const Configs cfg(p, kExpertsPerRank, handle);
+    crumb_step("LayerRun: cudaMalloc and uploads", __LINE__);
+    LayerRun run(p, cfg, p.offset[r], p.tokens[r], r * kExpertsPerRank, kExpertsPerRank, ctx.stream);
+    ctx.sync(__LINE__);  // end of the allocation phase
+    for (int pass = 0; pass < 2; ++pass) {
+      run.poison();
+      EP_REQUIRE_OK(ctx, run.forward());
+      EP_REQUIRE_OK(ctx, run.backward());
+      (pass == 0 ? first : second)[r] = run.outputs(cfg);
+    }
+    ctx.sync(__LINE__);  // every collective issued: the destructors may free
+  }, 60, "ep layer, ep = " + std::to_string(n));
+  for (const std::string& f : failures) UNSCOPED_INFO(f);
+  REQUIRE(failures.empty());
+
+  const size_t es = dtype_bytes(dtype);
+  std::vector<double> router_sum(one.d_router.size() / es, 0.0), s_gu_sum(one.d_s_gate_up.size() / es, 0.0),
+      s_down_sum(one.d_s_down.size() / es, 0.0);
+  std::vector<int64_t> load_sum(p.E, 0);
+  for (int r = 0; r < n; ++r) {
+    INFO("rank " << r << " (" << p.tokens[r] << " tokens)");
+    CHECK(first[r] == second[r]);  // bitwise, run after run
+    const Outputs& o = first[r];
+    CHECK(o.indices == slice(one.indices, p.offset[r] * kTopK * 4, p.tokens[r] * kTopK * 4, 1));
+    std::vector<int32_t> load(p.E);
+    std::memcpy(load.data(), o.load.data(), o.load.size());
+    for (int i = 0; i < p.E; ++i) load_sum[i] += load[i];
+    const int64_t el = kExpertsPerRank;
+    const std::vector<std::string> diffs = {
+        compare("y", dtype, values(dtype, o.y), values(dtype, slice(one.y, p.offset[r] * H * es, p.tokens[r] * H * es, 1)), tol),
+        compare("dx", dtype, values(dtype, o.dx), values(dtype, slice(one.dx, p.offset[r] * H * es, p.tokens[r] * H * es, 1)), tol),
+        compare("d w_gate_up", dtype, values(dtype, o.d_gate_up),
+                values(dtype, slice(one.d_gate_up, r * el * H * 2 * kInter * es, el * H * 2 * kInter * es, 1)), tol),
+        compare("d w_down", dtype, values(dtype, o.d_down),
+                values(dtype, slice(one.d_down, r * el * kInter * H * es, el * kInter * H * es, 1)), tol),
+    };
+    for (const std::string& d : diffs) {
+      INFO(d);
+      CHECK(d.empty());
+    }
+    const std::vector<float> gr = values(dtype, o.d_router), sg = values(dtype, o.d_s_gate_up),
+                             sd = values(dtype, o.d_s_down);
+    for (size_t i = 0; i < gr.size(); ++i) router_sum[i] += gr[i];
+    for (size_t i = 0; i < sg.size(); ++i) s_gu_sum[i] += sg[i];
+    for (size_t i = 0; i < sd.size(); ++i) s_down_sum[i] += sd[i];
+  }
+  std::vector<int32_t> load_one(p.E);
+  std::memcpy(load_one.data(), one.load.data(), one.load.size());
+  for (int i = 0; i < p.E; ++i) CHECK(load_sum[i] == load_one[i]);
+  auto as_float = [](const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); };
+  // Each rank's contribution is rounded to the dtype before this sum: a little more room.
+  for (const std::string& d :
+       {compare("sum of d router_weight", dtype, as_float(router_sum), values(dtype, one.d_router), 2 * tol),
+        compare("sum of d shared_w_gate_up", dtype, as_float(s_gu_sum), values(dtype, one.d_s_gate_up), 2 * tol),
+        compare("sum of d shared_w_down", dtype, as_float(s_down_sum), values(dtype, one.d_s_down), 2 * tol)}) {
+    INFO(d);
+    CHECK(d.empty());
+  }
+}
+
+}  // namespace
+
+TEST_CASE("ep gpu: the expert-parallel layer equals the one-GPU layer over the global batch", "[gpu][ep][layer]") {
+  for (int n : ep_sizes(false))
+    for (moekit_dtype_t dtype : {MOEKIT_DTYPE_F32, MOEKIT_DTYPE_BF16})
+      for (moekit_ep_mode_t mode : {MOEKIT_EP_MODE_EXACT, MOEKIT_EP_MODE_CAPACITY}) run_ep_layer_case(dtype, mode, n);
+}
+
+TEST_CASE("ep gpu: the exact-mode layer refuses a capturing stream and a saved buffer it did not write",
+          "[gpu][ep][layer]") {
+  const int n = 2;
+  if (device_count() < n) return;
+  const Problem p = make_problem(MOEKIT_DTYPE_BF16, n, 0x5a7e);
+  const int64_t max_tokens = *std::max_element(p.tokens.begin(), p.tokens.end());
+  std::vector<moekit_status_t> capture(n), foreign(n);
+  std::vector<std::string> capture_msg(n), foreign_msg(n);
+  std::vector<bool> untouched(n, false);
+  const std::vector<std::string> failures = run_ranks(n, [&](RankContext& ctx) {
+    const int r = ctx.rank;
+    moekit_ep_config_t e;
+    moekit_ep_config_init(&e, sizeof(e));
+    e.num_ranks = n;
+    e.num_experts = p.E;
+    e.top_k = kTopK;
+    e.dtype = p.dtype;
+    e.hidden = kHidden;
+    e.max_tokens = max_tokens;
+    moekit_ep_handle_t handle = nullptr;
+    EP_REQUIRE_OK(ctx, moekit_ep_create(&e, ctx.comm, &handle));
+    struct HandleGuard {
+      moekit_ep_handle_t h;
+      ~HandleGuard() { moekit_ep_destroy(h); }
+    } handle_guard{handle};
+    const Configs cfg(p, kExpertsPerRank, handle);
+    LayerRun run(p, cfg, p.offset[r], p.tokens[r], r * kExpertsPerRank, kExpertsPerRank, ctx.stream);
+    ctx.sync(__LINE__);
+    run.poison();
+    // A backward before any forward into this saved buffer: refused, nothing enqueued, no collective.
+    foreign[r] = run.backward();
+    foreign_msg[r] = moekit_get_last_error();
+    // A capturing stream: refused before anything is enqueued (no collective either).
+    cudaGraph_t graph = nullptr;
+    EP_CUDA_OK(ctx, cudaStreamBeginCapture(ctx.stream, cudaStreamCaptureModeThreadLocal));
+    capture[r] = run.forward();
+    capture_msg[r] = moekit_get_last_error();
+    EP_CUDA_OK(ctx, cudaStreamEndCapture(ctx.stream, &graph));
+    size_t nodes = 1;
+    EP_CUDA_OK(ctx, cudaGraphGetNodes(graph, nullptr, &nodes));
+    EP_CHECK(ctx, nodes == 0, "the refused forward captured " << nodes << " nodes");
+    cudaGraphDestroy(graph);
+    const std::vector<uint8_t> dx = run.fetch(run.dx), gr = run.fetch(run.g_router);
+    untouched[r] = std::all_of(dx.begin(), dx.end(), [](uint8_t b) { return b == 0xa7; }) &&
+                   std::all_of(gr.begin(), gr.end(), [](uint8_t b) { return b == 0xa7; });
+    ctx.sync(__LINE__);
+  }, 60, "ep layer refusals");
+  for (const std::string& f : failures) UNSCOPED_INFO(f);
+  REQUIRE(failures.empty());
+  for (int r = 0; r < n; ++r) {
+    INFO("rank " << r << ": " << foreign_msg[r] << " / " << capture_msg[r]);
+    CHECK(foreign[r] == MOEKIT_STATUS_INVALID_ARGUMENT);
+    CHECK(foreign_msg[r].find("was not written by a forward of this layer") != std::string::npos);
+    CHECK(capture[r] == MOEKIT_STATUS_INVALID_ARGUMENT);
+    CHECK(capture_msg[r].find("is capturing") != std::string::npos);
+    CHECK(untouched[r]);
+  }
+}
+
+#endif  // MOEKIT_EP_TEST_HAVE_NCCL
