@@ -74,7 +74,7 @@
  * from the host (capturable); MOEKIT_EP_MODE_EXACT exchanges the counts in every forward and reads
  * them on the host once (not capturable: the forward refuses a capturing stream; its backward is
  * capturable). In exact mode the layer keeps each forward's counts, keyed by the saved buffer's
- * address, for that buffer's backward. The EP handle must outlive the layer; its combine_dtype
+ * address, for that buffer's backward (the 256 most recently used saved buffers). The EP handle must outlive the layer; its combine_dtype
  * must be the layer's dtype. The saved buffer also keeps the EP layout and the received rows
  * (recv_x, their ids, weights and mask), so the backward permutes them again without a second
  * dispatch; buffers are sized for the handle's worst case (moekit_ep_max_recv_rows rows received).

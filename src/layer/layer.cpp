@@ -2,6 +2,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <new>
 
 #include "kernels/layer/launch.hpp"
@@ -512,16 +513,27 @@ moekit_status_t forward_routed_ep(moekit_layer& L, const CallShape& shape, const
   const cudaStream_t stream = a.stream;
   int64_t* host_layout = nullptr;
   if (c.ep_exact) {
-    std::vector<int64_t>& kept = L.host_layouts[a.saved];
-    kept.assign(c.ep_host_layout_count, 0);
-    host_layout = kept.data();
+    auto found = L.host_layouts.find(a.saved);
+    if (found == L.host_layouts.end()) {
+      if (L.host_layouts.size() >= moekit_layer::kMaxHostLayouts) {
+        L.host_layouts.erase(L.host_layout_order.front());
+        L.host_layout_order.pop_front();
+      }
+      found = L.host_layouts.emplace(a.saved, std::vector<int64_t>()).first;
+      L.host_layout_order.push_back(a.saved);
+    }
+    found->second.assign(c.ep_host_layout_count, 0);
+    host_layout = found->second.data();
   }
   MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PLAN));
   int64_t received = 0;
   const moekit_status_t laid = ep::layout(h, T, s.indices, a.token_mask, s.ep_layout, host_layout, &received,
                                           nullptr, stream);
   if (laid != MOEKIT_STATUS_SUCCESS) {
-    if (c.ep_exact) L.host_layouts.erase(a.saved);  // no backward may use a layout that failed
+    if (c.ep_exact) {  // no backward may use a layout that failed
+      L.host_layouts.erase(a.saved);
+      L.host_layout_order.erase(std::find(L.host_layout_order.begin(), L.host_layout_order.end(), a.saved));
+    }
     return laid;
   }
   tokens::PlanShape rows;

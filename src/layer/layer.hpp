@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <vector>
 
@@ -26,8 +27,12 @@ struct moekit_layer {
   std::atomic<void* const*> stage_events{nullptr};
   // Expert parallelism in exact mode: the host layout (exchanged counts) of the last forward into
   // each saved buffer, which its backward needs to size the NCCL transfers. Keyed by the saved
-  // buffer's address, so forwards of several micro-batches can precede their backwards.
+  // buffer's address, so forwards of several micro-batches can precede their backwards. The
+  // kMaxHostLayouts most recent saved buffers are kept (oldest dropped first), so a caller whose
+  // saved buffers move around does not grow this without bound.
+  static constexpr size_t kMaxHostLayouts = 256;
   std::map<const void*, std::vector<int64_t>> host_layouts;
+  std::deque<const void*> host_layout_order;  // keys of host_layouts, oldest first
 };
 
 namespace moekit::layer {
