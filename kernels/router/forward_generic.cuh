@@ -114,9 +114,12 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32)
       LaneTop<Q> cache;
       cache.clear();
       // The key of expert e, from the staged row (the same instructions wherever it is needed).
+      // + 0.0f turns -0 into +0 (as the fast path's keys): z + b is -0 where a -0 logit meets a
+      // -0 bias (top-k-then-softmax), and float_key orders -0 below +0, which would break the
+      // tie to the lower index.
       auto key_of = [&](int e) -> uint32_t {
         const float z = load_z(e);
-        return float_key(sanitize((topk_softmax ? z : score(z)) + bias_at(e)));
+        return float_key(sanitize((topk_softmax ? z : score(z)) + bias_at(e)) + 0.0f);
       };
       for (int e = lane; e < E; e += 32) {
         const uint32_t kk = key_of(e);

@@ -368,6 +368,36 @@ TEST_CASE("router forward: exact ties go to the lower index", "[router][forward]
   check_forward(s, run_forward(s, in), reference(s));
 }
 
+// -0 and +0 are the same selection value: ties go to the lower index whatever the sign. Top-k
+// then softmax selects by z + b, which is -0 where a -0 logit meets a -0 bias and +0 where a +0
+// logit does; the generic path's keys once kept that sign and put every +0 (and, with groups
+// masked to 0, every dropped expert) ahead of the -0s. Fast path, generic path, generic groups.
+TEST_CASE("router forward: signed zeros tie and go to the lower index", "[router][forward][ties]") {
+  struct Shape {
+    int E, K, G, Gk;
+  };
+  for (const Shape sh : {Shape{64, 6, 1, 1}, Shape{600, 6, 1, 1}, Shape{8, 4, 4, 2}}) {
+    for (moekit_dtype_t dtype : kDtypes) {
+      INFO("E=" << sh.E << " K=" << sh.K << " G=" << sh.G << "/" << sh.Gk << " " << dtype_name(dtype));
+      ForwardSetup s;
+      s.config = router_config(sh.E, sh.K);
+      s.config.softmax_order = MOEKIT_TOPK_THEN_SOFTMAX;
+      s.config.num_groups = sh.G;
+      s.config.num_groups_kept = sh.Gk;
+      s.T = 5;
+      s.dtype = dtype;
+      s.bias.assign(static_cast<size_t>(sh.E), -0.0f);
+      for (int64_t t = 0; t < s.T; ++t)
+        for (int e = 0; e < sh.E; ++e) s.logits.push_back((e + t) % 2 == 0 ? -0.0f : 0.0f);
+      const DeviceInputs in = upload(s);
+      const ForwardOut o = run_forward(s, in);
+      check_forward(s, o, reference(s));
+      for (int64_t t = 0; t < s.T; ++t)
+        for (int k = 0; k < sh.K; ++k) REQUIRE(o.indices[t * sh.K + k] == k);
+    }
+  }
+}
+
 TEST_CASE("router forward: NaN and infinite logits never break the index range", "[router][forward][nan]") {
   auto rng = make_rng(0x0a0a);
   const float nan = std::nanf(""), inf = std::numeric_limits<float>::infinity();
