@@ -19,7 +19,7 @@ namespace moekit::kernels::router {
 // holds experts [l V, l V + V) of the row in registers (V = values_per_lane, a multiple of 8 so a
 // lane's logits are whole 16-byte vectors). Small TPT puts several tokens in a warp, which
 // spreads the per-token selection work (one warp reduction per pick) over more tokens; V <= 16
-// keeps registers under the 128 that two resident blocks of 256 threads allow.
+// keeps a lane's values within the register cap of fast_min_blocks() below.
 constexpr int kFastMaxExperts = 512;
 
 struct FastShape {
@@ -49,12 +49,13 @@ inline constexpr FastShape fast_backward_shape(int num_experts) {
 }
 
 // Threads per block of the fast forward and backward kernels (8 warps), compiled for at least
-// fast_min_blocks(V) resident blocks per SM: 3 (at most 80 registers, 24 warps per SM) for V = 8,
-// 2 (at most 128 registers) for V = 16, whose 16 selection keys per lane stay in registers.
+// fast_min_blocks(V) resident blocks per SM: 4 (at most 64 registers, 32 warps per SM) for V = 8,
+// 3 (at most 80 registers, 24 warps per SM) for V = 16 (the selection values and aux sums live in
+// shared memory, not registers).
 constexpr int kFastThreads = 256;
 inline constexpr int fast_min_blocks(int values_per_lane) { return values_per_lane <= 8 ? 4 : 3; }
-// The backward also holds a token's K ranks per lane (K / TPT of them): 80 registers only fit
-// when a team has at least 8 lanes.
+// The backward also holds a token's K ranks per lane (K / TPT of them): 64 registers (4 blocks)
+// only fit when a team has at least 8 lanes; otherwise 80 (3 blocks).
 inline constexpr int fast_backward_min_blocks(int values_per_lane, int lanes_per_token) {
   return values_per_lane <= 8 && lanes_per_token >= 8 ? 4 : 3;
 }
