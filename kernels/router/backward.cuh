@@ -187,7 +187,9 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
     // Registers: per value only s[] (turned into ds/dz below) and the next token's prefetched
     // logits stay live across the token; bias, aux values, weight sources and the scattered
     // gradient are re-read from shared memory in float4 chunks where they are used
-    // (fast_backward_min_blocks() caps the registers: no spills on sm_80 or sm_90).
+    // (fast_backward_min_blocks() caps the registers; ptxas 13.0 spills a few words, at most
+    // ~40 bytes, in some instances: fp32 V = 8 with 2 or 4 lanes and V = 16 on sm_80 and sm_90,
+    // 16-bit ones on sm_80; -Xptxas -v lists them).
     float s[V];
     {
       float z[V];
