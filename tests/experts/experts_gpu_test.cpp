@@ -599,6 +599,21 @@ TEST_CASE("more tiles than resident CTAs, skewed groups, weight-gradient splits"
     Problem P(s, MOEKIT_DTYPE_BF16, moekit::test::experts::make_random(s, rng, MOEKIT_DTYPE_BF16));
     check_problem(P, false, false, stream.s);
   }
+  // Three or more tiles per persistent CTA: the gate-up GEMM has 74 row tiles x 4 column tiles =
+  // 296 tiles, more than twice the 132 CTAs of an H100 / H200 (one per SM), so CTAs 0..31 run 3
+  // tiles. Only a third tile reuses a row-weight buffer (double-buffered by tile parity: tile 2
+  // refills the buffer the epilogue of tile 0 read); the cases above give each CTA at most 2
+  // tiles. H = 64 is 2 k tiles, fewer than the stages (zero-filled copies past the end).
+  {
+    Spec s;
+    s.hidden = 64;
+    s.inter = 512;
+    s.counts = {3000, 0, 2900, 1, 2850, 257};
+    s.bias_gate_up = true;
+    auto rng = moekit::test::make_rng(0x404);
+    Problem P(s, MOEKIT_DTYPE_BF16, moekit::test::experts::make_random(s, rng, MOEKIT_DTYPE_BF16));
+    check_problem(P, false, false, stream.s);
+  }
   // One expert, few weight-gradient tiles, many rows: the weight gradients split the rows and the
   // bias gradients split their column sums; both are summed in a second ordered pass.
   for (moekit_dtype_t dtype : {MOEKIT_DTYPE_BF16, MOEKIT_DTYPE_F32}) {

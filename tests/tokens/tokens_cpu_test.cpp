@@ -1008,6 +1008,8 @@ TEST_CASE("the plan kernels' index arithmetic replayed on the host", "[tokens][p
       {40000, plan_config(16, 4, 1, 3000, wt), Routing::kDistinct, 0, 1},
       {50000, plan_config(2, 1, 1, 1, wt), Routing::kOneHot, 0, 1},
       {200000, plan_config(1, 1), Routing::kOneHot, 0, 1},          // one expert: 49 blocks, 1 bit of label
+      {40000, plan_config(200, 8, 8), Routing::kSkewed, 0, 1},      // 79 blocks: several table batches
+      {40000, plan_config(128, 8), Routing::kDistinct, 0, 0.9},
   };
   for (const auto& pc : large) check_replay(pc, make_inputs(rng, pc, true));
 }

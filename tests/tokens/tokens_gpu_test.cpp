@@ -209,6 +209,10 @@ TEST_CASE("device plan at benchmark sizes, many tiles per block and large E_loca
       {16384, plan_config(256, 8, 8, 400, wt), Routing::kSkewed, 0, 1},
       {40000, plan_config(16, 4, 1, 3000, wt), Routing::kDistinct, 0, 1},   // lists of ~10000
       {50000, plan_config(2, 1, 1, 1, wt), Routing::kOneHot, 0, 1},          // keep 1 of 50000
+      // E_local < 256 with more table rows than one batch of a column's threads covers (the
+      // scatter's column sums take several predicated batches): 79 blocks, 1 or 2 threads a column
+      {40000, plan_config(200, 8, 8), Routing::kSkewed, 0, 1},
+      {40000, plan_config(128, 8), Routing::kDistinct, 0, 0.9},
   };
   for (const auto& pc : cases) check_plan_case(rng, pc);
 }
