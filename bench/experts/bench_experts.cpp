@@ -10,7 +10,12 @@
 // (counts proportional to u^3, u uniform from a fixed-seed splitmix64 stream; compare_torch.py
 // draws the same counts). Overrides: --experts --hidden --inter --rows --dist=balanced|skewed|both
 // --activation=swiglu|relu2|quick_geglu|geglu|swiglu_oai --dtype=bf16|f16|f32 --warmup --repeats
-// --seed --no-loop --no-backward --dense-n.
+// --seed --no-loop --no-backward --dense-n --path=sm80|sm90|all.
+//
+// Paths: --path picks the grouped-GEMM kernels (config->gemm_path): sm80 (mma.sync), sm90 (TMA +
+// wgmma, compute capability 9.0 and a build with gpu_archs 90), or all (default: every path this
+// device and build can run), timed side by side on the same tensors in the same run. The JSON
+// keeps "moekit" for the default (AUTO) path and adds "paths": {"sm80": {...}, "sm90": {...}}.
 //
 // FLOPs: forward 2 rows H NU + 2 rows I H (NU = 2I gated, I for relu2); forward + backward three
 // times that (each GEMM has a dgrad and a wgrad of the same size; u is saved, not recomputed).
@@ -335,10 +340,11 @@ double rel_norm_error(const std::vector<float>& got, const std::vector<double>& 
 
 // Checks a small problem with the chosen activation and dtype against the CPU reference (forward
 // and backward), and the per-expert loop against the grouped path. Aborts on a mismatch.
-void validate(moekit_dtype_t dtype, int activation, float limit, cudaStream_t stream) {
+void validate(moekit_dtype_t dtype, int activation, float limit, int32_t gemm_path, cudaStream_t stream) {
   const Shape s{"validate", 4, 128, 96, 0};
   const std::vector<int64_t> counts = {0, 37, 200, 129};
   Problem P(s, counts, dtype, activation, limit, true, 99);
+  P.config.gemm_path = gemm_path;
   const size_t R = P.rows, H = s.hidden, I = s.inter, NU = P.nu(), E = s.experts;
   const double tol = dtype == MOEKIT_DTYPE_BF16 ? 1e-2 : dtype == MOEKIT_DTYPE_F16 ? 2e-3 : 2e-5;
   moekit::ref::ExpertsProblem h;
@@ -393,9 +399,41 @@ void validate(moekit_dtype_t dtype, int activation, float limit, cudaStream_t st
   const auto l = moekit::test::unpack(dtype, P.out.download<uint8_t>(R * H * P.es()));
   const double err = rel_norm_error(l, std::vector<double>(g.begin(), g.end()), R * H);
   if (!(err < tol)) die("validation: per-expert loop differs from the grouped path by " + std::to_string(err));
-  std::printf("validated %s (%s) against the CPU reference and the per-expert loop\n",
+  std::printf("validated %s (%s, gemm_path %d) against the CPU reference and the per-expert loop\n",
               moekit::test::dtype_bytes(dtype) == 4 ? "f32" : dtype == MOEKIT_DTYPE_F16 ? "f16" : "bf16",
-              activation == MOEKIT_ACTIVATION_SWIGLU ? "swiglu" : "activation");
+              activation == MOEKIT_ACTIVATION_SWIGLU ? "swiglu" : "activation", static_cast<int>(gemm_path));
+}
+
+struct PathChoice {
+  const char* name;  // JSON key and table label
+  int32_t gemm_path;
+};
+
+// Whether config->gemm_path = SM90 runs on this device and build (compute capability 9.0 and the
+// sm_90a kernels): a one-row forward answers UNSUPPORTED otherwise.
+bool sm90_runs(cudaStream_t stream, std::string* why) {
+  moekit_experts_config_t c;
+  MOEKIT_OK(moekit_experts_config_init(&c, sizeof(c)));
+  c.num_experts = 1;
+  c.hidden = 8;
+  c.inter = 8;
+  c.activation = MOEKIT_ACTIVATION_RELU2;
+  c.gemm_path = MOEKIT_GEMM_PATH_SM90;
+  size_t bytes = 0;
+  MOEKIT_OK(moekit_experts_forward_workspace_size(&c, 1, &bytes));
+  Buffer off(8), x(16), w(128), out(16), ws(bytes);
+  off.upload(std::vector<int32_t>{0, 1});
+  BENCH_CUDA(cudaMemset(x.p, 0, 16));
+  BENCH_CUDA(cudaMemset(w.p, 0, 128));
+  const moekit_status_t st = moekit_experts_forward(&c, 1, off.as<int32_t>(), x.p, nullptr, w.p, nullptr, w.p,
+                                                    nullptr, nullptr, out.p, ws.p, bytes, stream);
+  if (st == MOEKIT_STATUS_UNSUPPORTED) {
+    *why = moekit_get_last_error();
+    return false;
+  }
+  if (st != MOEKIT_STATUS_SUCCESS) die(std::string("SM90 probe: ") + moekit_get_last_error());
+  BENCH_CUDA(cudaStreamSynchronize(stream));
+  return true;
 }
 
 struct Row {
@@ -412,7 +450,7 @@ int main(int argc, char** argv) {
         "moekit-bench-experts [--preset=dsv3-ep8|qwen3-30b|mixtral|all] [--experts=E --hidden=H --inter=I "
         "--rows=R] [--dist=balanced|skewed|both] [--activation=swiglu|relu2|quick_geglu|geglu|swiglu_oai] "
         "[--dtype=bf16|f16|f32] [--warmup=3 --repeats=10 --seed=1234] [--no-loop] [--no-backward] "
-        "[--dense-n=8192] [--json=path]\n");
+        "[--dense-n=8192] [--path=sm80|sm90|all] [--json=path]\n");
     return 0;
   }
   const std::vector<Shape> presets = {{"dsv3-ep8", 32, 7168, 2048, 32768},
@@ -448,7 +486,25 @@ int main(int argc, char** argv) {
   // cudaStreamNonBlocking stream would need an explicit synchronisation after them.
   cudaStream_t stream;
   BENCH_CUDA(cudaStreamCreate(&stream));
-  validate(dtype, activation, limit, stream);
+  const std::string path_arg = args.get("path", "all");
+  if (path_arg != "sm80" && path_arg != "sm90" && path_arg != "all") die("unknown --path=" + path_arg);
+  std::vector<PathChoice> paths;
+  {
+    std::string why;
+    const bool sm90 = dtype != MOEKIT_DTYPE_F32 && sm90_runs(stream, &why);
+    if (dtype == MOEKIT_DTYPE_F32) why = "fp32 runs the SIMT kernels on every path";
+    if (path_arg != "sm90") paths.push_back({"sm80", MOEKIT_GEMM_PATH_SM80});
+    if (path_arg != "sm80") {
+      if (sm90)
+        paths.push_back({"sm90", MOEKIT_GEMM_PATH_SM90});
+      else if (path_arg == "sm90")
+        die("--path=sm90: " + why);
+      else
+        std::printf("path sm90 skipped: %s\n", why.c_str());
+    }
+  }
+  validate(dtype, activation, limit, MOEKIT_GEMM_PATH_AUTO, stream);
+  for (const PathChoice& pc : paths) validate(dtype, activation, limit, pc.gemm_path, stream);
   const int dense_n = static_cast<int>(args.get_int("dense-n", 8192));
   const double dense = dense_gemm_rate(stream, dense_n, 3, 10);
   std::printf("device: %s, dense bf16 GEMM %d^3 (cuBLASLt) %.1f TFLOP/s, commit %s\n",
@@ -467,16 +523,22 @@ int main(int argc, char** argv) {
       const double fwd_flops = 2.0 * P.rows * s.hidden * NU + 2.0 * P.rows * double(s.inter) * s.hidden;
       const double fb_flops = 3.0 * fwd_flops;
       auto rate = [](double flops, double us) { return flops / (us * 1e-6); };
-      Row grouped{s.name, dname, "moekit grouped", 0, 0, 0, 0, 0, 0};
-      const auto tf = moekit::bench::time_us(stream, warmup, repeats, [&](int) { P.forward(stream, nullptr); });
-      grouped.fwd_us = tf.median_us;
-      if (run_backward) {
-        const auto tb = moekit::bench::time_us(stream, warmup, repeats, [&](int) {
-          P.forward(stream, P.u.p);
-          P.backward(stream);
-        });
-        grouped.fb_us = tb.median_us;
-      }
+      // The default path ("moekit", AUTO), then each chosen path on the same tensors.
+      auto time_path = [&](int32_t gemm_path, const std::string& label) {
+        P.config.gemm_path = gemm_path;
+        Row r{s.name, dname, label, 0, 0, 0, 0, 0, 0};
+        r.fwd_us = moekit::bench::time_us(stream, warmup, repeats, [&](int) { P.forward(stream, nullptr); }).median_us;
+        if (run_backward)
+          r.fb_us = moekit::bench::time_us(stream, warmup, repeats, [&](int) {
+                      P.forward(stream, P.u.p);
+                      P.backward(stream);
+                    }).median_us;
+        P.config.gemm_path = MOEKIT_GEMM_PATH_AUTO;
+        return r;
+      };
+      Row grouped = time_path(MOEKIT_GEMM_PATH_AUTO, "moekit grouped (auto)");
+      std::vector<Row> path_rows;
+      for (const PathChoice& pc : paths) path_rows.push_back(time_path(pc.gemm_path, std::string("moekit ") + pc.name));
       Row loop_row{s.name, dname, "cuBLASLt per-expert loop", 0, 0, 0, 0, 0, 0};
       if (run_loop) {
         Loop loop(P, run_backward);
@@ -498,7 +560,11 @@ int main(int argc, char** argv) {
                        .set("max_expert_rows", *std::max_element(counts.begin(), counts.end()))
                        .set("forward_flops", fwd_flops)
                        .set("forward_backward_flops", fb_flops);
-      for (Row* r : {&grouped, &loop_row}) {
+      std::vector<Row*> all_rows{&grouped};
+      for (Row& r : path_rows) all_rows.push_back(&r);
+      all_rows.push_back(&loop_row);
+      Json paths_json = Json::object();
+      for (Row* r : all_rows) {
         if (r == &loop_row && !run_loop) continue;
         r->fwd_tflops = rate(fwd_flops, r->fwd_us) / 1e12;
         r->fwd_frac = rate(fwd_flops, r->fwd_us) / dense;
@@ -515,7 +581,18 @@ int main(int argc, char** argv) {
           j.set("forward_backward_us", r->fb_us)
               .set("forward_backward_tflops", r->fb_tflops)
               .set("forward_backward_of_dense", r->fb_frac);
-        entry.set(r == &grouped ? "moekit" : "cublaslt_loop", j);
+        if (r == &grouped)
+          entry.set("moekit", j);
+        else if (r == &loop_row)
+          entry.set("cublaslt_loop", j);
+        else
+          paths_json.set(paths[static_cast<size_t>(r - path_rows.data())].name, j);
+      }
+      entry.set("paths", paths_json);
+      if (path_rows.size() == 2) {
+        // sm90 over sm80, measured back to back on the same tensors.
+        entry.set("sm90_over_sm80_forward", path_rows[0].fwd_us / path_rows[1].fwd_us);
+        if (run_backward) entry.set("sm90_over_sm80_forward_backward", path_rows[0].fb_us / path_rows[1].fb_us);
       }
       shapes_json.push(entry);
       std::printf("%s %s done\n", s.name.c_str(), dname);
@@ -536,6 +613,11 @@ int main(int argc, char** argv) {
                     .set("date", moekit::bench::utc_now())
                     .set("dtype", args.get("dtype", "bf16"))
                     .set("activation", act_name)
+                    .set("paths_timed", [&] {
+                      std::string names;
+                      for (const PathChoice& pc : paths) names += (names.empty() ? "" : ",") + std::string(pc.name);
+                      return names;
+                    }())
                     .set("dense_gemm_n", dense_n)
                     .set("dense_gemm_tflops", dense / 1e12)
                     .set("flops", "forward 2 R H NU + 2 R I H; forward+backward 3x forward")

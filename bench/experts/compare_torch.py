@@ -10,8 +10,11 @@ u from a fixed-seed splitmix64 stream):
               weighted SwiGLU) and with the activation under torch.compile; forward, and forward +
               backward through autograd
   loop        a per-expert matmul loop (host-read counts), forward and forward + backward
+  moekit sm90 the same calls with config->gemm_path = MOEKIT_GEMM_PATH_SM90 (TMA + wgmma kernels),
+              timed next to the default path when the device and the library can run it
+              (compute capability 9.0, gpu_archs containing 90); --paths=auto skips it
 moekit is checked against the grouped_mm composition first (outputs and every gradient, within
-bf16 tolerance). TFLOP/s count 2 R H 2I + 2 R I H per forward and three times that per forward +
+bf16 tolerance), on every path it times. TFLOP/s count 2 R H 2I + 2 R I H per forward and three times that per forward +
 backward; "of dense" divides by the dense 8192^3 bf16 GEMM rate measured in the same run. The bar
 of issue 4 is moekit forward >= 60 % of the best grouped_mm + activation forward on every row.
 
@@ -42,7 +45,11 @@ class ExpertsConfig(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_size_t), ("num_experts", ctypes.c_int32), ("hidden", ctypes.c_int32),
                 ("inter", ctypes.c_int32), ("dtype", ctypes.c_int32), ("activation", ctypes.c_int32),
                 ("gate_up_layout", ctypes.c_int32), ("weight_after_down", ctypes.c_int32),
-                ("act_alpha", ctypes.c_float), ("act_limit", ctypes.c_float)]
+                ("act_alpha", ctypes.c_float), ("act_limit", ctypes.c_float), ("gemm_path", ctypes.c_int32)]
+
+
+GEMM_PATHS = {"auto": 0, "sm80": 1, "sm90": 2}  # moekit_gemm_path_t
+STATUS_UNSUPPORTED = 2
 
 
 P = ctypes.POINTER
@@ -88,13 +95,14 @@ def make_counts(experts, rows, skewed, seed):
 class Moekit:
     """One grouped-FFN problem for moekit: config, workspaces and the two calls."""
 
-    def __init__(self, fns, experts, hidden, inter, rows):
+    def __init__(self, fns, experts, hidden, inter, rows, gemm_path=0):
         self.f = fns
         self.rows = rows
         self.cfg = ExpertsConfig()
         tb.check(self.f["config_init"](ctypes.byref(self.cfg), ctypes.sizeof(ExpertsConfig)))
         self.cfg.num_experts, self.cfg.hidden, self.cfg.inter = experts, hidden, inter
         self.cfg.dtype = tb.DTYPE[torch.bfloat16]
+        self.cfg.gemm_path = gemm_path
         fw, bw = c_size_t(), c_size_t()
         tb.check(self.f["fwd_ws"](ctypes.byref(self.cfg), rows, ctypes.byref(fw)))
         tb.check(self.f["bwd_ws"](ctypes.byref(self.cfg), rows, 1, ctypes.byref(bw)))
@@ -156,6 +164,23 @@ def loop_forward_grad(x, wgu, wd, p, offsets):
     return torch.cat(parts)
 
 
+def path_runs(fns, name):
+    """Whether gemm_path `name` runs here: a one-row forward answers UNSUPPORTED otherwise."""
+    m = Moekit(fns, 1, 8, 8, 1, GEMM_PATHS[name])
+    offsets = torch.tensor([0, 1], device="cuda", dtype=torch.int32)
+    x = torch.zeros(1, 8, device="cuda", dtype=torch.bfloat16)
+    w = torch.zeros(1, 8, 16, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(1, 8, device="cuda", dtype=torch.bfloat16)
+    status = fns["forward"](ctypes.byref(m.cfg), 1, tb.ptr(offsets), tb.ptr(x), None, tb.ptr(w), None, tb.ptr(w),
+                            None, None, tb.ptr(out), tb.ptr(m.fws), m.fws.numel(), tb.stream_ptr())
+    torch.cuda.synchronize()
+    if status == STATUS_UNSUPPORTED:
+        print("moekit %s skipped: %s" % (name, tb.lib().moekit_get_last_error().decode()))
+        return False
+    tb.check(status)
+    return True
+
+
 def rel_err(got, want):
     return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
 
@@ -174,27 +199,31 @@ def run(name, shape, skewed, fns, dense, args):
     p = torch.rand(R, device="cuda") * 0.9 + 0.1
     dout = torch.randn(R, H, device="cuda", dtype=dt)
 
-    m = Moekit(fns, E, H, I, R)
+    # "moekit" is the default path (AUTO); "moekit sm90" etc. the extra paths asked for.
+    impls = [("moekit", Moekit(fns, E, H, I, R, GEMM_PATHS["auto"]))]
+    impls += [("moekit " + pn, Moekit(fns, E, H, I, R, GEMM_PATHS[pn])) for pn in args.extra_paths]
+    m = impls[0][1]
     u = torch.empty(R, 2 * I, device="cuda", dtype=dt)
     out = torch.empty(R, H, device="cuda", dtype=dt)
     dx, dwgu, dwd = torch.empty_like(x), torch.empty_like(wgu), torch.empty_like(wd)
     dp = torch.empty(R, device="cuda", dtype=torch.float32)
 
-    # ---- check moekit against the grouped_mm composition first ----
-    m.forward(offsets, x, p, wgu, wd, u, out)
-    m.backward(offsets, x, p, wgu, wd, u, dout, dx, dwgu, dwd, dp)
+    # ---- check moekit (every path) against the grouped_mm composition first ----
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, wgu, wd, p)]
     ref = grouped_mm_forward(swiglu_weighted, *leaves, ends)
     ref.backward(dout)
-    torch.cuda.synchronize()
-    for what, got, want, tol in (("out", out, ref, 1e-2), ("grad_x", dx, leaves[0].grad, 2e-2),
-                                 ("grad_w_gate_up", dwgu, leaves[1].grad, 2e-2),
-                                 ("grad_w_down", dwd, leaves[2].grad, 2e-2),
-                                 ("grad_row_weights", dp, leaves[3].grad, 2e-2)):
-        err = rel_err(got, want)
-        if not err < tol:
-            raise SystemExit("%s %s: moekit %s differs from torch._grouped_mm by %.3g (relative norm)"
-                             % (name, dist, what, err))
+    for impl, mi in impls:
+        mi.forward(offsets, x, p, wgu, wd, u, out)
+        mi.backward(offsets, x, p, wgu, wd, u, dout, dx, dwgu, dwd, dp)
+        torch.cuda.synchronize()
+        for what, got, want, tol in (("out", out, ref, 1e-2), ("grad_x", dx, leaves[0].grad, 2e-2),
+                                     ("grad_w_gate_up", dwgu, leaves[1].grad, 2e-2),
+                                     ("grad_w_down", dwd, leaves[2].grad, 2e-2),
+                                     ("grad_row_weights", dp, leaves[3].grad, 2e-2)):
+            err = rel_err(got, want)
+            if not err < tol:
+                raise SystemExit("%s %s: %s %s differs from torch._grouped_mm by %.3g (relative norm)"
+                                 % (name, dist, impl, what, err))
     del leaves, ref
 
     flops = 2.0 * R * H * 2 * I + 2.0 * R * I * H
@@ -209,9 +238,11 @@ def run(name, shape, skewed, fns, dense, args):
         results.append(dict(shape=name, dist=dist, impl=impl, passes=pass_, median_us=t["median_us"],
                             min_us=t["min_us"], tflops=rate / 1e12, of_dense=rate / dense))
 
-    add("moekit", "fwd", lambda i: m.forward(offsets, x, p, wgu, wd, None, out), flops)
-    add("moekit", "fwd+bwd", lambda i: (m.forward(offsets, x, p, wgu, wd, u, out),
-                                        m.backward(offsets, x, p, wgu, wd, u, dout, dx, dwgu, dwd, dp)), 3 * flops)
+    for impl, mi in impls:
+        add(impl, "fwd", lambda i, mi=mi: mi.forward(offsets, x, p, wgu, wd, None, out), flops)
+        add(impl, "fwd+bwd", lambda i, mi=mi: (mi.forward(offsets, x, p, wgu, wd, u, out),
+                                               mi.backward(offsets, x, p, wgu, wd, u, dout, dx, dwgu, dwd, dp)),
+            3 * flops)
     with torch.no_grad():
         add("grouped_mm+eager act", "fwd", lambda i: grouped_mm_forward(swiglu_weighted, x, wgu, wd, p, ends), flops)
     act_c = None if args.no_compile else tb.try_compile(swiglu_weighted)
@@ -245,7 +276,7 @@ def run(name, shape, skewed, fns, dense, args):
             loop_forward_grad(*leaves, offsets).backward(dout)
 
         add("per-expert loop", "fwd+bwd", lambda i: loop_step(), 3 * flops)
-    del leaves, m, u, out, dx, dwgu, dwd, dp, x, wgu, wd, dout
+    del leaves, m, impls, u, out, dx, dwgu, dwd, dp, x, wgu, wd, dout
     torch.cuda.empty_cache()
 
     # The bar: moekit forward >= 60 % of the best grouped_mm + activation forward.
@@ -255,6 +286,10 @@ def run(name, shape, skewed, fns, dense, args):
         r["of_grouped_mm_fwd"] = r["tflops"] / best if r["passes"] == "fwd" else None
     print("%s %s: moekit forward %.1f TFLOP/s = %.0f%% of grouped_mm + activation (%.1f) -> bar 60%% %s"
           % (name, dist, mk, 100 * mk / best, best, "met" if mk >= 0.6 * best else "MISSED"))
+    for pn in args.extra_paths:
+        mp = next(r["tflops"] for r in results if r["passes"] == "fwd" and r["impl"] == "moekit " + pn)
+        print("%s %s: moekit %s forward %.1f TFLOP/s = %.2fx grouped_mm + activation (issue 5 bar 1.0x, goal "
+              "1.15x), %.2fx the default path" % (name, dist, pn, mp, mp / best, mp / mk))
     return results, counts
 
 
@@ -268,9 +303,18 @@ def main():
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile activation")
     ap.add_argument("--no-loop", action="store_true", help="skip the per-expert loop")
+    ap.add_argument("--paths", default="auto,sm90",
+                    help="moekit gemm paths to time, comma-separated: auto (always), sm80, sm90 "
+                         "(sm90 is skipped with a note where it cannot run)")
     args = ap.parse_args()
 
     fns = api()
+    args.extra_paths = []
+    for pn in args.paths.split(","):
+        if pn not in GEMM_PATHS:
+            raise SystemExit("unknown path %r (known: %s)" % (pn, ", ".join(GEMM_PATHS)))
+        if pn != "auto" and pn not in args.extra_paths and path_runs(fns, pn):
+            args.extra_paths.append(pn)
     dense = tb.gemm_rate()
     print("device: %s, dense bf16 GEMM 8192^3 %.1f TFLOP/s" % (torch.cuda.get_device_name(0), dense / 1e12))
     rows, counts = [], {}
@@ -291,7 +335,8 @@ def main():
         result.update(dtype="bf16", activation="swiglu (weight before down)", dense_gemm_tflops=dense / 1e12,
                       flops="forward 2 R H 2I + 2 R I H; forward+backward 3x forward",
                       bar="moekit forward >= 60% of the best torch._grouped_mm + activation forward",
-                      shapes={k: SHAPES[k] for k in args.shapes.split(",")}, counts=counts, results=rows)
+                      shapes={k: SHAPES[k] for k in args.shapes.split(",")}, counts=counts,
+                      moekit_paths=["auto"] + args.extra_paths, results=rows)
         tb.write_json(args.out, result)
         print("wrote %s" % args.out)
 

@@ -83,6 +83,21 @@ typedef enum moekit_gate_up_layout {
     MOEKIT_GATE_UP_INTERLEAVED = 2
 } moekit_gate_up_layout_t;
 
+/* Which grouped-GEMM kernels the bf16/f16 grouped experts run on (fp32 always runs the SIMT kernels).
+ * AUTO is the sm_80 path for now: the sm_90a path becomes AUTO's choice on compute capability 9.0
+ * only once it has been measured faster there (docs/experts.md records the measurement). */
+typedef enum moekit_gemm_path {
+    MOEKIT_GEMM_PATH_AUTO = 0,
+    /* mma.sync + cp.async kernels (compute capability 8.0 and newer). */
+    MOEKIT_GEMM_PATH_SM80 = 1,
+    /* TMA + wgmma warp-specialised kernels (compute capability 9.0 exactly, a build with the
+     * sm_90a objects: gpu_archs containing 90). The forward GEMMs and the axis-M backward GEMMs
+     * (dgrad) run there; the weight gradients, and any GEMM whose strides the tensor-memory
+     * accelerator cannot take, stay on the sm_80 kernels. A call on another device or build
+     * returns UNSUPPORTED. */
+    MOEKIT_GEMM_PATH_SM90 = 2
+} moekit_gemm_path_t;
+
 /* Grouped experts options. Extensible: struct_size first; fill with moekit_experts_config_init,
  * then set fields. The library reads min(struct_size, its own sizeof) bytes and defaults the rest. */
 typedef struct moekit_experts_config {
@@ -97,6 +112,9 @@ typedef struct moekit_experts_config {
                                   Default 0. */
     float act_alpha;           /* alpha of QUICK_GEGLU and SWIGLU_OAI, finite. Default 1.702. */
     float act_limit;           /* L >= 0 (see the activations above). Default 0. */
+    int32_t gemm_path;         /* moekit_gemm_path_t. Default AUTO. Appended after the first
+                                  release of this struct: a struct_size ending before it reads
+                                  as AUTO. */
 } moekit_experts_config_t;
 
 /* Fills *config with the defaults above and sets config->struct_size = struct_size.
@@ -132,8 +150,9 @@ MOEKIT_API moekit_status_t moekit_experts_forward_workspace_size(
  *   out             [out, device] [R, H] of dtype.
  *   workspace       [in, device]  moekit_experts_forward_workspace_size bytes, 256-byte aligned.
  *   stream          cudaStream_t.
- * Returns SUCCESS; INVALID_ARGUMENT (NULL where not allowed, bad config, R < 0); UNSUPPORTED;
- * WORKSPACE_TOO_SMALL; MISALIGNED (a tensor not 16-byte aligned, the workspace not 256-byte
+ * Returns SUCCESS; INVALID_ARGUMENT (NULL where not allowed, bad config, R < 0); UNSUPPORTED
+ * (config->gemm_path = SM90 on a device that is not compute capability 9.0, or in a build without
+ * the sm_90a kernels); WORKSPACE_TOO_SMALL; MISALIGNED (a tensor not 16-byte aligned, the workspace not 256-byte
  * aligned); CUDA_ERROR (launch failed). Since 0.1.
  */
 MOEKIT_API moekit_status_t moekit_experts_forward(

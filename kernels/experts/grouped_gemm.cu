@@ -4,13 +4,15 @@
 
 #include "kernels/experts/grouped_gemm.hpp"
 #include "kernels/experts/grouped_gemm_instances.hpp"
+#include "kernels/experts/grouped_gemm_sm90.hpp"
 #include "kernels/experts/grouped_gemm_simt.cuh"
 #include "kernels/experts/grouped_gemm_sm80.cuh"
 
 namespace moekit::kernels::experts {
 
 // ---- Tuning -----------------------------------------------------------------------------------
-// Tile shapes: sm80::TileConfig (128 x 256 x 32, 8 warps of 64 x 64, 4 stages) and
+// Tile shapes: sm80::TileConfig (128 x 256 x 32, 8 warps of 64 x 64, 4 stages),
+// sm90::TileConfig (128 x 256 x 64, 2 consumer warpgroups of 64 x 256 + 1 producer, 4 stages) and
 // simt::TileConfig (64 x 128 x 16). docs/experts.md ("Tile choices") records the reasoning and the
 // benchmark (bench/experts/moekit-bench-experts) that checks them.
 //
@@ -22,6 +24,10 @@ constexpr int kWgradTargetTiles = 264;  // two waves of 132 SMs (H100 SXM)
 constexpr int kWgradMaxSplits = 16;
 constexpr int64_t kWgradMinRowsPerSplit = 256;
 // ------------------------------------------------------------------------------------------------
+
+// The dp partials of kEpiBwdAct have one column per column tile (grouped_tiles_n): both
+// tensor-core paths must tile N alike.
+static_assert(sm90::TileConfig::kBN == sm80::TileConfig::kBN, "sm_80 and sm_90a column tiles differ");
 
 int grouped_tile_n(moekit_dtype_t dtype) {
   return dtype == MOEKIT_DTYPE_F32 ? simt::TileConfig::kBN : sm80::TileConfig::kBN;
@@ -58,9 +64,20 @@ size_t grouped_max_smem_bytes(moekit_dtype_t dtype, int num_groups) {
   return most;
 }
 
+size_t grouped_sm90_smem_bytes(int num_groups) { return sm90_built() ? sm90::SmemLayout::bytes(num_groups) : 0; }
+
+bool grouped_sm90_built() { return sm90_built(); }
+
 cudaError_t launch_grouped_gemm(moekit_dtype_t dtype, const GroupedGemmProblem& problem, EpiKind epilogue,
-                                const EpilogueParams& params, cudaStream_t stream) {
+                                const EpilogueParams& params, cudaStream_t stream, GemmPath path) {
   const bool backward = problem.axis == kAxisK || problem.b_nk;
+  if (path == kGemmPathSm90 && dtype != MOEKIT_DTYPE_F32 && sm90::takes(problem, epilogue)) {
+    if (dtype == MOEKIT_DTYPE_BF16)
+      return backward ? launch_sm90_backward<__nv_bfloat16>(problem, epilogue, params, stream)
+                      : launch_sm90_forward<__nv_bfloat16>(problem, epilogue, params, stream);
+    return backward ? launch_sm90_backward<__half>(problem, epilogue, params, stream)
+                    : launch_sm90_forward<__half>(problem, epilogue, params, stream);
+  }
   switch (dtype) {
     case MOEKIT_DTYPE_BF16:
       return backward ? launch_sm80_backward<__nv_bfloat16>(problem, epilogue, params, stream)

@@ -65,10 +65,23 @@ int grouped_wgrad_splits(moekit_dtype_t dtype, int num_groups, int m, int n, int
 // Dynamic shared memory the largest grouped-GEMM instance of this dtype needs with G groups.
 size_t grouped_max_smem_bytes(moekit_dtype_t dtype, int num_groups);
 
-// Runs one grouped GEMM with a fused epilogue: bf16/f16 through the mma.sync kernel, f32 through
-// the SIMT kernel.
+// Which tensor-core kernels a bf16/f16 grouped GEMM runs on (fp32 always runs the SIMT kernel).
+enum GemmPath : int {
+  kGemmPathSm80 = 0,  // mma.sync + cp.async (grouped_gemm_sm80.cuh)
+  kGemmPathSm90 = 1,  // TMA + wgmma (grouped_gemm_sm90.cuh) where sm90::takes() the problem,
+                      // else the sm_80 kernels; the caller checked the device and the build
+};
+
+// Runs one grouped GEMM with a fused epilogue: bf16/f16 through the mma.sync kernel (or the
+// wgmma kernel on kGemmPathSm90), f32 through the SIMT kernel.
 cudaError_t launch_grouped_gemm(moekit_dtype_t dtype, const GroupedGemmProblem& problem,
-                                EpiKind epilogue, const EpilogueParams& params, cudaStream_t stream);
+                                EpiKind epilogue, const EpilogueParams& params, cudaStream_t stream,
+                                GemmPath path = kGemmPathSm80);
+
+// Dynamic shared memory the sm_90a kernels need with G groups (0 when they are not built).
+size_t grouped_sm90_smem_bytes(int num_groups);
+// Whether this build holds the sm_90a kernels (gpu_archs containing 90).
+bool grouped_sm90_built();
 
 // dp finish: for every row r inside a segment,
 //   grad_row_weights[r] = sum_{t < tiles} dp_partial[r, t] + <dout_r, b_down[e]> (b_down optional).

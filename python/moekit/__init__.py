@@ -15,8 +15,8 @@ torch.autograd.Functions live in moekit.autograd (imported on first use; needs t
 is found at $MOEKIT_LIB, the repository's build directories, or by the dynamic loader (see _lib).
 """
 from . import _capi
-from ._config import (Activation, Dtype, DropPolicy, EpMode, GateUpLayout, GroupMask, GroupScore, LayerStage,
-                      ScoreFunc, SoftmaxOrder, WeightLayout)
+from ._config import (Activation, Dtype, DropPolicy, EpMode, GateUpLayout, GemmPath, GroupMask, GroupScore,
+                      LayerStage, ScoreFunc, SoftmaxOrder, WeightLayout)
 from ._lib import (CublasError, CudaError, InternalError, InvalidArgumentError, MisalignedError, MoekitError,
                    NcclError, NotAvailableError, OutOfMemoryError, UnsupportedError, WorkspaceTooSmallError,
                    last_error, library_path, status_string, version)
@@ -51,7 +51,7 @@ __all__ = [
     "version", "library_path", "status_string", "last_error", "HEADER_VERSION", "MAX_TOP_K", "DeviceArray",
     # enums
     "Dtype", "ScoreFunc", "SoftmaxOrder", "GroupScore", "GroupMask", "DropPolicy", "Activation", "GateUpLayout",
-    "WeightLayout", "EpMode", "LayerStage",
+    "GemmPath", "WeightLayout", "EpMode", "LayerStage",
     # router
     "RouterConfig", "ROUTER_PRESETS", "preset_uses_correction_bias", "RouterOutput", "router_forward",
     "router_backward", "aux_loss", "bias_update", "fake_gate",

@@ -80,6 +80,9 @@ MOEKIT_ACTIVATION_SWIGLU_OAI = 4
 MOEKIT_GATE_UP_AUTO = 0
 MOEKIT_GATE_UP_CONCATENATED = 1
 MOEKIT_GATE_UP_INTERLEAVED = 2
+MOEKIT_GEMM_PATH_AUTO = 0
+MOEKIT_GEMM_PATH_SM80 = 1
+MOEKIT_GEMM_PATH_SM90 = 2
 
 MOEKIT_WEIGHT_IN_OUT = 0
 MOEKIT_WEIGHT_OUT_IN = 1
@@ -169,6 +172,7 @@ class ExpertsConfigStruct(ctypes.Structure):
         ("weight_after_down", c_int32),
         ("act_alpha", c_float),
         ("act_limit", c_float),
+        ("gemm_path", c_int32),
     ]
 
 

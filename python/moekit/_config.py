@@ -66,6 +66,12 @@ class GateUpLayout(enum.IntEnum):
     INTERLEAVED = _capi.MOEKIT_GATE_UP_INTERLEAVED
 
 
+class GemmPath(enum.IntEnum):
+    AUTO = _capi.MOEKIT_GEMM_PATH_AUTO
+    SM80 = _capi.MOEKIT_GEMM_PATH_SM80
+    SM90 = _capi.MOEKIT_GEMM_PATH_SM90
+
+
 class WeightLayout(enum.IntEnum):
     IN_OUT = _capi.MOEKIT_WEIGHT_IN_OUT
     OUT_IN = _capi.MOEKIT_WEIGHT_OUT_IN

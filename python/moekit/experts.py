@@ -20,7 +20,7 @@ import threading
 from typing import Union
 
 from . import _capi
-from ._config import Activation, Dtype, GateUpLayout, WeightLayout, _StructConfig, as_c, enum_value
+from ._config import Activation, Dtype, GateUpLayout, GemmPath, WeightLayout, _StructConfig, as_c, enum_value
 from ._lib import call, invalid
 from ._tensor import F32, FLOATS, I32, KIND_OF_DTYPE, Call, ptr, result
 
@@ -43,11 +43,12 @@ class ExpertsConfig(_StructConfig):
     weight_after_down: bool = False
     act_alpha: float = 1.702
     act_limit: float = 0.0
+    gemm_path: Union[GemmPath, int, str] = GemmPath.AUTO
 
     _struct = _capi.ExpertsConfigStruct
     _init = "moekit_experts_config_init"
     _check = "moekit_experts_config_check"
-    _enums = {"activation": Activation, "gate_up_layout": GateUpLayout}
+    _enums = {"activation": Activation, "gate_up_layout": GateUpLayout, "gemm_path": GemmPath}
     _dtypes = ("dtype",)
 
     @property

@@ -151,6 +151,7 @@ ENUMS = [(_config.Dtype, "moekit_dtype_t"), (_config.ScoreFunc, "moekit_score_fu
          (_config.SoftmaxOrder, "moekit_softmax_order_t"), (_config.GroupScore, "moekit_group_score_t"),
          (_config.GroupMask, "moekit_group_mask_t"), (_config.DropPolicy, "moekit_drop_policy_t"),
          (_config.Activation, "moekit_activation_t"), (_config.GateUpLayout, "moekit_gate_up_layout_t"),
+         (_config.GemmPath, "moekit_gemm_path_t"),
          (_config.WeightLayout, "moekit_weight_layout_t"), (_config.EpMode, "moekit_ep_mode_t"),
          (_config.LayerStage, "moekit_layer_stage_t")]
 

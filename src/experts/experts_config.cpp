@@ -52,6 +52,7 @@ void set_defaults(moekit_experts_config_t* c) {
   c->weight_after_down = 0;
   c->act_alpha = 1.702f;
   c->act_limit = 0.0f;
+  c->gemm_path = MOEKIT_GEMM_PATH_AUTO;
 }
 
 void set_defaults(moekit_mlp_config_t* c) {
@@ -69,6 +70,8 @@ void set_defaults(moekit_mlp_config_t* c) {
 moekit_status_t check_config(const moekit_experts_config_t& c) {
   MOEKIT_CHECK_ARG(c.num_experts >= 1 && c.num_experts <= MOEKIT_EXPERTS_MAX_EXPERTS,
                    "config->num_experts = %d is outside [1, %d]", c.num_experts, MOEKIT_EXPERTS_MAX_EXPERTS);
+  MOEKIT_CHECK_ARG(c.gemm_path >= MOEKIT_GEMM_PATH_AUTO && c.gemm_path <= MOEKIT_GEMM_PATH_SM90,
+                   "config->gemm_path = %d is not a moekit_gemm_path_t", c.gemm_path);
   return check_common(c.hidden, c.inter, c.dtype, c.activation, c.gate_up_layout, c.act_alpha, c.act_limit);
 }
 

@@ -1,6 +1,7 @@
 #include "src/experts/experts_grouped.hpp"
 
 #include <algorithm>
+#include <atomic>
 
 #include "kernels/experts/grouped_gemm.hpp"
 #include "src/common/dtype.hpp"
@@ -77,6 +78,46 @@ BackwardLayout carve_backward(Carver& ws, const moekit_experts_config_t& c, int6
   return l;
 }
 
+// The kernels the bf16/f16 GEMMs of this config run on: AUTO is the sm_80 path until the sm_90a
+// one is measured faster (docs/experts.md); check_device vetted SM90 for this device and build.
+kx::GemmPath gemm_path(const moekit_experts_config_t& c) {
+  return c.gemm_path == MOEKIT_GEMM_PATH_SM90 ? kx::kGemmPathSm90 : kx::kGemmPathSm80;
+}
+
+// Device facts every call checks, read once per device (attribute queries, no synchronisation).
+struct DeviceFacts {
+  int major = 0;
+  int minor = 0;
+  int smem_optin = 0;
+};
+
+moekit_status_t device_facts(int device, DeviceFacts* out) {
+  constexpr int kCached = 64;
+  static std::atomic<uint64_t> cache[kCached];  // 0: unknown; else 1 << 63 | major << 40 | minor << 32 | optin
+  if (device >= 0 && device < kCached) {
+    const uint64_t v = cache[device].load(std::memory_order_relaxed);
+    if (v != 0) {
+      out->major = static_cast<int>((v >> 40) & 0xff);
+      out->minor = static_cast<int>((v >> 32) & 0xff);
+      out->smem_optin = static_cast<int>(v & 0xffffffffu);
+      return MOEKIT_STATUS_SUCCESS;
+    }
+  }
+  DeviceFacts f;
+  MOEKIT_CUDA_TRY(cudaDeviceGetAttribute(&f.major, cudaDevAttrComputeCapabilityMajor, device),
+                  "querying the compute capability");
+  MOEKIT_CUDA_TRY(cudaDeviceGetAttribute(&f.minor, cudaDevAttrComputeCapabilityMinor, device),
+                  "querying the compute capability");
+  MOEKIT_CUDA_TRY(cudaDeviceGetAttribute(&f.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                  "querying the shared-memory limit");
+  if (device >= 0 && device < kCached)
+    cache[device].store((uint64_t(1) << 63) | (static_cast<uint64_t>(f.major & 0xff) << 40) |
+                            (static_cast<uint64_t>(f.minor & 0xff) << 32) | static_cast<uint32_t>(f.smem_optin),
+                        std::memory_order_relaxed);
+  *out = f;
+  return MOEKIT_STATUS_SUCCESS;
+}
+
 kx::GroupedGemmProblem axis_m_problem(const moekit_experts_config_t& c, int64_t R, const int32_t* offsets,
                                       const void* a, int64_t lda, int k, const void* b, int64_t ldb,
                                       int64_t b_group_stride, bool b_nk, int n) {
@@ -141,7 +182,7 @@ moekit_status_t run_gate_up(const moekit_experts_config_t& c, const ActivationSp
   ep.inter = I;
   ep.weight_after_down = c.weight_after_down ? 1 : 0;
   MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(static_cast<moekit_dtype_t>(c.dtype), p,
-                                          spec.gated ? kx::kEpiGateUp : kx::kEpiRelu2, ep, stream),
+                                          spec.gated ? kx::kEpiGateUp : kx::kEpiRelu2, ep, stream, gemm_path(c)),
                   "launching the gate-up grouped GEMM");
   return MOEKIT_STATUS_SUCCESS;
 }
@@ -155,7 +196,7 @@ moekit_status_t run_wgrad(const moekit_experts_config_t& c, int64_t R, const int
   kx::EpilogueParams ep;
   ep.c = out;
   ep.split_out = scratch;
-  MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(dtype, p, kx::kEpiWgrad, ep, stream), what);
+  MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(dtype, p, kx::kEpiWgrad, ep, stream, gemm_path(c)), what);
   if (splits > 1)
     MOEKIT_CUDA_TRY(kx::launch_split_sum(dtype, scratch, splits, static_cast<int64_t>(c.num_experts) * m * n, out,
                                          stream),
@@ -178,12 +219,27 @@ size_t backward_workspace_bytes(const moekit_experts_config_t& c, int64_t max_ro
 }
 
 moekit_status_t check_device(const moekit_experts_config_t& c) {
-  int device = 0, major = 0, optin = 0;
+  int device = 0;
   MOEKIT_CUDA_TRY(cudaGetDevice(&device), "querying the current device");
-  MOEKIT_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
-                  "querying the compute capability");
-  MOEKIT_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                  "querying the shared-memory limit");
+  DeviceFacts facts;
+  MOEKIT_TRY(device_facts(device, &facts));
+  const int major = facts.major, optin = facts.smem_optin;
+  if (c.gemm_path == MOEKIT_GEMM_PATH_SM90) {
+    if (!kernels::experts::grouped_sm90_built())
+      return fail(MOEKIT_STATUS_UNSUPPORTED,
+                  "config->gemm_path = MOEKIT_GEMM_PATH_SM90, but this build has no sm_90a kernels (configure "
+                  "with gpu_archs containing 90)");
+    if (facts.major != 9 || facts.minor != 0)
+      return fail(MOEKIT_STATUS_UNSUPPORTED,
+                  "config->gemm_path = MOEKIT_GEMM_PATH_SM90 needs compute capability 9.0 (device %d is %d.%d)",
+                  device, facts.major, facts.minor);
+    const size_t need90 = kernels::experts::grouped_sm90_smem_bytes(c.num_experts);
+    if (need90 > static_cast<size_t>(optin))
+      return fail(MOEKIT_STATUS_NOT_AVAILABLE,
+                  "config->num_experts = %d needs %zu bytes of shared memory per block on the sm_90a path; device "
+                  "%d offers %d",
+                  c.num_experts, need90, device, optin);
+  }
   if (major < 8)
     return fail(MOEKIT_STATUS_NOT_AVAILABLE, "the grouped experts need compute capability 8.0 or newer (device %d is %d.x)",
                 device, major);
@@ -218,7 +274,8 @@ moekit_status_t forward(const moekit_experts_config_t& c, const ForwardArgs& a, 
   ep.bias_group_stride = H;
   ep.row_weights = a.row_weights;
   ep.weight_after_down = c.weight_after_down ? 1 : 0;
-  MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(dtype, p, kx::kEpiStore, ep, stream), "launching the down grouped GEMM");
+  MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(dtype, p, kx::kEpiStore, ep, stream, gemm_path(c)),
+                  "launching the down grouped GEMM");
   return MOEKIT_STATUS_SUCCESS;
 }
 
@@ -257,7 +314,7 @@ moekit_status_t backward(const moekit_experts_config_t& c, const BackwardArgs& a
     ep.act = spec.act;
     ep.interleaved = spec.interleaved ? 1 : 0;
     ep.inter = I;
-    MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(dtype, p, kx::kEpiBwdAct, ep, stream),
+    MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(dtype, p, kx::kEpiBwdAct, ep, stream, gemm_path(c)),
                     "launching the down-projection dgrad grouped GEMM");
   }
   if (a.grad_row_weights && R > 0)
@@ -270,7 +327,7 @@ moekit_status_t backward(const moekit_experts_config_t& c, const BackwardArgs& a
     kx::EpilogueParams ep;
     ep.c = a.grad_xp;
     ep.ldc = H;
-    MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(dtype, p, kx::kEpiStore, ep, stream),
+    MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(dtype, p, kx::kEpiStore, ep, stream, gemm_path(c)),
                     "launching the gate-up dgrad grouped GEMM");
   }
   if (a.grad_w_down)

@@ -46,7 +46,9 @@ struct BackwardArgs {
 size_t forward_workspace_bytes(const moekit_experts_config_t& config, int64_t max_rows);
 size_t backward_workspace_bytes(const moekit_experts_config_t& config, int64_t max_rows, bool has_saved_u);
 
-// Fails with NOT_AVAILABLE when the current device cannot hold the kernels' shared memory.
+// Fails with NOT_AVAILABLE when the current device cannot hold the kernels' shared memory, and
+// with UNSUPPORTED when config->gemm_path = SM90 and the device is not compute capability 9.0 or
+// the build lacks the sm_90a kernels. Device attributes are read once per device.
 moekit_status_t check_device(const moekit_experts_config_t& config);
 
 moekit_status_t forward(const moekit_experts_config_t& config, const ForwardArgs& args, void* workspace,

@@ -5,6 +5,7 @@
 // mma.sync fragment addressing replayed on the host, and the C API's validation.
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "kernels/experts/activation.cuh"
+#include "kernels/experts/grouped_gemm_sm90.hpp"
 #include "kernels/experts/grouped_problem.cuh"
 #include "kernels/experts/mma_layout.cuh"
 #include "moekit/moekit.h"
@@ -877,4 +879,343 @@ TEST_CASE("mlp config and argument validation", "[experts][api][mlp]") {
                MOEKIT_STATUS_INVALID_ARGUMENT, {"moekit_mlp_backward", "handle is NULL"});
   REQUIRE(moekit_mlp_handle_create(nullptr) == MOEKIT_STATUS_INVALID_ARGUMENT);
   REQUIRE(moekit_mlp_handle_destroy(nullptr) == MOEKIT_STATUS_SUCCESS);
+}
+
+// ---------------------------------------------------------------------------------------------
+// config->gemm_path and the host-side maths of the Hopper (sm_90a) grouped GEMM: tensor-map
+// specs, which problems it takes, the shared-memory layout, and the wgmma descriptors replayed
+// against the placement of TMA's 128-byte swizzle.
+
+TEST_CASE("experts config: gemm_path default, bad values, older struct sizes", "[experts][api][sm90]") {
+  moekit_experts_config_t c;
+  REQUIRE(moekit_experts_config_init(&c, sizeof(c)) == MOEKIT_STATUS_SUCCESS);
+  REQUIRE(c.gemm_path == MOEKIT_GEMM_PATH_AUTO);
+  for (int32_t bad : {3, -1, 1000}) {
+    moekit_experts_config_t x = valid_config();
+    x.gemm_path = bad;
+    const std::string words = "config->gemm_path = " + std::to_string(bad);
+    require_fail(moekit_experts_config_check(&x), MOEKIT_STATUS_INVALID_ARGUMENT,
+                 {"moekit_experts_config_check", words, "moekit_gemm_path_t"});
+    size_t bytes = 77;
+    require_fail(moekit_experts_forward_workspace_size(&x, 10, &bytes), MOEKIT_STATUS_INVALID_ARGUMENT, {words});
+    REQUIRE(bytes == 77);
+    require_fail(moekit_experts_backward_workspace_size(&x, 10, 1, &bytes), MOEKIT_STATUS_INVALID_ARGUMENT, {words});
+  }
+  for (int32_t good : {MOEKIT_GEMM_PATH_AUTO, MOEKIT_GEMM_PATH_SM80, MOEKIT_GEMM_PATH_SM90}) {
+    moekit_experts_config_t x = valid_config();
+    x.gemm_path = good;
+    REQUIRE(moekit_experts_config_check(&x) == MOEKIT_STATUS_SUCCESS);
+  }
+  // A caller compiled before gemm_path existed: the field is not read (AUTO), whatever follows.
+  const size_t old_size = offsetof(moekit_experts_config_t, gemm_path);
+  moekit_experts_config_t old = valid_config();
+  old.struct_size = old_size;
+  old.gemm_path = 12345;
+  REQUIRE(moekit_experts_config_check(&old) == MOEKIT_STATUS_SUCCESS);
+  // ... and its init writes nothing past its struct.
+  moekit_experts_config_t fresh;
+  std::memset(&fresh, 0x5a, sizeof(fresh));
+  REQUIRE(moekit_experts_config_init(&fresh, old_size) == MOEKIT_STATUS_SUCCESS);
+  REQUIRE(fresh.struct_size == old_size);
+  int32_t untouched;
+  std::memset(&untouched, 0x5a, sizeof(untouched));
+  REQUIRE(fresh.gemm_path == untouched);
+  // The same workspace whatever the path (the paths share the workspace layout).
+  moekit_experts_config_t a = valid_config(), b = valid_config();
+  b.gemm_path = MOEKIT_GEMM_PATH_SM90;
+  size_t fa = 0, fb = 1, ba = 0, bb = 1;
+  REQUIRE(moekit_experts_forward_workspace_size(&a, 1000, &fa) == MOEKIT_STATUS_SUCCESS);
+  REQUIRE(moekit_experts_forward_workspace_size(&b, 1000, &fb) == MOEKIT_STATUS_SUCCESS);
+  REQUIRE(moekit_experts_backward_workspace_size(&a, 1000, 0, &ba) == MOEKIT_STATUS_SUCCESS);
+  REQUIRE(moekit_experts_backward_workspace_size(&b, 1000, 0, &bb) == MOEKIT_STATUS_SUCCESS);
+  REQUIRE(fa == fb);
+  REQUIRE(ba == bb);
+}
+
+namespace {
+
+namespace s90 = moekit::kernels::experts::sm90;
+
+kx::GroupedGemmProblem sm90_problem(int G, int64_t R, int k, int n, int64_t lda, int64_t ldb, int64_t group_stride,
+                                    bool nk, int gate_up_half) {
+  alignas(256) static unsigned char dummy[256];
+  kx::GroupedGemmProblem p{};
+  p.axis = kx::kAxisM;
+  p.num_groups = G;
+  p.offsets = nullptr;
+  p.max_rows = R;
+  p.n = n;
+  p.k = k;
+  p.a = dummy;
+  p.lda = lda;
+  p.b = dummy;
+  p.ldb = ldb;
+  p.b_group_stride = group_stride;
+  p.b_nk = nk ? 1 : 0;
+  p.gate_up_half = gate_up_half;
+  p.splits = 1;
+  return p;
+}
+
+}  // namespace
+
+TEST_CASE("sm90 tensor-map specs: dims, strides and boxes of every operand", "[experts][sm90]") {
+  // A = xp [R, H]: {H, R}, row stride 2H bytes, box [128 rows][64 k].
+  const s90::TmaSpec a = s90::tma_spec_a(32768, 7168, 7168);
+  REQUIRE(a.rank == 2);
+  REQUIRE(a.dims[0] == 7168);
+  REQUIRE(a.dims[1] == 32768);
+  REQUIRE(a.strides[0] == 7168 * 2);
+  REQUIRE(a.box[0] == 64);
+  REQUIRE(a.box[1] == 128);
+  REQUIRE(s90::tma_spec_valid(a));
+  // W_gu [E, H, 2I], concatenated: {I, 2, H, E}, the up half I columns on.
+  const int E = 32, H = 7168, I = 2048;
+  const s90::TmaSpec gu = s90::tma_spec_b_kn(E, H, 2 * I, 2 * I, int64_t(H) * 2 * I, I);
+  REQUIRE(gu.rank == 4);
+  REQUIRE(gu.dims[0] == uint64_t(I));
+  REQUIRE(gu.dims[1] == 2);
+  REQUIRE(gu.dims[2] == uint64_t(H));
+  REQUIRE(gu.dims[3] == uint64_t(E));
+  REQUIRE(gu.strides[0] == uint64_t(I) * 2);
+  REQUIRE(gu.strides[1] == uint64_t(2 * I) * 2);
+  REQUIRE(gu.strides[2] == uint64_t(H) * 2 * I * 2);
+  REQUIRE(gu.box[0] == 64);
+  REQUIRE(gu.box[1] == 1);
+  REQUIRE(gu.box[2] == 64);
+  REQUIRE(gu.box[3] == 1);
+  REQUIRE(s90::tma_spec_valid(gu));
+  // W_down [E, I, H], plain: {H, 1, I, E}.
+  const s90::TmaSpec down = s90::tma_spec_b_kn(E, I, H, H, int64_t(I) * H, 0);
+  REQUIRE(down.dims[0] == uint64_t(H));
+  REQUIRE(down.dims[1] == 1);
+  REQUIRE(down.dims[2] == uint64_t(I));
+  REQUIRE(down.strides[1] == uint64_t(H) * 2);
+  REQUIRE(s90::tma_spec_valid(down));
+  // dgrad: W_down read as [N = I][K = H] per group: {H, I, E}, box [256 n][64 k].
+  const s90::TmaSpec nk = s90::tma_spec_b_nk(E, H, I, H, int64_t(I) * H);
+  REQUIRE(nk.rank == 3);
+  REQUIRE(nk.dims[0] == uint64_t(H));
+  REQUIRE(nk.dims[1] == uint64_t(I));
+  REQUIRE(nk.dims[2] == uint64_t(E));
+  REQUIRE(nk.strides[0] == uint64_t(H) * 2);
+  REQUIRE(nk.strides[1] == uint64_t(I) * H * 2);
+  REQUIRE(nk.box[0] == 64);
+  REQUIRE(nk.box[1] == 256);
+  REQUIRE(s90::tma_spec_valid(nk));
+  // The rules: 16-byte strides, strides covering the dimension below, boxes of at most 256.
+  s90::TmaSpec bad = s90::tma_spec_a(100, 12, 12);  // 24-byte rows
+  REQUIRE_FALSE(s90::tma_spec_valid(bad));
+  bad = s90::tma_spec_a(100, 64, 56);  // rows overlap
+  REQUIRE_FALSE(s90::tma_spec_valid(bad));
+  bad = a;
+  bad.box[1] = 257;
+  REQUIRE_FALSE(s90::tma_spec_valid(bad));
+  bad = a;
+  bad.box[0] = 72;  // 144 bytes: wider than the 128-byte swizzle
+  REQUIRE_FALSE(s90::tma_spec_valid(bad));
+  bad = a;
+  bad.dims[1] = 0;
+  REQUIRE_FALSE(s90::tma_spec_valid(bad));
+  bad = a;
+  bad.strides[0] = uint64_t(1) << 40;
+  REQUIRE_FALSE(s90::tma_spec_valid(bad));
+  // Small operands are fine: boxes larger than the tensor are zero-filled.
+  REQUIRE(s90::tma_spec_valid(s90::tma_spec_a(1, 8, 8)));
+  REQUIRE(s90::tma_spec_valid(s90::tma_spec_b_kn(1, 8, 16, 16, 128, 8)));
+}
+
+TEST_CASE("sm90 path takes the axis-M problems TMA can read, nothing else", "[experts][sm90]") {
+  using kx::kEpiBwdAct;
+  using kx::kEpiGateUp;
+  using kx::kEpiRelu2;
+  using kx::kEpiStore;
+  using kx::kEpiWgrad;
+  const int G = 8, H = 256, I = 136;
+  const auto gate_up = sm90_problem(G, 1000, H, 2 * I, H, 2 * I, int64_t(H) * 2 * I, false, I);
+  REQUIRE(s90::takes(gate_up, kEpiGateUp));
+  REQUIRE_FALSE(s90::takes(gate_up, kEpiRelu2));  // pairing belongs to kEpiGateUp
+  REQUIRE_FALSE(s90::takes(gate_up, kEpiBwdAct));
+  const auto relu2 = sm90_problem(G, 1000, H, I, H, I, int64_t(H) * I, false, 0);
+  REQUIRE(s90::takes(relu2, kEpiRelu2));
+  REQUIRE(s90::takes(relu2, kEpiStore));
+  REQUIRE(s90::takes(relu2, kEpiGateUp));  // interleaved gate/up: plain columns
+  const auto dgrad = sm90_problem(G, 1000, H, I, H, H, int64_t(I) * H, true, 0);
+  REQUIRE(s90::takes(dgrad, kEpiBwdAct));
+  REQUIRE(s90::takes(dgrad, kEpiStore));
+  REQUIRE_FALSE(s90::takes(dgrad, kEpiGateUp));
+  REQUIRE_FALSE(s90::takes(dgrad, kEpiRelu2));
+  auto wgrad = relu2;
+  wgrad.axis = kx::kAxisK;
+  REQUIRE_FALSE(s90::takes(wgrad, kEpiWgrad));
+  REQUIRE_FALSE(s90::takes(wgrad, kEpiStore));
+  auto odd = relu2;
+  odd.lda = 260;  // 520-byte rows: not a multiple of 16 bytes
+  REQUIRE_FALSE(s90::takes(odd, kEpiStore));
+  odd = relu2;
+  odd.ldb = 140;
+  odd.n = 140;
+  odd.b_group_stride = int64_t(H) * 140;
+  REQUIRE_FALSE(s90::takes(odd, kEpiStore));
+  odd = relu2;
+  odd.a = static_cast<const char*>(relu2.a) + 2;
+  REQUIRE_FALSE(s90::takes(odd, kEpiStore));
+  odd = gate_up;
+  odd.n = 2 * I - 8;  // pairing needs N = 2I
+  REQUIRE_FALSE(s90::takes(odd, kEpiGateUp));
+  odd = relu2;
+  odd.max_rows = 0;
+  REQUIRE_FALSE(s90::takes(odd, kEpiStore));
+  odd.max_rows = int64_t(INT32_MAX) + 1;
+  REQUIRE_FALSE(s90::takes(odd, kEpiStore));
+  // The smallest shapes the API allows (H = I = 8) are taken.
+  REQUIRE(s90::takes(sm90_problem(1, 1, 8, 16, 8, 16, 128, false, 8), kEpiGateUp));
+  REQUIRE(s90::takes(sm90_problem(1, 1, 8, 8, 8, 8, 64, true, 0), kEpiBwdAct));
+}
+
+TEST_CASE("sm90 shared-memory layout: aligned tiles, barriers, the prefix, within the H100 limit",
+          "[experts][sm90]") {
+  using L = s90::SmemLayout;
+  using C = s90::TileConfig;
+  REQUIRE(C::kThreads == 384);
+  REQUIRE(L::kABytes == 128 * 64 * 2);
+  REQUIRE(L::kBBytes == 256 * 64 * 2);
+  REQUIRE(L::kBBoxBytes * 4 == L::kBBytes);
+  for (int s = 0; s < C::kStages; ++s) {
+    REQUIRE(L::a_offset(s) % 1024 == 0);
+    REQUIRE(L::b_offset(s) % 1024 == 0);
+    REQUIRE(L::b_offset(s) + L::kBBytes <= L::a_offset(s) + L::kStageBytes);
+  }
+  REQUIRE(L::kFullBarrier >= L::a_offset(C::kStages - 1) + L::kStageBytes);
+  REQUIRE(L::kFullBarrier % 8 == 0);
+  REQUIRE(L::kEmptyBarrier == L::kFullBarrier + 8 * C::kStages);
+  REQUIRE(L::kPrefix == L::kEmptyBarrier + 8 * C::kStages);
+  // The largest E must fit the opt-in limit of an H100/H200 block (227 KB = 232448 bytes).
+  REQUIRE(L::bytes(MOEKIT_EXPERTS_MAX_EXPERTS) <= 232448);
+  REQUIRE(L::bytes(1) == 1024 + L::kPrefix + (1 + 1 + 12) * 4);
+  // Register budget of setmaxnreg: 128 producer threads + 256 consumer threads within 64K.
+  REQUIRE(C::kProducerRegs * 128 + C::kConsumerRegs * 128 * C::kConsumers <= 65536);
+  REQUIRE(C::kProducerRegs % 8 == 0);
+  REQUIRE(C::kConsumerRegs % 8 == 0);
+  // Every stage's loads announce exactly the stage's bytes when every box is issued.
+  REQUIRE(s90::stage_tx_bytes() == L::kABytes + 4 * L::kBBoxBytes);
+  // BN = 256 on both tensor-core paths (static_assert in grouped_gemm.cu): the dgrad's dp partials
+  // have one column per 256 columns whichever path wrote them.
+  REQUIRE(C::kBN == 256);
+}
+
+namespace {
+
+struct Desc {
+  uint32_t start, lbo, sbo, swizzle;
+};
+Desc decode_desc(uint64_t d) {
+  return {static_cast<uint32_t>(d & 0x3FFF) << 4, static_cast<uint32_t>((d >> 16) & 0x3FFF) << 4,
+          static_cast<uint32_t>((d >> 32) & 0x3FFF) << 4, static_cast<uint32_t>(d >> 62)};
+}
+// The 128-byte swizzle as the hardware applies it to a shared-memory byte address (bits 4-6 XOR
+// bits 7-9; tiles sit on 1024-byte boundaries).
+uint32_t swizzle128(uint32_t addr) { return addr ^ (((addr >> 7) & 7) << 4); }
+
+// Where wgmma reads 16-bit element (mn, k) of an m64/n256 x k16 operand through descriptor d, in
+// the canonical layouts of the PTX ISA (units of 16-byte "T" = 8 elements):
+//   K-major, 128B swizzle:  ((8, m), (T, 2k)) : ((8T, SBO), (1, T))
+//   MN-major, 128B swizzle: ((T, 8, m), (8, k)) : ((1, T, LBO), (8T, SBO))
+uint32_t wgmma_read_addr(const Desc& d, bool mn_major, int mn, int k) {
+  uint32_t off;
+  if (!mn_major)
+    off = (mn % 8) * 128 + (mn / 8) * d.sbo + k * 2;
+  else
+    off = (mn % 8) * 2 + ((mn / 8) % 8) * 16 + (mn / 64) * d.lbo + (k % 8) * 128 + (k / 8) * d.sbo;
+  return swizzle128(d.start + off);
+}
+
+}  // namespace
+
+TEST_CASE("sm90 wgmma descriptors read exactly what TMA's 128-byte swizzle wrote", "[experts][sm90]") {
+  // Shared memory as byte addresses: a stage at 1024-aligned `base`; TMA writes element (row,
+  // inner) of a box at swizzled_offset(row, inner) from the box start.
+  const uint32_t base = 3 * 49152 + 1024;  // stage 3 of a 1024-aligned ring
+  using L = s90::SmemLayout;
+  for (int wg = 0; wg < 2; ++wg)
+    for (int kk = 0; kk < 4; ++kk) {
+      // A [128 rows][64 k]: warpgroup wg reads rows 64 wg .., k step kk.
+      const uint64_t da = s90::wgmma_desc(base + wg * 64 * 128, s90::kDescALbo, s90::kDescASbo) +
+                          ((kk * s90::kAStepBytes) >> 4);
+      const Desc d = decode_desc(da);
+      REQUIRE(d.swizzle == 1);
+      for (int m = 0; m < 64; ++m)
+        for (int k = 0; k < 16; ++k)
+          REQUIRE(wgmma_read_addr(d, false, m, k) == base + s90::swizzled_offset(64 * wg + m, 16 * kk + k));
+    }
+  for (int kk = 0; kk < 4; ++kk) {
+    // B KN: four boxes [64 k][64 n]; logical column n of the tile lives in box n / 64.
+    const uint32_t b0 = base + L::kABytes;
+    const uint64_t db = s90::wgmma_desc(b0, s90::kDescBKnLbo, s90::kDescBKnSbo) + ((kk * s90::kBKnStepBytes) >> 4);
+    const Desc d = decode_desc(db);
+    for (int n = 0; n < 256; ++n)
+      for (int k = 0; k < 16; ++k)
+        REQUIRE(wgmma_read_addr(d, true, n, k) ==
+                b0 + (n / 64) * L::kBBoxBytes + s90::swizzled_offset(16 * kk + k, n % 64));
+    // B NK: one box [256 n][64 k].
+    const uint64_t dn = s90::wgmma_desc(b0, s90::kDescBNkLbo, s90::kDescBNkSbo) + ((kk * s90::kBNkStepBytes) >> 4);
+    const Desc e = decode_desc(dn);
+    for (int n = 0; n < 256; ++n)
+      for (int k = 0; k < 16; ++k)
+        REQUIRE(wgmma_read_addr(e, false, n, k) == b0 + s90::swizzled_offset(n, 16 * kk + k));
+  }
+  // The swizzle permutes 16-byte chunks within each 128-byte row: a bijection on every atom.
+  std::set<uint32_t> seen;
+  for (uint32_t r = 0; r < 8; ++r)
+    for (uint32_t c = 0; c < 64; ++c) REQUIRE(seen.insert(s90::swizzled_offset(r, c)).second);
+  REQUIRE(*seen.rbegin() == 1023 - 1);
+}
+
+TEST_CASE("sm90 tiles cover the sm_80 path's columns: gate/up boxes and epilogue columns", "[experts][sm90]") {
+  for (int I : {8, 24, 72, 136, 200, 768, 2048}) {
+    // Paired (concatenated gate | up, N = 2I): tile n_tile of 256 virtual columns.
+    const int N = 2 * I, tiles = (N + 255) / 256;
+    std::vector<int> stored(I, 0);
+    for (int t = 0; t < tiles; ++t) {
+      const int n0 = 256 * t;
+      // Logical tile column L (box L / 64) holds gate / up column I_L of the map.
+      auto map_column = [&](int L, int* half) {
+        const int j = L / 64;
+        *half = s90::kn_box_half(j, true);
+        return s90::kn_box_column(n0, j, true) + L % 64;
+      };
+      for (int j = 0; j < 16; ++j)
+        for (int q = 0; q < 4; ++q)
+          for (int e = 0; e < 2; ++e) {
+            const int i = s90::paired_h_column(n0, j, q) + e;
+            int half_g = -1, half_u = -1;
+            const int g = map_column(8 * j + 2 * q + e, &half_g);
+            const int u = map_column(8 * (j + 16) + 2 * q + e, &half_u);
+            REQUIRE(half_g == 0);
+            REQUIRE(half_u == 1);
+            REQUIRE(g == i);  // the gate column of h column i ...
+            REQUIRE(u == i);  // ... and its up column, in the same lane
+            if (i < I) {
+              ++stored[i];
+              // The sm_80 path's tile t computes the same h columns (virtual columns of tile t).
+              bool in_sm80_tile = false;
+              for (int v = n0; v < n0 + 256 && v < N; ++v)
+                if (((v >> 3) & 1) == 0 && kx::paired_gate_index(v) == i) in_sm80_tile = true;
+              REQUIRE(in_sm80_tile);
+            }
+          }
+    }
+    for (int c : stored) REQUIRE(c == 1);  // every h column exactly once
+    // Plain columns (interleaved, relu2, down, dgrad): tile t covers [256 t, 256 t + 256) once.
+    std::vector<int> plain(N, 0);
+    for (int t = 0; t < tiles; ++t)
+      for (int j = 0; j < 32; ++j)
+        for (int q = 0; q < 4; ++q)
+          for (int e = 0; e < 2; ++e) {
+            const int c = s90::plain_column(256 * t, j, q) + e;
+            REQUIRE(s90::kn_box_column(256 * t, j / 8, false) + (8 * j + 2 * q + e) % 64 == c);
+            if (c < N) ++plain[c];
+          }
+    for (int c : plain) REQUIRE(c == 1);
+  }
 }

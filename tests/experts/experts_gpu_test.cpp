@@ -18,6 +18,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -180,6 +182,102 @@ void require_rows_written(const char* name, const DeviceBuffer& buf, moekit_dtyp
   REQUIRE(all_bytes(bytes, static_cast<size_t>(total * cols) * es, bytes.size(), 0xff));
 }
 
+// ---- Which grouped-GEMM path the problems run on ------------------------------------------------
+// MOEKIT_TEST_GEMM_PATH = sm80 (default), sm90 or auto sets config->gemm_path of every problem of
+// the suite (tests/experts/meson.build registers the suite once per path). A run asked for sm90
+// where that path cannot run (a device that is not compute capability 9.0, or a library built
+// without gpu_archs 90) exits 77, SKIP, naming the reason. The [paths] cases below walk both
+// paths explicitly (PathScope), warning visibly when they skip SM90.
+
+// Whether config->gemm_path = SM90 runs here; otherwise *why says what stops it.
+bool sm90_usable(std::string* why) {
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    *why = "no usable CUDA device";
+    return false;
+  }
+  if (major != 9 || minor != 0) {
+    *why = "device " + std::to_string(device) + " is compute capability " + std::to_string(major) + "." +
+           std::to_string(minor) + ", the SM90 path needs 9.0";
+    return false;
+  }
+  // The build: a one-row forward with gemm_path = SM90 answers UNSUPPORTED without sm_90a kernels.
+  moekit_experts_config_t c;
+  moekit_experts_config_init(&c, sizeof(c));
+  c.num_experts = 1;
+  c.hidden = 8;
+  c.inter = 8;
+  c.activation = MOEKIT_ACTIVATION_RELU2;
+  c.gemm_path = MOEKIT_GEMM_PATH_SM90;
+  size_t bytes = 0;
+  moekit_experts_forward_workspace_size(&c, 1, &bytes);
+  DeviceBuffer off = DeviceBuffer::from(std::vector<int32_t>{0, 1});
+  DeviceBuffer xp(8 * 2), w(64 * 2), out(8 * 2), ws(bytes);
+  xp.zero();
+  w.zero();
+  (void)cudaDeviceSynchronize();
+  const moekit_status_t st = moekit_experts_forward(&c, 1, off.get<int32_t>(), xp.get(), nullptr, w.get(), nullptr,
+                                                    w.get(), nullptr, nullptr, out.get(), ws.get(), bytes, nullptr);
+  if (st == MOEKIT_STATUS_UNSUPPORTED) {
+    *why = moekit_get_last_error();
+    return false;
+  }
+  (void)cudaDeviceSynchronize();
+  return true;
+}
+
+int32_t suite_gemm_path() {
+  static const int32_t path = [] {
+    const char* env = std::getenv("MOEKIT_TEST_GEMM_PATH");
+    const std::string v = env ? env : "sm80";
+    if (v == "sm90") {
+      std::string why;
+      if (!sm90_usable(&why)) {
+        std::printf("SKIP: MOEKIT_TEST_GEMM_PATH=sm90 but the SM90 path cannot run here: %s\n", why.c_str());
+        std::fflush(stdout);
+        std::_Exit(77);
+      }
+      return static_cast<int32_t>(MOEKIT_GEMM_PATH_SM90);
+    }
+    if (v == "auto") return static_cast<int32_t>(MOEKIT_GEMM_PATH_AUTO);
+    if (v != "sm80") {
+      std::printf("MOEKIT_TEST_GEMM_PATH=%s is not sm80, sm90 or auto\n", v.c_str());
+      std::fflush(stdout);
+      std::_Exit(2);
+    }
+    return static_cast<int32_t>(MOEKIT_GEMM_PATH_SM80);
+  }();
+  return path;
+}
+
+int32_t g_path_override = -1;  // >= 0: the path of problems built inside a PathScope
+
+struct PathScope {
+  explicit PathScope(int32_t path) { g_path_override = path; }
+  ~PathScope() { g_path_override = -1; }
+};
+
+int32_t current_gemm_path() { return g_path_override >= 0 ? g_path_override : suite_gemm_path(); }
+
+const char* path_name(int32_t path) {
+  return path == MOEKIT_GEMM_PATH_SM90 ? "SM90" : path == MOEKIT_GEMM_PATH_SM80 ? "SM80" : "AUTO";
+}
+
+// SM80 always; SM90 where it runs (else a visible warning).
+std::vector<int32_t> both_paths() {
+  std::vector<int32_t> paths{MOEKIT_GEMM_PATH_SM80};
+  static std::string why;
+  static const bool sm90 = sm90_usable(&why);
+  if (sm90)
+    paths.push_back(MOEKIT_GEMM_PATH_SM90);
+  else
+    WARN("SM90 grouped-GEMM path skipped: " << why);
+  return paths;
+}
+
 struct Problem {
   Spec spec;
   moekit_dtype_t dtype;
@@ -198,6 +296,7 @@ struct Problem {
     config.weight_after_down = s.weight_after_down ? 1 : 0;
     config.act_alpha = static_cast<float>(s.alpha);
     config.act_limit = static_cast<float>(s.limit);
+    config.gemm_path = current_gemm_path();
     offsets = upload(host.offsets);
     xp = upload(pack_d(d, host.xp));
     if (!host.row_weights.empty()) p = upload(to_floats(host.row_weights));
@@ -372,7 +471,8 @@ void require_exact_sums(const Problem& P, const std::vector<float>& u, const std
 // Runs forward and backward and checks every output against the reference; then runs both again
 // inside a graph capture, whose replay must give the same bits.
 void check_problem(Problem& P, bool exact, bool recompute_u, cudaStream_t stream) {
-  INFO(P.spec.describe() << " dtype " << dtype_name(P.dtype) << (recompute_u ? " (u recomputed)" : ""));
+  INFO(P.spec.describe() << " dtype " << dtype_name(P.dtype) << (recompute_u ? " (u recomputed)" : "") << " path "
+                         << path_name(P.config.gemm_path));
   const int64_t R = P.R(), T = P.total();
   const int E = P.spec.num_experts(), H = P.spec.hidden, I = P.spec.inter, NU = P.spec.nu();
   const ref::Rounder round = rounder(P.dtype);
@@ -800,6 +900,132 @@ TEST_CASE("max_rows = 0, garbage offsets and rejected calls", "[gpu][experts]") 
     CUDA_REQUIRE(cudaStreamSynchronize(stream.s));
     REQUIRE(moekit::test::still_poisoned(out));
     REQUIRE(moekit::test::still_poisoned(u));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Both grouped-GEMM paths (SM80, and SM90 on compute capability 9.0) on the shapes that stress the
+// Hopper kernel's tiling: TMA boxes past K, N and R, row tiles straddling group boundaries, gate
+// boxes past I, empty groups, one row, many experts. Every problem runs forward and backward
+// against the reference and once more as a graph replay (check_problem).
+
+TEST_CASE("both GEMM paths: skewed routing, empty experts, T = 1, 257 experts, straddling tiles, K/N tails",
+          "[gpu][experts][paths]") {
+  Stream stream;
+  uint64_t salt = 0x900;
+  for (int32_t path : both_paths()) {
+    PathScope scope(path);
+    INFO("gemm_path " << path_name(path));
+    for (moekit_dtype_t dtype : {MOEKIT_DTYPE_BF16, MOEKIT_DTYPE_F16}) {
+      struct Case {
+        const char* name;
+        int act;
+        double limit;
+        bool interleaved;
+        int hidden, inter;
+        std::vector<int> counts;
+        int64_t tail;
+      };
+      std::vector<Case> cases = {
+          {"T = 1 among empty experts", MOEKIT_ACTIVATION_SWIGLU, 0.0, false, 128, 64, {0, 0, 1, 0}, 0},
+          {"straddling row tiles, gate boxes past I", MOEKIT_ACTIVATION_SWIGLU, 0.0, false, 256, 136,
+           {100, 200, 57, 300, 0, 129}, 5},
+          {"K and N tails (H = 200, I = 72), interleaved", MOEKIT_ACTIVATION_QUICK_GEGLU, 1.5, true, 200, 72,
+           {3, 130, 0, 250}, 4},
+          {"K and N tails, relu2", MOEKIT_ACTIVATION_RELU2, 0.0, false, 200, 72, {129, 1, 255}, 3},
+          {"K and N tails, concatenated", MOEKIT_ACTIVATION_SWIGLU_OAI, 0.9, false, 8, 8, {5, 0, 140}, 2},
+      };
+      // Skewed counts proportional to u^3 over 32 experts (the benchmark's distribution).
+      {
+        auto rng = moekit::test::make_rng(0x9ff);
+        std::uniform_real_distribution<double> u(0.0, 1.0);
+        std::vector<double> w(32);
+        double sum = 0;
+        for (auto& x : w) sum += (x = std::pow(u(rng), 3.0));
+        Case c{"skewed u^3 over 32 experts", MOEKIT_ACTIVATION_SWIGLU, 0.0, false, 64, 48, {}, 7};
+        for (auto x : w) c.counts.push_back(static_cast<int>(3000 * x / sum));
+        cases.push_back(c);
+      }
+      // 257 experts, 0 .. 9 rows each (about a tenth empty).
+      {
+        auto rng = moekit::test::make_rng(0x9fe);
+        std::uniform_int_distribution<int> d(0, 9);
+        Case c{"257 experts", MOEKIT_ACTIVATION_GEGLU, 0.0, false, 64, 32, {}, 1};
+        for (int e = 0; e < 257; ++e) c.counts.push_back(d(rng));
+        cases.push_back(c);
+      }
+      for (const Case& c : cases) {
+        Spec s;
+        s.activation = c.act;
+        s.limit = c.limit;
+        s.interleaved = c.interleaved;
+        s.hidden = c.hidden;
+        s.inter = c.inter;
+        s.counts = c.counts;
+        s.tail_rows = c.tail;
+        s.bias_gate_up = s.bias_down = true;
+        auto rng = moekit::test::make_rng(++salt);
+        Problem P(s, dtype, moekit::test::experts::make_random(s, rng, dtype));
+        REQUIRE(P.config.gemm_path == path);
+        INFO(c.name);
+        check_problem(P, false, false, stream.s);
+      }
+    }
+  }
+}
+
+TEST_CASE("both GEMM paths: bitwise determinism over repeated runs", "[gpu][experts][paths]") {
+  Stream stream;
+  for (int32_t path : both_paths()) {
+    PathScope scope(path);
+    INFO("gemm_path " << path_name(path));
+    Spec s;
+    s.hidden = 512;
+    s.inter = 384;
+    s.counts = {700, 0, 1, 1500, 333};
+    s.bias_gate_up = s.bias_down = true;
+    auto rng = moekit::test::make_rng(0x910);
+    Problem P(s, MOEKIT_DTYPE_BF16, moekit::test::experts::make_random(s, rng, MOEKIT_DTYPE_BF16));
+    std::vector<double> dout = moekit::test::experts::normal_vec(rng, static_cast<size_t>(P.R()) * s.hidden, 1.0,
+                                                                 MOEKIT_DTYPE_BF16);
+    DeviceBuffer dout_d = upload(pack_d(MOEKIT_DTYPE_BF16, dout));
+    const ForwardRun f1 = run_forward(P, true, stream.s);
+    const BackwardRun b1 = run_backward(P, &f1.u, dout_d, stream.s);
+    for (int rep = 0; rep < 3; ++rep) {
+      const ForwardRun f2 = run_forward(P, true, stream.s);
+      REQUIRE(f2.raw == f1.raw);
+      const BackwardRun b2 = run_backward(P, &f1.u, dout_d, stream.s);
+      REQUIRE(b2.raw == b1.raw);
+    }
+  }
+}
+
+TEST_CASE("both GEMM paths: a small exact problem, bit for bit and equal across paths",
+          "[gpu][experts][paths][exact]") {
+  // Small enough for compute-sanitizer --tool racecheck / synccheck on the SM90 kernels: one tile
+  // column, a few row tiles straddling groups, every forward and dgrad kind.
+  Stream stream;
+  std::vector<uint8_t> first;
+  for (int32_t path : both_paths()) {
+    PathScope scope(path);
+    INFO("gemm_path " << path_name(path));
+    Spec s;
+    s.activation = MOEKIT_ACTIVATION_RELU2;
+    s.hidden = 64;
+    s.inter = 40;
+    s.counts = {0, 1, 7, 130, 0, 3};
+    s.tail_rows = 9;
+    s.bias_gate_up = s.bias_down = true;
+    auto rng = moekit::test::make_rng(0x920);
+    Problem P(s, MOEKIT_DTYPE_BF16, moekit::test::experts::make_integer(s, rng));
+    check_problem(P, true, false, stream.s);
+    const ForwardRun f = run_forward(P, true, stream.s);
+    if (first.empty()) {
+      first = f.raw;
+    } else {
+      INFO("exact results equal across paths");
+      REQUIRE(f.raw == first);
+    }
   }
 }
 

@@ -227,6 +227,11 @@ pub const MOEKIT_GATE_UP_AUTO: moekit_gate_up_layout_t = 0;
 pub const MOEKIT_GATE_UP_CONCATENATED: moekit_gate_up_layout_t = 1;
 pub const MOEKIT_GATE_UP_INTERLEAVED: moekit_gate_up_layout_t = 2;
 
+pub type moekit_gemm_path_t = c_int;
+pub const MOEKIT_GEMM_PATH_AUTO: moekit_gemm_path_t = 0;
+pub const MOEKIT_GEMM_PATH_SM80: moekit_gemm_path_t = 1;
+pub const MOEKIT_GEMM_PATH_SM90: moekit_gemm_path_t = 2;
+
 pub type moekit_weight_layout_t = c_int;
 pub const MOEKIT_WEIGHT_IN_OUT: moekit_weight_layout_t = 0;
 pub const MOEKIT_WEIGHT_OUT_IN: moekit_weight_layout_t = 1;
@@ -251,6 +256,7 @@ pub struct moekit_experts_config_t {
     pub weight_after_down: i32,
     pub act_alpha: f32,
     pub act_limit: f32,
+    pub gemm_path: i32,
 }
 
 #[repr(C)]

@@ -419,7 +419,7 @@ fn rust_layouts() -> Vec<Layout> {
             capacity, drop_policy }
         moekit_token_plan_t { struct_size, expert_counts, expert_offsets, row_of_slot, slot_of_row, totals }
         moekit_experts_config_t { struct_size, num_experts, hidden, inter, dtype, activation, gate_up_layout,
-            weight_after_down, act_alpha, act_limit }
+            weight_after_down, act_alpha, act_limit, gemm_path }
         moekit_mlp_config_t { struct_size, hidden, inter, dtype, activation, gate_up_layout, weight_layout,
             act_alpha, act_limit }
         moekit_layer_config_t { struct_size, hidden, dtype, router, experts, shared, shared_gate, router_bias,

@@ -1,0 +1,433 @@
+// Grouped GEMM for bf16/f16 on Hopper (sm_90a): TMA loads into a kStages-deep shared-memory ring
+// completing on mbarriers, wgmma.mma_async issued by two consumer warpgroups, a producer warp,
+// setmaxnreg, and a persistent grid walking the device-side tile schedule of grouped_problem.cuh
+// (tiles -> (group, row tile, column tile) from the device offsets; empty groups own no tile).
+// The fused epilogues of epilogue.cuh run straight from the accumulator registers.
+//
+// Problems (GroupedGemmProblem, axis M only): C[rows_g, N] = A[rows_g, K] B_g with B_g KN (forward:
+// kEpiGateUp, kEpiRelu2, kEpiStore) or NK (dgrad: kEpiStore, kEpiBwdAct). Axis K (weight
+// gradients) stays on the sm_80 kernels. Tile, shared-memory layout, tensor maps and wgmma
+// descriptors: grouped_gemm_sm90.hpp.
+//
+// Pipeline (per CTA; `it` counts k tiles over all the CTA's tiles, stage = it % kStages,
+// phase = (it / kStages) & 1):
+//   full[s]   (count 1): the producer's arrive.expect_tx(bytes of the boxes it issues) plus the
+//             TMA transactions; consumers wait on it with parity `phase`.
+//   empty[s]  (count 4 kConsumers): lane 0 of every consumer warp arrives once its wgmma reading
+//             stage s have completed (wgmma.wait_group); the producer waits with parity
+//             phase ^ 1 before refilling s (a fresh barrier passes parity 1 at once).
+// Consumers keep one wgmma batch (the 4 k16 steps of a k tile) in flight: after committing k tile
+// kt they wait until k tile kt - 1's batch is done and release its stage. The producer runs up to
+// kStages k tiles ahead, into the next tile while the consumers run the epilogue.
+// Rows of a tile past its group's end are computed (TMA loads whatever rows follow, zeros past R)
+// but never stored; k past K and columns past N are zero-filled by TMA; a B box entirely past the
+// columns is not issued (its stale shared memory only feeds accumulator columns that are never
+// stored).
+// Determinism: every accumulator sums k in ascending order in one CTA; no split-K, no atomics.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "kernels/experts/epilogue.cuh"
+#include "kernels/experts/grouped_gemm_sm90.hpp"
+#include "kernels/experts/grouped_problem.cuh"
+#include "kernels/experts/tma.hpp"
+
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "grouped_gemm_sm90.cuh is built only for -gencode=arch=compute_90a,code=sm_90a"
+#endif
+
+namespace moekit::kernels::experts::sm90 {
+
+// ---- PTX wrappers -------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+// Makes the barrier initialisations visible to the async proxy (TMA) and to the other threads
+// (with the __syncthreads that follows).
+__device__ __forceinline__ void fence_barrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n" ::"r"(bar),
+               "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+
+// Spins until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+__device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1,
+                                            int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+      "[%5];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1,
+                                            int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int kN>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kN) : "memory");
+}
+
+// Pins accumulator registers at this point of the program: the compiler may not move reads of
+// them above it (after wgmma_wait: the asynchronous writes have landed) or writes below it.
+__device__ __forceinline__ void fence_acc(float (&d)[128]) {
+#pragma unroll
+  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
+// One wgmma.mma_async m64n256k16 with fp32 accumulators d[128] += A (descriptor) x B (descriptor),
+// TYPE bf16 or f16; operands %128 / %129 the descriptors, %130 the transpose flag of B.
+#define MOEKIT_WGMMA_M64N256K16(TYPE) \
+  asm volatile( \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %131, 0;\n" \
+    "wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPE "." TYPE " {" \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+    "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+    "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+    "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+    "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" \
+    "}, %128, %129, p, 1, 1, 0, %130;\n}\n" \
+    : \
+      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
+      "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
+      "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
+      "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
+      "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), \
+      "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), \
+      "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
+      "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
+      "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127]) \
+    : "l"(desc_a), "l"(desc_b), "n"(kTransB), "r"(1) \
+    : "memory")
+
+// d += A x B over one k16 step; kTransB = 1 for B N-major (KN in memory), 0 for K-major (NK).
+template <class T, int kTransB>
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    MOEKIT_WGMMA_M64N256K16("bf16");
+  } else {
+    MOEKIT_WGMMA_M64N256K16("f16");
+  }
+}
+
+#undef MOEKIT_WGMMA_M64N256K16
+
+// ---- The kernel ----------------------------------------------------------------------------------
+
+struct TileInfo {
+  int group;
+  int n_tile;
+  int n0;          // first (virtual) output column
+  int rows_valid;  // rows of the tile inside the group's segment (1 .. BM)
+  int64_t row0;    // first row of the tile
+};
+
+template <class T, bool kBNK, int kKind>
+struct GroupedGemmSm90 {
+  using Cfg = TileConfig;
+  using Smem = SmemLayout;
+  static constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kBK = Cfg::kBK, kStages = Cfg::kStages;
+  static constexpr int kConsumerWarps = 4 * Cfg::kConsumers;
+  static constexpr int kTransB = kBNK ? 0 : 1;
+  static_assert(kBNK ? (kKind == kEpiStore || kKind == kEpiBwdAct)
+                     : (kKind == kEpiGateUp || kKind == kEpiRelu2 || kKind == kEpiStore),
+                "forward kinds read B as KN, dgrad kinds as NK");
+  static_assert(kBN == 2 * 128 && kBN / Cfg::kBoxCols == 4, "gate/up pairing: boxes 0, 1 gate, 2, 3 up");
+
+  static __device__ __forceinline__ TileInfo decode(const RowTileSchedule& sched, const GroupedGemmProblem& prob,
+                                                    int64_t tile) {
+    const RowTile rt = sched.decode(tile);
+    int64_t gb, ge;
+    group_rows(prob.offsets, rt.group, prob.max_rows, &gb, &ge);
+    TileInfo t;
+    t.group = rt.group;
+    t.n_tile = rt.n_tile;
+    t.n0 = rt.n_tile * kBN;
+    t.row0 = gb + static_cast<int64_t>(rt.row_tile) * kBM;
+    const int64_t rest = ge - t.row0;
+    t.rows_valid = static_cast<int>(rest < kBM ? rest : kBM);
+    return t;
+  }
+
+  // One thread: every TMA load of the CTA's tiles, in the consumers' order.
+  static __device__ __forceinline__ void producer(const CUtensorMap* tma_a, const CUtensorMap* tma_b,
+                                                  const GroupedGemmProblem& prob, const RowTileSchedule& sched,
+                                                  int64_t total, uint32_t smem) {
+    prefetch_tensor_map(tma_a);
+    prefetch_tensor_map(tma_b);
+    const int ktiles = (prob.k + kBK - 1) / kBK;
+    const bool paired = prob.gate_up_half > 0;
+    // Columns of B's tensor map along which the boxes step (see tma_spec_b_kn).
+    const int box_cols = paired ? prob.gate_up_half : prob.n;
+    uint32_t it = 0;
+    for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
+      const TileInfo t = decode(sched, prob, tile);
+      // KN boxes: column of box j (boxes past the columns are not issued).
+      int col[4];
+      uint32_t boxes = 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        col[j] = kn_box_column(t.n0, j, paired);
+        boxes += col[j] < box_cols ? 1u : 0u;
+      }
+      const uint32_t tx = kBNK ? Smem::kStageBytes : Smem::kABytes + boxes * Smem::kBBoxBytes;
+      const int row0 = static_cast<int>(t.row0);
+      for (int kt = 0; kt < ktiles; ++kt, ++it) {
+        const uint32_t s = it % kStages;
+        const uint32_t phase = (it / kStages) & 1u;
+        const uint32_t full = smem + Smem::kFullBarrier + 8 * s;
+        mbar_wait(smem + Smem::kEmptyBarrier + 8 * s, phase ^ 1u);
+        mbar_arrive_expect_tx(full, tx);
+        const int k0 = kt * kBK;
+        tma_load_2d(smem + Smem::a_offset(s), tma_a, full, k0, row0);
+        if constexpr (kBNK) {
+          tma_load_3d(smem + Smem::b_offset(s), tma_b, full, k0, t.n0, t.group);
+        } else {
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            if (col[j] < box_cols)
+              tma_load_4d(smem + Smem::b_offset(s) + j * Smem::kBBoxBytes, tma_b, full, col[j],
+                          kn_box_half(j, paired), k0, t.group);
+        }
+      }
+    }
+  }
+
+  // Epilogue of one consumer thread: rows lr0 and lr0 + 8 of the tile; accumulator chunk j
+  // (d[4 j .. 4 j + 3]) covers tile columns 8 j + 2 q, + 1 (q = lane % 4), d[4 j + 2 h + e] row
+  // lr0 + 8 h (the mma.sync m16n8 C layout per chunk, mma_layout.cuh).
+  static __device__ __forceinline__ void epilogue(const TileInfo& t, const GroupedGemmProblem& prob,
+                                                  const EpilogueParams& ep, const float (&d)[128], int lr0,
+                                                  int lane) {
+    const int q = lane & 3;
+    const T* bias = ep.bias ? static_cast<const T*>(ep.bias) + t.group * ep.bias_group_stride : nullptr;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int lr = lr0 + 8 * h;
+      const bool valid = lr < t.rows_valid;
+      const int64_t row = t.row0 + lr;
+      float dp = 0.0f;
+      if (valid) {
+        const float p = ep.row_weights ? ep.row_weights[row] : 1.0f;
+        const EpilogueRow<T> er{ep, bias, row, p};
+        if constexpr (kKind == kEpiGateUp) {
+          if (prob.gate_up_half > 0) {
+            // Chunk j < 16: gate columns i, i + 1; chunk j + 16: their up columns.
+            const int I = prob.gate_up_half;
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+              const int i = paired_h_column(t.n0, j, q);
+              if (i < I)
+                er.gate_up_pair2(i, d[4 * j + 2 * h], d[4 * j + 2 * h + 1], d[4 * (j + 16) + 2 * h],
+                                 d[4 * (j + 16) + 2 * h + 1]);
+            }
+          } else {
+            // Interleaved: columns 2i (gate), 2i + 1 (up) side by side.
+#pragma unroll
+            for (int j = 0; j < 32; ++j) {
+              const int v = plain_column(t.n0, j, q);
+              if (v < prob.n) er.gate_up_pair1(v >> 1, d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+            }
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < 32; ++j) {
+            const int c = plain_column(t.n0, j, q);
+            if (c < prob.n) dp += er.template plain_pair<kKind>(c, d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+          }
+        }
+      }
+      if constexpr (kKind == kEpiBwdAct) {
+        // The row's sum of G * act(u) over the tile's columns: chunks in order per lane, then
+        // the 4 lanes of the row (fixed xor tree). One writer per row and column tile.
+        dp += __shfl_xor_sync(0xffffffffu, dp, 1);
+        dp += __shfl_xor_sync(0xffffffffu, dp, 2);
+        if (valid && q == 0) ep.dp_partial[row * ep.ld_dp + t.n_tile] = dp;
+      }
+    }
+  }
+
+  // A consumer warpgroup (c = 0, 1): rows [64 c, 64 c + 64) of every tile.
+  static __device__ __forceinline__ void consumer(const GroupedGemmProblem& prob, const EpilogueParams& ep,
+                                                  const RowTileSchedule& sched, int64_t total, uint32_t smem, int c,
+                                                  int ctid) {
+    const int warp = ctid >> 5, lane = ctid & 31;
+    const int ktiles = (prob.k + kBK - 1) / kBK;
+    const uint32_t a_rows = static_cast<uint32_t>(c) * 64u * 128u;  // this warpgroup's 64 rows of A
+    uint32_t it = 0;
+    for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
+      const TileInfo t = decode(sched, prob, tile);
+      float d[128];
+#pragma unroll
+      for (int i = 0; i < 128; ++i) d[i] = 0.0f;
+      uint32_t prev = 0;
+      for (int kt = 0; kt < ktiles; ++kt, ++it) {
+        const uint32_t s = it % kStages;
+        const uint32_t phase = (it / kStages) & 1u;
+        mbar_wait(smem + Smem::kFullBarrier + 8 * s, phase);
+        const uint64_t da = wgmma_desc(smem + Smem::a_offset(s) + a_rows, kDescALbo, kDescASbo);
+        const uint64_t db = kBNK ? wgmma_desc(smem + Smem::b_offset(s), kDescBNkLbo, kDescBNkSbo)
+                                 : wgmma_desc(smem + Smem::b_offset(s), kDescBKnLbo, kDescBKnSbo);
+        constexpr uint32_t kBStep = kBNK ? kBNkStepBytes : kBKnStepBytes;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBK / 16; ++kk)
+          wgmma_m64n256k16<T, kTransB>(d, da + ((kk * kAStepBytes) >> 4), db + ((kk * kBStep) >> 4));
+        wgmma_commit();
+        wgmma_wait<1>();  // k tile kt - 1's batch is done: its stage may be refilled
+        if (kt > 0 && lane == 0) mbar_arrive(smem + Smem::kEmptyBarrier + 8 * prev);
+        prev = s;
+      }
+      wgmma_wait<0>();
+      fence_acc(d);
+      if (lane == 0) mbar_arrive(smem + Smem::kEmptyBarrier + 8 * prev);
+      epilogue(t, prob, ep, d, 64 * c + 16 * warp + (lane >> 2), lane);
+    }
+  }
+
+  static __device__ __forceinline__ void run(const CUtensorMap* tma_a, const CUtensorMap* tma_b,
+                                             const GroupedGemmProblem& prob, const EpilogueParams& ep,
+                                             unsigned char* smem_raw) {
+    // Swizzled tiles start on 1024-byte atoms: round the dynamic shared memory up (bytes() keeps
+    // kAlign bytes of slack for it).
+    const uint32_t raw = smem_u32(smem_raw);
+    const uint32_t pad = ((raw + Smem::kAlign - 1) & ~(Smem::kAlign - 1)) - raw;
+    const uint32_t smem = raw + pad;
+    int32_t* s_prefix = reinterpret_cast<int32_t*>(smem_raw + pad + Smem::kPrefix);
+    const int tid = threadIdx.x;
+    const int tiles_n = (prob.n + kBN - 1) / kBN;
+    build_row_tile_prefix<Cfg::kThreads>(prob.offsets, prob.num_groups, prob.max_rows, kBM, s_prefix,
+                                         s_prefix + prob.num_groups + 1);
+    if (tid == 0) {
+#pragma unroll
+      for (int s = 0; s < kStages; ++s) {
+        mbar_init(smem + Smem::kFullBarrier + 8 * s, 1);
+        mbar_init(smem + Smem::kEmptyBarrier + 8 * s, kConsumerWarps);
+      }
+      fence_barrier_init();
+    }
+    __syncthreads();
+    const RowTileSchedule sched{s_prefix, prob.num_groups, tiles_n, Cfg::kGroupM};
+    const int64_t total = sched.total_tiles();
+    const int wg = tid / Cfg::kWarpgroupThreads;
+    // No block-wide barrier after this point: the producer warpgroup's idle threads leave.
+    if (wg == 0) {
+      setmaxnreg_dec<Cfg::kProducerRegs>();
+      if (tid == 0) producer(tma_a, tma_b, prob, sched, total, smem);
+    } else {
+      setmaxnreg_inc<Cfg::kConsumerRegs>();
+      consumer(prob, ep, sched, total, smem, wg - 1, tid - wg * Cfg::kWarpgroupThreads);
+    }
+  }
+};
+
+template <class T, bool kBNK, int kKind>
+__global__ void __launch_bounds__(TileConfig::kThreads, 1)
+    grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_b,
+                             const GroupedGemmProblem prob, const EpilogueParams ep) {
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  GroupedGemmSm90<T, kBNK, kKind>::run(&tma_a, &tma_b, prob, ep, smem_raw);
+}
+
+// Launch: tensor maps encoded here (host only), a persistent grid of min(worst-case tile count,
+// SMs) CTAs (one per SM: the ring takes ~193 KB of shared memory).
+template <class T, bool kBNK, int kKind>
+cudaError_t launch(const GroupedGemmProblem& prob, const EpilogueParams& ep, cudaStream_t stream) {
+  using Cfg = TileConfig;
+  auto kernel = grouped_gemm_sm90_kernel<T, kBNK, kKind>;
+  const int tiles_n = (prob.n + Cfg::kBN - 1) / Cfg::kBN;
+  const int64_t max_tiles = max_row_tiles(prob.max_rows, prob.num_groups, Cfg::kBM) * tiles_n;
+  if (max_tiles <= 0 || prob.max_rows <= 0) return cudaSuccess;
+  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+  CUtensorMap map_a, map_b;
+  cudaError_t err = encode_tensor_map(&map_a, kBf16, tma_spec_a(prob.max_rows, prob.k, prob.lda), prob.a);
+  if (err != cudaSuccess) return err;
+  const TmaSpec spec_b = kBNK ? tma_spec_b_nk(prob.num_groups, prob.k, prob.n, prob.ldb, prob.b_group_stride)
+                              : tma_spec_b_kn(prob.num_groups, prob.k, prob.n, prob.ldb, prob.b_group_stride,
+                                              prob.gate_up_half);
+  if ((err = encode_tensor_map(&map_b, kBf16, spec_b, prob.b)) != cudaSuccess) return err;
+  const size_t smem = SmemLayout::bytes(prob.num_groups);
+  if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem))) !=
+      cudaSuccess)
+    return err;
+  int device = 0, sms = 0;
+  if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
+  const int grid = static_cast<int>(max_tiles < sms ? max_tiles : sms);
+  kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_a, map_b, prob, ep);
+  return cudaPeekAtLastError();
+}
+
+}  // namespace moekit::kernels::experts::sm90

@@ -1,0 +1,236 @@
+// Host-visible facts of the Hopper (sm_90a) grouped GEMM: tile shape, shared-memory layout, the
+// tensor maps its TMA loads read through, and which problems it takes. Plain C++ (no CUDA device
+// code, no driver types), so the CPU tests check every number here; grouped_gemm_sm90.cuh holds
+// the kernel and tma.hpp turns a TmaSpec into a CUtensorMap.
+//
+// Tile: 128 x 256 x 64 per CTA (BM x BN x BK), 3 warpgroups of 128 threads:
+//   warpgroup 0       producer: one thread issues every TMA load (the other 127 threads leave
+//                     after giving up their registers: setmaxnreg.dec to kProducerRegs);
+//   warpgroups 1, 2   consumers: rows [64 (w - 1), 64 w) of the tile, all 256 columns, one
+//                     wgmma.m64n256k16 per k16 step (128 fp32 accumulators per thread), then the
+//                     fused epilogue straight from the registers (setmaxnreg.inc to kConsumerRegs).
+// Shared memory: kStages stages of { A [128 rows][64 k] (16 KB), B (32 KB) }, each stage operand
+// 1024-byte aligned and 128-byte swizzled (what TMA's SWIZZLE_128B writes and wgmma's 128B swizzle
+// mode reads), then 2 kStages mbarriers (full, empty), then the row-tile prefix of the schedule.
+//   B, KN layout (x @ W, N contiguous in memory; wgmma's "N-major", imm-trans-b = 1): four TMA
+//     boxes of [64 k][64 n] (8 KB each) side by side: box j holds logical columns [64 j, 64 j + 64)
+//     of the tile.
+//   B, NK layout (x @ W^T, K contiguous; wgmma's K-major): one TMA box of [256 n][64 k].
+// Gate/up pairing (concatenated gate | up columns, kEpiGateUp): the tile's virtual columns
+// [n0, n0 + 256) are gate columns [n0 / 2, n0 / 2 + 128) and the same up columns (b_column in
+// grouped_problem.cuh). Boxes 0, 1 load those gate columns and boxes 2, 3 the up columns, so
+// logical tile column c < 128 is gate column n0 / 2 + c and column 128 + c its up column: in the
+// wgmma accumulator layout (per 8-column chunk j the mma.sync m16n8 C layout) a thread owns gate
+// chunk j and up chunk j + 16, i.e. every gate column together with its up column. The tensor map
+// of B is then 4-D, {I, 2, K, G}: the "half" coordinate picks gate or up, and a box past I (the
+// last tile when I is not a multiple of 128) is zero-filled instead of reading the up half.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/experts/grouped_gemm.hpp"
+
+namespace moekit::kernels::experts::sm90 {
+
+struct TileConfig {
+  static constexpr int kBM = 128;
+  static constexpr int kBN = 256;
+  static constexpr int kBK = 64;
+  static constexpr int kConsumers = 2;   // consumer warpgroups, 64 rows each
+  static constexpr int kWarpgroupThreads = 128;
+  static constexpr int kThreads = kWarpgroupThreads * (kConsumers + 1);
+  static constexpr int kStages = 4;
+  static constexpr int kGroupM = 8;      // panel height of the tile swizzle (as sm_80)
+  static constexpr int kBoxCols = 64;    // 64 16-bit elements = the 128-byte swizzle span
+  static constexpr int kProducerRegs = 40;
+  static constexpr int kConsumerRegs = 232;
+  static constexpr int kElemBytes = 2;   // bf16 / f16
+};
+
+// Byte offsets inside the dynamic shared memory, after its base is rounded up to 1024 bytes.
+struct SmemLayout {
+  using C = TileConfig;
+  static constexpr uint32_t kAlign = 1024;  // 128B-swizzle atoms: 8 rows of 128 bytes
+  static constexpr uint32_t kABytes = C::kBM * C::kBK * C::kElemBytes;          // 16384
+  static constexpr uint32_t kBBoxBytes = C::kBK * C::kBoxCols * C::kElemBytes;  // 8192 (KN box)
+  static constexpr uint32_t kBBytes = C::kBN * C::kBK * C::kElemBytes;          // 32768
+  static constexpr uint32_t kStageBytes = kABytes + kBBytes;                    // 49152
+  static constexpr uint32_t kPipelineBytes = C::kStages * kStageBytes;
+  static constexpr uint32_t kFullBarrier = kPipelineBytes;                      // kStages x 8
+  static constexpr uint32_t kEmptyBarrier = kFullBarrier + 8 * C::kStages;      // kStages x 8
+  static constexpr uint32_t kPrefix = kEmptyBarrier + 8 * C::kStages;
+  static constexpr uint32_t a_offset(int stage) { return stage * kStageBytes; }
+  static constexpr uint32_t b_offset(int stage) { return stage * kStageBytes + kABytes; }
+  // Prefix [G + 1] plus the block scan's scratch (one int32 per warp).
+  static size_t bytes(int num_groups) {
+    return kAlign + kPrefix + (static_cast<size_t>(num_groups) + 1 + C::kThreads / 32) * 4;
+  }
+};
+static_assert(SmemLayout::kABytes % SmemLayout::kAlign == 0 && SmemLayout::kBBytes % SmemLayout::kAlign == 0,
+              "every operand tile starts on a swizzle atom");
+
+// A tensor map as cuTensorMapEncodeTiled takes it (dims innermost first, in elements; strides of
+// dims 1 .. rank - 1 in bytes; box in elements), 16-bit elements, SWIZZLE_128B, zero fill.
+struct TmaSpec {
+  int rank = 0;
+  uint64_t dims[5] = {0, 0, 0, 0, 0};
+  uint64_t strides[4] = {0, 0, 0, 0};
+  uint32_t box[5] = {1, 1, 1, 1, 1};
+};
+
+// A [R, K] with row stride lda: box [128 rows][64 k]. Rows past R and k past K read as zeros.
+inline TmaSpec tma_spec_a(int64_t rows, int k, int64_t lda) {
+  TmaSpec s;
+  s.rank = 2;
+  s.dims[0] = static_cast<uint64_t>(k);
+  s.dims[1] = static_cast<uint64_t>(rows);
+  s.strides[0] = static_cast<uint64_t>(lda) * TileConfig::kElemBytes;
+  s.box[0] = TileConfig::kBK;
+  s.box[1] = TileConfig::kBM;
+  return s;
+}
+
+// B_g, KN ([K, N] row-major per group, ldb, group stride in elements), as {cols, halves, K, G}:
+// with gate/up pairing (gate_up_half = I > 0) cols = I and halves = 2 (the up half starts I
+// columns on); otherwise cols = N and halves = 1. Box [1 group][64 k][1 half][64 cols].
+inline TmaSpec tma_spec_b_kn(int num_groups, int k, int n, int64_t ldb, int64_t group_stride, int gate_up_half) {
+  TmaSpec s;
+  const uint64_t eb = TileConfig::kElemBytes;
+  s.rank = 4;
+  const bool paired = gate_up_half > 0;
+  s.dims[0] = static_cast<uint64_t>(paired ? gate_up_half : n);
+  s.dims[1] = paired ? 2 : 1;
+  s.dims[2] = static_cast<uint64_t>(k);
+  s.dims[3] = static_cast<uint64_t>(num_groups);
+  s.strides[0] = (paired ? static_cast<uint64_t>(gate_up_half) : static_cast<uint64_t>(ldb)) * eb;
+  s.strides[1] = static_cast<uint64_t>(ldb) * eb;
+  s.strides[2] = static_cast<uint64_t>(group_stride) * eb;
+  s.box[0] = TileConfig::kBoxCols;
+  s.box[1] = 1;
+  s.box[2] = TileConfig::kBK;
+  s.box[3] = 1;
+  return s;
+}
+
+// B_g, NK ([N, K] row-major per group) as {K, N, G}: box [1 group][256 n][64 k].
+inline TmaSpec tma_spec_b_nk(int num_groups, int k, int n, int64_t ldb, int64_t group_stride) {
+  TmaSpec s;
+  const uint64_t eb = TileConfig::kElemBytes;
+  s.rank = 3;
+  s.dims[0] = static_cast<uint64_t>(k);
+  s.dims[1] = static_cast<uint64_t>(n);
+  s.dims[2] = static_cast<uint64_t>(num_groups);
+  s.strides[0] = static_cast<uint64_t>(ldb) * eb;
+  s.strides[1] = static_cast<uint64_t>(group_stride) * eb;
+  s.box[0] = TileConfig::kBK;
+  s.box[1] = TileConfig::kBN;
+  s.box[2] = 1;
+  return s;
+}
+
+// What cuTensorMapEncodeTiled demands of a spec (so a launch never gets as far as a driver
+// error): rank 1..5, every dim in [1, 2^32], strides multiples of 16 below 2^40, boxes in
+// [1, 256] (a box may be larger than its dim: the excess is zero-filled) with the inner box a
+// 16-byte multiple within the 128-byte swizzle span, and each stride at least the extent of the
+// dimensions below it (no overlapping rows).
+inline bool tma_spec_valid(const TmaSpec& s) {
+  if (s.rank < 1 || s.rank > 5) return false;
+  for (int i = 0; i < s.rank; ++i) {
+    if (s.dims[i] < 1 || s.dims[i] > (uint64_t(1) << 32)) return false;
+    if (s.box[i] < 1 || s.box[i] > 256) return false;
+  }
+  if ((s.box[0] * TileConfig::kElemBytes) % 16 != 0 || s.box[0] * TileConfig::kElemBytes > 128) return false;
+  uint64_t extent = s.dims[0] * TileConfig::kElemBytes;
+  for (int i = 0; i + 1 < s.rank; ++i) {
+    if (s.strides[i] % 16 != 0 || s.strides[i] >= (uint64_t(1) << 40)) return false;
+    if (s.strides[i] < extent) return false;
+    extent = s.strides[i] * s.dims[i + 1];
+  }
+  return true;
+}
+
+// KN boxes of a tile whose first virtual column is n0 (box j fills logical tile columns
+// [64 j, 64 j + 64)): the column coordinate in B's tensor map and its "half" coordinate. Paired:
+// boxes 0, 1 gate columns n0 / 2 + {0, 64}, boxes 2, 3 the same up columns; otherwise n0 + 64 j.
+// A box whose column is at or past the map's columns (I paired, N otherwise) is not issued.
+__host__ __device__ inline int kn_box_column(int n0, int j, bool paired) {
+  return paired ? n0 / 2 + TileConfig::kBoxCols * (j & 1) : n0 + TileConfig::kBoxCols * j;
+}
+__host__ __device__ inline int kn_box_half(int j, bool paired) { return paired ? (j >> 1) : 0; }
+
+// Epilogue columns of accumulator chunk j (columns 8 j .. 8 j + 7 of the tile) for the lane with
+// q = lane % 4: its first column (q owns that and the next). Paired: for j < 16 the gate (= h)
+// column i, whose up column sits in chunk j + 16; otherwise the stored output column.
+__host__ __device__ inline int paired_h_column(int n0, int j, int q) { return n0 / 2 + 8 * j + 2 * q; }
+__host__ __device__ inline int plain_column(int n0, int j, int q) { return n0 + 8 * j + 2 * q; }
+
+// Bytes one stage's TMA loads deliver (the full boxes, zero-filled parts included): what the
+// producer announces with mbarrier.arrive.expect_tx.
+constexpr uint32_t stage_tx_bytes() { return SmemLayout::kStageBytes; }
+
+// wgmma shared-memory matrix descriptor (PTX ISA "matrix descriptor"): start address >> 4 in bits
+// 0-13, leading-dimension byte offset >> 4 in 16-29, stride-dimension byte offset >> 4 in 32-45,
+// base offset 0 (every tile starts on a 1024-byte atom), swizzle mode in 62-63 (1 = 128B).
+//   A (K-major, 128B swizzle): rows of 128 bytes, 8-row atoms 1024 bytes apart: SBO = 1024; LBO
+//     is unused for swizzled K-major layouts (a k16 step stays inside one 128-byte row) and set
+//     to 1 (16 bytes); a k16 step adds 32 bytes to the start address.
+//   B KN (N-major, 128B swizzle): each 64-column box is 64 k-rows of 128 bytes; LBO = distance
+//     between 64-column boxes (8192), SBO = distance between 8-k-row atoms (1024); a k16 step
+//     adds 16 rows = 2048 bytes.
+//   B NK (K-major, 128B swizzle): as A (256 rows).
+constexpr uint64_t kDescSwizzle128 = uint64_t(1) << 62;
+constexpr uint64_t wgmma_desc(uint32_t smem_addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  return (static_cast<uint64_t>((smem_addr & 0x3FFFF) >> 4)) |
+         (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFF) << 32) | kDescSwizzle128;
+}
+constexpr uint32_t kDescALbo = 16, kDescASbo = 1024;
+constexpr uint32_t kDescBKnLbo = SmemLayout::kBBoxBytes, kDescBKnSbo = 1024;
+constexpr uint32_t kDescBNkLbo = 16, kDescBNkSbo = 1024;
+constexpr uint32_t kAStepBytes = 16 * TileConfig::kElemBytes;                        // 32
+constexpr uint32_t kBKnStepBytes = 16 * TileConfig::kBoxCols * TileConfig::kElemBytes;  // 2048
+constexpr uint32_t kBNkStepBytes = 16 * TileConfig::kElemBytes;                      // 32
+
+// Byte offset, inside a 128B-swizzled tile of 128-byte rows, of the 16-bit element (row, col)
+// (col < 64): TMA's SWIZZLE_128B places 16-byte chunk c of row r at chunk c ^ (r % 8).
+constexpr uint32_t swizzled_offset(uint32_t row, uint32_t col) {
+  return row * 128 + ((((col * 2) >> 4) ^ (row & 7)) << 4) + ((col * 2) & 15);
+}
+
+// Whether the sm_90a kernels take this problem with this epilogue: axis M; B KN with the forward
+// epilogues or NK with kEpiStore / kEpiBwdAct; tensor maps that cuTensorMapEncodeTiled accepts
+// (16-byte-aligned bases, row and group strides multiples of 16 bytes: H and I multiples of 8);
+// the gate/up pairing only as N = 2 I. Everything else runs on the sm_80 kernels.
+inline bool takes(const GroupedGemmProblem& p, EpiKind kind) {
+  if (p.axis != kAxisM || p.num_groups < 1 || p.max_rows < 1 || p.max_rows > INT32_MAX || p.k < 1 || p.n < 1)
+    return false;
+  if (p.b_nk ? !(kind == kEpiStore || kind == kEpiBwdAct)
+             : !(kind == kEpiGateUp || kind == kEpiRelu2 || kind == kEpiStore))
+    return false;
+  if (p.gate_up_half > 0 && (p.b_nk || kind != kEpiGateUp || p.n != 2 * p.gate_up_half)) return false;
+  if ((reinterpret_cast<uintptr_t>(p.a) & 15) != 0 || (reinterpret_cast<uintptr_t>(p.b) & 15) != 0) return false;
+  const TmaSpec b = p.b_nk ? tma_spec_b_nk(p.num_groups, p.k, p.n, p.ldb, p.b_group_stride)
+                           : tma_spec_b_kn(p.num_groups, p.k, p.n, p.ldb, p.b_group_stride, p.gate_up_half);
+  return tma_spec_valid(tma_spec_a(p.max_rows, p.k, p.lda)) && tma_spec_valid(b);
+}
+
+}  // namespace moekit::kernels::experts::sm90
+
+namespace moekit::kernels::experts {
+
+// Launchers of the sm_90a kernels (grouped_gemm_sm90_*.cu; T = __nv_bfloat16 or __half), for
+// problems sm90::takes accepts. In a build without sm_90a objects (gpu_archs without 90) they
+// return cudaErrorNotSupported and sm90_built() is false.
+template <class T>
+cudaError_t launch_sm90_forward(const GroupedGemmProblem& problem, EpiKind kind, const EpilogueParams& params,
+                                cudaStream_t stream);
+template <class T>
+cudaError_t launch_sm90_backward(const GroupedGemmProblem& problem, EpiKind kind, const EpilogueParams& params,
+                                 cudaStream_t stream);
+bool sm90_built();
+
+}  // namespace moekit::kernels::experts

@@ -1,0 +1,7 @@
+// Hopper (sm_90a) grouped GEMM instances: forward, __half.
+#include "kernels/experts/grouped_gemm_sm90_impl.cuh"
+
+namespace moekit::kernels::experts {
+template cudaError_t launch_sm90_forward<__half>(const GroupedGemmProblem&, EpiKind, const EpilogueParams&,
+                                             cudaStream_t);
+}  // namespace moekit::kernels::experts

@@ -1,0 +1,32 @@
+// Bodies of launch_sm90_forward / launch_sm90_backward, included by the per-dtype sm_90a .cu files.
+#pragma once
+
+#include "kernels/experts/grouped_gemm_sm90.cuh"
+#include "kernels/experts/grouped_gemm_sm90.hpp"
+
+namespace moekit::kernels::experts {
+
+template <class T>
+cudaError_t launch_sm90_forward(const GroupedGemmProblem& p, EpiKind kind, const EpilogueParams& ep,
+                                cudaStream_t stream) {
+  if (p.b_nk || !sm90::takes(p, kind)) return cudaErrorInvalidValue;
+  switch (kind) {
+    case kEpiGateUp: return sm90::launch<T, false, kEpiGateUp>(p, ep, stream);
+    case kEpiRelu2: return sm90::launch<T, false, kEpiRelu2>(p, ep, stream);
+    case kEpiStore: return sm90::launch<T, false, kEpiStore>(p, ep, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <class T>
+cudaError_t launch_sm90_backward(const GroupedGemmProblem& p, EpiKind kind, const EpilogueParams& ep,
+                                 cudaStream_t stream) {
+  if (!p.b_nk || !sm90::takes(p, kind)) return cudaErrorInvalidValue;
+  switch (kind) {
+    case kEpiStore: return sm90::launch<T, true, kEpiStore>(p, ep, stream);
+    case kEpiBwdAct: return sm90::launch<T, true, kEpiBwdAct>(p, ep, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace moekit::kernels::experts
