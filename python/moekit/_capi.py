@@ -273,6 +273,12 @@ class LayerSavedViewStruct(ctypes.Structure):
         ("shared_u", c_void_p),
         ("shared_gate_logit", c_void_p),
         ("shared_out", c_void_p),
+        ("recv_rows", c_int64),
+        ("ep_layout", c_void_p),
+        ("recv_x", c_void_p),
+        ("recv_indices", c_void_p),
+        ("recv_weights", c_void_p),
+        ("recv_mask", c_void_p),
     ]
 
 

@@ -402,13 +402,18 @@ def test_layer_configs_for_every_router_preset():
         assert cfg.experts.num_experts == cfg.router.num_experts and cfg.shared.hidden == 512
 
 
+_NOT_A_HANDLE = ctypes.create_string_buffer(256)
+
+
 @pytest.mark.parametrize("change,cls,text", [
     (dict(experts=moekit.ExpertsConfig(num_experts=64, hidden=256, inter=64)), moekit.InvalidArgumentError,
      "config->experts->num_experts = 64 differs from config->router->num_experts = 128"),
     (dict(router=moekit.RouterConfig.preset("qwen3", top_k=40)), moekit.InvalidArgumentError,
      "config->router->top_k = 40 is outside [1, 32]"),
     (dict(shared_gate=True), moekit.InvalidArgumentError, "config->shared_gate = 1 but config->shared is NULL"),
-    (dict(expert_parallel=0x1000), moekit.UnsupportedError, "config->expert_parallel = 0x1000"),
+    # not an EP handle (readable memory: a dangling handle pointer is undefined, as in every C API)
+    (dict(expert_parallel=ctypes.addressof(_NOT_A_HANDLE)), moekit.InvalidArgumentError,
+     "is not a live moekit_ep_handle_t"),
     (dict(hidden=260), moekit.InvalidArgumentError, "config->hidden = 260 is not a multiple of 8"),
 ], ids=["experts-E", "router-K", "gate-without-shared", "expert-parallel", "hidden"])
 def test_bad_layer_configs_name_the_path(change, cls, text):

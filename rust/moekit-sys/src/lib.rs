@@ -424,6 +424,12 @@ pub struct moekit_layer_saved_view_t {
     pub shared_u: *mut c_void,
     pub shared_gate_logit: *mut f32,
     pub shared_out: *mut c_void,
+    pub recv_rows: i64,
+    pub ep_layout: *mut c_void,
+    pub recv_x: *mut c_void,
+    pub recv_indices: *mut i32,
+    pub recv_weights: *mut f32,
+    pub recv_mask: *mut u8,
 }
 
 extern "C" {
