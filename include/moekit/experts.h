@@ -91,10 +91,10 @@ typedef enum moekit_gemm_path {
     /* mma.sync + cp.async kernels (compute capability 8.0 and newer). */
     MOEKIT_GEMM_PATH_SM80 = 1,
     /* TMA + wgmma warp-specialised kernels (compute capability 9.0 exactly, a build with the
-     * sm_90a objects: gpu_archs containing 90). The forward GEMMs and the axis-M backward GEMMs
-     * (dgrad) run there; the weight gradients, and any GEMM whose strides the tensor-memory
-     * accelerator cannot take, stay on the sm_80 kernels. A call on another device or build
-     * returns UNSUPPORTED. */
+     * sm_90a objects: gpu_archs containing 90) for the grouped GEMMs of the forward and the
+     * backward; what they cannot take (max_rows = 0, strides the tensor-memory accelerator
+     * cannot read) stays on the sm_80 kernels. A call on another device or build returns
+     * UNSUPPORTED. */
     MOEKIT_GEMM_PATH_SM90 = 2
 } moekit_gemm_path_t;
 

@@ -138,10 +138,11 @@ __device__ __forceinline__ void setmaxnreg_inc() {
 }
 
 // One wgmma.mma_async m64n256k16 with fp32 accumulators d[128] += A (descriptor) x B (descriptor),
-// TYPE bf16 or f16; operands %128 / %129 the descriptors, %130 the transpose flag of B.
+// TYPE bf16 or f16; operands %128 / %129 the descriptors, %130 / %131 the transpose flags of A
+// and B (1: M- / N-major in shared memory), %132 the scale-d predicate's source (always 1).
 #define MOEKIT_WGMMA_M64N256K16(TYPE) \
   asm volatile( \
-    "{\n.reg .pred p;\nsetp.ne.b32 p, %131, 0;\n" \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %132, 0;\n" \
     "wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPE "." TYPE " {" \
     "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
@@ -151,7 +152,7 @@ __device__ __forceinline__ void setmaxnreg_inc() {
     "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
     "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
     "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" \
-    "}, %128, %129, p, 1, 1, 0, %130;\n}\n" \
+    "}, %128, %129, p, 1, 1, %130, %131;\n}\n" \
     : \
       "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
@@ -169,11 +170,12 @@ __device__ __forceinline__ void setmaxnreg_inc() {
       "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
       "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
       "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127]) \
-    : "l"(desc_a), "l"(desc_b), "n"(kTransB), "r"(1) \
+    : "l"(desc_a), "l"(desc_b), "n"(kTransA), "n"(kTransB), "r"(1) \
     : "memory")
 
-// d += A x B over one k16 step; kTransB = 1 for B N-major (KN in memory), 0 for K-major (NK).
-template <class T, int kTransB>
+// d += A x B over one k16 step; kTransA = 1 for A M-major (X^T of a weight gradient), 0 for
+// K-major; kTransB = 1 for B N-major (KN in memory), 0 for K-major (NK).
+template <class T, int kTransA, int kTransB>
 __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     MOEKIT_WGMMA_M64N256K16("bf16");
@@ -344,7 +346,7 @@ struct GroupedGemmSm90 {
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kBK / 16; ++kk)
-          wgmma_m64n256k16<T, kTransB>(d, da + ((kk * kAStepBytes) >> 4), db + ((kk * kBStep) >> 4));
+          wgmma_m64n256k16<T, 0, kTransB>(d, da + ((kk * kAStepBytes) >> 4), db + ((kk * kBStep) >> 4));
         wgmma_commit();
         wgmma_wait<1>();  // k tile kt - 1's batch is done: its stage may be refilled
         if (kt > 0 && lane == 0) mbar_arrive(smem + Smem::kEmptyBarrier + 8 * prev);
@@ -399,6 +401,216 @@ __global__ void __launch_bounds__(TileConfig::kThreads, 1)
                              const GroupedGemmProblem prob, const EpilogueParams ep) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   GroupedGemmSm90<T, kBNK, kKind>::run(&tma_a, &tma_b, prob, ep, smem_raw);
+}
+
+// ---- Weight gradients (axis K) -------------------------------------------------------------------
+// C_g[M, N] = X_g^T Y_g over the rows of split `split` of group g (grouped_problem.cuh), tile
+// 128 (m) x 256 (n) x 64 rows: A is X^T, two [64 rows][64 m] boxes (one per consumer warpgroup,
+// M-major, imm-trans-a = 1), B is Y, four [64 rows][64 n] boxes (N-major, as B KN). The rows of a
+// split start anywhere and its last k tile may end inside the box: TMA then loads rows of the
+// next group (real data), so before that k tile's wgmma both consumer warpgroups zero the rows
+// past the split's end in every box of the stage (generic stores, fence.proxy.async so the async
+// proxy sees them, one 256-thread named barrier), as the sm_80 path's zero fill does for both
+// operands (no 0 x inf from rows that are not the group's). A split without rows owns its tiles
+// all the same and stores zeros (the empty expert's gradient).
+
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void st_shared_zero16(uint32_t addr) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0u) : "memory");
+}
+
+struct WgradTileInfo {
+  int group, split, m0, n0;
+  int64_t row0;  // first row of the split
+  int ktiles;    // k tiles of 64 rows
+  int k_last;    // rows of the last k tile (1 .. 64), or 0 without rows
+};
+
+template <class T>
+struct GroupedWgradSm90 {
+  using Cfg = TileConfig;
+  using Smem = SmemLayout;
+  static constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kBK = Cfg::kBK, kStages = Cfg::kStages;
+  static constexpr int kConsumerWarps = 4 * Cfg::kConsumers;
+  static constexpr uint32_t kZeroBarrier = 1;  // named barrier of the two consumer warpgroups
+
+  static __device__ __forceinline__ WgradTileInfo decode(const WgradSchedule& sched, const GroupedGemmProblem& prob,
+                                                         int64_t tile) {
+    const WgradTile wt = sched.decode(tile);
+    int64_t gb, ge, sb, se;
+    group_rows(prob.offsets, wt.group, prob.max_rows, &gb, &ge);
+    split_rows(gb, ge, wt.split, prob.splits, &sb, &se);
+    WgradTileInfo t;
+    t.group = wt.group;
+    t.split = wt.split;
+    t.m0 = wt.m_tile * kBM;
+    t.n0 = wt.n_tile * kBN;
+    t.row0 = sb;
+    const int64_t len = se - sb;
+    t.ktiles = static_cast<int>((len + kBK - 1) / kBK);
+    t.k_last = static_cast<int>(len - static_cast<int64_t>(t.ktiles > 0 ? t.ktiles - 1 : 0) * kBK);
+    return t;
+  }
+
+  static __device__ __forceinline__ void producer(const CUtensorMap* tma_x, const CUtensorMap* tma_y,
+                                                  const GroupedGemmProblem& prob, const WgradSchedule& sched,
+                                                  int64_t total, uint32_t smem) {
+    prefetch_tensor_map(tma_x);
+    prefetch_tensor_map(tma_y);
+    uint32_t it = 0;
+    for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
+      const WgradTileInfo t = decode(sched, prob, tile);
+      uint32_t boxes = 0;
+#pragma unroll
+      for (int b = 0; b < 2; ++b) boxes += t.m0 + Cfg::kBoxCols * b < prob.m ? 1u : 0u;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) boxes += t.n0 + Cfg::kBoxCols * j < prob.n ? 1u : 0u;
+      const uint32_t tx = boxes * Smem::kBBoxBytes;
+      for (int kt = 0; kt < t.ktiles; ++kt, ++it) {
+        const uint32_t s = it % kStages;
+        const uint32_t phase = (it / kStages) & 1u;
+        const uint32_t full = smem + Smem::kFullBarrier + 8 * s;
+        mbar_wait(smem + Smem::kEmptyBarrier + 8 * s, phase ^ 1u);
+        mbar_arrive_expect_tx(full, tx);
+        const int row = static_cast<int>(t.row0 + static_cast<int64_t>(kt) * kBK);
+#pragma unroll
+        for (int b = 0; b < 2; ++b)
+          if (t.m0 + Cfg::kBoxCols * b < prob.m)
+            tma_load_2d(smem + Smem::a_offset(s) + b * Smem::kBBoxBytes, tma_x, full, t.m0 + Cfg::kBoxCols * b, row);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (t.n0 + Cfg::kBoxCols * j < prob.n)
+            tma_load_2d(smem + Smem::b_offset(s) + j * Smem::kBBoxBytes, tma_y, full, t.n0 + Cfg::kBoxCols * j, row);
+      }
+    }
+  }
+
+  // Zeroes rows [valid, 64) of the six boxes of stage s (two of A, four of B; 128-byte rows, so
+  // the swizzle inside a row does not matter); `t` in [0, 256) over both consumer warpgroups.
+  static __device__ __forceinline__ void zero_tail_rows(uint32_t smem, uint32_t s, int valid, int t) {
+    const int chunks = (kBK - valid) * 8;  // 16-byte chunks per box
+    for (int i = t; i < 6 * chunks; i += Cfg::kConsumers * Cfg::kWarpgroupThreads) {
+      const int box = i / chunks, rest = i - box * chunks;
+      const uint32_t base = box < 2 ? Smem::a_offset(s) + box * Smem::kBBoxBytes
+                                    : Smem::b_offset(s) + (box - 2) * Smem::kBBoxBytes;
+      st_shared_zero16(smem + base + static_cast<uint32_t>(valid * 128 + rest * 16));
+    }
+    fence_proxy_async_shared();
+    named_barrier_sync(kZeroBarrier, Cfg::kConsumers * Cfg::kWarpgroupThreads);
+  }
+
+  static __device__ __forceinline__ void consumer(const GroupedGemmProblem& prob, const EpilogueParams& ep,
+                                                  const WgradSchedule& sched, int64_t total, uint32_t smem, int c,
+                                                  int ctid) {
+    const int warp = ctid >> 5, lane = ctid & 31, q = lane & 3;
+    uint32_t it = 0;
+    for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
+      const WgradTileInfo t = decode(sched, prob, tile);
+      float d[128];
+#pragma unroll
+      for (int i = 0; i < 128; ++i) d[i] = 0.0f;
+      uint32_t prev = 0;
+      for (int kt = 0; kt < t.ktiles; ++kt, ++it) {
+        const uint32_t s = it % kStages;
+        const uint32_t phase = (it / kStages) & 1u;
+        mbar_wait(smem + Smem::kFullBarrier + 8 * s, phase);
+        if (kt + 1 == t.ktiles && t.k_last < kBK) zero_tail_rows(smem, s, t.k_last, c * Cfg::kWarpgroupThreads + ctid);
+        const uint64_t da = wgmma_desc(smem + Smem::a_offset(s) + c * Smem::kBBoxBytes, kDescAMnLbo, kDescAMnSbo);
+        const uint64_t db = wgmma_desc(smem + Smem::b_offset(s), kDescBKnLbo, kDescBKnSbo);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBK / 16; ++kk)
+          wgmma_m64n256k16<T, 1, 1>(d, da + ((kk * kAMnStepBytes) >> 4), db + ((kk * kBKnStepBytes) >> 4));
+        wgmma_commit();
+        wgmma_wait<1>();
+        if (kt > 0 && lane == 0) mbar_arrive(smem + Smem::kEmptyBarrier + 8 * prev);
+        prev = s;
+      }
+      wgmma_wait<0>();
+      fence_acc(d);
+      if (t.ktiles > 0 && lane == 0) mbar_arrive(smem + Smem::kEmptyBarrier + 8 * prev);
+      // Rows m = m0 + 64 c + 16 warp + lane / 4 (+ 8), columns n0 + 8 j + 2 q (+ 1).
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = t.m0 + 64 * c + 16 * warp + (lane >> 2) + 8 * h;
+        if (m >= prob.m) continue;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          const int n = plain_column(t.n0, j, q);
+          if (n < prob.n)
+            wgrad_store_pair<T>(ep, prob.num_groups, prob.m, prob.n, t.group, t.split, prob.splits, m, n,
+                                d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+        }
+      }
+    }
+  }
+
+  static __device__ __forceinline__ void run(const CUtensorMap* tma_x, const CUtensorMap* tma_y,
+                                             const GroupedGemmProblem& prob, const EpilogueParams& ep,
+                                             unsigned char* smem_raw) {
+    const uint32_t raw = smem_u32(smem_raw);
+    const uint32_t smem = ((raw + Smem::kAlign - 1) & ~(Smem::kAlign - 1));
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+#pragma unroll
+      for (int s = 0; s < kStages; ++s) {
+        mbar_init(smem + Smem::kFullBarrier + 8 * s, 1);
+        mbar_init(smem + Smem::kEmptyBarrier + 8 * s, kConsumerWarps);
+      }
+      fence_barrier_init();
+    }
+    __syncthreads();
+    const WgradSchedule sched{prob.num_groups, (prob.m + kBM - 1) / kBM, (prob.n + kBN - 1) / kBN, prob.splits,
+                              Cfg::kGroupM};
+    const int64_t total = sched.total_tiles();
+    const int wg = tid / Cfg::kWarpgroupThreads;
+    if (wg == 0) {
+      setmaxnreg_dec<Cfg::kProducerRegs>();
+      if (tid == 0) producer(tma_x, tma_y, prob, sched, total, smem);
+    } else {
+      setmaxnreg_inc<Cfg::kConsumerRegs>();
+      consumer(prob, ep, sched, total, smem, wg - 1, tid - wg * Cfg::kWarpgroupThreads);
+    }
+  }
+};
+
+template <class T>
+__global__ void __launch_bounds__(TileConfig::kThreads, 1)
+    grouped_wgrad_sm90_kernel(const __grid_constant__ CUtensorMap tma_x, const __grid_constant__ CUtensorMap tma_y,
+                              const GroupedGemmProblem prob, const EpilogueParams ep) {
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  GroupedWgradSm90<T>::run(&tma_x, &tma_y, prob, ep, smem_raw);
+}
+
+template <class T>
+cudaError_t launch_wgrad(const GroupedGemmProblem& prob, const EpilogueParams& ep, cudaStream_t stream) {
+  using Cfg = TileConfig;
+  auto kernel = grouped_wgrad_sm90_kernel<T>;
+  const int64_t total = WgradSchedule{prob.num_groups, (prob.m + Cfg::kBM - 1) / Cfg::kBM,
+                                      (prob.n + Cfg::kBN - 1) / Cfg::kBN, prob.splits, Cfg::kGroupM}
+                            .total_tiles();
+  if (total <= 0) return cudaSuccess;
+  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+  CUtensorMap map_x, map_y;
+  cudaError_t err = encode_tensor_map(&map_x, kBf16, tma_spec_rows(prob.max_rows, prob.m, prob.lda), prob.a);
+  if (err != cudaSuccess) return err;
+  if ((err = encode_tensor_map(&map_y, kBf16, tma_spec_rows(prob.max_rows, prob.n, prob.ldb), prob.b)) != cudaSuccess)
+    return err;
+  const size_t smem = SmemLayout::bytes(0);
+  if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem))) !=
+      cudaSuccess)
+    return err;
+  int device = 0, sms = 0;
+  if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
+  const int grid = static_cast<int>(total < sms ? total : sms);
+  kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_x, map_y, prob, ep);
+  return cudaPeekAtLastError();
 }
 
 // Launch: tensor maps encoded here (host only), a persistent grid of min(worst-case tile count,

@@ -132,6 +132,20 @@ inline TmaSpec tma_spec_b_nk(int num_groups, int k, int n, int64_t ldb, int64_t 
   return s;
 }
 
+// Weight gradients (axis K): X [R, M] and Y [R, N] row-major, both read k-major by rows: box
+// [64 rows][64 columns] ({cols, R}); the tile's A is two X boxes (m0, m0 + 64: one per consumer
+// warpgroup), its B four Y boxes (n0 + 64 j), as for B KN.
+inline TmaSpec tma_spec_rows(int64_t rows, int cols, int64_t ld) {
+  TmaSpec s;
+  s.rank = 2;
+  s.dims[0] = static_cast<uint64_t>(cols);
+  s.dims[1] = static_cast<uint64_t>(rows);
+  s.strides[0] = static_cast<uint64_t>(ld) * TileConfig::kElemBytes;
+  s.box[0] = TileConfig::kBoxCols;
+  s.box[1] = TileConfig::kBK;
+  return s;
+}
+
 // What cuTensorMapEncodeTiled demands of a spec (so a launch never gets as far as a driver
 // error): rank 1..5, every dim in [1, 2^32], strides multiples of 16 below 2^40, boxes in
 // [1, 256] (a box may be larger than its dim: the excess is zero-filled) with the inner box a
@@ -182,6 +196,9 @@ constexpr uint32_t stage_tx_bytes() { return SmemLayout::kStageBytes; }
 //     between 64-column boxes (8192), SBO = distance between 8-k-row atoms (1024); a k16 step
 //     adds 16 rows = 2048 bytes.
 //   B NK (K-major, 128B swizzle): as A (256 rows).
+//   A of a weight gradient (X^T, M-major, imm-trans-a = 1): one [64 k][64 m] box per consumer
+//     warpgroup, read like B KN (LBO would step to the next 64 m; one m64 wgmma needs none), a
+//     k16 step adds 2048 bytes.
 constexpr uint64_t kDescSwizzle128 = uint64_t(1) << 62;
 constexpr uint64_t wgmma_desc(uint32_t smem_addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
   return (static_cast<uint64_t>((smem_addr & 0x3FFFF) >> 4)) |
@@ -191,6 +208,8 @@ constexpr uint64_t wgmma_desc(uint32_t smem_addr, uint32_t lbo_bytes, uint32_t s
 constexpr uint32_t kDescALbo = 16, kDescASbo = 1024;
 constexpr uint32_t kDescBKnLbo = SmemLayout::kBBoxBytes, kDescBKnSbo = 1024;
 constexpr uint32_t kDescBNkLbo = 16, kDescBNkSbo = 1024;
+constexpr uint32_t kDescAMnLbo = SmemLayout::kBBoxBytes, kDescAMnSbo = 1024;
+constexpr uint32_t kAMnStepBytes = 16 * TileConfig::kBoxCols * TileConfig::kElemBytes;  // 2048
 constexpr uint32_t kAStepBytes = 16 * TileConfig::kElemBytes;                        // 32
 constexpr uint32_t kBKnStepBytes = 16 * TileConfig::kBoxCols * TileConfig::kElemBytes;  // 2048
 constexpr uint32_t kBNkStepBytes = 16 * TileConfig::kElemBytes;                      // 32
@@ -201,11 +220,23 @@ constexpr uint32_t swizzled_offset(uint32_t row, uint32_t col) {
   return row * 128 + ((((col * 2) >> 4) ^ (row & 7)) << 4) + ((col * 2) & 15);
 }
 
-// Whether the sm_90a kernels take this problem with this epilogue: axis M; B KN with the forward
-// epilogues or NK with kEpiStore / kEpiBwdAct; tensor maps that cuTensorMapEncodeTiled accepts
+// Whether the sm_90a kernels take this problem with this epilogue: axis M with B KN and the
+// forward epilogues or B NK with kEpiStore / kEpiBwdAct, and axis K with kEpiWgrad while kWgrad
+// is on (one switch, so a GPU failure of that kernel alone can send the weight gradients back to
+// the sm_80 kernels without touching the rest); tensor maps that cuTensorMapEncodeTiled accepts
 // (16-byte-aligned bases, row and group strides multiples of 16 bytes: H and I multiples of 8);
-// the gate/up pairing only as N = 2 I. Everything else runs on the sm_80 kernels.
+// the gate/up pairing only as N = 2 I; max_rows >= 1 (at 0 the sm_80 kernels write the zero
+// weight gradients). Everything else runs on the sm_80 kernels.
+constexpr bool kWgrad = true;
 inline bool takes(const GroupedGemmProblem& p, EpiKind kind) {
+  if (p.axis == kAxisK) {
+    if (!kWgrad || kind != kEpiWgrad || p.b_nk || p.num_groups < 1 || p.max_rows < 1 || p.max_rows > INT32_MAX ||
+        p.m < 1 || p.n < 1 || p.splits < 1)
+      return false;
+    if ((reinterpret_cast<uintptr_t>(p.a) & 15) != 0 || (reinterpret_cast<uintptr_t>(p.b) & 15) != 0) return false;
+    return tma_spec_valid(tma_spec_rows(p.max_rows, p.m, p.lda)) &&
+           tma_spec_valid(tma_spec_rows(p.max_rows, p.n, p.ldb));
+  }
   if (p.axis != kAxisM || p.num_groups < 1 || p.max_rows < 1 || p.max_rows > INT32_MAX || p.k < 1 || p.n < 1)
     return false;
   if (p.b_nk ? !(kind == kEpiStore || kind == kEpiBwdAct)

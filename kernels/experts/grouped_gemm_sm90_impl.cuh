@@ -9,7 +9,7 @@ namespace moekit::kernels::experts {
 template <class T>
 cudaError_t launch_sm90_forward(const GroupedGemmProblem& p, EpiKind kind, const EpilogueParams& ep,
                                 cudaStream_t stream) {
-  if (p.b_nk || !sm90::takes(p, kind)) return cudaErrorInvalidValue;
+  if (p.axis != kAxisM || p.b_nk || !sm90::takes(p, kind)) return cudaErrorInvalidValue;
   switch (kind) {
     case kEpiGateUp: return sm90::launch<T, false, kEpiGateUp>(p, ep, stream);
     case kEpiRelu2: return sm90::launch<T, false, kEpiRelu2>(p, ep, stream);
@@ -21,7 +21,9 @@ cudaError_t launch_sm90_forward(const GroupedGemmProblem& p, EpiKind kind, const
 template <class T>
 cudaError_t launch_sm90_backward(const GroupedGemmProblem& p, EpiKind kind, const EpilogueParams& ep,
                                  cudaStream_t stream) {
-  if (!p.b_nk || !sm90::takes(p, kind)) return cudaErrorInvalidValue;
+  if (!sm90::takes(p, kind)) return cudaErrorInvalidValue;
+  if (p.axis == kAxisK) return sm90::launch_wgrad<T>(p, ep, stream);
+  if (!p.b_nk) return cudaErrorInvalidValue;
   switch (kind) {
     case kEpiStore: return sm90::launch<T, true, kEpiStore>(p, ep, stream);
     case kEpiBwdAct: return sm90::launch<T, true, kEpiBwdAct>(p, ep, stream);

@@ -1020,6 +1020,16 @@ TEST_CASE("sm90 tensor-map specs: dims, strides and boxes of every operand", "[e
   bad = a;
   bad.strides[0] = uint64_t(1) << 40;
   REQUIRE_FALSE(s90::tma_spec_valid(bad));
+  // Weight gradients: X [R, M] and Y [R, N] by rows, box [64 rows][64 columns].
+  const s90::TmaSpec x = s90::tma_spec_rows(32768, 7168, 7168);
+  REQUIRE(x.rank == 2);
+  REQUIRE(x.dims[0] == 7168);
+  REQUIRE(x.dims[1] == 32768);
+  REQUIRE(x.strides[0] == 7168 * 2);
+  REQUIRE(x.box[0] == 64);
+  REQUIRE(x.box[1] == 64);
+  REQUIRE(s90::tma_spec_valid(x));
+  REQUIRE_FALSE(s90::tma_spec_valid(s90::tma_spec_rows(100, 20, 20)));
   // Small operands are fine: boxes larger than the tensor are zero-filled.
   REQUIRE(s90::tma_spec_valid(s90::tma_spec_a(1, 8, 8)));
   REQUIRE(s90::tma_spec_valid(s90::tma_spec_b_kn(1, 8, 16, 16, 128, 8)));
@@ -1045,10 +1055,6 @@ TEST_CASE("sm90 path takes the axis-M problems TMA can read, nothing else", "[ex
   REQUIRE(s90::takes(dgrad, kEpiStore));
   REQUIRE_FALSE(s90::takes(dgrad, kEpiGateUp));
   REQUIRE_FALSE(s90::takes(dgrad, kEpiRelu2));
-  auto wgrad = relu2;
-  wgrad.axis = kx::kAxisK;
-  REQUIRE_FALSE(s90::takes(wgrad, kEpiWgrad));
-  REQUIRE_FALSE(s90::takes(wgrad, kEpiStore));
   auto odd = relu2;
   odd.lda = 260;  // 520-byte rows: not a multiple of 16 bytes
   REQUIRE_FALSE(s90::takes(odd, kEpiStore));
@@ -1068,6 +1074,24 @@ TEST_CASE("sm90 path takes the axis-M problems TMA can read, nothing else", "[ex
   REQUIRE_FALSE(s90::takes(odd, kEpiStore));
   odd.max_rows = int64_t(INT32_MAX) + 1;
   REQUIRE_FALSE(s90::takes(odd, kEpiStore));
+  // Weight gradient dW_gu = xp^T du: X [R, H], Y [R, 2I].
+  kx::GroupedGemmProblem wgrad = relu2;
+  wgrad.axis = kx::kAxisK;
+  wgrad.m = H;
+  wgrad.n = 2 * I;
+  wgrad.k = 0;
+  wgrad.lda = H;
+  wgrad.ldb = 2 * I;
+  wgrad.b_group_stride = 0;
+  wgrad.splits = 3;
+  REQUIRE(s90::takes(wgrad, kEpiWgrad) == s90::kWgrad);
+  REQUIRE_FALSE(s90::takes(wgrad, kEpiStore));
+  odd = wgrad;
+  odd.max_rows = 0;  // the sm_80 kernels write the zero gradients
+  REQUIRE_FALSE(s90::takes(odd, kEpiWgrad));
+  odd = wgrad;
+  odd.ldb = 2 * I + 4;  // 552-byte rows
+  REQUIRE_FALSE(s90::takes(odd, kEpiWgrad));
   // The smallest shapes the API allows (H = I = 8) are taken.
   REQUIRE(s90::takes(sm90_problem(1, 1, 8, 16, 8, 16, 128, false, 8), kEpiGateUp));
   REQUIRE(s90::takes(sm90_problem(1, 1, 8, 8, 8, 8, 64, true, 0), kEpiBwdAct));
@@ -1164,6 +1188,16 @@ TEST_CASE("sm90 wgmma descriptors read exactly what TMA's 128-byte swizzle wrote
       for (int k = 0; k < 16; ++k)
         REQUIRE(wgmma_read_addr(e, false, n, k) == b0 + s90::swizzled_offset(n, 16 * kk + k));
   }
+  // A of a weight gradient (X^T, M-major): consumer warpgroup c reads box c, [64 rows = k][64 m].
+  for (int c = 0; c < 2; ++c)
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t box = base + c * L::kBBoxBytes;
+      const uint64_t da = s90::wgmma_desc(box, s90::kDescAMnLbo, s90::kDescAMnSbo) + ((kk * s90::kAMnStepBytes) >> 4);
+      const Desc d = decode_desc(da);
+      for (int m = 0; m < 64; ++m)
+        for (int k = 0; k < 16; ++k)
+          REQUIRE(wgmma_read_addr(d, true, m, k) == box + s90::swizzled_offset(16 * kk + k, m));
+    }
   // The swizzle permutes 16-byte chunks within each 128-byte row: a bijection on every atom.
   std::set<uint32_t> seen;
   for (uint32_t r = 0; r < 8; ++r)
