@@ -4,13 +4,13 @@
 // (tiles -> (group, row tile, column tile) from the device offsets; empty groups own no tile).
 // The fused epilogues of epilogue.cuh run straight from the accumulator registers.
 //
-// Problems (GroupedGemmProblem, axis M only): C[rows_g, N] = A[rows_g, K] B_g with B_g KN (forward:
-// kEpiGateUp, kEpiRelu2, kEpiStore) or NK (dgrad: kEpiStore, kEpiBwdAct). Axis K (weight
-// gradients) stays on the sm_80 kernels. Tile, shared-memory layout, tensor maps and wgmma
-// descriptors: grouped_gemm_sm90.hpp.
+// Problems (GroupedGemmProblem): axis M, C[rows_g, N] = A[rows_g, K] B_g with B_g KN (forward:
+// kEpiGateUp, kEpiRelu2, kEpiStore) or NK (dgrad: kEpiStore, kEpiBwdAct), GroupedGemmSm90; axis K,
+// the weight gradients C_g = X_g^T Y_g (kEpiWgrad), GroupedWgradSm90 further down. Tile,
+// shared-memory layout, tensor maps and wgmma descriptors: grouped_gemm_sm90.hpp.
 //
-// Pipeline (per CTA; `it` counts k tiles over all the CTA's tiles, stage = it % kStages,
-// phase = (it / kStages) & 1):
+// Pipeline (both kernels; per CTA, `it` counts k tiles over all the CTA's tiles, stage =
+// it % kStages, phase = (it / kStages) & 1):
 //   full[s]   (count 1): the producer's arrive.expect_tx(bytes of the boxes it issues) plus the
 //             TMA transactions; consumers wait on it with parity `phase`.
 //   empty[s]  (count 4 kConsumers): lane 0 of every consumer warp arrives once its wgmma reading
