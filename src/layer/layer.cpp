@@ -501,13 +501,56 @@ moekit_status_t routed_shape(const LayerConfig& c, const CallShape& shape, const
   return tokens::plan_shape(c.plan, rows, out);
 }
 
+// xp, p = the rows of tokens_in (x, or the received rows) in the plan's expert-major order, with
+// each row's routing weight from token_weights [tokens, K].
+moekit_status_t permute_rows(const LayerConfig& c, const tokens::PlanShape& rows, const moekit_token_plan_t& plan,
+                             const void* tokens_in, const float* token_weights, void* xp, float* row_weights,
+                             cudaStream_t stream) {
+  tokens::MoveRequest permute = move_request(tokens::Movement::kPermute, c);
+  permute.token_in = tokens_in;
+  permute.token_in_stride = c.hidden;
+  permute.rows_out = xp;
+  permute.weights = token_weights;
+  permute.row_weights = row_weights;
+  return tokens::run_move(rows, plan, permute, stream);
+}
+
+// xp, p = permute(tokens_in) with the plan over `rows`, then the experts: yp. tokens_in is x, or
+// with expert parallelism the received rows (their weights alongside).
+moekit_status_t permute_and_experts(moekit_layer& L, const tokens::PlanShape& rows, const ForwardCall& a,
+                                    const SavedLayout& s, const ForwardLayout& w, const void* tokens_in,
+                                    const float* token_weights, Stages& stages) {
+  const LayerConfig& c = L.config;
+  const moekit_layer_params_t& p = a.params;
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PERMUTE));
+  MOEKIT_TRY(permute_rows(c, rows, s.plan, tokens_in, token_weights, w.xp, w.row_weights, a.stream));
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PERMUTE));
+
+  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_EXPERTS));
+  const experts::ForwardArgs ea{rows.max_rows, s.plan.expert_offsets, w.xp,     w.row_weights, p.w_gate_up,
+                                p.b_gate_up,   p.w_down,              p.b_down, s.expert_u,    w.yp};
+  MOEKIT_TRY(experts::forward(c.experts, ea, w.experts_ws, a.stream));
+  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_EXPERTS));
+  return MOEKIT_STATUS_SUCCESS;
+}
+
+// out = the unweighted sum of each plan token's rows of yp (the weight was applied inside the expert).
+moekit_status_t combine_rows(const LayerConfig& c, const tokens::PlanShape& rows, const SavedLayout& s,
+                             const ForwardLayout& w, void* out, cudaStream_t stream) {
+  tokens::MoveRequest combine = move_request(tokens::Movement::kCombine, c);
+  combine.rows_in = w.yp;
+  combine.weights = nullptr;
+  combine.token_out = out;
+  combine.token_out_stride = c.hidden;
+  return tokens::run_move(rows, s.plan, combine, stream);
+}
+
 // Expert parallelism, forward of the routed part: layout (exact mode: the count exchange and its one
 // host read), dispatch, the plan of the received rows over this rank's experts, permute, experts,
 // the unweighted local combine into one partial row per received row, and the EP combine into y.
 moekit_status_t forward_routed_ep(moekit_layer& L, const CallShape& shape, const ForwardCall& a,
                                   const SavedLayout& s, const ForwardLayout& w, Stages& stages) {
   const LayerConfig& c = L.config;
-  const moekit_layer_params_t& p = a.params;
   moekit_ep& h = *c.ep;
   const int64_t T = a.num_tokens;
   const cudaStream_t stream = a.stream;
@@ -544,67 +587,21 @@ moekit_status_t forward_routed_ep(moekit_layer& L, const CallShape& shape, const
   MOEKIT_TRY(tokens::build_plan(rows, s.recv_indices, s.recv_weights, s.recv_mask, s.plan, w.plan_ws, stream));
   MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PLAN));
 
-  if (rows.num_tokens > 0) {
-    MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PERMUTE));
-    tokens::MoveRequest permute = move_request(tokens::Movement::kPermute, c);
-    permute.token_in = s.recv_x;
-    permute.token_in_stride = c.hidden;
-    permute.rows_out = w.xp;
-    permute.weights = s.recv_weights;
-    permute.row_weights = w.row_weights;
-    MOEKIT_TRY(tokens::run_move(rows, s.plan, permute, stream));
-    MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PERMUTE));
-
-    MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_EXPERTS));
-    const experts::ForwardArgs ea{rows.max_rows, s.plan.expert_offsets, w.xp,       w.row_weights, p.w_gate_up,
-                                  p.b_gate_up,   p.w_down,              p.b_down,   s.expert_u,    w.yp};
-    MOEKIT_TRY(experts::forward(c.experts, ea, w.experts_ws, stream));
-    MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_EXPERTS));
-  }
+  if (rows.num_tokens > 0) MOEKIT_TRY(permute_and_experts(L, rows, a, s, w, s.recv_x, s.recv_weights, stages));
 
   MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_COMBINE));
-  if (rows.num_tokens > 0) {
-    tokens::MoveRequest combine = move_request(tokens::Movement::kCombine, c);
-    combine.rows_in = w.yp;
-    combine.weights = nullptr;  // the weight was applied inside the expert
-    combine.token_out = w.partials;
-    combine.token_out_stride = c.hidden;
-    MOEKIT_TRY(tokens::run_move(rows, s.plan, combine, stream));
-  }
+  if (rows.num_tokens > 0) MOEKIT_TRY(combine_rows(c, rows, s, w, w.partials, stream));
   MOEKIT_TRY(ep::combine(h, T, s.ep_layout, host_layout, w.partials, a.y, w.ep_ws, stream));
   MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_COMBINE));
   return MOEKIT_STATUS_SUCCESS;
 }
 
-// Without expert parallelism: plan, permute, experts and combine on this GPU (T > 0).
+// Without expert parallelism: permute, experts and combine on this GPU (T > 0).
 moekit_status_t forward_routed_local(moekit_layer& L, const CallShape& shape, const ForwardCall& a,
                                      const SavedLayout& s, const ForwardLayout& w, Stages& stages) {
-  const LayerConfig& c = L.config;
-  const moekit_layer_params_t& p = a.params;
-  const cudaStream_t stream = a.stream;
-  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PERMUTE));
-  tokens::MoveRequest permute = move_request(tokens::Movement::kPermute, c);
-  permute.token_in = a.x;
-  permute.token_in_stride = c.hidden;
-  permute.rows_out = w.xp;
-  permute.weights = s.weights;
-  permute.row_weights = w.row_weights;
-  MOEKIT_TRY(tokens::run_move(shape.plan, s.plan, permute, stream));
-  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PERMUTE));
-
-  MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_EXPERTS));
-  const experts::ForwardArgs ea{shape.plan.max_rows, s.plan.expert_offsets, w.xp,     w.row_weights, p.w_gate_up,
-                                p.b_gate_up,         p.w_down,              p.b_down, s.expert_u,    w.yp};
-  MOEKIT_TRY(experts::forward(c.experts, ea, w.experts_ws, stream));
-  MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_EXPERTS));
-
+  MOEKIT_TRY(permute_and_experts(L, shape.plan, a, s, w, a.x, s.weights, stages));
   MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_COMBINE));
-  tokens::MoveRequest combine = move_request(tokens::Movement::kCombine, c);
-  combine.rows_in = w.yp;
-  combine.weights = nullptr;  // the weight was applied inside the expert
-  combine.token_out = a.y;
-  combine.token_out_stride = c.hidden;
-  MOEKIT_TRY(tokens::run_move(shape.plan, s.plan, combine, stream));
+  MOEKIT_TRY(combine_rows(L.config, shape.plan, s, w, a.y, a.stream));
   MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_COMBINE));
   return MOEKIT_STATUS_SUCCESS;
 }
@@ -701,13 +698,7 @@ moekit_status_t backward_routed(moekit_layer& L, const tokens::PlanShape& rows, 
     return experts::backward(c.experts, eb, w.experts_ws, stream);
   }
   MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PERMUTE_RECOMPUTE));
-  tokens::MoveRequest permute = move_request(tokens::Movement::kPermute, c);
-  permute.token_in = tokens_in;
-  permute.token_in_stride = c.hidden;
-  permute.rows_out = w.xp;
-  permute.weights = token_weights;
-  permute.row_weights = w.row_weights;
-  MOEKIT_TRY(tokens::run_move(rows, s.plan, permute, stream));
+  MOEKIT_TRY(permute_rows(c, rows, s.plan, tokens_in, token_weights, w.xp, w.row_weights, stream));
   MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PERMUTE_RECOMPUTE));
 
   MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_COMBINE_BACKWARD));

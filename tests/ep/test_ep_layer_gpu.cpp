@@ -90,6 +90,22 @@ Problem make_problem(moekit_dtype_t dtype, int n, uint64_t salt) {
   return p;
 }
 
+// The EP handle's configuration for this problem (capacity mode: capacity 0 = max_tokens rows per
+// pair, so nothing is ever dropped and the results match one GPU).
+moekit_ep_config_t ep_config(const Problem& p, int64_t max_tokens, moekit_ep_mode_t mode) {
+  moekit_ep_config_t e;
+  moekit_ep_config_init(&e, sizeof(e));
+  e.num_ranks = p.n;
+  e.num_experts = p.E;
+  e.top_k = kTopK;
+  e.dtype = p.dtype;
+  e.hidden = kHidden;
+  e.max_tokens = max_tokens;
+  e.mode = mode;
+  e.capacity = 0;
+  return e;
+}
+
 // The layer's configs (experts = the experts held here: E, or E / n with expert parallelism).
 struct Configs {
   moekit_router_config_t router;
@@ -292,16 +308,7 @@ void run_ep_layer_case(moekit_dtype_t dtype, moekit_ep_mode_t mode, int n) {
   const int64_t max_tokens = *std::max_element(p.tokens.begin(), p.tokens.end());
   const std::vector<std::string> failures = run_ranks(n, [&](RankContext& ctx) {
     const int r = ctx.rank;
-    moekit_ep_config_t e;
-    moekit_ep_config_init(&e, sizeof(e));
-    e.num_ranks = n;
-    e.num_experts = p.E;
-    e.top_k = kTopK;
-    e.dtype = dtype;
-    e.hidden = H;
-    e.max_tokens = max_tokens;
-    e.mode = mode;
-    e.capacity = 0;  // capacity mode: max_tokens rows per pair, never drops
+    const moekit_ep_config_t e = ep_config(p, max_tokens, mode);
     moekit_ep_handle_t handle = nullptr;
     EP_REQUIRE_OK(ctx, moekit_ep_create(&e, ctx.comm, &handle));
     struct HandleGuard {
@@ -387,14 +394,7 @@ TEST_CASE("ep gpu: the exact-mode layer refuses a capturing stream and a saved b
   std::vector<bool> untouched(n, false);
   const std::vector<std::string> failures = run_ranks(n, [&](RankContext& ctx) {
     const int r = ctx.rank;
-    moekit_ep_config_t e;
-    moekit_ep_config_init(&e, sizeof(e));
-    e.num_ranks = n;
-    e.num_experts = p.E;
-    e.top_k = kTopK;
-    e.dtype = p.dtype;
-    e.hidden = kHidden;
-    e.max_tokens = max_tokens;
+    const moekit_ep_config_t e = ep_config(p, max_tokens, MOEKIT_EP_MODE_EXACT);
     moekit_ep_handle_t handle = nullptr;
     EP_REQUIRE_OK(ctx, moekit_ep_create(&e, ctx.comm, &handle));
     struct HandleGuard {
