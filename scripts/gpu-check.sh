@@ -19,6 +19,7 @@ FAMILIES=${FAMILIES:-"router tokens experts layer"}
 BUILD=${MOEKIT_BUILD_DIR:-build-gpu}
 case $BUILD in /*) ;; *) BUILD=$PWD/$BUILD ;; esac
 ARCHS=${MOEKIT_GPU_ARCHS:-90}
+SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-420}
 JOBS=${MOEKIT_JOBS:-$(nproc)}
 LOG="$OUT/log.txt"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -70,8 +71,12 @@ if has sanitize; then
       layer) race_filter='[race]' ;;     # every model at T = 1: the whole layer is slow under racecheck
       *) race_filter='~[large]' ;;
     esac
-    launch "memcheck $fam" compute-sanitizer --tool memcheck --error-exitcode 99 --leak-check no "$bin" "${SANITIZE_FILTER:-~[large]}"
-    launch "racecheck $fam" compute-sanitizer --tool racecheck --error-exitcode 99 "$bin" "$race_filter"
+    # A bounded run: a kernel that never ran before (the sm_90a pipeline spins on mbarriers) must
+    # fail the stage, not eat the GPU session.
+    launch "memcheck $fam" timeout -k 10 "$SANITIZE_TIMEOUT" compute-sanitizer --tool memcheck --error-exitcode 99 \
+      --leak-check no "$bin" "${SANITIZE_FILTER:-~[large]}"
+    launch "racecheck $fam" timeout -k 10 "$SANITIZE_TIMEOUT" compute-sanitizer --tool racecheck --error-exitcode 99 \
+      "$bin" "$race_filter"
   done
 fi
 for i in "${!jobs_pids[@]}"; do

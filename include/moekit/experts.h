@@ -8,8 +8,9 @@
  *
  * Grouped experts. The input xp [R, H] is expert-major: segment e is rows
  * [expert_offsets[e], expert_offsets[e + 1]) (the plan of moekit/tokens.h; padding rows are zero
- * rows whose routing weight is 0). Rows at or past expert_offsets[E] are never read and never
- * written. For every row r of segment e, with p_r its routing weight (fp32; 1 when row_weights is
+ * rows whose routing weight is 0). Rows at or past expert_offsets[E] are never written and never
+ * change a result (the Hopper path's tile loads may read them, inside [0, R), for row tiles that
+ * run past a segment's end; any values there, NaN included, are harmless). For every row r of segment e, with p_r its routing weight (fp32; 1 when row_weights is
  * NULL) and all arithmetic in fp32:
  *   u_r   = xp_r W_gu[e] (+ b_gu[e])                      [NU]  (fp32 accumulator, never rounded)
  *   a_r   = act(u_r)                                      [I]

@@ -31,6 +31,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -587,10 +588,33 @@ __global__ void __launch_bounds__(TileConfig::kThreads, 1)
   GroupedWgradSm90<T>::run(&tma_x, &tma_y, prob, ep, smem_raw);
 }
 
+// setmaxnreg.inc only returns once the pool holds the registers it asks for: the producer's
+// setmaxnreg.dec frees (entry - kProducerRegs) per producer thread, the consumers need
+// (kConsumerRegs - entry) each, so the kernel's entry allocation must be at least
+// (128 kProducerRegs + 256 kConsumerRegs) / 384 = 168 registers. ptxas gives exactly that under
+// __launch_bounds__(384, 1) today; a build that gives fewer (a -maxrregcount, another compiler)
+// would hang every CTA, so it is refused here instead (checked once per kernel, host only).
+inline cudaError_t check_register_budget(const void* kernel, std::atomic<int>& verdict) {
+  int v = verdict.load(std::memory_order_acquire);
+  if (v == 0) {
+    cudaFuncAttributes attr{};
+    const cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+    if (err != cudaSuccess) return err;
+    using C = TileConfig;
+    const int need = C::kWarpgroupThreads * C::kProducerRegs + C::kConsumers * C::kWarpgroupThreads * C::kConsumerRegs;
+    v = attr.numRegs * C::kThreads >= need ? 1 : 2;
+    verdict.store(v, std::memory_order_release);
+  }
+  return v == 1 ? cudaSuccess : cudaErrorNotSupported;
+}
+
 template <class T>
 cudaError_t launch_wgrad(const GroupedGemmProblem& prob, const EpilogueParams& ep, cudaStream_t stream) {
   using Cfg = TileConfig;
   auto kernel = grouped_wgrad_sm90_kernel<T>;
+  static std::atomic<int> registers_ok{0};
+  if (const cudaError_t e = check_register_budget(reinterpret_cast<const void*>(kernel), registers_ok))
+    return e;
   const int64_t total = WgradSchedule{prob.num_groups, (prob.m + Cfg::kBM - 1) / Cfg::kBM,
                                       (prob.n + Cfg::kBN - 1) / Cfg::kBN, prob.splits, Cfg::kGroupM}
                             .total_tiles();
@@ -619,6 +643,9 @@ template <class T, bool kBNK, int kKind>
 cudaError_t launch(const GroupedGemmProblem& prob, const EpilogueParams& ep, cudaStream_t stream) {
   using Cfg = TileConfig;
   auto kernel = grouped_gemm_sm90_kernel<T, kBNK, kKind>;
+  static std::atomic<int> registers_ok{0};
+  if (const cudaError_t e = check_register_budget(reinterpret_cast<const void*>(kernel), registers_ok))
+    return e;
   const int tiles_n = (prob.n + Cfg::kBN - 1) / Cfg::kBN;
   const int64_t max_tiles = max_row_tiles(prob.max_rows, prob.num_groups, Cfg::kBM) * tiles_n;
   if (max_tiles <= 0 || prob.max_rows <= 0) return cudaSuccess;

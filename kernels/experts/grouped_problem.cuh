@@ -6,8 +6,9 @@
 // Groups are experts: group g owns rows [offsets[g], offsets[g + 1]) of an expert-major matrix.
 // Offsets are clamped per group, begin_g = clamp(offsets[g], 0, R) and
 // end_g = clamp(offsets[g + 1], begin_g, R), so a kernel never touches a row outside [0, R)
-// whatever the array holds. Rows outside every segment (at or past offsets[G]) are never read or
-// written.
+// whatever the array holds. Rows outside every segment (at or past offsets[G]) are never written
+// and never feed a stored result; the sm_90a path's TMA loads of a row tile that runs past its
+// group's end do read them (inside [0, R)), into accumulator rows that are never stored.
 //
 // Two shapes of grouped GEMM (row-major everywhere, fp32 accumulation):
 //   axis M (forward and dgrad):  C[rows_g, N] = A[rows_g, K] * B_g          per group g
