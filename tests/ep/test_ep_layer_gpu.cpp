@@ -8,7 +8,8 @@
 //    combine rounds each rank's partial sum before the cross-rank sum; weight-gradient row chunks
 //    differ with the row count); router and shared-MLP gradients summed over the ranks equal the
 //    one-GPU ones (they are data-parallel contributions);
-//  - a second forward + backward gives bitwise the same outputs on every rank;
+//  - a second forward + backward gives bitwise the same outputs on every rank, and in capacity
+//    mode so does a CUDA graph of the whole forward + backward (NCCL calls included);
 //  - both EP modes (exact, capacity without drops), a rank with no tokens, padding tokens.
 #if MOEKIT_EP_TEST_HAVE_NCCL
 
@@ -303,8 +304,9 @@ void run_ep_layer_case(moekit_dtype_t dtype, moekit_ep_mode_t mode, int n) {
     CUDA_REQUIRE(cudaStreamDestroy(s));
   }
 
-  // Expert parallel: rank r its tokens and its experts; two passes for determinism.
-  std::vector<Outputs> first(n), second(n);
+  // Expert parallel: rank r its tokens and its experts; two passes for determinism, and in
+  // capacity mode a third replayed from a CUDA graph of the whole forward + backward.
+  std::vector<Outputs> first(n), second(n), replayed(n);
   const int64_t max_tokens = *std::max_element(p.tokens.begin(), p.tokens.end());
   const std::vector<std::string> failures = run_ranks(n, [&](RankContext& ctx) {
     const int r = ctx.rank;
@@ -325,6 +327,27 @@ void run_ep_layer_case(moekit_dtype_t dtype, moekit_ep_mode_t mode, int n) {
       EP_REQUIRE_OK(ctx, run.backward());
       (pass == 0 ? first : second)[r] = run.outputs(cfg);
     }
+    if (mode == MOEKIT_EP_MODE_CAPACITY) {
+      // Every earlier collective has completed (outputs() synchronised the stream): capturing and
+      // instantiating cannot leave a peer waiting. Thread-local capture: each rank captures its own.
+      ctx.sync(__LINE__);
+      cudaGraph_t graph = nullptr;
+      cudaGraphExec_t exec = nullptr;
+      EP_CUDA_OK(ctx, cudaStreamBeginCapture(ctx.stream, cudaStreamCaptureModeThreadLocal));
+      const moekit_status_t f = run.forward();
+      const moekit_status_t b = f == MOEKIT_STATUS_SUCCESS ? run.backward() : f;
+      const std::string why = moekit_get_last_error();
+      EP_CUDA_OK(ctx, cudaStreamEndCapture(ctx.stream, &graph));
+      EP_CHECK(ctx, b == MOEKIT_STATUS_SUCCESS, "capturing the layer: " << moekit_status_string(b) << ": " << why);
+      if (b != MOEKIT_STATUS_SUCCESS) throw RankAbort("capture failed");
+      EP_CUDA_OK(ctx, cudaGraphInstantiate(&exec, graph, 0));
+      ctx.sync(__LINE__);  // every rank instantiated before any launches
+      run.poison();
+      EP_CUDA_OK(ctx, cudaGraphLaunch(exec, ctx.stream));
+      replayed[r] = run.outputs(cfg);
+      cudaGraphExecDestroy(exec);
+      cudaGraphDestroy(graph);
+    }
     ctx.sync(__LINE__);  // every collective issued: the destructors may free
   }, 60, "ep layer, ep = " + std::to_string(n));
   for (const std::string& f : failures) UNSCOPED_INFO(f);
@@ -337,6 +360,7 @@ void run_ep_layer_case(moekit_dtype_t dtype, moekit_ep_mode_t mode, int n) {
   for (int r = 0; r < n; ++r) {
     INFO("rank " << r << " (" << p.tokens[r] << " tokens)");
     CHECK(first[r] == second[r]);  // bitwise, run after run
+    if (mode == MOEKIT_EP_MODE_CAPACITY) CHECK(first[r] == replayed[r]);  // and from the graph
     const Outputs& o = first[r];
     CHECK(o.indices == slice(one.indices, p.offset[r] * kTopK * 4, p.tokens[r] * kTopK * 4, 1));
     std::vector<int32_t> load(p.E);
