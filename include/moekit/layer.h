@@ -74,7 +74,12 @@
  * from the host (capturable); MOEKIT_EP_MODE_EXACT exchanges the counts in every forward and reads
  * them on the host once (not capturable: the forward refuses a capturing stream; its backward is
  * capturable). In exact mode the layer keeps each forward's counts, keyed by the saved buffer's
- * address, for that buffer's backward (the 256 most recently used saved buffers). The EP handle must outlive the layer; its combine_dtype
+ * address, for that buffer's backward (the 256 most recently used saved buffers; a backward must
+ * pass its forward's T). A call refused on one rank only (bad arguments) leaves its peers waiting
+ * in the collective: check arguments identically on every rank. An expert-parallel layer, like
+ * its EP handle, is used from one thread at a time. Capacity overflow of the EP handle is dropped
+ * (never written out of bounds) and counted in the saved buffer (moekit_layer_saved_view's
+ * ep_dropped). The EP handle must outlive the layer; its combine_dtype
  * must be the layer's dtype. The saved buffer also keeps the EP layout and the received rows
  * (recv_x, their ids, weights and mask), so the backward permutes them again without a second
  * dispatch; buffers are sized for the handle's worst case (moekit_ep_max_recv_rows rows received).
@@ -196,13 +201,17 @@ typedef struct moekit_layer_saved_view {
     float* shared_gate_logit;    /* [T] fp32 (x . w_g), NULL without shared_gate */
     void* shared_out;            /* s [T, H] of dtype, NULL without shared_gate */
     /* Expert parallelism (all NULL / 0 without it). The plan above is then over the received
-     * rows (recv_rows of them at most) and this rank's experts. */
+     * rows and this rank's E / n experts: expert_counts [E / n], expert_offsets [E / n + 1],
+     * row_of_slot [recv_rows K], and max_rows is its worst case (exact mode plans over the rows
+     * that came, their count known to the host from the layout). */
     int64_t recv_rows;           /* the most rows a dispatch brings (moekit_ep_max_recv_rows) */
     void* ep_layout;             /* the forward's moekit_ep_layout device layout */
     void* recv_x;                /* [recv_rows, H] of dtype: the dispatched tokens */
     int32_t* recv_indices;       /* [recv_rows, K] global expert ids (-1 in gaps) */
     float* recv_weights;         /* [recv_rows, K] fp32 routing weights */
     uint8_t* recv_mask;          /* [recv_rows] 1 for a received token, 0 for a gap */
+    int32_t* ep_dropped;         /* [1] (token, destination rank) pairs this rank's forward dropped
+                                    by the EP handle's capacity (capacity mode; 0 in exact mode) */
 } moekit_layer_saved_view_t;
 
 /* Stages of the forward (0 .. 6) and backward (7 .. 13), for moekit_layer_set_stage_events. With

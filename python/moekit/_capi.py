@@ -279,6 +279,7 @@ class LayerSavedViewStruct(ctypes.Structure):
         ("recv_indices", c_void_p),
         ("recv_weights", c_void_p),
         ("recv_mask", c_void_p),
+        ("ep_dropped", c_void_p),
     ]
 
 

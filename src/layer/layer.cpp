@@ -3,6 +3,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <functional>
 #include <new>
 
 #include "kernels/layer/launch.hpp"
@@ -83,6 +84,7 @@ struct SavedLayout {
   int32_t* recv_indices = nullptr;   // [Rr, K]
   float* recv_weights = nullptr;     // [Rr, K]
   uint8_t* recv_mask = nullptr;      // [Rr]
+  int32_t* ep_dropped = nullptr;     // [1] (token, rank) pairs the EP capacity dropped
 };
 
 SavedLayout carve_saved(WorkspaceCarver& ws, const LayerConfig& c, const CallShape& s) {
@@ -105,6 +107,7 @@ SavedLayout carve_saved(WorkspaceCarver& ws, const LayerConfig& c, const CallSha
     l.recv_indices = ws.take<int32_t>(Rr * K, "recv_indices");
     l.recv_weights = ws.take<float>(Rr * K, "recv_weights");
     l.recv_mask = ws.take<uint8_t>(Rr, "recv_mask");
+    l.ep_dropped = ws.take<int32_t>(1, "ep_dropped");
   }
   if (!recompute) l.expert_u = ws.take<unsigned char>(R * static_cast<size_t>(c.expert_nu) * es, "expert_u");
   if (c.has_shared && !recompute)
@@ -380,6 +383,9 @@ moekit_status_t shape_for(const LayerConfig& c, int64_t num_tokens, CallShape* s
     return fail(MOEKIT_STATUS_INVALID_ARGUMENT,
                 "num_tokens = %lld is outside [0, %lld] (max_tokens of config->expert_parallel)",
                 static_cast<long long>(num_tokens), static_cast<long long>(c.ep_max_tokens));
+  // This rank's [T, K] routing arrays must be int32-indexable too (the plan below is over other rows).
+  tokens::PlanShape own;
+  MOEKIT_TRY(tokens::plan_shape(c.plan, num_tokens, &own));
   // The plan runs over the received rows: its worst case is every rank's max_tokens arriving here.
   // (A handle whose worst case overflows int32 rows fails the layer's calls, not its config check.)
   if (tokens::plan_shape(c.plan, c.ep_recv_rows, &shape->plan) != MOEKIT_STATUS_SUCCESS)
@@ -436,6 +442,7 @@ void saved_view(const LayerConfig& c, const CallShape& s, void* saved, moekit_la
   v->recv_indices = l.recv_indices;
   v->recv_weights = l.recv_weights;
   v->recv_mask = l.recv_mask;
+  v->ep_dropped = l.ep_dropped;
 }
 
 ParamSizes param_sizes(const LayerConfig& c) {
@@ -545,40 +552,61 @@ moekit_status_t combine_rows(const LayerConfig& c, const tokens::PlanShape& rows
   return tokens::run_move(rows, s.plan, combine, stream);
 }
 
+// Exact mode's host layouts, kept per saved buffer (moekit_layer::host_layouts): the entry of
+// `saved`, created if needed and made the most recently used; the least recently used is dropped
+// when the map is full.
+std::vector<int64_t>& keep_host_layout(moekit_layer& L, const void* saved) {
+  auto found = L.host_layouts.find(saved);
+  if (found != L.host_layouts.end()) {
+    L.host_layout_order.erase(std::find(L.host_layout_order.begin(), L.host_layout_order.end(), saved));
+  } else {
+    if (L.host_layouts.size() >= moekit_layer::kMaxHostLayouts) {
+      L.host_layouts.erase(L.host_layout_order.front());
+      L.host_layout_order.pop_front();
+    }
+    found = L.host_layouts.emplace(saved, std::vector<int64_t>()).first;
+  }
+  L.host_layout_order.push_back(saved);
+  return found->second;
+}
+
+void forget_host_layout(moekit_layer& L, const void* saved) {
+  if (L.host_layouts.erase(saved) != 0)
+    L.host_layout_order.erase(std::find(L.host_layout_order.begin(), L.host_layout_order.end(), saved));
+}
+
+moekit_status_t forward_routed_ep_steps(moekit_layer& L, const CallShape& shape, const ForwardCall& a,
+                                        const SavedLayout& s, const ForwardLayout& w, int64_t* host_layout,
+                                        Stages& stages);
+
 // Expert parallelism, forward of the routed part: layout (exact mode: the count exchange and its one
 // host read), dispatch, the plan of the received rows over this rank's experts, permute, experts,
 // the unweighted local combine into one partial row per received row, and the EP combine into y.
+// A failure in exact mode forgets the saved buffer's host layout, so no backward runs on it.
 moekit_status_t forward_routed_ep(moekit_layer& L, const CallShape& shape, const ForwardCall& a,
                                   const SavedLayout& s, const ForwardLayout& w, Stages& stages) {
+  const LayerConfig& c = L.config;
+  int64_t* host_layout = nullptr;
+  if (c.ep_exact) {
+    std::vector<int64_t>& kept = keep_host_layout(L, a.saved);
+    kept.assign(c.ep_host_layout_count, 0);
+    host_layout = kept.data();
+  }
+  const moekit_status_t routed = forward_routed_ep_steps(L, shape, a, s, w, host_layout, stages);
+  if (routed != MOEKIT_STATUS_SUCCESS && c.ep_exact) forget_host_layout(L, a.saved);  // no backward may use it
+  return routed;
+}
+
+moekit_status_t forward_routed_ep_steps(moekit_layer& L, const CallShape& shape, const ForwardCall& a,
+                                        const SavedLayout& s, const ForwardLayout& w, int64_t* host_layout,
+                                        Stages& stages) {
   const LayerConfig& c = L.config;
   moekit_ep& h = *c.ep;
   const int64_t T = a.num_tokens;
   const cudaStream_t stream = a.stream;
-  int64_t* host_layout = nullptr;
-  if (c.ep_exact) {
-    auto found = L.host_layouts.find(a.saved);
-    if (found == L.host_layouts.end()) {
-      if (L.host_layouts.size() >= moekit_layer::kMaxHostLayouts) {
-        L.host_layouts.erase(L.host_layout_order.front());
-        L.host_layout_order.pop_front();
-      }
-      found = L.host_layouts.emplace(a.saved, std::vector<int64_t>()).first;
-      L.host_layout_order.push_back(a.saved);
-    }
-    found->second.assign(c.ep_host_layout_count, 0);
-    host_layout = found->second.data();
-  }
   MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PLAN));
   int64_t received = 0;
-  const moekit_status_t laid = ep::layout(h, T, s.indices, a.token_mask, s.ep_layout, host_layout, &received,
-                                          nullptr, stream);
-  if (laid != MOEKIT_STATUS_SUCCESS) {
-    if (c.ep_exact) {  // no backward may use a layout that failed
-      L.host_layouts.erase(a.saved);
-      L.host_layout_order.erase(std::find(L.host_layout_order.begin(), L.host_layout_order.end(), a.saved));
-    }
-    return laid;
-  }
+  MOEKIT_TRY(ep::layout(h, T, s.indices, a.token_mask, s.ep_layout, host_layout, &received, s.ep_dropped, stream));
   tokens::PlanShape rows;
   MOEKIT_TRY(routed_shape(c, shape, host_layout, &rows));
   MOEKIT_TRY(ep::dispatch(h, T, s.ep_layout, host_layout, a.x, s.indices, s.weights, s.recv_x, s.recv_indices,
@@ -680,28 +708,51 @@ moekit_status_t forward(moekit_layer& L, const CallShape& shape, const ForwardCa
 
 namespace {
 
+// The collectives that wrap the routed backward with expert parallelism: dy to the rows' ranks
+// before the local combine backward, dx and the weight gradients back after the local permute
+// backward. Empty without expert parallelism.
+struct EpBackwardSteps {
+  std::function<moekit_status_t()> gather_grad_rows;    // moekit_ep_combine_backward
+  std::function<moekit_status_t()> return_grad_tokens;  // moekit_ep_dispatch_backward
+  moekit_status_t before_combine_backward() const { return gather_grad_rows ? gather_grad_rows() : MOEKIT_STATUS_SUCCESS; }
+  moekit_status_t after_permute_backward() const {
+    return return_grad_tokens ? return_grad_tokens() : MOEKIT_STATUS_SUCCESS;
+  }
+};
+
 // The routed experts' backward over a plan of `rows`: xp and p again (from x, or from the received
 // rows), dy into rows (grad_rows_in: dy, or dy at the received rows), the experts, and back to one
-// gradient row per plan token (grad_tokens_out) with the weight gradients per slot.
+// gradient row per plan token (grad_tokens_out) with the weight gradients per slot. The EP steps
+// run inside the COMBINE_BACKWARD and PERMUTE_BACKWARD stages, also when no row came (they are
+// collectives every rank issues).
 moekit_status_t backward_routed(moekit_layer& L, const tokens::PlanShape& rows, const BackwardCall& a,
                                 const SavedLayout& s, const BackwardLayout& w, const void* tokens_in,
                                 const float* token_weights, const void* grad_rows_in, void* grad_tokens_out,
-                                float* grad_weights_out, Stages& stages) {
+                                float* grad_weights_out, const EpBackwardSteps& ep_steps, Stages& stages) {
   const LayerConfig& c = L.config;
   const moekit_layer_params_t& p = a.params;
   const moekit_layer_grads_t& g = a.grads;
   const cudaStream_t stream = a.stream;
   if (rows.num_tokens == 0) {  // no rows: every requested expert weight gradient is zero
+    MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_COMBINE_BACKWARD));
+    MOEKIT_TRY(ep_steps.before_combine_backward());
+    MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_COMBINE_BACKWARD));
+    MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_EXPERTS_BACKWARD));
     const experts::BackwardArgs eb{0,       s.plan.expert_offsets, nullptr,  nullptr,      p.w_gate_up, p.b_gate_up,
                                    p.w_down, p.b_down,             nullptr,  nullptr,      nullptr,     g.w_gate_up,
                                    g.b_gate_up, g.w_down,          g.b_down, nullptr};
-    return experts::backward(c.experts, eb, w.experts_ws, stream);
+    MOEKIT_TRY(experts::backward(c.experts, eb, w.experts_ws, stream));
+    MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_EXPERTS_BACKWARD));
+    MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PERMUTE_BACKWARD));
+    MOEKIT_TRY(ep_steps.after_permute_backward());
+    return stages.end(MOEKIT_LAYER_STAGE_PERMUTE_BACKWARD);
   }
   MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PERMUTE_RECOMPUTE));
   MOEKIT_TRY(permute_rows(c, rows, s.plan, tokens_in, token_weights, w.xp, w.row_weights, stream));
   MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PERMUTE_RECOMPUTE));
 
   MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_COMBINE_BACKWARD));
+  MOEKIT_TRY(ep_steps.before_combine_backward());
   tokens::MoveRequest combine_bwd = move_request(tokens::Movement::kCombineBackward, c);
   combine_bwd.token_in = grad_rows_in;
   combine_bwd.token_in_stride = c.hidden;
@@ -726,6 +777,7 @@ moekit_status_t backward_routed(moekit_layer& L, const tokens::PlanShape& rows, 
   permute_bwd.token_out_stride = c.hidden;
   permute_bwd.grad_weights = grad_weights_out;
   MOEKIT_TRY(tokens::run_move(rows, s.plan, permute_bwd, stream));
+  MOEKIT_TRY(ep_steps.after_permute_backward());
   MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PERMUTE_BACKWARD));
   return MOEKIT_STATUS_SUCCESS;
 }
@@ -771,13 +823,19 @@ moekit_status_t backward(moekit_layer& L, const CallShape& shape, const Backward
   // enqueued, so a refused call writes nothing).
   const int64_t* host_layout = nullptr;
   if (c.ep != nullptr && c.ep_exact) {
-    const auto kept = L.host_layouts.find(a.saved);
-    if (kept == L.host_layouts.end())
+    if (L.host_layouts.find(a.saved) == L.host_layouts.end())
       return fail(MOEKIT_STATUS_INVALID_ARGUMENT,
-                  "saved = %p was not written by a forward of this layer (in exact expert-parallel mode the "
-                  "layer keeps each forward's exchanged counts for the backward of its saved buffer)",
-                  a.saved);
-    host_layout = kept->second.data();
+                  "saved = %p was not written by a successful forward of this layer (in exact expert-parallel "
+                  "mode the layer keeps the exchanged counts of the %zu most recently used saved buffers for "
+                  "their backwards)",
+                  a.saved, moekit_layer::kMaxHostLayouts);
+    host_layout = keep_host_layout(L, a.saved).data();
+    // The saved pieces' places depend on T: a backward with another T than its forward would read
+    // them elsewhere.
+    if (ep::check_host_layout(c.ep->dims, c.ep->signature, c.ep->rank, T, host_layout) != MOEKIT_STATUS_SUCCESS)
+      return fail(MOEKIT_STATUS_INVALID_ARGUMENT,
+                  "num_tokens = %lld differs from the forward that wrote saved = %p (its layout is for %lld tokens)",
+                  static_cast<long long>(T), a.saved, static_cast<long long>(host_layout[ep::kHlNumTokens]));
   }
   tokens::PlanShape rows;
   MOEKIT_TRY(routed_shape(c, shape, host_layout, &rows));
@@ -817,17 +875,19 @@ moekit_status_t backward(moekit_layer& L, const CallShape& shape, const Backward
   // experts run over the received rows, and dx and the weight gradients come back (dispatch's).
   if (c.ep != nullptr) {
     moekit_ep& h = *c.ep;
-    MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_COMBINE_BACKWARD));
-    MOEKIT_TRY(ep::combine_backward(h, T, s.ep_layout, host_layout, a.grad_y, w.grad_partials, w.ep_ws, stream));
-    MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_COMBINE_BACKWARD));
+    EpBackwardSteps steps;
+    steps.gather_grad_rows = [&] {
+      return ep::combine_backward(h, T, s.ep_layout, host_layout, a.grad_y, w.grad_partials, w.ep_ws, stream);
+    };
+    steps.return_grad_tokens = [&] {
+      return ep::dispatch_backward(h, T, s.ep_layout, host_layout, s.indices, w.grad_recv_x, w.grad_recv_weights,
+                                   a.grad_x, w.grad_weights, w.ep_ws, stream);
+    };
     MOEKIT_TRY(backward_routed(L, rows, a, s, w, s.recv_x, s.recv_weights, w.grad_partials, w.grad_recv_x,
-                               w.grad_recv_weights, stages));
-    MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PERMUTE_BACKWARD));
-    MOEKIT_TRY(ep::dispatch_backward(h, T, s.ep_layout, host_layout, s.indices, w.grad_recv_x, w.grad_recv_weights,
-                                     a.grad_x, w.grad_weights, w.ep_ws, stream));
-    MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PERMUTE_BACKWARD));
+                               w.grad_recv_weights, steps, stages));
   } else {
-    MOEKIT_TRY(backward_routed(L, rows, a, s, w, a.x, s.weights, a.grad_y, a.grad_x, w.grad_weights, stages));
+    MOEKIT_TRY(backward_routed(L, rows, a, s, w, a.x, s.weights, a.grad_y, a.grad_x, w.grad_weights,
+                               EpBackwardSteps{}, stages));
   }
   if (T == 0) return zero_token_gradients(L, a, w);
 

@@ -10,7 +10,9 @@
 //    one-GPU ones (they are data-parallel contributions);
 //  - a second forward + backward gives bitwise the same outputs on every rank, and in capacity
 //    mode so does a CUDA graph of the whole forward + backward (NCCL calls included);
-//  - both EP modes (exact, capacity without drops), a rank with no tokens, padding tokens.
+//  - both EP modes (exact, capacity without drops, dropped pairs counted as 0), a rank with no
+//    tokens, padding tokens, and ranks that receive no row at all (a correction bias keeps every
+//    token on rank 0's experts).
 #if MOEKIT_EP_TEST_HAVE_NCCL
 
 #include <algorithm>
@@ -55,10 +57,14 @@ struct Problem {
   std::vector<float> w_down;     // [E, I, H]
   std::vector<float> s_gate_up;  // [H, 2 I_s]
   std::vector<float> s_down;     // [I_s, H]
+  std::vector<float> correction; // fp32 correction bias [E] (selection only), or empty for none
   int64_t total() const { return offset[n]; }
 };
 
-Problem make_problem(moekit_dtype_t dtype, int n, uint64_t salt) {
+// rank0_only: a correction bias of -10 on every expert outside rank 0's (softmax scores are in
+// [0, 1], so no other expert is ever selected): the other ranks receive no row at all (exact mode
+// plans over zero rows there) and every token stays on rank 0's experts.
+Problem make_problem(moekit_dtype_t dtype, int n, uint64_t salt, bool rank0_only = false) {
   auto rng = moekit::test::make_rng(salt);
   Problem p;
   p.dtype = dtype;
@@ -88,6 +94,10 @@ Problem make_problem(moekit_dtype_t dtype, int n, uint64_t salt) {
   p.w_down = moekit::test::rounded(dtype, moekit::test::uniform(rng, size_t(p.E) * kInter * H, -wd, wd));
   p.s_gate_up = moekit::test::rounded(dtype, moekit::test::uniform(rng, size_t(H) * 2 * kSharedInter, -ws, ws));
   p.s_down = moekit::test::rounded(dtype, moekit::test::uniform(rng, size_t(kSharedInter) * H, -wd, wd));
+  if (rank0_only) {
+    p.correction.assign(p.E, -10.0f);
+    for (int e = 0; e < kExpertsPerRank; ++e) p.correction[e] = 0.0f;
+  }
   return p;
 }
 
@@ -142,9 +152,11 @@ struct Configs {
 // What one layer run (forward + backward) gives, as bytes.
 struct Outputs {
   std::vector<uint8_t> y, dx, d_router, d_gate_up, d_down, d_s_gate_up, d_s_down, indices, load;
+  int32_t dropped = -1;  // the saved view's ep_dropped (expert parallelism only)
   bool operator==(const Outputs& o) const {
     return y == o.y && dx == o.dx && d_router == o.d_router && d_gate_up == o.d_gate_up && d_down == o.d_down &&
-           d_s_gate_up == o.d_s_gate_up && d_s_down == o.d_s_down && indices == o.indices && load == o.load;
+           d_s_gate_up == o.d_s_gate_up && d_s_down == o.d_s_down && indices == o.indices && load == o.load &&
+           dropped == o.dropped;
   }
 };
 
@@ -163,7 +175,7 @@ struct LayerRun {
   moekit_layer_t layer = nullptr;
   size_t saved_bytes = 0, ws_bytes = 0;
   DeviceBuffer x, dy, mask, w_router, w_gate_up, w_down, s_gate_up, s_down, y, dx, g_router, g_gate_up, g_down,
-      g_s_gate_up, g_s_down, load, saved, workspace;
+      g_s_gate_up, g_s_down, load, saved, workspace, correction;
   moekit_layer_params_t params;
   moekit_layer_grads_t grads;
 
@@ -184,6 +196,7 @@ struct LayerRun {
     w_down = DeviceBuffer::from(moekit::test::pack(d, slice(p.w_down, e0, El, int64_t(kInter) * H)));
     s_gate_up = DeviceBuffer::from(moekit::test::pack(d, p.s_gate_up));
     s_down = DeviceBuffer::from(moekit::test::pack(d, p.s_down));
+    correction = DeviceBuffer::from(p.correction);
     const size_t es = dtype_bytes(d);
     y = DeviceBuffer(T * H * es);
     dx = DeviceBuffer(T * H * es);
@@ -201,6 +214,7 @@ struct LayerRun {
     params.w_down = w_down.get();
     params.shared_w_gate_up = s_gate_up.get();
     params.shared_w_down = s_down.get();
+    params.correction_bias = p.correction.empty() ? nullptr : correction.get<float>();
     moekit_layer_grads_init(&grads, sizeof(grads));
     grads.router_weight = g_router.get();
     grads.w_gate_up = g_gate_up.get();
@@ -255,6 +269,7 @@ struct LayerRun {
     v.struct_size = sizeof(v);
     moekit_check(moekit_layer_saved_view(&cfg.layer, T, saved.get(), saved_bytes, &v), "moekit_layer_saved_view");
     o.indices = fetch(v.indices, static_cast<size_t>(T) * kTopK * 4);
+    if (v.ep_dropped != nullptr) std::memcpy(&o.dropped, fetch(v.ep_dropped, 4).data(), 4);
     return o;
   }
 };
@@ -281,11 +296,11 @@ std::vector<float> values(moekit_dtype_t d, const std::vector<uint8_t>& bytes) {
   return moekit::test::unpack(d, bytes);
 }
 
-void run_ep_layer_case(moekit_dtype_t dtype, moekit_ep_mode_t mode, int n) {
-  const Problem p = make_problem(dtype, n, 0xe9a7 + 16 * n + 4 * static_cast<int>(dtype) + mode);
+void run_ep_layer_case(moekit_dtype_t dtype, moekit_ep_mode_t mode, int n, bool rank0_only = false) {
+  const Problem p = make_problem(dtype, n, 0xe9a7 + 16 * n + 4 * static_cast<int>(dtype) + mode, rank0_only);
   const int64_t H = kHidden;
   const double tol = dtype == MOEKIT_DTYPE_F32 ? 1e-4 : 3e-2;
-  INFO("dtype " << dtype << ", mode " << mode << ", ep = " << n);
+  INFO("dtype " << dtype << ", mode " << mode << ", ep = " << n << (rank0_only ? ", every token to rank 0" : ""));
 
   // One GPU, the whole batch, every expert.
   Outputs one;
@@ -363,6 +378,7 @@ void run_ep_layer_case(moekit_dtype_t dtype, moekit_ep_mode_t mode, int n) {
     if (mode == MOEKIT_EP_MODE_CAPACITY) CHECK(first[r] == replayed[r]);  // and from the graph
     const Outputs& o = first[r];
     CHECK(o.indices == slice(one.indices, p.offset[r] * kTopK * 4, p.tokens[r] * kTopK * 4, 1));
+    CHECK(o.dropped == 0);  // capacity = max_tokens never drops
     std::vector<int32_t> load(p.E);
     std::memcpy(load.data(), o.load.data(), o.load.size());
     for (int i = 0; i < p.E; ++i) load_sum[i] += load[i];
@@ -388,6 +404,8 @@ void run_ep_layer_case(moekit_dtype_t dtype, moekit_ep_mode_t mode, int n) {
   std::vector<int32_t> load_one(p.E);
   std::memcpy(load_one.data(), one.load.data(), one.load.size());
   for (int i = 0; i < p.E; ++i) CHECK(load_sum[i] == load_one[i]);
+  if (rank0_only)
+    for (int i = kExpertsPerRank; i < p.E; ++i) CHECK(load_sum[i] == 0);  // really nothing elsewhere
   auto as_float = [](const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); };
   // Each rank's contribution is rounded to the dtype before this sum: a little more room.
   for (const std::string& d :
@@ -405,6 +423,13 @@ TEST_CASE("ep gpu: the expert-parallel layer equals the one-GPU layer over the g
   for (int n : ep_sizes(false))
     for (moekit_dtype_t dtype : {MOEKIT_DTYPE_F32, MOEKIT_DTYPE_BF16})
       for (moekit_ep_mode_t mode : {MOEKIT_EP_MODE_EXACT, MOEKIT_EP_MODE_CAPACITY}) run_ep_layer_case(dtype, mode, n);
+}
+
+TEST_CASE("ep gpu: expert-parallel layer ranks that receive no row at all", "[gpu][ep][layer]") {
+  for (int n : ep_sizes(false)) {
+    run_ep_layer_case(MOEKIT_DTYPE_F32, MOEKIT_EP_MODE_EXACT, n, true);
+    run_ep_layer_case(MOEKIT_DTYPE_BF16, MOEKIT_EP_MODE_CAPACITY, n, true);
+  }
 }
 
 TEST_CASE("ep gpu: the exact-mode layer refuses a capturing stream and a saved buffer it did not write",

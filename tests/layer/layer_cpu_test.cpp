@@ -683,6 +683,7 @@ TEST_CASE("expert-parallel layer sizes cover the worst-case received rows", "[la
         {v.recv_indices, Rr * K * 4, "recv_indices"},
         {v.recv_weights, Rr * K * 4, "recv_weights"},
         {v.recv_mask, Rr, "recv_mask"},
+        {v.ep_dropped, 4, "ep_dropped"},
     };
     for (const Piece& a : pieces) {
       INFO(a.name);

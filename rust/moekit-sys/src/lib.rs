@@ -430,6 +430,7 @@ pub struct moekit_layer_saved_view_t {
     pub recv_indices: *mut i32,
     pub recv_weights: *mut f32,
     pub recv_mask: *mut u8,
+    pub ep_dropped: *mut i32,
 }
 
 extern "C" {
