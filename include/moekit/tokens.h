@@ -53,7 +53,7 @@
 extern "C" {
 #endif
 
-/* Largest K any call accepts (the same limit as the router's). */
+/* K is limited by MOEKIT_MAX_TOP_K (moekit/status.h), as in every family. */
 /* Largest E_local a plan accepts. The global E may be larger (expert parallelism). */
 #define MOEKIT_PLAN_MAX_LOCAL_EXPERTS 4096
 
