@@ -8,6 +8,9 @@ the layer's dtype unless noted, None where the config has no such parameter:
     shared_w_gate_up [H, NU_s] ([NU_s, H] with shared.weight_layout "out_in")
     shared_b_gate_up [NU_s]         shared_w_down [I_s, H] ([H, I_s])         shared_b_down [H]
     shared_gate_weight [H]
+With expert parallelism (config.expert_parallel = the address of a moekit.EP handle) the expert
+weights are this rank's E / n experts (experts.num_experts), and forward and backward are
+collectives every rank calls; the saved view then also holds the received rows (recv_*).
 The forward fills a "saved" buffer (Layer.saved_size bytes) that the backward reads; keep it (the
 returned LayerOutput holds it) until the backward has run.
 """
@@ -94,18 +97,22 @@ class LayerConfig(_StructConfig):
         view = _capi.LayerSavedViewStruct()
         view.struct_size = ctypes.sizeof(view)
         call("moekit_layer_saved_view", ctypes.byref(self.to_c()), T, ptr(buf), buf.nbytes, ctypes.byref(view))
-        R = view.max_rows
+        R, Rr = view.max_rows, view.recv_rows
+        # With expert parallelism the plan is over the received rows and this rank's experts.
+        plan_tokens = Rr if Rr else T
         shapes = dict(logits=((T, view.logits_row_stride), KIND_OF_DTYPE[view.logits_dtype]),
                       weights=((T, d.K), F32), indices=((T, d.K), I32), expert_load=((d.E,), I32),
-                      aux_score_sum=((d.E,), F32), aux_token_count=((1,), I32), expert_counts=((d.E,), I32),
-                      expert_offsets=((d.E + 1,), I32), row_of_slot=((T * d.K,), I32), slot_of_row=((R,), I32),
-                      plan_totals=((_capi.MOEKIT_PLAN_NUM_TOTALS,), I32), expert_u=((R, d.NU), d.kind),
-                      shared_u=((T, d.NU_s), d.kind), shared_gate_logit=((T,), F32), shared_out=((T, d.H), d.kind))
+                      aux_score_sum=((d.E,), F32), aux_token_count=((1,), I32), expert_counts=((d.El,), I32),
+                      expert_offsets=((d.El + 1,), I32), row_of_slot=((plan_tokens * d.K,), I32),
+                      slot_of_row=((R,), I32), plan_totals=((_capi.MOEKIT_PLAN_NUM_TOTALS,), I32),
+                      expert_u=((R, d.NU), d.kind), shared_u=((T, d.NU_s), d.kind), shared_gate_logit=((T,), F32),
+                      shared_out=((T, d.H), d.kind), recv_x=((Rr, d.H), d.kind), recv_indices=((Rr, d.K), I32),
+                      recv_weights=((Rr, d.K), F32), recv_mask=((Rr,), U8), ep_dropped=((1,), I32))
         out = {}
         for name, (shape, kind) in shapes.items():
             address = getattr(view, name)
             out[name] = None if not address else _typed_view(c, buf, address - buf.ptr, shape, kind)
-        return SavedView(max_rows=R, logits_row_stride=view.logits_row_stride, **out)
+        return SavedView(max_rows=R, logits_row_stride=view.logits_row_stride, recv_rows=Rr, **out)
 
     def to_c(self):
         """The C struct, pointing at C copies of the family configs (kept alive by the struct)."""
@@ -136,7 +143,8 @@ class LayerConfig(_StructConfig):
 
 class SavedView(collections.namedtuple("SavedView", (
         "max_rows logits_row_stride logits weights indices expert_load aux_score_sum aux_token_count expert_counts "
-        "expert_offsets row_of_slot slot_of_row plan_totals expert_u shared_u shared_gate_logit shared_out"))):
+        "expert_offsets row_of_slot slot_of_row plan_totals expert_u shared_u shared_gate_logit shared_out "
+        "recv_rows recv_x recv_indices recv_weights recv_mask ep_dropped"))):
     """What a forward put into its saved buffer (moekit_layer_saved_view), as arrays of the buffer's
     framework: logits [T, logits_row_stride], weights [T, K] fp32, indices [T, K], this call's
     expert_load [E], aux statistics, the plan, and the saved pre-activations (None where the config
@@ -169,6 +177,7 @@ class _Dims(object):
         if self.kind is None:
             raise invalid(fname, "config.dtype = %r is not a moekit dtype", config.dtype)
         self.E, self.K, self.H = r.num_experts, r.top_k, config.hidden
+        self.El = e.num_experts  # the experts held here: E, or E / n with expert parallelism
         self.I, self.NU = e.inter, _nu(e.activation, e.inter, fname)
         self.I_s = sh.inter if sh is not None else 0
         self.NU_s = _nu(sh.activation, sh.inter, fname) if sh is not None else 0
@@ -203,6 +212,7 @@ class Layer(object):
         self._events = None
         d = _Dims(config, fname)
         self.kind, self.E, self.K, self.H, self.I, self.NU = d.kind, d.E, d.K, d.H, d.I, d.NU
+        self.El = d.El
         self.I_s, self.NU_s, self.shared_out_in = d.I_s, d.NU_s, d.shared_out_in
 
     # -- lifetime ----------------------------------------------------------------------------------
@@ -246,9 +256,10 @@ class Layer(object):
 
     def _params(self, c, params):
         E, H, NU, I, NU_s, I_s, k = self.E, self.H, self.NU, self.I, self.NU_s, self.I_s, self.kind
+        El = self.El  # expert weights held here (E / n with expert parallelism)
         sh = (lambda a, b: (b, a)) if self.shared_out_in else (lambda a, b: (a, b))
         spec = dict(router_weight=((E, H), k), router_bias=((E,), k), correction_bias=((E,), F32),
-                    w_gate_up=((E, H, NU), k), b_gate_up=((E, NU), k), w_down=((E, I, H), k), b_down=((E, H), k),
+                    w_gate_up=((El, H, NU), k), b_gate_up=((El, NU), k), w_down=((El, I, H), k), b_down=((El, H), k),
                     shared_w_gate_up=(sh(H, NU_s), k), shared_b_gate_up=((NU_s,), k),
                     shared_w_down=(sh(I_s, H), k), shared_b_down=((H,), k), shared_gate_weight=((H,), k))
         s = _capi.LayerParamsStruct()
