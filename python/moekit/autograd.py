@@ -312,11 +312,12 @@ class MoE(torch.nn.Module):
         self.moekit_layer = Layer(config, device=device.index)
         dtype = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}[self.moekit_layer.c_config.dtype]
         L = self.moekit_layer
-        shapes = dict(router_weight=(L.E, L.H), w_gate_up=(L.E, L.H, L.NU), w_down=(L.E, L.I, L.H))
+        # expert weights: the experts held here (E / n with expert parallelism)
+        shapes = dict(router_weight=(L.E, L.H), w_gate_up=(L.El, L.H, L.NU), w_down=(L.El, L.I, L.H))
         if config.router_bias:
             shapes["router_bias"] = (L.E,)
         if config.expert_bias:
-            shapes.update(b_gate_up=(L.E, L.NU), b_down=(L.E, L.H))
+            shapes.update(b_gate_up=(L.El, L.NU), b_down=(L.El, L.H))
         if config.shared is not None:
             swap = L.shared_out_in
             shapes["shared_w_gate_up"] = (L.NU_s, L.H) if swap else (L.H, L.NU_s)

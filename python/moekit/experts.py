@@ -203,7 +203,7 @@ def experts_backward(grad_out, xp, expert_offsets, w_gate_up, w_down, config=Non
                          dict(b_gate_up=a.b_gate_up, b_down=a.b_down, row_weights=a.row_weights))
         shapes = dict(xp=((R, H), kind), w_gate_up=((E, H, NU), kind), b_gate_up=((E, NU), kind),
                       w_down=((E, I, H), kind), b_down=((E, H), kind), row_weights=((R,), F32))
-        outs = {n: (c.output(given[n], "grad_" + n, shapes[n][1], shapes[n][0], zero=zero and n == "xp")
+        outs = {n: (c.output(given[n], "grad_" + n, shapes[n][1], shapes[n][0], zero=zero and n in ("xp", "row_weights"))
                     if n in wanted else None) for n in _EXPERT_GRADS}
         need = ctypes.c_size_t()
         call("moekit_experts_backward_workspace_size", ctypes.byref(a.cfg), R, int(ua is not None),
