@@ -123,6 +123,7 @@ void usage(const std::vector<Preset>& ps) {
       " (default dsv3), or all\n"
       "  --tokens=T --hidden=H --experts=E --top-k=K --inter=I --shared-inter=I_s   override sizes\n"
       "  --dtype=bf16|f16|f32 --recompute --router-fp32 --mask=FRACTION             override options\n"
+      "  --gemm-path=auto|sm80|sm90   the experts' tensor-core kernels (sm90: Hopper TMA + wgmma)\n"
       "  --repeats=N (default 10) --warmup=N (default 3) --no-check --json=PATH --list\n\n");
   for (const Preset& p : ps) std::printf("  %-10s %s; T %lld\n", p.name.c_str(), p.about.c_str(), (long long)p.tokens);
 }
@@ -323,6 +324,14 @@ int run_preset(const Preset& preset, const Args& args, Json& results) {
   }
   if (args.has("recompute")) c.recompute = true;
   if (args.has("router-fp32")) c.router_fp32 = true;
+  if (args.has("gemm-path")) {
+    const std::string g = args.get("gemm-path", "auto");
+    if (g != "auto" && g != "sm80" && g != "sm90") {
+      std::printf("  --gemm-path = %s: expected auto, sm80 or sm90\n", g.c_str());
+      return 1;
+    }
+    c.experts.gemm_path = g == "sm90" ? MOEKIT_GEMM_PATH_SM90 : g == "sm80" ? MOEKIT_GEMM_PATH_SM80 : MOEKIT_GEMM_PATH_AUTO;
+  }
   if (args.has("mask")) c.mask_fraction = args.get_double("mask", c.mask_fraction);
   const int repeats = static_cast<int>(std::max<int64_t>(1, args.get_int("repeats", 10)));
   const int warmup = static_cast<int>(std::max<int64_t>(0, args.get_int("warmup", 3)));

@@ -97,6 +97,8 @@ struct LayerCase {
     if (recompute) s += " recompute";
     if (alignment > 1) s += " A=" + std::to_string(alignment);
     if (capacity > 0) s += " C=" + std::to_string(capacity) + (drop_policy == MOEKIT_DROP_BY_WEIGHT ? "/weight" : "");
+    if (experts.gemm_path == MOEKIT_GEMM_PATH_SM80) s += " sm80-gemm";
+    if (experts.gemm_path == MOEKIT_GEMM_PATH_SM90) s += " sm90-gemm";
     return s + ")";
   }
 };
