@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <string>
@@ -274,6 +275,29 @@ struct LayerRun {
   }
 };
 
+// One rank's EP handle and expert-parallel layer over its tokens and experts. Allocates (handle
+// staging, layer, buffers): construct it in an allocation phase of run_ranks. Members go in reverse
+// order, the layer before the handle it uses, also when construction stops half-way.
+struct RankLayer {
+  struct EpDestroy {
+    void operator()(moekit_ep_handle_t h) const { moekit_ep_destroy(h); }
+  };
+  std::unique_ptr<moekit_ep, EpDestroy> handle;
+  std::unique_ptr<Configs> cfg;
+  std::unique_ptr<LayerRun> run;
+  RankLayer(RankContext& ctx, const Problem& p, int64_t max_tokens, moekit_ep_mode_t mode) {
+    const moekit_ep_config_t e = ep_config(p, max_tokens, mode);
+    moekit_ep_handle_t h = nullptr;
+    EP_REQUIRE_OK(ctx, moekit_ep_create(&e, ctx.comm, &h));
+    handle.reset(h);
+    cfg = std::make_unique<Configs>(p, kExpertsPerRank, h);
+    crumb_step("LayerRun: cudaMalloc and uploads", __LINE__);
+    const int r = ctx.rank;
+    run = std::make_unique<LayerRun>(p, *cfg, p.offset[r], p.tokens[r], r * kExpertsPerRank, kExpertsPerRank,
+                                     ctx.stream);
+  }
+};
+
 // max |a - b| <= tol * max |b| over a tensor (both as values of dtype); the first offender named.
 std::string compare(const char* what, moekit_dtype_t d, const std::vector<float>& a, const std::vector<float>& b,
                     double tol) {
@@ -325,16 +349,9 @@ void run_ep_layer_case(moekit_dtype_t dtype, moekit_ep_mode_t mode, int n, bool 
   const int64_t max_tokens = *std::max_element(p.tokens.begin(), p.tokens.end());
   const std::vector<std::string> failures = run_ranks(n, [&](RankContext& ctx) {
     const int r = ctx.rank;
-    const moekit_ep_config_t e = ep_config(p, max_tokens, mode);
-    moekit_ep_handle_t handle = nullptr;
-    EP_REQUIRE_OK(ctx, moekit_ep_create(&e, ctx.comm, &handle));
-    struct HandleGuard {
-      moekit_ep_handle_t h;
-      ~HandleGuard() { moekit_ep_destroy(h); }
-    } handle_guard{handle};
-    const Configs cfg(p, kExpertsPerRank, handle);
-    crumb_step("LayerRun: cudaMalloc and uploads", __LINE__);
-    LayerRun run(p, cfg, p.offset[r], p.tokens[r], r * kExpertsPerRank, kExpertsPerRank, ctx.stream);
+    RankLayer rank_layer(ctx, p, max_tokens, mode);
+    LayerRun& run = *rank_layer.run;
+    const Configs& cfg = *rank_layer.cfg;
     ctx.sync(__LINE__);  // end of the allocation phase
     for (int pass = 0; pass < 2; ++pass) {
       run.poison();
@@ -443,15 +460,8 @@ TEST_CASE("ep gpu: the exact-mode layer refuses a capturing stream and a saved b
   std::vector<bool> untouched(n, false);
   const std::vector<std::string> failures = run_ranks(n, [&](RankContext& ctx) {
     const int r = ctx.rank;
-    const moekit_ep_config_t e = ep_config(p, max_tokens, MOEKIT_EP_MODE_EXACT);
-    moekit_ep_handle_t handle = nullptr;
-    EP_REQUIRE_OK(ctx, moekit_ep_create(&e, ctx.comm, &handle));
-    struct HandleGuard {
-      moekit_ep_handle_t h;
-      ~HandleGuard() { moekit_ep_destroy(h); }
-    } handle_guard{handle};
-    const Configs cfg(p, kExpertsPerRank, handle);
-    LayerRun run(p, cfg, p.offset[r], p.tokens[r], r * kExpertsPerRank, kExpertsPerRank, ctx.stream);
+    RankLayer rank_layer(ctx, p, max_tokens, MOEKIT_EP_MODE_EXACT);
+    LayerRun& run = *rank_layer.run;
     ctx.sync(__LINE__);
     run.poison();
     // A backward before any forward into this saved buffer: refused, nothing enqueued, no collective.
