@@ -65,10 +65,11 @@
  * dy goes to the rows' ranks, dx and the routing-weight gradients come back the same way.
  * What differs from one GPU running the whole batch: y rounds each rank's partial sum before the
  * cross-rank sum (with one owning rank per token nothing differs); the expert load, aux statistics
- * and aux loss are those of this rank's tokens, and the router gradients (dW_r, db_r) and shared
- * MLP gradients are this rank's contributions (reduce them as data-parallel gradients;
- * moekit_ep_allreduce_expert_load / moekit_ep_allreduce_aux_stats for global statistics). Expert
- * weight gradients are complete: they cover every token that reached this rank's experts.
+ * and aux loss are those of this rank's tokens unless config->ep_global_statistics sums them over
+ * the communicator (then they, and each token's aux gradient, are the global batch's); the router
+ * gradients (dW_r, db_r) and shared MLP gradients are this rank's contributions (reduce them as
+ * data-parallel gradients). Expert weight gradients are complete: they cover every token that
+ * reached this rank's experts.
  * Forward and backward are collectives over the communicator: every rank calls them, in the same
  * order. The handle's mode decides graph safety: MOEKIT_EP_MODE_CAPACITY never reads the device
  * from the host (capturable); MOEKIT_EP_MODE_EXACT exchanges the counts in every forward and reads
@@ -140,6 +141,13 @@ typedef struct moekit_layer_config {
                                                over its communicator (see the top of this header), whose
                                                num_experts, top_k, dtype and hidden are this layer's; or
                                                NULL: every expert on this GPU. Default NULL. */
+    int32_t ep_global_statistics;           /* nonzero (needs expert_parallel): the forward sums the
+                                               expert load (exact int32) and the aux statistics (S in
+                                               rank order, N) over the EP communicator right after the
+                                               router, so expert_load, aux_loss and the backward's aux
+                                               term are those of the global batch, identical on every
+                                               rank (the bias update then agrees across ranks). 0: this
+                                               rank's tokens only. Default 0. */
 } moekit_layer_config_t;
 
 /* The parameters (and the correction-bias buffer) of one layer: device pointers, all of dtype except

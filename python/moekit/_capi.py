@@ -211,6 +211,7 @@ class LayerConfigStruct(ctypes.Structure):
         ("drop_policy", c_int32),
         ("recompute", c_int32),
         ("expert_parallel", c_void_p),
+        ("ep_global_statistics", c_int32),
     ]
 
 

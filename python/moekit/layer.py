@@ -52,6 +52,7 @@ class LayerConfig(_StructConfig):
     drop_policy: Union[DropPolicy, int, str] = DropPolicy.BY_POSITION
     recompute: bool = False
     expert_parallel: Optional[int] = None  # address of a moekit_ep_handle_t (moekit.EP(...).handle.value), or None
+    ep_global_statistics: bool = False  # load and aux statistics of the global batch (needs expert_parallel)
 
     _struct = _capi.LayerConfigStruct
     _init = "moekit_layer_config_init"

@@ -129,6 +129,7 @@ struct ForwardLayout {
   // routing: projection, router, plan
   void* lt = nullptr;
   void* router_ws = nullptr;
+  float* stats_ws = nullptr;     // [n, E] the ranks' S gathered (ep_global_statistics)
   void* plan_ws = nullptr;
   // routed experts
   void* xp = nullptr;            // [R, H]
@@ -151,6 +152,8 @@ ForwardLayout carve_forward(Carver& ws, const LayerConfig& c, const CallShape& s
   const size_t start = ws.mark();
   if (T > 0) l.lt = ws.bytes(kLtWorkspaceBytes);
   l.router_ws = ws.bytes(router::forward_workspace_bytes(internal_router(c), s.num_tokens));
+  if (c.ep_global_statistics)
+    l.stats_ws = ws.take<float>(static_cast<size_t>(c.ep->dims.num_ranks) * static_cast<size_t>(c.num_experts));
   l.plan_ws = ws.bytes(tokens::plan_workspace_bytes(s.plan));
   // A rank without tokens still serves the rows other ranks send its experts.
   if (T == 0 && c.ep == nullptr) return l;
@@ -669,6 +672,11 @@ moekit_status_t forward(moekit_layer& L, const CallShape& shape, const ForwardCa
   rc.workspace = w.router_ws;
   rc.stream = stream;
   MOEKIT_TRY(router::run_forward(rc));
+  if (c.ep_global_statistics) {  // the global batch's load and statistics, on every rank alike
+    MOEKIT_TRY(ep::allreduce_expert_load(c.ep->comm, c.num_experts, s.load, stream));
+    MOEKIT_TRY(ep::allreduce_aux_stats(c.ep->comm, c.ep->dims.num_ranks, c.num_experts, s.score_sum, s.count,
+                                       w.stats_ws, stream));
+  }
   if (a.expert_load != nullptr) {
     if (c.router.accumulate_load) {
       MOEKIT_CUDA_TRY(kl::launch_add_int32(c.num_experts, s.load, a.expert_load, stream),

@@ -83,6 +83,7 @@ moekit_status_t check_expert_parallel(const moekit_layer_config_t& c, const moek
                    "config->expert_parallel owns (E / n = %d / %d)",
                    x.num_experts, d.experts_per_rank, d.num_ranks, r.num_experts, d.num_ranks);
   out->ep = h;
+  out->ep_global_statistics = c.ep_global_statistics != 0;
   out->ep_exact = !d.capacity_mode;
   out->local_experts = d.experts_per_rank;
   out->ep_max_tokens = d.max_tokens;
@@ -117,6 +118,7 @@ void set_defaults(moekit_layer_config_t* c) {
   c->drop_policy = MOEKIT_DROP_BY_POSITION;
   c->recompute = 0;
   c->expert_parallel = nullptr;
+  c->ep_global_statistics = 0;
 }
 
 moekit_status_t read_and_check(const moekit_layer_config_t* user, LayerConfig* out) {
@@ -136,6 +138,10 @@ moekit_status_t read_and_check(const moekit_layer_config_t* user, LayerConfig* o
   const moekit_router_config_t& r = out->router;
   const moekit_experts_config_t& x = out->experts;
   MOEKIT_TRY(check_expert_parallel(c, r, x, out));
+  MOEKIT_CHECK_ARG(c.ep_global_statistics == 0 || c.expert_parallel != nullptr,
+                   "config->ep_global_statistics = %d but config->expert_parallel is NULL (no communicator to sum "
+                   "over)",
+                   c.ep_global_statistics);
   MOEKIT_CHECK_ARG(r.num_experts <= MOEKIT_PLAN_MAX_LOCAL_EXPERTS,
                    "config->router->num_experts = %d exceeds MOEKIT_PLAN_MAX_LOCAL_EXPERTS = %d", r.num_experts,
                    MOEKIT_PLAN_MAX_LOCAL_EXPERTS);

@@ -43,6 +43,7 @@ struct LayerConfig {
   size_t ep_layout_bytes = 0;       // the handle's device layout
   size_t ep_host_layout_count = 0;  // int64 entries of its host layout (exact mode)
   size_t ep_workspace_bytes = 0;    // worst-case workspace of dispatch/combine and backwards
+  bool ep_global_statistics = false;  // load and aux statistics summed over the EP communicator
 };
 
 // Defaults of every field (what moekit_layer_config_init writes).

@@ -10,6 +10,9 @@
 //    one-GPU ones (they are data-parallel contributions);
 //  - a second forward + backward gives bitwise the same outputs on every rank, and in capacity
 //    mode so does a CUDA graph of the whole forward + backward (NCCL calls included);
+//  - with ep_global_statistics and an aux-loss coefficient: every rank's load is the global one
+//    and the aux term of each token's router gradient is the global batch's (router gradients
+//    summed over ranks equal one GPU's with the same coefficient);
 //  - both EP modes (exact, capacity without drops, dropped pairs counted as 0), a rank with no
 //    tokens, padding tokens, and ranks that receive no row at all (a correction bias keeps every
 //    token on rank 0's experts).
@@ -59,6 +62,8 @@ struct Problem {
   std::vector<float> s_gate_up;  // [H, 2 I_s]
   std::vector<float> s_down;     // [I_s, H]
   std::vector<float> correction; // fp32 correction bias [E] (selection only), or empty for none
+  bool global_stats = false;     // EP layers sum load and aux statistics over the communicator
+  float aux_coeff = 0.0f;        // the backward's aux-loss coefficient (nonzero only with global_stats)
   int64_t total() const { return offset[n]; }
 };
 
@@ -147,6 +152,7 @@ struct Configs {
     layer.shared = &shared;
     layer.router_fp32 = 1;  // exact logits (see make_problem)
     layer.expert_parallel = ep;
+    layer.ep_global_statistics = ep != nullptr && p.global_stats;
   }
 };
 
@@ -154,10 +160,11 @@ struct Configs {
 struct Outputs {
   std::vector<uint8_t> y, dx, d_router, d_gate_up, d_down, d_s_gate_up, d_s_down, indices, load;
   int32_t dropped = -1;  // the saved view's ep_dropped (expert parallelism only)
+  float aux_loss = NAN;
   bool operator==(const Outputs& o) const {
     return y == o.y && dx == o.dx && d_router == o.d_router && d_gate_up == o.d_gate_up && d_down == o.d_down &&
            d_s_gate_up == o.d_s_gate_up && d_s_down == o.d_s_down && indices == o.indices && load == o.load &&
-           dropped == o.dropped;
+           dropped == o.dropped && std::memcmp(&aux_loss, &o.aux_loss, 4) == 0;
   }
 };
 
@@ -176,7 +183,7 @@ struct LayerRun {
   moekit_layer_t layer = nullptr;
   size_t saved_bytes = 0, ws_bytes = 0;
   DeviceBuffer x, dy, mask, w_router, w_gate_up, w_down, s_gate_up, s_down, y, dx, g_router, g_gate_up, g_down,
-      g_s_gate_up, g_s_down, load, saved, workspace, correction;
+      g_s_gate_up, g_s_down, load, aux, saved, workspace, correction;
   moekit_layer_params_t params;
   moekit_layer_grads_t grads;
 
@@ -207,6 +214,7 @@ struct LayerRun {
     g_s_gate_up = DeviceBuffer(size_t(H) * 2 * kSharedInter * es);
     g_s_down = DeviceBuffer(size_t(kSharedInter) * H * es);
     load = DeviceBuffer(size_t(p.E) * 4);
+    aux = DeviceBuffer(4);
     saved = DeviceBuffer(saved_bytes);
     workspace = DeviceBuffer(ws_bytes);
     moekit_layer_params_init(&params, sizeof(params));
@@ -232,18 +240,18 @@ struct LayerRun {
 
   // Poisons every output (stream-ordered: no allocation, no device-wide synchronisation).
   void poison() {
-    for (DeviceBuffer* b : {&y, &dx, &g_router, &g_gate_up, &g_down, &g_s_gate_up, &g_s_down, &load})
+    for (DeviceBuffer* b : {&y, &dx, &g_router, &g_gate_up, &g_down, &g_s_gate_up, &g_s_down, &load, &aux})
       if (b->bytes() > 0 && cudaMemsetAsync(b->get(), 0xa7, b->bytes(), stream) != cudaSuccess)
         throw std::runtime_error("cudaMemsetAsync failed");
   }
   moekit_status_t forward() {
     return moekit_layer_forward(layer, T, T ? x.get() : nullptr, T ? mask.get<uint8_t>() : nullptr, &params,
-                                T ? y.get() : nullptr, load.get<int32_t>(), nullptr, saved.get(), saved_bytes,
+                                T ? y.get() : nullptr, load.get<int32_t>(), aux.get<float>(), saved.get(), saved_bytes,
                                 workspace.get(), ws_bytes, stream);
   }
   moekit_status_t backward() {
     return moekit_layer_backward(layer, T, T ? x.get() : nullptr, T ? mask.get<uint8_t>() : nullptr, &params,
-                                 saved.get(), saved_bytes, T ? dy.get() : nullptr, 0.0f, T ? dx.get() : nullptr,
+                                 saved.get(), saved_bytes, T ? dy.get() : nullptr, p.aux_coeff, T ? dx.get() : nullptr,
                                  &grads, workspace.get(), ws_bytes, stream);
   }
   std::vector<uint8_t> fetch(const void* ptr, size_t bytes) const {
@@ -265,6 +273,7 @@ struct LayerRun {
     o.d_s_gate_up = fetch(g_s_gate_up);
     o.d_s_down = fetch(g_s_down);
     o.load = fetch(load);
+    std::memcpy(&o.aux_loss, fetch(aux).data(), 4);
     moekit_layer_saved_view_t v;
     std::memset(&v, 0, sizeof(v));
     v.struct_size = sizeof(v);
@@ -320,11 +329,17 @@ std::vector<float> values(moekit_dtype_t d, const std::vector<uint8_t>& bytes) {
   return moekit::test::unpack(d, bytes);
 }
 
-void run_ep_layer_case(moekit_dtype_t dtype, moekit_ep_mode_t mode, int n, bool rank0_only = false) {
-  const Problem p = make_problem(dtype, n, 0xe9a7 + 16 * n + 4 * static_cast<int>(dtype) + mode, rank0_only);
+// global_stats: the EP layers sum load and aux statistics over the communicator, and the backward
+// carries an aux-loss term (coefficient 0.37): the global batch's, as on one GPU.
+void run_ep_layer_case(moekit_dtype_t dtype, moekit_ep_mode_t mode, int n, bool rank0_only = false,
+                       bool global_stats = false) {
+  Problem p = make_problem(dtype, n, 0xe9a7 + 16 * n + 4 * static_cast<int>(dtype) + mode, rank0_only);
+  p.global_stats = global_stats;
+  p.aux_coeff = global_stats ? 0.37f : 0.0f;
   const int64_t H = kHidden;
   const double tol = dtype == MOEKIT_DTYPE_F32 ? 1e-4 : 3e-2;
-  INFO("dtype " << dtype << ", mode " << mode << ", ep = " << n << (rank0_only ? ", every token to rank 0" : ""));
+  INFO("dtype " << dtype << ", mode " << mode << ", ep = " << n << (rank0_only ? ", every token to rank 0" : "")
+                << (global_stats ? ", global statistics and an aux term" : ""));
 
   // One GPU, the whole batch, every expert.
   Outputs one;
@@ -396,6 +411,10 @@ void run_ep_layer_case(moekit_dtype_t dtype, moekit_ep_mode_t mode, int n, bool 
     const Outputs& o = first[r];
     CHECK(o.indices == slice(one.indices, p.offset[r] * kTopK * 4, p.tokens[r] * kTopK * 4, 1));
     CHECK(o.dropped == 0);  // capacity = max_tokens never drops
+    if (global_stats) {  // the global batch's aux loss on every rank (S summed in another order)
+      INFO("aux loss " << o.aux_loss << " vs one GPU " << one.aux_loss);
+      CHECK(std::fabs(o.aux_loss - one.aux_loss) <= 1e-5 * std::fabs(one.aux_loss) + 1e-7);
+    }
     std::vector<int32_t> load(p.E);
     std::memcpy(load.data(), o.load.data(), o.load.size());
     for (int i = 0; i < p.E; ++i) load_sum[i] += load[i];
@@ -420,7 +439,8 @@ void run_ep_layer_case(moekit_dtype_t dtype, moekit_ep_mode_t mode, int n, bool 
   }
   std::vector<int32_t> load_one(p.E);
   std::memcpy(load_one.data(), one.load.data(), one.load.size());
-  for (int i = 0; i < p.E; ++i) CHECK(load_sum[i] == load_one[i]);
+  // Per-rank loads add up to the global one; with global statistics every rank holds the global one.
+  for (int i = 0; i < p.E; ++i) CHECK(load_sum[i] == (global_stats ? int64_t(n) : int64_t(1)) * load_one[i]);
   if (rank0_only)
     for (int i = kExpertsPerRank; i < p.E; ++i) CHECK(load_sum[i] == 0);  // really nothing elsewhere
   auto as_float = [](const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); };
@@ -440,6 +460,14 @@ TEST_CASE("ep gpu: the expert-parallel layer equals the one-GPU layer over the g
   for (int n : ep_sizes(false))
     for (moekit_dtype_t dtype : {MOEKIT_DTYPE_F32, MOEKIT_DTYPE_BF16})
       for (moekit_ep_mode_t mode : {MOEKIT_EP_MODE_EXACT, MOEKIT_EP_MODE_CAPACITY}) run_ep_layer_case(dtype, mode, n);
+}
+
+TEST_CASE("ep gpu: expert-parallel layer with global statistics carries the global batch's aux term",
+          "[gpu][ep][layer]") {
+  for (int n : ep_sizes(false)) {
+    run_ep_layer_case(MOEKIT_DTYPE_F32, MOEKIT_EP_MODE_EXACT, n, false, true);
+    run_ep_layer_case(MOEKIT_DTYPE_BF16, MOEKIT_EP_MODE_CAPACITY, n, false, true);
+  }
 }
 
 TEST_CASE("ep gpu: expert-parallel layer ranks that receive no row at all", "[gpu][ep][layer]") {

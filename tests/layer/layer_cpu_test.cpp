@@ -240,6 +240,8 @@ TEST_CASE("every bad field of a layer config is rejected with a message naming i
        [](LayerCase&, moekit_layer_config_t& c) { c.experts = nullptr; }},
       {"is not a live moekit_ep_handle_t", MOEKIT_STATUS_INVALID_ARGUMENT,
        [](LayerCase&, moekit_layer_config_t& c) { c.expert_parallel = &c; }},
+      {"config->ep_global_statistics = 1 but config->expert_parallel is NULL", MOEKIT_STATUS_INVALID_ARGUMENT,
+       [](LayerCase&, moekit_layer_config_t& c) { c.ep_global_statistics = 1; }},
       {"config->router->top_k = 0", MOEKIT_STATUS_INVALID_ARGUMENT, [](LayerCase& l, moekit_layer_config_t&) { l.router.top_k = 0; }},
       {"config->router->num_experts = 5000", MOEKIT_STATUS_INVALID_ARGUMENT,
        [](LayerCase& l, moekit_layer_config_t&) { l.router.num_experts = 5000; }},
@@ -649,6 +651,17 @@ TEST_CASE("expert-parallel layer sizes cover the worst-case received rows", "[la
     // A rank without tokens still needs the partials, the received rows and the experts' rows.
     REQUIRE(fw >= static_cast<size_t>(recv_rows) * H * es);
     REQUIRE(bw >= 2 * static_cast<size_t>(recv_rows) * H * es);
+    {  // global statistics: a gather buffer of the ranks' S in the forward's routing phase
+      moekit_layer_config_t g = c;
+      g.ep_global_statistics = 1;
+      REQUIRE(moekit_layer_config_check(&g) == MOEKIT_STATUS_SUCCESS);
+      size_t gfw = 0, gbw = 0;
+      REQUIRE(moekit_layer_workspace_size(&g, max_tokens, &gfw, &gbw) == MOEKIT_STATUS_SUCCESS);
+      size_t fw_max = 0, bw_max = 0;
+      REQUIRE(moekit_layer_workspace_size(&c, max_tokens, &fw_max, &bw_max) == MOEKIT_STATUS_SUCCESS);
+      REQUIRE(gfw >= fw_max);
+      REQUIRE(gbw == bw_max);
+    }
     size_t bytes = 55;
     REQUIRE(moekit_layer_saved_size(&c, max_tokens + 1, &bytes) == MOEKIT_STATUS_INVALID_ARGUMENT);
     REQUIRE(last_error().find("num_tokens = 33 is outside [0, 32]") != std::string::npos);

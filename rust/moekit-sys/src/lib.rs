@@ -365,6 +365,7 @@ pub struct moekit_layer_config_t {
     pub drop_policy: i32,
     pub recompute: i32,
     pub expert_parallel: *mut c_void,
+    pub ep_global_statistics: i32,
 }
 
 #[repr(C)]

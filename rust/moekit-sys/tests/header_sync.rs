@@ -423,7 +423,8 @@ fn rust_layouts() -> Vec<Layout> {
         moekit_mlp_config_t { struct_size, hidden, inter, dtype, activation, gate_up_layout, weight_layout,
             act_alpha, act_limit }
         moekit_layer_config_t { struct_size, hidden, dtype, router, experts, shared, shared_gate, router_bias,
-            expert_bias, shared_bias, router_fp32, alignment, capacity, drop_policy, recompute, expert_parallel }
+            expert_bias, shared_bias, router_fp32, alignment, capacity, drop_policy, recompute, expert_parallel,
+            ep_global_statistics }
         moekit_layer_params_t { struct_size, router_weight, router_bias, correction_bias, w_gate_up, b_gate_up,
             w_down, b_down, shared_w_gate_up, shared_b_gate_up, shared_w_down, shared_b_down, shared_gate_weight }
         moekit_layer_grads_t { struct_size, router_weight, router_bias, w_gate_up, b_gate_up, w_down, b_down,
