@@ -147,7 +147,8 @@ typedef struct moekit_layer_config {
                                                router, so expert_load, aux_loss and the backward's aux
                                                term are those of the global batch, identical on every
                                                rank (the bias update then agrees across ranks). 0: this
-                                               rank's tokens only. Default 0. */
+                                               rank's tokens only. Must be the same on every rank (it
+                                               adds collectives). Default 0. */
 } moekit_layer_config_t;
 
 /* The parameters (and the correction-bias buffer) of one layer: device pointers, all of dtype except

@@ -585,7 +585,6 @@ moekit_status_t forward_routed_ep_steps(moekit_layer& L, const CallShape& shape,
 // Expert parallelism, forward of the routed part: layout (exact mode: the count exchange and its one
 // host read), dispatch, the plan of the received rows over this rank's experts, permute, experts,
 // the unweighted local combine into one partial row per received row, and the EP combine into y.
-// A failure in exact mode forgets the saved buffer's host layout, so no backward runs on it.
 moekit_status_t forward_routed_ep(moekit_layer& L, const CallShape& shape, const ForwardCall& a,
                                   const SavedLayout& s, const ForwardLayout& w, Stages& stages) {
   const LayerConfig& c = L.config;
@@ -595,9 +594,7 @@ moekit_status_t forward_routed_ep(moekit_layer& L, const CallShape& shape, const
     kept.assign(c.ep_host_layout_count, 0);
     host_layout = kept.data();
   }
-  const moekit_status_t routed = forward_routed_ep_steps(L, shape, a, s, w, host_layout, stages);
-  if (routed != MOEKIT_STATUS_SUCCESS && c.ep_exact) forget_host_layout(L, a.saved);  // no backward may use it
-  return routed;
+  return forward_routed_ep_steps(L, shape, a, s, w, host_layout, stages);  // forward() forgets it on failure
 }
 
 moekit_status_t forward_routed_ep_steps(moekit_layer& L, const CallShape& shape, const ForwardCall& a,
@@ -639,7 +636,23 @@ moekit_status_t forward_routed_local(moekit_layer& L, const CallShape& shape, co
 
 }  // namespace
 
+namespace {
+moekit_status_t forward_steps(moekit_layer& L, const CallShape& shape, const ForwardCall& a);
+}  // namespace
+
+// Exact expert-parallel mode: whatever this saved buffer held before, its old host layout must not
+// outlive this forward; a successful forward keeps the new one (forward_routed_ep).
 moekit_status_t forward(moekit_layer& L, const CallShape& shape, const ForwardCall& a) {
+  const bool exact = L.config.ep != nullptr && L.config.ep_exact;
+  if (exact) forget_host_layout(L, a.saved);
+  const moekit_status_t status = forward_steps(L, shape, a);
+  if (status != MOEKIT_STATUS_SUCCESS && exact) forget_host_layout(L, a.saved);
+  return status;
+}
+
+namespace {
+
+moekit_status_t forward_steps(moekit_layer& L, const CallShape& shape, const ForwardCall& a) {
   const LayerConfig& c = L.config;
   const moekit_layer_params_t& p = a.params;
   const int64_t T = a.num_tokens;
@@ -713,8 +726,6 @@ moekit_status_t forward(moekit_layer& L, const CallShape& shape, const ForwardCa
   }
   return MOEKIT_STATUS_SUCCESS;
 }
-
-namespace {
 
 // The collectives that wrap the routed backward with expert parallelism: dy to the rows' ranks
 // before the local combine backward, dx and the weight gradients back after the local permute

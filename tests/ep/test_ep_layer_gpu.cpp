@@ -180,6 +180,10 @@ struct LayerRun {
   int64_t T;
   int El;
   cudaStream_t stream;
+  struct LayerDestroy {
+    void operator()(moekit_layer_t l) const { moekit_layer_destroy(l); }
+  };
+  std::unique_ptr<moekit_layer, LayerDestroy> owned;  // destroyed after the buffers, also half-built
   moekit_layer_t layer = nullptr;
   size_t saved_bytes = 0, ws_bytes = 0;
   DeviceBuffer x, dy, mask, w_router, w_gate_up, w_down, s_gate_up, s_down, y, dx, g_router, g_gate_up, g_down,
@@ -192,6 +196,7 @@ struct LayerRun {
     const int64_t H = kHidden;
     const moekit_dtype_t d = p.dtype;
     moekit_check(moekit_layer_create(&cfg.layer, &layer), "moekit_layer_create");
+    owned.reset(layer);
     size_t fw = 0, bw = 0;
     moekit_check(moekit_layer_saved_size(&cfg.layer, T, &saved_bytes), "moekit_layer_saved_size");
     moekit_check(moekit_layer_workspace_size(&cfg.layer, T, &fw, &bw), "moekit_layer_workspace_size");
@@ -231,7 +236,6 @@ struct LayerRun {
     grads.shared_w_gate_up = g_s_gate_up.get();
     grads.shared_w_down = g_s_down.get();
   }
-  ~LayerRun() { moekit_layer_destroy(layer); }
 
   static void moekit_check(moekit_status_t s, const char* what) {
     if (s != MOEKIT_STATUS_SUCCESS)
@@ -418,6 +422,7 @@ void run_ep_layer_case(moekit_dtype_t dtype, moekit_ep_mode_t mode, int n, bool 
     std::vector<int32_t> load(p.E);
     std::memcpy(load.data(), o.load.data(), o.load.size());
     for (int i = 0; i < p.E; ++i) load_sum[i] += load[i];
+    if (global_stats) CHECK(o.load == one.load);  // the global load, on every rank
     const int64_t el = kExpertsPerRank;
     const std::vector<std::string> diffs = {
         compare("y", dtype, values(dtype, o.y), values(dtype, slice(one.y, p.offset[r] * H * es, p.tokens[r] * H * es, 1)), tol),
@@ -444,6 +449,27 @@ void run_ep_layer_case(moekit_dtype_t dtype, moekit_ep_mode_t mode, int n, bool 
   if (rank0_only)
     for (int i = kExpertsPerRank; i < p.E; ++i) CHECK(load_sum[i] == 0);  // really nothing elsewhere
   auto as_float = [](const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); };
+  if (global_stats && dtype == MOEKIT_DTYPE_F32) {
+    // The aux term must be visible at this tolerance, or the comparison below could not tell a
+    // missing or per-rank term from the global one: one GPU without it differs.
+    Problem q = p;
+    q.aux_coeff = 0.0f;
+    CUDA_REQUIRE(cudaSetDevice(0));
+    cudaStream_t s;
+    CUDA_REQUIRE(cudaStreamCreate(&s));
+    std::vector<uint8_t> d_router_no_aux;
+    {
+      const Configs cfg(q, q.E, nullptr);
+      LayerRun run(q, cfg, 0, q.total(), 0, q.E, s);
+      run.poison();
+      REQUIRE(run.forward() == MOEKIT_STATUS_SUCCESS);
+      REQUIRE(run.backward() == MOEKIT_STATUS_SUCCESS);
+      d_router_no_aux = run.fetch(run.g_router);
+    }
+    CUDA_REQUIRE(cudaStreamDestroy(s));
+    CHECK_FALSE(compare("d router_weight", dtype, as_float(router_sum), values(dtype, d_router_no_aux), 2 * tol)
+                    .empty());
+  }
   // Each rank's contribution is rounded to the dtype before this sum: a little more room.
   for (const std::string& d :
        {compare("sum of d router_weight", dtype, as_float(router_sum), values(dtype, one.d_router), 2 * tol),
@@ -515,7 +541,7 @@ TEST_CASE("ep gpu: the exact-mode layer refuses a capturing stream and a saved b
   for (int r = 0; r < n; ++r) {
     INFO("rank " << r << ": " << foreign_msg[r] << " / " << capture_msg[r]);
     CHECK(foreign[r] == MOEKIT_STATUS_INVALID_ARGUMENT);
-    CHECK(foreign_msg[r].find("was not written by a forward of this layer") != std::string::npos);
+    CHECK(foreign_msg[r].find("was not written by a successful forward of this layer") != std::string::npos);
     CHECK(capture[r] == MOEKIT_STATUS_INVALID_ARGUMENT);
     CHECK(capture_msg[r].find("is capturing") != std::string::npos);
     CHECK(untouched[r]);
