@@ -73,16 +73,38 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
 }
 
-// Spins until the phase of parity `parity` has completed.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+  return t;
+}
+
+// A phase that never completes is a bug (an expect_tx byte count or a parity that does not match
+// what arrives), and a spinning CTA would hang the process and the caller's GPU time with it. After
+// kMbarHangNs of waiting the thread traps instead: the launch fails with an error the caller sees
+// (a kernel error is sticky for the context). Legitimate waits are one stage's TMA loads or one
+// tile's epilogue: microseconds to milliseconds, far below the bound also under compute-sanitizer.
+// Costs nothing while phases complete promptly (the timer is read only after a failed try).
+constexpr uint64_t kMbarHangNs = 20ull * 1000ull * 1000ull * 1000ull;
+
+// Spins until the phase of parity `parity` has completed (or traps after kMbarHangNs).
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  if (mbar_try_wait(bar, parity)) return;
+  const uint64_t start = global_ns();
+  uint32_t spins = 0;
+  while (!mbar_try_wait(bar, parity)) {
+    if ((++spins & 1023u) == 0 && global_ns() - start > kMbarHangNs) __trap();
+  }
 }
 
 __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
