@@ -105,7 +105,11 @@ TEST_CASE("layer reference backward equals finite differences of its objective",
         double j = 0.0;
         for (size_t i = 0; i < dy.size(); ++i) j += dy[i] * base.y[i];
         const double aux = c.aux_coeff * base.aux_loss;
-        REQUIRE(std::fabs(ref::layer_objective(p, base, dy, c.aux_coeff) - (j + aux)) <= 1e-9 * (1 + std::fabs(j)));
+        // The forward's aux statistics come from the router reference on fp32 logits, the objective
+        // re-evaluates them from the double logits: they agree to fp32 rounding of the scores
+        // (seen: 3e-9 on aux ~0.3), not to double rounding.
+        REQUIRE(std::fabs(ref::layer_objective(p, base, dy, c.aux_coeff) - (j + aux)) <=
+                1e-9 * (1 + std::fabs(j)) + 1e-6 * std::fabs(aux));
       }
       auto J = [&] { return ref::layer_objective(p, base, dy, c.aux_coeff); };
       check_tensor("x", p.x, g.x, J, rng);
