@@ -570,6 +570,13 @@ TEST_CASE("backward in the kernels' order: the reference's maths, and fp32 withi
         INFO(oc.name << " coeff " << coeff << " grad_weights kind " << gw_kind);
         std::vector<float> bias;
         if (oc.bias) bias = coarse_bias(E, rng);
+        // With weights_use_bias and normalisation the aux scores divide by sum_e (s_e + b_e), which
+        // for softmax is 1 + sum_e b_e in every row: a bias summing to about -1 (seen: exactly -1)
+        // makes the whole case singular in any precision. Draw again.
+        const bool wub_norm = oc.bias && c.weights_use_bias && c.normalize;
+        while (wub_norm && c.score_func == MOEKIT_SCORE_SOFTMAX &&
+               std::fabs(1.0 + std::accumulate(bias.begin(), bias.end(), 0.0)) < 0.05)
+          bias = coarse_bias(E, rng);
         const std::vector<float> logits = order_logits(E, T, rng);
         std::vector<uint8_t> mask = random_mask(rng, T);
         const auto fwd = ref::router_forward(c, T, logits, oc.bias ? &bias : nullptr, &mask);
@@ -594,8 +601,44 @@ TEST_CASE("backward in the kernels' order: the reference's maths, and fp32 withi
         const auto want = ref::router_backward(c, T, z, oc.bias ? &bias : nullptr, &mask, indices, gwp, coeff, load, n);
         const auto got = ref::router_backward_device_order(c, T, z, oc.bias ? &bias : nullptr, &mask, indices, gwp,
                                                            coeff, load, n);
+        // Normalised weights of s + b divide by the selected c's sum, which a negative bias can
+        // bring to ~0: such a row's weights (and their gradient) are ill-conditioned in any
+        // precision, and its bound is rightly unbounded. Those rows (|sum| below 1e-3 of the
+        // terms' magnitude; about one row in several thousand) are left out, and must stay rare.
+        // (The aux scores' normaliser over all E, for sigmoid rows, likewise.)
+        std::vector<bool> ill(static_cast<size_t>(T), false);
+        int64_t ill_rows = 0;
+        if (wub_norm && c.score_func != MOEKIT_SCORE_SQRT_SOFTPLUS) {
+          for (int64_t t = 0; t < T; ++t) {
+            const double* zt = z.data() + t * E;
+            std::vector<double> sc(E);
+            if (c.score_func == MOEKIT_SCORE_SOFTMAX) {
+              const double mx = *std::max_element(zt, zt + E);
+              double sum = 0.0;
+              for (int e = 0; e < E; ++e) sum += std::exp(zt[e] - mx);
+              for (int e = 0; e < E; ++e) sc[e] = std::exp(zt[e] - mx) / sum;
+            } else {
+              for (int e = 0; e < E; ++e) sc[e] = 1.0 / (1.0 + std::exp(-zt[e]));
+            }
+            double den = 0.0, mag = 0.0, all = 0.0, all_mag = 0.0;
+            for (int k = 0; k < K; ++k) {
+              const int32_t e = indices[t * K + k];
+              if (e < 0 || e >= E) continue;
+              den += sc[e] + bias[e];
+              mag += std::fabs(sc[e] + bias[e]);
+            }
+            for (int e = 0; e < E; ++e) {
+              all += sc[e] + bias[e];
+              all_mag += std::fabs(sc[e] + bias[e]);
+            }
+            ill[t] = std::fabs(den) < 1e-3 * mag || (coeff != 0.0f && std::fabs(all) < 1e-3 * all_mag);
+            ill_rows += ill[t] ? 1 : 0;
+          }
+        }
+        CHECK(ill_rows <= 2);
         int64_t algebra = -1, beyond = -1;
         for (size_t i = 0; i < want.size(); ++i) {
+          if (ill[i / static_cast<size_t>(E)]) continue;
           REQUIRE(std::isfinite(got.bound[i]));
           REQUIRE(std::isfinite(got.reference_bound[i]));
           // both double: they differ by the two evaluations' double rounding only
