@@ -231,3 +231,41 @@ def version():
 def dtype_size(dtype):
     """moekit_dtype_size: bytes of one element, 0 for an unknown value."""
     return fn("moekit_dtype_size")(int(dtype))
+
+
+class OwnedHandle(object):
+    """Base of the classes that own one C handle (MlpHandle, Layer, EP).
+
+    `_open` creates it through a `*_create` entry point whose last parameter is the handle's
+    address; close() (or the end of a `with` block, or garbage collection) destroys it once through
+    the matching `*_destroy`, which is looked up at creation so that it still resolves during
+    interpreter shutdown. After close() the handle is NULL and `_live` raises.
+    """
+
+    def _open(self, create, destroy, *args):
+        self._handle = ctypes.c_void_p()
+        call(create, *(args + (ctypes.byref(self._handle),)))
+        self._destroy = fn(destroy)
+
+    def _live(self, function, message):
+        if not self._handle:
+            raise invalid(function, message)
+        return self._handle
+
+    def close(self):
+        if self._handle:
+            h, self._handle = self._handle, ctypes.c_void_p()
+            self._destroy(h)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

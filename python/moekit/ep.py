@@ -13,7 +13,7 @@ from typing import Union
 
 from . import _capi
 from ._config import Dtype, EpMode, _StructConfig, as_c
-from ._lib import call, fn, invalid
+from ._lib import OwnedHandle, call, invalid
 from ._tensor import F32, I32, KIND_OF_DTYPE, U8, Call, ptr, result
 
 
@@ -82,7 +82,7 @@ class EpLayout(object):
 Received = collections.namedtuple("Received", "x indices weights src_token mask")
 
 
-class EP(object):
+class EP(OwnedHandle):
     """moekit_ep_handle_t over the caller's communicator. Use from one thread at a time."""
 
     def __init__(self, config, nccl_comm):
@@ -90,9 +90,7 @@ class EP(object):
         self.config = config if isinstance(config, EpConfig) else None
         self.c_config = as_c(config, EpConfig, fname)
         self._comm = ctypes.c_void_p(int(nccl_comm))
-        self._handle = ctypes.c_void_p()
-        call("moekit_ep_create", ctypes.byref(self.c_config), self._comm, ctypes.byref(self._handle))
-        self._destroy = fn("moekit_ep_destroy")
+        self._open("moekit_ep_create", "moekit_ep_destroy", ctypes.byref(self.c_config), self._comm)
         cfg = self.c_config
         self.kind = KIND_OF_DTYPE[cfg.dtype]
         self.combine_kind = self.kind if cfg.combine_dtype < 0 else KIND_OF_DTYPE[cfg.combine_dtype]
@@ -100,29 +98,9 @@ class EP(object):
         call("moekit_ep_layout_size", ctypes.byref(cfg), ctypes.byref(nbytes), ctypes.byref(count))
         self.layout_bytes, self.host_layout_count = nbytes.value, count.value
 
-    def close(self):
-        if self._handle:
-            h, self._handle = self._handle, ctypes.c_void_p()
-            self._destroy(h)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
     @property
     def handle(self):
-        if not self._handle:
-            raise invalid("moekit.EP", "the handle was closed")
-        return self._handle
+        return self._live("moekit.EP", "the handle was closed")
 
     def layout(self, indices, *, token_mask=None, buffer=None, stream=None):
         """moekit_ep_layout (a collective in exact mode, with one host read). Returns an EpLayout."""

@@ -21,7 +21,7 @@ from typing import Union
 
 from . import _capi
 from ._config import Activation, Dtype, GateUpLayout, GemmPath, WeightLayout, _StructConfig, as_c, enum_value
-from ._lib import call, invalid
+from ._lib import OwnedHandle, call, invalid
 from ._tensor import F32, FLOATS, I32, KIND_OF_DTYPE, Call, ptr, result
 
 
@@ -239,46 +239,19 @@ def _wanted(fname, needs, given, names, inputs_needed):
 # --------------------------------------------------------------------------------------------------
 # Dense MLP
 
-class MlpHandle(object):
+class MlpHandle(OwnedHandle):
     """moekit_mlp_handle_t: cuBLASLt state on one device (the current one at creation). Creating
     it is not graph-safe; using it is. close() (or `with`) destroys it; so does garbage
     collection."""
 
     def __init__(self, device=None):
         self.device = device
-        self._handle = ctypes.c_void_p()
         with _device_guard(device):
-            call("moekit_mlp_handle_create", ctypes.byref(self._handle))
-        self._destroy = _lib_fn("moekit_mlp_handle_destroy")
+            self._open("moekit_mlp_handle_create", "moekit_mlp_handle_destroy")
 
     @property
     def value(self):
-        if not self._handle:
-            raise invalid("moekit.MlpHandle", "the handle was closed")
-        return self._handle
-
-    def close(self):
-        if self._handle:
-            h, self._handle = self._handle, ctypes.c_void_p()
-            self._destroy(h)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-
-def _lib_fn(name):
-    from ._lib import fn
-    return fn(name)
+        return self._live("moekit.MlpHandle", "the handle was closed")
 
 
 class _device_guard(object):

@@ -21,7 +21,7 @@ from typing import Optional, Union
 
 from . import _capi
 from ._config import Dtype, DropPolicy, WeightLayout, _StructConfig, as_c, dtype_value, enum_value
-from ._lib import call, fn, invalid
+from ._lib import OwnedHandle, call, invalid
 from ._tensor import F32, I32, ITEMSIZE, KIND_OF_DTYPE, U8, Call, DeviceArray, ptr, result
 from .experts import ExpertsConfig, MlpConfig, _device_guard, _nu
 from .router import RouterConfig
@@ -194,7 +194,7 @@ def _param(params, name):
     return getattr(params, name, None)
 
 
-class Layer(object):
+class Layer(OwnedHandle):
     """moekit_layer_t: the layer's configs and its cuBLASLt state on one device. Creating it is not
     graph-safe; forward and backward are (capture both into one CUDA graph)."""
 
@@ -206,10 +206,8 @@ class Layer(object):
         self.c_config = config.to_c()
         call("moekit_layer_config_check", ctypes.byref(self.c_config))
         self.device = device
-        self._handle = ctypes.c_void_p()
         with _device_guard(device):
-            call("moekit_layer_create", ctypes.byref(self.c_config), ctypes.byref(self._handle))
-        self._destroy = fn("moekit_layer_destroy")
+            self._open("moekit_layer_create", "moekit_layer_destroy", ctypes.byref(self.c_config))
         self._events = None
         d = _Dims(config, fname)
         self.kind, self.E, self.K, self.H, self.I, self.NU = d.kind, d.E, d.K, d.H, d.I, d.NU
@@ -220,27 +218,7 @@ class Layer(object):
 
     @property
     def handle(self):
-        if not self._handle:
-            raise invalid("moekit.Layer", "the layer was closed")
-        return self._handle
-
-    def close(self):
-        if self._handle:
-            h, self._handle = self._handle, ctypes.c_void_p()
-            self._destroy(h)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+        return self._live("moekit.Layer", "the layer was closed")
 
     # -- sizes -------------------------------------------------------------------------------------
 
