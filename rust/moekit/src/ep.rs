@@ -5,7 +5,7 @@ use std::ffi::c_void;
 use crate::error::{check, Result};
 use crate::router::int_enum;
 use crate::sys;
-use crate::types::{size_of, DevicePtr, Dtype, Stream, Workspace};
+use crate::types::{config_defaults, DevicePtr, Dtype, Stream, Workspace};
 
 int_enum!(
     /// `moekit_ep_mode_t`.
@@ -27,10 +27,7 @@ pub struct EpConfig {
 impl EpConfig {
     /// The library's defaults (`moekit_ep_config_init`).
     pub fn defaults() -> Self {
-        let mut raw = std::mem::MaybeUninit::<sys::moekit_ep_config_t>::zeroed();
-        check(unsafe { sys::moekit_ep_config_init(raw.as_mut_ptr(), size_of::<sys::moekit_ep_config_t>()) })
-            .expect("moekit_ep_config_init with this crate's struct size");
-        EpConfig { raw: unsafe { raw.assume_init() } }
+        EpConfig { raw: config_defaults(sys::moekit_ep_config_init, "moekit_ep_config_init") }
     }
     /// n ranks, E experts, K per token, hidden size H, at most `max_tokens` tokens per call.
     pub fn new(num_ranks: i32, num_experts: i32, top_k: i32, hidden: i64, max_tokens: i64) -> Self {

@@ -4,7 +4,7 @@ use std::ffi::c_void;
 use crate::error::{check, Result};
 use crate::router::int_enum;
 use crate::sys;
-use crate::types::{size_of, DevicePtr, Dtype, Stream, Workspace};
+use crate::types::{config_defaults, DevicePtr, Dtype, Stream, Workspace};
 
 int_enum!(
     /// `moekit_activation_t`.
@@ -36,10 +36,7 @@ pub struct ExpertsConfig {
 impl ExpertsConfig {
     /// The library's defaults (`moekit_experts_config_init`).
     pub fn defaults() -> Self {
-        let mut raw = std::mem::MaybeUninit::<sys::moekit_experts_config_t>::zeroed();
-        check(unsafe { sys::moekit_experts_config_init(raw.as_mut_ptr(), size_of::<sys::moekit_experts_config_t>()) })
-            .expect("moekit_experts_config_init with this crate's struct size");
-        ExpertsConfig { raw: unsafe { raw.assume_init() } }
+        ExpertsConfig { raw: config_defaults(sys::moekit_experts_config_init, "moekit_experts_config_init") }
     }
     /// E experts of hidden size H and FFN width I; the rest at the library's defaults.
     pub fn new(num_experts: i32, hidden: i32, inter: i32) -> Self {
@@ -201,10 +198,7 @@ pub struct MlpConfig {
 impl MlpConfig {
     /// The library's defaults (`moekit_mlp_config_init`).
     pub fn defaults() -> Self {
-        let mut raw = std::mem::MaybeUninit::<sys::moekit_mlp_config_t>::zeroed();
-        check(unsafe { sys::moekit_mlp_config_init(raw.as_mut_ptr(), size_of::<sys::moekit_mlp_config_t>()) })
-            .expect("moekit_mlp_config_init with this crate's struct size");
-        MlpConfig { raw: unsafe { raw.assume_init() } }
+        MlpConfig { raw: config_defaults(sys::moekit_mlp_config_init, "moekit_mlp_config_init") }
     }
     pub fn new(hidden: i32, inter: i32) -> Self {
         let mut c = Self::defaults();

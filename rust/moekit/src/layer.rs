@@ -6,7 +6,7 @@ use crate::experts::{ExpertsConfig, MlpConfig};
 use crate::router::{int_enum, RouterConfig};
 use crate::sys;
 use crate::tokens::DropPolicy;
-use crate::types::{size_of, DevicePtr, Dtype, Stream, Workspace};
+use crate::types::{config_defaults, init_struct, DevicePtr, Dtype, Stream, Workspace};
 
 int_enum!(
 /// `moekit_layer_stage_t`: index s of [`Layer::set_stage_events`]'s pairs.
@@ -40,10 +40,7 @@ impl LayerConfig {
     /// The library's defaults (`moekit_layer_config_init`) with these family configs; hidden and
     /// dtype are taken from the experts config.
     pub fn new(router: RouterConfig, experts: ExpertsConfig) -> Self {
-        let mut raw = std::mem::MaybeUninit::<sys::moekit_layer_config_t>::zeroed();
-        check(unsafe { sys::moekit_layer_config_init(raw.as_mut_ptr(), size_of::<sys::moekit_layer_config_t>()) })
-            .expect("moekit_layer_config_init with this crate's struct size");
-        let mut raw = unsafe { raw.assume_init() };
+        let mut raw = config_defaults(sys::moekit_layer_config_init, "moekit_layer_config_init");
         raw.hidden = experts.raw().hidden;
         raw.dtype = experts.raw().dtype;
         LayerConfig { router, experts, shared: None, raw }
@@ -144,7 +141,7 @@ impl LayerConfig {
         let c = self.c_config();
         let mut view = std::mem::MaybeUninit::<sys::moekit_layer_saved_view_t>::zeroed();
         unsafe {
-            (*view.as_mut_ptr()).struct_size = size_of::<sys::moekit_layer_saved_view_t>();
+            (*view.as_mut_ptr()).struct_size = std::mem::size_of::<sys::moekit_layer_saved_view_t>();
             check(sys::moekit_layer_saved_view(
                 &c,
                 num_tokens,
@@ -176,8 +173,7 @@ pub struct LayerParams {
 
 impl LayerParams {
     fn raw(&self) -> Result<sys::moekit_layer_params_t> {
-        let mut p = std::mem::MaybeUninit::<sys::moekit_layer_params_t>::zeroed();
-        check(unsafe { sys::moekit_layer_params_init(p.as_mut_ptr(), size_of::<sys::moekit_layer_params_t>()) })?;
+        let p = init_struct(sys::moekit_layer_params_init)?;
         Ok(sys::moekit_layer_params_t {
             router_weight: self.router_weight.as_ptr(),
             router_bias: self.router_bias.as_ptr(),
@@ -191,7 +187,7 @@ impl LayerParams {
             shared_w_down: self.shared_w_down.as_ptr(),
             shared_b_down: self.shared_b_down.as_ptr(),
             shared_gate_weight: self.shared_gate_weight.as_ptr(),
-            ..unsafe { p.assume_init() }
+            ..p
         })
     }
 }
@@ -214,8 +210,7 @@ pub struct LayerGrads {
 
 impl LayerGrads {
     fn raw(&self) -> Result<sys::moekit_layer_grads_t> {
-        let mut g = std::mem::MaybeUninit::<sys::moekit_layer_grads_t>::zeroed();
-        check(unsafe { sys::moekit_layer_grads_init(g.as_mut_ptr(), size_of::<sys::moekit_layer_grads_t>()) })?;
+        let g = init_struct(sys::moekit_layer_grads_init)?;
         Ok(sys::moekit_layer_grads_t {
             router_weight: self.router_weight.as_mut_ptr(),
             router_bias: self.router_bias.as_mut_ptr(),
@@ -228,7 +223,7 @@ impl LayerGrads {
             shared_w_down: self.shared_w_down.as_mut_ptr(),
             shared_b_down: self.shared_b_down.as_mut_ptr(),
             shared_gate_weight: self.shared_gate_weight.as_mut_ptr(),
-            ..unsafe { g.assume_init() }
+            ..g
         })
     }
 }

@@ -4,7 +4,7 @@ use std::ffi::c_void;
 
 use crate::error::{check, Result};
 use crate::sys;
-use crate::types::{size_of, DevicePtr, Dtype, Stream, Workspace};
+use crate::types::{config_defaults, DevicePtr, Dtype, Stream, Workspace};
 
 macro_rules! int_enum {
     ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident = $c:path),* $(,)? }) => {
@@ -49,10 +49,7 @@ pub const PRESETS: [&str; 7] = ["deepseek_v3", "moonlight", "qwen3", "gpt_oss", 
 impl RouterConfig {
     /// The library's defaults (`moekit_router_config_init`); E and K must still be set.
     pub fn defaults() -> Self {
-        let mut raw = std::mem::MaybeUninit::<sys::moekit_router_config_t>::zeroed();
-        check(unsafe { sys::moekit_router_config_init(raw.as_mut_ptr(), size_of::<sys::moekit_router_config_t>()) })
-            .expect("moekit_router_config_init with this crate's struct size");
-        RouterConfig { raw: unsafe { raw.assume_init() } }
+        RouterConfig { raw: config_defaults(sys::moekit_router_config_init, "moekit_router_config_init") }
     }
     /// E experts, K per token, the rest at the library's defaults.
     pub fn new(num_experts: i32, top_k: i32) -> Self {

@@ -4,7 +4,7 @@ use std::ffi::c_void;
 use crate::error::{check, Result};
 use crate::router::int_enum;
 use crate::sys;
-use crate::types::{size_of, DevicePtr, Dtype, Stream, Workspace};
+use crate::types::{config_defaults, init_struct, DevicePtr, Dtype, Stream, Workspace};
 
 int_enum!(
     /// `moekit_drop_policy_t`.
@@ -19,10 +19,7 @@ pub struct PlanConfig {
 impl PlanConfig {
     /// The library's defaults (`moekit_plan_config_init`); E and K must still be set.
     pub fn defaults() -> Self {
-        let mut raw = std::mem::MaybeUninit::<sys::moekit_plan_config_t>::zeroed();
-        check(unsafe { sys::moekit_plan_config_init(raw.as_mut_ptr(), size_of::<sys::moekit_plan_config_t>()) })
-            .expect("moekit_plan_config_init with this crate's struct size");
-        PlanConfig { raw: unsafe { raw.assume_init() } }
+        PlanConfig { raw: config_defaults(sys::moekit_plan_config_init, "moekit_plan_config_init") }
     }
     pub fn new(num_experts: i32, top_k: i32) -> Self {
         let mut c = Self::defaults();
@@ -98,9 +95,7 @@ impl TokenPlan {
     /// moekit_plan_bind: points the arrays into `buffer` (host arithmetic only). The buffer must
     /// hold `config.buffer_size(num_tokens)` bytes and stay alive while the plan is used.
     pub fn bind(config: &PlanConfig, num_tokens: i64, buffer: DevicePtr<u8>, buffer_bytes: usize) -> Result<Self> {
-        let mut raw = std::mem::MaybeUninit::<sys::moekit_token_plan_t>::zeroed();
-        check(unsafe { sys::moekit_token_plan_init(raw.as_mut_ptr(), size_of::<sys::moekit_token_plan_t>()) })?;
-        let mut raw = unsafe { raw.assume_init() };
+        let mut raw = init_struct(sys::moekit_token_plan_init)?;
         check(unsafe {
             sys::moekit_plan_bind(
                 config.raw(),

@@ -2,6 +2,7 @@
 use std::ffi::c_void;
 use std::marker::PhantomData;
 
+use crate::error::{check, Result};
 use crate::sys;
 
 /// A device address of elements of type `T` (`c_void` for tensors whose element type is a
@@ -149,7 +150,18 @@ impl Dtype {
     }
 }
 
-/// A struct-size argument for the `_init` functions.
-pub(crate) fn size_of<T>() -> usize {
-    std::mem::size_of::<T>()
+/// A C struct filled by its `moekit_*_init(ptr, sizeof)` function (struct_size and the library's
+/// defaults). `init` must be one of those functions for `T`; on failure nothing is read.
+pub(crate) fn init_struct<T>(init: unsafe extern "C" fn(*mut T, usize) -> sys::moekit_status_t) -> Result<T> {
+    let mut raw = std::mem::MaybeUninit::<T>::zeroed();
+    check(unsafe { init(raw.as_mut_ptr(), std::mem::size_of::<T>()) })?;
+    Ok(unsafe { raw.assume_init() })
+}
+
+/// A config's library defaults (`init_struct`); the `_init` function only fails when this crate's
+/// struct size disagrees with the library, which is a build error, so it panics naming `init_name`.
+pub(crate) fn config_defaults<T>(
+    init: unsafe extern "C" fn(*mut T, usize) -> sys::moekit_status_t, init_name: &str,
+) -> T {
+    init_struct(init).unwrap_or_else(|e| panic!("{init_name} with this crate's struct size: {e:?}"))
 }
