@@ -3,7 +3,6 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
-#include <functional>
 #include <new>
 
 #include "kernels/layer/launch.hpp"
@@ -730,12 +729,21 @@ moekit_status_t forward_steps(moekit_layer& L, const CallShape& shape, const For
 // The collectives that wrap the routed backward with expert parallelism: dy to the rows' ranks
 // before the local combine backward, dx and the weight gradients back after the local permute
 // backward. Empty without expert parallelism.
+// (Plain data, no std::function: nothing is allocated per call.)
 struct EpBackwardSteps {
-  std::function<moekit_status_t()> gather_grad_rows;    // moekit_ep_combine_backward
-  std::function<moekit_status_t()> return_grad_tokens;  // moekit_ep_dispatch_backward
-  moekit_status_t before_combine_backward() const { return gather_grad_rows ? gather_grad_rows() : MOEKIT_STATUS_SUCCESS; }
-  moekit_status_t after_permute_backward() const {
-    return return_grad_tokens ? return_grad_tokens() : MOEKIT_STATUS_SUCCESS;
+  moekit_ep* h = nullptr;  // NULL: no expert parallelism, both steps do nothing
+  const void* layout = nullptr;
+  const int64_t* host_layout = nullptr;
+  const int32_t* indices = nullptr;
+  void* ep_ws = nullptr;
+  moekit_status_t before_combine_backward(const BackwardCall& a, const BackwardLayout& w) const {
+    if (h == nullptr) return MOEKIT_STATUS_SUCCESS;
+    return ep::combine_backward(*h, a.num_tokens, layout, host_layout, a.grad_y, w.grad_partials, ep_ws, a.stream);
+  }
+  moekit_status_t after_permute_backward(const BackwardCall& a, const BackwardLayout& w) const {
+    if (h == nullptr) return MOEKIT_STATUS_SUCCESS;
+    return ep::dispatch_backward(*h, a.num_tokens, layout, host_layout, indices, w.grad_recv_x, w.grad_recv_weights,
+                                 a.grad_x, w.grad_weights, ep_ws, a.stream);
   }
 };
 
@@ -754,7 +762,7 @@ moekit_status_t backward_routed(moekit_layer& L, const tokens::PlanShape& rows, 
   const cudaStream_t stream = a.stream;
   if (rows.num_tokens == 0) {  // no rows: every requested expert weight gradient is zero
     MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_COMBINE_BACKWARD));
-    MOEKIT_TRY(ep_steps.before_combine_backward());
+    MOEKIT_TRY(ep_steps.before_combine_backward(a, w));
     MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_COMBINE_BACKWARD));
     MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_EXPERTS_BACKWARD));
     const experts::BackwardArgs eb{0,       s.plan.expert_offsets, nullptr,  nullptr,      p.w_gate_up, p.b_gate_up,
@@ -763,7 +771,7 @@ moekit_status_t backward_routed(moekit_layer& L, const tokens::PlanShape& rows, 
     MOEKIT_TRY(experts::backward(c.experts, eb, w.experts_ws, stream));
     MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_EXPERTS_BACKWARD));
     MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PERMUTE_BACKWARD));
-    MOEKIT_TRY(ep_steps.after_permute_backward());
+    MOEKIT_TRY(ep_steps.after_permute_backward(a, w));
     return stages.end(MOEKIT_LAYER_STAGE_PERMUTE_BACKWARD);
   }
   MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_PERMUTE_RECOMPUTE));
@@ -771,7 +779,7 @@ moekit_status_t backward_routed(moekit_layer& L, const tokens::PlanShape& rows, 
   MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PERMUTE_RECOMPUTE));
 
   MOEKIT_TRY(stages.begin(MOEKIT_LAYER_STAGE_COMBINE_BACKWARD));
-  MOEKIT_TRY(ep_steps.before_combine_backward());
+  MOEKIT_TRY(ep_steps.before_combine_backward(a, w));
   tokens::MoveRequest combine_bwd = move_request(tokens::Movement::kCombineBackward, c);
   combine_bwd.token_in = grad_rows_in;
   combine_bwd.token_in_stride = c.hidden;
@@ -796,7 +804,7 @@ moekit_status_t backward_routed(moekit_layer& L, const tokens::PlanShape& rows, 
   permute_bwd.token_out_stride = c.hidden;
   permute_bwd.grad_weights = grad_weights_out;
   MOEKIT_TRY(tokens::run_move(rows, s.plan, permute_bwd, stream));
-  MOEKIT_TRY(ep_steps.after_permute_backward());
+  MOEKIT_TRY(ep_steps.after_permute_backward(a, w));
   MOEKIT_TRY(stages.end(MOEKIT_LAYER_STAGE_PERMUTE_BACKWARD));
   return MOEKIT_STATUS_SUCCESS;
 }
@@ -893,15 +901,12 @@ moekit_status_t backward(moekit_layer& L, const CallShape& shape, const Backward
   // Routed experts. With expert parallelism dy goes to the rows' ranks (combine's backward), the
   // experts run over the received rows, and dx and the weight gradients come back (dispatch's).
   if (c.ep != nullptr) {
-    moekit_ep& h = *c.ep;
     EpBackwardSteps steps;
-    steps.gather_grad_rows = [&] {
-      return ep::combine_backward(h, T, s.ep_layout, host_layout, a.grad_y, w.grad_partials, w.ep_ws, stream);
-    };
-    steps.return_grad_tokens = [&] {
-      return ep::dispatch_backward(h, T, s.ep_layout, host_layout, s.indices, w.grad_recv_x, w.grad_recv_weights,
-                                   a.grad_x, w.grad_weights, w.ep_ws, stream);
-    };
+    steps.h = c.ep;
+    steps.layout = s.ep_layout;
+    steps.host_layout = host_layout;
+    steps.indices = s.indices;
+    steps.ep_ws = w.ep_ws;
     MOEKIT_TRY(backward_routed(L, rows, a, s, w, s.recv_x, s.recv_weights, w.grad_partials, w.grad_recv_x,
                                w.grad_recv_weights, steps, stages));
   } else {
