@@ -2,7 +2,7 @@
 //! `ncclComm_t` (as `*mut c_void`) made by the caller.
 use std::ffi::c_void;
 
-use crate::error::{check, Result};
+use crate::error::{check, query, Result};
 use crate::router::int_enum;
 use crate::sys;
 use crate::types::{config_defaults, DevicePtr, Dtype, Stream, Workspace};
@@ -13,9 +13,7 @@ int_enum!(
 
 /// NCCL_VERSION_CODE of the NCCL moekit uses (NotAvailable when built without NCCL).
 pub fn nccl_version() -> Result<i32> {
-    let mut v = 0i32;
-    check(unsafe { sys::moekit_ep_nccl_version(&mut v) })?;
-    Ok(v)
+    query(|v| unsafe { sys::moekit_ep_nccl_version(v) })
 }
 
 /// `moekit_ep_config_t`, starting from the library's defaults.
@@ -69,21 +67,15 @@ impl EpConfig {
     }
     /// (layout buffer bytes, host layout element count).
     pub fn layout_size(&self) -> Result<(usize, usize)> {
-        let (mut b, mut n) = (0usize, 0usize);
-        check(unsafe { sys::moekit_ep_layout_size(&self.raw, &mut b, &mut n) })?;
-        Ok((b, n))
+        query(|(b, n)| unsafe { sys::moekit_ep_layout_size(&self.raw, b, n) })
     }
     pub fn max_recv_rows(&self) -> Result<i64> {
-        let mut r = 0i64;
-        check(unsafe { sys::moekit_ep_max_recv_rows(&self.raw, &mut r) })?;
-        Ok(r)
+        query(|r| unsafe { sys::moekit_ep_max_recv_rows(&self.raw, r) })
     }
     /// Workspace bytes: exact for an exact-mode layout's host array, the worst case with None.
     pub fn workspace_size(&self, host_layout: Option<&[i64]>) -> Result<usize> {
-        let mut n = 0usize;
         let host = host_layout.map_or(std::ptr::null(), <[i64]>::as_ptr);
-        check(unsafe { sys::moekit_ep_workspace_size(&self.raw, host, &mut n) })?;
-        Ok(n)
+        query(|n| unsafe { sys::moekit_ep_workspace_size(&self.raw, host, n) })
     }
 }
 
@@ -171,9 +163,7 @@ impl EpHandle {
 
     /// Workspace bytes for this layout.
     pub fn workspace_size(&self, layout: &EpLayout) -> Result<usize> {
-        let mut n = 0usize;
-        check(unsafe { sys::moekit_ep_workspace_size(self.config.raw(), layout.host(), &mut n) })?;
-        Ok(n)
+        query(|n| unsafe { sys::moekit_ep_workspace_size(self.config.raw(), layout.host(), n) })
     }
 
     /// moekit_ep_dispatch (collective).
@@ -305,9 +295,7 @@ pub unsafe fn allreduce_expert_load(
 /// # Safety
 /// `nccl_comm` is a valid communicator (its size is read).
 pub unsafe fn aux_stats_workspace_size(nccl_comm: *mut c_void, num_experts: i32) -> Result<usize> {
-    let mut n = 0usize;
-    check(sys::moekit_ep_aux_stats_workspace_size(nccl_comm, num_experts, &mut n))?;
-    Ok(n)
+    query(|n| unsafe { sys::moekit_ep_aux_stats_workspace_size(nccl_comm, num_experts, n) })
 }
 
 /// moekit_ep_allreduce_aux_stats (collective): S [E] in rank order and N [1], in place.

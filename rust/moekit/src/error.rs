@@ -103,3 +103,12 @@ pub fn check(raw: sys::moekit_status_t) -> Result<()> {
     }
     Err(Error { status, message })
 }
+
+/// The output of a call that writes one value through its last pointer (size queries, row counts,
+/// versions): `call` gets the place to write; Ok(value) on SUCCESS, else the Error. A tuple `T`
+/// serves calls with two outputs.
+pub(crate) fn query<T: Default>(call: impl FnOnce(&mut T) -> sys::moekit_status_t) -> Result<T> {
+    let mut out = T::default();
+    check(call(&mut out))?;
+    Ok(out)
+}

@@ -1,7 +1,7 @@
 //! The grouped expert FFN and the dense MLP (moekit/experts.h).
 use std::ffi::c_void;
 
-use crate::error::{check, Result};
+use crate::error::{check, query, Result};
 use crate::router::int_enum;
 use crate::sys;
 use crate::types::{config_defaults, DevicePtr, Dtype, Stream, Workspace};
@@ -84,14 +84,10 @@ impl ExpertsConfig {
         check(unsafe { sys::moekit_experts_config_check(&self.raw) })
     }
     pub fn forward_workspace_size(&self, max_rows: i64) -> Result<usize> {
-        let mut n = 0usize;
-        check(unsafe { sys::moekit_experts_forward_workspace_size(&self.raw, max_rows, &mut n) })?;
-        Ok(n)
+        query(|n| unsafe { sys::moekit_experts_forward_workspace_size(&self.raw, max_rows, n) })
     }
     pub fn backward_workspace_size(&self, max_rows: i64, has_saved_u: bool) -> Result<usize> {
-        let mut n = 0usize;
-        check(unsafe { sys::moekit_experts_backward_workspace_size(&self.raw, max_rows, has_saved_u as i32, &mut n) })?;
-        Ok(n)
+        query(|n| unsafe { sys::moekit_experts_backward_workspace_size(&self.raw, max_rows, has_saved_u as i32, n) })
     }
 
     /// moekit_experts_forward (formulas in moekit/experts.h).
@@ -243,14 +239,10 @@ impl MlpConfig {
         check(unsafe { sys::moekit_mlp_config_check(&self.raw) })
     }
     pub fn forward_workspace_size(&self, num_tokens: i64) -> Result<usize> {
-        let mut n = 0usize;
-        check(unsafe { sys::moekit_mlp_forward_workspace_size(&self.raw, num_tokens, &mut n) })?;
-        Ok(n)
+        query(|n| unsafe { sys::moekit_mlp_forward_workspace_size(&self.raw, num_tokens, n) })
     }
     pub fn backward_workspace_size(&self, num_tokens: i64, has_saved_u: bool) -> Result<usize> {
-        let mut n = 0usize;
-        check(unsafe { sys::moekit_mlp_backward_workspace_size(&self.raw, num_tokens, has_saved_u as i32, &mut n) })?;
-        Ok(n)
+        query(|n| unsafe { sys::moekit_mlp_backward_workspace_size(&self.raw, num_tokens, has_saved_u as i32, n) })
     }
 }
 

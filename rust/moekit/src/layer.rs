@@ -1,7 +1,7 @@
 //! The whole MoE layer (moekit/layer.h): one forward and one backward call.
 use std::ffi::c_void;
 
-use crate::error::{check, Result};
+use crate::error::{check, query, Result};
 use crate::experts::{ExpertsConfig, MlpConfig};
 use crate::router::{int_enum, RouterConfig};
 use crate::sys;
@@ -123,16 +123,12 @@ impl LayerConfig {
     /// Bytes of the saved buffer for `num_tokens` tokens.
     pub fn saved_size(&self, num_tokens: i64) -> Result<usize> {
         let c = self.c_config();
-        let mut n = 0usize;
-        check(unsafe { sys::moekit_layer_saved_size(&c, num_tokens, &mut n) })?;
-        Ok(n)
+        query(|n| unsafe { sys::moekit_layer_saved_size(&c, num_tokens, n) })
     }
     /// (forward, backward) workspace bytes for `num_tokens` tokens.
     pub fn workspace_size(&self, num_tokens: i64) -> Result<(usize, usize)> {
         let c = self.c_config();
-        let (mut f, mut b) = (0usize, 0usize);
-        check(unsafe { sys::moekit_layer_workspace_size(&c, num_tokens, &mut f, &mut b) })?;
-        Ok((f, b))
+        query(|(f, b)| unsafe { sys::moekit_layer_workspace_size(&c, num_tokens, f, b) })
     }
     /// Where a forward puts each piece of a saved buffer (host arithmetic only).
     pub fn saved_view(

@@ -2,7 +2,7 @@
 //! aux-loss term, the aux-loss value, the bias update and the fake balanced gate.
 use std::ffi::c_void;
 
-use crate::error::{check, Result};
+use crate::error::{check, query, Result};
 use crate::sys;
 use crate::types::{config_defaults, DevicePtr, Dtype, Stream, Workspace};
 
@@ -170,15 +170,11 @@ impl RouterConfig {
     }
     /// Workspace bytes of [`forward`] for `num_tokens` tokens.
     pub fn forward_workspace_size(&self, num_tokens: i64) -> Result<usize> {
-        let mut n = 0usize;
-        check(unsafe { sys::moekit_router_forward_workspace_size(&self.raw, num_tokens, &mut n) })?;
-        Ok(n)
+        query(|n| unsafe { sys::moekit_router_forward_workspace_size(&self.raw, num_tokens, n) })
     }
     /// Workspace bytes of [`backward`] for `num_tokens` tokens.
     pub fn backward_workspace_size(&self, num_tokens: i64) -> Result<usize> {
-        let mut n = 0usize;
-        check(unsafe { sys::moekit_router_backward_workspace_size(&self.raw, num_tokens, &mut n) })?;
-        Ok(n)
+        query(|n| unsafe { sys::moekit_router_backward_workspace_size(&self.raw, num_tokens, n) })
     }
 }
 

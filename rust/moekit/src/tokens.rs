@@ -1,7 +1,7 @@
 //! Token movement (moekit/tokens.h): the routing plan, permute, combine and both backwards.
 use std::ffi::c_void;
 
-use crate::error::{check, Result};
+use crate::error::{check, query, Result};
 use crate::router::int_enum;
 use crate::sys;
 use crate::types::{config_defaults, init_struct, DevicePtr, Dtype, Stream, Workspace};
@@ -65,20 +65,14 @@ impl PlanConfig {
     }
     /// moekit_plan_max_rows: the worst-case number of rows for `num_tokens` tokens.
     pub fn max_rows(&self, num_tokens: i64) -> Result<i64> {
-        let mut n = 0i64;
-        check(unsafe { sys::moekit_plan_max_rows(&self.raw, num_tokens, &mut n) })?;
-        Ok(n)
+        query(|n| unsafe { sys::moekit_plan_max_rows(&self.raw, num_tokens, n) })
     }
     pub fn workspace_size(&self, num_tokens: i64) -> Result<usize> {
-        let mut n = 0usize;
-        check(unsafe { sys::moekit_plan_workspace_size(&self.raw, num_tokens, &mut n) })?;
-        Ok(n)
+        query(|n| unsafe { sys::moekit_plan_workspace_size(&self.raw, num_tokens, n) })
     }
     /// Bytes of one device buffer holding the five plan arrays.
     pub fn buffer_size(&self, num_tokens: i64) -> Result<usize> {
-        let mut n = 0usize;
-        check(unsafe { sys::moekit_plan_buffer_size(&self.raw, num_tokens, &mut n) })?;
-        Ok(n)
+        query(|n| unsafe { sys::moekit_plan_buffer_size(&self.raw, num_tokens, n) })
     }
 }
 
