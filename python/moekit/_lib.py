@@ -218,6 +218,14 @@ def call(name, *args):
     check(fn(name)(*args))
 
 
+def size_query(name, *args):
+    """Calls a size query `name` whose last parameter is a size_t out-pointer after `args` (the
+    *_workspace_size / *_buffer_size / *_saved_size entry points) and returns the size."""
+    n = ctypes.c_size_t()
+    call(name, *(args + (ctypes.byref(n),)))
+    return n.value
+
+
 def _raw_version():
     return fn("moekit_get_version")()
 

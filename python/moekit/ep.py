@@ -13,7 +13,7 @@ from typing import Union
 
 from . import _capi
 from ._config import Dtype, EpMode, _StructConfig, as_c
-from ._lib import OwnedHandle, call, invalid
+from ._lib import OwnedHandle, call, invalid, size_query
 from ._tensor import F32, I32, KIND_OF_DTYPE, U8, Call, ptr, result
 
 
@@ -52,10 +52,8 @@ class EpConfig(_StructConfig):
 
     def workspace_size(self, layout=None):
         """moekit_ep_workspace_size: exact for an exact-mode EpLayout, the worst case with None."""
-        n = ctypes.c_size_t()
         host = layout.host_layout if layout is not None else None
-        call("moekit_ep_workspace_size", ctypes.byref(self.to_c()), host, ctypes.byref(n))
-        return n.value
+        return size_query("moekit_ep_workspace_size", ctypes.byref(self.to_c()), host)
 
 
 def nccl_version():
@@ -130,9 +128,8 @@ class EP(OwnedHandle):
         return list(send), list(recv)
 
     def _workspace(self, c, layout, given):
-        n = ctypes.c_size_t()
-        call("moekit_ep_workspace_size", ctypes.byref(self.c_config), layout.host_layout, ctypes.byref(n))
-        return c.workspace(n.value, given)
+        return c.workspace(size_query("moekit_ep_workspace_size", ctypes.byref(self.c_config), layout.host_layout),
+                           given)
 
     def _check_layout(self, fname, layout, T):
         if not isinstance(layout, EpLayout):
@@ -231,7 +228,6 @@ def allreduce_aux_stats(nccl_comm, aux_score_sum=None, aux_token_count=None, *, 
         s = c.input(aux_score_sum, "aux_score_sum", (F32,), ndim=1)
         n = c.input(aux_token_count, "aux_token_count", (I32,), shape=(1,))
         E = s.shape[0] if s is not None else 1
-        nbytes = ctypes.c_size_t()
-        call("moekit_ep_aux_stats_workspace_size", comm, E, ctypes.byref(nbytes))
-        ws, ws_bytes = c.workspace(nbytes.value if s is not None else 0, workspace)
+        nbytes = size_query("moekit_ep_aux_stats_workspace_size", comm, E)
+        ws, ws_bytes = c.workspace(nbytes if s is not None else 0, workspace)
         call("moekit_ep_allreduce_aux_stats", comm, E, ptr(s), ptr(n), ptr(ws), ws_bytes, c.stream_arg)

@@ -21,7 +21,7 @@ from typing import Union
 
 from . import _capi
 from ._config import Activation, Dtype, GateUpLayout, GemmPath, WeightLayout, _StructConfig, as_c, enum_value
-from ._lib import OwnedHandle, call, invalid
+from ._lib import OwnedHandle, call, invalid, size_query
 from ._tensor import F32, FLOATS, I32, KIND_OF_DTYPE, Call, ptr, result
 
 
@@ -57,15 +57,11 @@ class ExpertsConfig(_StructConfig):
         return _nu(self.activation, self.inter, "ExpertsConfig")
 
     def forward_workspace_size(self, max_rows):
-        n = ctypes.c_size_t()
-        call("moekit_experts_forward_workspace_size", ctypes.byref(self.to_c()), int(max_rows), ctypes.byref(n))
-        return n.value
+        return size_query("moekit_experts_forward_workspace_size", ctypes.byref(self.to_c()), int(max_rows))
 
     def backward_workspace_size(self, max_rows, has_saved_u=True):
-        n = ctypes.c_size_t()
-        call("moekit_experts_backward_workspace_size", ctypes.byref(self.to_c()), int(max_rows),
-             int(bool(has_saved_u)), ctypes.byref(n))
-        return n.value
+        return size_query("moekit_experts_backward_workspace_size", ctypes.byref(self.to_c()), int(max_rows),
+                          int(bool(has_saved_u)))
 
 
 @dataclasses.dataclass
@@ -92,15 +88,11 @@ class MlpConfig(_StructConfig):
         return _nu(self.activation, self.inter, "MlpConfig")
 
     def forward_workspace_size(self, num_tokens):
-        n = ctypes.c_size_t()
-        call("moekit_mlp_forward_workspace_size", ctypes.byref(self.to_c()), int(num_tokens), ctypes.byref(n))
-        return n.value
+        return size_query("moekit_mlp_forward_workspace_size", ctypes.byref(self.to_c()), int(num_tokens))
 
     def backward_workspace_size(self, num_tokens, has_saved_u=True):
-        n = ctypes.c_size_t()
-        call("moekit_mlp_backward_workspace_size", ctypes.byref(self.to_c()), int(num_tokens),
-             int(bool(has_saved_u)), ctypes.byref(n))
-        return n.value
+        return size_query("moekit_mlp_backward_workspace_size", ctypes.byref(self.to_c()), int(num_tokens),
+                          int(bool(has_saved_u)))
 
 
 def _resolve_config(cls, config, overrides, infer, function):
@@ -171,9 +163,8 @@ def experts_forward(xp, expert_offsets, w_gate_up, w_down, config=None, *, row_w
                          b_gate_up, b_down)
         o = c.output(out, "out", a.kind, (a.R, a.H), zero=zero)
         u = c.output(u_out, "u_out", a.kind, (a.R, a.NU), zero=zero) if (save_u or u_out is not None) else None
-        need = ctypes.c_size_t()
-        call("moekit_experts_forward_workspace_size", ctypes.byref(a.cfg), a.R, ctypes.byref(need))
-        ws, ws_bytes = c.workspace(need.value, workspace)
+        need = size_query("moekit_experts_forward_workspace_size", ctypes.byref(a.cfg), a.R)
+        ws, ws_bytes = c.workspace(need, workspace)
         call("moekit_experts_forward", ctypes.byref(a.cfg), a.R, ptr(a.offsets), ptr(a.xp), ptr(a.row_weights),
              ptr(a.w_gate_up), ptr(a.b_gate_up), ptr(a.w_down), ptr(a.b_down), ptr(u), ptr(o), ptr(ws),
              ws_bytes, c.stream_arg)
@@ -205,10 +196,8 @@ def experts_backward(grad_out, xp, expert_offsets, w_gate_up, w_down, config=Non
                       w_down=((E, I, H), kind), b_down=((E, H), kind), row_weights=((R,), F32))
         outs = {n: (c.output(given[n], "grad_" + n, shapes[n][1], shapes[n][0], zero=zero and n in ("xp", "row_weights"))
                     if n in wanted else None) for n in _EXPERT_GRADS}
-        need = ctypes.c_size_t()
-        call("moekit_experts_backward_workspace_size", ctypes.byref(a.cfg), R, int(ua is not None),
-             ctypes.byref(need))
-        ws, ws_bytes = c.workspace(need.value, workspace)
+        need = size_query("moekit_experts_backward_workspace_size", ctypes.byref(a.cfg), R, int(ua is not None))
+        ws, ws_bytes = c.workspace(need, workspace)
         call("moekit_experts_backward", ctypes.byref(a.cfg), R, ptr(a.offsets), ptr(a.xp), ptr(a.row_weights),
              ptr(a.w_gate_up), ptr(a.b_gate_up), ptr(a.w_down), ptr(a.b_down), ptr(ua), ptr(g),
              ptr(outs["xp"]), ptr(outs["w_gate_up"]), ptr(outs["b_gate_up"]), ptr(outs["w_down"]),
@@ -351,9 +340,8 @@ def mlp_forward(x, w_gate_up, w_down, config=None, *, b_gate_up=None, b_down=Non
         a = _MlpArgs(c, fname, config, options, x, w_gate_up, w_down, b_gate_up, b_down)
         o = c.output(out, "out", a.kind, (a.T, a.H))
         u = c.output(u_out, "u_out", a.kind, (a.T, a.NU)) if (save_u or u_out is not None) else None
-        need = ctypes.c_size_t()
-        call("moekit_mlp_forward_workspace_size", ctypes.byref(a.cfg), a.T, ctypes.byref(need))
-        ws, ws_bytes = c.workspace(need.value, workspace)
+        need = size_query("moekit_mlp_forward_workspace_size", ctypes.byref(a.cfg), a.T)
+        ws, ws_bytes = c.workspace(need, workspace)
         call("moekit_mlp_forward", _handle_value(handle, c), ctypes.byref(a.cfg), a.T, ptr(a.x), ptr(a.w_gate_up),
              ptr(a.b_gate_up), ptr(a.w_down), ptr(a.b_down), ptr(u), ptr(o), ptr(ws), ws_bytes, c.stream_arg)
         return result(o, out), (None if u is None else result(u, u_out))
@@ -377,9 +365,8 @@ def mlp_backward(grad_out, x, w_gate_up, w_down, config=None, *, u=None, b_gate_
         wanted = _wanted(fname, needs, given, _MLP_GRADS, dict(b_gate_up=a.b_gate_up, b_down=a.b_down))
         shapes = dict(x=(T, H), w_gate_up=a.wgu_shape, b_gate_up=(NU,), w_down=a.wd_shape, b_down=(H,))
         outs = {n: (c.output(given[n], "grad_" + n, kind, shapes[n]) if n in wanted else None) for n in _MLP_GRADS}
-        need = ctypes.c_size_t()
-        call("moekit_mlp_backward_workspace_size", ctypes.byref(a.cfg), T, int(ua is not None), ctypes.byref(need))
-        ws, ws_bytes = c.workspace(need.value, workspace)
+        need = size_query("moekit_mlp_backward_workspace_size", ctypes.byref(a.cfg), T, int(ua is not None))
+        ws, ws_bytes = c.workspace(need, workspace)
         call("moekit_mlp_backward", _handle_value(handle, c), ctypes.byref(a.cfg), T, ptr(a.x), ptr(a.w_gate_up),
              ptr(a.b_gate_up), ptr(a.w_down), ptr(a.b_down), ptr(ua), ptr(g), ptr(outs["x"]), ptr(outs["w_gate_up"]),
              ptr(outs["b_gate_up"]), ptr(outs["w_down"]), ptr(outs["b_down"]), ptr(ws), ws_bytes, c.stream_arg)

@@ -21,7 +21,7 @@ from typing import Optional, Union
 
 from . import _capi
 from ._config import Dtype, DropPolicy, WeightLayout, _StructConfig, as_c, dtype_value, enum_value
-from ._lib import OwnedHandle, call, invalid
+from ._lib import OwnedHandle, call, invalid, size_query
 from ._tensor import F32, I32, ITEMSIZE, KIND_OF_DTYPE, U8, Call, DeviceArray, ptr, result
 from .experts import ExpertsConfig, MlpConfig, _device_guard, _nu
 from .router import RouterConfig
@@ -156,9 +156,7 @@ LayerOutput = collections.namedtuple("LayerOutput", "y saved expert_load aux_los
 
 
 def _saved_size(c_config, num_tokens):
-    n = ctypes.c_size_t()
-    call("moekit_layer_saved_size", ctypes.byref(c_config), int(num_tokens), ctypes.byref(n))
-    return n.value
+    return size_query("moekit_layer_saved_size", ctypes.byref(c_config), int(num_tokens))
 
 
 def _workspace_size(c_config, num_tokens):

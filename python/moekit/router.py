@@ -12,7 +12,7 @@ from typing import Union
 
 from . import _capi
 from ._config import GroupMask, GroupScore, ScoreFunc, SoftmaxOrder, _StructConfig, as_c
-from ._lib import call, invalid
+from ._lib import call, invalid, size_query
 from ._tensor import F32, FLOATS, I32, MOEKIT_DTYPE, U8, Call, ptr, result
 
 
@@ -47,15 +47,11 @@ class RouterConfig(_StructConfig):
 
     def forward_workspace_size(self, num_tokens):
         """moekit_router_forward_workspace_size (host only)."""
-        n = ctypes.c_size_t()
-        call("moekit_router_forward_workspace_size", ctypes.byref(self.to_c()), int(num_tokens), ctypes.byref(n))
-        return n.value
+        return size_query("moekit_router_forward_workspace_size", ctypes.byref(self.to_c()), int(num_tokens))
 
     def backward_workspace_size(self, num_tokens):
         """moekit_router_backward_workspace_size (host only)."""
-        n = ctypes.c_size_t()
-        call("moekit_router_backward_workspace_size", ctypes.byref(self.to_c()), int(num_tokens), ctypes.byref(n))
-        return n.value
+        return size_query("moekit_router_backward_workspace_size", ctypes.byref(self.to_c()), int(num_tokens))
 
 
 # Model table (NeMo reference, section 6): name -> (router config, whether the model routes with an
@@ -128,9 +124,8 @@ def router_forward(logits, config, *, correction_bias=None, token_mask=None, wei
         if aux_score_sum is not None or aux_token_count is not None or return_aux_stats:
             ssum = c.output(aux_score_sum, "aux_score_sum", F32, (E,))
             cnt = c.output(aux_token_count, "aux_token_count", I32, (1,))
-        need = ctypes.c_size_t()
-        call("moekit_router_forward_workspace_size", ctypes.byref(cfg), T, ctypes.byref(need))
-        ws, ws_bytes = c.workspace(need.value, workspace)
+        need = size_query("moekit_router_forward_workspace_size", ctypes.byref(cfg), T)
+        ws, ws_bytes = c.workspace(need, workspace)
         call("moekit_router_forward", ctypes.byref(cfg), T, MOEKIT_DTYPE[z.kind], ptr(z), z.row_stride(),
              ptr(b), ptr(m), ptr(w), ptr(idx), ptr(load), ptr(ssum), ptr(cnt), ptr(ws), ws_bytes, c.stream_arg)
         return RouterOutput(result(w, weights), result(idx, indices),
@@ -157,9 +152,8 @@ def router_backward(logits, indices, config, grad_weights=None, *, correction_bi
         load = c.input(expert_load, "expert_load", (I32,), shape=(E,))
         cnt = c.input(aux_token_count, "aux_token_count", (I32,), shape=(1,))
         gz = c.output(grad_logits, "grad_logits", z.kind, (T, E), contiguous="rows")
-        need = ctypes.c_size_t()
-        call("moekit_router_backward_workspace_size", ctypes.byref(cfg), T, ctypes.byref(need))
-        ws, ws_bytes = c.workspace(need.value, workspace)
+        need = size_query("moekit_router_backward_workspace_size", ctypes.byref(cfg), T)
+        ws, ws_bytes = c.workspace(need, workspace)
         call("moekit_router_backward", ctypes.byref(cfg), T, MOEKIT_DTYPE[z.kind], ptr(z), z.row_stride(),
              ptr(b), ptr(m), ptr(idx), ptr(gw), float(aux_loss_coeff), ptr(load), ptr(cnt), ptr(gz),
              gz.row_stride(), ptr(ws), ws_bytes, c.stream_arg)

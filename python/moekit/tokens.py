@@ -13,7 +13,7 @@ from typing import Union
 
 from . import _capi
 from ._config import DropPolicy, _StructConfig, as_c
-from ._lib import call, invalid
+from ._lib import call, invalid, size_query
 from ._tensor import F32, FLOATS, I32, MOEKIT_DTYPE, U8, Call, DeviceArray, ptr, result
 
 
@@ -53,9 +53,7 @@ class PlanConfig(_StructConfig):
 
 
 def _query_size(name, cfg, num_tokens):
-    n = ctypes.c_size_t()
-    call(name, ctypes.byref(cfg), int(num_tokens), ctypes.byref(n))
-    return n.value
+    return size_query(name, ctypes.byref(cfg), int(num_tokens))
 
 
 def _query_i64(name, cfg, num_tokens):
