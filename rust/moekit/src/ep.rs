@@ -184,7 +184,7 @@ impl EpHandle {
             a.recv_weights.as_mut_ptr(),
             a.recv_src_token.as_mut_ptr(),
             a.recv_mask.as_mut_ptr(),
-            workspace.ptr.cast::<c_void>().as_mut_ptr(),
+            workspace.as_mut_ptr(),
             workspace.bytes,
             stream.as_raw(),
         ))
@@ -205,7 +205,7 @@ impl EpHandle {
             layout.host(),
             partials.as_ptr(),
             y.as_mut_ptr(),
-            workspace.ptr.cast::<c_void>().as_mut_ptr(),
+            workspace.as_mut_ptr(),
             workspace.bytes,
             stream.as_raw(),
         ))
@@ -231,7 +231,7 @@ impl EpHandle {
             grad_recv_weights.as_ptr(),
             grad_x.as_mut_ptr(),
             grad_weights.as_mut_ptr(),
-            workspace.ptr.cast::<c_void>().as_mut_ptr(),
+            workspace.as_mut_ptr(),
             workspace.bytes,
             stream.as_raw(),
         ))
@@ -252,7 +252,7 @@ impl EpHandle {
             layout.host(),
             grad_y.as_ptr(),
             grad_partials.as_mut_ptr(),
-            workspace.ptr.cast::<c_void>().as_mut_ptr(),
+            workspace.as_mut_ptr(),
             workspace.bytes,
             stream.as_raw(),
         ))
@@ -311,7 +311,7 @@ pub unsafe fn allreduce_aux_stats(
         num_experts,
         aux_score_sum.as_mut_ptr(),
         aux_token_count.as_mut_ptr(),
-        workspace.ptr.cast::<c_void>().as_mut_ptr(),
+        workspace.as_mut_ptr(),
         workspace.bytes,
         stream.as_raw(),
     ))

@@ -108,7 +108,7 @@ impl ExpertsConfig {
             a.b_down.as_ptr(),
             a.u_out.as_mut_ptr(),
             a.out.as_mut_ptr(),
-            workspace.ptr.cast::<c_void>().as_mut_ptr(),
+            workspace.as_mut_ptr(),
             workspace.bytes,
             stream.as_raw(),
         ))
@@ -138,7 +138,7 @@ impl ExpertsConfig {
             a.grad_w_down.as_mut_ptr(),
             a.grad_b_down.as_mut_ptr(),
             a.grad_row_weights.as_mut_ptr(),
-            workspace.ptr.cast::<c_void>().as_mut_ptr(),
+            workspace.as_mut_ptr(),
             workspace.bytes,
             stream.as_raw(),
         ))
@@ -285,7 +285,7 @@ impl MlpHandle {
             a.b_down.as_ptr(),
             a.u_out.as_mut_ptr(),
             a.out.as_mut_ptr(),
-            workspace.ptr.cast::<c_void>().as_mut_ptr(),
+            workspace.as_mut_ptr(),
             workspace.bytes,
             stream.as_raw(),
         ))
@@ -315,7 +315,7 @@ impl MlpHandle {
             a.grad_b_gate_up.as_mut_ptr(),
             a.grad_w_down.as_mut_ptr(),
             a.grad_b_down.as_mut_ptr(),
-            workspace.ptr.cast::<c_void>().as_mut_ptr(),
+            workspace.as_mut_ptr(),
             workspace.bytes,
             stream.as_raw(),
         ))

@@ -303,7 +303,7 @@ impl Layer {
             a.aux_loss.as_mut_ptr(),
             a.saved.cast::<c_void>().as_mut_ptr(),
             a.saved_bytes,
-            workspace.ptr.cast::<c_void>().as_mut_ptr(),
+            workspace.as_mut_ptr(),
             workspace.bytes,
             stream.as_raw(),
         ))
@@ -328,7 +328,7 @@ impl Layer {
             a.aux_loss_coeff,
             a.grad_x.as_mut_ptr(),
             &g,
-            workspace.ptr.cast::<c_void>().as_mut_ptr(),
+            workspace.as_mut_ptr(),
             workspace.bytes,
             stream.as_raw(),
         ))

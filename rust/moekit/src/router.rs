@@ -221,7 +221,7 @@ pub unsafe fn forward(config: &RouterConfig, a: &ForwardArgs, workspace: Workspa
         a.expert_load.as_mut_ptr(),
         a.aux_score_sum.as_mut_ptr(),
         a.aux_token_count.as_mut_ptr(),
-        workspace.ptr.cast::<c_void>().as_mut_ptr(),
+        workspace.as_mut_ptr(),
         workspace.bytes,
         stream.as_raw(),
     ))
@@ -270,7 +270,7 @@ pub unsafe fn backward(config: &RouterConfig, a: &BackwardArgs, workspace: Works
         a.aux_token_count.as_ptr(),
         a.grad_logits.as_mut_ptr(),
         a.grad_logits_row_stride,
-        workspace.ptr.cast::<c_void>().as_mut_ptr(),
+        workspace.as_mut_ptr(),
         workspace.bytes,
         stream.as_raw(),
     ))

@@ -141,7 +141,7 @@ impl TokenPlan {
             weights.as_ptr(),
             token_mask.as_ptr(),
             &self.raw,
-            workspace.ptr.cast::<c_void>().as_mut_ptr(),
+            workspace.as_mut_ptr(),
             workspace.bytes,
             stream.as_raw(),
         ))

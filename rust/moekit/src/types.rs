@@ -119,6 +119,10 @@ impl Workspace {
     }
     /// No workspace (for calls whose size query returned 0).
     pub const NONE: Workspace = Workspace { ptr: DevicePtr::null(), bytes: 0 };
+    /// The `void* workspace` argument (`workspace_bytes` is `self.bytes`).
+    pub(crate) fn as_mut_ptr(self) -> *mut c_void {
+        self.ptr.cast::<c_void>().as_mut_ptr()
+    }
 }
 
 /// Element types of activations, logits and weights (`moekit_dtype_t`). The default is the
