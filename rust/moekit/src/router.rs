@@ -37,6 +37,11 @@ int_enum!(
     /// `moekit_group_mask_t`.
     GroupMask { Zero = sys::MOEKIT_GROUP_MASK_ZERO, NegInf = sys::MOEKIT_GROUP_MASK_NEG_INF });
 
+/// A preset name as matched: lower case, without "-", "_" and ".".
+fn preset_key(name: &str) -> String {
+    name.chars().filter(|c| !"-_.".contains(*c)).collect::<String>().to_lowercase()
+}
+
 /// `moekit_router_config_t`, starting from the library's defaults.
 #[derive(Clone, Copy, Debug)]
 pub struct RouterConfig {
@@ -146,8 +151,7 @@ impl RouterConfig {
     }
     /// A preset by name (see [`PRESETS`]; case, "-", "_" and "." ignored: "DeepSeek-V3", "glm-4.5").
     pub fn preset(name: &str) -> Option<Self> {
-        let key: String = name.chars().filter(|c| !"-_.".contains(*c)).collect::<String>().to_lowercase();
-        Some(match key.as_str() {
+        Some(match preset_key(name).as_str() {
             "deepseekv3" => Self::deepseek_v3(),
             "moonlight" => Self::moonlight(),
             "qwen3" => Self::qwen3(),
@@ -160,8 +164,7 @@ impl RouterConfig {
     }
     /// Whether the preset's model routes with an fp32 correction bias.
     pub fn preset_uses_correction_bias(name: &str) -> Option<bool> {
-        let key: String = name.chars().filter(|c| !"-_.".contains(*c)).collect::<String>().to_lowercase();
-        Self::preset(name).map(|_| matches!(key.as_str(), "deepseekv3" | "glm45" | "nemotron"))
+        Self::preset(name).map(|_| matches!(preset_key(name).as_str(), "deepseekv3" | "glm45" | "nemotron"))
     }
 
     /// The library's checks (`moekit_router_config_check`); no device needed.
