@@ -591,17 +591,23 @@ void backward_in_order(const moekit_router_config_t& c, int64_t T, const std::ve
       const N sum = dev_sum(u);
       for (int k = 0; k < K; ++k) u[k] = u[k] / sum;
     }
+    // The gradients shifted by the one at the largest u (kernels' order; none in the textbook
+    // order): delta_k = gv_k - cs, exactly 0 at that rank, and the terms delta_k u_k of <delta, u>.
+    N cs = zero;
+    std::vector<N> delta(K, zero), terms(K, zero);
+    auto shift = [&] {
+      const int best = kernels_order ? shift_rank(u, valid) : -1;
+      cs = best < 0 ? zero : gv[best];
+      for (int k = 0; k < K; ++k) {
+        delta[k] = k == best ? zero : gv[k] - cs;
+        terms[k] = valid[k] ? delta[k] * u[k] : zero;
+      }
+    };
     N sel_dot = zero;
     if (norm) {
       const N su = dev_sum(u);
       const N denom = su + eps20;
-      const int best = kernels_order ? shift_rank(u, valid) : -1;
-      const N cs = best < 0 ? zero : gv[best];
-      std::vector<N> delta(K, zero), terms(K, zero);
-      for (int k = 0; k < K; ++k) {
-        delta[k] = k == best ? zero : gv[k] - cs;
-        if (valid[k]) terms[k] = delta[k] * u[k];
-      }
+      shift();
       const N dotp = dev_sum(terms) / denom;
       const N corr = cs * (eps20 / denom);
       for (int k = 0; k < K; ++k) gv[k] = valid[k] ? ((delta[k] - dotp) + corr) / denom : zero;
@@ -616,13 +622,7 @@ void backward_in_order(const moekit_router_config_t& c, int64_t T, const std::ve
       }
     }
     if (tks) {
-      const int best = kernels_order ? shift_rank(u, valid) : -1;
-      const N cs = best < 0 ? zero : gv[best];
-      std::vector<N> delta(K, zero), terms(K, zero);
-      for (int k = 0; k < K; ++k) {
-        delta[k] = k == best ? zero : gv[k] - cs;
-        if (valid[k]) terms[k] = delta[k] * u[k];
-      }
+      shift();
       const N d = dev_sum(terms);
       for (int k = 0; k < K; ++k) gv[k] = valid[k] ? u[k] * (delta[k] - d) : zero;
     }
