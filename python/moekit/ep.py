@@ -17,6 +17,13 @@ from ._lib import OwnedHandle, call, invalid, size_query
 from ._tensor import F32, I32, KIND_OF_DTYPE, U8, Call, ptr, result
 
 
+def _layout_size(c_config):
+    """(layout_bytes, host_layout_count) of an EP config struct: moekit_ep_layout_size."""
+    nbytes, count = ctypes.c_size_t(), ctypes.c_size_t()
+    call("moekit_ep_layout_size", ctypes.byref(c_config), ctypes.byref(nbytes), ctypes.byref(count))
+    return nbytes.value, count.value
+
+
 @dataclasses.dataclass
 class EpConfig(_StructConfig):
     """moekit_ep_config_t. Defaults are the library's (moekit_ep_config_init)."""
@@ -40,9 +47,7 @@ class EpConfig(_StructConfig):
 
     def layout_size(self):
         """(layout_bytes, host_layout_count): moekit_ep_layout_size (host only)."""
-        nbytes, count = ctypes.c_size_t(), ctypes.c_size_t()
-        call("moekit_ep_layout_size", ctypes.byref(self.to_c()), ctypes.byref(nbytes), ctypes.byref(count))
-        return nbytes.value, count.value
+        return _layout_size(self.to_c())
 
     def max_recv_rows(self):
         """moekit_ep_max_recv_rows (host only)."""
@@ -92,9 +97,7 @@ class EP(OwnedHandle):
         cfg = self.c_config
         self.kind = KIND_OF_DTYPE[cfg.dtype]
         self.combine_kind = self.kind if cfg.combine_dtype < 0 else KIND_OF_DTYPE[cfg.combine_dtype]
-        nbytes, count = ctypes.c_size_t(), ctypes.c_size_t()
-        call("moekit_ep_layout_size", ctypes.byref(cfg), ctypes.byref(nbytes), ctypes.byref(count))
-        self.layout_bytes, self.host_layout_count = nbytes.value, count.value
+        self.layout_bytes, self.host_layout_count = _layout_size(cfg)
 
     @property
     def handle(self):
