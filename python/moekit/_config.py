@@ -124,9 +124,7 @@ def dtype_value(value, function="moekit", field="dtype"):
 
 def enum_value(enum_cls, value, function, field):
     """The integer of an enum-valued field given as member, int or name."""
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
+    if isinstance(value, int):  # bool included: True / False are 1 / 0, as before
         return int(value)
     if isinstance(value, str):
         key = value.strip().upper().replace("-", "_")
