@@ -55,6 +55,67 @@ double measure_copy_bandwidth(cudaStream_t stream) {
   return 2.0 * static_cast<double>(bytes) / (t.median_us * 1e-6);
 }
 
+DeviceBuffer::DeviceBuffer(size_t n) : bytes(n) { BENCH_CUDA(cudaMalloc(&p, std::max<size_t>(n, 1))); }
+
+DeviceBuffer::~DeviceBuffer() {
+  if (p) cudaFree(p);
+}
+
+double measure_write_bandwidth(cudaStream_t stream) {
+  const size_t bytes = size_t(1) << 30;
+  DeviceBuffer a(bytes);
+  const Timing t = time_us(stream, 3, 20, [&](int i) {
+    BENCH_CUDA(cudaMemsetAsync(a.p, i & 0xff, bytes, stream));
+  });
+  return static_cast<double>(bytes) / (t.median_us * 1e-6);
+}
+
+int l2_cache_bytes() {
+  int device = 0, l2 = 0;
+  BENCH_CUDA(cudaGetDevice(&device));
+  BENCH_CUDA(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
+  return l2;
+}
+
+int rotation_copies(double per_call, double set_bytes, double l2_bytes, double budget) {
+  if (per_call < 1.0) return 1;  // T = 0: nothing is read
+  double n = std::max(2.0, std::ceil(2.0 * l2_bytes / per_call) + 1.0);
+  n = std::min(n, std::floor(budget / std::max(set_bytes, 1.0)));
+  return static_cast<int>(std::max(1.0, std::min(n, 4096.0)));
+}
+
+std::vector<int32_t> router_indices(std::mt19937_64& rng, int64_t tokens, int top_k, int experts) {
+  std::vector<int32_t> idx(static_cast<size_t>(tokens) * top_k);
+  std::vector<int> perm(experts);
+  for (int e = 0; e < experts; ++e) perm[e] = e;
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int k = 0; k < top_k; ++k) {
+      std::uniform_int_distribution<int> pick(k, experts - 1);
+      std::swap(perm[k], perm[pick(rng)]);
+      idx[t * top_k + k] = perm[k];
+    }
+  return idx;
+}
+
+std::vector<float> router_weights(std::mt19937_64& rng, size_t n) {
+  std::uniform_real_distribution<float> u(0.01f, 1.0f);
+  std::vector<float> w(n);
+  for (auto& x : w) x = u(rng);
+  return w;
+}
+
+moekit_dtype_t parse_dtype(const std::string& s) {
+  if (s == "bf16") return MOEKIT_DTYPE_BF16;
+  if (s == "f16") return MOEKIT_DTYPE_F16;
+  if (s == "f32") return MOEKIT_DTYPE_F32;
+  std::fprintf(stderr, "unknown --dtype=%s (bf16, f16, f32)\n", s.c_str());
+  std::exit(2);
+}
+
+const char* dtype_name(moekit_dtype_t d) {
+  return d == MOEKIT_DTYPE_F32 ? "f32" : d == MOEKIT_DTYPE_F16 ? "f16" : "bf16";
+}
+
 std::string device_description() {
   int device = 0;
   cudaGetDevice(&device);

@@ -1,16 +1,22 @@
 // Shared by every benchmark tool: CUDA-event timing (median over repeats after warm-up, with
 // input rotation so repeated runs do not measure the L2), the measured copy-bandwidth ceiling,
-// a tiny command-line parser and a JSON writer. Benchmarks validate before they time.
+// a tiny command-line parser and a JSON writer, device buffers, the rotation-copy count and the
+// router-like random routing the token benchmarks share. Benchmarks validate before they time.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <map>
+#include <random>
 #include <string>
+#include <utility>
 #include <vector>
+
+#include "moekit/status.h"
 
 namespace moekit::bench {
 
@@ -23,6 +29,56 @@ namespace moekit::bench {
       std::exit(1);                                                                          \
     }                                                                                        \
   } while (0)
+
+// Exits (status 1) naming the call, its status and the library's last error when a moekit call
+// does not succeed.
+#define BENCH_OK(expr)                                                                       \
+  do {                                                                                       \
+    const moekit_status_t bench_status_ = (expr);                                            \
+    if (bench_status_ != MOEKIT_STATUS_SUCCESS) {                                            \
+      std::fprintf(stderr, "%s:%d: %s -> %s: %s\n", __FILE__, __LINE__, #expr,               \
+                   moekit_status_string(bench_status_), moekit_get_last_error());            \
+      std::exit(1);                                                                          \
+    }                                                                                        \
+  } while (0)
+
+// A device allocation of `bytes` (at least one byte is allocated, so a zero-sized tensor still has
+// a valid pointer); move-only. `bytes` is the size asked for.
+struct DeviceBuffer {
+  void* p = nullptr;
+  size_t bytes = 0;
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t n);
+  ~DeviceBuffer();
+  DeviceBuffer(DeviceBuffer&& o) noexcept : p(o.p), bytes(o.bytes) {
+    o.p = nullptr;
+    o.bytes = 0;
+  }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    std::swap(p, o.p);
+    std::swap(bytes, o.bytes);
+    return *this;
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  template <class T>
+  T* as() const { return static_cast<T*>(p); }
+  char* at(size_t byte_offset) const { return static_cast<char*>(p) + byte_offset; }
+  template <class T>
+  void upload(const std::vector<T>& v) {
+    if (!v.empty()) BENCH_CUDA(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  // The first n elements.
+  template <class T>
+  std::vector<T> download(size_t n) const {
+    std::vector<T> v(n);
+    if (n) BENCH_CUDA(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return v;
+  }
+  // The whole buffer.
+  template <class T>
+  std::vector<T> download() const { return download<T>(bytes / sizeof(T)); }
+};
 
 struct Timing {
   double median_us = 0;
@@ -38,6 +94,28 @@ Timing time_us(cudaStream_t stream, int warmup, int repeats, const std::function
 // Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written, of a
 // buffer far larger than L2 (the memory-bound ceiling every floor uses).
 double measure_copy_bandwidth(cudaStream_t stream);
+
+// Bytes written per second by cudaMemsetAsync over 1 GiB: what an op that mostly writes (permute
+// writes K rows per token read) can reach at best, next to the copy bandwidth the floors use.
+double measure_write_bandwidth(cudaStream_t stream);
+
+// The L2 size of the current device in bytes.
+int l2_cache_bytes();
+
+// How many copies to rotate over so that one round of calls (each touching `per_call` bytes)
+// is at least twice the L2: at least 2, fewer only when `budget` (what all copies of
+// `set_bytes` each together may use) runs short or nothing is read, never below 1, at most 4096.
+int rotation_copies(double per_call, double set_bytes, double l2_bytes, double budget);
+
+// Router-like routing: K distinct uniformly random experts per token ([T, K], row-major).
+std::vector<int32_t> router_indices(std::mt19937_64& rng, int64_t tokens, int top_k, int experts);
+
+// n routing weights, uniform in [0.01, 1).
+std::vector<float> router_weights(std::mt19937_64& rng, size_t n);
+
+// --dtype=bf16|f16|f32 (exits with status 2 on anything else), and back to its name.
+moekit_dtype_t parse_dtype(const std::string& s);
+const char* dtype_name(moekit_dtype_t d);
 
 // "Name (sm_XY, N SMs)" of the current device.
 std::string device_description();

@@ -45,16 +45,9 @@
 namespace {
 
 using moekit::bench::Json;
-
-#define MOEKIT_OK(expr)                                                                        \
-  do {                                                                                       \
-    const moekit_status_t s_ = (expr);                                                       \
-    if (s_ != MOEKIT_STATUS_SUCCESS) {                                                       \
-      std::fprintf(stderr, "%s:%d: %s -> %s: %s\n", __FILE__, __LINE__, #expr,               \
-                   moekit_status_string(s_), moekit_get_last_error());                       \
-      std::exit(1);                                                                          \
-    }                                                                                        \
-  } while (0)
+using Buffer = moekit::bench::DeviceBuffer;
+using moekit::bench::router_indices;
+using moekit::bench::rotation_copies;
 
 struct Shape {
   std::string name;
@@ -64,51 +57,9 @@ struct Shape {
   int experts;
 };
 
-struct Buffer {
-  void* p = nullptr;
-  size_t bytes = 0;
-  explicit Buffer(size_t n) : bytes(n) { BENCH_CUDA(cudaMalloc(&p, std::max<size_t>(n, 1))); }
-  ~Buffer() { cudaFree(p); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  template <class T>
-  T* as() const { return static_cast<T*>(p); }
-  template <class T>
-  void upload(const std::vector<T>& v) {
-    if (!v.empty()) BENCH_CUDA(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  template <class T>
-  std::vector<T> download(size_t n) const {
-    std::vector<T> v(n);
-    if (n) BENCH_CUDA(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return v;
-  }
-};
-
 [[noreturn]] void die(const std::string& what) {
   std::fprintf(stderr, "validation failed: %s\n", what.c_str());
   std::exit(2);
-}
-
-moekit_dtype_t parse_dtype(const std::string& s) {
-  if (s == "bf16") return MOEKIT_DTYPE_BF16;
-  if (s == "f16") return MOEKIT_DTYPE_F16;
-  if (s == "f32") return MOEKIT_DTYPE_F32;
-  die("--dtype must be bf16, f16 or f32, not " + s);
-}
-
-// Router-like indices: K distinct uniformly random experts per token.
-std::vector<int32_t> router_indices(std::mt19937_64& rng, int64_t T, int K, int E) {
-  std::vector<int32_t> idx(T * K);
-  std::vector<int> perm(E);
-  for (int e = 0; e < E; ++e) perm[e] = e;
-  for (int64_t t = 0; t < T; ++t)
-    for (int k = 0; k < K; ++k) {
-      std::uniform_int_distribution<int> pick(k, E - 1);
-      std::swap(perm[k], perm[pick(rng)]);
-      idx[t * K + k] = perm[k];
-    }
-  return idx;
 }
 
 std::vector<float> random_values(std::mt19937_64& rng, moekit_dtype_t dt, size_t n) {
@@ -116,27 +67,6 @@ std::vector<float> random_values(std::mt19937_64& rng, moekit_dtype_t dt, size_t
   std::vector<float> v(n);
   for (auto& x : v) x = moekit::test::round_to(dt, d(rng));
   return v;
-}
-
-// How many copies to rotate over so that one round of calls (each touching `per_call` bytes)
-// is at least twice the L2: at least 2, fewer only when `budget` (what all copies of
-// `set_bytes` each together may use) runs short or nothing is read, never below 1, at most 4096.
-int rotation_copies(double per_call, double set_bytes, double l2_bytes, double budget) {
-  if (per_call < 1.0) return 1;  // T = 0: nothing is read
-  double n = std::max(2.0, std::ceil(2.0 * l2_bytes / per_call) + 1.0);
-  n = std::min(n, std::floor(budget / std::max(set_bytes, 1.0)));
-  return static_cast<int>(std::max(1.0, std::min(n, 4096.0)));
-}
-
-// Bytes written per second by cudaMemsetAsync over 1 GiB: what an op that mostly writes (permute
-// writes K rows per token read) can reach at best, next to the copy bandwidth the floors use.
-double measure_write_bandwidth(cudaStream_t stream) {
-  const size_t bytes = size_t(1) << 30;
-  Buffer a(bytes);
-  const auto t = moekit::bench::time_us(stream, 3, 20, [&](int i) {
-    BENCH_CUDA(cudaMemsetAsync(a.p, i & 0xff, bytes, stream));
-  });
-  return static_cast<double>(bytes) / (t.median_us * 1e-6);
 }
 
 struct Result {
@@ -155,26 +85,22 @@ void run_shape(const Shape& shape, const moekit::bench::Args& args, moekit_dtype
   const int warmup = static_cast<int>(args.get_int("warmup", 10));
   const int repeats = static_cast<int>(args.get_int("repeats", 50));
   moekit_plan_config_t cfg;
-  MOEKIT_OK(moekit_plan_config_init(&cfg, sizeof(cfg)));
+  BENCH_OK(moekit_plan_config_init(&cfg, sizeof(cfg)));
   cfg.num_experts = E;
   cfg.top_k = K;
   cfg.alignment = static_cast<int32_t>(args.get_int("alignment", 1));
   cfg.capacity = static_cast<int32_t>(args.get_int("capacity", 0));
   cfg.drop_policy = args.get("drop", "position") == "weight" ? MOEKIT_DROP_BY_WEIGHT : MOEKIT_DROP_BY_POSITION;
-  MOEKIT_OK(moekit_plan_config_check(&cfg));
+  BENCH_OK(moekit_plan_config_check(&cfg));
 
   std::mt19937_64 rng(static_cast<uint64_t>(args.get_int("seed", 1234)));
   const auto indices = router_indices(rng, T, K, E);
-  std::vector<float> weights(T * K);
-  {
-    std::uniform_real_distribution<float> u(0.01f, 1.0f);
-    for (auto& w : weights) w = u(rng);
-  }
+  const auto weights = moekit::bench::router_weights(rng, static_cast<size_t>(T) * K);
   int64_t max_rows = 0;
   size_t ws_bytes = 0, plan_bytes = 0;
-  MOEKIT_OK(moekit_plan_max_rows(&cfg, T, &max_rows));
-  MOEKIT_OK(moekit_plan_workspace_size(&cfg, T, &ws_bytes));
-  MOEKIT_OK(moekit_plan_buffer_size(&cfg, T, &plan_bytes));
+  BENCH_OK(moekit_plan_max_rows(&cfg, T, &max_rows));
+  BENCH_OK(moekit_plan_workspace_size(&cfg, T, &ws_bytes));
+  BENCH_OK(moekit_plan_buffer_size(&cfg, T, &plan_bytes));
   const size_t slots = static_cast<size_t>(T) * K;
   const size_t token_bytes = static_cast<size_t>(T) * H * es;
   const size_t rows_bytes = static_cast<size_t>(max_rows) * H * es;
@@ -201,11 +127,11 @@ void run_shape(const Shape& shape, const moekit::bench::Args& args, moekit_dtype
     PlanSet& ps = *plans.back();
     ps.idx.upload(indices);
     ps.w.upload(weights);
-    MOEKIT_OK(moekit_token_plan_init(&ps.plan, sizeof(ps.plan)));
-    MOEKIT_OK(moekit_plan_bind(&cfg, T, ps.buf.p, plan_bytes, &ps.plan));
+    BENCH_OK(moekit_token_plan_init(&ps.plan, sizeof(ps.plan)));
+    BENCH_OK(moekit_plan_bind(&cfg, T, ps.buf.p, plan_bytes, &ps.plan));
   };
   auto build = [&](const PlanSet& ps) {
-    MOEKIT_OK(moekit_plan_build(&cfg, T, ps.idx.as<int32_t>(), ps.w.as<float>(), nullptr, &ps.plan, ws.p,
+    BENCH_OK(moekit_plan_build(&cfg, T, ps.idx.as<int32_t>(), ps.w.as<float>(), nullptr, &ps.plan, ws.p,
                                 ws_bytes, stream));
   };
   add_plan_set();
@@ -232,9 +158,9 @@ void run_shape(const Shape& shape, const moekit::bench::Args& args, moekit_dtype
   const int64_t total = want.total;
   int64_t real = 0;
   for (int32_t r : want.row_of_slot) real += r >= 0;
-  MOEKIT_OK(moekit_tokens_permute(&cfg, &p0.plan, T, H, dt, m0.x.p, H, p0.w.as<float>(), m0.xp.p, m0.rw.as<float>(),
+  BENCH_OK(moekit_tokens_permute(&cfg, &p0.plan, T, H, dt, m0.x.p, H, p0.w.as<float>(), m0.xp.p, m0.rw.as<float>(),
                                   stream));
-  MOEKIT_OK(moekit_tokens_combine(&cfg, &p0.plan, T, H, dt, m0.xp.p, p0.w.as<float>(), m0.y.p, H, stream));
+  BENCH_OK(moekit_tokens_combine(&cfg, &p0.plan, T, H, dt, m0.xp.p, p0.w.as<float>(), m0.y.p, H, stream));
   BENCH_CUDA(cudaStreamSynchronize(stream));
   if (T > 0) {
     // Sampled tokens: every row of the token equals x[t]; y[t] = sum_k w x[t] within tolerance.
@@ -269,9 +195,7 @@ void run_shape(const Shape& shape, const moekit::bench::Args& args, moekit_dtype
   const double permute_backward_bytes = real * row_bytes + T * row_bytes + T * K * 12.0;
   const double combine_backward_bytes = T * row_bytes + total * row_bytes + real * row_bytes + T * K * 12.0;
   const double plan_call_bytes = T * K * 4.0 * 2 + total * 4.0;  // indices, row_of_slot, slot_of_row
-  int device = 0, l2_int = 0;
-  BENCH_CUDA(cudaGetDevice(&device));
-  BENCH_CUDA(cudaDeviceGetAttribute(&l2_int, cudaDevAttrL2CacheSize, device));
+  const int l2_int = moekit::bench::l2_cache_bytes();
   const double l2 = l2_int;
   size_t free_bytes = 0, device_bytes = 0;
   BENCH_CUDA(cudaMemGetInfo(&free_bytes, &device_bytes));
@@ -312,32 +236,32 @@ void run_shape(const Shape& shape, const moekit::bench::Args& args, moekit_dtype
     // The same call with T = 0: both plan kernels launch (one block each, the offsets scan over
     // E_local) with no slot to read, i.e. the plan's fixed cost on this device and host.
     size_t empty_ws = 0, empty_buf = 0;
-    MOEKIT_OK(moekit_plan_workspace_size(&cfg, 0, &empty_ws));
-    MOEKIT_OK(moekit_plan_buffer_size(&cfg, 0, &empty_buf));
+    BENCH_OK(moekit_plan_workspace_size(&cfg, 0, &empty_ws));
+    BENCH_OK(moekit_plan_buffer_size(&cfg, 0, &empty_buf));
     Buffer ews(empty_ws), ebuf(empty_buf);
     moekit_token_plan_t empty{};
-    MOEKIT_OK(moekit_token_plan_init(&empty, sizeof(empty)));
-    MOEKIT_OK(moekit_plan_bind(&cfg, 0, ebuf.p, empty_buf, &empty));
+    BENCH_OK(moekit_token_plan_init(&empty, sizeof(empty)));
+    BENCH_OK(moekit_plan_bind(&cfg, 0, ebuf.p, empty_buf, &empty));
     time_op("plan_no_tokens", 0.0, [&](int) {
-      MOEKIT_OK(moekit_plan_build(&cfg, 0, nullptr, nullptr, nullptr, &empty, ews.p, empty_ws, stream));
+      BENCH_OK(moekit_plan_build(&cfg, 0, nullptr, nullptr, nullptr, &empty, ews.p, empty_ws, stream));
     });
   }
   time_op("permute", permute_bytes, [&](int i) {
-    MOEKIT_OK(moekit_tokens_permute(&cfg, &P(i).plan, T, H, dt, M(i).x.p, H, P(i).w.as<float>(), M(i).xp.p,
+    BENCH_OK(moekit_tokens_permute(&cfg, &P(i).plan, T, H, dt, M(i).x.p, H, P(i).w.as<float>(), M(i).xp.p,
                                     M(i).rw.as<float>(), stream));
   });
   time_op("combine", combine_bytes, [&](int i) {
-    MOEKIT_OK(moekit_tokens_combine(&cfg, &P(i).plan, T, H, dt, M(i).xp.p, P(i).w.as<float>(), M(i).y.p, H, stream));
+    BENCH_OK(moekit_tokens_combine(&cfg, &P(i).plan, T, H, dt, M(i).xp.p, P(i).w.as<float>(), M(i).y.p, H, stream));
   });
   time_op("combine_unweighted", combine_unweighted_bytes, [&](int i) {
-    MOEKIT_OK(moekit_tokens_combine(&cfg, &P(i).plan, T, H, dt, M(i).xp.p, nullptr, M(i).y.p, H, stream));
+    BENCH_OK(moekit_tokens_combine(&cfg, &P(i).plan, T, H, dt, M(i).xp.p, nullptr, M(i).y.p, H, stream));
   });
   time_op("permute_backward", permute_backward_bytes, [&](int i) {
-    MOEKIT_OK(moekit_tokens_permute_backward(&cfg, &P(i).plan, T, H, dt, M(i).xp.p, M(i).rw.as<float>(), M(i).dx.p,
+    BENCH_OK(moekit_tokens_permute_backward(&cfg, &P(i).plan, T, H, dt, M(i).xp.p, M(i).rw.as<float>(), M(i).dx.p,
                                              H, M(i).dw2.as<float>(), stream));
   });
   time_op("combine_backward", combine_backward_bytes, [&](int i) {
-    MOEKIT_OK(moekit_tokens_combine_backward(&cfg, &P(i).plan, T, H, dt, M(i).x.p, H, P(i).w.as<float>(), M(i).xp.p,
+    BENCH_OK(moekit_tokens_combine_backward(&cfg, &P(i).plan, T, H, dt, M(i).x.p, H, P(i).w.as<float>(), M(i).xp.p,
                                              M(i).dyp.p, M(i).dw.as<float>(), stream));
   });
   BENCH_CUDA(cudaGetLastError());
@@ -418,11 +342,11 @@ int main(int argc, char** argv) {
       s.experts = static_cast<int>(args.get_int("experts", s.experts));
     }
   }
-  const moekit_dtype_t dt = parse_dtype(args.get("dtype", "bf16"));
+  const moekit_dtype_t dt = moekit::bench::parse_dtype(args.get("dtype", "bf16"));
   cudaStream_t stream;
   BENCH_CUDA(cudaStreamCreate(&stream));
   const double copy_bw = moekit::bench::measure_copy_bandwidth(stream);
-  const double write_bw = measure_write_bandwidth(stream);
+  const double write_bw = moekit::bench::measure_write_bandwidth(stream);
   std::printf("device: %s, copy bandwidth %.0f GB/s (read + write), write bandwidth %.0f GB/s (memset), commit %s\n",
               moekit::bench::device_description().c_str(), copy_bw / 1e9, write_bw / 1e9,
               moekit::bench::build_commit().c_str());

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdio>
 #include <memory>
 #include <random>
@@ -30,30 +31,12 @@ namespace {
 
 namespace kt = moekit::kernels::tokens;
 using moekit::bench::Json;
-
-#define TUNE_OK(expr)                                                                          \
-  do {                                                                                         \
-    const moekit_status_t s_ = (expr);                                                         \
-    if (s_ != MOEKIT_STATUS_SUCCESS) {                                                         \
-      std::fprintf(stderr, "%s:%d: %s -> %s: %s\n", __FILE__, __LINE__, #expr,                 \
-                   moekit_status_string(s_), moekit_get_last_error());                         \
-      std::exit(1);                                                                            \
-    }                                                                                          \
-  } while (0)
+using DeviceBuf = moekit::bench::DeviceBuffer;
 
 struct Shape {
   const char* name;
   int64_t tokens, hidden;
   int top_k, experts;
-};
-
-struct DeviceBuf {
-  void* p = nullptr;
-  size_t bytes = 0;
-  explicit DeviceBuf(size_t n) : bytes(n) { BENCH_CUDA(cudaMalloc(&p, std::max<size_t>(n, 1))); }
-  ~DeviceBuf() { cudaFree(p); }
-  DeviceBuf(const DeviceBuf&) = delete;
-  DeviceBuf& operator=(const DeviceBuf&) = delete;
 };
 
 using Launch = cudaError_t (*)(const kt::MoveArgs&, cudaStream_t);
@@ -84,16 +67,6 @@ bool is_default(const Candidate& c) {
   return c.streaming == kt::kMoveStreamingStores && (!unroll_matters || c.scatter_unroll == kt::kMoveScatterUnroll);
 }
 
-// Write bandwidth: cudaMemsetAsync of 1 GiB, bytes written per second.
-double measure_write_bandwidth(cudaStream_t stream) {
-  const size_t bytes = size_t(1) << 30;
-  DeviceBuf a(bytes);
-  const auto t = moekit::bench::time_us(stream, 3, 20, [&](int i) {
-    BENCH_CUDA(cudaMemsetAsync(a.p, i & 0xff, bytes, stream));
-  });
-  return static_cast<double>(bytes) / (t.median_us * 1e-6);
-}
-
 std::vector<uint8_t> download(const void* p, size_t bytes) {
   std::vector<uint8_t> v(bytes);
   if (bytes) BENCH_CUDA(cudaMemcpy(v.data(), p, bytes, cudaMemcpyDeviceToHost));
@@ -109,39 +82,29 @@ void run_shape(const Shape& shape, const moekit::bench::Args& args, double copy_
   const int repeats = static_cast<int>(args.get_int("repeats", 50));
 
   moekit_plan_config_t cfg;
-  TUNE_OK(moekit_plan_config_init(&cfg, sizeof(cfg)));
+  BENCH_OK(moekit_plan_config_init(&cfg, sizeof(cfg)));
   cfg.num_experts = E;
   cfg.top_k = K;
   int64_t max_rows = 0;
   size_t ws_bytes = 0, plan_bytes = 0;
-  TUNE_OK(moekit_plan_max_rows(&cfg, T_, &max_rows));
-  TUNE_OK(moekit_plan_workspace_size(&cfg, T_, &ws_bytes));
-  TUNE_OK(moekit_plan_buffer_size(&cfg, T_, &plan_bytes));
+  BENCH_OK(moekit_plan_max_rows(&cfg, T_, &max_rows));
+  BENCH_OK(moekit_plan_workspace_size(&cfg, T_, &ws_bytes));
+  BENCH_OK(moekit_plan_buffer_size(&cfg, T_, &plan_bytes));
 
   // Router-like routing: K distinct uniformly random experts per token; weights in (0, 1).
   std::mt19937_64 rng(static_cast<uint64_t>(args.get_int("seed", 1234)));
   const size_t slots = static_cast<size_t>(T_) * K;
-  std::vector<int32_t> indices(slots);
-  std::vector<float> weights(slots);
-  std::vector<int> perm(E);
-  for (int e = 0; e < E; ++e) perm[e] = e;
-  for (int64_t t = 0; t < T_; ++t)
-    for (int k = 0; k < K; ++k) {
-      std::uniform_int_distribution<int> pick(k, E - 1);
-      std::swap(perm[k], perm[pick(rng)]);
-      indices[t * K + k] = perm[k];
-    }
-  std::uniform_real_distribution<float> u(0.01f, 1.0f);
-  for (auto& w : weights) w = u(rng);
+  const std::vector<int32_t> indices = moekit::bench::router_indices(rng, T_, K, E);
+  const std::vector<float> weights = moekit::bench::router_weights(rng, slots);
 
   DeviceBuf d_idx(slots * 4), d_w(slots * 4), d_plan(plan_bytes), d_ws(ws_bytes), d_rw(max_rows * 4),
       d_dw(slots * 4);
   BENCH_CUDA(cudaMemcpy(d_idx.p, indices.data(), slots * 4, cudaMemcpyHostToDevice));
   BENCH_CUDA(cudaMemcpy(d_w.p, weights.data(), slots * 4, cudaMemcpyHostToDevice));
   moekit_token_plan_t plan;
-  TUNE_OK(moekit_token_plan_init(&plan, sizeof(plan)));
-  TUNE_OK(moekit_plan_bind(&cfg, T_, d_plan.p, plan_bytes, &plan));
-  TUNE_OK(moekit_plan_build(&cfg, T_, static_cast<const int32_t*>(d_idx.p), static_cast<const float*>(d_w.p),
+  BENCH_OK(moekit_token_plan_init(&plan, sizeof(plan)));
+  BENCH_OK(moekit_plan_bind(&cfg, T_, d_plan.p, plan_bytes, &plan));
+  BENCH_OK(moekit_plan_build(&cfg, T_, static_cast<const int32_t*>(d_idx.p), static_cast<const float*>(d_w.p),
                             nullptr, &plan, d_ws.p, ws_bytes, stream));
   int32_t total = 0;
   BENCH_CUDA(cudaMemcpyAsync(&total, plan.totals, 4, cudaMemcpyDeviceToHost, stream));
@@ -150,11 +113,10 @@ void run_shape(const Shape& shape, const moekit::bench::Args& args, double copy_
   // Rotation sets: x (also dy), xp (also yp) and dyp.
   const size_t token_bytes = static_cast<size_t>(T_) * H * es;
   const size_t rows_bytes = static_cast<size_t>(max_rows) * H * es;
-  int l2 = 0, device = 0;
-  BENCH_CUDA(cudaGetDevice(&device));
-  BENCH_CUDA(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
   const double per_call = static_cast<double>(token_bytes) + static_cast<double>(total) * H * es;
-  const int copies = std::max(2, static_cast<int>(std::ceil(2.0 * l2 / per_call)) + 1);
+  const int copies = moekit::bench::rotation_copies(per_call, static_cast<double>(token_bytes) + 2.0 * rows_bytes,
+                                                    moekit::bench::l2_cache_bytes(),
+                                                    std::numeric_limits<double>::infinity());
   struct Set {
     DeviceBuf x, xp, dyp;
     Set(size_t token, size_t rows) : x(token), xp(rows), dyp(rows) {}
@@ -206,9 +168,9 @@ void run_shape(const Shape& shape, const moekit::bench::Args& args, double copy_
   // Validate: every candidate's rows equal the library's, bit for bit.
   Set& s0 = *sets[0];
   const size_t used_rows_bytes = static_cast<size_t>(total) * H * es;
-  TUNE_OK(moekit_tokens_permute(&cfg, &plan, T_, H, MOEKIT_DTYPE_BF16, s0.x.p, H, static_cast<const float*>(d_w.p),
+  BENCH_OK(moekit_tokens_permute(&cfg, &plan, T_, H, MOEKIT_DTYPE_BF16, s0.x.p, H, static_cast<const float*>(d_w.p),
                                 s0.xp.p, static_cast<float*>(d_rw.p), stream));
-  TUNE_OK(moekit_tokens_combine_backward(&cfg, &plan, T_, H, MOEKIT_DTYPE_BF16, s0.x.p, H,
+  BENCH_OK(moekit_tokens_combine_backward(&cfg, &plan, T_, H, MOEKIT_DTYPE_BF16, s0.x.p, H,
                                          static_cast<const float*>(d_w.p), s0.xp.p, s0.dyp.p,
                                          static_cast<float*>(d_dw.p), stream));
   BENCH_CUDA(cudaStreamSynchronize(stream));
@@ -311,7 +273,7 @@ int main(int argc, char** argv) {
   cudaStream_t stream;
   BENCH_CUDA(cudaStreamCreate(&stream));
   const double copy_bw = moekit::bench::measure_copy_bandwidth(stream);
-  const double write_bw = measure_write_bandwidth(stream);
+  const double write_bw = moekit::bench::measure_write_bandwidth(stream);
   std::printf("device: %s, copy bandwidth %.0f GB/s (read + write), write bandwidth %.0f GB/s (memset), commit %s\n",
               moekit::bench::device_description().c_str(), copy_bw / 1e9, write_bw / 1e9,
               moekit::bench::build_commit().c_str());
