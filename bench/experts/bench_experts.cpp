@@ -41,16 +41,8 @@
 namespace {
 
 using moekit::bench::Json;
-
-#define MOEKIT_OK(expr)                                                                  \
-  do {                                                                                   \
-    const moekit_status_t s_ = (expr);                                                   \
-    if (s_ != MOEKIT_STATUS_SUCCESS) {                                                   \
-      std::fprintf(stderr, "%s:%d: %s -> %s: %s\n", __FILE__, __LINE__, #expr,         \
-                   moekit_status_string(s_), moekit_get_last_error());                   \
-      std::exit(1);                                                                      \
-    }                                                                                    \
-  } while (0)
+using Buffer = moekit::bench::DeviceBuffer;
+using moekit::bench::parse_dtype;
 
 #define LT_OK(expr)                                                                      \
   do {                                                                                   \
@@ -66,33 +58,6 @@ using moekit::bench::Json;
   std::fprintf(stderr, "moekit-bench-experts: %s\n", what.c_str());
   std::exit(1);
 }
-
-struct Buffer {
-  void* p = nullptr;
-  size_t bytes = 0;
-  Buffer() = default;
-  explicit Buffer(size_t n) : bytes(n) { BENCH_CUDA(cudaMalloc(&p, std::max<size_t>(n, 1))); }
-  ~Buffer() { cudaFree(p); }
-  Buffer(Buffer&& o) noexcept : p(o.p), bytes(o.bytes) { o.p = nullptr; }
-  Buffer& operator=(Buffer&& o) noexcept {
-    std::swap(p, o.p);
-    std::swap(bytes, o.bytes);
-    return *this;
-  }
-  template <class T>
-  T* as() const { return static_cast<T*>(p); }
-  char* at(size_t byte_offset) const { return static_cast<char*>(p) + byte_offset; }
-  template <class T>
-  void upload(const std::vector<T>& v) {
-    BENCH_CUDA(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  template <class T>
-  std::vector<T> download(size_t n) const {
-    std::vector<T> v(n);
-    if (n) BENCH_CUDA(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return v;
-  }
-};
 
 struct Shape {
   std::string name;
@@ -126,13 +91,6 @@ std::vector<int64_t> make_counts(int E, int64_t rows, bool skewed, uint64_t seed
   for (int e = 0; e < E; ++e) assigned += (c[e] = static_cast<int64_t>(std::floor(rows * w[e] / sum)));
   for (int e = 0; assigned < rows; e = (e + 1) % E, ++assigned) ++c[e];
   return c;
-}
-
-moekit_dtype_t parse_dtype(const std::string& s) {
-  if (s == "bf16") return MOEKIT_DTYPE_BF16;
-  if (s == "f16") return MOEKIT_DTYPE_F16;
-  if (s == "f32") return MOEKIT_DTYPE_F32;
-  die("unknown --dtype=" + s);
 }
 
 int parse_activation(const std::string& s, float* limit) {
@@ -217,14 +175,14 @@ struct Problem {
   Problem(const Shape& s, const std::vector<int64_t>& c, moekit_dtype_t dtype, int activation, float limit,
           bool backward, uint64_t seed)
       : counts(c) {
-    MOEKIT_OK(moekit_experts_config_init(&config, sizeof(config)));
+    BENCH_OK(moekit_experts_config_init(&config, sizeof(config)));
     config.num_experts = s.experts;
     config.hidden = s.hidden;
     config.inter = s.inter;
     config.dtype = dtype;
     config.activation = activation;
     config.act_limit = limit;
-    MOEKIT_OK(moekit_mlp_config_init(&mlp, sizeof(mlp)));
+    BENCH_OK(moekit_mlp_config_init(&mlp, sizeof(mlp)));
     mlp.hidden = s.hidden;
     mlp.inter = s.inter;
     mlp.dtype = dtype;
@@ -250,7 +208,7 @@ struct Problem {
     fill_random(wd, dtype, 1.0f / std::sqrt(float(I)), seed + 4);
     u = Buffer(R * NU * es());
     out = Buffer(R * H * es());
-    MOEKIT_OK(moekit_experts_forward_workspace_size(&config, rows, &fbytes));
+    BENCH_OK(moekit_experts_forward_workspace_size(&config, rows, &fbytes));
     fws = Buffer(fbytes);
     if (backward) {
       dout = Buffer(R * H * es());
@@ -259,17 +217,17 @@ struct Problem {
       dwgu = Buffer(E * H * NU * es());
       dwd = Buffer(E * I * H * es());
       dp = Buffer(R * 4);
-      MOEKIT_OK(moekit_experts_backward_workspace_size(&config, rows, 1, &bbytes));
+      BENCH_OK(moekit_experts_backward_workspace_size(&config, rows, 1, &bbytes));
       bws = Buffer(bbytes);
     }
   }
 
   void forward(cudaStream_t stream, void* u_out) {
-    MOEKIT_OK(moekit_experts_forward(&config, rows, offsets.as<int32_t>(), xp.p, p.as<float>(), wgu.p, nullptr, wd.p,
+    BENCH_OK(moekit_experts_forward(&config, rows, offsets.as<int32_t>(), xp.p, p.as<float>(), wgu.p, nullptr, wd.p,
                                      nullptr, u_out, out.p, fws.p, fbytes, stream));
   }
   void backward(cudaStream_t stream) {
-    MOEKIT_OK(moekit_experts_backward(&config, rows, offsets.as<int32_t>(), xp.p, p.as<float>(), wgu.p, nullptr, wd.p,
+    BENCH_OK(moekit_experts_backward(&config, rows, offsets.as<int32_t>(), xp.p, p.as<float>(), wgu.p, nullptr, wd.p,
                                       nullptr, u.p, dout.p, dxp.p, dwgu.p, nullptr, dwd.p, nullptr, dp.as<float>(),
                                       bws.p, bbytes, stream));
   }
@@ -285,12 +243,12 @@ struct Loop {
   std::vector<int32_t> host_offsets;
 
   Loop(const Problem& P, bool backward) {
-    MOEKIT_OK(moekit_mlp_handle_create(&handle));
+    BENCH_OK(moekit_mlp_handle_create(&handle));
     const int64_t most = *std::max_element(P.counts.begin(), P.counts.end());
-    MOEKIT_OK(moekit_mlp_forward_workspace_size(&P.mlp, most, &fbytes));
+    BENCH_OK(moekit_mlp_forward_workspace_size(&P.mlp, most, &fbytes));
     fws = Buffer(fbytes);
     if (backward) {
-      MOEKIT_OK(moekit_mlp_backward_workspace_size(&P.mlp, most, 1, &bbytes));
+      BENCH_OK(moekit_mlp_backward_workspace_size(&P.mlp, most, 1, &bbytes));
       bws = Buffer(bbytes);
     }
     host_offsets.resize(P.counts.size() + 1);
@@ -308,7 +266,7 @@ struct Loop {
     for (size_t e = 0; e + 1 < host_offsets.size(); ++e) {
       const int64_t r0 = host_offsets[e], n = host_offsets[e + 1] - r0;
       if (n == 0) continue;
-      MOEKIT_OK(moekit_mlp_forward(handle, &P.mlp, n, P.xp.at(r0 * H * es), P.wgu.at(e * H * NU * es), nullptr,
+      BENCH_OK(moekit_mlp_forward(handle, &P.mlp, n, P.xp.at(r0 * H * es), P.wgu.at(e * H * NU * es), nullptr,
                                    P.wd.at(e * I * H * es), nullptr, save_u ? P.u.at(r0 * NU * es) : nullptr,
                                    P.out.at(r0 * H * es), fws.p, fbytes, stream));
     }
@@ -320,7 +278,7 @@ struct Loop {
       const int64_t r0 = host_offsets[e], n = host_offsets[e + 1] - r0;
       void* dwgu = P.dwgu.at(e * H * NU * es);
       void* dwd = P.dwd.at(e * I * H * es);
-      MOEKIT_OK(moekit_mlp_backward(handle, &P.mlp, n, n ? P.xp.at(r0 * H * es) : nullptr, P.wgu.at(e * H * NU * es),
+      BENCH_OK(moekit_mlp_backward(handle, &P.mlp, n, n ? P.xp.at(r0 * H * es) : nullptr, P.wgu.at(e * H * NU * es),
                                     nullptr, P.wd.at(e * I * H * es), nullptr, n ? P.u.at(r0 * NU * es) : nullptr,
                                     n ? P.dout.at(r0 * H * es) : nullptr, n ? P.dxp.at(r0 * H * es) : nullptr, dwgu,
                                     nullptr, dwd, nullptr, bws.p, bbytes, stream));
@@ -391,7 +349,7 @@ void validate(moekit_dtype_t dtype, int activation, float limit, int32_t gemm_pa
   // The loop computes without routing weights: compare it with the grouped path at p = 1.
   Loop loop(P, false);
   Buffer grouped(R * H * P.es());
-  MOEKIT_OK(moekit_experts_forward(&P.config, P.rows, P.offsets.as<int32_t>(), P.xp.p, nullptr, P.wgu.p, nullptr,
+  BENCH_OK(moekit_experts_forward(&P.config, P.rows, P.offsets.as<int32_t>(), P.xp.p, nullptr, P.wgu.p, nullptr,
                                    P.wd.p, nullptr, nullptr, grouped.p, P.fws.p, P.fbytes, stream));
   loop.forward(P, stream, false);
   BENCH_CUDA(cudaStreamSynchronize(stream));
@@ -413,14 +371,14 @@ struct PathChoice {
 // sm_90a kernels): a one-row forward answers UNSUPPORTED otherwise.
 bool sm90_runs(cudaStream_t stream, std::string* why) {
   moekit_experts_config_t c;
-  MOEKIT_OK(moekit_experts_config_init(&c, sizeof(c)));
+  BENCH_OK(moekit_experts_config_init(&c, sizeof(c)));
   c.num_experts = 1;
   c.hidden = 8;
   c.inter = 8;
   c.activation = MOEKIT_ACTIVATION_RELU2;
   c.gemm_path = MOEKIT_GEMM_PATH_SM90;
   size_t bytes = 0;
-  MOEKIT_OK(moekit_experts_forward_workspace_size(&c, 1, &bytes));
+  BENCH_OK(moekit_experts_forward_workspace_size(&c, 1, &bytes));
   Buffer off(8), x(16), w(128), out(16), ws(bytes);
   off.upload(std::vector<int32_t>{0, 1});
   BENCH_CUDA(cudaMemset(x.p, 0, 16));

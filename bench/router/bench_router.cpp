@@ -58,16 +58,9 @@
 namespace {
 
 using moekit::bench::Json;
-
-#define MOEKIT_OK(expr)                                                                        \
-  do {                                                                                       \
-    const moekit_status_t s_ = (expr);                                                       \
-    if (s_ != MOEKIT_STATUS_SUCCESS) {                                                       \
-      std::fprintf(stderr, "%s:%d: %s -> %s: %s\n", __FILE__, __LINE__, #expr,               \
-                   moekit_status_string(s_), moekit_get_last_error());                       \
-      std::exit(1);                                                                          \
-    }                                                                                        \
-  } while (0)
+using Buffer = moekit::bench::DeviceBuffer;
+using moekit::bench::dtype_name;
+using moekit::bench::parse_dtype;
 
 enum class Stats { kNone, kLoad, kAux };
 
@@ -128,18 +121,6 @@ std::vector<Preset> presets() {
   return v;
 }
 
-moekit_dtype_t parse_dtype(const std::string& s) {
-  if (s == "bf16") return MOEKIT_DTYPE_BF16;
-  if (s == "f16") return MOEKIT_DTYPE_F16;
-  if (s == "f32") return MOEKIT_DTYPE_F32;
-  std::fprintf(stderr, "unknown --dtype=%s (bf16, f16, f32)\n", s.c_str());
-  std::exit(2);
-}
-
-const char* dtype_name(moekit_dtype_t d) {
-  return d == MOEKIT_DTYPE_F32 ? "f32" : d == MOEKIT_DTYPE_F16 ? "f16" : "bf16";
-}
-
 const char* stats_name(Stats s) { return s == Stats::kNone ? "none" : s == Stats::kLoad ? "load" : "aux"; }
 
 // Applies the command-line overrides to a preset.
@@ -175,33 +156,6 @@ void apply_overrides(const moekit::bench::Args& args, Preset* p) {
     std::exit(2);
   }
 }
-
-struct Buffer {
-  void* p = nullptr;
-  size_t bytes = 0;
-  explicit Buffer(size_t n = 0) : bytes(n) {
-    if (n) BENCH_CUDA(cudaMalloc(&p, n));
-  }
-  ~Buffer() {
-    if (p) cudaFree(p);
-  }
-  Buffer(Buffer&& o) noexcept : p(o.p), bytes(o.bytes) { o.p = nullptr; }
-  Buffer(const Buffer&) = delete;
-  template <class T>
-  T* as() const {
-    return static_cast<T*>(p);
-  }
-  template <class T>
-  void upload(const std::vector<T>& v) {
-    BENCH_CUDA(cudaMemcpy(p, v.data(), sizeof(T) * v.size(), cudaMemcpyHostToDevice));
-  }
-  template <class T>
-  std::vector<T> download() const {
-    std::vector<T> v(bytes / sizeof(T));
-    BENCH_CUDA(cudaMemcpy(v.data(), p, bytes, cudaMemcpyDeviceToHost));
-    return v;
-  }
-};
 
 // Random N(0, 1.5) logits exact in the dtype. For validation the rows are redrawn until no
 // near-tie can reorder fp32 against the double reference.
@@ -246,9 +200,9 @@ bool validate(const Preset& p, moekit_dtype_t dtype, int64_t T, std::mt19937_64&
   d_m.upload(mask);
   BENCH_CUDA(cudaMemset(d_l.p, 0, d_l.bytes));
   size_t bytes = 0;
-  MOEKIT_OK(moekit_router_forward_workspace_size(&c, T, &bytes));
+  BENCH_OK(moekit_router_forward_workspace_size(&c, T, &bytes));
   Buffer ws(bytes);
-  MOEKIT_OK(moekit_router_forward(&c, T, dtype, d_z.p, E, p.bias ? d_b.as<float>() : nullptr, d_m.as<uint8_t>(),
+  BENCH_OK(moekit_router_forward(&c, T, dtype, d_z.p, E, p.bias ? d_b.as<float>() : nullptr, d_m.as<uint8_t>(),
                                   d_w.as<float>(), d_i.as<int32_t>(), d_l.as<int32_t>(), d_s.as<float>(),
                                   d_n.as<int32_t>(), ws.p, ws.bytes, nullptr));
   std::mt19937_64 g(7);
@@ -257,7 +211,7 @@ bool validate(const Preset& p, moekit_dtype_t dtype, int64_t T, std::mt19937_64&
   for (auto& x : gw) x = u(g);
   d_gw.upload(gw);
   const float coeff = 0.05f;
-  MOEKIT_OK(moekit_router_backward(&c, T, dtype, d_z.p, E, p.bias ? d_b.as<float>() : nullptr, d_m.as<uint8_t>(),
+  BENCH_OK(moekit_router_backward(&c, T, dtype, d_z.p, E, p.bias ? d_b.as<float>() : nullptr, d_m.as<uint8_t>(),
                                    d_i.as<int32_t>(), d_gw.as<float>(), coeff, d_l.as<int32_t>(), d_n.as<int32_t>(),
                                    d_g.p, E, nullptr, 0, nullptr));
   BENCH_CUDA(cudaDeviceSynchronize());
@@ -400,7 +354,7 @@ int main(int argc, char** argv) {
     BENCH_CUDA(cudaMemset(s.p, 0, 32));
     BENCH_CUDA(cudaMemset(n.p, 0, 4));
     const CallTiming t = time_call(stream, warmup, repeats, filler, [&](int) {
-      MOEKIT_OK(moekit_aux_loss_forward(8, 2, l.as<int32_t>(), s.as<float>(), n.as<int32_t>(), aux.as<float>(), stream));
+      BENCH_OK(moekit_aux_loss_forward(8, 2, l.as<int32_t>(), s.as<float>(), n.as<int32_t>(), aux.as<float>(), stream));
     });
     launch_us = t.gpu.median_us;
     launch_call_us = t.call.median_us;
@@ -436,13 +390,13 @@ int main(int argc, char** argv) {
       BENCH_CUDA(cudaMemset(load.p, 0, load.bytes));
       BENCH_CUDA(cudaMemset(mask.p, 1, mask.bytes));
       size_t ws_bytes = 0;
-      MOEKIT_OK(moekit_router_forward_workspace_size(&c, T, &ws_bytes));
+      BENCH_OK(moekit_router_forward_workspace_size(&c, T, &ws_bytes));
       Buffer ws(ws_bytes);
       const bool aux = p.stats == Stats::kAux;
       const float coeff = aux ? 1e-3f : 0.0f;
       auto forward = [&](int i) {
         const int k = i % copies;
-        MOEKIT_OK(moekit_router_forward(&c, T, dtype, z[k].p, E, p.bias ? d_bias.as<float>() : nullptr,
+        BENCH_OK(moekit_router_forward(&c, T, dtype, z[k].p, E, p.bias ? d_bias.as<float>() : nullptr,
                                         use_mask ? mask.as<uint8_t>() : nullptr, w[k].as<float>(), idx[k].as<int32_t>(),
                                         p.stats != Stats::kNone ? load.as<int32_t>() : nullptr,
                                         aux ? S.as<float>() : nullptr, aux ? N.as<int32_t>() : nullptr, ws.p,
@@ -451,7 +405,7 @@ int main(int argc, char** argv) {
       for (int i = 0; i < copies; ++i) forward(i);  // indices for the backward
       auto backward = [&](int i) {
         const int k = i % copies;
-        MOEKIT_OK(moekit_router_backward(&c, T, dtype, z[k].p, E, p.bias ? d_bias.as<float>() : nullptr,
+        BENCH_OK(moekit_router_backward(&c, T, dtype, z[k].p, E, p.bias ? d_bias.as<float>() : nullptr,
                                          use_mask ? mask.as<uint8_t>() : nullptr, idx[k].as<int32_t>(),
                                          gw[k].as<float>(), coeff, aux ? load.as<int32_t>() : nullptr,
                                          aux ? N.as<int32_t>() : nullptr, grad[k].p, E, nullptr, 0, stream));
