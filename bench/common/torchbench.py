@@ -68,19 +68,27 @@ def stream_ptr():
     return c_void_p(torch.cuda.current_stream().cuda_stream)
 
 
-def time_us(fn, warmup=10, repeats=50):
-    """Median / min of `repeats` CUDA-event timings of fn(i) after `warmup` calls."""
+def event_times_us(fn, warmup=10, repeats=50, before_start=None):
+    """Sorted CUDA-event times (us) of `repeats` calls fn(i) after `warmup` untimed ones;
+    before_start(), when given, is queued ahead of each start event."""
     for i in range(warmup):
         fn(i)
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
     for i in range(repeats):
+        if before_start is not None:
+            before_start()
         starts[i].record()
         fn(i)
         ends[i].record()
     torch.cuda.synchronize()
-    us = sorted(1000.0 * s.elapsed_time(e) for s, e in zip(starts, ends))
+    return sorted(1000.0 * s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def time_us(fn, warmup=10, repeats=50):
+    """Median / min of `repeats` CUDA-event timings of fn(i) after `warmup` calls."""
+    us = event_times_us(fn, warmup, repeats)
     return {"median_us": statistics.median(us), "min_us": us[0], "max_us": us[-1], "repeats": repeats}
 
 

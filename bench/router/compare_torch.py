@@ -229,18 +229,8 @@ def time_gpu_us(fn, warmup=10, repeats=50):
     around fn alone, which includes the host's part when the host is the slower one)."""
     if not hasattr(torch.cuda, "_sleep"):  # a private helper; without it there is no device time
         return {"median_us": float("nan"), "min_us": float("nan"), "max_us": float("nan"), "repeats": 0}
-    for i in range(warmup):
-        fn(i)
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    for i in range(repeats):
-        torch.cuda._sleep(10_000_000)  # ~5 ms of cycles: longer than any call's host time here
-        starts[i].record()
-        fn(i)
-        ends[i].record()
-    torch.cuda.synchronize()
-    us = sorted(1000.0 * s.elapsed_time(e) for s, e in zip(starts, ends))
+    # ~5 ms of cycles ahead of each start: longer than any call's host time here
+    us = tb.event_times_us(fn, warmup, repeats, before_start=lambda: torch.cuda._sleep(10_000_000))
     return {"median_us": us[len(us) // 2], "min_us": us[0], "max_us": us[-1], "repeats": repeats}
 
 
