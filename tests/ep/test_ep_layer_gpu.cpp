@@ -30,13 +30,15 @@
 #include "moekit/moekit.h"
 #include "tests/ep/multi_gpu.hpp"
 #include "tests/support/catch.hpp"
+#include "tests/layer/layer_device.hpp"
 #include "tests/support/device.hpp"
 #include "tests/support/numeric.hpp"
 #include "tests/support/random.hpp"
 
 namespace {
 
-using moekit::test::DeviceBuffer;
+using namespace moekit::test::layer;  // DevBuf, ParamBuffers, GradBuffers, download
+using moekit::test::pack;
 using namespace moekit::test::ep;
 
 constexpr int kExpertsPerRank = 4;
@@ -186,8 +188,10 @@ struct LayerRun {
   std::unique_ptr<moekit_layer, LayerDestroy> owned;  // destroyed after the buffers, also half-built
   moekit_layer_t layer = nullptr;
   size_t saved_bytes = 0, ws_bytes = 0;
-  DeviceBuffer x, dy, mask, w_router, w_gate_up, w_down, s_gate_up, s_down, y, dx, g_router, g_gate_up, g_down,
-      g_s_gate_up, g_s_down, load, aux, saved, workspace, correction;
+  // Stream-ordered buffers and parameter/gradient sets of the layer suite (tests/layer/layer_device.hpp).
+  DevBuf x, dy, mask, y, dx, load, aux, saved, workspace;
+  ParamBuffers pb;
+  GradBuffers gb;
   moekit_layer_params_t params;
   moekit_layer_grads_t grads;
 
@@ -201,89 +205,61 @@ struct LayerRun {
     moekit_check(moekit_layer_saved_size(&cfg.layer, T, &saved_bytes), "moekit_layer_saved_size");
     moekit_check(moekit_layer_workspace_size(&cfg.layer, T, &fw, &bw), "moekit_layer_workspace_size");
     ws_bytes = std::max(fw, bw);
-    x = DeviceBuffer::from(moekit::test::pack(d, slice(p.x, first, T, H)));
-    dy = DeviceBuffer::from(moekit::test::pack(d, slice(p.dy, first, T, H)));
-    mask = DeviceBuffer::from(slice(p.mask, first, T, 1));
-    w_router = DeviceBuffer::from(moekit::test::pack(d, p.w_router));
-    w_gate_up = DeviceBuffer::from(moekit::test::pack(d, slice(p.w_gate_up, e0, El, H * 2 * kInter)));
-    w_down = DeviceBuffer::from(moekit::test::pack(d, slice(p.w_down, e0, El, int64_t(kInter) * H)));
-    s_gate_up = DeviceBuffer::from(moekit::test::pack(d, p.s_gate_up));
-    s_down = DeviceBuffer::from(moekit::test::pack(d, p.s_down));
-    correction = DeviceBuffer::from(p.correction);
+    const auto packed = [&](const std::vector<float>& v) { return DevBuf::from(pack(d, v), stream); };
+    x = packed(slice(p.x, first, T, H));
+    dy = packed(slice(p.dy, first, T, H));
+    mask = DevBuf::from(slice(p.mask, first, T, 1), stream);
+    pb.router_weight = packed(p.w_router);
+    pb.w_gate_up = packed(slice(p.w_gate_up, e0, El, H * 2 * kInter));
+    pb.w_down = packed(slice(p.w_down, e0, El, int64_t(kInter) * H));
+    pb.shared_w_gate_up = packed(p.s_gate_up);
+    pb.shared_w_down = packed(p.s_down);
+    pb.correction_bias = DevBuf::from(p.correction, stream);  // empty (NULL) without one
+    gb = GradBuffers::like(pb);  // (the correction bias has no gradient)
     const size_t es = dtype_bytes(d);
-    y = DeviceBuffer(T * H * es);
-    dx = DeviceBuffer(T * H * es);
-    g_router = DeviceBuffer(size_t(p.E) * H * es);
-    g_gate_up = DeviceBuffer(size_t(El) * H * 2 * kInter * es);
-    g_down = DeviceBuffer(size_t(El) * kInter * H * es);
-    g_s_gate_up = DeviceBuffer(size_t(H) * 2 * kSharedInter * es);
-    g_s_down = DeviceBuffer(size_t(kSharedInter) * H * es);
-    load = DeviceBuffer(size_t(p.E) * 4);
-    aux = DeviceBuffer(4);
-    saved = DeviceBuffer(saved_bytes);
-    workspace = DeviceBuffer(ws_bytes);
-    moekit_layer_params_init(&params, sizeof(params));
-    params.router_weight = w_router.get();
-    params.w_gate_up = w_gate_up.get();
-    params.w_down = w_down.get();
-    params.shared_w_gate_up = s_gate_up.get();
-    params.shared_w_down = s_down.get();
-    params.correction_bias = p.correction.empty() ? nullptr : correction.get<float>();
-    moekit_layer_grads_init(&grads, sizeof(grads));
-    grads.router_weight = g_router.get();
-    grads.w_gate_up = g_gate_up.get();
-    grads.w_down = g_down.get();
-    grads.shared_w_gate_up = g_s_gate_up.get();
-    grads.shared_w_down = g_s_down.get();
-  }
-
-  static void moekit_check(moekit_status_t s, const char* what) {
-    if (s != MOEKIT_STATUS_SUCCESS)
-      throw std::runtime_error(std::string(what) + ": " + moekit_status_string(s) + ": " + moekit_get_last_error());
+    y = DevBuf(T * H * es);
+    dx = DevBuf(T * H * es);
+    load = DevBuf(size_t(p.E) * 4);
+    aux = DevBuf(4);
+    saved = DevBuf(saved_bytes);
+    workspace = DevBuf(ws_bytes);
+    params = pb.pointers();
+    grads = gb.pointers();
+    cuda_check(cudaStreamSynchronize(stream), "uploads");  // before the first collective
   }
 
   // Poisons every output (stream-ordered: no allocation, no device-wide synchronisation).
   void poison() {
-    for (DeviceBuffer* b : {&y, &dx, &g_router, &g_gate_up, &g_down, &g_s_gate_up, &g_s_down, &load, &aux})
-      if (b->bytes() > 0 && cudaMemsetAsync(b->get(), 0xa7, b->bytes(), stream) != cudaSuccess)
-        throw std::runtime_error("cudaMemsetAsync failed");
+    for (const DevBuf* b : {&y, &dx, &load, &aux}) b->fill(0xa7, stream);
+    for (const DevBuf* b : gb.all()) b->fill(0xa7, stream);
   }
   moekit_status_t forward() {
-    return moekit_layer_forward(layer, T, T ? x.get() : nullptr, T ? mask.get<uint8_t>() : nullptr, &params,
-                                T ? y.get() : nullptr, load.get<int32_t>(), aux.get<float>(), saved.get(), saved_bytes,
+    return moekit_layer_forward(layer, T, T ? x.get() : nullptr, T ? mask.as<uint8_t>() : nullptr, &params,
+                                T ? y.get() : nullptr, load.as<int32_t>(), aux.as<float>(), saved.get(), saved_bytes,
                                 workspace.get(), ws_bytes, stream);
   }
   moekit_status_t backward() {
-    return moekit_layer_backward(layer, T, T ? x.get() : nullptr, T ? mask.get<uint8_t>() : nullptr, &params,
+    return moekit_layer_backward(layer, T, T ? x.get() : nullptr, T ? mask.as<uint8_t>() : nullptr, &params,
                                  saved.get(), saved_bytes, T ? dy.get() : nullptr, p.aux_coeff, T ? dx.get() : nullptr,
                                  &grads, workspace.get(), ws_bytes, stream);
   }
-  std::vector<uint8_t> fetch(const void* ptr, size_t bytes) const {
-    std::vector<uint8_t> h(bytes);
-    if (cudaStreamSynchronize(stream) != cudaSuccess ||
-        (bytes > 0 && cudaMemcpyAsync(h.data(), ptr, bytes, cudaMemcpyDeviceToHost, stream) != cudaSuccess) ||
-        cudaStreamSynchronize(stream) != cudaSuccess)
-      throw std::runtime_error("download failed");
-    return h;
-  }
-  std::vector<uint8_t> fetch(const DeviceBuffer& b) const { return fetch(b.get(), b.bytes()); }
   Outputs outputs(const Configs& cfg) const {
     Outputs o;
-    o.y = fetch(y);
-    o.dx = fetch(dx);
-    o.d_router = fetch(g_router);
-    o.d_gate_up = fetch(g_gate_up);
-    o.d_down = fetch(g_down);
-    o.d_s_gate_up = fetch(g_s_gate_up);
-    o.d_s_down = fetch(g_s_down);
-    o.load = fetch(load);
-    std::memcpy(&o.aux_loss, fetch(aux).data(), 4);
+    o.y = download(y, stream);
+    o.dx = download(dx, stream);
+    o.d_router = download(gb.router_weight, stream);
+    o.d_gate_up = download(gb.w_gate_up, stream);
+    o.d_down = download(gb.w_down, stream);
+    o.d_s_gate_up = download(gb.shared_w_gate_up, stream);
+    o.d_s_down = download(gb.shared_w_down, stream);
+    o.load = download(load, stream);
+    o.aux_loss = download_as<float>(aux.get(), 1, stream)[0];
     moekit_layer_saved_view_t v;
     std::memset(&v, 0, sizeof(v));
     v.struct_size = sizeof(v);
     moekit_check(moekit_layer_saved_view(&cfg.layer, T, saved.get(), saved_bytes, &v), "moekit_layer_saved_view");
-    o.indices = fetch(v.indices, static_cast<size_t>(T) * kTopK * 4);
-    if (v.ep_dropped != nullptr) std::memcpy(&o.dropped, fetch(v.ep_dropped, 4).data(), 4);
+    o.indices = download(v.indices, static_cast<size_t>(T) * kTopK * 4, stream);
+    if (v.ep_dropped != nullptr) o.dropped = download_as<int32_t>(v.ep_dropped, 1, stream)[0];
     return o;
   }
 };
@@ -464,7 +440,7 @@ void run_ep_layer_case(moekit_dtype_t dtype, moekit_ep_mode_t mode, int n, bool 
       run.poison();
       REQUIRE(run.forward() == MOEKIT_STATUS_SUCCESS);
       REQUIRE(run.backward() == MOEKIT_STATUS_SUCCESS);
-      d_router_no_aux = run.fetch(run.g_router);
+      d_router_no_aux = download(run.gb.router_weight, s);
     }
     CUDA_REQUIRE(cudaStreamDestroy(s));
     CHECK_FALSE(compare("d router_weight", dtype, as_float(router_sum), values(dtype, d_router_no_aux), 2 * tol)
@@ -531,7 +507,7 @@ TEST_CASE("ep gpu: the exact-mode layer refuses a capturing stream and a saved b
     EP_CUDA_OK(ctx, cudaGraphGetNodes(graph, nullptr, &nodes));
     EP_CHECK(ctx, nodes == 0, "the refused forward captured " << nodes << " nodes");
     cudaGraphDestroy(graph);
-    const std::vector<uint8_t> dx = run.fetch(run.dx), gr = run.fetch(run.g_router);
+    const std::vector<uint8_t> dx = download(run.dx, ctx.stream), gr = download(run.gb.router_weight, ctx.stream);
     untouched[r] = std::all_of(dx.begin(), dx.end(), [](uint8_t b) { return b == 0xa7; }) &&
                    std::all_of(gr.begin(), gr.end(), [](uint8_t b) { return b == 0xa7; });
     ctx.sync(__LINE__);
