@@ -215,7 +215,7 @@ MOEKIT_API moekit_status_t moekit_ep_layout_counts(moekit_ep_handle_t handle,
  *   x              [in, device]  [T, H] of config->dtype, contiguous; NULL only when T = 0.
  *   indices        [in, device]  [T, K] int32, the same ids the layout saw.
  *   weights        [in, device]  [T, K] fp32 routing weights; NULL only when T = 0.
- *   recv_x         [out, device] [num_recv_rows, H] of config->dtype, contiguous.
+ *   recv_x         [out, device] [num_recv_rows, H] of config->dtype, contiguous (+0 in gaps).
  *   recv_indices   [out, device] [num_recv_rows, K] int32 global ids (-1 in gaps).
  *   recv_weights   [out, device] [num_recv_rows, K] fp32 (0 in gaps).
  *   recv_src_token [out, device] [num_recv_rows] int32 token index at the source (-1 in gaps),
@@ -274,7 +274,7 @@ MOEKIT_API moekit_status_t moekit_ep_dispatch_backward(
 /*
  * Combine backward (collective; a dispatch without ids or weights):
  *   grad_partials[row of t at d] = grad_y_t, bit for bit, for every destination d of t that kept
- *   t; gap rows are not written.
+ *   t; gap rows are +0.
  *   grad_y        [in, device]  [T, H] of config->dtype.
  *   grad_partials [out, device] [num_recv_rows, H] of config->dtype.
  * Returns as moekit_ep_dispatch. Since 0.1.

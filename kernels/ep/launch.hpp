@@ -68,9 +68,9 @@ struct PackArgs {
 // vec_bytes: 16, 8, 4, 2 or 1, dividing row_bytes and every base address (chosen by the caller).
 cudaError_t launch_pack(const PackArgs& args, int vec_bytes, int max_blocks, cudaStream_t stream);
 
-// Capacity mode: marks the metadata rows of chunk `chunk`'s blocks past their count as gaps
-// (ids -1, weights 0, token -1), in the send space for remote destinations and in the recv space
-// for this rank.
+// Capacity mode: marks the rows of chunk `chunk`'s blocks past their count as gaps (payload +0
+// bytes; metadata ids -1, weights 0, token -1), in the send space for remote destinations and in
+// the recv space for this rank.
 struct TailArgs {
   int32_t num_ranks;
   int32_t rank;
@@ -80,10 +80,14 @@ struct TailArgs {
   int32_t top_k;
   const int32_t* exchange;  // send side: counts [n][P]
   int32_t exchange_stride;  // P
-  int32_t* send_meta;
-  int32_t* recv_meta;
+  int64_t row_bytes;
+  void* send_x;             // send space rows: gap payload becomes +0 bytes
+  void* recv_x;             // recv space rows (this rank's own block)
+  int32_t* send_meta;       // or nullptr (rows only: combine backward)
+  int32_t* recv_meta;       // or nullptr
 };
-cudaError_t launch_mark_tails(const TailArgs& args, cudaStream_t stream);
+// vec_bytes and max_blocks as for launch_pack (the same pointers and row size).
+cudaError_t launch_mark_tails(const TailArgs& args, int vec_bytes, int max_blocks, cudaStream_t stream);
 
 // Splits the received metadata [R][2K + 1] into the caller's arrays.
 struct UnpackArgs {

@@ -8,8 +8,10 @@
 //   meta(d, s) = [ idx_t0 .. idx_t,K-1 | bits(w_t0) .. bits(w_t,K-1) | t ]   (2K + 1 int32 words)
 // One warp per token: the row is read once (kMoveUnroll vectors in flight per lane) and written to
 // every destination; metadata goes to send_meta / recv_meta at the same rows.
-// mark_tails (capacity mode): metadata rows [count, cc) of the chunk's blocks become gaps:
-//   ids -1, weights +0, token -1.
+// mark_tails (capacity mode): rows [count, cc) of the chunk's blocks become gaps: payload +0
+//   bytes (they travel with the block, so without this a receiver would get stale workspace bytes
+//   and two identical runs could differ), metadata ids -1, weights +0, token -1. One warp per
+//   slot of the blocks.
 // unpack: recv_meta [R][2K + 1] -> recv_indices [R, K], recv_weights [R, K], recv_src_token [R],
 //   recv_mask [R] (token >= 0).
 // grad_weights: grad_w[t][k] = (d == me ? self_weights : peer_weights)[s][k] with (d, s) the row
@@ -93,25 +95,29 @@ __global__ void __launch_bounds__(kMoveThreads) pack_kernel(PackArgs a) {
   }
 }
 
-__global__ void __launch_bounds__(kSmallThreads) mark_tails_kernel(TailArgs a) {
+template <class V>
+__global__ void __launch_bounds__(kMoveThreads) mark_tails_kernel(TailArgs a) {
+  const int lane = threadIdx.x & 31;
   const int64_t cc = a.chunk_capacity;
   const int64_t total = static_cast<int64_t>(a.num_ranks) * cc;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kMoveWarpsPerBlock;
+  const int64_t vectors = a.row_bytes / static_cast<int64_t>(sizeof(V));
   const int K = a.top_k, M = 2 * a.top_k + 1, C = a.num_chunks, P = a.exchange_stride;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kMoveWarpsPerBlock + threadIdx.x / 32; i < total;
+       i += warps) {
     const int d = static_cast<int>(i / cc);
     const int64_t r = i % cc;
-    if (r < a.exchange[static_cast<int64_t>(d) * P + a.chunk]) continue;  // a real row
-    int32_t* meta;
-    if (d == a.rank) {
-      meta = a.recv_meta + ((static_cast<int64_t>(d) * C + a.chunk) * cc + r) * M;
-    } else {
-      const int64_t block = d < a.rank ? d : d - 1;
-      meta = a.send_meta + ((block * C + a.chunk) * cc + r) * M;
-    }
-    for (int w = 0; w < K; ++w) meta[w] = -1;
-    for (int w = K; w < 2 * K; ++w) meta[w] = 0;
-    meta[2 * K] = -1;
+    if (r < a.exchange[static_cast<int64_t>(d) * P + a.chunk]) continue;  // a real row (warp-uniform)
+    // The slot's index in its space: the recv space for this rank's own block, else the send
+    // space (blocks of the other ranks in rank order), as route_slot numbers them for pack.
+    const int64_t slot = d == a.rank ? (static_cast<int64_t>(d) * C + a.chunk) * cc + r
+                                     : ((static_cast<int64_t>(d < a.rank ? d : d - 1)) * C + a.chunk) * cc + r;
+    V* row = reinterpret_cast<V*>(static_cast<char*>(d == a.rank ? a.recv_x : a.send_x) + slot * a.row_bytes);
+    for (int64_t v = lane; v < vectors; v += 32) row[v] = V{};
+    int32_t* meta = d == a.rank ? a.recv_meta : a.send_meta;
+    if (meta == nullptr) continue;
+    meta += slot * M;
+    for (int w = lane; w < M; w += 32) meta[w] = w < K ? -1 : (w < 2 * K ? 0 : -1);
   }
 }
 
@@ -193,10 +199,20 @@ cudaError_t launch_pack(const PackArgs& a, int vec_bytes, int max_blocks, cudaSt
   return cudaPeekAtLastError();
 }
 
-cudaError_t launch_mark_tails(const TailArgs& a, cudaStream_t stream) {
+cudaError_t launch_mark_tails(const TailArgs& a, int vec_bytes, int max_blocks, cudaStream_t stream) {
   const int64_t total = static_cast<int64_t>(a.num_ranks) * a.chunk_capacity;
   if (total == 0) return cudaSuccess;
-  mark_tails_kernel<<<small_grid(total), kSmallThreads, 0, stream>>>(a);
+  int64_t blocks = (total + kMoveWarpsPerBlock - 1) / kMoveWarpsPerBlock;
+  if (blocks > max_blocks) blocks = max_blocks;
+  const dim3 grid(static_cast<unsigned>(blocks > 0 ? blocks : 1));
+  switch (vec_bytes) {
+    case 16: mark_tails_kernel<uint4><<<grid, kMoveThreads, 0, stream>>>(a); break;
+    case 8: mark_tails_kernel<uint2><<<grid, kMoveThreads, 0, stream>>>(a); break;
+    case 4: mark_tails_kernel<uint32_t><<<grid, kMoveThreads, 0, stream>>>(a); break;
+    case 2: mark_tails_kernel<uint16_t><<<grid, kMoveThreads, 0, stream>>>(a); break;
+    case 1: mark_tails_kernel<uint8_t><<<grid, kMoveThreads, 0, stream>>>(a); break;
+    default: return cudaErrorInvalidValue;
+  }
   return cudaPeekAtLastError();
 }
 

@@ -255,7 +255,7 @@ moekit_status_t forward_exchange(moekit_ep& h, int64_t num_tokens, const LayoutP
     pa.send_meta = with_meta ? ws.send_meta : nullptr;
     pa.recv_meta = with_meta ? ws.recv_meta : nullptr;
     MOEKIT_CUDA_TRY(k::launch_pack(pa, vec, max_blocks, pack_stream), "launching ep pack");
-    if (with_meta && d.capacity_mode) {
+    if (d.capacity_mode) {  // gaps: the payload (both calls) and the metadata (dispatch)
       k::TailArgs ta{};
       ta.num_ranks = d.num_ranks;
       ta.rank = h.rank;
@@ -265,9 +265,12 @@ moekit_status_t forward_exchange(moekit_ep& h, int64_t num_tokens, const LayoutP
       ta.top_k = d.top_k;
       ta.exchange = p.exchange;
       ta.exchange_stride = kExchangeStride;
-      ta.send_meta = ws.send_meta;
-      ta.recv_meta = ws.recv_meta;
-      MOEKIT_CUDA_TRY(k::launch_mark_tails(ta, pack_stream), "launching ep mark_tails");
+      ta.row_bytes = d.row_bytes;
+      ta.send_x = ws.send_x;
+      ta.recv_x = io.recv_rows;
+      ta.send_meta = with_meta ? ws.send_meta : nullptr;
+      ta.recv_meta = with_meta ? ws.recv_meta : nullptr;
+      MOEKIT_CUDA_TRY(k::launch_mark_tails(ta, vec, max_blocks, pack_stream), "launching ep mark_tails");
     }
     if (pipelined) {
       MOEKIT_CUDA_TRY(cudaEventRecord(h.chunk[c], h.side), "recording a chunk event");

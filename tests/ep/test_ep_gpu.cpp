@@ -275,10 +275,22 @@ std::vector<uint8_t> to_dtype_bytes(moekit_dtype_t dtype, const std::vector<floa
 struct PassOutputs {
   std::vector<uint8_t> recv_x, recv_idx, recv_w, recv_src, recv_mask, y, grad_x, grad_w,
       grad_partials;
-  bool operator==(const PassOutputs& o) const {
-    return recv_x == o.recv_x && recv_idx == o.recv_idx && recv_w == o.recv_w &&
-           recv_src == o.recv_src && recv_mask == o.recv_mask && y == o.y && grad_x == o.grad_x &&
-           grad_w == o.grad_w && grad_partials == o.grad_partials;
+  // The outputs that differ from o's, by name ("" when every byte agrees).
+  std::string differing(const PassOutputs& o) const {
+    std::string names;
+    auto add = [&](const char* name, const std::vector<uint8_t>& a, const std::vector<uint8_t>& b) {
+      if (a != b) names += names.empty() ? name : std::string(", ") + name;
+    };
+    add("recv_x", recv_x, o.recv_x);
+    add("recv_indices", recv_idx, o.recv_idx);
+    add("recv_weights", recv_w, o.recv_w);
+    add("recv_src_token", recv_src, o.recv_src);
+    add("recv_mask", recv_mask, o.recv_mask);
+    add("y", y, o.y);
+    add("grad_x", grad_x, o.grad_x);
+    add("grad_weights", grad_w, o.grad_w);
+    add("grad_partials", grad_partials, o.grad_partials);
+    return names;
   }
 };
 
@@ -380,7 +392,8 @@ void check_rank(RankContext& ctx, const Global& g) {
     if (duality) EP_CHECK(ctx, dual_y.download<uint8_t>(s) == out.grad_x,
                           "dispatch backward differs from a combine of the same rows");
   }
-  EP_CHECK(ctx, pass[0] == pass[1], "two identical runs differ (not bitwise deterministic)");
+  const std::string differing = pass[0].differing(pass[1]);
+  EP_CHECK(ctx, differing.empty(), "two identical runs differ (not bitwise deterministic): " << differing);
 
   // Dispatch and combine backward against the reference rows.
   const PassOutputs& o = pass[0];
@@ -395,8 +408,10 @@ void check_rank(RankContext& ctx, const Global& g) {
     int32_t src_token;
     std::memcpy(&src_token, &o.recv_src[i * 4], 4);
     bool ok = true;
-    if (want.src < 0) {  // a gap
+    if (want.src < 0) {  // a gap: +0 rows (dispatch and combine backward), no ids, no weights
       ok = src_token == -1 && o.recv_mask[i] == 0;
+      for (int64_t b = 0; b < static_cast<int64_t>(row_bytes); ++b)
+        ok = ok && o.recv_x[i * row_bytes + b] == 0 && o.grad_partials[i * row_bytes + b] == 0;
       for (int64_t k = 0; k < K; ++k) {
         float w;
         std::memcpy(&w, &o.recv_w[(i * K + k) * 4], 4);
