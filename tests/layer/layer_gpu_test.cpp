@@ -19,12 +19,14 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "moekit/moekit.h"
@@ -476,23 +478,36 @@ TEST_CASE("stage events are recorded for the stages that run", "[layer]") {
       REQUIRE(moekit_layer_set_stage_events(dp.layer(), handles.data(), 3) == MOEKIT_STATUS_INVALID_ARGUMENT);
       REQUIRE(std::string(moekit_get_last_error()).find("num_events") != std::string::npos);
       LAYER_OK(moekit_layer_set_stage_events(dp.layer(), handles.data(), static_cast<int32_t>(handles.size())));
+      // Every event is recorded once before `before`, then the stream sleeps 2 ms on the host:
+      // an event the layer records lands after the sleep, one it skips keeps its early time.
+      // (Asking the elapsed time of a never-recorded event would be an API error, which
+      // compute-sanitizer rightly reports.)
+      cudaEvent_t before;
+      CUDA_OK(cudaEventCreate(&before));
+      for (cudaEvent_t e : events) CUDA_OK(cudaEventRecord(e, dp.stream()));
+      CUDA_OK(cudaEventRecord(before, dp.stream()));
+      CUDA_OK(cudaLaunchHostFunc(
+          dp.stream(), [](void*) { std::this_thread::sleep_for(std::chrono::milliseconds(2)); }, nullptr));
       LAYER_OK(dp.forward());
       LAYER_OK(dp.backward());
       CUDA_OK(cudaStreamSynchronize(dp.stream()));
       for (int st = 0; st < MOEKIT_LAYER_NUM_STAGES; ++st) {
         const bool shared_stage = st == MOEKIT_LAYER_STAGE_SHARED || st == MOEKIT_LAYER_STAGE_SHARED_BACKWARD;
         const bool runs = !shared_stage || c.has_shared;
-        float ms = -1.0f;
-        const cudaError_t e = cudaEventElapsedTime(&ms, events[2 * st], events[2 * st + 1]);
-        (void)cudaGetLastError();
-        INFO("stage " << st << ": " << cudaGetErrorName(e) << ", " << ms << " ms");
+        float begin_ms = 0.0f, end_ms = 0.0f, stage_ms = -1.0f;
+        CUDA_OK(cudaEventElapsedTime(&begin_ms, before, events[2 * st]));
+        CUDA_OK(cudaEventElapsedTime(&end_ms, before, events[2 * st + 1]));
+        CUDA_OK(cudaEventElapsedTime(&stage_ms, events[2 * st], events[2 * st + 1]));
+        INFO("stage " << st << ": begins " << begin_ms << " ms and ends " << end_ms << " ms after the marker");
         if (runs) {
-          REQUIRE(e == cudaSuccess);
-          REQUIRE(ms >= 0.0f);
+          REQUIRE(begin_ms >= 1.5f);
+          REQUIRE(stage_ms >= 0.0f);
         } else {
-          REQUIRE(e != cudaSuccess);
+          REQUIRE(begin_ms <= 0.0f);
+          REQUIRE(end_ms <= 0.0f);
         }
       }
+      cudaEventDestroy(before);
       LAYER_OK(moekit_layer_set_stage_events(dp.layer(), nullptr, 0));
       LAYER_OK(dp.forward());
       CUDA_OK(cudaStreamSynchronize(dp.stream()));
