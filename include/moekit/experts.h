@@ -85,8 +85,9 @@ typedef enum moekit_gate_up_layout {
 } moekit_gate_up_layout_t;
 
 /* Which grouped-GEMM kernels the bf16/f16 grouped experts run on (fp32 always runs the SIMT kernels).
- * AUTO is the sm_80 path for now: the sm_90a path becomes AUTO's choice on compute capability 9.0
- * only once it has been measured faster there (docs/experts.md records the measurement). */
+ * AUTO takes the sm_90a path where it may run (compute capability 9.0, a build with the sm_90a
+ * objects, its shared memory fits the device) and the sm_80 path elsewhere; docs/experts.md
+ * records the measurement behind the choice. */
 typedef enum moekit_gemm_path {
     MOEKIT_GEMM_PATH_AUTO = 0,
     /* mma.sync + cp.async kernels (compute capability 8.0 and newer). */

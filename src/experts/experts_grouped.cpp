@@ -78,12 +78,6 @@ BackwardLayout carve_backward(Carver& ws, const moekit_experts_config_t& c, int6
   return l;
 }
 
-// The kernels the bf16/f16 GEMMs of this config run on: AUTO is the sm_80 path until the sm_90a
-// one is measured faster (docs/experts.md); check_device vetted SM90 for this device and build.
-kx::GemmPath gemm_path(const moekit_experts_config_t& c) {
-  return c.gemm_path == MOEKIT_GEMM_PATH_SM90 ? kx::kGemmPathSm90 : kx::kGemmPathSm80;
-}
-
 // Device facts every call checks, read once per device (attribute queries, no synchronisation).
 struct DeviceFacts {
   int major = 0;
@@ -116,6 +110,23 @@ moekit_status_t device_facts(int device, DeviceFacts* out) {
                         std::memory_order_relaxed);
   *out = f;
   return MOEKIT_STATUS_SUCCESS;
+}
+
+// The kernels the bf16/f16 GEMMs of this config run on. check_device vetted an explicit SM90 for
+// this device and build. AUTO takes the sm_90a path wherever it may run (a build with the sm_90a
+// objects, compute capability 9.0, its shared memory fits): measured 2.2-2.5x the sm_80 path's
+// forward and 1.6-1.8x its forward+backward on an H200 (docs/experts.md); else the sm_80 path.
+kx::GemmPath gemm_path(const moekit_experts_config_t& c) {
+  if (c.gemm_path == MOEKIT_GEMM_PATH_SM90) return kx::kGemmPathSm90;
+  if (c.gemm_path == MOEKIT_GEMM_PATH_SM80 || !kernels::experts::grouped_sm90_built()) return kx::kGemmPathSm80;
+  int device = 0;
+  DeviceFacts facts;
+  if (cudaGetDevice(&device) != cudaSuccess || device_facts(device, &facts) != MOEKIT_STATUS_SUCCESS) {
+    (void)cudaGetLastError();  // check_device already succeeded on this device: cannot happen
+    return kx::kGemmPathSm80;
+  }
+  const bool fits = kernels::experts::grouped_sm90_smem_bytes(c.num_experts) <= static_cast<size_t>(facts.smem_optin);
+  return facts.major == 9 && facts.minor == 0 && fits ? kx::kGemmPathSm90 : kx::kGemmPathSm80;
 }
 
 kx::GroupedGemmProblem axis_m_problem(const moekit_experts_config_t& c, int64_t R, const int32_t* offsets,
