@@ -122,6 +122,15 @@ def git(*args):
         return None
 
 
+def canonical_commit(commit):
+    """One spelling per commit (the tools record 7 to 40 hex digits): 12 digits where this clone knows it."""
+    commit = str(commit or "unknown")
+    if commit == "unknown":
+        return commit
+    full = git("rev-parse", "--short=12", commit + "^{commit}")
+    return full.strip() if full else commit[:12]
+
+
 def commits_after(commit, paths):
     """Commits touching `paths` after `commit` (newest first), or a string saying why not known."""
     if not commit or commit == "unknown":
@@ -142,7 +151,7 @@ class Source:
         self.path, self.data, self.family, self.kind = path, data, family, kind
         self.name = os.path.basename(path)
         self.card = card_of(data)
-        self.commit = str(data.get("commit") or "unknown")
+        self.commit = canonical_commit(data.get("commit"))
         self.date = str(data.get("date") or "n/a")
 
 
@@ -720,7 +729,7 @@ def render_ep(sources, plot):
                 if op != "layout":
                     row += [fmt_us(nccl.get("us")), fmt_pct(frac), fmt_rate(r.get(op + "_busbw_GBps")),
                             fmt_us(a2a.get("us")), fmt_us(t_op.get("us")), fmt_x(speed)]
-                row += [s.card, joined([mk.get("commit"), s.commit] if mk.get("commit") else [s.commit])]
+                row += [s.card, joined([canonical_commit(mk.get("commit")), s.commit] if mk.get("commit") else [s.commit])]
                 rows.append(row)
                 bw = num(r.get(op + "_busbw_GBps"))
                 if op != "layout" and bw and num(r.get("chunks")):
@@ -806,14 +815,15 @@ def family_status(fam, srcs):
     lines = []
     commits = []
     for s in sorted(srcs, key=lambda s: s.name):
-        for c in [s.commit] + ([s.data["moekit"].get("commit")] if fam == "ep" and isinstance(s.data.get("moekit"), dict)
+        for c in [s.commit] + ([canonical_commit(s.data["moekit"].get("commit"))] if fam == "ep" and isinstance(s.data.get("moekit"), dict)
                                and s.data["moekit"].get("commit") else []):
             if c not in commits:
                 commits.append(c)
     cards = joined(s.card for s in sorted(srcs, key=lambda s: s.name))
     lines.append("- **%s**: measured on %s at %s (%s)." % (FAMILY_TITLES[fam], cards, ", ".join("`%s`" % c for c in commits),
                                                          ", ".join("`%s`" % s.name for s in sorted(srcs, key=lambda s: s.name))))
-    paths = ["kernels/" + fam, "src/" + fam]
+    # The whole layer runs every family's kernels.
+    paths = ["kernels", "src"] if fam == "layer" else ["kernels/" + fam, "src/" + fam]
     where = " or ".join("`%s`" % p for p in paths)
     for c in commits:
         after = commits_after(c, paths)
