@@ -17,7 +17,7 @@ constexpr int kPlanWarps = kPlanThreads / 32;
 // A block's work on a tile is a serial chain (label ballots, the warp's rank chain of one shared
 // load and store per step, the scattered slot_of_row stores) run by only 8 warps, so the plan's
 // T-dependent time is that of one block's tiles: smaller tiles spread it over more SMs
-// (T=16384 K=8: 64 blocks of one tile instead of 32; 16 at 4096 slots was the 0.1 value). 8 still
+// (T=16384 K=8: 64 blocks of one tile instead of 32 with the 0.1 value, 16 steps). 8 still
 // keeps 8 independent index loads in flight per lane, and the per-warp counters in uint16.
 constexpr int kPlanItersPerWarp = 8;
 constexpr int kPlanWarpSlots = kPlanItersPerWarp * 32;
@@ -32,8 +32,10 @@ constexpr int kPlanMaxTableEntries = 32768;
 constexpr int kPlanMaxBlocks = 108;
 // Table loads a scatter thread issues before it uses any (predicated, so a short column costs
 // one round trip, never one per row: a loop that adds each load before issuing the next pays a
-// full L2 latency per table row).
-constexpr int kPlanTableBatch = 32;
+// full L2 latency per table row). 64 covers the 64 rows of the bar's shape (T=16384 K=8 E=256)
+// in one round trip (32 took two); it costs 64 registers in that phase, where one block per SM
+// leaves plenty.
+constexpr int kPlanTableBatch = 64;
 // The counting kernel matches equal labels of a 32-slot step (one ballot per label bit) and adds
 // each group once when labels have at most this many bits (E_local <= 62), where lanes collide
 // often (E = 8: ~4 lanes per address); with more experts one atomic per slot is cheaper than the
