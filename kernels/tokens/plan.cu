@@ -14,24 +14,29 @@
 // Workspace: table [blocks, E_local + 1] int32 and, for drop by weight, raw_counts and
 // list_offsets [E_local], list_slots / list_keys [N].
 //
-// Kernels (2 launches, 3 with drop by weight); the index arithmetic is in plan_steps.hpp (labels,
-// slot of a lane, ballot match, placement), which the CPU suite replays in this file's order:
-//  1. plan_count_kernel: block b counts its contiguous slot range per label into table[b][*]
+// Phases 1 and 2 run either in one cooperative launch (plan_fused_kernel: count, grid barrier,
+// scatter; the default wherever the grid is sure to be resident) or as two kernels
+// (plan_count_kernel, plan_scatter_kernel: the kernel boundary is the barrier); phase 3 is a
+// kernel of its own. So the common case is 1 launch (2 with drop by weight), or 2 (3) on the
+// two-kernel path. The index arithmetic is in plan_steps.hpp (labels, slot of a lane, ballot
+// match, placement), which the CPU suite replays in this file's order:
+//  1. count (count_block): block b counts its contiguous slot range per label into table[b][*]
 //     (E_local + 1 bins, the last one invalid ids) with shared-memory integer atomics (a count
 //     does not depend on their order). With few experts a warp first matches the labels of each
 //     32-slot step (one ballot per label bit) and the lowest lane of each group adds its size.
-//  2. plan_scatter_kernel: every block reads the whole table, so it knows n_e (column sums), the
-//     offsets (a block scan over experts) and its own start inside each expert (the column prefix
-//     over lower blocks), without a third launch or a global barrier. Block 0 writes the counts,
+//  2. scatter (scatter_block): every block reads the whole table (through L2), so it knows n_e
+//     (column sums), the offsets (a block scan over experts) and its own start inside each expert
+//     (the column prefix over lower blocks), without another barrier. Block 0 writes the counts,
 //     offsets and totals; padding rows are marked -1, one warp per expert. Then the block walks
-//     its range in tiles of 4096 slots; each warp owns 512 consecutive slots of the tile in 16
-//     steps of 32. A slot's rank inside its expert is
+//     its range in tiles of kPlanTileSlots (2048) slots; each warp owns kPlanWarpSlots (256)
+//     consecutive slots of the tile in kPlanItersPerWarp (8) steps of 32. A slot's rank inside
+//     its expert is
 //        (start of this block) + (earlier tiles) + (earlier warps of the tile, an inclusive scan
 //        over the warps' counts) + (earlier steps of the warp, a per-warp shared counter) +
 //        popc(lanes below with the same label),
 //     all exact integer bookkeeping in a fixed order: stable and deterministic by construction.
 //  3. plan_select_kernel (drop by weight, one block per expert over capacity): radix-selects the
-//     C-th largest weight key among the expert's slots (listed in slot order by kernel 2), keeps
+//     C-th largest weight key among the expert's slots (listed in slot order by phase 2), keeps
 //     the keys above it plus the first (in slot order) of the keys equal to it, and numbers the
 //     kept slots in slot order with block scans.
 //
@@ -594,6 +599,12 @@ cudaError_t launch_plan_kernels(const PlanArgs& a, PlanKernels which, cudaStream
     const cudaError_t error = fused_fits(a, &fits);
     if (error != cudaSuccess) return error;
     if (!fits) return launch_split(a, stream);
+    // A device that runs fewer blocks at once than it has SMs (an MPS client limited to part of
+    // the GPU) refuses the cooperative launch before enqueuing anything: take the two kernels.
+    const cudaError_t fused = launch_fused(a, stream);
+    if (fused != cudaErrorCooperativeLaunchTooLarge) return fused;
+    (void)cudaGetLastError();  // not sticky: clear it
+    return launch_split(a, stream);
   }
   return launch_fused(a, stream);
 }
