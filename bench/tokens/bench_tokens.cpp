@@ -269,6 +269,7 @@ void run_shape(const Shape& shape, const moekit::bench::Args& args, moekit_dtype
     // training step; plan_busy is the plan row measured that way.
     auto keep_busy = [&] {
       const double busy_ms = 20.0;
+      if (m0.dyp.bytes == 0) return;
       const int memsets = static_cast<int>(std::ceil(busy_ms * 1e-3 * copy_bw / static_cast<double>(m0.dyp.bytes)));
       for (int i = 0; i < memsets; ++i) BENCH_CUDA(cudaMemsetAsync(m0.dyp.p, 0, m0.dyp.bytes, stream));  // an output only
     };
