@@ -33,8 +33,8 @@ constexpr int kPlanMaxBlocks = 108;
 // Table loads a scatter thread issues before it uses any (predicated, so a short column costs
 // one round trip, never one per row: a loop that adds each load before issuing the next pays a
 // full L2 latency per table row). 64 covers the 64 rows of the bar's shape (T=16384 K=8 E=256)
-// in one round trip (batches of 32 would take two); it costs 64 registers in that phase, where one block per SM
-// leaves plenty.
+// in one round trip (batches of 32 would take two); it costs 64 registers in that phase, where
+// one block per SM leaves plenty.
 constexpr int kPlanTableBatch = 64;
 // The counting kernel matches equal labels of a 32-slot step (one ballot per label bit) and adds
 // each group once when labels have at most this many bits (E_local <= 62), where lanes collide
