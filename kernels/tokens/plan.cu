@@ -14,24 +14,29 @@
 // Workspace: table [blocks, E_local + 1] int32 and, for drop by weight, raw_counts and
 // list_offsets [E_local], list_slots / list_keys [N].
 //
-// Kernels (2 launches, 3 with drop by weight); the index arithmetic is in plan_steps.hpp (labels,
-// slot of a lane, ballot match, placement), which the CPU suite replays in this file's order:
-//  1. plan_count_kernel: block b counts its contiguous slot range per label into table[b][*]
+// Phases 1 and 2 run either in one cooperative launch (plan_fused_kernel: count, grid barrier,
+// scatter; the default wherever the grid is sure to be resident) or as two kernels
+// (plan_count_kernel, plan_scatter_kernel: the kernel boundary is the barrier); phase 3 is a
+// kernel of its own. So the common case is 1 launch (2 with drop by weight), or 2 (3) on the
+// two-kernel path. The index arithmetic is in plan_steps.hpp (labels, slot of a lane, ballot
+// match, placement), which the CPU suite replays in this file's order:
+//  1. count (count_block): block b counts its contiguous slot range per label into table[b][*]
 //     (E_local + 1 bins, the last one invalid ids) with shared-memory integer atomics (a count
 //     does not depend on their order). With few experts a warp first matches the labels of each
 //     32-slot step (one ballot per label bit) and the lowest lane of each group adds its size.
-//  2. plan_scatter_kernel: every block reads the whole table, so it knows n_e (column sums), the
-//     offsets (a block scan over experts) and its own start inside each expert (the column prefix
-//     over lower blocks), without a third launch or a global barrier. Block 0 writes the counts,
+//  2. scatter (scatter_block): every block reads the whole table (through L2), so it knows n_e
+//     (column sums), the offsets (a block scan over experts) and its own start inside each expert
+//     (the column prefix over lower blocks), without another barrier. Block 0 writes the counts,
 //     offsets and totals; padding rows are marked -1, one warp per expert. Then the block walks
-//     its range in tiles of 4096 slots; each warp owns 512 consecutive slots of the tile in 16
-//     steps of 32. A slot's rank inside its expert is
+//     its range in tiles of kPlanTileSlots (2048) slots; each warp owns kPlanWarpSlots (256)
+//     consecutive slots of the tile in kPlanItersPerWarp (8) steps of 32. A slot's rank inside
+//     its expert is
 //        (start of this block) + (earlier tiles) + (earlier warps of the tile, an inclusive scan
 //        over the warps' counts) + (earlier steps of the warp, a per-warp shared counter) +
 //        popc(lanes below with the same label),
 //     all exact integer bookkeeping in a fixed order: stable and deterministic by construction.
 //  3. plan_select_kernel (drop by weight, one block per expert over capacity): radix-selects the
-//     C-th largest weight key among the expert's slots (listed in slot order by kernel 2), keeps
+//     C-th largest weight key among the expert's slots (listed in slot order by phase 2), keeps
 //     the keys above it plus the first (in slot order) of the keys equal to it, and numbers the
 //     kept slots in slot order with block scans.
 //
@@ -43,10 +48,12 @@
 // total <= max_rows by construction.
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
+#include <cooperative_groups.h>
 
 #include <climits>
 
 #include "kernels/tokens/launch.hpp"
+#include "kernels/tokens/plan_launch.hpp"
 #include "kernels/tokens/plan_steps.hpp"
 #include "kernels/tokens/tuning.hpp"
 
@@ -80,9 +87,14 @@ __device__ __forceinline__ void match_labels(const int (&label)[kSteps], unsigne
   }
 }
 
+// A table entry. Read through L2 (ld.global.cg): in the fused kernel other blocks wrote it in
+// this launch, before the grid barrier, and L1 is not coherent with their stores.
+__device__ __forceinline__ int table_at(const PlanArgs& a, int64_t i) { return __ldcg(a.table + i); }
+
 // ---- 1. counts per block ----------------------------------------------------------------------
-__global__ void __launch_bounds__(kPlanThreads) plan_count_kernel(PlanArgs a) {
-  extern __shared__ int s_hist[];  // [E_local + 1], the last bin counts invalid ids
+// Block b counts its slot range into its row of the table. s_hist: [E_local + 1] ints of dynamic
+// shared memory, the last bin counts invalid ids.
+__device__ __forceinline__ void count_block(const PlanArgs& a, int* s_hist) {
   const int EL = a.num_local;
   const int bins = EL + 1;
   for (int i = threadIdx.x; i < bins; i += kPlanThreads) s_hist[i] = 0;
@@ -119,12 +131,23 @@ __global__ void __launch_bounds__(kPlanThreads) plan_count_kernel(PlanArgs a) {
   for (int i = threadIdx.x; i < bins; i += kPlanThreads) out[i] = s_hist[i];
 }
 
+__global__ void __launch_bounds__(kPlanThreads) plan_count_kernel(PlanArgs a) {
+  extern __shared__ int s_hist[];
+  count_block(a, s_hist);
+}
+
 // ---- 2. offsets and stable ranks --------------------------------------------------------------
 // Dynamic shared memory of plan_scatter_kernel for E_local experts.
 __host__ __device__ constexpr int wcnt_stride(int num_local) { return (num_local + 1) & ~1; }
 __host__ __device__ constexpr size_t scatter_smem_bytes(int num_local) {
   return sizeof(int) * (4 * static_cast<size_t>(num_local) + 1) +
          sizeof(uint16_t) * kPlanWarps * static_cast<size_t>(wcnt_stride(num_local));
+}
+// The fused kernel's: the count's histogram [E_local + 1] and the scatter's arrays share it.
+__host__ __device__ constexpr size_t fused_smem_bytes(int num_local) {
+  const size_t count = sizeof(int) * (static_cast<size_t>(num_local) + 1);
+  const size_t scatter = scatter_smem_bytes(num_local);
+  return count > scatter ? count : scatter;
 }
 
 // E_local >= kPlanThreads: thread t owns the columns t, t + kPlanThreads, ... of the local
@@ -146,7 +169,7 @@ __device__ __forceinline__ void sum_owned_columns(const PlanArgs& a, int b, int 
 #pragma unroll
         for (int j = 0; j < RP; ++j) {
           const int e = c0 + c * kPlanThreads, r = r0 + j;
-          v[c][j] = e < EL && r < B ? a.table[r * bins + e] : 0;
+          v[c][j] = e < EL && r < B ? table_at(a, r * bins + e) : 0;
         }
 #pragma unroll
       for (int c = 0; c < CP; ++c)
@@ -167,7 +190,8 @@ __device__ __forceinline__ void sum_owned_columns(const PlanArgs& a, int b, int 
   }
 }
 
-__global__ void __launch_bounds__(kPlanThreads) plan_scatter_kernel(PlanArgs a) {
+// s_dyn: scatter_smem_bytes(E_local) of dynamic shared memory.
+__device__ __forceinline__ void scatter_block(const PlanArgs& a, int* s_dyn) {
   using BlockScan = cub::BlockScan<int, kPlanThreads>;
   using BlockReduce = cub::BlockReduce<int, kPlanThreads>;
   __shared__ typename BlockScan::TempStorage s_scan;
@@ -176,7 +200,6 @@ __global__ void __launch_bounds__(kPlanThreads) plan_scatter_kernel(PlanArgs a) 
 
   const int EL = a.num_local;
   const int stride = wcnt_stride(EL);
-  extern __shared__ int s_dyn[];
   int* s_n = s_dyn;              // [EL] n_e, routed slots of expert e (all blocks)
   int* s_off = s_n + EL;         // [EL + 1] offset_e
   int* s_run = s_off + EL + 1;   // [EL] rank of this block's next slot of expert e
@@ -200,7 +223,7 @@ __global__ void __launch_bounds__(kPlanThreads) plan_scatter_kernel(PlanArgs a) 
   load_labels(a, begin, end, warp, lane, label);
   int my_invalid = 0;
   if (b == 0)
-    for (int bb = tid; bb < B; bb += kPlanThreads) my_invalid += a.table[bb * bins + EL];
+    for (int bb = tid; bb < B; bb += kPlanThreads) my_invalid += table_at(a, bb * bins + EL);
 
   for (int i = tid; i < kPlanWarps * stride; i += kPlanThreads) s_wcnt[i] = 0;
 
@@ -225,7 +248,7 @@ __global__ void __launch_bounds__(kPlanThreads) plan_scatter_kernel(PlanArgs a) 
 #pragma unroll
         for (int j = 0; j < kPlanTableBatch; ++j) {
           const int r = r0 + j * parts;
-          v[j] = r < B ? a.table[r * bins + e] : 0;
+          v[j] = r < B ? table_at(a, r * bins + e) : 0;
         }
 #pragma unroll
         for (int j = 0; j < kPlanTableBatch; ++j) {
@@ -392,6 +415,24 @@ __global__ void __launch_bounds__(kPlanThreads) plan_scatter_kernel(PlanArgs a) 
   }
 }
 
+__global__ void __launch_bounds__(kPlanThreads) plan_scatter_kernel(PlanArgs a) {
+  extern __shared__ int s_dyn[];
+  scatter_block(a, s_dyn);
+}
+
+// ---- 1 + 2 in one launch ----------------------------------------------------------------------
+// The count and the scatter of a block, separated by a grid barrier instead of a kernel boundary:
+// launched cooperatively (every block resident at once), so the barrier cannot deadlock. The
+// shared memory of the count is dead once the block has written its table row (before the
+// barrier), so both phases use the same dynamic shared memory.
+__global__ void __launch_bounds__(kPlanThreads) plan_fused_kernel(PlanArgs a) {
+  extern __shared__ int s_dyn[];
+  count_block(a, s_dyn);
+  // Makes every block's table row visible to every block (the barrier fences device-wide).
+  cooperative_groups::this_grid().sync();
+  scatter_block(a, s_dyn);
+}
+
 // ---- 3. capacity by weight --------------------------------------------------------------------
 __global__ void __launch_bounds__(kSelectThreads) plan_select_kernel(PlanArgs a) {
   using BlockScan = cub::BlockScan<int, kSelectThreads>;
@@ -487,29 +528,89 @@ __global__ void __launch_bounds__(kSelectThreads) plan_select_kernel(PlanArgs a)
   }
 }
 
-}  // namespace
+// Raises a kernel's dynamic shared memory limit when it needs more than the default 48 KiB.
+template <class Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
 
-cudaError_t launch_plan(const PlanArgs& a, cudaStream_t stream) {
+cudaError_t launch_select(const PlanArgs& a, cudaStream_t stream) {
+  if (a.drop_by_weight == 0 || a.capacity <= 0 || a.num_slots <= 0) return cudaSuccess;
+  plan_select_kernel<<<a.num_local, kSelectThreads, 0, stream>>>(a);
+  return cudaPeekAtLastError();
+}
+
+cudaError_t launch_split(const PlanArgs& a, cudaStream_t stream) {
   const size_t count_smem = sizeof(int) * (static_cast<size_t>(a.num_local) + 1);
   plan_count_kernel<<<a.num_blocks, kPlanThreads, count_smem, stream>>>(a);
   cudaError_t error = cudaPeekAtLastError();
   if (error != cudaSuccess) return error;
-
   const size_t scatter_smem = scatter_smem_bytes(a.num_local);
-  if (scatter_smem > 48 * 1024) {
-    error = cudaFuncSetAttribute(plan_scatter_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(scatter_smem));
-    if (error != cudaSuccess) return error;
-  }
+  error = allow_smem(plan_scatter_kernel, scatter_smem);
+  if (error != cudaSuccess) return error;
   plan_scatter_kernel<<<a.num_blocks, kPlanThreads, scatter_smem, stream>>>(a);
   error = cudaPeekAtLastError();
   if (error != cudaSuccess) return error;
+  return launch_select(a, stream);
+}
 
-  if (a.drop_by_weight != 0 && a.capacity > 0 && a.num_slots > 0) {
-    plan_select_kernel<<<a.num_local, kSelectThreads, 0, stream>>>(a);
-    error = cudaPeekAtLastError();
+// Whether the fused kernel's grid is certain to be resident at once on the current device: at
+// most one block per SM (a plan block always fits on an SM by itself: 256 threads, at most 255
+// registers each, shared memory within the opt-in limit) on a device with cooperative launch.
+cudaError_t fused_fits(const PlanArgs& a, bool* fits) {
+  *fits = false;
+  int device = 0, coop = 0, sms = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error != cudaSuccess) return error;
+  error = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
+  if (error != cudaSuccess) return error;
+  error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (error != cudaSuccess) return error;
+  *fits = coop != 0 && a.num_blocks <= sms;
+  return cudaSuccess;
+}
+
+cudaError_t launch_fused(const PlanArgs& a, cudaStream_t stream) {
+  const size_t smem = fused_smem_bytes(a.num_local);
+  cudaError_t error = allow_smem(plan_fused_kernel, smem);
+  if (error != cudaSuccess) return error;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(a.num_blocks));
+  config.blockDim = dim3(kPlanThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeCooperative;
+  attribute[0].val.cooperative = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  error = cudaLaunchKernelEx(&config, plan_fused_kernel, a);
+  if (error != cudaSuccess) return error;
+  return launch_select(a, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_plan_kernels(const PlanArgs& a, PlanKernels which, cudaStream_t stream) {
+  if (which == PlanKernels::kSplit) return launch_split(a, stream);
+  if (which == PlanKernels::kAuto) {
+    bool fits = false;
+    const cudaError_t error = fused_fits(a, &fits);
+    if (error != cudaSuccess) return error;
+    if (!fits) return launch_split(a, stream);
+    // A device that runs fewer blocks at once than it has SMs (an MPS client limited to part of
+    // the GPU) refuses the cooperative launch before enqueuing anything: take the two kernels.
+    const cudaError_t fused = launch_fused(a, stream);
+    if (fused != cudaErrorCooperativeLaunchTooLarge) return fused;
+    (void)cudaGetLastError();  // not sticky: clear it
+    return launch_split(a, stream);
   }
-  return error;
+  return launch_fused(a, stream);
+}
+
+cudaError_t launch_plan(const PlanArgs& a, cudaStream_t stream) {
+  return launch_plan_kernels(a, PlanKernels::kAuto, stream);
 }
 
 }  // namespace moekit::kernels::tokens

@@ -13,21 +13,29 @@ namespace moekit::kernels::tokens {
 // Threads of the counting and scatter kernels (8 warps).
 constexpr int kPlanThreads = 256;
 constexpr int kPlanWarps = kPlanThreads / 32;
-// Slots each warp ranks per tile, in 32-slot steps: a tile is kPlanThreads * 16 = 4096 slots.
-// 16 keeps 16 independent index loads in flight per lane (one round trip per tile) and the
-// per-warp counters in uint16; the warp's serial part is 16 steps of one shared load and store.
-constexpr int kPlanItersPerWarp = 16;
+// Slots each warp ranks per tile, in 32-slot steps: a tile is kPlanThreads * 8 = 2048 slots.
+// A block's work on a tile is a serial chain (label ballots, the warp's rank chain of one shared
+// load and store per step, the scattered slot_of_row stores) run by only 8 warps, so the plan's
+// T-dependent time is that of one block's tiles: smaller tiles spread it over more SMs
+// (T=16384 K=8: 64 blocks of one tile instead of 32 with the 0.1 value, 16 steps). 8 still
+// keeps 8 independent index loads in flight per lane, and the per-warp counters in uint16.
+constexpr int kPlanItersPerWarp = 8;
 constexpr int kPlanWarpSlots = kPlanItersPerWarp * 32;
 constexpr int kPlanTileSlots = kPlanThreads * kPlanItersPerWarp;
 // Every scatter block reads the whole [blocks, E_local + 1] count table once (that is how it
 // finds its offsets without a third launch): the table is kept under this many entries, i.e.
-// at most 128 loads per thread. T=16384, K=8, E=256 runs on 32 blocks of one tile each.
+// at most 128 loads per thread. T=16384, K=8, E=256 runs on 64 blocks of one tile each.
+// kPlanMaxBlocks is at most the SM count of the A100 (108), H100 and H200 (132), so that the
+// plan's grid is always resident at once there and the one-launch (cooperative) path runs
+// (kernels/tokens/plan_launch.hpp).
 constexpr int kPlanMaxTableEntries = 32768;
-constexpr int kPlanMaxBlocks = 128;
+constexpr int kPlanMaxBlocks = 108;
 // Table loads a scatter thread issues before it uses any (predicated, so a short column costs
 // one round trip, never one per row: a loop that adds each load before issuing the next pays a
-// full L2 latency per table row).
-constexpr int kPlanTableBatch = 32;
+// full L2 latency per table row). 64 covers the 64 rows of the bar's shape (T=16384 K=8 E=256)
+// in one round trip (batches of 32 would take two); it costs 64 registers in that phase, where
+// one block per SM leaves plenty.
+constexpr int kPlanTableBatch = 64;
 // The counting kernel matches equal labels of a 32-slot step (one ballot per label bit) and adds
 // each group once when labels have at most this many bits (E_local <= 62), where lanes collide
 // often (E = 8: ~4 lanes per address); with more experts one atomic per slot is cheaper than the

@@ -2,7 +2,11 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "kernels/tokens/launch.hpp"
+#include "kernels/tokens/plan_launch.hpp"
 #include "kernels/tokens/tuning.hpp"
 #include "src/common/error.hpp"
 
@@ -47,6 +51,14 @@ size_t plan_buffer_bytes(const PlanShape& shape) {
   return counter.bytes();
 }
 
+k::PlanKernels plan_kernels_from_env() {
+  const char* v = std::getenv("MOEKIT_PLAN_KERNELS");
+  if (v == nullptr) return k::PlanKernels::kAuto;
+  if (std::strcmp(v, "fused") == 0) return k::PlanKernels::kFused;
+  if (std::strcmp(v, "split") == 0) return k::PlanKernels::kSplit;
+  return k::PlanKernels::kAuto;
+}
+
 moekit_status_t build_plan(const PlanShape& s, const int32_t* indices, const float* weights,
                            const uint8_t* token_mask, const moekit_token_plan_t& plan,
                            void* workspace, void* stream) {
@@ -78,7 +90,8 @@ moekit_status_t build_plan(const PlanShape& s, const int32_t* indices, const flo
   a.row_of_slot = plan.row_of_slot;
   a.slot_of_row = plan.slot_of_row;
   a.totals = plan.totals;
-  MOEKIT_CUDA_TRY(k::launch_plan(a, static_cast<cudaStream_t>(stream)), "launching the plan kernels");
+  MOEKIT_CUDA_TRY(k::launch_plan_kernels(a, plan_kernels_from_env(), static_cast<cudaStream_t>(stream)),
+                  "launching the plan kernels");
   return MOEKIT_STATUS_SUCCESS;
 }
 

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/tokens/plan_launch.hpp"
 #include "moekit/tokens.h"
 #include "src/common/workspace.hpp"
 #include "src/tokens/plan_config.hpp"
@@ -26,6 +27,10 @@ size_t plan_workspace_bytes(const PlanShape& shape);
 // The one layout of a buffer holding all five plan arrays.
 moekit_token_plan_t carve_plan_buffer(WorkspaceCarver& buffer, const PlanShape& shape);
 size_t plan_buffer_bytes(const PlanShape& shape);
+
+// The plan kernels to use: MOEKIT_PLAN_KERNELS=fused|split in the environment forces one (tests
+// and benchmarks compare both); unset or anything else: automatic (kernels/tokens/plan_launch.hpp).
+kernels::tokens::PlanKernels plan_kernels_from_env();
 
 // Enqueues the plan kernels. Arguments already validated (plan pointers present as the shape
 // needs them, workspace checked).

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -185,7 +186,94 @@ void check_plan_case(std::mt19937_64& rng, const moekit::test::PlanCase& pc) {
   require_plan_equal(got, again);
 }
 
+// Sets MOEKIT_PLAN_KERNELS (src/tokens/plan.hpp) for its lifetime, then restores it.
+struct PlanKernelsEnv {
+  std::string saved;
+  bool had = false;
+  explicit PlanKernelsEnv(const char* value) {
+    if (const char* v = std::getenv("MOEKIT_PLAN_KERNELS")) {
+      had = true;
+      saved = v;
+    }
+    setenv("MOEKIT_PLAN_KERNELS", value, 1);
+  }
+  ~PlanKernelsEnv() {
+    if (had)
+      setenv("MOEKIT_PLAN_KERNELS", saved.c_str(), 1);
+    else
+      unsetenv("MOEKIT_PLAN_KERNELS");
+  }
+};
+
+// Builds the plan of `r` with the given kernels (directly, then replayed from a captured graph),
+// checks it against the reference and its definition, and returns it.
+moekit::ref::TokenPlan plan_with_kernels(const Routed& r, const char* kernels) {
+  INFO("MOEKIT_PLAN_KERNELS=" << kernels);
+  PlanKernelsEnv env(kernels);
+  Stream stream;
+  DevicePlan d(r.config, r.tokens);
+  MOEKIT_REQUIRE_OK(d.build(r, stream.s));
+  CUDA_REQUIRE(cudaStreamSynchronize(stream.s));
+  const auto got = d.download();
+  REQUIRE(moekit::ref::check_plan(moekit::ref::resolve(r.config), r.tokens, r.indices, r.weights, r.mask, got) == "");
+  require_plan_equal(r.reference(), got);
+
+  d.poison();
+  cudaGraph_t graph = nullptr;
+  CUDA_REQUIRE(cudaStreamBeginCapture(stream.s, cudaStreamCaptureModeGlobal));
+  const moekit_status_t status = d.build(r, stream.s);
+  const cudaError_t end = cudaStreamEndCapture(stream.s, &graph);
+  INFO(moekit_get_last_error());
+  REQUIRE(status == MOEKIT_STATUS_SUCCESS);
+  CUDA_REQUIRE(end);
+  REQUIRE(d.untouched());
+  cudaGraphExec_t exec = nullptr;
+  CUDA_REQUIRE(cudaGraphInstantiate(&exec, graph, 0));
+  CUDA_REQUIRE(cudaGraphLaunch(exec, stream.s));
+  CUDA_REQUIRE(cudaStreamSynchronize(stream.s));
+  require_plan_equal(got, d.download());
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  return got;
+}
+
 }  // namespace
+
+TEST_CASE("the one-launch (cooperative) and two-launch plan kernels agree with the reference",
+          "[gpu][tokens][plan][kernels]") {
+  // Grid sizes of plan_grid (kernels/tokens/tuning.hpp, 2048-slot tiles): one block up to
+  // N = 2048 (the fused kernel's barrier over a single block), 2 blocks from 2049; 108 blocks of
+  // one tile (the widest grid, every SM of an A100); more tiles than 108 (several per block);
+  // E_local = 2048 and 4096 (the table caps the grid at 15 and 7 blocks, here 11 and 6 of several
+  // tiles; more than 48 KiB of shared memory); K = 32; capacities that drop by position and by weight (the
+  // select kernel after either path); alignment 128; T = 0.
+  auto rng = moekit::test::make_rng(0x91a2);
+  const int pos = MOEKIT_DROP_BY_POSITION, wt = MOEKIT_DROP_BY_WEIGHT;
+  std::vector<moekit::test::PlanCase> cases = moekit::test::plan_case_grid();
+  const std::vector<moekit::test::PlanCase> more = {
+      {256, plan_config(256, 8), Routing::kDistinct, 0, 1},            // N = 2048: 1 block
+      {257, plan_config(256, 8), Routing::kDistinct, 0, 1},            // N = 2056: 2 blocks
+      {64, plan_config(2048, 32), Routing::kDistinct, 0, 1},           // N = 2048, E = 2048, K = 32
+      {2000, plan_config(2048, 32, 8), Routing::kSkewed, 0, 0.9},      // 11 blocks of 3 tiles
+      {3000, plan_config(4096, 8, 128), Routing::kAny, 0.01, 1},       // E_local = 4096, A = 128
+      {27648, plan_config(8, 8), Routing::kDistinct, 0, 1},            // 108 blocks of one tile
+      {30000, plan_config(64, 8, 16), Routing::kAny, 0.001, 0.9},      // 118 tiles on 59 blocks
+      {16384, plan_config(256, 8), Routing::kDistinct, 0, 1},          // the bar's shape: 64 blocks
+      {4096, plan_config(256, 8), Routing::kDistinct, 0, 1},           // deepseek: 16 blocks
+      {8192, plan_config(8, 2), Routing::kDistinct, 0, 1},             // mixtral: 8 blocks
+      {16384, plan_config(256, 8, 128, 400, pos), Routing::kSkewed, 0, 1},
+      {16384, plan_config(256, 8, 8, 400, wt), Routing::kSkewed, 0, 1},
+      {3000, plan_config(2048, 32, 1, 20, wt), Routing::kSkewed, 0, 1},
+  };
+  cases.insert(cases.end(), more.begin(), more.end());
+  for (const auto& pc : cases) {
+    INFO(moekit::test::describe(pc.config, pc.tokens));
+    Routed r(rng, pc);
+    const auto fused = plan_with_kernels(r, "fused");
+    const auto split = plan_with_kernels(r, "split");
+    require_plan_equal(fused, split);
+  }
+}
 
 TEST_CASE("device plan equals the reference on the awkward grid", "[gpu][tokens][plan]") {
   auto rng = moekit::test::make_rng(0x91a0);
@@ -203,7 +291,7 @@ TEST_CASE("device plan at benchmark sizes, many tiles per block and large E_loca
       {16384, plan_config(128, 8), Routing::kDistinct, 0, 1},
       {8192, plan_config(8, 2), Routing::kDistinct, 0, 1},
       {70000, plan_config(64, 8, 8), Routing::kAny, 0.001, 0.9},         // several tiles per block
-      {20000, plan_config(4096, 8, 1), Routing::kDistinct, 0, 1},        // 7 blocks, 6 tiles each
+      {20000, plan_config(4096, 8, 1), Routing::kDistinct, 0, 1},        // 7 blocks, 12 tiles each
       {20000, plan_config(6000, 8, 8, 0, pos, 1904, 4096), Routing::kDistinct, 0.01, 1},
       {16384, plan_config(256, 8, 1, 400, pos), Routing::kSkewed, 0, 1},
       {16384, plan_config(256, 8, 8, 400, wt), Routing::kSkewed, 0, 1},
