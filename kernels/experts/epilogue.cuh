@@ -138,36 +138,50 @@ struct EpilogueRow {
   // columns c, c + 1; interleaved gate/up of c and of c + 1; concatenated gate c, c + 1 and up
   // c, c + 1); bwd_act_apply(c, in, a0, a1) with a0, a1 = G at h columns c, c + 1 writes du and
   // h' and returns the dp contribution. apply(load) is the one code path of every kernel family.
-  __device__ __forceinline__ BwdActIn<T> bwd_act_load(int c) const {
+  // The _as<kLayout, kKind> forms take the layout (kBwdRelu2 / kBwdInterleaved / kBwdConcat) and
+  // the gated activation kind as compile-time constants (kKind = kBwdRuntimeKind: ep.act.kind at
+  // run time), so a kernel can hoist that dispatch out of its column loop and the activation code
+  // keeps only the chosen kind's operations (same operations in the same order: same values).
+  static constexpr int kBwdRelu2 = 0, kBwdInterleaved = 1, kBwdConcat = 2;
+  static constexpr int kBwdRuntimeKind = -1;
+
+  __device__ __forceinline__ int bwd_layout() const {
+    return ep.act.kind == kActRelu2 ? kBwdRelu2 : (ep.interleaved ? kBwdInterleaved : kBwdConcat);
+  }
+
+  template <int kLayout>
+  __device__ __forceinline__ BwdActIn<T> bwd_act_load_as(int c) const {
     const T* u = static_cast<const T*>(ep.u) + row * ep.ldu;
     BwdActIn<T> in;
-    if (ep.act.kind == kActRelu2) {
+    if constexpr (kLayout == kBwdRelu2) {
       in.a = load_pair_bits(u + c);
       in.b = in.a;
-    } else if (ep.interleaved) {
+    } else if constexpr (kLayout == kBwdInterleaved) {
       in.a = load_pair_bits(u + 2 * c);      // gate c, up c
       in.b = load_pair_bits(u + 2 * c + 2);  // gate c + 1, up c + 1
     } else {
-      in.a = load_pair_bits(u + c);           // gate c, c + 1
+      in.a = load_pair_bits(u + c);             // gate c, c + 1
       in.b = load_pair_bits(u + ep.inter + c);  // up c, c + 1
     }
     return in;
   }
 
-  __device__ __forceinline__ float bwd_act_apply(int c, const BwdActIn<T>& in, float a0, float a1) const {
+  template <int kLayout, int kKind>
+  __device__ __forceinline__ float bwd_act_apply_as(int c, const BwdActIn<T>& in, float a0, float a1) const {
     T* du = static_cast<T*>(ep.c) + row * ep.ldc;
     const float pg0 = p * a0, pg1 = p * a1;
+    const ActParams act{kKind == kBwdRuntimeKind ? ep.act.kind : kKind, ep.act.alpha, ep.act.limit};
     float act0, act1;
-    if (ep.act.kind == kActRelu2) {
+    if constexpr (kLayout == kBwdRelu2) {
       const float2 uu = unpack_pair_bits<T>(in.a);
       act0 = act_relu2(uu.x);
       act1 = act_relu2(uu.y);
       store_pair(du + c, act_relu2_grad(uu.x) * pg0, act_relu2_grad(uu.y) * pg1);
-    } else if (ep.interleaved) {
+    } else if constexpr (kLayout == kBwdInterleaved) {
       const float2 gv0 = unpack_pair_bits<T>(in.a);  // gate c, up c
       const float2 gv1 = unpack_pair_bits<T>(in.b);  // gate c + 1, up c + 1
-      const GatedGrad d0 = act_gated_grad(ep.act, gv0.x, gv0.y);
-      const GatedGrad d1 = act_gated_grad(ep.act, gv1.x, gv1.y);
+      const GatedGrad d0 = act_gated_grad(act, gv0.x, gv0.y);
+      const GatedGrad d1 = act_gated_grad(act, gv1.x, gv1.y);
       act0 = d0.act;
       act1 = d1.act;
       store_pair(du + 2 * c, d0.d_gate * pg0, d0.d_up * pg0);
@@ -176,8 +190,8 @@ struct EpilogueRow {
       const int I = ep.inter;
       const float2 g = unpack_pair_bits<T>(in.a);
       const float2 v = unpack_pair_bits<T>(in.b);
-      const GatedGrad d0 = act_gated_grad(ep.act, g.x, v.x);
-      const GatedGrad d1 = act_gated_grad(ep.act, g.y, v.y);
+      const GatedGrad d0 = act_gated_grad(act, g.x, v.x);
+      const GatedGrad d1 = act_gated_grad(act, g.y, v.y);
       act0 = d0.act;
       act1 = d1.act;
       store_pair(du + c, d0.d_gate * pg0, d1.d_gate * pg1);
@@ -185,6 +199,22 @@ struct EpilogueRow {
     }
     store_pair(static_cast<T*>(ep.h) + row * ep.ldh + c, act0 * p, act1 * p);
     return a0 * act0 + a1 * act1;
+  }
+
+  __device__ __forceinline__ BwdActIn<T> bwd_act_load(int c) const {
+    switch (bwd_layout()) {
+      case kBwdRelu2: return bwd_act_load_as<kBwdRelu2>(c);
+      case kBwdInterleaved: return bwd_act_load_as<kBwdInterleaved>(c);
+      default: return bwd_act_load_as<kBwdConcat>(c);
+    }
+  }
+
+  __device__ __forceinline__ float bwd_act_apply(int c, const BwdActIn<T>& in, float a0, float a1) const {
+    switch (bwd_layout()) {
+      case kBwdRelu2: return bwd_act_apply_as<kBwdRelu2, kBwdRuntimeKind>(c, in, a0, a1);
+      case kBwdInterleaved: return bwd_act_apply_as<kBwdInterleaved, kBwdRuntimeKind>(c, in, a0, a1);
+      default: return bwd_act_apply_as<kBwdConcat, kBwdRuntimeKind>(c, in, a0, a1);
+    }
   }
 
   // ---- every other kind: output columns c, c + 1 ----

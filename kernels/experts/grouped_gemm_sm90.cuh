@@ -383,9 +383,10 @@ struct GroupedGemmSm90 {
   static constexpr int kBwdBatch = 4;
   static constexpr int kBwdPerRow = 32 / kBwdBatch;
   static constexpr int kBwdSteps = 2 * kBwdPerRow;
-  static __device__ __forceinline__ void epilogue_bwd_act(const TileInfo& t, const GroupedGemmProblem& prob,
-                                                          const EpilogueParams& ep, const float (&d)[128], int lr0,
-                                                          int lane) {
+  template <int kLayout, int kAct>
+  static __device__ __forceinline__ void epilogue_bwd_act_as(const TileInfo& t, const GroupedGemmProblem& prob,
+                                                             const EpilogueParams& ep, const float (&d)[128],
+                                                             int lr0, int lane) {
     const int q = lane & 3;
     const bool valid[2] = {lr0 < t.rows_valid, lr0 + 8 < t.rows_valid};
     const int64_t row[2] = {t.row0 + lr0, t.row0 + lr0 + 8};
@@ -401,7 +402,7 @@ struct GroupedGemmSm90 {
 #pragma unroll
         for (int jj = 0; jj < kBwdBatch; ++jj) {
           const int c = plain_column(t.n0, j0 + jj, q);
-          if (valid[h] && c < prob.n) buf[step & 1][jj] = er[h].bwd_act_load(c);
+          if (valid[h] && c < prob.n) buf[step & 1][jj] = er[h].template bwd_act_load_as<kLayout>(c);
         }
       }
       if (step > 0) {  // activation backward and stores of batch step - 1
@@ -412,7 +413,8 @@ struct GroupedGemmSm90 {
           const int j = j0 + jj;
           const int c = plain_column(t.n0, j, q);
           if (valid[h] && c < prob.n)
-            dp[h] += er[h].bwd_act_apply(c, buf[s & 1][jj], d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+            dp[h] += er[h].template bwd_act_apply_as<kLayout, kAct>(c, buf[s & 1][jj], d[4 * j + 2 * h],
+                                                                   d[4 * j + 2 * h + 1]);
         }
       }
     }
@@ -423,6 +425,33 @@ struct GroupedGemmSm90 {
       v += __shfl_xor_sync(0xffffffffu, v, 2);
       if (valid[h] && q == 0) ep.dp_partial[row[h] * ep.ld_dp + t.n_tile] = v;
     }
+  }
+
+  // The layout and the gated activation kind, chosen once per tile instead of per column pair:
+  // each instance's column loop is straight-line code for one activation (act_gated_grad with a
+  // constant kind keeps only that kind's operations, in the same order: the same values), about a
+  // third of the run-time-kind form's instructions for SwiGLU. Kinds outside the enum keep the
+  // run-time form.
+  static __device__ __forceinline__ void epilogue_bwd_act(const TileInfo& t, const GroupedGemmProblem& prob,
+                                                          const EpilogueParams& ep, const float (&d)[128], int lr0,
+                                                          int lane) {
+    using Row = EpilogueRow<T>;
+    if (ep.act.kind == kActRelu2) {
+      epilogue_bwd_act_as<Row::kBwdRelu2, kActRelu2>(t, prob, ep, d, lr0, lane);
+    } else if (ep.interleaved) {
+      bwd_act_by_kind<Row::kBwdInterleaved>(t, prob, ep, d, lr0, lane);
+    } else {
+      bwd_act_by_kind<Row::kBwdConcat>(t, prob, ep, d, lr0, lane);
+    }
+  }
+  template <int kLayout>
+  static __device__ __forceinline__ void bwd_act_by_kind(const TileInfo& t, const GroupedGemmProblem& prob,
+                                                         const EpilogueParams& ep, const float (&d)[128], int lr0,
+                                                         int lane) {
+    if (ep.act.kind == kActSwiglu)
+      epilogue_bwd_act_as<kLayout, kActSwiglu>(t, prob, ep, d, lr0, lane);
+    else
+      epilogue_bwd_act_as<kLayout, EpilogueRow<T>::kBwdRuntimeKind>(t, prob, ep, d, lr0, lane);
   }
 
   // A consumer warpgroup (c = 0, 1): rows [64 c, 64 c + 64) of every tile.
