@@ -981,7 +981,9 @@ TEST_CASE("both GEMM paths: skewed routing, empty experts, T = 1, 257 experts, s
 // column tile plus an 8-column tail (a 16-byte prefetch; interleaved: two halves of 16 bytes);
 // 300 experts of 0..9 rows give ~270 row tiles x 2 column tiles, so every persistent CTA runs
 // several tiles (132 SMs) and most tiles end inside their group (rows past the group: neither
-// prefetched nor stored). Concatenated, interleaved and relu2 layouts, row weights, both paths.
+// prefetched nor stored). Concatenated, interleaved and relu2 layouts; SwiGLU (the instances with
+// the kind fixed at compile time, with and without the clamp) and other kinds (the run-time-kind
+// instances); row weights; both paths.
 TEST_CASE("both GEMM paths: activation-backward dgrad over many tiles per CTA, u prefetch, column tails",
           "[gpu][experts][paths]") {
   Stream stream;
@@ -998,6 +1000,7 @@ TEST_CASE("both GEMM paths: activation-backward dgrad over many tiles per CTA, u
     };
     const Case cases[] = {
         {MOEKIT_ACTIVATION_SWIGLU, 0.0, false, 576, MOEKIT_DTYPE_BF16},
+        {MOEKIT_ACTIVATION_SWIGLU, 1.25, true, 576, MOEKIT_DTYPE_BF16},
         {MOEKIT_ACTIVATION_QUICK_GEGLU, 7.0, true, 576, MOEKIT_DTYPE_BF16},
         {MOEKIT_ACTIVATION_RELU2, 0.0, false, 576, MOEKIT_DTYPE_F16},
         {MOEKIT_ACTIVATION_SWIGLU_OAI, 0.9, false, 64, MOEKIT_DTYPE_F16},
