@@ -10,7 +10,16 @@
 // (counts proportional to u^3, u uniform from a fixed-seed splitmix64 stream; compare_torch.py
 // draws the same counts). Overrides: --experts --hidden --inter --rows --dist=balanced|skewed|both
 // --activation=swiglu|relu2|quick_geglu|geglu|swiglu_oai --dtype=bf16|f16|f32 --warmup --repeats
-// --seed --no-loop --no-backward --dense-n --path=sm80|sm90|all.
+// --seed --no-loop --no-backward --dense-n --path=sm80|sm90|all --bwd-steps.
+//
+// --bwd-steps: also times the backward alone and each of its steps, per path, through the public
+// API by asking for one gradient at a time (u saved): grad_row_weights alone runs the
+// activation-backward dgrad (dout W_down^T with du, h', dp in its epilogue) plus the small dp
+// finish ("act"); grad_xp alone adds the gate-up dgrad du W_gu^T ("dx"), grad_w_down alone the
+// down weight gradient h'^T dout ("wd"), grad_w_gate_up alone the gate-up weight gradient
+// xp^T du ("wgu"). dx, wd and wgu are those times minus "act"; "sum" is act + dx + wd + wgu
+// next to the full backward. Each step with its TFLOP/s, in the table and the JSON
+// ("backward_steps" per path).
 //
 // Paths: --path picks the grouped-GEMM kernels (config->gemm_path): sm80 (mma.sync), sm90 (TMA +
 // wgmma, compute capability 9.0 and a build with gpu_archs 90), or all (default: every path this
@@ -226,10 +235,13 @@ struct Problem {
     BENCH_OK(moekit_experts_forward(&config, rows, offsets.as<int32_t>(), xp.p, p.as<float>(), wgu.p, nullptr, wd.p,
                                      nullptr, u_out, out.p, fws.p, fbytes, stream));
   }
-  void backward(cudaStream_t stream) {
+  void backward(cudaStream_t stream) { backward_parts(stream, true, true, true, true); }
+  // The backward asked for only some gradients (--bwd-steps).
+  void backward_parts(cudaStream_t stream, bool want_xp, bool want_wgu, bool want_wd, bool want_p) {
     BENCH_OK(moekit_experts_backward(&config, rows, offsets.as<int32_t>(), xp.p, p.as<float>(), wgu.p, nullptr, wd.p,
-                                      nullptr, u.p, dout.p, dxp.p, dwgu.p, nullptr, dwd.p, nullptr, dp.as<float>(),
-                                      bws.p, bbytes, stream));
+                                      nullptr, u.p, dout.p, want_xp ? dxp.p : nullptr, want_wgu ? dwgu.p : nullptr,
+                                      nullptr, want_wd ? dwd.p : nullptr, nullptr,
+                                      want_p ? dp.as<float>() : nullptr, bws.p, bbytes, stream));
   }
 };
 
@@ -394,9 +406,16 @@ bool sm90_runs(cudaStream_t stream, std::string* why) {
   return true;
 }
 
+// --bwd-steps: the backward alone and its steps (see the header), microseconds.
+struct BwdSteps {
+  bool timed = false;
+  double full = 0, act = 0, dx = 0, wd = 0, wgu = 0;
+};
+
 struct Row {
   std::string shape, dist, path;
   double fwd_us, fwd_tflops, fwd_frac, fb_us, fb_tflops, fb_frac;
+  BwdSteps steps;
 };
 
 }  // namespace
@@ -408,7 +427,7 @@ int main(int argc, char** argv) {
         "moekit-bench-experts [--preset=dsv3-ep8|qwen3-30b|mixtral|all] [--experts=E --hidden=H --inter=I "
         "--rows=R] [--dist=balanced|skewed|both] [--activation=swiglu|relu2|quick_geglu|geglu|swiglu_oai] "
         "[--dtype=bf16|f16|f32] [--warmup=3 --repeats=10 --seed=1234] [--no-loop] [--no-backward] "
-        "[--dense-n=8192] [--path=sm80|sm90|all] [--json=path]\n");
+        "[--dense-n=8192] [--path=sm80|sm90|all] [--bwd-steps] [--json=path]\n");
     return 0;
   }
   const std::vector<Shape> presets = {{"dsv3-ep8", 32, 7168, 2048, 32768},
@@ -438,6 +457,7 @@ int main(int argc, char** argv) {
   const uint64_t seed = static_cast<uint64_t>(args.get_int("seed", 1234));
   const bool run_loop = !args.has("no-loop");
   const bool run_backward = !args.has("no-backward");
+  const bool bwd_steps = run_backward && args.has("bwd-steps");
 
   // A blocking stream on purpose: uploads and fills (Buffer::upload, fill_random) use plain
   // cudaMemcpy on the legacy default stream, which a blocking stream waits for; a
@@ -480,24 +500,41 @@ int main(int argc, char** argv) {
       const double NU = P.nu();
       const double fwd_flops = 2.0 * P.rows * s.hidden * NU + 2.0 * P.rows * double(s.inter) * s.hidden;
       const double fb_flops = 3.0 * fwd_flops;
+      const double gate_up_flops = 2.0 * P.rows * s.hidden * NU;            // dx and wgu alike
+      const double dgrad_down_flops = 2.0 * P.rows * double(s.inter) * s.hidden;  // act and wd alike
       auto rate = [](double flops, double us) { return flops / (us * 1e-6); };
       // The default path ("moekit", AUTO), then each chosen path on the same tensors.
-      auto time_path = [&](int32_t gemm_path, const std::string& label) {
+      auto time_path = [&](int32_t gemm_path, const std::string& label, bool steps) {
         P.config.gemm_path = gemm_path;
-        Row r{s.name, dname, label, 0, 0, 0, 0, 0, 0};
+        Row r{s.name, dname, label, 0, 0, 0, 0, 0, 0, {}};
         r.fwd_us = moekit::bench::time_us(stream, warmup, repeats, [&](int) { P.forward(stream, nullptr); }).median_us;
         if (run_backward)
           r.fb_us = moekit::bench::time_us(stream, warmup, repeats, [&](int) {
                       P.forward(stream, P.u.p);
                       P.backward(stream);
                     }).median_us;
+        if (steps) {
+          P.forward(stream, P.u.p);  // the saved u every backward below reads
+          auto bwd = [&](bool want_xp, bool want_wgu, bool want_wd, bool want_p) {
+            return moekit::bench::time_us(stream, warmup, repeats, [&](int) {
+                     P.backward_parts(stream, want_xp, want_wgu, want_wd, want_p);
+                   }).median_us;
+          };
+          r.steps.timed = true;
+          r.steps.full = bwd(true, true, true, true);
+          r.steps.act = bwd(false, false, false, true);
+          r.steps.dx = bwd(true, false, false, false) - r.steps.act;
+          r.steps.wd = bwd(false, false, true, false) - r.steps.act;
+          r.steps.wgu = bwd(false, true, false, false) - r.steps.act;
+        }
         P.config.gemm_path = MOEKIT_GEMM_PATH_AUTO;
         return r;
       };
-      Row grouped = time_path(MOEKIT_GEMM_PATH_AUTO, "moekit grouped (auto)");
+      Row grouped = time_path(MOEKIT_GEMM_PATH_AUTO, "moekit grouped (auto)", false);
       std::vector<Row> path_rows;
-      for (const PathChoice& pc : paths) path_rows.push_back(time_path(pc.gemm_path, std::string("moekit ") + pc.name));
-      Row loop_row{s.name, dname, "cuBLASLt per-expert loop", 0, 0, 0, 0, 0, 0};
+      for (const PathChoice& pc : paths)
+        path_rows.push_back(time_path(pc.gemm_path, std::string("moekit ") + pc.name, bwd_steps));
+      Row loop_row{s.name, dname, "cuBLASLt per-expert loop", 0, 0, 0, 0, 0, 0, {}};
       if (run_loop) {
         Loop loop(P, run_backward);
         loop_row.fwd_us = moekit::bench::time_us(stream, warmup, repeats, [&](int) { loop.forward(P, stream, false); })
@@ -539,6 +576,24 @@ int main(int argc, char** argv) {
           j.set("forward_backward_us", r->fb_us)
               .set("forward_backward_tflops", r->fb_tflops)
               .set("forward_backward_of_dense", r->fb_frac);
+        if (r->steps.timed) {
+          const BwdSteps& b = r->steps;
+          const double sum = b.act + b.dx + b.wd + b.wgu;
+          auto step = [&](double us, double flops) {
+            return Json::object().set("us", us).set("tflops", us > 0 ? rate(flops, us) / 1e12 : 0.0);
+          };
+          j.set("backward_steps",
+                Json::object()
+                    .set("backward_us", b.full)
+                    .set("backward_tflops", rate(2.0 * fwd_flops, b.full) / 1e12)
+                    .set("act", step(b.act, dgrad_down_flops))
+                    .set("dx", step(b.dx, gate_up_flops))
+                    .set("wd", step(b.wd, dgrad_down_flops))
+                    .set("wgu", step(b.wgu, gate_up_flops))
+                    .set("sum_us", sum)
+                    .set("what", "act: dout W_down^T + activation backward epilogue (du, h', dp) + dp finish; "
+                                 "dx: du W_gu^T; wd: h'^T dout; wgu: xp^T du (each alone through the API, minus act)"));
+        }
         if (r == &grouped)
           entry.set("moekit", j);
         else if (r == &loop_row)
@@ -562,6 +617,27 @@ int main(int argc, char** argv) {
   for (const Row& r : rows)
     std::printf("%-10s %-9s %-25s %10.1f %8.1f %6.1f%% %10.1f %8.1f %6.1f%%\n", r.shape.c_str(), r.dist.c_str(),
                 r.path.c_str(), r.fwd_us, r.fwd_tflops, 100 * r.fwd_frac, r.fb_us, r.fb_tflops, 100 * r.fb_frac);
+
+  if (bwd_steps) {
+    std::printf("\nbackward steps (us, TFLOP/s): act = dout W_down^T + act-backward epilogue + dp finish, dx = du W_gu^T, "
+                "wd = h'^T dout, wgu = xp^T du\n");
+    std::printf("%-10s %-9s %-14s %10s %14s %14s %14s %14s %10s\n", "shape", "dist", "path", "bwd_us", "act",
+                "dx", "wd", "wgu", "sum_us");
+    for (const Row& r : rows) {
+      if (!r.steps.timed) continue;
+      const BwdSteps& b = r.steps;
+      const Shape* sh = nullptr;
+      for (const Shape& x : shapes)
+        if (x.name == r.shape) sh = &x;
+      const double nu = activation == MOEKIT_ACTIVATION_RELU2 ? sh->inter : 2.0 * sh->inter;
+      const double rows_n = static_cast<double>(sh->rows);
+      const double gu = 2.0 * rows_n * sh->hidden * nu, dd = 2.0 * rows_n * sh->inter * sh->hidden;
+      auto tf = [](double flops, double us) { return us > 0 ? flops / (us * 1e-6) / 1e12 : 0.0; };
+      std::printf("%-10s %-9s %-14s %10.1f %7.1f/%6.1f %7.1f/%6.1f %7.1f/%6.1f %7.1f/%6.1f %10.1f\n", r.shape.c_str(),
+                  r.dist.c_str(), r.path.c_str(), b.full, b.act, tf(dd, b.act), b.dx, tf(gu, b.dx), b.wd,
+                  tf(dd, b.wd), b.wgu, tf(gu, b.wgu), b.act + b.dx + b.wd + b.wgu);
+    }
+  }
 
   if (args.has("json")) {
     Json root = Json::object()

@@ -45,6 +45,18 @@ __host__ __device__ inline bool act_clamps(const ActParams& p) {
   return p.kind == kActQuickGeglu || ((p.kind == kActSwiglu || p.kind == kActSwigluOai) && p.limit > 0.0f);
 }
 
+// a + b rounded once, never fused with a product feeding it into an FMA. In act_gated_grad with a
+// run-time kind a select stands between the product and the add, so the add is a plain FADD; a
+// caller that makes the kind a compile-time constant (the sm_90a backward epilogue) folds the
+// select away, and this keeps the add (and so the bits) what the run-time kind computes.
+__host__ __device__ inline float add_uncontracted(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
 struct GatedGrad {
   float act;     // the forward value
   float d_gate;  // d act / d g
@@ -80,7 +92,7 @@ __host__ __device__ inline GatedGrad act_gated_grad(const ActParams& p, float g,
   const float d_geglu = 2.0f * g * s * sm * k0 * (1.0f + 3.0f * k1 * g * g);
   const float d_quick = p.alpha * g * s * sm;
   const float d_swiglu = g * s * sm;
-  const float dq = s + (geglu ? d_geglu : (quick ? d_quick : d_swiglu));
+  const float dq = add_uncontracted(s, geglu ? d_geglu : (quick ? d_quick : d_swiglu));
   const float vc = quick ? v + 1.0f : v;
   GatedGrad r;
   r.act = q * vc;

@@ -52,6 +52,41 @@ __device__ __forceinline__ float2 load_pair<__half>(const __half* p) {
   return __half22float2(*reinterpret_cast<const __half2*>(p));
 }
 
+// A pair of elements as raw bits (4 bytes for bf16/f16, 8 for fp32), so a kernel can keep loaded
+// but not yet converted values in half the registers; unpack_pair_bits gives load_pair's float2.
+template <class T>
+struct PairBits {
+  using type = uint32_t;
+};
+template <>
+struct PairBits<float> {
+  using type = uint2;
+};
+template <class T>
+__device__ __forceinline__ typename PairBits<T>::type load_pair_bits(const T* p) {
+  return *reinterpret_cast<const typename PairBits<T>::type*>(p);
+}
+template <class T>
+__device__ __forceinline__ float2 unpack_pair_bits(typename PairBits<T>::type b);
+template <>
+__device__ __forceinline__ float2 unpack_pair_bits<float>(uint2 b) {
+  return make_float2(__uint_as_float(b.x), __uint_as_float(b.y));
+}
+template <>
+__device__ __forceinline__ float2 unpack_pair_bits<__nv_bfloat16>(uint32_t b) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&b));
+}
+template <>
+__device__ __forceinline__ float2 unpack_pair_bits<__half>(uint32_t b) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&b));
+}
+
+// The saved u a kEpiBwdAct column pair needs (EpilogueRow::bwd_act_load): two raw pairs.
+template <class T>
+struct BwdActIn {
+  typename PairBits<T>::type a, b;
+};
+
 // One row's view of the epilogue: the group's bias row and the row's routing weight.
 template <class T>
 struct EpilogueRow {
@@ -97,6 +132,91 @@ struct EpilogueRow {
     }
   }
 
+  // ---- kEpiBwdAct, split in two so a kernel can issue the loads of several column pairs before
+  // the stores of earlier ones (the compiler may not hoist a load of u above a store to du or h':
+  // they could alias). bwd_act_load(c) reads the saved u of h columns c, c + 1 (raw bits: relu2 u
+  // columns c, c + 1; interleaved gate/up of c and of c + 1; concatenated gate c, c + 1 and up
+  // c, c + 1); bwd_act_apply(c, in, a0, a1) with a0, a1 = G at h columns c, c + 1 writes du and
+  // h' and returns the dp contribution. apply(load) is the one code path of every kernel family.
+  // The _as<kLayout, kKind> forms take the layout (kBwdRelu2 / kBwdInterleaved / kBwdConcat) and
+  // the gated activation kind as compile-time constants (kKind = kBwdRuntimeKind: ep.act.kind at
+  // run time), so a kernel can hoist that dispatch out of its column loop and the activation code
+  // keeps only the chosen kind's operations (same operations in the same order: same values).
+  static constexpr int kBwdRelu2 = 0, kBwdInterleaved = 1, kBwdConcat = 2;
+  static constexpr int kBwdRuntimeKind = -1;
+
+  __device__ __forceinline__ int bwd_layout() const {
+    return ep.act.kind == kActRelu2 ? kBwdRelu2 : (ep.interleaved ? kBwdInterleaved : kBwdConcat);
+  }
+
+  template <int kLayout>
+  __device__ __forceinline__ BwdActIn<T> bwd_act_load_as(int c) const {
+    const T* u = static_cast<const T*>(ep.u) + row * ep.ldu;
+    BwdActIn<T> in;
+    if constexpr (kLayout == kBwdRelu2) {
+      in.a = load_pair_bits(u + c);
+      in.b = in.a;
+    } else if constexpr (kLayout == kBwdInterleaved) {
+      in.a = load_pair_bits(u + 2 * c);      // gate c, up c
+      in.b = load_pair_bits(u + 2 * c + 2);  // gate c + 1, up c + 1
+    } else {
+      in.a = load_pair_bits(u + c);             // gate c, c + 1
+      in.b = load_pair_bits(u + ep.inter + c);  // up c, c + 1
+    }
+    return in;
+  }
+
+  template <int kLayout, int kKind>
+  __device__ __forceinline__ float bwd_act_apply_as(int c, const BwdActIn<T>& in, float a0, float a1) const {
+    T* du = static_cast<T*>(ep.c) + row * ep.ldc;
+    const float pg0 = p * a0, pg1 = p * a1;
+    const ActParams act{kKind == kBwdRuntimeKind ? ep.act.kind : kKind, ep.act.alpha, ep.act.limit};
+    float act0, act1;
+    if constexpr (kLayout == kBwdRelu2) {
+      const float2 uu = unpack_pair_bits<T>(in.a);
+      act0 = act_relu2(uu.x);
+      act1 = act_relu2(uu.y);
+      store_pair(du + c, act_relu2_grad(uu.x) * pg0, act_relu2_grad(uu.y) * pg1);
+    } else if constexpr (kLayout == kBwdInterleaved) {
+      const float2 gv0 = unpack_pair_bits<T>(in.a);  // gate c, up c
+      const float2 gv1 = unpack_pair_bits<T>(in.b);  // gate c + 1, up c + 1
+      const GatedGrad d0 = act_gated_grad(act, gv0.x, gv0.y);
+      const GatedGrad d1 = act_gated_grad(act, gv1.x, gv1.y);
+      act0 = d0.act;
+      act1 = d1.act;
+      store_pair(du + 2 * c, d0.d_gate * pg0, d0.d_up * pg0);
+      store_pair(du + 2 * c + 2, d1.d_gate * pg1, d1.d_up * pg1);
+    } else {
+      const int I = ep.inter;
+      const float2 g = unpack_pair_bits<T>(in.a);
+      const float2 v = unpack_pair_bits<T>(in.b);
+      const GatedGrad d0 = act_gated_grad(act, g.x, v.x);
+      const GatedGrad d1 = act_gated_grad(act, g.y, v.y);
+      act0 = d0.act;
+      act1 = d1.act;
+      store_pair(du + c, d0.d_gate * pg0, d1.d_gate * pg1);
+      store_pair(du + I + c, d0.d_up * pg0, d1.d_up * pg1);
+    }
+    store_pair(static_cast<T*>(ep.h) + row * ep.ldh + c, act0 * p, act1 * p);
+    return a0 * act0 + a1 * act1;
+  }
+
+  __device__ __forceinline__ BwdActIn<T> bwd_act_load(int c) const {
+    switch (bwd_layout()) {
+      case kBwdRelu2: return bwd_act_load_as<kBwdRelu2>(c);
+      case kBwdInterleaved: return bwd_act_load_as<kBwdInterleaved>(c);
+      default: return bwd_act_load_as<kBwdConcat>(c);
+    }
+  }
+
+  __device__ __forceinline__ float bwd_act_apply(int c, const BwdActIn<T>& in, float a0, float a1) const {
+    switch (bwd_layout()) {
+      case kBwdRelu2: return bwd_act_apply_as<kBwdRelu2, kBwdRuntimeKind>(c, in, a0, a1);
+      case kBwdInterleaved: return bwd_act_apply_as<kBwdInterleaved, kBwdRuntimeKind>(c, in, a0, a1);
+      default: return bwd_act_apply_as<kBwdConcat, kBwdRuntimeKind>(c, in, a0, a1);
+    }
+  }
+
   // ---- every other kind: output columns c, c + 1 ----
   template <int kKind>
   __device__ __forceinline__ float plain_pair(int c, float a0, float a1) const {
@@ -122,38 +242,7 @@ struct EpilogueRow {
       store_pair(static_cast<T*>(ep.c) + row * ep.ldc + c, o0, o1);
       return 0.0f;
     } else if constexpr (kKind == kEpiBwdAct) {
-      // a0, a1 = G at h columns c, c + 1.
-      const T* u = static_cast<const T*>(ep.u) + row * ep.ldu;
-      T* du = static_cast<T*>(ep.c) + row * ep.ldc;
-      const float pg0 = p * a0, pg1 = p * a1;
-      float act0, act1;
-      if (ep.act.kind == kActRelu2) {
-        const float2 uu = load_pair(u + c);
-        act0 = act_relu2(uu.x);
-        act1 = act_relu2(uu.y);
-        store_pair(du + c, act_relu2_grad(uu.x) * pg0, act_relu2_grad(uu.y) * pg1);
-      } else if (ep.interleaved) {
-        const float2 gv0 = load_pair(u + 2 * c);      // gate c, up c
-        const float2 gv1 = load_pair(u + 2 * c + 2);  // gate c + 1, up c + 1
-        const GatedGrad d0 = act_gated_grad(ep.act, gv0.x, gv0.y);
-        const GatedGrad d1 = act_gated_grad(ep.act, gv1.x, gv1.y);
-        act0 = d0.act;
-        act1 = d1.act;
-        store_pair(du + 2 * c, d0.d_gate * pg0, d0.d_up * pg0);
-        store_pair(du + 2 * c + 2, d1.d_gate * pg1, d1.d_up * pg1);
-      } else {
-        const int I = ep.inter;
-        const float2 g = load_pair(u + c);
-        const float2 v = load_pair(u + I + c);
-        const GatedGrad d0 = act_gated_grad(ep.act, g.x, v.x);
-        const GatedGrad d1 = act_gated_grad(ep.act, g.y, v.y);
-        act0 = d0.act;
-        act1 = d1.act;
-        store_pair(du + c, d0.d_gate * pg0, d1.d_gate * pg1);
-        store_pair(du + I + c, d0.d_up * pg0, d1.d_up * pg1);
-      }
-      store_pair(static_cast<T*>(ep.h) + row * ep.ldh + c, act0 * p, act1 * p);
-      return a0 * act0 + a1 * act1;
+      return bwd_act_apply(c, bwd_act_load(c), a0, a1);
     } else {
       static_assert(kKind == kEpiWgrad, "unknown epilogue");
       return 0.0f;  // kEpiWgrad is stored by the kernel (it knows the group and split)

@@ -137,6 +137,13 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
+// Asks L2 to fetch [p, p + bytes) from global memory (p and bytes multiples of 16); a hint with
+// no completion to wait for and no effect on the values any load returns.
+__device__ __forceinline__ void bulk_prefetch_l2(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(reinterpret_cast<uint64_t>(p)), "r"(bytes)
+               : "memory");
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int kN>
@@ -303,7 +310,6 @@ struct GroupedGemmSm90 {
       const int lr = lr0 + 8 * h;
       const bool valid = lr < t.rows_valid;
       const int64_t row = t.row0 + lr;
-      float dp = 0.0f;
       if (valid) {
         const float p = ep.row_weights ? ep.row_weights[row] : 1.0f;
         const EpilogueRow<T> er{ep, bias, row, p};
@@ -330,18 +336,122 @@ struct GroupedGemmSm90 {
 #pragma unroll
           for (int j = 0; j < 32; ++j) {
             const int c = plain_column(t.n0, j, q);
-            if (c < prob.n) dp += er.template plain_pair<kKind>(c, d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+            if (c < prob.n) er.template plain_pair<kKind>(c, d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
           }
         }
       }
-      if constexpr (kKind == kEpiBwdAct) {
-        // The row's sum of G * act(u) over the tile's columns: chunks in order per lane, then
-        // the 4 lanes of the row (fixed xor tree). One writer per row and column tile.
-        dp += __shfl_xor_sync(0xffffffffu, dp, 1);
-        dp += __shfl_xor_sync(0xffffffffu, dp, 2);
-        if (valid && q == 0) ep.dp_partial[row * ep.ld_dp + t.n_tile] = dp;
+    }
+  }
+
+  // kEpiBwdAct: the saved u its epilogue reads (u was written by the forward long before, so it
+  // is in DRAM, not L2) is prefetched into L2 by bulk prefetches kUPrefetchKTiles k tiles before
+  // the tile's k loop ends (about 1 us per k tile, a few DRAM latencies ahead, late enough that the
+  // k loop's own traffic does not evict it first). Consumer thread i of 256 takes tile row i / 2,
+  // half i % 2: concatenated gate or up columns [n0, n1) (n1 = min(n0 + 256, I)), interleaved the
+  // first or second half of u columns [2 n0, 2 n1), relu2 (half 0 only) u columns [n0, n1). Rows
+  // past the group's end, and ranges whose start or length is not a multiple of 16 bytes, are
+  // skipped: a prefetch is only a hint, the epilogue's loads return the same values either way.
+  static constexpr int kUPrefetchKTiles = 8;
+  static __device__ __forceinline__ void prefetch_u(const TileInfo& t, const GroupedGemmProblem& prob,
+                                                    const EpilogueParams& ep, int i) {
+    const int r = i >> 1, half = i & 1;
+    const int w = (prob.n < t.n0 + kBN ? prob.n : t.n0 + kBN) - t.n0;  // h columns of the tile
+    if (r >= t.rows_valid || w <= 0) return;
+    const T* urow = static_cast<const T*>(ep.u) + (t.row0 + r) * ep.ldu;
+    const T* src;
+    if (ep.act.kind == kActRelu2) {
+      if (half) return;
+      src = urow + t.n0;
+    } else if (ep.interleaved) {
+      src = urow + 2 * t.n0 + half * w;
+    } else {
+      src = urow + (half ? ep.inter : 0) + t.n0;
+    }
+    const uint32_t bytes = static_cast<uint32_t>(w) * static_cast<uint32_t>(sizeof(T));
+    if (((reinterpret_cast<uintptr_t>(src) | bytes) & 15u) != 0) return;
+    bulk_prefetch_l2(src, bytes);
+  }
+
+  // kEpiBwdAct (acc = G over h columns): the thread's rows lr0 and lr0 + 8, 32 column pairs
+  // each, walked as kBwdSteps batches of kBwdBatch pairs (row lr0's batches, then row lr0 + 8's).
+  // The saved-u loads of batch s + 1 are issued before batch s's activation backward and its
+  // du / h' stores, so a tile exposes about one global-load latency instead of one per column pair
+  // (a load of u may not move above a store to du or h': the compiler cannot rule out aliasing).
+  // Values and dp order are those of plain_pair<kEpiBwdAct> column by column: per row the pairs
+  // in column order, then the row's 4 lanes by a fixed xor tree; one dp writer per row and
+  // column tile.
+  static constexpr int kBwdBatch = 4;
+  static constexpr int kBwdPerRow = 32 / kBwdBatch;
+  static constexpr int kBwdSteps = 2 * kBwdPerRow;
+  template <int kLayout, int kAct>
+  static __device__ __forceinline__ void epilogue_bwd_act_as(const TileInfo& t, const GroupedGemmProblem& prob,
+                                                             const EpilogueParams& ep, const float (&d)[128],
+                                                             int lr0, int lane) {
+    const int q = lane & 3;
+    const bool valid[2] = {lr0 < t.rows_valid, lr0 + 8 < t.rows_valid};
+    const int64_t row[2] = {t.row0 + lr0, t.row0 + lr0 + 8};
+    const float p0 = valid[0] && ep.row_weights ? ep.row_weights[row[0]] : 1.0f;
+    const float p1 = valid[1] && ep.row_weights ? ep.row_weights[row[1]] : 1.0f;
+    const EpilogueRow<T> er[2] = {{ep, nullptr, row[0], p0}, {ep, nullptr, row[1], p1}};
+    float dp[2] = {0.0f, 0.0f};
+    BwdActIn<T> buf[2][kBwdBatch];
+#pragma unroll
+    for (int step = 0; step <= kBwdSteps; ++step) {
+      if (step < kBwdSteps) {  // loads of batch `step`
+        const int h = step / kBwdPerRow, j0 = (step % kBwdPerRow) * kBwdBatch;
+#pragma unroll
+        for (int jj = 0; jj < kBwdBatch; ++jj) {
+          const int c = plain_column(t.n0, j0 + jj, q);
+          if (valid[h] && c < prob.n) buf[step & 1][jj] = er[h].template bwd_act_load_as<kLayout>(c);
+        }
+      }
+      if (step > 0) {  // activation backward and stores of batch step - 1
+        const int s = step - 1;
+        const int h = s / kBwdPerRow, j0 = (s % kBwdPerRow) * kBwdBatch;
+#pragma unroll
+        for (int jj = 0; jj < kBwdBatch; ++jj) {
+          const int j = j0 + jj;
+          const int c = plain_column(t.n0, j, q);
+          if (valid[h] && c < prob.n)
+            dp[h] += er[h].template bwd_act_apply_as<kLayout, kAct>(c, buf[s & 1][jj], d[4 * j + 2 * h],
+                                                                   d[4 * j + 2 * h + 1]);
+        }
       }
     }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float v = dp[h];
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      v += __shfl_xor_sync(0xffffffffu, v, 2);
+      if (valid[h] && q == 0) ep.dp_partial[row[h] * ep.ld_dp + t.n_tile] = v;
+    }
+  }
+
+  // The layout and the gated activation kind, chosen once per tile instead of per column pair:
+  // each instance's column loop is straight-line code for one activation (act_gated_grad with a
+  // constant kind keeps only that kind's operations, in the same order: the same values), about a
+  // third of the run-time-kind form's instructions for SwiGLU. Kinds outside the enum keep the
+  // run-time form.
+  static __device__ __forceinline__ void epilogue_bwd_act(const TileInfo& t, const GroupedGemmProblem& prob,
+                                                          const EpilogueParams& ep, const float (&d)[128], int lr0,
+                                                          int lane) {
+    using Row = EpilogueRow<T>;
+    if (ep.act.kind == kActRelu2) {
+      epilogue_bwd_act_as<Row::kBwdRelu2, kActRelu2>(t, prob, ep, d, lr0, lane);
+    } else if (ep.interleaved) {
+      bwd_act_by_kind<Row::kBwdInterleaved>(t, prob, ep, d, lr0, lane);
+    } else {
+      bwd_act_by_kind<Row::kBwdConcat>(t, prob, ep, d, lr0, lane);
+    }
+  }
+  template <int kLayout>
+  static __device__ __forceinline__ void bwd_act_by_kind(const TileInfo& t, const GroupedGemmProblem& prob,
+                                                         const EpilogueParams& ep, const float (&d)[128], int lr0,
+                                                         int lane) {
+    if (ep.act.kind == kActSwiglu)
+      epilogue_bwd_act_as<kLayout, kActSwiglu>(t, prob, ep, d, lr0, lane);
+    else
+      epilogue_bwd_act_as<kLayout, EpilogueRow<T>::kBwdRuntimeKind>(t, prob, ep, d, lr0, lane);
   }
 
   // A consumer warpgroup (c = 0, 1): rows [64 c, 64 c + 64) of every tile.
@@ -350,6 +460,7 @@ struct GroupedGemmSm90 {
                                                   int ctid) {
     const int warp = ctid >> 5, lane = ctid & 31;
     const int ktiles = (prob.k + kBK - 1) / kBK;
+    const int prefetch_kt = ktiles > kUPrefetchKTiles ? ktiles - kUPrefetchKTiles : 0;  // kEpiBwdAct
     const uint32_t a_rows = static_cast<uint32_t>(c) * 64u * 128u;  // this warpgroup's 64 rows of A
     uint32_t it = 0;
     for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
@@ -371,6 +482,9 @@ struct GroupedGemmSm90 {
         for (int kk = 0; kk < kBK / 16; ++kk)
           wgmma_m64n256k16<T, 0, kTransB>(d, da + ((kk * kAStepBytes) >> 4), db + ((kk * kBStep) >> 4));
         wgmma_commit();
+        if constexpr (kKind == kEpiBwdAct) {
+          if (kt == prefetch_kt) prefetch_u(t, prob, ep, c * Cfg::kWarpgroupThreads + ctid);
+        }
         wgmma_wait<1>();  // k tile kt - 1's batch is done: its stage may be refilled
         if (kt > 0 && lane == 0) mbar_arrive(smem + Smem::kEmptyBarrier + 8 * prev);
         prev = s;
@@ -378,7 +492,10 @@ struct GroupedGemmSm90 {
       wgmma_wait<0>();
       fence_acc(d);
       if (lane == 0) mbar_arrive(smem + Smem::kEmptyBarrier + 8 * prev);
-      epilogue(t, prob, ep, d, 64 * c + 16 * warp + (lane >> 2), lane);
+      if constexpr (kKind == kEpiBwdAct)
+        epilogue_bwd_act(t, prob, ep, d, 64 * c + 16 * warp + (lane >> 2), lane);
+      else
+        epilogue(t, prob, ep, d, 64 * c + 16 * warp + (lane >> 2), lane);
     }
   }
 

@@ -974,6 +974,57 @@ TEST_CASE("both GEMM paths: skewed routing, empty experts, T = 1, 257 experts, s
   }
 }
 
+// The activation-backward dgrad (dout W_down^T with du, h' and dp in its epilogue) as the
+// bandwidth-tuned SM90 epilogue runs it: u loads issued a batch ahead of the stores, and u
+// prefetched into L2 kUPrefetchKTiles = 8 k tiles before the k loop ends. H = 576 is 9 k tiles
+// (the prefetch lands mid-loop, at k tile 1), H = 64 one k tile (at k tile 0); I = 264 is a full
+// column tile plus an 8-column tail (a 16-byte prefetch; interleaved: two halves of 16 bytes);
+// 300 experts of 0..9 rows give ~270 row tiles x 2 column tiles, so every persistent CTA runs
+// several tiles (132 SMs) and most tiles end inside their group (rows past the group: neither
+// prefetched nor stored). Concatenated, interleaved and relu2 layouts; SwiGLU (the instances with
+// the kind fixed at compile time, with and without the clamp) and other kinds (the run-time-kind
+// instances); row weights; both paths.
+TEST_CASE("both GEMM paths: activation-backward dgrad over many tiles per CTA, u prefetch, column tails",
+          "[gpu][experts][paths]") {
+  Stream stream;
+  uint64_t salt = 0xa00;
+  for (int32_t path : both_paths()) {
+    PathScope scope(path);
+    INFO("gemm_path " << path_name(path));
+    struct Case {
+      int act;
+      double limit;
+      bool interleaved;
+      int hidden;
+      moekit_dtype_t dtype;
+    };
+    const Case cases[] = {
+        {MOEKIT_ACTIVATION_SWIGLU, 0.0, false, 576, MOEKIT_DTYPE_BF16},
+        {MOEKIT_ACTIVATION_SWIGLU, 1.25, true, 576, MOEKIT_DTYPE_BF16},
+        {MOEKIT_ACTIVATION_QUICK_GEGLU, 7.0, true, 576, MOEKIT_DTYPE_BF16},
+        {MOEKIT_ACTIVATION_RELU2, 0.0, false, 576, MOEKIT_DTYPE_F16},
+        {MOEKIT_ACTIVATION_SWIGLU_OAI, 0.9, false, 64, MOEKIT_DTYPE_F16},
+    };
+    for (const Case& c : cases) {
+      Spec s;
+      s.activation = c.act;
+      s.limit = c.limit;
+      s.interleaved = c.interleaved;
+      s.hidden = c.hidden;
+      s.inter = 264;
+      auto rng = moekit::test::make_rng(++salt);
+      std::uniform_int_distribution<int> d(0, 9);
+      s.counts.clear();
+      for (int e = 0; e < 300; ++e) s.counts.push_back(d(rng));
+      s.tail_rows = 6;
+      s.row_weights = true;
+      Problem P(s, c.dtype, moekit::test::experts::make_random(s, rng, c.dtype));
+      REQUIRE(P.config.gemm_path == path);
+      check_problem(P, false, false, stream.s);
+    }
+  }
+}
+
 TEST_CASE("both GEMM paths: bitwise determinism over repeated runs", "[gpu][experts][paths]") {
   Stream stream;
   for (int32_t path : both_paths()) {
