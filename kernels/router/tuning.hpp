@@ -49,11 +49,20 @@ inline constexpr FastShape fast_backward_shape(int num_experts) {
 }
 
 // Threads per block of the fast forward and backward kernels (8 warps), compiled for at least
-// fast_min_blocks(V) resident blocks per SM: 4 (at most 64 registers, 32 warps per SM) for V = 8,
-// 3 (at most 80 registers, 24 warps per SM) for V = 16 (the selection values and aux sums live in
-// shared memory, not registers).
+// fast_min_blocks(V, element bytes) resident blocks per SM: 4 (at most 64 registers, 32 warps per
+// SM) for V = 8, and for V = 16 with 16-bit logits; 3 (at most 80 registers, 24 warps per SM) for
+// V = 16 with fp32 logits (the selection values and aux sums live in shared memory, not
+// registers). The forward is bound by the latency of its per-token chains (scores, top-2, picks,
+// weights), not by issue or DRAM (docs/router.md, "Performance"): a fourth block is 33% more
+// tokens in flight per SM, which at T = 32768 cuts the resident rounds of DeepSeek-V3 from 6 to 4,
+// of Qwen3 / GPT-OSS from 3 to 2 and of E = 512 from 11 to 8. ptxas 13.0 then spills a few words
+// in the 16-bit V = 16 instances (at most 78 bytes stored, mostly loop-carried scalars, each an
+// L1 access per token step); fp32 rows hold twice the prefetch registers and would spill ~100
+// bytes, so they keep 3 blocks.
 constexpr int kFastThreads = 256;
-inline constexpr int fast_min_blocks(int values_per_lane) { return values_per_lane <= 8 ? 4 : 3; }
+inline constexpr int fast_min_blocks(int values_per_lane, int elem_bytes = 2) {
+  return values_per_lane <= 8 || elem_bytes <= 2 ? 4 : 3;
+}
 // The backward also holds a token's K ranks per lane (K / TPT of them): 64 registers (4 blocks)
 // only fit when a team has at least 8 lanes; otherwise 80 (3 blocks).
 inline constexpr int fast_backward_min_blocks(int values_per_lane, int lanes_per_token) {
