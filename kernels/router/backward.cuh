@@ -437,7 +437,10 @@ cudaError_t launch_backward_fast_dtype(const BackwardArgs& a, cudaStream_t strea
     case 1: if (v == 8) return launch_backward_fast<T, 8, 1>(a, stream); break;
     case 2: if (v == 8) return launch_backward_fast<T, 8, 2>(a, stream); break;
     case 4: if (v == 8) return launch_backward_fast<T, 8, 4>(a, stream); break;
-    case 8: if (v == 8) return launch_backward_fast<T, 8, 8>(a, stream); break;
+    case 8:
+      if (v == 8) return launch_backward_fast<T, 8, 8>(a, stream);
+      if (v == 16) return launch_backward_fast<T, 16, 8>(a, stream);
+      break;
     case 16:
       if (v == 8) return launch_backward_fast<T, 8, 16>(a, stream);
       if (v == 16) return launch_backward_fast<T, 16, 16>(a, stream);

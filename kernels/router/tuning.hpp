@@ -42,11 +42,13 @@ inline constexpr FastShape fast_shape(int num_experts) {
                               : FastShape{16, 32};
 }
 
-// Backward (no selection: nothing to amortise over tokens per warp; 8 values per lane keep its
-// registers low up to E = 128): as the forward but 65..128 with V = 8, 16 lanes.
-inline constexpr FastShape fast_backward_shape(int num_experts) {
-  return num_experts > 64 && num_experts <= 128 ? FastShape{8, 16} : fast_shape(num_experts);
-}
+// Backward: the forward's shapes. E = 65..128 (Qwen3, GPT-OSS) once used V = 8 with 16 lanes at
+// 4 blocks per SM (64 tokens in flight per SM); V = 16 with 8 lanes at 3 blocks holds 96 (80
+// registers, no spills for softmax and top-k-then-softmax with ptxas 13.0), and every team
+// reduction (one butterfly level fewer) serves four tokens per warp instead of two: at T = 32768
+// the resident rounds go from 4 (3.88) to 3 (2.59), each about as long (the rounds are bound by
+// the per-warp chains; docs/router.md, "Performance").
+inline constexpr FastShape fast_backward_shape(int num_experts) { return fast_shape(num_experts); }
 
 // Threads per block of the fast forward and backward kernels (8 warps), compiled for at least
 // fast_min_blocks(V, element bytes) resident blocks per SM: 4 (at most 64 registers, 32 warps per

@@ -525,6 +525,12 @@ TEST_CASE("router forward and backward: awkward shapes, every dtype and row alig
       {16, 16, 2, 2, MOEKIT_SCORE_SOFTMAX, MOEKIT_SOFTMAX_THEN_TOPK, false, 1},
       {33, 5, 1, 1, MOEKIT_SCORE_SQRT_SOFTPLUS, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
       {100, 1, 1, 1, MOEKIT_SCORE_SIGMOID, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
+      // E = 65..128 (teams of 8 lanes, V = 16, forward and backward): K above the team width, so
+      // the backward scatters over several ranks per lane (up to 4)
+      {96, 12, 1, 1, MOEKIT_SCORE_SOFTMAX, MOEKIT_SOFTMAX_THEN_TOPK, false, 1},
+      {128, 32, 1, 1, MOEKIT_SCORE_SIGMOID, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
+      {128, 9, 1, 1, MOEKIT_SCORE_SOFTMAX, MOEKIT_TOPK_THEN_SOFTMAX, false, 0},
+      {80, 16, 4, 2, MOEKIT_SCORE_SQRT_SOFTPLUS, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
       {257, 32, 1, 1, MOEKIT_SCORE_SOFTMAX, MOEKIT_SOFTMAX_THEN_TOPK, false, 1},
       {512, 32, 16, 16, MOEKIT_SCORE_SIGMOID, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
       {513, 3, 1, 1, MOEKIT_SCORE_SIGMOID, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
