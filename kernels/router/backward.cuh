@@ -98,7 +98,7 @@ __device__ __forceinline__ float rank_shift(const float (&u)[R], const bool (&va
 }
 
 template <class T, int V, int TPT, ScoreMode MODE>
-__global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT))
+__global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT, static_cast<int>(sizeof(T))))
     router_backward_fast_kernel(const BackwardArgs a) {
   constexpr int kTeamsPerWarp = 32 / TPT;
   constexpr int kTeams = kFastThreads / TPT;

@@ -65,10 +65,13 @@ constexpr int kFastThreads = 256;
 inline constexpr int fast_min_blocks(int values_per_lane, int elem_bytes = 2) {
   return values_per_lane <= 8 || elem_bytes <= 2 ? 4 : 3;
 }
-// The backward also holds a token's K ranks per lane (K / TPT of them): 64 registers (4 blocks)
-// only fit when a team has at least 8 lanes; otherwise 80 (3 blocks).
-inline constexpr int fast_backward_min_blocks(int values_per_lane, int lanes_per_token) {
-  return values_per_lane <= 8 && lanes_per_token >= 8 ? 4 : 3;
+// The backward also holds a token's K ranks per lane (K / TPT of them): with V = 8, 64 registers
+// (4 blocks) only fit when a team has at least 8 lanes; otherwise 80 (3 blocks). With V = 16 and
+// 16-bit logits it takes 4 blocks like the forward (tokens in flight +33%: at T = 32768 DeepSeek-V3
+// 6 -> 4 resident rounds, Qwen3 / GPT-OSS 3 -> 2, E = 512 11 -> 8); ptxas 13.0 spills up to ~90
+// bytes there (none for E = 257..512 softmax); fp32 rows keep 3.
+inline constexpr int fast_backward_min_blocks(int values_per_lane, int lanes_per_token, int elem_bytes = 4) {
+  return (values_per_lane <= 8 && lanes_per_token >= 8) || (values_per_lane == 16 && elem_bytes <= 2) ? 4 : 3;
 }
 
 // ---- generic path (everything else: E up to 4096, any groups) ---------------------------------
