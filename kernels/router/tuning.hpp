@@ -42,25 +42,26 @@ inline constexpr FastShape fast_shape(int num_experts) {
                               : FastShape{16, 32};
 }
 
-// Backward: the forward's shapes. E = 65..128 (Qwen3, GPT-OSS) once used V = 8 with 16 lanes at
-// 4 blocks per SM (64 tokens in flight per SM); V = 16 with 8 lanes at 3 blocks holds 96 (80
-// registers, no spills for softmax and top-k-then-softmax with ptxas 13.0), and every team
-// reduction (one butterfly level fewer) serves four tokens per warp instead of two: at T = 32768
-// the resident rounds go from 4 (3.88) to 3 (2.59), each about as long (the rounds are bound by
-// the per-warp chains; docs/router.md, "Performance").
+// Backward: the forward's shapes. E = 65..128 (Qwen3, GPT-OSS) once used V = 8 with 16 lanes (64
+// tokens in flight per SM at 4 blocks); V = 16 with 8 lanes holds 128 at 4 blocks (16-bit logits,
+// fast_backward_min_blocks) and 96 at 3 (fp32), and every team reduction (one butterfly level
+// fewer) serves four tokens per warp instead of two: at T = 32768 the resident rounds go from 4
+// (3.88) to 2 (1.94), each about as long, as far as the rounds are bound by the per-warp chains
+// (docs/router.md, "Performance").
 inline constexpr FastShape fast_backward_shape(int num_experts) { return fast_shape(num_experts); }
 
 // Threads per block of the fast forward and backward kernels (8 warps), compiled for at least
 // fast_min_blocks(V, element bytes) resident blocks per SM: 4 (at most 64 registers, 32 warps per
 // SM) for V = 8, and for V = 16 with 16-bit logits; 3 (at most 80 registers, 24 warps per SM) for
 // V = 16 with fp32 logits (the selection values and aux sums live in shared memory, not
-// registers). The forward is bound by the latency of its per-token chains (scores, top-2, picks,
-// weights), not by issue or DRAM (docs/router.md, "Performance"): a fourth block is 33% more
-// tokens in flight per SM, which at T = 32768 cuts the resident rounds of DeepSeek-V3 from 6 to 4,
-// of Qwen3 / GPT-OSS from 3 to 2 and of E = 512 from 11 to 8. ptxas 13.0 then spills a few words
-// in the 16-bit V = 16 instances (at most 78 bytes stored, mostly loop-carried scalars, each an
-// L1 access per token step); fp32 rows hold twice the prefetch registers and would spill ~100
-// bytes, so they keep 3 blocks.
+// registers). The measurements read as a forward bound mostly by the latency of its per-warp
+// chains (scores, top-2, picks, weights), not by DRAM (docs/router.md, "Performance"): a fourth
+// block is 33% more tokens in flight per SM, which at T = 32768 cuts the resident rounds of
+// DeepSeek-V3 from 6 to 4, of Qwen3 / GPT-OSS from 3 to 2 and of E = 512 from 11 to 8. ptxas 13.0
+// then spills a few words in the 16-bit V = 16 instances (at most 78 bytes stored, mostly
+// loop-carried scalars, each an L1 access per token step); fp32 rows hold twice the prefetch
+// registers and would spill ~100 bytes, so they keep 3 blocks. (On sm_80, 164 KB of shared memory
+// per SM, the 42 KB blocks of E = 65..128 fit 3: the occupancy query sizes the grid.)
 constexpr int kFastThreads = 256;
 inline constexpr int fast_min_blocks(int values_per_lane, int elem_bytes = 2) {
   return values_per_lane <= 8 || elem_bytes <= 2 ? 4 : 3;
