@@ -63,8 +63,11 @@ inline constexpr FastShape fast_backward_shape(int num_experts) { return fast_sh
 // registers and would spill ~100 bytes, so they keep 3 blocks. (On sm_80, 164 KB of shared memory
 // per SM, the 42 KB blocks of E = 65..128 fit 3: the occupancy query sizes the grid.)
 constexpr int kFastThreads = 256;
+// The switch for the fourth block of the 16-bit V = 16 kernels, forward and backward (false: 3
+// blocks at 80 registers, as at commit 8b21dc0: fewer spills, 25% fewer tokens in flight).
+constexpr bool kFastFourBlocksV16 = true;
 inline constexpr int fast_min_blocks(int values_per_lane, int elem_bytes = 2) {
-  return values_per_lane <= 8 || elem_bytes <= 2 ? 4 : 3;
+  return values_per_lane <= 8 || (kFastFourBlocksV16 && elem_bytes <= 2) ? 4 : 3;
 }
 // The backward also holds a token's K ranks per lane (K / TPT of them): with V = 8, 64 registers
 // (4 blocks) only fit when a team has at least 8 lanes; otherwise 80 (3 blocks). With V = 16 and
@@ -72,7 +75,10 @@ inline constexpr int fast_min_blocks(int values_per_lane, int elem_bytes = 2) {
 // 6 -> 4 resident rounds, Qwen3 / GPT-OSS 3 -> 2, E = 512 11 -> 8); ptxas 13.0 spills up to ~90
 // bytes there (none for E = 257..512 softmax); fp32 rows keep 3.
 inline constexpr int fast_backward_min_blocks(int values_per_lane, int lanes_per_token, int elem_bytes = 4) {
-  return (values_per_lane <= 8 && lanes_per_token >= 8) || (values_per_lane == 16 && elem_bytes <= 2) ? 4 : 3;
+  return (values_per_lane <= 8 && lanes_per_token >= 8) ||
+                 (kFastFourBlocksV16 && values_per_lane == 16 && elem_bytes <= 2)
+             ? 4
+             : 3;
 }
 
 // ---- generic path (everything else: E up to 4096, any groups) ---------------------------------
