@@ -98,7 +98,7 @@ __device__ __forceinline__ float rank_shift(const float (&u)[R], const bool (&va
 }
 
 template <class T, int V, int TPT, ScoreMode MODE>
-__global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT))
+__global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT, static_cast<int>(sizeof(T))))
     router_backward_fast_kernel(const BackwardArgs a) {
   constexpr int kTeamsPerWarp = 32 / TPT;
   constexpr int kTeams = kFastThreads / TPT;
@@ -128,13 +128,6 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
   const bool aux_on = aux_enabled(a);
   const bool full_softmax = sf == MOEKIT_SCORE_SOFTMAX && (!topk_softmax || aux_on);
   const bool wub = o.weights_use_bias != 0;
-
-  const AuxScale aux = aux_scale(a);
-  for (int e = threadIdx.x; e < kEPad; e += kFastThreads) {
-    s_bias[e] = (a.bias != nullptr && e < E) ? __ldg(a.bias + e) : 0.0f;
-    s_aux[e] = (aux_on && e < E) ? aux_shifted(aux, __ldg(a.expert_load + e)) : 0.0f;
-  }
-  __syncthreads();
 
   const char* logits = static_cast<const char*>(a.logits);
   const int64_t row_bytes = a.logits_stride * static_cast<int64_t>(sizeof(T));
@@ -166,7 +159,16 @@ __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT)
       next_gw[i] = (has && a.grad_weights != nullptr) ? __ldg(a.grad_weights + t * K + r) : 0.0f;
     }
   };
+  // The first token is loaded before the bias / aux staging below, so the two global round trips
+  // of the prologue overlap instead of following each other.
   fetch(warp_global * kTeamsPerWarp + team_in_warp);
+
+  const AuxScale aux = aux_scale(a);
+  for (int e = threadIdx.x; e < kEPad; e += kFastThreads) {
+    s_bias[e] = (a.bias != nullptr && e < E) ? __ldg(a.bias + e) : 0.0f;
+    s_aux[e] = (aux_on && e < E) ? aux_shifted(aux, __ldg(a.expert_load + e)) : 0.0f;
+  }
+  __syncthreads();
 
   for (int64_t step = warp_global; step * kTeamsPerWarp < num_tokens; step += warps_total) {
     const int64_t t = step * kTeamsPerWarp + team_in_warp;
@@ -435,7 +437,10 @@ cudaError_t launch_backward_fast_dtype(const BackwardArgs& a, cudaStream_t strea
     case 1: if (v == 8) return launch_backward_fast<T, 8, 1>(a, stream); break;
     case 2: if (v == 8) return launch_backward_fast<T, 8, 2>(a, stream); break;
     case 4: if (v == 8) return launch_backward_fast<T, 8, 4>(a, stream); break;
-    case 8: if (v == 8) return launch_backward_fast<T, 8, 8>(a, stream); break;
+    case 8:
+      if (v == 8) return launch_backward_fast<T, 8, 8>(a, stream);
+      if (v == 16) return launch_backward_fast<T, 16, 8>(a, stream);
+      break;
     case 16:
       if (v == 8) return launch_backward_fast<T, 8, 16>(a, stream);
       if (v == 16) return launch_backward_fast<T, 16, 16>(a, stream);

@@ -59,7 +59,7 @@ __device__ __forceinline__ void top2_insert(float x, int j, float& f1, int& s1, 
 }
 
 template <class T, int V, int TPT, ScoreMode MODE, bool kGroups>
-__global__ void __launch_bounds__(kFastThreads, fast_min_blocks(V))
+__global__ void __launch_bounds__(kFastThreads, fast_min_blocks(V, static_cast<int>(sizeof(T))))
     router_forward_fast_kernel(const ForwardArgs a) {
   constexpr int kTeamsPerWarp = 32 / TPT;
   constexpr int kTeams = kFastThreads / TPT;
@@ -120,15 +120,6 @@ __global__ void __launch_bounds__(kFastThreads, fast_min_blocks(V))
   const bool recompute_weight = kGroups || (has_bias && !wub);
   const uint32_t neg_inf_key = float_key(-INFINITY);
 
-  for (int e = threadIdx.x; e < kEPad; e += kFastThreads)  // chunk-major (kernels/router/layout.hpp)
-    reinterpret_cast<float*>(&s_bias[0][0])[chunk_major_offset_of_expert(e, V, TPT)] =
-        (has_bias && e < E) ? __ldg(a.bias + e) : 0.0f;
-  for (int e = threadIdx.x; e < kEPad; e += kFastThreads) s_load[e] = 0;
-  if (threadIdx.x == 0) s_count = 0;
-  if (need_score) {
-#pragma unroll
-    for (int j = 0; j < kChunks; ++j) s_acc[team][j][lt] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  }
   int my_count = 0;
 
   // Group geometry (G > 1 here implies E = G S with S a multiple of V and S / V a power of two).
@@ -177,8 +168,19 @@ __global__ void __launch_bounds__(kFastThreads, fast_min_blocks(V))
     }
   };
 
-  __syncthreads();
+  // The first token's loads are issued before the bias is staged (its stores wait for their
+  // loads), so the prologue's two global round trips (first row, bias) overlap.
   fetch(t, row);
+  for (int e = threadIdx.x; e < kEPad; e += kFastThreads)  // chunk-major (kernels/router/layout.hpp)
+    reinterpret_cast<float*>(&s_bias[0][0])[chunk_major_offset_of_expert(e, V, TPT)] =
+        (has_bias && e < E) ? __ldg(a.bias + e) : 0.0f;
+  for (int e = threadIdx.x; e < kEPad; e += kFastThreads) s_load[e] = 0;
+  if (threadIdx.x == 0) s_count = 0;
+  if (need_score) {
+#pragma unroll
+    for (int j = 0; j < kChunks; ++j) s_acc[team][j][lt] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+  __syncthreads();
 
   for (int64_t first = walk.first_of_warp; first < num_tokens;
        first += t_stride, t = opaque_add(t, t_stride), row = opaque_add(row, row_stride_step)) {
@@ -357,7 +359,9 @@ __global__ void __launch_bounds__(kFastThreads, fast_min_blocks(V))
       k1 = win ? k2 : k1;
       s1 = win ? s2 : s1;
       k2 = win ? 0u : k2;
-      const bool dry = win && k1 == 0u;
+      // A lane emptied by the last pick is not refilled: nothing is picked after it (r, K are
+      // warp-uniform, so the branch below stays uniform).
+      const bool dry = win && k1 == 0u && r + 1 < K;
       const unsigned dry_bits = __ballot_sync(kFullMask, dry);
       if (dry_bits != 0u) {  // warp-uniform: a team refills its dry lane
         __syncwarp();        // the winner's pick record is visible to its team

@@ -42,22 +42,43 @@ inline constexpr FastShape fast_shape(int num_experts) {
                               : FastShape{16, 32};
 }
 
-// Backward (no selection: nothing to amortise over tokens per warp; 8 values per lane keep its
-// registers low up to E = 128): as the forward but 65..128 with V = 8, 16 lanes.
-inline constexpr FastShape fast_backward_shape(int num_experts) {
-  return num_experts > 64 && num_experts <= 128 ? FastShape{8, 16} : fast_shape(num_experts);
-}
+// Backward: the forward's shapes. E = 65..128 (Qwen3, GPT-OSS) once used V = 8 with 16 lanes (64
+// tokens in flight per SM at 4 blocks); V = 16 with 8 lanes holds 128 at 4 blocks (16-bit logits,
+// fast_backward_min_blocks) and 96 at 3 (fp32), and every team reduction (one butterfly level
+// fewer) serves four tokens per warp instead of two: at T = 32768 the resident rounds go from 4
+// (3.88) to 2 (1.94), each about as long, as far as the rounds are bound by the per-warp chains
+// (docs/router.md, "Performance").
+inline constexpr FastShape fast_backward_shape(int num_experts) { return fast_shape(num_experts); }
 
 // Threads per block of the fast forward and backward kernels (8 warps), compiled for at least
-// fast_min_blocks(V) resident blocks per SM: 4 (at most 64 registers, 32 warps per SM) for V = 8,
-// 3 (at most 80 registers, 24 warps per SM) for V = 16 (the selection values and aux sums live in
-// shared memory, not registers).
+// fast_min_blocks(V, element bytes) resident blocks per SM: 4 (at most 64 registers, 32 warps per
+// SM) for V = 8, and for V = 16 with 16-bit logits; 3 (at most 80 registers, 24 warps per SM) for
+// V = 16 with fp32 logits (the selection values and aux sums live in shared memory, not
+// registers). The measurements read as a forward bound mostly by the latency of its per-warp
+// chains (scores, top-2, picks, weights), not by DRAM (docs/router.md, "Performance"): a fourth
+// block is 33% more tokens in flight per SM, which at T = 32768 cuts the resident rounds of
+// DeepSeek-V3 from 6 to 4, of Qwen3 / GPT-OSS from 3 to 2 and of E = 512 from 11 to 8. ptxas 13.0
+// then spills a few words in the 16-bit V = 16 instances (at most 78 bytes stored, mostly
+// loop-carried scalars, each an L1 access per token step); fp32 rows hold twice the prefetch
+// registers and would spill ~100 bytes, so they keep 3 blocks. (On sm_80, 164 KB of shared memory
+// per SM, the 42 KB blocks of E = 65..128 fit 3: the occupancy query sizes the grid.)
 constexpr int kFastThreads = 256;
-inline constexpr int fast_min_blocks(int values_per_lane) { return values_per_lane <= 8 ? 4 : 3; }
-// The backward also holds a token's K ranks per lane (K / TPT of them): 64 registers (4 blocks)
-// only fit when a team has at least 8 lanes; otherwise 80 (3 blocks).
-inline constexpr int fast_backward_min_blocks(int values_per_lane, int lanes_per_token) {
-  return values_per_lane <= 8 && lanes_per_token >= 8 ? 4 : 3;
+// The switch for the fourth block of the 16-bit V = 16 kernels, forward and backward (false: 3
+// blocks at 80 registers, as at commit 8b21dc0: fewer spills, 25% fewer tokens in flight).
+constexpr bool kFastFourBlocksV16 = true;
+inline constexpr int fast_min_blocks(int values_per_lane, int elem_bytes = 2) {
+  return values_per_lane <= 8 || (kFastFourBlocksV16 && elem_bytes <= 2) ? 4 : 3;
+}
+// The backward also holds a token's K ranks per lane (K / TPT of them): with V = 8, 64 registers
+// (4 blocks) only fit when a team has at least 8 lanes; otherwise 80 (3 blocks). With V = 16 and
+// 16-bit logits it takes 4 blocks like the forward (tokens in flight +33%: at T = 32768 DeepSeek-V3
+// 6 -> 4 resident rounds, Qwen3 / GPT-OSS 3 -> 2, E = 512 11 -> 8); ptxas 13.0 spills up to ~90
+// bytes there (none for E = 257..512 softmax); fp32 rows keep 3.
+inline constexpr int fast_backward_min_blocks(int values_per_lane, int lanes_per_token, int elem_bytes = 4) {
+  return (values_per_lane <= 8 && lanes_per_token >= 8) ||
+                 (kFastFourBlocksV16 && values_per_lane == 16 && elem_bytes <= 2)
+             ? 4
+             : 3;
 }
 
 // ---- generic path (everything else: E up to 4096, any groups) ---------------------------------

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/router/tuning.hpp"
 #include "moekit/router.h"
 #include "tests/reference/router_ref.hpp"
 #include "tests/router/router_cases.hpp"
@@ -368,6 +369,65 @@ TEST_CASE("router forward: exact ties go to the lower index", "[router][forward]
   check_forward(s, run_forward(s, in), reference(s));
 }
 
+// One lane's span holds the K best of its token (which lane varies with the token), so that lane
+// wins pick after pick: its two cached values are gone after pick 1 and every later pick refills
+// it. The lane emptied by the last pick (r = K - 1) is not refilled (kernels/router/forward_fast.cuh):
+// K = 2 empties the lane exactly at the last pick, K = 3 refills once and then empties it at the
+// last pick, K = V + 1 takes the whole span and one more expert from another lane. Every fast-path
+// team width (E = 8: one lane a token, up to E = 512: a warp), groups (DeepSeek-V3's 8/4 top-2
+// sum), softmax and sigmoid, all dtypes, T = 37 (the last warp-step partly past T).
+TEST_CASE("router forward: one lane holds the top picks, the last pick empties it", "[router][forward][refill]") {
+  auto rng = make_rng(0x1a57);
+  std::normal_distribution<float> normal(-3.0f, 1.0f);
+  struct Shape {
+    int E, G, Gk;
+  };
+  for (const Shape sh : {Shape{8, 1, 1}, Shape{16, 1, 1}, Shape{64, 1, 1}, Shape{128, 1, 1}, Shape{256, 1, 1},
+                         Shape{256, 8, 4}, Shape{512, 1, 1}}) {
+    const int V = moekit::kernels::router::fast_shape(sh.E).values_per_lane;
+    for (int K : {2, 3, std::min(V + 1, sh.E)}) {
+      for (int sf : {MOEKIT_SCORE_SOFTMAX, MOEKIT_SCORE_SIGMOID}) {
+        for (moekit_dtype_t dtype : kDtypes) {
+          INFO("E=" << sh.E << " G=" << sh.G << "/" << sh.Gk << " K=" << K << " score " << sf << " "
+                    << dtype_name(dtype));
+          ForwardSetup s;
+          s.config = router_config(sh.E, K);
+          s.config.score_func = sf;
+          s.config.num_groups = sh.G;
+          s.config.num_groups_kept = sh.Gk;
+          if (sh.G > 1) s.config.group_score = MOEKIT_GROUP_SCORE_TOP2_SUM;
+          s.T = 37;
+          s.dtype = dtype;
+          std::vector<int> hot(static_cast<size_t>(s.T));
+          for (int64_t t = 0; t < s.T; ++t) {
+            hot[t] = static_cast<int>((t * 5) % (sh.E / V)) * V;  // first expert of the hot lane
+            // the hot span from 6 down in steps of 1/4 (exact in every dtype, far apart after any
+            // score function), the others below 1.5 (the hot span's lowest is 2.25)
+            // every exact tie is resolved the same way on both sides; near-ties (group sums) are
+            // redrawn, as in separated_logits
+            std::vector<float> row(static_cast<size_t>(sh.E));
+            for (int attempt = 0;; ++attempt) {
+              for (int e = 0; e < sh.E; ++e) {
+                const int in_span = e - hot[t];
+                row[e] = in_span >= 0 && in_span < V ? 6.0f - 0.25f * static_cast<float>(in_span)
+                                                     : round_to(dtype, std::min(normal(rng), 1.5f));
+              }
+              if (ref::selection_margin(s.config, row.data(), nullptr) >= 1e-5) break;
+              REQUIRE(attempt < 200);
+            }
+            s.logits.insert(s.logits.end(), row.begin(), row.end());
+          }
+          const DeviceInputs in = upload(s);
+          const ForwardOut o = run_forward(s, in);
+          check_forward(s, o, reference(s));
+          for (int64_t t = 0; t < s.T; ++t)
+            for (int k = 0; k < std::min(K, V); ++k) REQUIRE(o.indices[t * K + k] == hot[t] + k);
+        }
+      }
+    }
+  }
+}
+
 // -0 and +0 are the same selection value: ties go to the lower index whatever the sign. Top-k
 // then softmax selects by z + b, which is -0 where a -0 logit meets a -0 bias and +0 where a +0
 // logit does; the generic path's keys once kept that sign and put every +0 (and, with groups
@@ -465,6 +525,12 @@ TEST_CASE("router forward and backward: awkward shapes, every dtype and row alig
       {16, 16, 2, 2, MOEKIT_SCORE_SOFTMAX, MOEKIT_SOFTMAX_THEN_TOPK, false, 1},
       {33, 5, 1, 1, MOEKIT_SCORE_SQRT_SOFTPLUS, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
       {100, 1, 1, 1, MOEKIT_SCORE_SIGMOID, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
+      // E = 65..128 (teams of 8 lanes, V = 16, forward and backward): K above the team width, so
+      // the backward scatters over several ranks per lane (up to 4)
+      {96, 12, 1, 1, MOEKIT_SCORE_SOFTMAX, MOEKIT_SOFTMAX_THEN_TOPK, false, 1},
+      {128, 32, 1, 1, MOEKIT_SCORE_SIGMOID, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
+      {128, 9, 1, 1, MOEKIT_SCORE_SOFTMAX, MOEKIT_TOPK_THEN_SOFTMAX, false, 0},
+      {80, 16, 4, 2, MOEKIT_SCORE_SQRT_SOFTPLUS, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
       {257, 32, 1, 1, MOEKIT_SCORE_SOFTMAX, MOEKIT_SOFTMAX_THEN_TOPK, false, 1},
       {512, 32, 16, 16, MOEKIT_SCORE_SIGMOID, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
       {513, 3, 1, 1, MOEKIT_SCORE_SIGMOID, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
