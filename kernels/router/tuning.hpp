@@ -65,7 +65,11 @@ inline constexpr FastShape fast_backward_shape(int num_experts) { return fast_sh
 constexpr int kFastThreads = 256;
 // The switch for the fourth block of the 16-bit V = 16 kernels, forward and backward (false: 3
 // blocks at 80 registers, as at commit 8b21dc0: fewer spills, 25% fewer tokens in flight).
-constexpr bool kFastFourBlocksV16 = true;
+// -DMOEKIT_ROUTER_FOUR_BLOCKS=0 in cuda_args builds the 3-block variant for an A/B measurement.
+#ifndef MOEKIT_ROUTER_FOUR_BLOCKS
+#define MOEKIT_ROUTER_FOUR_BLOCKS 1
+#endif
+constexpr bool kFastFourBlocksV16 = MOEKIT_ROUTER_FOUR_BLOCKS != 0;
 inline constexpr int fast_min_blocks(int values_per_lane, int elem_bytes = 2) {
   return values_per_lane <= 8 || (kFastFourBlocksV16 && elem_bytes <= 2) ? 4 : 3;
 }
