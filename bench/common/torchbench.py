@@ -111,11 +111,15 @@ def gemm_rate(n=8192, dtype=torch.bfloat16):
 
 
 def commit():
+    # The caller's MOEKIT_COMMIT wins, as in the C++ tools: the GPU machine's copy of .git may lag
+    # behind the working tree it was sent.
+    if os.environ.get("MOEKIT_COMMIT"):
+        return os.environ["MOEKIT_COMMIT"]
     try:
         return subprocess.check_output(["git", "-C", REPO, "rev-parse", "--short=12", "HEAD"],
                                        stderr=subprocess.DEVNULL).decode().strip()
     except Exception:
-        return os.environ.get("MOEKIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def header(benchmark):
