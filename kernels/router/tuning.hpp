@@ -65,7 +65,8 @@ inline constexpr FastShape fast_backward_shape(int num_experts) { return fast_sh
 constexpr int kFastThreads = 256;
 // The switch for the fourth block of the 16-bit V = 16 kernels, forward and backward (false: 3
 // blocks at 80 registers, as at commit 8b21dc0: fewer spills, 25% fewer tokens in flight).
-// -DMOEKIT_ROUTER_FOUR_BLOCKS=0 in cuda_args builds the 3-block variant for an A/B measurement.
+// -DMOEKIT_ROUTER_FOUR_BLOCKS=0 in cuda_args and cpp_args (the host sizes grids from it too)
+// builds the 3-block variant for an A/B measurement.
 #ifndef MOEKIT_ROUTER_FOUR_BLOCKS
 #define MOEKIT_ROUTER_FOUR_BLOCKS 1
 #endif
