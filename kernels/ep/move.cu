@@ -182,38 +182,34 @@ unsigned small_grid(int64_t count) {
 
 }  // namespace
 
-cudaError_t launch_pack(const PackArgs& a, int vec_bytes, int max_blocks, cudaStream_t stream) {
-  const int64_t tokens = a.token_end - a.token_begin;
-  if (tokens <= 0) return cudaSuccess;
-  int64_t blocks = (tokens + kMoveWarpsPerBlock - 1) / kMoveWarpsPerBlock;
+// One warp per item (a token for pack, a block slot for mark_tails), at most max_blocks blocks;
+// `launch(V{}, grid)` starts the kernel instance for the row vector type V of vec_bytes.
+template <class Launch>
+cudaError_t launch_move(int64_t items, int vec_bytes, int max_blocks, Launch&& launch) {
+  if (items <= 0) return cudaSuccess;
+  int64_t blocks = (items + kMoveWarpsPerBlock - 1) / kMoveWarpsPerBlock;
   if (blocks > max_blocks) blocks = max_blocks;
   const dim3 grid(static_cast<unsigned>(blocks > 0 ? blocks : 1));
   switch (vec_bytes) {
-    case 16: pack_kernel<uint4><<<grid, kMoveThreads, 0, stream>>>(a); break;
-    case 8: pack_kernel<uint2><<<grid, kMoveThreads, 0, stream>>>(a); break;
-    case 4: pack_kernel<uint32_t><<<grid, kMoveThreads, 0, stream>>>(a); break;
-    case 2: pack_kernel<uint16_t><<<grid, kMoveThreads, 0, stream>>>(a); break;
-    case 1: pack_kernel<uint8_t><<<grid, kMoveThreads, 0, stream>>>(a); break;
+    case 16: launch(uint4{}, grid); break;
+    case 8: launch(uint2{}, grid); break;
+    case 4: launch(uint32_t{}, grid); break;
+    case 2: launch(uint16_t{}, grid); break;
+    case 1: launch(uint8_t{}, grid); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaPeekAtLastError();
 }
 
+cudaError_t launch_pack(const PackArgs& a, int vec_bytes, int max_blocks, cudaStream_t stream) {
+  return launch_move(a.token_end - a.token_begin, vec_bytes, max_blocks, [&](auto v, dim3 grid) {
+    pack_kernel<decltype(v)><<<grid, kMoveThreads, 0, stream>>>(a);
+  });
+}
+
 cudaError_t launch_mark_tails(const TailArgs& a, int vec_bytes, int max_blocks, cudaStream_t stream) {
-  const int64_t total = static_cast<int64_t>(a.num_ranks) * a.chunk_capacity;
-  if (total == 0) return cudaSuccess;
-  int64_t blocks = (total + kMoveWarpsPerBlock - 1) / kMoveWarpsPerBlock;
-  if (blocks > max_blocks) blocks = max_blocks;
-  const dim3 grid(static_cast<unsigned>(blocks > 0 ? blocks : 1));
-  switch (vec_bytes) {
-    case 16: mark_tails_kernel<uint4><<<grid, kMoveThreads, 0, stream>>>(a); break;
-    case 8: mark_tails_kernel<uint2><<<grid, kMoveThreads, 0, stream>>>(a); break;
-    case 4: mark_tails_kernel<uint32_t><<<grid, kMoveThreads, 0, stream>>>(a); break;
-    case 2: mark_tails_kernel<uint16_t><<<grid, kMoveThreads, 0, stream>>>(a); break;
-    case 1: mark_tails_kernel<uint8_t><<<grid, kMoveThreads, 0, stream>>>(a); break;
-    default: return cudaErrorInvalidValue;
-  }
-  return cudaPeekAtLastError();
+  return launch_move(static_cast<int64_t>(a.num_ranks) * a.chunk_capacity, vec_bytes, max_blocks,
+                     [&](auto v, dim3 grid) { mark_tails_kernel<decltype(v)><<<grid, kMoveThreads, 0, stream>>>(a); });
 }
 
 cudaError_t launch_unpack(const UnpackArgs& a, cudaStream_t stream) {
