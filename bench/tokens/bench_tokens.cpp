@@ -302,8 +302,10 @@ void run_shape(const Shape& shape, const moekit::bench::Args& args, moekit_dtype
     BENCH_CUDA(cudaGraphDestroy(graph));
   }
   {
-    // The same call with T = 0: both plan kernels launch (one block each, the offsets scan over
-    // E_local) with no slot to read, i.e. the plan's fixed cost on this device and host.
+    // The same call with T = 0: the one-block kernel (a plain launch, the offsets scan over
+    // E_local) with no slot to read, i.e. the plan's fixed cost on this device and host;
+    // plan_no_tokens_fused the same call forced through the cooperative launch and its grid
+    // barrier (what a call with more than one block pays on top), plan_no_tokens_split two launches.
     size_t empty_ws = 0, empty_buf = 0;
     BENCH_OK(moekit_plan_workspace_size(&cfg, 0, &empty_ws));
     BENCH_OK(moekit_plan_buffer_size(&cfg, 0, &empty_buf));
@@ -314,6 +316,12 @@ void run_shape(const Shape& shape, const moekit::bench::Args& args, moekit_dtype
     time_op("plan_no_tokens", 0.0, [&](int) {
       BENCH_OK(moekit_plan_build(&cfg, 0, nullptr, nullptr, nullptr, &empty, ews.p, empty_ws, stream));
     });
+    {
+      ScopedEnv env("MOEKIT_PLAN_KERNELS", "fused");
+      time_op("plan_no_tokens_fused", 0.0, [&](int) {
+        BENCH_OK(moekit_plan_build(&cfg, 0, nullptr, nullptr, nullptr, &empty, ews.p, empty_ws, stream));
+      });
+    }
     ScopedEnv env("MOEKIT_PLAN_KERNELS", "split");
     time_op("plan_no_tokens_split", 0.0, [&](int) {
       BENCH_OK(moekit_plan_build(&cfg, 0, nullptr, nullptr, nullptr, &empty, ews.p, empty_ws, stream));
@@ -350,6 +358,7 @@ void run_shape(const Shape& shape, const moekit::bench::Args& args, moekit_dtype
       bar = r.timing.median_us < 20.0 ? "bar 20 us met" : "bar 20 us MISSED";
     if (r.op == "plan_no_tokens") bar = "fixed cost (T = 0)";
     if (r.op == "plan_no_tokens_split") bar = "fixed cost (T = 0), two launches";
+    if (r.op == "plan_no_tokens_fused") bar = "fixed cost (T = 0), cooperative launch";
     if (r.op == "plan_busy") bar = "after 20 ms of memsets";
     if (r.op == "plan_split") bar = "two launches";
     if (r.op == "plan_warm") bar = "same set every call";

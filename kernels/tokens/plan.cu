@@ -50,6 +50,7 @@
 #include <cub/block/block_scan.cuh>
 #include <cooperative_groups.h>
 
+#include <atomic>
 #include <climits>
 
 #include "kernels/tokens/launch.hpp"
@@ -433,6 +434,21 @@ __global__ void __launch_bounds__(kPlanThreads) plan_fused_kernel(PlanArgs a) {
   scatter_block(a, s_dyn);
 }
 
+// ---- 1 + 2 in one block -----------------------------------------------------------------------
+// The grid of plan_grid is one block exactly when N <= kPlanTileSlots (T = 0 included): then the
+// block's own barrier is the grid barrier, and the kernel is launched like any other (a
+// cooperative launch costs the host more than a plain one, and the grid barrier's atomic and
+// polling round trips are gone). __syncthreads() orders the table row's stores before the
+// scatter's loads of it (block-wide visibility of global memory; ld.global.cg is only a cache
+// hint) and the count's last reads of the shared histogram before the scatter reuses that memory.
+// Same code, same bits as the two other paths.
+__global__ void __launch_bounds__(kPlanThreads) plan_single_block_kernel(PlanArgs a) {
+  extern __shared__ int s_dyn[];
+  count_block(a, s_dyn);
+  __syncthreads();
+  scatter_block(a, s_dyn);
+}
+
 // ---- 3. capacity by weight --------------------------------------------------------------------
 __global__ void __launch_bounds__(kSelectThreads) plan_select_kernel(PlanArgs a) {
   using BlockScan = cub::BlockScan<int, kSelectThreads>;
@@ -555,17 +571,41 @@ cudaError_t launch_split(const PlanArgs& a, cudaStream_t stream) {
   return launch_select(a, stream);
 }
 
+// The two device attributes the choice of path needs, cached per device: cudaDeviceGetAttribute
+// is an API call on every plan call otherwise. The cache is host memory only (graph capture is
+// not affected), written and read with relaxed atomics (any thread may fill an entry; every
+// writer writes the same value). Devices past kCachedDevices are queried on every call.
+constexpr int kCachedDevices = 64;
+std::atomic<int> g_device_caps[kCachedDevices];  // 0: not yet known, else 1 + (sms << 1 | coop)
+
+cudaError_t device_caps(int* coop, int* sms) {
+  int device = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error != cudaSuccess) return error;
+  const bool cached = device >= 0 && device < kCachedDevices;
+  if (cached) {
+    const int v = g_device_caps[device].load(std::memory_order_relaxed);
+    if (v != 0) {
+      *coop = (v - 1) & 1;
+      *sms = (v - 1) >> 1;
+      return cudaSuccess;
+    }
+  }
+  error = cudaDeviceGetAttribute(coop, cudaDevAttrCooperativeLaunch, device);
+  if (error != cudaSuccess) return error;
+  error = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
+  if (error != cudaSuccess) return error;
+  if (cached) g_device_caps[device].store(1 + ((*sms << 1) | (*coop != 0 ? 1 : 0)), std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
 // Whether the fused kernel's grid is certain to be resident at once on the current device: at
 // most one block per SM (a plan block always fits on an SM by itself: 256 threads, at most 255
 // registers each, shared memory within the opt-in limit) on a device with cooperative launch.
 cudaError_t fused_fits(const PlanArgs& a, bool* fits) {
   *fits = false;
-  int device = 0, coop = 0, sms = 0;
-  cudaError_t error = cudaGetDevice(&device);
-  if (error != cudaSuccess) return error;
-  error = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
-  if (error != cudaSuccess) return error;
-  error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  int coop = 0, sms = 0;
+  const cudaError_t error = device_caps(&coop, &sms);
   if (error != cudaSuccess) return error;
   *fits = coop != 0 && a.num_blocks <= sms;
   return cudaSuccess;
@@ -590,11 +630,24 @@ cudaError_t launch_fused(const PlanArgs& a, cudaStream_t stream) {
   return launch_select(a, stream);
 }
 
+cudaError_t launch_single_block(const PlanArgs& a, cudaStream_t stream) {
+  const size_t smem = fused_smem_bytes(a.num_local);
+  cudaError_t error = allow_smem(plan_single_block_kernel, smem);
+  if (error != cudaSuccess) return error;
+  plan_single_block_kernel<<<1, kPlanThreads, smem, stream>>>(a);
+  error = cudaPeekAtLastError();
+  if (error != cudaSuccess) return error;
+  return launch_select(a, stream);
+}
+
 }  // namespace
 
 cudaError_t launch_plan_kernels(const PlanArgs& a, PlanKernels which, cudaStream_t stream) {
   if (which == PlanKernels::kSplit) return launch_split(a, stream);
   if (which == PlanKernels::kAuto) {
+    // One block (N <= kPlanTileSlots, T = 0 included): a plain launch, no grid barrier, no device
+    // query. kFused still forces the cooperative kernel there (the GPU suite compares the paths).
+    if (a.num_blocks == 1) return launch_single_block(a, stream);
     bool fits = false;
     const cudaError_t error = fused_fits(a, &fits);
     if (error != cudaSuccess) return error;

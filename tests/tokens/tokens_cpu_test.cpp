@@ -1022,7 +1022,7 @@ TEST_CASE("plan grids keep the table small and cover every slot once", "[tokens]
       const kt::PlanGrid g = kt::plan_grid(N, EL);
       REQUIRE(g.blocks >= 1);
       REQUIRE(g.blocks <= kt::kPlanMaxBlocks);
-      REQUIRE(g.blocks <= 108);  // resident at once on an A100, H100 or H200: the one-launch path
+      REQUIRE(g.blocks <= 132);  // resident at once on an H100 or H200: the one-launch path
       REQUIRE(static_cast<int64_t>(g.blocks) * (EL + 1) <= std::max<int64_t>(kt::kPlanMaxTableEntries, EL + 1));
       REQUIRE(g.slots_per_block % kt::kPlanTileSlots == 0);
       REQUIRE(static_cast<int64_t>(g.blocks) * g.slots_per_block >= N);
