@@ -22,8 +22,9 @@
 // counts are in the JSON as rotated_copies).
 // Before timing, the plan of every shape (and of every copy) is compared with the CPU reference
 // and sampled tokens of every op are checked; a mismatch aborts.
-// Also timed: plan_no_tokens, the plan call with T = 0 (its fixed cost: one launch and the
-// offsets scan; plan_no_tokens_split the same on the two-launch path), the plan's diagnostics,
+// Also timed: plan_no_tokens, the plan call with T = 0 (its fixed cost: one plain launch of one
+// block and the offsets scan; plan_no_tokens_fused the same through the cooperative launch and
+// grid barrier of wider grids, plan_no_tokens_split on the two-launch path), the plan's diagnostics,
 // each right after 20 ms of memsets so that the GPU's clocks are at their working level
 // (plan_busy: the plan row measured so; plan_split: the two-launch path, MOEKIT_PLAN_KERNELS=split; plan_warm: the same inputs and
 // outputs every call, so no DRAM or TLB miss; plan_graph: GPU time per call of a CUDA graph of up

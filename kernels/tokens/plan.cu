@@ -88,9 +88,13 @@ __device__ __forceinline__ void match_labels(const int (&label)[kSteps], unsigne
   }
 }
 
+// Entry: the table's element type, uint16_t when plan_table_is_narrow (plan_steps.hpp), else int.
 // A table entry. Read through L2 (ld.global.cg): in the fused kernel other blocks wrote it in
 // this launch, before the grid barrier, and L1 is not coherent with their stores.
-__device__ __forceinline__ int table_at(const PlanArgs& a, int64_t i) { return __ldcg(a.table + i); }
+template <class Entry>
+__device__ __forceinline__ int table_at(const PlanArgs& a, int64_t i) {
+  return static_cast<int>(__ldcg(reinterpret_cast<const Entry*>(a.table) + i));
+}
 
 // ---- 1. counts per block ----------------------------------------------------------------------
 // Block b counts its slot range into its row of the table. s_hist: [E_local + 1] ints of dynamic
@@ -128,8 +132,14 @@ __device__ __forceinline__ void count_block(const PlanArgs& a, int* s_hist) {
       if (cur[it] <= EL && lane == __ffs(peers[it]) - 1) atomicAdd(&s_hist[cur[it]], __popc(peers[it]));
   }
   __syncthreads();
-  int* out = a.table + static_cast<int64_t>(blockIdx.x) * bins;
-  for (int i = threadIdx.x; i < bins; i += kPlanThreads) out[i] = s_hist[i];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * bins;
+  if (plan_table_is_narrow(a.slots_per_block)) {
+    uint16_t* out = reinterpret_cast<uint16_t*>(a.table) + row;
+    for (int i = threadIdx.x; i < bins; i += kPlanThreads) out[i] = static_cast<uint16_t>(s_hist[i]);
+  } else {
+    int* out = a.table + row;
+    for (int i = threadIdx.x; i < bins; i += kPlanThreads) out[i] = s_hist[i];
+  }
 }
 
 __global__ void __launch_bounds__(kPlanThreads) plan_count_kernel(PlanArgs a) {
@@ -154,7 +164,7 @@ __host__ __device__ constexpr size_t fused_smem_bytes(int num_local) {
 // E_local >= kPlanThreads: thread t owns the columns t, t + kPlanThreads, ... of the local
 // experts; it loads RP rows of kPlanTableBatch / RP columns per batch (all issued, then used)
 // and writes s_n[e] (sum over all blocks) and s_run[e] (sum over blocks below b).
-template <int RP>
+template <int RP, class Entry>
 __device__ __forceinline__ void sum_owned_columns(const PlanArgs& a, int b, int B, int* s_n, int* s_run) {
   constexpr int CP = kPlanTableBatch / RP;
   const int EL = a.num_local;
@@ -170,7 +180,7 @@ __device__ __forceinline__ void sum_owned_columns(const PlanArgs& a, int b, int 
 #pragma unroll
         for (int j = 0; j < RP; ++j) {
           const int e = c0 + c * kPlanThreads, r = r0 + j;
-          v[c][j] = e < EL && r < B ? table_at(a, r * bins + e) : 0;
+          v[c][j] = e < EL && r < B ? table_at<Entry>(a, r * bins + e) : 0;
         }
 #pragma unroll
       for (int c = 0; c < CP; ++c)
@@ -187,6 +197,58 @@ __device__ __forceinline__ void sum_owned_columns(const PlanArgs& a, int b, int 
         s_n[e] = tot[c];
         s_run[e] = pre[c];
       }
+    }
+  }
+}
+
+// The column sums of the table for scatter_block: s_n[e] = n_e over all blocks, s_run[e] = the
+// sum over the blocks below b. s_part: [2][kPlanThreads] shared scratch.
+template <class Entry>
+__device__ __forceinline__ void sum_table(const PlanArgs& a, int b, int B, int* s_n, int* s_run,
+                                          int (*s_part)[kPlanThreads]) {
+  const int EL = a.num_local;
+  const int64_t bins = EL + 1;
+  const int tid = threadIdx.x;
+  if (EL >= kPlanThreads) {
+    const int rows = table_rows_per_batch(B);
+    if (rows == kPlanTableBatch / 4)
+      sum_owned_columns<kPlanTableBatch / 4, Entry>(a, b, B, s_n, s_run);
+    else if (rows == kPlanTableBatch / 2)
+      sum_owned_columns<kPlanTableBatch / 2, Entry>(a, b, B, s_n, s_run);
+    else
+      sum_owned_columns<kPlanTableBatch, Entry>(a, b, B, s_n, s_run);
+  } else {
+    // Fewer experts than threads: `parts` threads share each column, part p loading the rows
+    // p, p + parts, ... in predicated batches.
+    const int parts = column_parts(EL, B);
+    const int e = tid % EL, p = tid / EL;
+    int pre = 0, tot = 0;
+    if (p < parts) {
+      for (int r0 = p; r0 < B; r0 += parts * kPlanTableBatch) {
+        int v[kPlanTableBatch];
+#pragma unroll
+        for (int j = 0; j < kPlanTableBatch; ++j) {
+          const int r = r0 + j * parts;
+          v[j] = r < B ? table_at<Entry>(a, r * bins + e) : 0;
+        }
+#pragma unroll
+        for (int j = 0; j < kPlanTableBatch; ++j) {
+          tot += v[j];
+          pre += r0 + j * parts < b ? v[j] : 0;
+        }
+      }
+    }
+    s_part[0][tid] = pre;
+    s_part[1][tid] = tot;
+    __syncthreads();
+    if (tid < EL) {
+      int pre_sum = 0, tot_sum = 0;
+      for (int q = 0; q < parts; ++q) {
+        pre_sum += s_part[0][q * EL + tid];
+        tot_sum += s_part[1][q * EL + tid];
+      }
+      s_run[tid] = pre_sum;
+      s_n[tid] = tot_sum;
     }
   }
 }
@@ -223,54 +285,19 @@ __device__ __forceinline__ void scatter_block(const PlanArgs& a, int* s_dyn) {
   int label[kSteps];
   load_labels(a, begin, end, warp, lane, label);
   int my_invalid = 0;
-  if (b == 0)
-    for (int bb = tid; bb < B; bb += kPlanThreads) my_invalid += table_at(a, bb * bins + EL);
+  if (b == 0) {
+    const bool narrow = plan_table_is_narrow(a.slots_per_block);
+    for (int bb = tid; bb < B; bb += kPlanThreads)
+      my_invalid += narrow ? table_at<uint16_t>(a, bb * bins + EL) : table_at<int>(a, bb * bins + EL);
+  }
 
   for (int i = tid; i < kPlanWarps * stride; i += kPlanThreads) s_wcnt[i] = 0;
 
   // Column sums of the table: n_e over all blocks, and the prefix over blocks below b.
-  if (EL >= kPlanThreads) {
-    const int rows = table_rows_per_batch(B);
-    if (rows == kPlanTableBatch / 4)
-      sum_owned_columns<kPlanTableBatch / 4>(a, b, B, s_n, s_run);
-    else if (rows == kPlanTableBatch / 2)
-      sum_owned_columns<kPlanTableBatch / 2>(a, b, B, s_n, s_run);
-    else
-      sum_owned_columns<kPlanTableBatch>(a, b, B, s_n, s_run);
-  } else {
-    // Fewer experts than threads: `parts` threads share each column, part p loading the rows
-    // p, p + parts, ... in predicated batches.
-    const int parts = column_parts(EL, B);
-    const int e = tid % EL, p = tid / EL;
-    int pre = 0, tot = 0;
-    if (p < parts) {
-      for (int r0 = p; r0 < B; r0 += parts * kPlanTableBatch) {
-        int v[kPlanTableBatch];
-#pragma unroll
-        for (int j = 0; j < kPlanTableBatch; ++j) {
-          const int r = r0 + j * parts;
-          v[j] = r < B ? table_at(a, r * bins + e) : 0;
-        }
-#pragma unroll
-        for (int j = 0; j < kPlanTableBatch; ++j) {
-          tot += v[j];
-          pre += r0 + j * parts < b ? v[j] : 0;
-        }
-      }
-    }
-    s_part[0][tid] = pre;
-    s_part[1][tid] = tot;
-    __syncthreads();
-    if (tid < EL) {
-      int pre_sum = 0, tot_sum = 0;
-      for (int q = 0; q < parts; ++q) {
-        pre_sum += s_part[0][q * EL + tid];
-        tot_sum += s_part[1][q * EL + tid];
-      }
-      s_run[tid] = pre_sum;
-      s_n[tid] = tot_sum;
-    }
-  }
+  if (plan_table_is_narrow(a.slots_per_block))
+    sum_table<uint16_t>(a, b, B, s_n, s_run, s_part);
+  else
+    sum_table<int>(a, b, B, s_n, s_run, s_part);
   __syncthreads();
 
   // Offsets: each thread owns a contiguous run of experts; one block scan over the runs.

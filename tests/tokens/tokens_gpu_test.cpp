@@ -270,6 +270,11 @@ TEST_CASE("the one-block, one-launch (cooperative) and two-launch plan kernels a
       {16384, plan_config(256, 8, 128, 400, pos), Routing::kSkewed, 0, 1},
       {16384, plan_config(256, 8, 8, 400, wt), Routing::kSkewed, 0, 1},
       {3000, plan_config(2048, 32, 1, 20, wt), Routing::kSkewed, 0, 1},
+      // The table's entry width: 8 blocks of 63 tiles (64512 slots, 16-bit entries) and of 64
+      // tiles (65536 slots, int32 entries), every slot to one expert, so that one count of a
+      // block is 64512 (fits 16 bits) and 65536 (does not).
+      {516096, plan_config(4096, 1), Routing::kOneHot, 0, 1},
+      {524288, plan_config(4096, 1), Routing::kOneHot, 0, 1},
   };
   cases.insert(cases.end(), more.begin(), more.end());
   for (const auto& pc : cases) {
