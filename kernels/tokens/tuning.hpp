@@ -20,7 +20,15 @@ constexpr int kPlanWarps = kPlanThreads / 32;
 // H200, 17-18 us with 4096-slot tiles and 7-9 us with 2048-slot tiles (4 to 64 blocks), so it
 // scales with the slots of a block. 1024-slot tiles spread it over twice the SMs again
 // (T=16384 K=8: 128 blocks of one tile). 4 keeps 4 independent index loads in flight per lane.
-constexpr int kPlanItersPerWarp = 4;
+// -DMOEKIT_PLAN_ITERS_PER_WARP=8 in both cpp_args and cuda_args builds the 2048-slot tiles of
+// commit 22425fd (the bar's shape then runs on 64 blocks) for an A/B measurement. Host and device
+// must agree for the workspace size, but the plan is correct either way: the host's grid gives
+// each block a contiguous slot range, which the kernels walk in their own tile size.
+#ifndef MOEKIT_PLAN_ITERS_PER_WARP
+#define MOEKIT_PLAN_ITERS_PER_WARP 4
+#endif
+constexpr int kPlanItersPerWarp = MOEKIT_PLAN_ITERS_PER_WARP;
+static_assert(kPlanItersPerWarp >= 1 && kPlanItersPerWarp <= 16, "8 to 512 slots a warp per tile");
 constexpr int kPlanWarpSlots = kPlanItersPerWarp * 32;
 constexpr int kPlanTileSlots = kPlanThreads * kPlanItersPerWarp;
 // Every scatter block reads the whole [blocks, E_local + 1] count table once (that is how it
