@@ -11,11 +11,14 @@
 // Shapes. indices [T, K] int32, weights [T, K] fp32 (drop by weight), token_mask [T] uint8;
 // outputs expert_counts [E_local], expert_offsets [E_local + 1], row_of_slot [T K],
 // slot_of_row [max_rows] (entries >= total untouched), totals [3] (rows, dropped, invalid).
-// Workspace: table [blocks, E_local + 1] int32 and, for drop by weight, raw_counts and
-// list_offsets [E_local], list_slots / list_keys [N].
+// Workspace: table [blocks, E_local + 1] int32 (used as uint16 entries when a block owns at most
+// 65535 slots) and, for drop by weight, raw_counts and list_offsets [E_local], list_slots /
+// list_keys [N].
 //
-// Phases 1 and 2 run either in one cooperative launch (plan_fused_kernel: count, grid barrier,
-// scatter; the default wherever the grid is sure to be resident) or as two kernels
+// Phases 1 and 2 run in one plain launch when the grid is one block (plan_single_block_kernel:
+// count, __syncthreads, scatter; N <= kPlanTileSlots, T = 0 included), else either in one
+// cooperative launch (plan_fused_kernel: count, grid barrier, scatter; the default wherever the
+// grid is sure to be resident) or as two kernels
 // (plan_count_kernel, plan_scatter_kernel: the kernel boundary is the barrier); phase 3 is a
 // kernel of its own. So the common case is 1 launch (2 with drop by weight), or 2 (3) on the
 // two-kernel path. The index arithmetic is in plan_steps.hpp (labels, slot of a lane, ballot
@@ -28,8 +31,8 @@
 //     (column sums), the offsets (a block scan over experts) and its own start inside each expert
 //     (the column prefix over lower blocks), without another barrier. Block 0 writes the counts,
 //     offsets and totals; padding rows are marked -1, one warp per expert. Then the block walks
-//     its range in tiles of kPlanTileSlots (2048) slots; each warp owns kPlanWarpSlots (256)
-//     consecutive slots of the tile in kPlanItersPerWarp (8) steps of 32. A slot's rank inside
+//     its range in tiles of kPlanTileSlots (1024) slots; each warp owns kPlanWarpSlots (128)
+//     consecutive slots of the tile in kPlanItersPerWarp (4) steps of 32. A slot's rank inside
 //     its expert is
 //        (start of this block) + (earlier tiles) + (earlier warps of the tile, an inclusive scan
 //        over the warps' counts) + (earlier steps of the warp, a per-warp shared counter) +
