@@ -22,8 +22,10 @@
 // counts are in the JSON as rotated_copies).
 // Before timing, the plan of every shape (and of every copy) is compared with the CPU reference
 // and sampled tokens of every op are checked; a mismatch aborts.
-// Also timed: plan_no_tokens, the plan call with T = 0 (its fixed cost: one launch and the
-// offsets scan; plan_no_tokens_split the same on the two-launch path), the plan's diagnostics,
+// Also timed: plan_no_tokens, the plan call with T = 0 (its fixed cost: one plain launch of one
+// block and the offsets scan; plan_no_tokens_fused the same through the cooperative launch and
+// grid barrier of wider grids, plan_no_tokens_split on the two-launch path; the _graph rows: GPU
+// time per call of the first two inside a CUDA graph of 64 calls), the plan's diagnostics,
 // each right after 20 ms of memsets so that the GPU's clocks are at their working level
 // (plan_busy: the plan row measured so; plan_split: the two-launch path, MOEKIT_PLAN_KERNELS=split; plan_warm: the same inputs and
 // outputs every call, so no DRAM or TLB miss; plan_graph: GPU time per call of a CUDA graph of up
@@ -302,8 +304,10 @@ void run_shape(const Shape& shape, const moekit::bench::Args& args, moekit_dtype
     BENCH_CUDA(cudaGraphDestroy(graph));
   }
   {
-    // The same call with T = 0: both plan kernels launch (one block each, the offsets scan over
-    // E_local) with no slot to read, i.e. the plan's fixed cost on this device and host.
+    // The same call with T = 0: the one-block kernel (a plain launch, the offsets scan over
+    // E_local) with no slot to read, i.e. the plan's fixed cost on this device and host;
+    // plan_no_tokens_fused the same call forced through the cooperative launch and its grid
+    // barrier (what a call with more than one block pays on top), plan_no_tokens_split two launches.
     size_t empty_ws = 0, empty_buf = 0;
     BENCH_OK(moekit_plan_workspace_size(&cfg, 0, &empty_ws));
     BENCH_OK(moekit_plan_buffer_size(&cfg, 0, &empty_buf));
@@ -311,13 +315,36 @@ void run_shape(const Shape& shape, const moekit::bench::Args& args, moekit_dtype
     moekit_token_plan_t empty{};
     BENCH_OK(moekit_token_plan_init(&empty, sizeof(empty)));
     BENCH_OK(moekit_plan_bind(&cfg, 0, ebuf.p, empty_buf, &empty));
-    time_op("plan_no_tokens", 0.0, [&](int) {
+    auto empty_build = [&] {
       BENCH_OK(moekit_plan_build(&cfg, 0, nullptr, nullptr, nullptr, &empty, ews.p, empty_ws, stream));
-    });
+    };
+    // GPU time per call of a graph of 64 such calls: what is left without the host's launch path.
+    auto empty_graph = [&](const char* op) {
+      const int calls = 64;
+      cudaGraph_t graph = nullptr;
+      cudaGraphExec_t exec = nullptr;
+      BENCH_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+      for (int i = 0; i < calls; ++i) empty_build();
+      BENCH_CUDA(cudaStreamEndCapture(stream, &graph));
+      BENCH_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+      moekit::bench::Timing t = moekit::bench::time_us(stream, std::max(1, warmup / 4), std::max(3, repeats / 4),
+                                                       [&](int) { BENCH_CUDA(cudaGraphLaunch(exec, stream)); });
+      t.median_us /= calls;
+      t.min_us /= calls;
+      t.max_us /= calls;
+      results.push_back({op, t, 0.0, 0.0});
+      BENCH_CUDA(cudaGraphExecDestroy(exec));
+      BENCH_CUDA(cudaGraphDestroy(graph));
+    };
+    time_op("plan_no_tokens", 0.0, [&](int) { empty_build(); });
+    empty_graph("plan_no_tokens_graph");
+    {
+      ScopedEnv env("MOEKIT_PLAN_KERNELS", "fused");
+      time_op("plan_no_tokens_fused", 0.0, [&](int) { empty_build(); });
+      empty_graph("plan_no_tokens_fused_graph");
+    }
     ScopedEnv env("MOEKIT_PLAN_KERNELS", "split");
-    time_op("plan_no_tokens_split", 0.0, [&](int) {
-      BENCH_OK(moekit_plan_build(&cfg, 0, nullptr, nullptr, nullptr, &empty, ews.p, empty_ws, stream));
-    });
+    time_op("plan_no_tokens_split", 0.0, [&](int) { empty_build(); });
   }
   time_op("permute", permute_bytes, [&](int i) {
     BENCH_OK(moekit_tokens_permute(&cfg, &P(i).plan, T, H, dt, M(i).x.p, H, P(i).w.as<float>(), M(i).xp.p,
@@ -350,12 +377,15 @@ void run_shape(const Shape& shape, const moekit::bench::Args& args, moekit_dtype
       bar = r.timing.median_us < 20.0 ? "bar 20 us met" : "bar 20 us MISSED";
     if (r.op == "plan_no_tokens") bar = "fixed cost (T = 0)";
     if (r.op == "plan_no_tokens_split") bar = "fixed cost (T = 0), two launches";
+    if (r.op == "plan_no_tokens_fused") bar = "fixed cost (T = 0), cooperative launch";
+    if (r.op == "plan_no_tokens_graph") bar = "T = 0, GPU time per call in a graph";
+    if (r.op == "plan_no_tokens_fused_graph") bar = "T = 0 cooperative, GPU time per call in a graph";
     if (r.op == "plan_busy") bar = "after 20 ms of memsets";
     if (r.op == "plan_split") bar = "two launches";
     if (r.op == "plan_warm") bar = "same set every call";
     if (r.op == "plan_graph") bar = "GPU time per call in a graph";
     char line[256];
-    std::snprintf(line, sizeof(line), "%-9s %-20s %10.1f %10.1f %9.1f %8.1f%%  %s", shape.name.c_str(),
+    std::snprintf(line, sizeof(line), "%-9s %-26s %10.1f %10.1f %9.1f %8.1f%%  %s", shape.name.c_str(),
                   r.op.c_str(), r.timing.median_us, r.bytes / (r.timing.median_us * 1e-6) / 1e9, r.floor_us,
                   100.0 * fraction, bar.c_str());
     table.push_back(line);
@@ -433,7 +463,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> table;
   for (const auto& s : shapes) run_shape(s, args, dt, copy_bw, stream, shapes_json, table);
 
-  std::printf("\n%-9s %-20s %10s %10s %9s %9s\n", "shape", "op", "median_us", "GB/s", "floor_us", "of floor");
+  std::printf("\n%-9s %-26s %10s %10s %9s %9s\n", "shape", "op", "median_us", "GB/s", "floor_us", "of floor");
   for (const auto& line : table) std::printf("%s\n", line.c_str());
 
   if (args.has("json")) {

@@ -11,11 +11,14 @@
 // Shapes. indices [T, K] int32, weights [T, K] fp32 (drop by weight), token_mask [T] uint8;
 // outputs expert_counts [E_local], expert_offsets [E_local + 1], row_of_slot [T K],
 // slot_of_row [max_rows] (entries >= total untouched), totals [3] (rows, dropped, invalid).
-// Workspace: table [blocks, E_local + 1] int32 and, for drop by weight, raw_counts and
-// list_offsets [E_local], list_slots / list_keys [N].
+// Workspace: table [blocks, E_local + 1] int32 (used as uint16 entries when a block owns at most
+// 65535 slots) and, for drop by weight, raw_counts and list_offsets [E_local], list_slots /
+// list_keys [N].
 //
-// Phases 1 and 2 run either in one cooperative launch (plan_fused_kernel: count, grid barrier,
-// scatter; the default wherever the grid is sure to be resident) or as two kernels
+// Phases 1 and 2 run in one plain launch when the grid is one block (plan_single_block_kernel:
+// count, __syncthreads, scatter; N <= kPlanTileSlots, T = 0 included), else either in one
+// cooperative launch (plan_fused_kernel: count, grid barrier, scatter; the default wherever the
+// grid is sure to be resident) or as two kernels
 // (plan_count_kernel, plan_scatter_kernel: the kernel boundary is the barrier); phase 3 is a
 // kernel of its own. So the common case is 1 launch (2 with drop by weight), or 2 (3) on the
 // two-kernel path. The index arithmetic is in plan_steps.hpp (labels, slot of a lane, ballot
@@ -28,8 +31,8 @@
 //     (column sums), the offsets (a block scan over experts) and its own start inside each expert
 //     (the column prefix over lower blocks), without another barrier. Block 0 writes the counts,
 //     offsets and totals; padding rows are marked -1, one warp per expert. Then the block walks
-//     its range in tiles of kPlanTileSlots (2048) slots; each warp owns kPlanWarpSlots (256)
-//     consecutive slots of the tile in kPlanItersPerWarp (8) steps of 32. A slot's rank inside
+//     its range in tiles of kPlanTileSlots (1024) slots; each warp owns kPlanWarpSlots (128)
+//     consecutive slots of the tile in kPlanItersPerWarp (4) steps of 32. A slot's rank inside
 //     its expert is
 //        (start of this block) + (earlier tiles) + (earlier warps of the tile, an inclusive scan
 //        over the warps' counts) + (earlier steps of the warp, a per-warp shared counter) +
@@ -50,6 +53,7 @@
 #include <cub/block/block_scan.cuh>
 #include <cooperative_groups.h>
 
+#include <atomic>
 #include <climits>
 
 #include "kernels/tokens/launch.hpp"
@@ -87,9 +91,13 @@ __device__ __forceinline__ void match_labels(const int (&label)[kSteps], unsigne
   }
 }
 
+// Entry: the table's element type, uint16_t when plan_table_is_narrow (plan_steps.hpp), else int.
 // A table entry. Read through L2 (ld.global.cg): in the fused kernel other blocks wrote it in
 // this launch, before the grid barrier, and L1 is not coherent with their stores.
-__device__ __forceinline__ int table_at(const PlanArgs& a, int64_t i) { return __ldcg(a.table + i); }
+template <class Entry>
+__device__ __forceinline__ int table_at(const PlanArgs& a, int64_t i) {
+  return static_cast<int>(__ldcg(reinterpret_cast<const Entry*>(a.table) + i));
+}
 
 // ---- 1. counts per block ----------------------------------------------------------------------
 // Block b counts its slot range into its row of the table. s_hist: [E_local + 1] ints of dynamic
@@ -127,8 +135,14 @@ __device__ __forceinline__ void count_block(const PlanArgs& a, int* s_hist) {
       if (cur[it] <= EL && lane == __ffs(peers[it]) - 1) atomicAdd(&s_hist[cur[it]], __popc(peers[it]));
   }
   __syncthreads();
-  int* out = a.table + static_cast<int64_t>(blockIdx.x) * bins;
-  for (int i = threadIdx.x; i < bins; i += kPlanThreads) out[i] = s_hist[i];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * bins;
+  if (plan_table_is_narrow(a.slots_per_block)) {
+    uint16_t* out = reinterpret_cast<uint16_t*>(a.table) + row;
+    for (int i = threadIdx.x; i < bins; i += kPlanThreads) out[i] = static_cast<uint16_t>(s_hist[i]);
+  } else {
+    int* out = a.table + row;
+    for (int i = threadIdx.x; i < bins; i += kPlanThreads) out[i] = s_hist[i];
+  }
 }
 
 __global__ void __launch_bounds__(kPlanThreads) plan_count_kernel(PlanArgs a) {
@@ -153,7 +167,7 @@ __host__ __device__ constexpr size_t fused_smem_bytes(int num_local) {
 // E_local >= kPlanThreads: thread t owns the columns t, t + kPlanThreads, ... of the local
 // experts; it loads RP rows of kPlanTableBatch / RP columns per batch (all issued, then used)
 // and writes s_n[e] (sum over all blocks) and s_run[e] (sum over blocks below b).
-template <int RP>
+template <int RP, class Entry>
 __device__ __forceinline__ void sum_owned_columns(const PlanArgs& a, int b, int B, int* s_n, int* s_run) {
   constexpr int CP = kPlanTableBatch / RP;
   const int EL = a.num_local;
@@ -169,7 +183,7 @@ __device__ __forceinline__ void sum_owned_columns(const PlanArgs& a, int b, int 
 #pragma unroll
         for (int j = 0; j < RP; ++j) {
           const int e = c0 + c * kPlanThreads, r = r0 + j;
-          v[c][j] = e < EL && r < B ? table_at(a, r * bins + e) : 0;
+          v[c][j] = e < EL && r < B ? table_at<Entry>(a, r * bins + e) : 0;
         }
 #pragma unroll
       for (int c = 0; c < CP; ++c)
@@ -186,6 +200,58 @@ __device__ __forceinline__ void sum_owned_columns(const PlanArgs& a, int b, int 
         s_n[e] = tot[c];
         s_run[e] = pre[c];
       }
+    }
+  }
+}
+
+// The column sums of the table for scatter_block: s_n[e] = n_e over all blocks, s_run[e] = the
+// sum over the blocks below b. s_part: [2][kPlanThreads] shared scratch.
+template <class Entry>
+__device__ __forceinline__ void sum_table(const PlanArgs& a, int b, int B, int* s_n, int* s_run,
+                                          int (*s_part)[kPlanThreads]) {
+  const int EL = a.num_local;
+  const int64_t bins = EL + 1;
+  const int tid = threadIdx.x;
+  if (EL >= kPlanThreads) {
+    const int rows = table_rows_per_batch(B);
+    if (rows == kPlanTableBatch / 4)
+      sum_owned_columns<kPlanTableBatch / 4, Entry>(a, b, B, s_n, s_run);
+    else if (rows == kPlanTableBatch / 2)
+      sum_owned_columns<kPlanTableBatch / 2, Entry>(a, b, B, s_n, s_run);
+    else
+      sum_owned_columns<kPlanTableBatch, Entry>(a, b, B, s_n, s_run);
+  } else {
+    // Fewer experts than threads: `parts` threads share each column, part p loading the rows
+    // p, p + parts, ... in predicated batches.
+    const int parts = column_parts(EL, B);
+    const int e = tid % EL, p = tid / EL;
+    int pre = 0, tot = 0;
+    if (p < parts) {
+      for (int r0 = p; r0 < B; r0 += parts * kPlanTableBatch) {
+        int v[kPlanTableBatch];
+#pragma unroll
+        for (int j = 0; j < kPlanTableBatch; ++j) {
+          const int r = r0 + j * parts;
+          v[j] = r < B ? table_at<Entry>(a, r * bins + e) : 0;
+        }
+#pragma unroll
+        for (int j = 0; j < kPlanTableBatch; ++j) {
+          tot += v[j];
+          pre += r0 + j * parts < b ? v[j] : 0;
+        }
+      }
+    }
+    s_part[0][tid] = pre;
+    s_part[1][tid] = tot;
+    __syncthreads();
+    if (tid < EL) {
+      int pre_sum = 0, tot_sum = 0;
+      for (int q = 0; q < parts; ++q) {
+        pre_sum += s_part[0][q * EL + tid];
+        tot_sum += s_part[1][q * EL + tid];
+      }
+      s_run[tid] = pre_sum;
+      s_n[tid] = tot_sum;
     }
   }
 }
@@ -222,54 +288,19 @@ __device__ __forceinline__ void scatter_block(const PlanArgs& a, int* s_dyn) {
   int label[kSteps];
   load_labels(a, begin, end, warp, lane, label);
   int my_invalid = 0;
-  if (b == 0)
-    for (int bb = tid; bb < B; bb += kPlanThreads) my_invalid += table_at(a, bb * bins + EL);
+  if (b == 0) {
+    const bool narrow = plan_table_is_narrow(a.slots_per_block);
+    for (int bb = tid; bb < B; bb += kPlanThreads)
+      my_invalid += narrow ? table_at<uint16_t>(a, bb * bins + EL) : table_at<int>(a, bb * bins + EL);
+  }
 
   for (int i = tid; i < kPlanWarps * stride; i += kPlanThreads) s_wcnt[i] = 0;
 
   // Column sums of the table: n_e over all blocks, and the prefix over blocks below b.
-  if (EL >= kPlanThreads) {
-    const int rows = table_rows_per_batch(B);
-    if (rows == kPlanTableBatch / 4)
-      sum_owned_columns<kPlanTableBatch / 4>(a, b, B, s_n, s_run);
-    else if (rows == kPlanTableBatch / 2)
-      sum_owned_columns<kPlanTableBatch / 2>(a, b, B, s_n, s_run);
-    else
-      sum_owned_columns<kPlanTableBatch>(a, b, B, s_n, s_run);
-  } else {
-    // Fewer experts than threads: `parts` threads share each column, part p loading the rows
-    // p, p + parts, ... in predicated batches.
-    const int parts = column_parts(EL, B);
-    const int e = tid % EL, p = tid / EL;
-    int pre = 0, tot = 0;
-    if (p < parts) {
-      for (int r0 = p; r0 < B; r0 += parts * kPlanTableBatch) {
-        int v[kPlanTableBatch];
-#pragma unroll
-        for (int j = 0; j < kPlanTableBatch; ++j) {
-          const int r = r0 + j * parts;
-          v[j] = r < B ? table_at(a, r * bins + e) : 0;
-        }
-#pragma unroll
-        for (int j = 0; j < kPlanTableBatch; ++j) {
-          tot += v[j];
-          pre += r0 + j * parts < b ? v[j] : 0;
-        }
-      }
-    }
-    s_part[0][tid] = pre;
-    s_part[1][tid] = tot;
-    __syncthreads();
-    if (tid < EL) {
-      int pre_sum = 0, tot_sum = 0;
-      for (int q = 0; q < parts; ++q) {
-        pre_sum += s_part[0][q * EL + tid];
-        tot_sum += s_part[1][q * EL + tid];
-      }
-      s_run[tid] = pre_sum;
-      s_n[tid] = tot_sum;
-    }
-  }
+  if (plan_table_is_narrow(a.slots_per_block))
+    sum_table<uint16_t>(a, b, B, s_n, s_run, s_part);
+  else
+    sum_table<int>(a, b, B, s_n, s_run, s_part);
   __syncthreads();
 
   // Offsets: each thread owns a contiguous run of experts; one block scan over the runs.
@@ -433,6 +464,21 @@ __global__ void __launch_bounds__(kPlanThreads) plan_fused_kernel(PlanArgs a) {
   scatter_block(a, s_dyn);
 }
 
+// ---- 1 + 2 in one block -----------------------------------------------------------------------
+// The grid of plan_grid is one block exactly when N <= kPlanTileSlots (T = 0 included): then the
+// block's own barrier is the grid barrier, and the kernel is launched like any other (a
+// cooperative launch costs the host more than a plain one, and the grid barrier's atomic and
+// polling round trips are gone). __syncthreads() orders the table row's stores before the
+// scatter's loads of it (block-wide visibility of global memory; ld.global.cg is only a cache
+// hint) and the count's last reads of the shared histogram before the scatter reuses that memory.
+// Same code, same bits as the two other paths.
+__global__ void __launch_bounds__(kPlanThreads) plan_single_block_kernel(PlanArgs a) {
+  extern __shared__ int s_dyn[];
+  count_block(a, s_dyn);
+  __syncthreads();
+  scatter_block(a, s_dyn);
+}
+
 // ---- 3. capacity by weight --------------------------------------------------------------------
 __global__ void __launch_bounds__(kSelectThreads) plan_select_kernel(PlanArgs a) {
   using BlockScan = cub::BlockScan<int, kSelectThreads>;
@@ -555,17 +601,41 @@ cudaError_t launch_split(const PlanArgs& a, cudaStream_t stream) {
   return launch_select(a, stream);
 }
 
+// The two device attributes the choice of path needs, cached per device: cudaDeviceGetAttribute
+// is an API call on every plan call otherwise. The cache is host memory only (graph capture is
+// not affected), written and read with relaxed atomics (any thread may fill an entry; every
+// writer writes the same value). Devices past kCachedDevices are queried on every call.
+constexpr int kCachedDevices = 64;
+std::atomic<int> g_device_caps[kCachedDevices];  // 0: not yet known, else 1 + (sms << 1 | coop)
+
+cudaError_t device_caps(int* coop, int* sms) {
+  int device = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error != cudaSuccess) return error;
+  const bool cached = device >= 0 && device < kCachedDevices;
+  if (cached) {
+    const int v = g_device_caps[device].load(std::memory_order_relaxed);
+    if (v != 0) {
+      *coop = (v - 1) & 1;
+      *sms = (v - 1) >> 1;
+      return cudaSuccess;
+    }
+  }
+  error = cudaDeviceGetAttribute(coop, cudaDevAttrCooperativeLaunch, device);
+  if (error != cudaSuccess) return error;
+  error = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
+  if (error != cudaSuccess) return error;
+  if (cached) g_device_caps[device].store(1 + ((*sms << 1) | (*coop != 0 ? 1 : 0)), std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
 // Whether the fused kernel's grid is certain to be resident at once on the current device: at
 // most one block per SM (a plan block always fits on an SM by itself: 256 threads, at most 255
 // registers each, shared memory within the opt-in limit) on a device with cooperative launch.
 cudaError_t fused_fits(const PlanArgs& a, bool* fits) {
   *fits = false;
-  int device = 0, coop = 0, sms = 0;
-  cudaError_t error = cudaGetDevice(&device);
-  if (error != cudaSuccess) return error;
-  error = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
-  if (error != cudaSuccess) return error;
-  error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  int coop = 0, sms = 0;
+  const cudaError_t error = device_caps(&coop, &sms);
   if (error != cudaSuccess) return error;
   *fits = coop != 0 && a.num_blocks <= sms;
   return cudaSuccess;
@@ -590,11 +660,24 @@ cudaError_t launch_fused(const PlanArgs& a, cudaStream_t stream) {
   return launch_select(a, stream);
 }
 
+cudaError_t launch_single_block(const PlanArgs& a, cudaStream_t stream) {
+  const size_t smem = fused_smem_bytes(a.num_local);
+  cudaError_t error = allow_smem(plan_single_block_kernel, smem);
+  if (error != cudaSuccess) return error;
+  plan_single_block_kernel<<<1, kPlanThreads, smem, stream>>>(a);
+  error = cudaPeekAtLastError();
+  if (error != cudaSuccess) return error;
+  return launch_select(a, stream);
+}
+
 }  // namespace
 
 cudaError_t launch_plan_kernels(const PlanArgs& a, PlanKernels which, cudaStream_t stream) {
   if (which == PlanKernels::kSplit) return launch_split(a, stream);
   if (which == PlanKernels::kAuto) {
+    // One block (N <= kPlanTileSlots, T = 0 included): a plain launch, no grid barrier, no device
+    // query. kFused still forces the cooperative kernel there (the GPU suite compares the paths).
+    if (a.num_blocks == 1) return launch_single_block(a, stream);
     bool fits = false;
     const cudaError_t error = fused_fits(a, &fits);
     if (error != cudaSuccess) return error;

@@ -71,6 +71,12 @@ MOEKIT_PLAN_FN unsigned fold_vote(unsigned peers, unsigned vote, int label, int 
 // ballots only when few labels make lanes collide (E_local <= 62: at most 6 label bits).
 MOEKIT_PLAN_FN bool count_aggregates(int num_local) { return label_bits(num_local) <= kPlanCountAggregateBits; }
 
+// The count table's entries are 16-bit when a block owns at most 65535 slots (every count of a
+// block fits), as on every benchmark shape: every scatter block reads the whole table, B^2
+// (E_local + 1) entries over the grid, so halving the entries halves that L2 traffic. The
+// workspace keeps its int32 size; wider blocks keep int32 entries.
+MOEKIT_PLAN_FN bool plan_table_is_narrow(int64_t slots_per_block) { return slots_per_block <= 0xffff; }
+
 // Threads that share one column of the [blocks, E_local + 1] count table when a scatter block
 // sums the columns of the local experts: with E_local >= kPlanThreads a thread owns whole columns
 // (1); otherwise up to kPlanThreads / E_local threads split a column's rows, never more threads

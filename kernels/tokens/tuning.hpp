@@ -13,23 +13,34 @@ namespace moekit::kernels::tokens {
 // Threads of the counting and scatter kernels (8 warps).
 constexpr int kPlanThreads = 256;
 constexpr int kPlanWarps = kPlanThreads / 32;
-// Slots each warp ranks per tile, in 32-slot steps: a tile is kPlanThreads * 8 = 2048 slots.
+// Slots each warp ranks per tile, in 32-slot steps: a tile is kPlanThreads * 4 = 1024 slots.
 // A block's work on a tile is a serial chain (label ballots, the warp's rank chain of one shared
 // load and store per step, the scattered slot_of_row stores) run by only 8 warps, so the plan's
-// T-dependent time is that of one block's tiles: smaller tiles spread it over more SMs
-// (T=16384 K=8: 64 blocks of one tile instead of 32 with the 0.1 value, 16 steps). 8 still
-// keeps 8 independent index loads in flight per lane, and the per-warp counters in uint16.
-constexpr int kPlanItersPerWarp = 8;
+// T-dependent time is that of one block's tiles, whatever the number of blocks: measured on the
+// H200, 17-18 us with 4096-slot tiles and 7-9 us with 2048-slot tiles (4 to 64 blocks), so it
+// scales with the slots of a block. 1024-slot tiles spread it over twice the SMs again
+// (T=16384 K=8: 128 blocks of one tile). 4 keeps 4 independent index loads in flight per lane.
+// -DMOEKIT_PLAN_ITERS_PER_WARP=8 in both cpp_args and cuda_args builds the 2048-slot tiles of
+// commit 22425fd (the bar's shape then runs on 64 blocks) for an A/B measurement. Host and device
+// must agree for the workspace size, but the plan is correct either way: the host's grid gives
+// each block a contiguous slot range, which the kernels walk in their own tile size.
+#ifndef MOEKIT_PLAN_ITERS_PER_WARP
+#define MOEKIT_PLAN_ITERS_PER_WARP 4
+#endif
+constexpr int kPlanItersPerWarp = MOEKIT_PLAN_ITERS_PER_WARP;
+static_assert(kPlanItersPerWarp >= 1 && kPlanItersPerWarp <= 16, "8 to 512 slots a warp per tile");
 constexpr int kPlanWarpSlots = kPlanItersPerWarp * 32;
 constexpr int kPlanTileSlots = kPlanThreads * kPlanItersPerWarp;
 // Every scatter block reads the whole [blocks, E_local + 1] count table once (that is how it
 // finds its offsets without a third launch): the table is kept under this many entries, i.e.
-// at most 128 loads per thread. T=16384, K=8, E=256 runs on 64 blocks of one tile each.
-// kPlanMaxBlocks is at most the SM count of the A100 (108), H100 and H200 (132), so that the
-// plan's grid is always resident at once there and the one-launch (cooperative) path runs
-// (kernels/tokens/plan_launch.hpp).
-constexpr int kPlanMaxTableEntries = 32768;
-constexpr int kPlanMaxBlocks = 108;
+// at most 144 loads per thread. T=16384, K=8, E=256 runs on 128 blocks of one tile each
+// (128 x 257 entries: two batches of 64 rows per thread).
+// kPlanMaxBlocks is at most the SM count of the H100 and H200 (132), so that the plan's grid is
+// resident at once there and the one-launch (cooperative) path runs (kernels/tokens/plan_launch.hpp);
+// a grid wider than the SM count (an A100 with 108 SMs and more than 108 tiles) takes the
+// two-launch path, which needs no residency.
+constexpr int kPlanMaxTableEntries = 36864;
+constexpr int kPlanMaxBlocks = 128;
 // Table loads a scatter thread issues before it uses any (predicated, so a short column costs
 // one round trip, never one per row: a loop that adds each load before issuing the next pays a
 // full L2 latency per table row). 64 covers the 64 rows of the bar's shape (T=16384 K=8 E=256)

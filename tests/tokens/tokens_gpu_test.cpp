@@ -239,38 +239,51 @@ moekit::ref::TokenPlan plan_with_kernels(const Routed& r, const char* kernels) {
 
 }  // namespace
 
-TEST_CASE("the one-launch (cooperative) and two-launch plan kernels agree with the reference",
+TEST_CASE("the one-block, one-launch (cooperative) and two-launch plan kernels agree with the reference",
           "[gpu][tokens][plan][kernels]") {
-  // Grid sizes of plan_grid (kernels/tokens/tuning.hpp, 2048-slot tiles): one block up to
-  // N = 2048 (the fused kernel's barrier over a single block), 2 blocks from 2049; 108 blocks of
-  // one tile (the widest grid, every SM of an A100); more tiles than 108 (several per block);
-  // E_local = 2048 and 4096 (the table caps the grid at 15 and 7 blocks, here 11 and 6 of several
-  // tiles; more than 48 KiB of shared memory); K = 32; capacities that drop by position and by weight (the
-  // select kernel after either path); alignment 128; T = 0.
+  // Grid sizes of plan_grid (kernels/tokens/tuning.hpp, 1024-slot tiles): one block up to
+  // N = 1024 (T = 0 included), where "auto" takes the plain one-block kernel and "fused" still the
+  // cooperative one; 2 blocks from 1025; 128 blocks of one tile (the widest grid; on a GPU with
+  // fewer SMs "auto" takes two launches); more tiles than 128 (several per block); E_local = 2048
+  // and 4096 (the table caps the grid at 17 and 8 blocks, here of several tiles; more than 48 KiB
+  // of shared memory); K = 32; capacities that drop by position and by weight (the select kernel
+  // after every path); alignment 128; T = 0.
   auto rng = moekit::test::make_rng(0x91a2);
   const int pos = MOEKIT_DROP_BY_POSITION, wt = MOEKIT_DROP_BY_WEIGHT;
   std::vector<moekit::test::PlanCase> cases = moekit::test::plan_case_grid();
   const std::vector<moekit::test::PlanCase> more = {
-      {256, plan_config(256, 8), Routing::kDistinct, 0, 1},            // N = 2048: 1 block
-      {257, plan_config(256, 8), Routing::kDistinct, 0, 1},            // N = 2056: 2 blocks
-      {64, plan_config(2048, 32), Routing::kDistinct, 0, 1},           // N = 2048, E = 2048, K = 32
-      {2000, plan_config(2048, 32, 8), Routing::kSkewed, 0, 0.9},      // 11 blocks of 3 tiles
+      {0, plan_config(256, 8), Routing::kDistinct, 0, 1},              // T = 0: 1 block, no slot
+      {128, plan_config(256, 8), Routing::kDistinct, 0, 1},            // N = 1024: 1 block
+      {129, plan_config(256, 8), Routing::kDistinct, 0, 1},            // N = 1032: 2 blocks
+      {256, plan_config(256, 8), Routing::kDistinct, 0, 1},            // N = 2048: 2 blocks
+      {100, plan_config(256, 8, 16, 3, wt), Routing::kSkewed, 0, 1},   // 1 block, then select
+      {90, plan_config(64, 8, 4, 0, pos), Routing::kAny, 0.05, 0.8},  // 1 block, mask, invalid ids
+      {32, plan_config(2048, 32), Routing::kDistinct, 0, 1},           // N = 1024, E = 2048, K = 32
+      {1, plan_config(4096, 8, 128), Routing::kAny, 0.01, 1},          // 1 block, E_local = 4096
+      {2000, plan_config(2048, 32, 8), Routing::kSkewed, 0, 0.9},      // 17 blocks of several tiles
       {3000, plan_config(4096, 8, 128), Routing::kAny, 0.01, 1},       // E_local = 4096, A = 128
-      {27648, plan_config(8, 8), Routing::kDistinct, 0, 1},            // 108 blocks of one tile
-      {30000, plan_config(64, 8, 16), Routing::kAny, 0.001, 0.9},      // 118 tiles on 59 blocks
-      {16384, plan_config(256, 8), Routing::kDistinct, 0, 1},          // the bar's shape: 64 blocks
-      {4096, plan_config(256, 8), Routing::kDistinct, 0, 1},           // deepseek: 16 blocks
-      {8192, plan_config(8, 2), Routing::kDistinct, 0, 1},             // mixtral: 8 blocks
+      {16384, plan_config(8, 8), Routing::kDistinct, 0, 1},            // 128 blocks of one tile
+      {30000, plan_config(64, 8, 16), Routing::kAny, 0.001, 0.9},      // 235 tiles on 118 blocks
+      {16384, plan_config(256, 8), Routing::kDistinct, 0, 1},          // the bar's shape: 128 blocks
+      {4096, plan_config(256, 8), Routing::kDistinct, 0, 1},           // deepseek: 32 blocks
+      {8192, plan_config(8, 2), Routing::kDistinct, 0, 1},             // mixtral: 16 blocks
       {16384, plan_config(256, 8, 128, 400, pos), Routing::kSkewed, 0, 1},
       {16384, plan_config(256, 8, 8, 400, wt), Routing::kSkewed, 0, 1},
       {3000, plan_config(2048, 32, 1, 20, wt), Routing::kSkewed, 0, 1},
+      // The table's entry width: 8 blocks of 63 tiles (64512 slots, 16-bit entries) and of 64
+      // tiles (65536 slots, int32 entries), every slot to one expert, so that one count of a
+      // block is 64512 (fits 16 bits) and 65536 (does not).
+      {516096, plan_config(4096, 1), Routing::kOneHot, 0, 1},
+      {524288, plan_config(4096, 1), Routing::kOneHot, 0, 1},
   };
   cases.insert(cases.end(), more.begin(), more.end());
   for (const auto& pc : cases) {
     INFO(moekit::test::describe(pc.config, pc.tokens));
     Routed r(rng, pc);
+    const auto automatic = plan_with_kernels(r, "auto");  // the one-block kernel when N <= 1024
     const auto fused = plan_with_kernels(r, "fused");
     const auto split = plan_with_kernels(r, "split");
+    require_plan_equal(automatic, fused);
     require_plan_equal(fused, split);
   }
 }
