@@ -64,7 +64,11 @@ size_t grouped_max_smem_bytes(moekit_dtype_t dtype, int num_groups) {
   return most;
 }
 
-size_t grouped_sm90_smem_bytes(int num_groups) { return sm90_built() ? sm90::SmemLayout::bytes(num_groups) : 0; }
+size_t grouped_sm90_smem_bytes(int num_groups) {
+  if (!sm90_built()) return 0;
+  const size_t a = sm90::SmemLayout::bytes(num_groups), b = sm90::SmemLayoutBwdAct::bytes(num_groups);
+  return a > b ? a : b;
+}
 
 bool grouped_sm90_built() { return sm90_built(); }
 

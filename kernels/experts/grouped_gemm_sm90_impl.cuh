@@ -26,7 +26,11 @@ cudaError_t launch_sm90_backward(const GroupedGemmProblem& p, EpiKind kind, cons
   if (!p.b_nk) return cudaErrorInvalidValue;
   switch (kind) {
     case kEpiStore: return sm90::launch<T, true, kEpiStore>(p, ep, stream);
-    case kEpiBwdAct: return sm90::launch<T, true, kEpiBwdAct>(p, ep, stream);
+    case kEpiBwdAct:
+      if constexpr (sm90::kBwdActStaged) {
+        if (sm90::bwd_act_staged_takes(p, ep)) return sm90::launch<T, true, kEpiBwdAct, true>(p, ep, stream);
+      }
+      return sm90::launch<T, true, kEpiBwdAct, false>(p, ep, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -1128,6 +1128,125 @@ TEST_CASE("sm90 shared-memory layout: aligned tiles, barriers, the prefix, withi
   REQUIRE(C::kBN == 256);
 }
 
+TEST_CASE("sm90 staged activation-backward epilogue: layout, smem budget, fragment and item coverage",
+          "[experts][sm90]") {
+  using L = s90::SmemLayoutBwdAct;
+  using C = s90::TileConfig;
+  if (!s90::kBwdActStaged) {
+    REQUIRE(L::kStagingBytes == 0);
+    REQUIRE(L::kStages == C::kStages);
+    return;
+  }
+  // Its own ring depth, the two staging regions after the ring, the barriers after them.
+  REQUIRE(L::kStages == 3);
+  REQUIRE(L::kStaging == L::kStages * L::kStageBytes);
+  REQUIRE(L::kStaging % 16 == 0);
+  REQUIRE(s90::kBwdStageRegionBytes == s90::kBwdStageRows * s90::kBwdStageStride * 4);
+  REQUIRE(s90::kBwdStageRegionBytes % 16 == 0);
+  REQUIRE(L::kStagingBytes == C::kConsumers * s90::kBwdStageRegionBytes);
+  REQUIRE(L::kFullBarrier == L::kStaging + L::kStagingBytes);
+  REQUIRE(L::kEmptyBarrier == L::kFullBarrier + 8 * L::kStages);
+  REQUIRE(L::kPrefix == L::kEmptyBarrier + 8 * L::kStages);
+  for (int s = 0; s < L::kStages; ++s) {
+    REQUIRE(L::a_offset(s) % 1024 == 0);
+    REQUIRE(L::b_offset(s) % 1024 == 0);
+  }
+  // The largest E fits the 227 KB opt-in limit with the staging regions, and the host's
+  // shared-memory query reports the larger of the two layouts.
+  REQUIRE(L::bytes(MOEKIT_EXPERTS_MAX_EXPERTS) <= 232448);
+  REQUIRE(s90::SmemLayout::bytes(MOEKIT_EXPERTS_MAX_EXPERTS) <= 232448);
+  // A 4-stage ring with the regions would not fit (why this kernel runs 3 stages).
+  REQUIRE(s90::SmemLayoutT<4, L::kStagingBytes>::bytes(MOEKIT_EXPERTS_MAX_EXPERTS) > 232448);
+
+  // Fragment stores of one sub-tile: every thread's (h, jj, e) lands in a distinct float of the
+  // region, inside it, and holds warpgroup row 16 warp + lane / 4 + 8 h, sub-tile column
+  // 8 jj + 2 q + e; each half-warp's 8-byte stores hit 32 distinct banks.
+  const int stride = s90::kBwdStageStride;
+  std::vector<int> row_of(s90::kBwdStageRows * stride, -1), col_of(s90::kBwdStageRows * stride, -1);
+  for (int warp = 0; warp < 4; ++warp)
+    for (int lane = 0; lane < 32; ++lane)
+      for (int h = 0; h < 2; ++h)
+        for (int jj = 0; jj < 8; ++jj)
+          for (int e = 0; e < 2; ++e) {
+            const int idx = s90::bwd_stage_store_index(warp, lane, h, jj) + e;
+            REQUIRE(idx >= 0);
+            REQUIRE(idx < s90::kBwdStageRows * stride);
+            REQUIRE(row_of[idx] == -1);
+            REQUIRE(s90::bwd_stage_store_index(warp, lane, h, jj) ==
+                    s90::bwd_stage_store_index(warp, lane, 0, 0) + s90::bwd_stage_store_index(0, 0, h, jj));
+            row_of[idx] = 16 * warp + lane / 4 + 8 * h;
+            col_of[idx] = 8 * jj + 2 * (lane % 4) + e;
+          }
+  for (int h = 0; h < 2; ++h)
+    for (int jj = 0; jj < 8; ++jj)
+      for (int warp = 0; warp < 4; ++warp)
+        for (int half = 0; half < 2; ++half) {
+          std::set<int> banks;
+          for (int lane = 16 * half; lane < 16 * half + 16; ++lane)
+            for (int e = 0; e < 2; ++e) banks.insert((s90::bwd_stage_store_index(warp, lane, h, jj) + e) % 32);
+          REQUIRE(banks.size() == 32);
+        }
+  // Items: 16-byte aligned reads of 8 staged floats that are exactly the item's row and columns;
+  // over the 4 sub-tiles, every (row, column) of the warpgroup's 64 x 256 tile exactly once.
+  std::vector<int> seen(s90::kBwdStageRows * C::kBN, 0);
+  for (int ctid = 0; ctid < C::kWarpgroupThreads; ++ctid)
+    for (int k = 0; k < 16; ++k) {
+      const int r = s90::bwd_stage_item_row(ctid, k), col = s90::bwd_stage_item_column(ctid, k);
+      const int sub = k / 4;
+      REQUIRE(r >= 0);
+      REQUIRE(r < s90::kBwdStageRows);
+      REQUIRE(col >= sub * s90::kBwdStageCols);
+      REQUIRE(col + 8 <= (sub + 1) * s90::kBwdStageCols);
+      REQUIRE(col % 8 == 0);
+      const int li = s90::bwd_stage_load_index(ctid, k);
+      REQUIRE(li % 4 == 0);  // 16-byte loads
+      for (int m = 0; m < 8; ++m) {
+        REQUIRE(row_of[li + m] == r);
+        REQUIRE(col_of[li + m] + sub * s90::kBwdStageCols == col + m);
+        ++seen[r * C::kBN + col + m];
+      }
+      // The row's 8 threads (its dp lanes) are 8 consecutive lanes of one warp, aligned to 8.
+      REQUIRE(s90::bwd_stage_item_row(ctid ^ 1, k) == r);
+      REQUIRE(s90::bwd_stage_item_row(ctid ^ 2, k) == r);
+      REQUIRE(s90::bwd_stage_item_row(ctid ^ 4, k) == r);
+      REQUIRE(s90::bwd_stage_item_row(ctid ^ 8, k) != r);
+      // The same thread keeps the same 4 rows in every sub-tile (dp accumulates per row).
+      REQUIRE(s90::bwd_stage_item_row(ctid, k) == s90::bwd_stage_item_row(ctid, k % 4));
+    }
+  for (int v : seen) REQUIRE(v == 1);
+
+  // Which GEMMs take it: aligned u, du, h' and strides / I multiples of 8.
+  alignas(16) static unsigned char buf[4][64];
+  kx::GroupedGemmProblem p = sm90_problem(4, 1000, 64, 40, 64, 64, 64 * 40, true, 0);
+  kx::EpilogueParams ep;
+  ep.u = buf[0];
+  ep.c = buf[1];
+  ep.h = buf[2];
+  ep.ldu = 80;
+  ep.ldc = 80;
+  ep.ldh = 40;
+  ep.inter = 40;
+  REQUIRE(s90::bwd_act_staged_takes(p, ep));
+  kx::EpilogueParams bad = ep;
+  bad.u = buf[0] + 8;
+  REQUIRE_FALSE(s90::bwd_act_staged_takes(p, bad));
+  bad = ep;
+  bad.h = buf[2] + 2;
+  REQUIRE_FALSE(s90::bwd_act_staged_takes(p, bad));
+  bad = ep;
+  bad.ldc = 84;
+  REQUIRE_FALSE(s90::bwd_act_staged_takes(p, bad));
+  bad = ep;
+  bad.inter = 44;
+  REQUIRE_FALSE(s90::bwd_act_staged_takes(p, bad));
+  bad = ep;
+  bad.h = nullptr;
+  REQUIRE_FALSE(s90::bwd_act_staged_takes(p, bad));
+  kx::GroupedGemmProblem odd = p;
+  odd.n = 44;
+  REQUIRE_FALSE(s90::bwd_act_staged_takes(odd, ep));
+}
+
 namespace {
 
 struct Desc {
