@@ -580,6 +580,7 @@ struct GroupedGemmSm90 {
     T* du = static_cast<T*>(ep.c) + row * ep.ldc;
     T* hp = static_cast<T*>(ep.h) + row * ep.ldh;
     uint32_t o0[4], o1[4], oh[4];
+    uint32_t oi[8];  // interleaved du: 8 words (gate, up) of h columns h0 .. h0 + 7
     float part = 0.0f;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {  // h columns h0 + 2 e, h0 + 2 e + 1
@@ -592,22 +593,18 @@ struct GroupedGemmSm90 {
         act1 = act_relu2(uu.y);
         o0[e] = pack_pair_bits<T>(act_relu2_grad(uu.x) * pg0, act_relu2_grad(uu.y) * pg1);
       } else if constexpr (kLayout == Row::kBwdInterleaved) {
-        // word m of a (m < 4) / b (m >= 4): gate and up of h column h0 + m
-        const float2 gv0 = unpack_pair_bits<T>(e < 2 ? ua[2 * e] : ub[2 * e - 4]);
-        const float2 gv1 = unpack_pair_bits<T>(e < 2 ? ua[2 * e + 1] : ub[2 * e - 3]);
+        // word m of (a, b) (m < 4 in a, m >= 4 in b): gate and up of h column h0 + m
+        const uint32_t words[8] = {ua[0], ua[1], ua[2], ua[3], ub[0], ub[1], ub[2], ub[3]};
+        const float2 gv0 = unpack_pair_bits<T>(words[2 * e]);
+        const float2 gv1 = unpack_pair_bits<T>(words[2 * e + 1]);
         const GatedGrad d0 = act_gated_grad(act, gv0.x, gv0.y);
         const GatedGrad d1 = act_gated_grad(act, gv1.x, gv1.y);
         act0 = d0.act;
         act1 = d1.act;
         const uint32_t w0 = pack_pair_bits<T>(d0.d_gate * pg0, d0.d_up * pg0);
         const uint32_t w1 = pack_pair_bits<T>(d1.d_gate * pg1, d1.d_up * pg1);
-        if (e < 2) {
-          o0[2 * e] = w0;
-          o0[2 * e + 1] = w1;
-        } else {
-          o1[2 * e - 4] = w0;
-          o1[2 * e - 3] = w1;
-        }
+        oi[2 * e] = w0;  // du words of h columns h0 + 2 e, h0 + 2 e + 1
+        oi[2 * e + 1] = w1;
       } else {
         const float2 g = unpack_pair_bits<T>(ua[e]);
         const float2 v = unpack_pair_bits<T>(ub[e]);
@@ -624,8 +621,8 @@ struct GroupedGemmSm90 {
     if constexpr (kLayout == Row::kBwdRelu2) {
       *reinterpret_cast<uint4*>(du + h0) = make_uint4(o0[0], o0[1], o0[2], o0[3]);
     } else if constexpr (kLayout == Row::kBwdInterleaved) {
-      *reinterpret_cast<uint4*>(du + 2 * h0) = make_uint4(o0[0], o0[1], o0[2], o0[3]);
-      *reinterpret_cast<uint4*>(du + 2 * h0 + 8) = make_uint4(o1[0], o1[1], o1[2], o1[3]);
+      *reinterpret_cast<uint4*>(du + 2 * h0) = make_uint4(oi[0], oi[1], oi[2], oi[3]);
+      *reinterpret_cast<uint4*>(du + 2 * h0 + 8) = make_uint4(oi[4], oi[5], oi[6], oi[7]);
     } else {
       *reinterpret_cast<uint4*>(du + h0) = make_uint4(o0[0], o0[1], o0[2], o0[3]);
       *reinterpret_cast<uint4*>(du + ep.inter + h0) = make_uint4(o1[0], o1[1], o1[2], o1[3]);
