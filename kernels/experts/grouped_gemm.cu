@@ -66,7 +66,9 @@ size_t grouped_max_smem_bytes(moekit_dtype_t dtype, int num_groups) {
 
 size_t grouped_sm90_smem_bytes(int num_groups) {
   if (!sm90_built()) return 0;
-  const size_t a = sm90::SmemLayout::bytes(num_groups), b = sm90::SmemLayoutBwdAct::bytes(num_groups);
+  // The staged activation-backward kernel adapts: 4 stages where they fit the device, else 3, so
+  // what it needs is its 3-stage layout (never more than the 4-stage ring of the others).
+  const size_t a = sm90::SmemLayout::bytes(num_groups), b = sm90::SmemLayoutBwdAct<3>::bytes(num_groups);
   return a > b ? a : b;
 }
 

@@ -255,15 +255,17 @@ struct TileInfo {
   int64_t row0;    // first row of the tile
 };
 
-template <class T, bool kBNK, int kKind, bool kStagedEpi = false>
+template <class T, bool kBNK, int kKind, int kStagedStages = 0>
 struct GroupedGemmSm90 {
   using Cfg = TileConfig;
-  // kStagedEpi (kEpiBwdAct only): the staged activation-backward epilogue, which needs its staging
-  // regions (and so one stage fewer); a separate kernel from the register-direct one, so neither
-  // epilogue's registers constrain the other's.
-  static constexpr bool kStaged = kStagedEpi;
-  static_assert(!kStagedEpi || (kKind == kEpiBwdAct && kBwdActStaged), "staged epilogue: kEpiBwdAct only");
-  using Smem = typename std::conditional<kStaged, SmemLayoutBwdAct, SmemLayout>::type;
+  // kStagedStages > 0 (kEpiBwdAct only): the staged activation-backward epilogue with its staging
+  // regions and a ring of kStagedStages (4, or 3 where the prefix of many groups leaves no room);
+  // a separate kernel from the register-direct one, so neither epilogue's registers constrain the
+  // other's.
+  static constexpr bool kStaged = kStagedStages > 0;
+  static_assert(!kStaged || (kKind == kEpiBwdAct && kBwdActStaged && (kStagedStages == 3 || kStagedStages == 4)),
+                "staged epilogue: kEpiBwdAct only, 3 or 4 stages");
+  using Smem = typename std::conditional<kStaged, SmemLayoutBwdAct<kStaged ? kStagedStages : 4>, SmemLayout>::type;
   static constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kBK = Cfg::kBK, kStages = Smem::kStages;
   static constexpr int kConsumerWarps = 4 * Cfg::kConsumers;
   static constexpr int kTransB = kBNK ? 0 : 1;
@@ -493,22 +495,24 @@ struct GroupedGemmSm90 {
   // loads and stores, 16 bytes per row per warp instruction, and (fully unrolled so the
   // accumulator indices stay constant) ~12 k straight-line instructions per tile that stream
   // through the instruction cache. Here each consumer warpgroup instead stages its accumulators
-  // (G, fp32, exact) 64 rows x 64 columns at a time through its own shared-memory region
-  // (SmemLayoutBwdAct::kStaging + c kBwdStageRegionBytes, rows padded to kBwdStageStride floats:
-  // the fragment stores of a half-warp hit 32 distinct banks), and its 128 threads walk the
-  // sub-tile row-major in items of 8 h columns of one row: thread t takes column chunk t % 8 of
-  // rows 16 i + t / 8 (i = 0 .. 3), so a warp's access covers 4 rows x 8 chunks, 128 contiguous
-  // bytes of each of u's gate / up ranges, du's and h''s. Per item: 16-byte loads of u (relu2:
-  // one, gated: two), two 16-byte loads of G from shared memory, the activation backward of 8
-  // columns (the same functions, operations and roundings as EpilogueRow::bwd_act_apply_as: the
-  // same du and h' bits), 16-byte stores of du (one or two) and h'. The 16 items of a tile run in
-  // a rolled loop (one copy of the activation code per instance), and the u loads run two items
-  // ahead of the item being computed (issued before its stores in program order: a load of u may
-  // not move above a store to du or h'). Order per sub-tile: named barrier (the previous
-  // sub-tile's reads are done), fragment stores, named barrier, the thread's 4 items.
+  // (G, fp32, exact) through its own shared-memory region (Smem::kStaging + c kBwdStageRegionBytes)
+  // one pass of 32 rows x 64 columns at a time (sub-tile s = tile columns [64 s, 64 s + 64), pass P
+  // = warpgroup rows [32 P, 32 P + 32), the rows of warps 2 P and 2 P + 1; rows padded to
+  // kBwdStageStride floats: the fragment stores of a half-warp hit 32 distinct banks), and its 128
+  // threads walk each pass row-major in items of 8 h columns of one row: thread t takes column
+  // chunk t % 8 of row 32 P + 16 i + t / 8 (i = 0, 1), so a warp's access covers 4 rows x 8 chunks,
+  // 128 contiguous bytes of each of u's gate / up ranges, du's and h''s. Per item: 16-byte loads of
+  // u (relu2: one, gated: two), two 16-byte loads of G from shared memory, the activation backward
+  // of 8 columns (the same functions, operations and roundings as EpilogueRow::bwd_act_apply_as:
+  // the same du and h' bits), 16-byte stores of du (one or two) and h'. The 16 items of a tile
+  // (geometry: bwd_stage_* in grouped_gemm_sm90.hpp) run in a rolled loop (one copy of the
+  // activation code per instance), and the u loads run two items ahead of the item being computed
+  // (issued before its stores in program order: a load of u may not move above a store to du or
+  // h'). Order per pass: named barrier (the previous pass's reads are done), fragment stores of the
+  // pass's two warps, named barrier, the thread's 2 items.
   // dp partial of a row (one per row and column tile, fixed order, independent of scheduling): per
   // item the 8 columns' G a in column order (pairs a0 act0 + a1 act1, summed in pair order), per
-  // thread the 4 sub-tiles' items in order, then the row's 8 threads (lanes 8 m .. 8 m + 7) by a
+  // thread its row's 4 items (one per sub-tile) in order, then the row's 8 threads (lanes 8 m .. 8 m + 7) by a
   // fixed xor tree (1, 2, 4); lane t % 8 == 0 writes. Not the register-direct epilogue's order (it
   // sums per lane quad), so dp may differ from it in the last bits; du and h' do not.
   static constexpr uint32_t kStageBarrier0 = 2;  // named barriers 2, 3: consumer warpgroup 0, 1
@@ -518,6 +522,7 @@ struct GroupedGemmSm90 {
   static_assert(kItemsPerSub == 4 && kBwdStageCols == 64 && kBwdStageRows == 64,
                 "item mapping: 8 threads per row, 16 rows per pass, 4 passes; the dp rotation keeps 4 rows");
   static_assert(!kStaged || Smem::kStagingBytes >= Cfg::kConsumers * kBwdStageRegionBytes, "staging regions");
+  static_assert(kBwdStagePassRows == 32, "a pass is the rows of warps 2 P and 2 P + 1 (items k with k / 2 % 2 == P)");
 
   struct StagedIn {
     uint4 a, b;  // raw u: concatenated gate / up columns h0 .. h0 + 7; interleaved u columns
@@ -649,12 +654,13 @@ struct GroupedGemmSm90 {
       const StagedIn cur = n1;
       n1 = n2;
       if (k + 2 < kStagedItems) n2 = staged_load<kLayout>(t, prob, ep, c, ctid, k + 2);
-      if ((k & 3) == 0) {
-        bar_sync_named(bar, Cfg::kWarpgroupThreads);  // every read of the previous sub-tile is done
+      if ((k & 1) == 0) {
+        bar_sync_named(bar, Cfg::kWarpgroupThreads);  // every read of the previous pass is done
         const int s = k >> 2;
+        const bool writer = bwd_stage_writer_pass(warp) == bwd_stage_item_pass(k);
 #pragma unroll
         for (int ss = 0; ss < kStageSub; ++ss) {
-          if (ss == s) {
+          if (writer && ss == s) {
 #pragma unroll
             for (int jj = 0; jj < kBwdStageCols / 8; ++jj) {
               const int j = (kBwdStageCols / 8) * ss + jj;
@@ -665,7 +671,7 @@ struct GroupedGemmSm90 {
             }
           }
         }
-        bar_sync_named(bar, Cfg::kWarpgroupThreads);  // the sub-tile is staged
+        bar_sync_named(bar, Cfg::kWarpgroupThreads);  // the pass is staged
       }
       const float part = staged_apply<kLayout, kAct>(t, prob, ep, c, ctid, k, cur, stage);
       const float acc = dp0 + part;
@@ -788,12 +794,12 @@ struct GroupedGemmSm90 {
   }
 };
 
-template <class T, bool kBNK, int kKind, bool kStagedEpi>
+template <class T, bool kBNK, int kKind, int kStagedStages>
 __global__ void __launch_bounds__(TileConfig::kThreads, 1)
     grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_b,
                              const GroupedGemmProblem prob, const EpilogueParams ep) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  GroupedGemmSm90<T, kBNK, kKind, kStagedEpi>::run(&tma_a, &tma_b, prob, ep, smem_raw);
+  GroupedGemmSm90<T, kBNK, kKind, kStagedStages>::run(&tma_a, &tma_b, prob, ep, smem_raw);
 }
 
 // ---- Weight gradients (axis K) -------------------------------------------------------------------
@@ -1031,11 +1037,12 @@ cudaError_t launch_wgrad(const GroupedGemmProblem& prob, const EpilogueParams& e
 
 // Launch: tensor maps encoded here (host only), a persistent grid of min(worst-case tile count,
 // SMs) CTAs (one per SM: the ring takes ~193 KB of shared memory).
-// kStagedEpi: the staged activation-backward epilogue (callers check bwd_act_staged_takes first).
-template <class T, bool kBNK, int kKind, bool kStagedEpi = false>
+// kStagedStages > 0: the staged activation-backward epilogue with that ring depth (callers check
+// bwd_act_staged_takes and bwd_act_staged_stages first).
+template <class T, bool kBNK, int kKind, int kStagedStages = 0>
 cudaError_t launch(const GroupedGemmProblem& prob, const EpilogueParams& ep, cudaStream_t stream) {
   using Cfg = TileConfig;
-  auto kernel = grouped_gemm_sm90_kernel<T, kBNK, kKind, kStagedEpi>;
+  auto kernel = grouped_gemm_sm90_kernel<T, kBNK, kKind, kStagedStages>;
   static std::atomic<int> registers_ok{0};
   if (const cudaError_t e = check_register_budget(reinterpret_cast<const void*>(kernel), registers_ok))
     return e;
@@ -1050,7 +1057,7 @@ cudaError_t launch(const GroupedGemmProblem& prob, const EpilogueParams& ep, cud
                               : tma_spec_b_kn(prob.num_groups, prob.k, prob.n, prob.ldb, prob.b_group_stride,
                                               prob.gate_up_half);
   if ((err = encode_tensor_map(&map_b, kBf16, spec_b, prob.b)) != cudaSuccess) return err;
-  const size_t smem = GroupedGemmSm90<T, kBNK, kKind, kStagedEpi>::Smem::bytes(prob.num_groups);
+  const size_t smem = GroupedGemmSm90<T, kBNK, kKind, kStagedStages>::Smem::bytes(prob.num_groups);
   if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem))) !=
       cudaSuccess)
     return err;

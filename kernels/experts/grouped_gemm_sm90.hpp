@@ -79,40 +79,54 @@ struct SmemLayoutT {
 using SmemLayout = SmemLayoutT<TileConfig::kStages, 0>;
 
 // The activation-backward dgrad's staged epilogue (kEpiBwdAct, grouped_gemm_sm90.cuh
-// epilogue_bwd_act_staged): each consumer warpgroup stages its accumulators 64 rows x 64 columns
-// (fp32, rows padded to kBwdStageStride floats so the fragment stores hit distinct banks) at a
-// time through its own region, then walks them row-major with 16-byte loads of u and 16-byte
-// stores of du and h'. Two regions of 18 KB do not fit next to 4 stages and the prefix of
-// MOEKIT_EXPERTS_MAX_EXPERTS (8192) experts in 227 KB, so this kernel alone runs 3 stages.
-// MOEKIT_SM90_BWD_ACT_STAGED=0 (a -D in cuda_args) restores the register-direct epilogue and
-// the 4-stage ring for it.
+// epilogue_bwd_act_staged): each consumer warpgroup stages its accumulators (fp32) through its own
+// region, one pass of 32 rows x 64 columns at a time (rows padded to kBwdStageStride floats so the
+// fragment stores of a half-warp hit 32 distinct banks), then walks them row-major with 16-byte
+// loads of u and 16-byte stores of du and h'. The two regions (18 KB) fit next to the 4-stage
+// ring while the prefix does (E <= 4067); above that the kernel runs a 3-stage ring
+// (bwd_act_staged_stages). MOEKIT_SM90_BWD_ACT_STAGED=0 (a -D in cuda_args) restores the
+// register-direct epilogue for every dgrad.
 #ifndef MOEKIT_SM90_BWD_ACT_STAGED
 #define MOEKIT_SM90_BWD_ACT_STAGED 1
 #endif
 constexpr bool kBwdActStaged = MOEKIT_SM90_BWD_ACT_STAGED != 0;
 constexpr int kBwdStageRows = 64;                       // one consumer warpgroup's rows
+constexpr int kBwdStagePassRows = 32;                   // rows staged at a time
 constexpr int kBwdStageCols = 64;                       // accumulator columns per sub-tile
 constexpr int kBwdStageStride = kBwdStageCols + 8;      // floats per staged row
-constexpr uint32_t kBwdStageRegionBytes = kBwdStageRows * kBwdStageStride * 4;  // 18432
-using SmemLayoutBwdAct = SmemLayoutT<kBwdActStaged ? 3 : TileConfig::kStages,
-                                     kBwdActStaged ? TileConfig::kConsumers * kBwdStageRegionBytes : 0>;
+constexpr uint32_t kBwdStageRegionBytes = kBwdStagePassRows * kBwdStageStride * 4;  // 9216
+constexpr uint32_t kBwdStagingBytes = TileConfig::kConsumers * kBwdStageRegionBytes;  // 18432
+template <int kStages>
+using SmemLayoutBwdAct = SmemLayoutT<kStages, kBwdStagingBytes>;
 
-// Geometry of the staged epilogue (one consumer warpgroup's 64 rows; float indices into its
-// region). Fragment stores: the wgmma accumulator pair d[4 j + 2 h], d[4 j + 2 h + 1] of thread
-// (warp, lane) is warpgroup row 16 warp + lane / 4 + 8 h, tile columns 8 j + 2 (lane % 4), + 1;
-// sub-tile s holds chunks j = 8 s + jj (jj < 8). Items: consumer thread ctid's item k (0 .. 15)
-// is sub-tile k / 4, warpgroup row 16 (k % 4) + ctid / 8, tile columns 64 (k / 4) + 8 (ctid % 8)
-// .. + 7. The CPU tests check that the items read back exactly what the fragments stored and
-// cover every element of the tile once.
-__host__ __device__ constexpr int bwd_stage_store_index(int warp, int lane, int h, int jj) {
-  return (16 * warp + (lane >> 2) + 8 * h) * kBwdStageStride + 8 * jj + 2 * (lane & 3);
+// Ring depth of the staged kernel for E groups: 4 (as every other kernel) where that layout fits
+// the device's opt-in shared memory per block, else 3 (0: neither fits).
+inline int bwd_act_staged_stages(int num_groups, size_t smem_optin) {
+  if (SmemLayoutBwdAct<4>::bytes(num_groups) <= smem_optin) return 4;
+  if (SmemLayoutBwdAct<3>::bytes(num_groups) <= smem_optin) return 3;
+  return 0;
 }
+
+// Geometry of the staged epilogue (one consumer warpgroup; float indices into its region).
+// Fragment stores: the wgmma accumulator pair d[4 j + 2 h], d[4 j + 2 h + 1] of thread
+// (warp, lane) is warpgroup row 16 warp + lane / 4 + 8 h, tile columns 8 j + 2 (lane % 4), + 1;
+// sub-tile s holds chunks j = 8 s + jj (jj < 8); pass P of a sub-tile holds warpgroup rows
+// [32 P, 32 P + 32), written by warps 2 P and 2 P + 1. Items: consumer thread ctid's item k
+// (0 .. 15) is sub-tile k / 4, pass (k / 2) % 2, warpgroup row 16 (k % 4) + ctid / 8, tile columns
+// 64 (k / 4) + 8 (ctid % 8) .. + 7. The CPU tests check that the items read back exactly what the
+// fragments stored and cover every element of the warpgroup's 64 x 256 tile once.
+__host__ __device__ constexpr int bwd_stage_writer_pass(int warp) { return warp >> 1; }
+__host__ __device__ constexpr int bwd_stage_store_index(int warp, int lane, int h, int jj) {
+  return (16 * (warp & 1) + (lane >> 2) + 8 * h) * kBwdStageStride + 8 * jj + 2 * (lane & 3);
+}
+__host__ __device__ constexpr int bwd_stage_item_pass(int k) { return (k >> 1) & 1; }
 __host__ __device__ constexpr int bwd_stage_item_row(int ctid, int k) { return 16 * (k & 3) + (ctid >> 3); }
 __host__ __device__ constexpr int bwd_stage_item_column(int ctid, int k) {
   return kBwdStageCols * (k >> 2) + 8 * (ctid & 7);
 }
 __host__ __device__ constexpr int bwd_stage_load_index(int ctid, int k) {
-  return bwd_stage_item_row(ctid, k) * kBwdStageStride + 8 * (ctid & 7);
+  return (bwd_stage_item_row(ctid, k) - kBwdStagePassRows * bwd_stage_item_pass(k)) * kBwdStageStride +
+         8 * (ctid & 7);
 }
 
 // Whether the staged epilogue takes this kEpiBwdAct GEMM: its 16-byte accesses of u, du and h'
