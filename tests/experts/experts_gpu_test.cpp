@@ -1026,8 +1026,9 @@ TEST_CASE("both GEMM paths: activation-backward dgrad over many tiles per CTA, u
 }
 
 // The staged activation-backward epilogue of the SM90 path (MOEKIT_SM90_BWD_ACT_STAGED, the default):
-// accumulators staged 64 x 64 through shared memory, items of 8 h columns of one row, 16-byte
-// u loads and du / h' stores, dp per row over 8 lanes by a fixed tree. Shapes that hit its edges:
+// accumulators staged 32 rows x 64 columns at a time through shared memory, items of 8 h columns
+// of one row, 16-byte u loads and du / h' stores, dp per row over 8 lanes by a fixed tree; a
+// 4-stage ring up to E = 4067 and a 3-stage one above (E = 4100 below runs that instance). Shapes that hit its edges:
 // I = 8 (one item per row of the only sub-tile), 72 (a full sub-tile and one item of the next),
 // 200 (three sub-tiles and one item), 264 (a full tile and an 8-column tail tile), 520 (three
 // column tiles); row tiles straddling groups, empty experts, a 513-row group (several row tiles
@@ -1106,6 +1107,27 @@ TEST_CASE("both GEMM paths: staged activation-backward epilogue, column tails, e
         Problem P(s, c.dtype, moekit::test::experts::make_random(s, rng, c.dtype));
         REQUIRE(P.config.gemm_path == path);
         check_problem(P, false, false, stream.s);
+      }
+    }
+    {  // E = 4100 > 4067: the staged kernel's 3-stage instance; most experts empty
+      for (int act : {MOEKIT_ACTIVATION_RELU2, MOEKIT_ACTIVATION_SWIGLU}) {
+        Spec s;
+        s.activation = act;
+        s.hidden = 16;
+        s.inter = 72;
+        s.counts.assign(4100, 0);
+        for (int e = 0; e < 4100; e += 37) s.counts[e] = 1 + (e % 9);
+        s.counts[4099] = 130;
+        s.tail_rows = 4;
+        s.bias_gate_up = s.bias_down = act == MOEKIT_ACTIVATION_RELU2;
+        s.row_weights = true;
+        auto rng = moekit::test::make_rng(++salt);
+        const bool exact = act == MOEKIT_ACTIVATION_RELU2;
+        Problem P(s, MOEKIT_DTYPE_BF16,
+                  exact ? moekit::test::experts::make_integer(s, rng)
+                        : moekit::test::experts::make_random(s, rng, MOEKIT_DTYPE_BF16));
+        REQUIRE(P.config.gemm_path == path);
+        check_problem(P, exact, false, stream.s);
       }
     }
     {  // bitwise determinism, interleaved SwiGLU with clamp, row weights
