@@ -520,7 +520,7 @@ struct GroupedGemmSm90 {
   static constexpr int kItemsPerSub = kBwdStageRows * (kBwdStageCols / 8) / Cfg::kWarpgroupThreads;
   static constexpr int kStagedItems = kStageSub * kItemsPerSub;  // 16
   static_assert(kItemsPerSub == 4 && kBwdStageCols == 64 && kBwdStageRows == 64,
-                "item mapping: 8 threads per row, 16 rows per pass, 4 passes; the dp rotation keeps 4 rows");
+                "item mapping: 8 threads per row, 16 rows per item step, 4 per sub-tile; the dp rotation keeps 4 rows");
   static_assert(!kStaged || Smem::kStagingBytes >= Cfg::kConsumers * kBwdStageRegionBytes, "staging regions");
   static_assert(kBwdStagePassRows == 32, "a pass is the rows of warps 2 P and 2 P + 1 (items k with k / 2 % 2 == P)");
 
@@ -530,7 +530,7 @@ struct GroupedGemmSm90 {
     float p;     // routing weight of the row (1 when none)
   };
 
-  // Item k (0 .. 15) of consumer thread ctid of warpgroup c: sub-tile k / 4, pass k % 4.
+  // Item k (0 .. 15) of consumer thread ctid of warpgroup c: sub-tile k / 4, pass (k / 2) % 2.
   static __device__ __forceinline__ int staged_tile_row(int c, int ctid, int k) {
     return kBwdStageRows * c + bwd_stage_item_row(ctid, k);
   }
