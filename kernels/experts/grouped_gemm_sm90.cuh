@@ -2,7 +2,9 @@
 // completing on mbarriers, wgmma.mma_async issued by two consumer warpgroups, a producer warp,
 // setmaxnreg, and a persistent grid walking the device-side tile schedule of grouped_problem.cuh
 // (tiles -> (group, row tile, column tile) from the device offsets; empty groups own no tile).
-// The fused epilogues of epilogue.cuh run straight from the accumulator registers.
+// The fused epilogues of epilogue.cuh run straight from the accumulator registers, except the
+// activation-backward dgrad's default staged epilogue (through shared memory, 16-byte accesses;
+// epilogue_bwd_act_staged below, kernels GroupedGemmSm90<T, true, kEpiBwdAct, 4 or 3>).
 //
 // Problems (GroupedGemmProblem): axis M, C[rows_g, N] = A[rows_g, K] B_g with B_g KN (forward:
 // kEpiGateUp, kEpiRelu2, kEpiStore) or NK (dgrad: kEpiStore, kEpiBwdAct), GroupedGemmSm90; axis K,

@@ -11,7 +11,8 @@
 //                     fused epilogue straight from the registers (setmaxnreg.inc to kConsumerRegs).
 // Shared memory: kStages stages of { A [128 rows][64 k] (16 KB), B (32 KB) }, each stage operand
 // 1024-byte aligned and 128-byte swizzled (what TMA's SWIZZLE_128B writes and wgmma's 128B swizzle
-// mode reads), then 2 kStages mbarriers (full, empty), then the row-tile prefix of the schedule.
+// mode reads), then (staged activation-backward kernels only) the epilogue staging regions, then
+// 2 kStages mbarriers (full, empty), then the row-tile prefix of the schedule.
 //   B, KN layout (x @ W, N contiguous in memory; wgmma's "N-major", imm-trans-b = 1): four TMA
 //     boxes of [64 k][64 n] (8 KB each) side by side: box j holds logical columns [64 j, 64 j + 64)
 //     of the tile.
