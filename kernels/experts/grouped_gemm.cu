@@ -64,7 +64,13 @@ size_t grouped_max_smem_bytes(moekit_dtype_t dtype, int num_groups) {
   return most;
 }
 
-size_t grouped_sm90_smem_bytes(int num_groups) { return sm90_built() ? sm90::SmemLayout::bytes(num_groups) : 0; }
+size_t grouped_sm90_smem_bytes(int num_groups) {
+  if (!sm90_built()) return 0;
+  // The staged activation-backward kernel adapts: 4 stages where they fit the device, else 3, so
+  // what it needs is its 3-stage layout (never more than the 4-stage ring of the others).
+  const size_t a = sm90::SmemLayout::bytes(num_groups), b = sm90::SmemLayoutBwdAct<3>::bytes(num_groups);
+  return a > b ? a : b;
+}
 
 bool grouped_sm90_built() { return sm90_built(); }
 

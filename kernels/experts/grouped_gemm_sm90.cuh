@@ -2,7 +2,9 @@
 // completing on mbarriers, wgmma.mma_async issued by two consumer warpgroups, a producer warp,
 // setmaxnreg, and a persistent grid walking the device-side tile schedule of grouped_problem.cuh
 // (tiles -> (group, row tile, column tile) from the device offsets; empty groups own no tile).
-// The fused epilogues of epilogue.cuh run straight from the accumulator registers.
+// The fused epilogues of epilogue.cuh run straight from the accumulator registers, except the
+// activation-backward dgrad's default staged epilogue (through shared memory, 16-byte accesses;
+// epilogue_bwd_act_staged below, kernels GroupedGemmSm90<T, true, kEpiBwdAct, 4 or 3>).
 //
 // Problems (GroupedGemmProblem): axis M, C[rows_g, N] = A[rows_g, K] B_g with B_g KN (forward:
 // kEpiGateUp, kEpiRelu2, kEpiStore) or NK (dgrad: kEpiStore, kEpiBwdAct), GroupedGemmSm90; axis K,
@@ -216,6 +218,35 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_
 
 #undef MOEKIT_WGMMA_M64N256K16
 
+// Shared-memory accesses of the staged epilogue (volatile with a memory clobber: never moved across
+// the named barriers that order them).
+__device__ __forceinline__ void st_shared_f32x2(uint32_t addr, float a, float b) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(a), "f"(b) : "memory");
+}
+__device__ __forceinline__ float4 ld_shared_f32x4(uint32_t addr) {
+  float4 v;
+  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+// Barrier of the `threads` threads (whole warps) that use named barrier `id`.
+__device__ __forceinline__ void bar_sync_named(uint32_t id, uint32_t threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// Two values rounded to T (as store_pair does) as the raw bits of the pair.
+template <class T>
+__device__ __forceinline__ uint32_t pack_pair_bits(float a, float b) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
 // ---- The kernel ----------------------------------------------------------------------------------
 
 struct TileInfo {
@@ -226,11 +257,18 @@ struct TileInfo {
   int64_t row0;    // first row of the tile
 };
 
-template <class T, bool kBNK, int kKind>
+template <class T, bool kBNK, int kKind, int kStagedStages = 0>
 struct GroupedGemmSm90 {
   using Cfg = TileConfig;
-  using Smem = SmemLayout;
-  static constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kBK = Cfg::kBK, kStages = Cfg::kStages;
+  // kStagedStages > 0 (kEpiBwdAct only): the staged activation-backward epilogue with its staging
+  // regions and a ring of kStagedStages (4, or 3 where the prefix of many groups leaves no room);
+  // a separate kernel from the register-direct one, so neither epilogue's registers constrain the
+  // other's.
+  static constexpr bool kStaged = kStagedStages > 0;
+  static_assert(!kStaged || (kKind == kEpiBwdAct && kBwdActStaged && (kStagedStages == 3 || kStagedStages == 4)),
+                "staged epilogue: kEpiBwdAct only, 3 or 4 stages");
+  using Smem = typename std::conditional<kStaged, SmemLayoutBwdAct<kStaged ? kStagedStages : 4>, SmemLayout>::type;
+  static constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kBK = Cfg::kBK, kStages = Smem::kStages;
   static constexpr int kConsumerWarps = 4 * Cfg::kConsumers;
   static constexpr int kTransB = kBNK ? 0 : 1;
   static_assert(kBNK ? (kKind == kEpiStore || kKind == kEpiBwdAct)
@@ -454,6 +492,227 @@ struct GroupedGemmSm90 {
       epilogue_bwd_act_as<kLayout, EpilogueRow<T>::kBwdRuntimeKind>(t, prob, ep, d, lr0, lane);
   }
 
+  // ---- kEpiBwdAct, staged (kStaged; MOEKIT_SM90_BWD_ACT_STAGED) ----
+  // The register-direct epilogue above walks each thread's 64 column pairs of two rows: 4-byte
+  // loads and stores, 16 bytes per row per warp instruction, and (fully unrolled so the
+  // accumulator indices stay constant) ~12 k straight-line instructions per tile that stream
+  // through the instruction cache. Here each consumer warpgroup instead stages its accumulators
+  // (G, fp32, exact) through its own shared-memory region (Smem::kStaging + c kBwdStageRegionBytes)
+  // one pass of 32 rows x 64 columns at a time (sub-tile s = tile columns [64 s, 64 s + 64), pass P
+  // = warpgroup rows [32 P, 32 P + 32), the rows of warps 2 P and 2 P + 1; rows padded to
+  // kBwdStageStride floats: the fragment stores of a half-warp hit 32 distinct banks), and its 128
+  // threads walk each pass row-major in items of 8 h columns of one row: thread t takes column
+  // chunk t % 8 of row 32 P + 16 i + t / 8 (i = 0, 1), so a warp's access covers 4 rows x 8 chunks,
+  // 128 contiguous bytes of each of u's gate / up ranges, du's and h''s. Per item: 16-byte loads of
+  // u (relu2: one, gated: two), two 16-byte loads of G from shared memory, the activation backward
+  // of 8 columns (the same functions, operations and roundings as EpilogueRow::bwd_act_apply_as:
+  // the same du and h' bits), 16-byte stores of du (one or two) and h'. The 16 items of a tile
+  // (geometry: bwd_stage_* in grouped_gemm_sm90.hpp) run in a rolled loop (one copy of the
+  // activation code per instance), and the u loads run two items ahead of the item being computed
+  // (issued before its stores in program order: a load of u may not move above a store to du or
+  // h'). Order per pass: named barrier (the previous pass's reads are done), fragment stores of the
+  // pass's two warps, named barrier, the thread's 2 items.
+  // dp partial of a row (one per row and column tile, fixed order, independent of scheduling): per
+  // item the 8 columns' G a in column order (pairs a0 act0 + a1 act1, summed in pair order), per
+  // thread its row's 4 items (one per sub-tile) in order, then the row's 8 threads (lanes 8 m .. 8 m + 7) by a
+  // fixed xor tree (1, 2, 4); lane t % 8 == 0 writes. Not the register-direct epilogue's order (it
+  // sums per lane quad), so dp may differ from it in the last bits; du and h' do not.
+  static constexpr uint32_t kStageBarrier0 = 2;  // named barriers 2, 3: consumer warpgroup 0, 1
+  static constexpr int kStageSub = kBN / kBwdStageCols;  // sub-tiles per tile: 4
+  static constexpr int kItemsPerSub = kBwdStageRows * (kBwdStageCols / 8) / Cfg::kWarpgroupThreads;
+  static constexpr int kStagedItems = kStageSub * kItemsPerSub;  // 16
+  static_assert(kItemsPerSub == 4 && kBwdStageCols == 64 && kBwdStageRows == 64,
+                "item mapping: 8 threads per row, 16 rows per item step, 4 per sub-tile; the dp rotation keeps 4 rows");
+  static_assert(!kStaged || Smem::kStagingBytes >= Cfg::kConsumers * kBwdStageRegionBytes, "staging regions");
+  static_assert(kBwdStagePassRows == 32, "a pass is the rows of warps 2 P and 2 P + 1 (items k with k / 2 % 2 == P)");
+
+  struct StagedIn {
+    uint4 a, b;  // raw u: concatenated gate / up columns h0 .. h0 + 7; interleaved u columns
+                 // 2 h0 .. 2 h0 + 7 / 2 h0 + 8 .. 2 h0 + 15; relu2 u columns h0 .. h0 + 7 (a only)
+    float p;     // routing weight of the row (1 when none)
+  };
+
+  // Item k (0 .. 15) of consumer thread ctid of warpgroup c: sub-tile k / 4, pass (k / 2) % 2.
+  static __device__ __forceinline__ int staged_tile_row(int c, int ctid, int k) {
+    return kBwdStageRows * c + bwd_stage_item_row(ctid, k);
+  }
+  static __device__ __forceinline__ int staged_column(const TileInfo& t, int ctid, int k) {
+    return t.n0 + bwd_stage_item_column(ctid, k);
+  }
+
+  template <int kLayout>
+  static __device__ __forceinline__ StagedIn staged_load(const TileInfo& t, const GroupedGemmProblem& prob,
+                                                         const EpilogueParams& ep, int c, int ctid, int k) {
+    using Row = EpilogueRow<T>;
+    StagedIn in;
+    in.a = make_uint4(0u, 0u, 0u, 0u);
+    in.b = in.a;
+    in.p = 1.0f;
+    const int tr = staged_tile_row(c, ctid, k);
+    const int h0 = staged_column(t, ctid, k);
+    if (tr < t.rows_valid && h0 < prob.n) {
+      const int64_t row = t.row0 + tr;
+      const T* u = static_cast<const T*>(ep.u) + row * ep.ldu;
+      if constexpr (kLayout == Row::kBwdRelu2) {
+        in.a = *reinterpret_cast<const uint4*>(u + h0);
+      } else if constexpr (kLayout == Row::kBwdInterleaved) {
+        in.a = *reinterpret_cast<const uint4*>(u + 2 * h0);
+        in.b = *reinterpret_cast<const uint4*>(u + 2 * h0 + 8);
+      } else {
+        in.a = *reinterpret_cast<const uint4*>(u + h0);
+        in.b = *reinterpret_cast<const uint4*>(u + ep.inter + h0);
+      }
+      if (ep.row_weights) in.p = ep.row_weights[row];
+    }
+    return in;
+  }
+
+  // The activation backward of item k from its staged G; returns its dp contribution.
+  template <int kLayout, int kAct>
+  static __device__ __forceinline__ float staged_apply(const TileInfo& t, const GroupedGemmProblem& prob,
+                                                       const EpilogueParams& ep, int c, int ctid, int k,
+                                                       const StagedIn& in, uint32_t stage) {
+    using Row = EpilogueRow<T>;
+    const int tr = staged_tile_row(c, ctid, k);
+    const int h0 = staged_column(t, ctid, k);
+    if (!(tr < t.rows_valid && h0 < prob.n)) return 0.0f;
+    const uint32_t src = stage + static_cast<uint32_t>(bwd_stage_load_index(ctid, k)) * 4u;
+    const float4 ga = ld_shared_f32x4(src), gb = ld_shared_f32x4(src + 16);
+    const float G[8] = {ga.x, ga.y, ga.z, ga.w, gb.x, gb.y, gb.z, gb.w};
+    const uint32_t ua[4] = {in.a.x, in.a.y, in.a.z, in.a.w};
+    const uint32_t ub[4] = {in.b.x, in.b.y, in.b.z, in.b.w};
+    const float p = in.p;
+    const ActParams act{kAct == Row::kBwdRuntimeKind ? ep.act.kind : kAct, ep.act.alpha, ep.act.limit};
+    const int64_t row = t.row0 + tr;
+    T* du = static_cast<T*>(ep.c) + row * ep.ldc;
+    T* hp = static_cast<T*>(ep.h) + row * ep.ldh;
+    uint32_t o0[4], o1[4], oh[4];
+    uint32_t oi[8];  // interleaved du: 8 words (gate, up) of h columns h0 .. h0 + 7
+    float part = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {  // h columns h0 + 2 e, h0 + 2 e + 1
+      const float a0 = G[2 * e], a1 = G[2 * e + 1];
+      const float pg0 = p * a0, pg1 = p * a1;
+      float act0, act1;
+      if constexpr (kLayout == Row::kBwdRelu2) {
+        const float2 uu = unpack_pair_bits<T>(ua[e]);
+        act0 = act_relu2(uu.x);
+        act1 = act_relu2(uu.y);
+        o0[e] = pack_pair_bits<T>(act_relu2_grad(uu.x) * pg0, act_relu2_grad(uu.y) * pg1);
+      } else if constexpr (kLayout == Row::kBwdInterleaved) {
+        // word m of (a, b) (m < 4 in a, m >= 4 in b): gate and up of h column h0 + m
+        const uint32_t words[8] = {ua[0], ua[1], ua[2], ua[3], ub[0], ub[1], ub[2], ub[3]};
+        const float2 gv0 = unpack_pair_bits<T>(words[2 * e]);
+        const float2 gv1 = unpack_pair_bits<T>(words[2 * e + 1]);
+        const GatedGrad d0 = act_gated_grad(act, gv0.x, gv0.y);
+        const GatedGrad d1 = act_gated_grad(act, gv1.x, gv1.y);
+        act0 = d0.act;
+        act1 = d1.act;
+        const uint32_t w0 = pack_pair_bits<T>(d0.d_gate * pg0, d0.d_up * pg0);
+        const uint32_t w1 = pack_pair_bits<T>(d1.d_gate * pg1, d1.d_up * pg1);
+        oi[2 * e] = w0;  // du words of h columns h0 + 2 e, h0 + 2 e + 1
+        oi[2 * e + 1] = w1;
+      } else {
+        const float2 g = unpack_pair_bits<T>(ua[e]);
+        const float2 v = unpack_pair_bits<T>(ub[e]);
+        const GatedGrad d0 = act_gated_grad(act, g.x, v.x);
+        const GatedGrad d1 = act_gated_grad(act, g.y, v.y);
+        act0 = d0.act;
+        act1 = d1.act;
+        o0[e] = pack_pair_bits<T>(d0.d_gate * pg0, d1.d_gate * pg1);
+        o1[e] = pack_pair_bits<T>(d0.d_up * pg0, d1.d_up * pg1);
+      }
+      oh[e] = pack_pair_bits<T>(act0 * p, act1 * p);
+      part += a0 * act0 + a1 * act1;
+    }
+    if constexpr (kLayout == Row::kBwdRelu2) {
+      *reinterpret_cast<uint4*>(du + h0) = make_uint4(o0[0], o0[1], o0[2], o0[3]);
+    } else if constexpr (kLayout == Row::kBwdInterleaved) {
+      *reinterpret_cast<uint4*>(du + 2 * h0) = make_uint4(oi[0], oi[1], oi[2], oi[3]);
+      *reinterpret_cast<uint4*>(du + 2 * h0 + 8) = make_uint4(oi[4], oi[5], oi[6], oi[7]);
+    } else {
+      *reinterpret_cast<uint4*>(du + h0) = make_uint4(o0[0], o0[1], o0[2], o0[3]);
+      *reinterpret_cast<uint4*>(du + ep.inter + h0) = make_uint4(o1[0], o1[1], o1[2], o1[3]);
+    }
+    *reinterpret_cast<uint4*>(hp + h0) = make_uint4(oh[0], oh[1], oh[2], oh[3]);
+    return part;
+  }
+
+  template <int kLayout, int kAct>
+  static __device__ __forceinline__ void epilogue_bwd_act_staged_as(const TileInfo& t, const GroupedGemmProblem& prob,
+                                                                    const EpilogueParams& ep, const float (&d)[128],
+                                                                    uint32_t smem, int c, int ctid) {
+    const int warp = ctid >> 5, lane = ctid & 31;
+    const uint32_t stage = smem + Smem::kStaging + static_cast<uint32_t>(c) * kBwdStageRegionBytes;
+    const uint32_t bar = kStageBarrier0 + static_cast<uint32_t>(c);
+    // Fragment store address of (h, jj) = (0, 0); the others are constant offsets from it.
+    const uint32_t wr = stage + static_cast<uint32_t>(bwd_stage_store_index(warp, lane, 0, 0)) * 4u;
+    // dp of the thread's 4 rows, rotated every item so that dp0 always belongs to item k's row.
+    float dp0 = 0.0f, dp1 = 0.0f, dp2 = 0.0f, dp3 = 0.0f;
+    StagedIn n1 = staged_load<kLayout>(t, prob, ep, c, ctid, 0);
+    StagedIn n2 = staged_load<kLayout>(t, prob, ep, c, ctid, 1);
+#pragma unroll 1
+    for (int k = 0; k < kStagedItems; ++k) {
+      const StagedIn cur = n1;
+      n1 = n2;
+      if (k + 2 < kStagedItems) n2 = staged_load<kLayout>(t, prob, ep, c, ctid, k + 2);
+      if ((k & 1) == 0) {
+        bar_sync_named(bar, Cfg::kWarpgroupThreads);  // every read of the previous pass is done
+        const int s = k >> 2;
+        const bool writer = bwd_stage_writer_pass(warp) == bwd_stage_item_pass(k);
+#pragma unroll
+        for (int ss = 0; ss < kStageSub; ++ss) {
+          if (writer && ss == s) {
+#pragma unroll
+            for (int jj = 0; jj < kBwdStageCols / 8; ++jj) {
+              const int j = (kBwdStageCols / 8) * ss + jj;
+#pragma unroll
+              for (int h = 0; h < 2; ++h)
+                st_shared_f32x2(wr + static_cast<uint32_t>(bwd_stage_store_index(0, 0, h, jj)) * 4u, d[4 * j + 2 * h],
+                                d[4 * j + 2 * h + 1]);
+            }
+          }
+        }
+        bar_sync_named(bar, Cfg::kWarpgroupThreads);  // the pass is staged
+      }
+      const float part = staged_apply<kLayout, kAct>(t, prob, ep, c, ctid, k, cur, stage);
+      const float acc = dp0 + part;
+      dp0 = dp1;
+      dp1 = dp2;
+      dp2 = dp3;
+      dp3 = acc;
+    }
+    const float dps[4] = {dp0, dp1, dp2, dp3};
+#pragma unroll
+    for (int i = 0; i < kItemsPerSub; ++i) {
+      float v = dps[i];
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      v += __shfl_xor_sync(0xffffffffu, v, 2);
+      v += __shfl_xor_sync(0xffffffffu, v, 4);
+      const int tr = staged_tile_row(c, ctid, i);
+      if ((ctid & 7) == 0 && tr < t.rows_valid) ep.dp_partial[(t.row0 + tr) * ep.ld_dp + t.n_tile] = v;
+    }
+  }
+
+  static __device__ __forceinline__ void epilogue_bwd_act_staged(const TileInfo& t, const GroupedGemmProblem& prob,
+                                                                 const EpilogueParams& ep, const float (&d)[128],
+                                                                 uint32_t smem, int c, int ctid) {
+    using Row = EpilogueRow<T>;
+    if (ep.act.kind == kActRelu2) {
+      epilogue_bwd_act_staged_as<Row::kBwdRelu2, kActRelu2>(t, prob, ep, d, smem, c, ctid);
+    } else if (ep.interleaved) {
+      if (ep.act.kind == kActSwiglu)
+        epilogue_bwd_act_staged_as<Row::kBwdInterleaved, kActSwiglu>(t, prob, ep, d, smem, c, ctid);
+      else
+        epilogue_bwd_act_staged_as<Row::kBwdInterleaved, Row::kBwdRuntimeKind>(t, prob, ep, d, smem, c, ctid);
+    } else {
+      if (ep.act.kind == kActSwiglu)
+        epilogue_bwd_act_staged_as<Row::kBwdConcat, kActSwiglu>(t, prob, ep, d, smem, c, ctid);
+      else
+        epilogue_bwd_act_staged_as<Row::kBwdConcat, Row::kBwdRuntimeKind>(t, prob, ep, d, smem, c, ctid);
+    }
+  }
+
   // A consumer warpgroup (c = 0, 1): rows [64 c, 64 c + 64) of every tile.
   static __device__ __forceinline__ void consumer(const GroupedGemmProblem& prob, const EpilogueParams& ep,
                                                   const RowTileSchedule& sched, int64_t total, uint32_t smem, int c,
@@ -492,7 +751,9 @@ struct GroupedGemmSm90 {
       wgmma_wait<0>();
       fence_acc(d);
       if (lane == 0) mbar_arrive(smem + Smem::kEmptyBarrier + 8 * prev);
-      if constexpr (kKind == kEpiBwdAct)
+      if constexpr (kStaged)
+        epilogue_bwd_act_staged(t, prob, ep, d, smem, c, ctid);
+      else if constexpr (kKind == kEpiBwdAct)
         epilogue_bwd_act(t, prob, ep, d, 64 * c + 16 * warp + (lane >> 2), lane);
       else
         epilogue(t, prob, ep, d, 64 * c + 16 * warp + (lane >> 2), lane);
@@ -535,12 +796,12 @@ struct GroupedGemmSm90 {
   }
 };
 
-template <class T, bool kBNK, int kKind>
+template <class T, bool kBNK, int kKind, int kStagedStages>
 __global__ void __launch_bounds__(TileConfig::kThreads, 1)
     grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_b,
                              const GroupedGemmProblem prob, const EpilogueParams ep) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  GroupedGemmSm90<T, kBNK, kKind>::run(&tma_a, &tma_b, prob, ep, smem_raw);
+  GroupedGemmSm90<T, kBNK, kKind, kStagedStages>::run(&tma_a, &tma_b, prob, ep, smem_raw);
 }
 
 // ---- Weight gradients (axis K) -------------------------------------------------------------------
@@ -778,10 +1039,12 @@ cudaError_t launch_wgrad(const GroupedGemmProblem& prob, const EpilogueParams& e
 
 // Launch: tensor maps encoded here (host only), a persistent grid of min(worst-case tile count,
 // SMs) CTAs (one per SM: the ring takes ~193 KB of shared memory).
-template <class T, bool kBNK, int kKind>
+// kStagedStages > 0: the staged activation-backward epilogue with that ring depth (callers check
+// bwd_act_staged_takes and bwd_act_staged_stages first).
+template <class T, bool kBNK, int kKind, int kStagedStages = 0>
 cudaError_t launch(const GroupedGemmProblem& prob, const EpilogueParams& ep, cudaStream_t stream) {
   using Cfg = TileConfig;
-  auto kernel = grouped_gemm_sm90_kernel<T, kBNK, kKind>;
+  auto kernel = grouped_gemm_sm90_kernel<T, kBNK, kKind, kStagedStages>;
   static std::atomic<int> registers_ok{0};
   if (const cudaError_t e = check_register_budget(reinterpret_cast<const void*>(kernel), registers_ok))
     return e;
@@ -796,7 +1059,7 @@ cudaError_t launch(const GroupedGemmProblem& prob, const EpilogueParams& ep, cud
                               : tma_spec_b_kn(prob.num_groups, prob.k, prob.n, prob.ldb, prob.b_group_stride,
                                               prob.gate_up_half);
   if ((err = encode_tensor_map(&map_b, kBf16, spec_b, prob.b)) != cudaSuccess) return err;
-  const size_t smem = SmemLayout::bytes(prob.num_groups);
+  const size_t smem = GroupedGemmSm90<T, kBNK, kKind, kStagedStages>::Smem::bytes(prob.num_groups);
   if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem))) !=
       cudaSuccess)
     return err;

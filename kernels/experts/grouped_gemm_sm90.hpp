@@ -11,7 +11,8 @@
 //                     fused epilogue straight from the registers (setmaxnreg.inc to kConsumerRegs).
 // Shared memory: kStages stages of { A [128 rows][64 k] (16 KB), B (32 KB) }, each stage operand
 // 1024-byte aligned and 128-byte swizzled (what TMA's SWIZZLE_128B writes and wgmma's 128B swizzle
-// mode reads), then 2 kStages mbarriers (full, empty), then the row-tile prefix of the schedule.
+// mode reads), then (staged activation-backward kernels only) the epilogue staging regions, then
+// 2 kStages mbarriers (full, empty), then the row-tile prefix of the schedule.
 //   B, KN layout (x @ W, N contiguous in memory; wgmma's "N-major", imm-trans-b = 1): four TMA
 //     boxes of [64 k][64 n] (8 KB each) side by side: box j holds logical columns [64 j, 64 j + 64)
 //     of the tile.
@@ -51,18 +52,24 @@ struct TileConfig {
   static constexpr int kElemBytes = 2;   // bf16 / f16
 };
 
-// Byte offsets inside the dynamic shared memory, after its base is rounded up to 1024 bytes.
-struct SmemLayout {
+// Byte offsets inside the dynamic shared memory, after its base is rounded up to 1024 bytes:
+// kStages_ ring stages, then kStagingBytes_ of epilogue staging (0 for every kernel but the
+// staged activation-backward dgrad), then the barriers and the prefix.
+template <int kStages_, uint32_t kStagingBytes_>
+struct SmemLayoutT {
   using C = TileConfig;
+  static constexpr int kStages = kStages_;
   static constexpr uint32_t kAlign = 1024;  // 128B-swizzle atoms: 8 rows of 128 bytes
   static constexpr uint32_t kABytes = C::kBM * C::kBK * C::kElemBytes;          // 16384
   static constexpr uint32_t kBBoxBytes = C::kBK * C::kBoxCols * C::kElemBytes;  // 8192 (KN box)
   static constexpr uint32_t kBBytes = C::kBN * C::kBK * C::kElemBytes;          // 32768
   static constexpr uint32_t kStageBytes = kABytes + kBBytes;                    // 49152
-  static constexpr uint32_t kPipelineBytes = C::kStages * kStageBytes;
-  static constexpr uint32_t kFullBarrier = kPipelineBytes;                      // kStages x 8
-  static constexpr uint32_t kEmptyBarrier = kFullBarrier + 8 * C::kStages;      // kStages x 8
-  static constexpr uint32_t kPrefix = kEmptyBarrier + 8 * C::kStages;
+  static constexpr uint32_t kPipelineBytes = kStages * kStageBytes;
+  static constexpr uint32_t kStaging = kPipelineBytes;                          // kStagingBytes_
+  static constexpr uint32_t kStagingBytes = kStagingBytes_;
+  static constexpr uint32_t kFullBarrier = kStaging + kStagingBytes;            // kStages x 8
+  static constexpr uint32_t kEmptyBarrier = kFullBarrier + 8 * kStages;         // kStages x 8
+  static constexpr uint32_t kPrefix = kEmptyBarrier + 8 * kStages;
   static constexpr uint32_t a_offset(int stage) { return stage * kStageBytes; }
   static constexpr uint32_t b_offset(int stage) { return stage * kStageBytes + kABytes; }
   // Prefix [G + 1] plus the block scan's scratch (one int32 per warp).
@@ -70,6 +77,72 @@ struct SmemLayout {
     return kAlign + kPrefix + (static_cast<size_t>(num_groups) + 1 + C::kThreads / 32) * 4;
   }
 };
+using SmemLayout = SmemLayoutT<TileConfig::kStages, 0>;
+
+// The activation-backward dgrad's staged epilogue (kEpiBwdAct, grouped_gemm_sm90.cuh
+// epilogue_bwd_act_staged): each consumer warpgroup stages its accumulators (fp32) through its own
+// region, one pass of 32 rows x 64 columns at a time (rows padded to kBwdStageStride floats so the
+// fragment stores of a half-warp hit 32 distinct banks), then walks them row-major with 16-byte
+// loads of u and 16-byte stores of du and h'. The two regions (18 KB) fit next to the 4-stage
+// ring while the prefix does (E <= 4067); above that the kernel runs a 3-stage ring
+// (bwd_act_staged_stages). MOEKIT_SM90_BWD_ACT_STAGED=0 (a -D in cuda_args) restores the
+// register-direct epilogue for every dgrad.
+#ifndef MOEKIT_SM90_BWD_ACT_STAGED
+#define MOEKIT_SM90_BWD_ACT_STAGED 1
+#endif
+constexpr bool kBwdActStaged = MOEKIT_SM90_BWD_ACT_STAGED != 0;
+constexpr int kBwdStageRows = 64;                       // one consumer warpgroup's rows
+constexpr int kBwdStagePassRows = 32;                   // rows staged at a time
+constexpr int kBwdStageCols = 64;                       // accumulator columns per sub-tile
+constexpr int kBwdStageStride = kBwdStageCols + 8;      // floats per staged row
+constexpr uint32_t kBwdStageRegionBytes = kBwdStagePassRows * kBwdStageStride * 4;  // 9216
+constexpr uint32_t kBwdStagingBytes = TileConfig::kConsumers * kBwdStageRegionBytes;  // 18432
+template <int kStages>
+using SmemLayoutBwdAct = SmemLayoutT<kStages, kBwdStagingBytes>;
+
+// Ring depth of the staged kernel for E groups: 4 (as every other kernel) where that layout fits
+// the device's opt-in shared memory per block, else 3 (0: neither fits).
+inline int bwd_act_staged_stages(int num_groups, size_t smem_optin) {
+  if (SmemLayoutBwdAct<4>::bytes(num_groups) <= smem_optin) return 4;
+  if (SmemLayoutBwdAct<3>::bytes(num_groups) <= smem_optin) return 3;
+  return 0;
+}
+
+// Geometry of the staged epilogue (one consumer warpgroup; float indices into its region).
+// Fragment stores: the wgmma accumulator pair d[4 j + 2 h], d[4 j + 2 h + 1] of thread
+// (warp, lane) is warpgroup row 16 warp + lane / 4 + 8 h, tile columns 8 j + 2 (lane % 4), + 1;
+// sub-tile s holds chunks j = 8 s + jj (jj < 8); pass P of a sub-tile holds warpgroup rows
+// [32 P, 32 P + 32), written by warps 2 P and 2 P + 1. Items: consumer thread ctid's item k
+// (0 .. 15) is sub-tile k / 4, pass (k / 2) % 2, warpgroup row 16 (k % 4) + ctid / 8, tile columns
+// 64 (k / 4) + 8 (ctid % 8) .. + 7. The CPU tests check that the items read back exactly what the
+// fragments stored and cover every element of the warpgroup's 64 x 256 tile once.
+__host__ __device__ constexpr int bwd_stage_writer_pass(int warp) { return warp >> 1; }
+__host__ __device__ constexpr int bwd_stage_store_index(int warp, int lane, int h, int jj) {
+  return (16 * (warp & 1) + (lane >> 2) + 8 * h) * kBwdStageStride + 8 * jj + 2 * (lane & 3);
+}
+__host__ __device__ constexpr int bwd_stage_item_pass(int k) { return (k >> 1) & 1; }
+__host__ __device__ constexpr int bwd_stage_item_row(int ctid, int k) { return 16 * (k & 3) + (ctid >> 3); }
+__host__ __device__ constexpr int bwd_stage_item_column(int ctid, int k) {
+  return kBwdStageCols * (k >> 2) + 8 * (ctid & 7);
+}
+__host__ __device__ constexpr int bwd_stage_load_index(int ctid, int k) {
+  return (bwd_stage_item_row(ctid, k) - kBwdStagePassRows * bwd_stage_item_pass(k)) * kBwdStageStride +
+         8 * (ctid & 7);
+}
+
+// Whether the staged epilogue takes this kEpiBwdAct GEMM: its 16-byte accesses of u, du and h'
+// need 16-byte-aligned bases and row strides, I (the up half's offset) and N multiples of 8
+// elements. The public API guarantees all of it (MOEKIT_STATUS_MISALIGNED, H and I multiples of
+// 8); anything else runs the register-direct epilogue's kernel.
+inline bool bwd_act_staged_takes(const GroupedGemmProblem& p, const EpilogueParams& ep) {
+  if (!kBwdActStaged || ep.u == nullptr || ep.c == nullptr || ep.h == nullptr) return false;
+  const uintptr_t ptrs = reinterpret_cast<uintptr_t>(ep.u) | reinterpret_cast<uintptr_t>(ep.c) |
+                         reinterpret_cast<uintptr_t>(ep.h);
+  const int64_t lds = ep.ldu | ep.ldc | ep.ldh;
+  return (ptrs & 15u) == 0 && (lds & 7) == 0 && (p.n & 7) == 0 && (ep.inter & 7) == 0 && ep.ldu > 0 &&
+         ep.ldc > 0 && ep.ldh > 0;
+}
+
 static_assert(SmemLayout::kABytes % SmemLayout::kAlign == 0 && SmemLayout::kBBytes % SmemLayout::kAlign == 0,
               "every operand tile starts on a swizzle atom");
 

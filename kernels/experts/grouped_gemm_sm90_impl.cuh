@@ -26,7 +26,20 @@ cudaError_t launch_sm90_backward(const GroupedGemmProblem& p, EpiKind kind, cons
   if (!p.b_nk) return cudaErrorInvalidValue;
   switch (kind) {
     case kEpiStore: return sm90::launch<T, true, kEpiStore>(p, ep, stream);
-    case kEpiBwdAct: return sm90::launch<T, true, kEpiBwdAct>(p, ep, stream);
+    case kEpiBwdAct:
+      if constexpr (sm90::kBwdActStaged) {
+        if (sm90::bwd_act_staged_takes(p, ep)) {
+          int device = 0, optin = 0;
+          cudaError_t err = cudaGetDevice(&device);
+          if (err == cudaSuccess)
+            err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+          if (err != cudaSuccess) return err;
+          const int stages = sm90::bwd_act_staged_stages(p.num_groups, static_cast<size_t>(optin));
+          if (stages == 4) return sm90::launch<T, true, kEpiBwdAct, 4>(p, ep, stream);
+          if (stages == 3) return sm90::launch<T, true, kEpiBwdAct, 3>(p, ep, stream);
+        }
+      }
+      return sm90::launch<T, true, kEpiBwdAct, 0>(p, ep, stream);
     default: return cudaErrorInvalidValue;
   }
 }

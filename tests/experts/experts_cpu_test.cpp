@@ -1128,6 +1128,162 @@ TEST_CASE("sm90 shared-memory layout: aligned tiles, barriers, the prefix, withi
   REQUIRE(C::kBN == 256);
 }
 
+TEST_CASE("sm90 staged activation-backward epilogue: layout, smem budget, fragment and item coverage",
+          "[experts][sm90]") {
+  using C = s90::TileConfig;
+  const size_t optin = 232448;  // H100 / H200 opt-in shared memory per block (227 KB)
+  if (!s90::kBwdActStaged) {
+    REQUIRE(s90::bwd_act_staged_stages(1, optin) >= 0);
+    return;
+  }
+  // Both ring depths: the staging regions after the ring, the barriers after them.
+  auto check_layout = [](auto layout, int stages) {
+    using L = decltype(layout);
+    REQUIRE(L::kStages == stages);
+    REQUIRE(L::kStaging == L::kStages * L::kStageBytes);
+    REQUIRE(L::kStaging % 16 == 0);
+    REQUIRE(L::kStagingBytes == s90::kBwdStagingBytes);
+    REQUIRE(L::kFullBarrier == L::kStaging + L::kStagingBytes);
+    REQUIRE(L::kFullBarrier % 8 == 0);
+    REQUIRE(L::kEmptyBarrier == L::kFullBarrier + 8 * L::kStages);
+    REQUIRE(L::kPrefix == L::kEmptyBarrier + 8 * L::kStages);
+    for (int s = 0; s < L::kStages; ++s) {
+      REQUIRE(L::a_offset(s) % 1024 == 0);
+      REQUIRE(L::b_offset(s) % 1024 == 0);
+    }
+  };
+  check_layout(s90::SmemLayoutBwdAct<4>{}, 4);
+  check_layout(s90::SmemLayoutBwdAct<3>{}, 3);
+  REQUIRE(s90::kBwdStageRegionBytes == s90::kBwdStagePassRows * s90::kBwdStageStride * 4);
+  REQUIRE(s90::kBwdStageRegionBytes % 16 == 0);
+  REQUIRE(s90::kBwdStagingBytes == C::kConsumers * s90::kBwdStageRegionBytes);
+  // Ring depth per E: 4 stages wherever they fit (every benchmark shape, up to E = 4067), 3 up to
+  // the largest E; the choice always fits, and 4 is never refused where it would have fit.
+  for (int E : {1, 8, 32, 128, 256, 1024, 2048, 4000, 4067, 4068, 4096, 8000, MOEKIT_EXPERTS_MAX_EXPERTS}) {
+    INFO("E = " << E);
+    const int st = s90::bwd_act_staged_stages(E, optin);
+    REQUIRE((st == 3 || st == 4));
+    REQUIRE(st == (s90::SmemLayoutBwdAct<4>::bytes(E) <= optin ? 4 : 3));
+    REQUIRE((st == 4 ? s90::SmemLayoutBwdAct<4>::bytes(E) : s90::SmemLayoutBwdAct<3>::bytes(E)) <= optin);
+  }
+  REQUIRE(s90::bwd_act_staged_stages(256, optin) == 4);
+  REQUIRE(s90::bwd_act_staged_stages(MOEKIT_EXPERTS_MAX_EXPERTS, optin) == 3);
+  REQUIRE(s90::bwd_act_staged_stages(1, 100000) == 0);
+  // What the host's shared-memory need (grouped_sm90_smem_bytes: the largest of the 4-stage
+  // layout and the staged 3-stage one) promises: wherever it fits a device, the staged kernel
+  // finds a ring depth that fits too.
+  for (int E : {1, 4067, 4068, MOEKIT_EXPERTS_MAX_EXPERTS})
+    for (size_t limit : {optin, size_t(200000), size_t(216184), size_t(163840)}) {
+      const size_t need = std::max(s90::SmemLayoutBwdAct<3>::bytes(E), s90::SmemLayout::bytes(E));
+      if (need <= limit) REQUIRE(s90::bwd_act_staged_stages(E, limit) >= 3);
+    }
+
+  // Fragment stores of one pass (sub-tile s, pass P): the writer warps' (h, jj, e) land in
+  // distinct floats inside the region and hold warpgroup row 16 warp + lane / 4 + 8 h, sub-tile
+  // column 8 jj + 2 q + e; each half-warp's 8-byte stores hit 32 distinct banks.
+  const int stride = s90::kBwdStageStride;
+  const int region = s90::kBwdStagePassRows * stride;
+  for (int pass = 0; pass < 2; ++pass) {
+    INFO("pass " << pass);
+    std::vector<int> row_of(region, -1), col_of(region, -1);
+    for (int warp = 0; warp < 4; ++warp) {
+      if (s90::bwd_stage_writer_pass(warp) != pass) continue;
+      for (int lane = 0; lane < 32; ++lane)
+        for (int h = 0; h < 2; ++h)
+          for (int jj = 0; jj < 8; ++jj)
+            for (int e = 0; e < 2; ++e) {
+              const int idx = s90::bwd_stage_store_index(warp, lane, h, jj) + e;
+              REQUIRE(idx >= 0);
+              REQUIRE(idx < region);
+              REQUIRE(row_of[idx] == -1);
+              REQUIRE(s90::bwd_stage_store_index(warp, lane, h, jj) ==
+                      s90::bwd_stage_store_index(warp, lane, 0, 0) + s90::bwd_stage_store_index(0, 0, h, jj));
+              row_of[idx] = 16 * warp + lane / 4 + 8 * h;
+              col_of[idx] = 8 * jj + 2 * (lane % 4) + e;
+            }
+      for (int h = 0; h < 2; ++h)
+        for (int jj = 0; jj < 8; ++jj)
+          for (int half = 0; half < 2; ++half) {
+            std::set<int> banks;
+            for (int lane = 16 * half; lane < 16 * half + 16; ++lane)
+              for (int e = 0; e < 2; ++e) banks.insert((s90::bwd_stage_store_index(warp, lane, h, jj) + e) % 32);
+            REQUIRE(banks.size() == 32);
+          }
+    }
+    // Items of this pass (any sub-tile: the pass layout is the same): 16-byte aligned reads of 8
+    // staged floats that are exactly the item's row and columns.
+    for (int ctid = 0; ctid < C::kWarpgroupThreads; ++ctid)
+      for (int k = 0; k < 16; ++k) {
+        if (s90::bwd_stage_item_pass(k) != pass) continue;
+        const int r = s90::bwd_stage_item_row(ctid, k), col = s90::bwd_stage_item_column(ctid, k);
+        const int sub = k / 4;
+        const int li = s90::bwd_stage_load_index(ctid, k);
+        REQUIRE(li % 4 == 0);  // 16-byte loads
+        REQUIRE(li >= 0);
+        REQUIRE(li + 8 <= region);
+        for (int m = 0; m < 8; ++m) {
+          REQUIRE(row_of[li + m] == r);
+          REQUIRE(col_of[li + m] + sub * s90::kBwdStageCols == col + m);
+        }
+      }
+  }
+  // Items over the 4 sub-tiles: every (row, column) of the warpgroup's 64 x 256 tile exactly once;
+  // items are staged in order (a pass's items follow its staging, k even starts a pass).
+  std::vector<int> seen(s90::kBwdStageRows * C::kBN, 0);
+  for (int ctid = 0; ctid < C::kWarpgroupThreads; ++ctid)
+    for (int k = 0; k < 16; ++k) {
+      const int r = s90::bwd_stage_item_row(ctid, k), col = s90::bwd_stage_item_column(ctid, k);
+      const int sub = k / 4;
+      REQUIRE(r >= 0);
+      REQUIRE(r < s90::kBwdStageRows);
+      REQUIRE(r / s90::kBwdStagePassRows == s90::bwd_stage_item_pass(k));
+      REQUIRE(s90::bwd_stage_item_pass(k) == s90::bwd_stage_item_pass(k & ~1));
+      REQUIRE(col >= sub * s90::kBwdStageCols);
+      REQUIRE(col + 8 <= (sub + 1) * s90::kBwdStageCols);
+      REQUIRE(col % 8 == 0);
+      for (int m = 0; m < 8; ++m) ++seen[r * C::kBN + col + m];
+      // The row's 8 threads (its dp lanes) are 8 consecutive lanes of one warp, aligned to 8.
+      REQUIRE(s90::bwd_stage_item_row(ctid ^ 1, k) == r);
+      REQUIRE(s90::bwd_stage_item_row(ctid ^ 2, k) == r);
+      REQUIRE(s90::bwd_stage_item_row(ctid ^ 4, k) == r);
+      REQUIRE(s90::bwd_stage_item_row(ctid ^ 8, k) != r);
+      // The same thread keeps the same 4 rows in every sub-tile (dp accumulates per row, rotated).
+      REQUIRE(s90::bwd_stage_item_row(ctid, k) == s90::bwd_stage_item_row(ctid, k % 4));
+    }
+  for (int v : seen) REQUIRE(v == 1);
+
+  // Which GEMMs take it: aligned u, du, h' and strides / I multiples of 8.
+  alignas(16) static unsigned char buf[4][64];
+  kx::GroupedGemmProblem p = sm90_problem(4, 1000, 64, 40, 64, 64, 64 * 40, true, 0);
+  kx::EpilogueParams ep;
+  ep.u = buf[0];
+  ep.c = buf[1];
+  ep.h = buf[2];
+  ep.ldu = 80;
+  ep.ldc = 80;
+  ep.ldh = 40;
+  ep.inter = 40;
+  REQUIRE(s90::bwd_act_staged_takes(p, ep));
+  kx::EpilogueParams bad = ep;
+  bad.u = buf[0] + 8;
+  REQUIRE_FALSE(s90::bwd_act_staged_takes(p, bad));
+  bad = ep;
+  bad.h = buf[2] + 2;
+  REQUIRE_FALSE(s90::bwd_act_staged_takes(p, bad));
+  bad = ep;
+  bad.ldc = 84;
+  REQUIRE_FALSE(s90::bwd_act_staged_takes(p, bad));
+  bad = ep;
+  bad.inter = 44;
+  REQUIRE_FALSE(s90::bwd_act_staged_takes(p, bad));
+  bad = ep;
+  bad.h = nullptr;
+  REQUIRE_FALSE(s90::bwd_act_staged_takes(p, bad));
+  kx::GroupedGemmProblem odd = p;
+  odd.n = 44;
+  REQUIRE_FALSE(s90::bwd_act_staged_takes(odd, ep));
+}
+
 namespace {
 
 struct Desc {

@@ -1025,6 +1025,134 @@ TEST_CASE("both GEMM paths: activation-backward dgrad over many tiles per CTA, u
   }
 }
 
+// The staged activation-backward epilogue of the SM90 path (MOEKIT_SM90_BWD_ACT_STAGED, the default):
+// accumulators staged 32 rows x 64 columns at a time through shared memory, items of 8 h columns
+// of one row, 16-byte u loads and du / h' stores, dp per row over 8 lanes by a fixed tree; a
+// 4-stage ring up to E = 4067 and a 3-stage one above (E = 4100 below runs that instance). Shapes that hit its edges:
+// I = 8 (one item per row of the only sub-tile), 72 (a full sub-tile and one item of the next),
+// 200 (three sub-tiles and one item), 264 (a full tile and an 8-column tail tile), 520 (three
+// column tiles); row tiles straddling groups, empty experts, a 513-row group (several row tiles
+// of one expert), 300 experts of 0..9 rows (many tiles per persistent CTA, most ending inside
+// their group). Exact: relu2 on small integers, bit for bit against the reference (du, h' and dp
+// all reach the gradients exactly). Every gated layout with random data: concatenated and
+// interleaved, SwiGLU with and without the clamp (the compile-time-kind instances) and other
+// kinds (the run-time-kind instances), bf16 and f16, with row weights; plus bitwise run-to-run
+// determinism of the whole backward on an interleaved problem. Both paths (sm_80 as control).
+TEST_CASE("both GEMM paths: staged activation-backward epilogue, column tails, exact relu2, every layout",
+          "[gpu][experts][paths]") {
+  Stream stream;
+  uint64_t salt = 0xb00;
+  std::vector<int> many;
+  {
+    auto rng = moekit::test::make_rng(0xb0f);
+    std::uniform_int_distribution<int> d(0, 9);
+    for (int e = 0; e < 300; ++e) many.push_back(d(rng));
+  }
+  for (int32_t path : both_paths()) {
+    PathScope scope(path);
+    INFO("gemm_path " << path_name(path));
+    {  // exact relu2, bit for bit
+      struct Case {
+        int inter;
+        std::vector<int> counts;
+      };
+      const Case cases[] = {
+          {8, {0, 3, 130, 0, 1}}, {72, many}, {200, {257, 0, 129, 64}}, {264, {1, 0, 200}}, {520, {0, 513, 0, 1}},
+      };
+      for (const Case& c : cases) {
+        Spec s;
+        s.activation = MOEKIT_ACTIVATION_RELU2;
+        s.hidden = 64;
+        s.inter = c.inter;
+        s.counts = c.counts;
+        s.tail_rows = 5;
+        s.bias_gate_up = s.bias_down = true;
+        s.row_weights = true;
+        auto rng = moekit::test::make_rng(++salt);
+        Problem P(s, MOEKIT_DTYPE_BF16, moekit::test::experts::make_integer(s, rng));
+        REQUIRE(P.config.gemm_path == path);
+        check_problem(P, true, false, stream.s);
+      }
+    }
+    {  // gated layouts and kinds against the reference
+      struct Case {
+        int act;
+        double limit;
+        bool interleaved;
+        int hidden, inter;
+        moekit_dtype_t dtype;
+        bool many_experts;
+      };
+      const Case cases[] = {
+          {MOEKIT_ACTIVATION_SWIGLU, 0.0, false, 128, 200, MOEKIT_DTYPE_BF16, true},
+          {MOEKIT_ACTIVATION_SWIGLU, 0.0, false, 64, 520, MOEKIT_DTYPE_F16, false},
+          {MOEKIT_ACTIVATION_SWIGLU, 1.5, false, 200, 72, MOEKIT_DTYPE_F16, true},
+          {MOEKIT_ACTIVATION_SWIGLU, 0.0, true, 64, 200, MOEKIT_DTYPE_F16, false},
+          {MOEKIT_ACTIVATION_SWIGLU, 7.0, true, 128, 8, MOEKIT_DTYPE_BF16, true},
+          {MOEKIT_ACTIVATION_GEGLU, 0.0, false, 64, 136, MOEKIT_DTYPE_BF16, false},
+          {MOEKIT_ACTIVATION_QUICK_GEGLU, 1.25, true, 64, 264, MOEKIT_DTYPE_F16, true},
+          {MOEKIT_ACTIVATION_SWIGLU_OAI, 0.9, true, 64, 72, MOEKIT_DTYPE_BF16, false},
+      };
+      for (const Case& c : cases) {
+        Spec s;
+        s.activation = c.act;
+        s.limit = c.limit;
+        s.interleaved = c.interleaved;
+        s.hidden = c.hidden;
+        s.inter = c.inter;
+        s.counts = c.many_experts ? many : std::vector<int>{0, 513, 0, 1, 130};
+        s.tail_rows = 3;
+        s.row_weights = true;
+        auto rng = moekit::test::make_rng(++salt);
+        Problem P(s, c.dtype, moekit::test::experts::make_random(s, rng, c.dtype));
+        REQUIRE(P.config.gemm_path == path);
+        check_problem(P, false, false, stream.s);
+      }
+    }
+    {  // E = 4100 > 4067: the staged kernel's 3-stage instance; most experts empty
+      for (int act : {MOEKIT_ACTIVATION_RELU2, MOEKIT_ACTIVATION_SWIGLU}) {
+        Spec s;
+        s.activation = act;
+        s.hidden = 16;
+        s.inter = 72;
+        s.counts.assign(4100, 0);
+        for (int e = 0; e < 4100; e += 37) s.counts[e] = 1 + (e % 9);
+        s.counts[4099] = 130;
+        s.tail_rows = 4;
+        s.bias_gate_up = s.bias_down = act == MOEKIT_ACTIVATION_RELU2;
+        s.row_weights = true;
+        auto rng = moekit::test::make_rng(++salt);
+        const bool exact = act == MOEKIT_ACTIVATION_RELU2;
+        Problem P(s, MOEKIT_DTYPE_BF16,
+                  exact ? moekit::test::experts::make_integer(s, rng)
+                        : moekit::test::experts::make_random(s, rng, MOEKIT_DTYPE_BF16));
+        REQUIRE(P.config.gemm_path == path);
+        check_problem(P, exact, false, stream.s);
+      }
+    }
+    {  // bitwise determinism, interleaved SwiGLU with clamp, row weights
+      Spec s;
+      s.limit = 2.0;
+      s.interleaved = true;
+      s.hidden = 128;
+      s.inter = 200;
+      s.counts = many;
+      s.row_weights = true;
+      auto rng = moekit::test::make_rng(0xb40);
+      Problem P(s, MOEKIT_DTYPE_BF16, moekit::test::experts::make_random(s, rng, MOEKIT_DTYPE_BF16));
+      std::vector<double> dout = moekit::test::experts::normal_vec(rng, static_cast<size_t>(P.R()) * s.hidden, 1.0,
+                                                                   MOEKIT_DTYPE_BF16);
+      DeviceBuffer dout_d = upload(pack_d(MOEKIT_DTYPE_BF16, dout));
+      const ForwardRun f = run_forward(P, true, stream.s);
+      const BackwardRun b1 = run_backward(P, &f.u, dout_d, stream.s);
+      for (int rep = 0; rep < 3; ++rep) {
+        const BackwardRun b2 = run_backward(P, &f.u, dout_d, stream.s);
+        REQUIRE(b2.raw == b1.raw);
+      }
+    }
+  }
+}
+
 TEST_CASE("both GEMM paths: bitwise determinism over repeated runs", "[gpu][experts][paths]") {
   Stream stream;
   for (int32_t path : both_paths()) {
