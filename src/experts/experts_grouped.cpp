@@ -112,23 +112,6 @@ moekit_status_t device_facts(int device, DeviceFacts* out) {
   return MOEKIT_STATUS_SUCCESS;
 }
 
-// The kernels the bf16/f16 GEMMs of this config run on. check_device vetted an explicit SM90 for
-// this device and build. AUTO takes the sm_90a path wherever it may run (a build with the sm_90a
-// objects, compute capability 9.0, its shared memory fits): measured 2.2-2.5x the sm_80 path's
-// forward and 1.6-1.8x its forward+backward on an H200 (docs/experts.md); else the sm_80 path.
-kx::GemmPath gemm_path(const moekit_experts_config_t& c) {
-  if (c.gemm_path == MOEKIT_GEMM_PATH_SM90) return kx::kGemmPathSm90;
-  if (c.gemm_path == MOEKIT_GEMM_PATH_SM80 || !kernels::experts::grouped_sm90_built()) return kx::kGemmPathSm80;
-  int device = 0;
-  DeviceFacts facts;
-  if (cudaGetDevice(&device) != cudaSuccess || device_facts(device, &facts) != MOEKIT_STATUS_SUCCESS) {
-    (void)cudaGetLastError();  // check_device already succeeded on this device: cannot happen
-    return kx::kGemmPathSm80;
-  }
-  const bool fits = kernels::experts::grouped_sm90_smem_bytes(c.num_experts) <= static_cast<size_t>(facts.smem_optin);
-  return facts.major == 9 && facts.minor == 0 && fits ? kx::kGemmPathSm90 : kx::kGemmPathSm80;
-}
-
 kx::GroupedGemmProblem axis_m_problem(const moekit_experts_config_t& c, int64_t R, const int32_t* offsets,
                                       const void* a, int64_t lda, int k, const void* b, int64_t ldb,
                                       int64_t b_group_stride, bool b_nk, int n) {
@@ -173,9 +156,9 @@ kx::GroupedGemmProblem axis_k_problem(const moekit_experts_config_t& c, int64_t 
 }
 
 // u = xp W_gu (+ b) with the gate-up epilogue: h (optional) and/or round(u) (optional).
-moekit_status_t run_gate_up(const moekit_experts_config_t& c, const ActivationSpec& spec, int64_t R,
-                            const int32_t* offsets, const void* xp, const float* row_weights, const void* w_gate_up,
-                            const void* b_gate_up, void* u_out, void* h, cudaStream_t stream) {
+moekit_status_t run_gate_up(const moekit_experts_config_t& c, kx::GemmPath path, const ActivationSpec& spec,
+                            int64_t R, const int32_t* offsets, const void* xp, const float* row_weights,
+                            const void* w_gate_up, const void* b_gate_up, void* u_out, void* h, cudaStream_t stream) {
   const int H = c.hidden, I = c.inter, NU = spec.nu(I);
   kx::GroupedGemmProblem p = axis_m_problem(c, R, offsets, xp, H, H, w_gate_up, NU,
                                             static_cast<int64_t>(H) * NU, false, NU);
@@ -193,21 +176,21 @@ moekit_status_t run_gate_up(const moekit_experts_config_t& c, const ActivationSp
   ep.inter = I;
   ep.weight_after_down = c.weight_after_down ? 1 : 0;
   MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(static_cast<moekit_dtype_t>(c.dtype), p,
-                                          spec.gated ? kx::kEpiGateUp : kx::kEpiRelu2, ep, stream, gemm_path(c)),
+                                          spec.gated ? kx::kEpiGateUp : kx::kEpiRelu2, ep, stream, path),
                   "launching the gate-up grouped GEMM");
   return MOEKIT_STATUS_SUCCESS;
 }
 
 // Weight gradient C_g = X_g^T Y_g [M, N] into `out` (with a split pass when the plan asks for it).
-moekit_status_t run_wgrad(const moekit_experts_config_t& c, int64_t R, const int32_t* offsets, const void* x,
-                          int m, const void* y, int n, int splits, float* scratch, void* out, const char* what,
-                          cudaStream_t stream) {
+moekit_status_t run_wgrad(const moekit_experts_config_t& c, kx::GemmPath path, int64_t R, const int32_t* offsets,
+                          const void* x, int m, const void* y, int n, int splits, float* scratch, void* out,
+                          const char* what, cudaStream_t stream) {
   const auto dtype = static_cast<moekit_dtype_t>(c.dtype);
   const kx::GroupedGemmProblem p = axis_k_problem(c, R, offsets, x, m, y, n, splits);
   kx::EpilogueParams ep;
   ep.c = out;
   ep.split_out = scratch;
-  MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(dtype, p, kx::kEpiWgrad, ep, stream, gemm_path(c)), what);
+  MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(dtype, p, kx::kEpiWgrad, ep, stream, path), what);
   if (splits > 1)
     MOEKIT_CUDA_TRY(kx::launch_split_sum(dtype, scratch, splits, static_cast<int64_t>(c.num_experts) * m * n, out,
                                          stream),
@@ -229,7 +212,11 @@ size_t backward_workspace_bytes(const moekit_experts_config_t& c, int64_t max_ro
   return ws.bytes();
 }
 
-moekit_status_t check_device(const moekit_experts_config_t& c) {
+// check_device, and the kernels the bf16/f16 GEMMs of this config run on, from the same device
+// facts: an explicit SM90 vetted here; AUTO takes the sm_90a path wherever it may run (a build with
+// the sm_90a objects, compute capability 9.0, its shared memory fits): measured 2.2-2.5x the sm_80
+// path's forward and 1.6-1.8x its forward+backward on an H200 (docs/experts.md); else sm_80.
+static moekit_status_t vet_device(const moekit_experts_config_t& c, kx::GemmPath* path) {
   int device = 0;
   MOEKIT_CUDA_TRY(cudaGetDevice(&device), "querying the current device");
   DeviceFacts facts;
@@ -259,21 +246,32 @@ moekit_status_t check_device(const moekit_experts_config_t& c) {
     return fail(MOEKIT_STATUS_NOT_AVAILABLE,
                 "config->num_experts = %d needs %zu bytes of shared memory per block; device %d offers %d",
                 c.num_experts, need, device, optin);
+  const bool sm90_runs = kernels::experts::grouped_sm90_built() && facts.major == 9 && facts.minor == 0 &&
+                         kernels::experts::grouped_sm90_smem_bytes(c.num_experts) <= static_cast<size_t>(optin);
+  *path = c.gemm_path == MOEKIT_GEMM_PATH_SM90 || (c.gemm_path == MOEKIT_GEMM_PATH_AUTO && sm90_runs)
+              ? kx::kGemmPathSm90
+              : kx::kGemmPathSm80;
   return MOEKIT_STATUS_SUCCESS;
+}
+
+moekit_status_t check_device(const moekit_experts_config_t& c) {
+  kx::GemmPath path;
+  return vet_device(c, &path);
 }
 
 moekit_status_t forward(const moekit_experts_config_t& c, const ForwardArgs& a, void* workspace,
                         cudaStream_t stream) {
   const int64_t R = a.max_rows;
   if (R == 0) return MOEKIT_STATUS_SUCCESS;
-  MOEKIT_TRY(check_device(c));
+  kx::GemmPath path;
+  MOEKIT_TRY(vet_device(c, &path));
   const auto dtype = static_cast<moekit_dtype_t>(c.dtype);
   const ActivationSpec spec = activation_spec(c.activation, c.gate_up_layout, c.act_alpha, c.act_limit);
   const int H = c.hidden, I = c.inter;
   WorkspaceCarver ws(workspace);
   const ForwardLayout l = carve_forward(ws, c, R);
 
-  MOEKIT_TRY(run_gate_up(c, spec, R, a.expert_offsets, a.xp, a.row_weights, a.w_gate_up, a.b_gate_up, a.u_out,
+  MOEKIT_TRY(run_gate_up(c, path, spec, R, a.expert_offsets, a.xp, a.row_weights, a.w_gate_up, a.b_gate_up, a.u_out,
                          l.h, stream));
 
   const kx::GroupedGemmProblem p = axis_m_problem(c, R, a.expert_offsets, l.h, I, I, a.w_down, H,
@@ -285,7 +283,7 @@ moekit_status_t forward(const moekit_experts_config_t& c, const ForwardArgs& a, 
   ep.bias_group_stride = H;
   ep.row_weights = a.row_weights;
   ep.weight_after_down = c.weight_after_down ? 1 : 0;
-  MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(dtype, p, kx::kEpiStore, ep, stream, gemm_path(c)),
+  MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(dtype, p, kx::kEpiStore, ep, stream, path),
                   "launching the down grouped GEMM");
   return MOEKIT_STATUS_SUCCESS;
 }
@@ -293,7 +291,8 @@ moekit_status_t forward(const moekit_experts_config_t& c, const ForwardArgs& a, 
 moekit_status_t backward(const moekit_experts_config_t& c, const BackwardArgs& a, void* workspace,
                          cudaStream_t stream) {
   const int64_t R = a.max_rows;
-  MOEKIT_TRY(check_device(c));
+  kx::GemmPath path;
+  MOEKIT_TRY(vet_device(c, &path));
   const auto dtype = static_cast<moekit_dtype_t>(c.dtype);
   const ActivationSpec spec = activation_spec(c.activation, c.gate_up_layout, c.act_alpha, c.act_limit);
   const int E = c.num_experts, H = c.hidden, I = c.inter, NU = spec.nu(I);
@@ -305,7 +304,7 @@ moekit_status_t backward(const moekit_experts_config_t& c, const BackwardArgs& a
   if (R > 0 && need_du) {
     const void* u = a.u;
     if (!u) {
-      MOEKIT_TRY(run_gate_up(c, spec, R, a.expert_offsets, a.xp, a.row_weights, a.w_gate_up, a.b_gate_up, l.u,
+      MOEKIT_TRY(run_gate_up(c, path, spec, R, a.expert_offsets, a.xp, a.row_weights, a.w_gate_up, a.b_gate_up, l.u,
                              nullptr, stream));
       u = l.u;
     }
@@ -325,7 +324,7 @@ moekit_status_t backward(const moekit_experts_config_t& c, const BackwardArgs& a
     ep.act = spec.act;
     ep.interleaved = spec.interleaved ? 1 : 0;
     ep.inter = I;
-    MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(dtype, p, kx::kEpiBwdAct, ep, stream, gemm_path(c)),
+    MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(dtype, p, kx::kEpiBwdAct, ep, stream, path),
                     "launching the down-projection dgrad grouped GEMM");
   }
   if (a.grad_row_weights && R > 0)
@@ -338,14 +337,14 @@ moekit_status_t backward(const moekit_experts_config_t& c, const BackwardArgs& a
     kx::EpilogueParams ep;
     ep.c = a.grad_xp;
     ep.ldc = H;
-    MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(dtype, p, kx::kEpiStore, ep, stream, gemm_path(c)),
+    MOEKIT_CUDA_TRY(kx::launch_grouped_gemm(dtype, p, kx::kEpiStore, ep, stream, path),
                     "launching the gate-up dgrad grouped GEMM");
   }
   if (a.grad_w_down)
-    MOEKIT_TRY(run_wgrad(c, R, a.expert_offsets, l.h, I, a.grad_out, H, plan.splits_w_down, l.scratch,
+    MOEKIT_TRY(run_wgrad(c, path, R, a.expert_offsets, l.h, I, a.grad_out, H, plan.splits_w_down, l.scratch,
                          a.grad_w_down, "launching the down-projection weight gradient", stream));
   if (a.grad_w_gate_up)
-    MOEKIT_TRY(run_wgrad(c, R, a.expert_offsets, a.xp, H, l.du, NU, plan.splits_w_gate_up, l.scratch,
+    MOEKIT_TRY(run_wgrad(c, path, R, a.expert_offsets, a.xp, H, l.du, NU, plan.splits_w_gate_up, l.scratch,
                          a.grad_w_gate_up, "launching the gate-up weight gradient", stream));
   if (a.grad_b_gate_up)
     MOEKIT_CUDA_TRY(kx::launch_column_sums(dtype, E, a.expert_offsets, R, l.du, NU, nullptr, plan.splits_b_gate_up,
