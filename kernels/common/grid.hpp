@@ -1,5 +1,5 @@
-// Grid sizing shared by the router launchers: one wave of resident blocks (the kernels stride over
-// tokens), never more than the shape asks for. Occupancy and SM count are host queries of the
+// Grid sizing shared by the launchers of every family: one wave of resident blocks (persistent and
+// grid-stride kernels), never more than the shape asks for. Occupancy and SM count are host queries of the
 // device's properties (no device data is read), cached per device: a call pays one cudaGetDevice
 // and a table look-up, not an occupancy calculation.
 #pragma once
@@ -11,7 +11,7 @@
 #include <mutex>
 #include <vector>
 
-namespace moekit::kernels::router {
+namespace moekit::kernels {
 
 inline int current_device() {
   int device = 0;
@@ -66,9 +66,11 @@ inline int blocks_per_sm(const void* kernel, int threads, size_t smem_bytes, int
   return per_sm;
 }
 
-// min(wanted, blocks of `kernel` resident on the whole device at once), at least 1.
+// min(wanted, blocks of `kernel` resident on the whole device at once), at least 1. A kernel that
+// needs more than 48 KiB of dynamic shared memory calls ensure_dynamic_smem first (the occupancy
+// query counts with the limit set).
 template <class Kernel>
-int32_t resident_grid(Kernel kernel, int threads, size_t smem_bytes, int32_t wanted) {
+int32_t resident_grid(Kernel kernel, int threads, size_t smem_bytes, int64_t wanted) {
   const int device = current_device();
   const void* fn = reinterpret_cast<const void*>(kernel);
   const int per_sm = blocks_per_sm(fn, threads, smem_bytes, device);
@@ -100,4 +102,4 @@ cudaError_t ensure_dynamic_smem(Kernel kernel, size_t bytes) {
   return cudaSuccess;
 }
 
-}  // namespace moekit::kernels::router
+}  // namespace moekit::kernels

@@ -27,6 +27,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "kernels/common/grid.hpp"
 #include "kernels/experts/epilogue.cuh"
 #include "kernels/experts/grouped_problem.cuh"
 #include "kernels/experts/mma_layout.cuh"
@@ -651,16 +652,8 @@ cudaError_t launch(const GroupedGemmProblem& prob, const EpilogueParams& ep, cud
                     .total_tiles();
   if (max_tiles <= 0) return cudaSuccess;
   const size_t smem = Smem::bytes(prob.num_groups);
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  int device = 0, sms = 0, per_sm = 0;
-  if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
-  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
-  if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::kThreads, smem)) != cudaSuccess)
-    return err;
-  if (per_sm < 1) return cudaErrorInvalidConfiguration;
-  const int64_t resident = static_cast<int64_t>(sms) * per_sm;
-  const int grid = static_cast<int>(max_tiles < resident ? max_tiles : resident);
+  if (const cudaError_t err = ensure_dynamic_smem(kernel, smem)) return err;
+  const int32_t grid = resident_grid(kernel, Cfg::kThreads, smem, max_tiles);
   kernel<<<grid, Cfg::kThreads, smem, stream>>>(prob, ep);
   return cudaPeekAtLastError();
 }

@@ -37,6 +37,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kernels/common/grid.hpp"
 #include "kernels/experts/epilogue.cuh"
 #include "kernels/experts/grouped_gemm_sm90.hpp"
 #include "kernels/experts/grouped_problem.cuh"
@@ -1026,13 +1027,8 @@ cudaError_t launch_wgrad(const GroupedGemmProblem& prob, const EpilogueParams& e
   if ((err = encode_tensor_map(&map_y, kBf16, tma_spec_rows(prob.max_rows, prob.n, prob.ldb), prob.b)) != cudaSuccess)
     return err;
   const size_t smem = SmemLayout::bytes(0);
-  if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem))) !=
-      cudaSuccess)
-    return err;
-  int device = 0, sms = 0;
-  if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
-  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
-  const int grid = static_cast<int>(total < sms ? total : sms);
+  if ((err = ensure_dynamic_smem(kernel, smem)) != cudaSuccess) return err;
+  const int32_t grid = resident_grid(kernel, Cfg::kThreads, smem, total);  // one CTA per SM
   kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_x, map_y, prob, ep);
   return cudaPeekAtLastError();
 }
@@ -1060,13 +1056,8 @@ cudaError_t launch(const GroupedGemmProblem& prob, const EpilogueParams& ep, cud
                                               prob.gate_up_half);
   if ((err = encode_tensor_map(&map_b, kBf16, spec_b, prob.b)) != cudaSuccess) return err;
   const size_t smem = GroupedGemmSm90<T, kBNK, kKind, kStagedStages>::Smem::bytes(prob.num_groups);
-  if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem))) !=
-      cudaSuccess)
-    return err;
-  int device = 0, sms = 0;
-  if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
-  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
-  const int grid = static_cast<int>(max_tiles < sms ? max_tiles : sms);
+  if ((err = ensure_dynamic_smem(kernel, smem)) != cudaSuccess) return err;
+  const int32_t grid = resident_grid(kernel, Cfg::kThreads, smem, max_tiles);  // one CTA per SM
   kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_a, map_b, prob, ep);
   return cudaPeekAtLastError();
 }
