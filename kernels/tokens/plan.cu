@@ -56,6 +56,7 @@
 #include <atomic>
 #include <climits>
 
+#include "kernels/common/grid.hpp"
 #include "kernels/tokens/launch.hpp"
 #include "kernels/tokens/plan_launch.hpp"
 #include "kernels/tokens/plan_steps.hpp"
@@ -574,13 +575,6 @@ __global__ void __launch_bounds__(kSelectThreads) plan_select_kernel(PlanArgs a)
   }
 }
 
-// Raises a kernel's dynamic shared memory limit when it needs more than the default 48 KiB.
-template <class Kernel>
-cudaError_t allow_smem(Kernel kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-}
-
 cudaError_t launch_select(const PlanArgs& a, cudaStream_t stream) {
   if (a.drop_by_weight == 0 || a.capacity <= 0 || a.num_slots <= 0) return cudaSuccess;
   plan_select_kernel<<<a.num_local, kSelectThreads, 0, stream>>>(a);
@@ -593,7 +587,7 @@ cudaError_t launch_split(const PlanArgs& a, cudaStream_t stream) {
   cudaError_t error = cudaPeekAtLastError();
   if (error != cudaSuccess) return error;
   const size_t scatter_smem = scatter_smem_bytes(a.num_local);
-  error = allow_smem(plan_scatter_kernel, scatter_smem);
+  error = ensure_dynamic_smem(plan_scatter_kernel, scatter_smem);
   if (error != cudaSuccess) return error;
   plan_scatter_kernel<<<a.num_blocks, kPlanThreads, scatter_smem, stream>>>(a);
   error = cudaPeekAtLastError();
@@ -643,7 +637,7 @@ cudaError_t fused_fits(const PlanArgs& a, bool* fits) {
 
 cudaError_t launch_fused(const PlanArgs& a, cudaStream_t stream) {
   const size_t smem = fused_smem_bytes(a.num_local);
-  cudaError_t error = allow_smem(plan_fused_kernel, smem);
+  cudaError_t error = ensure_dynamic_smem(plan_fused_kernel, smem);
   if (error != cudaSuccess) return error;
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(static_cast<unsigned>(a.num_blocks));
@@ -662,7 +656,7 @@ cudaError_t launch_fused(const PlanArgs& a, cudaStream_t stream) {
 
 cudaError_t launch_single_block(const PlanArgs& a, cudaStream_t stream) {
   const size_t smem = fused_smem_bytes(a.num_local);
-  cudaError_t error = allow_smem(plan_single_block_kernel, smem);
+  cudaError_t error = ensure_dynamic_smem(plan_single_block_kernel, smem);
   if (error != cudaSuccess) return error;
   plan_single_block_kernel<<<1, kPlanThreads, smem, stream>>>(a);
   error = cudaPeekAtLastError();
