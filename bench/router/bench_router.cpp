@@ -18,6 +18,11 @@
 // --groups --groups-kept --group-score=auto|max|top2|topn --topn --mask-neg-inf=0|1 --bias=0|1
 // --normalize=0|1 --scale --stats=none|load|aux --mask=0|1 --dtype=bf16|f16|f32 --warmup
 // --repeats --seed.
+// --forward-kernel=old|thread: which forward kernel runs (old: the fast / generic forward, the
+// default; thread: the thread-per-token forward, kernels/router/forward_thread.cuh, through
+// MOEKIT_ROUTER_FORWARD_KERNEL=thread-only, so a configuration it does not cover, e.g. with aux
+// statistics, fails instead of timing the other kernel: use --stats=load or none). Validation and
+// timing both run the chosen kernel; the JSON records it as "forward_kernel".
 //
 // Floors (every input read once from DRAM, every output written once, over the copy bandwidth):
 //   forward   T E s (logits) + T K 8 (weights, indices) [+ T (mask)]
@@ -43,6 +48,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -317,6 +323,12 @@ int main(int argc, char** argv) {
   const int warmup = static_cast<int>(args.get_int("warmup", 10));
   const int repeats = static_cast<int>(args.get_int("repeats", 50));
   const bool use_mask = args.get_int("mask", 0) != 0;
+  const std::string forward_kernel = args.get("forward-kernel", "old");
+  if (forward_kernel != "old" && forward_kernel != "thread") {
+    std::fprintf(stderr, "unknown --forward-kernel=%s (old, thread)\n", forward_kernel.c_str());
+    return 2;
+  }
+  setenv("MOEKIT_ROUTER_FORWARD_KERNEL", forward_kernel == "thread" ? "thread-only" : "old", 1);
   std::vector<int64_t> token_list;
   {
     std::stringstream ss(args.get("tokens", "4096,32768"));
@@ -437,6 +449,7 @@ int main(int argc, char** argv) {
             .set("aux_coeff", static_cast<double>(pass == 1 ? coeff : 0.0f))
             .set("mask", use_mask)
             .set("dtype", dtype_name(dtype))
+            .set("forward_kernel", forward_kernel)
             .set("median_us", t.median_us)  // gpu time (see the top of this file)
             .set("min_us", t.min_us)
             .set("max_us", t.max_us)
@@ -454,6 +467,7 @@ int main(int argc, char** argv) {
     }
   }
 
+  std::printf("\nforward kernel: %s\n", forward_kernel.c_str());
   std::printf("\n%s, %s logits, copy bandwidth %.0f GB/s (read + write), smallest launch %.2f us gpu / %.2f us call\n",
               moekit::bench::device_description().c_str(), dtype_name(dtype), bandwidth / 1e9, launch_us,
               launch_call_us);

@@ -133,12 +133,7 @@ __global__ void __launch_bounds__(kThreadTokens) router_forward_thread_kernel(co
       while (r < nrows) {
         const uint4 v = __ldg(reinterpret_cast<const uint4*>(g0 + r * row_bytes_g + 16 * c));
         *reinterpret_cast<uint4*>(rows + r * pitch + 16 * c) = v;
-        r += q16;
-        c += rm16;
-        if (c >= n16) {
-          c -= n16;
-          ++r;
-        }
+        flat_advance(r, c, q16, rm16, n16);
       }
     }
     if (n_tail > 0) {
@@ -152,12 +147,7 @@ __global__ void __launch_bounds__(kThreadTokens) router_forward_thread_kernel(co
           *reinterpret_cast<unsigned short*>(rows + r * pitch + 2 * e) =
               __ldg(reinterpret_cast<const unsigned short*>(g0 + r * row_bytes_g + 2 * e));
         }
-        r += qt;
-        c += rmt;
-        if (c >= n_tail) {
-          c -= n_tail;
-          ++r;
-        }
+        flat_advance(r, c, qt, rmt, n_tail);
       }
     }
     __syncthreads();

@@ -123,6 +123,18 @@ MOEKIT_SPAN_FN int group_rank(int g, int num_groups, KeyAt key_at) {
   return rank;
 }
 
+// The block's staging walk (forward_thread.cuh): item c of row r (n items a row) as a flat index
+// r n + c, advanced by step = q n + rm (q = step / n, rm = step % n, computed once) with one
+// carry: no division per item.
+MOEKIT_SPAN_FN void flat_advance(int& r, int& c, int q, int rm, int n) {
+  r += q;
+  c += rm;
+  if (c >= n) {
+    c -= n;
+    ++r;
+  }
+}
+
 // The list size compiled for K (kernels are instantiated for these four).
 inline constexpr int thread_kmax(int top_k) { return top_k <= 2 ? 2 : top_k <= 4 ? 4 : top_k <= 8 ? 8 : 10; }
 constexpr int kThreadMaxK = 10;

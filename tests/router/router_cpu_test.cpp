@@ -7,6 +7,7 @@
 #include <functional>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <numeric>
 #include <set>
@@ -15,6 +16,7 @@
 
 #include "kernels/router/layout.hpp"
 #include "kernels/router/span.hpp"
+#include "kernels/router/thread_select.hpp"
 #include "kernels/router/tuning.hpp"
 #include "moekit/router.h"
 #include "tests/reference/router_ref.hpp"
@@ -470,6 +472,154 @@ TEST_CASE("layout: generic row staging copies [0, bytes) once, aligned, nothing 
     }
   }
   CHECK(checked > 50);
+}
+
+// ---- the thread-per-token forward (kernels/router/thread_select.hpp, forward_thread.cuh) ---------
+
+// team_sum<TPT> as the device runs it: every lane adds its xor partner's value, distances TPT/2
+// down to 1 (all lanes update at once).
+float butterfly_sum(std::vector<float> v) {
+  const int tpt = static_cast<int>(v.size());
+  for (int d = tpt / 2; d > 0; d >>= 1) {
+    std::vector<float> next(v.size());
+    for (int l = 0; l < tpt; ++l) next[l] = v[l] + v[l ^ d];
+    v = next;
+  }
+  for (int l = 1; l < tpt; ++l) REQUIRE(std::memcmp(&v[l], &v[0], sizeof(float)) == 0);  // every lane agrees
+  return v[0];
+}
+
+TEST_CASE("thread forward: the pairwise tree in bit-reversed lane order is team_sum bit for bit", "[router][thread]") {
+  namespace kr = moekit::kernels::router;
+  auto rng = make_rng(0x7ee5);
+  std::uniform_real_distribution<float> mag(-30.0f, 30.0f);
+  std::uniform_int_distribution<int> kind(0, 9);
+  const float specials[] = {0.0f, -0.0f, std::numeric_limits<float>::infinity(), 1e-30f, 3.0f};
+  for (int log_tpt = 0; log_tpt <= 5; ++log_tpt) {
+    const int tpt = 1 << log_tpt;
+    REQUIRE(kr::log2_pow2(tpt) == log_tpt);
+    std::set<int> lanes;
+    for (int m = 0; m < tpt; ++m) lanes.insert(kr::bitrev_lane(m, log_tpt));
+    REQUIRE(static_cast<int>(lanes.size()) == tpt);  // a permutation of the lanes
+    for (int trial = 0; trial < 2000; ++trial) {
+      std::vector<float> v(static_cast<size_t>(tpt));
+      for (float& x : v) {
+        const int k = kind(rng);
+        // values of very different magnitudes (the order of additions matters), some specials
+        x = k < 5 ? std::ldexp(1.0f + std::fabs(mag(rng)) / 30.0f, static_cast<int>(mag(rng)))
+                  : k < 9 ? mag(rng) : specials[static_cast<size_t>(trial) % 5];
+      }
+      kr::TreeSum ts{};
+      for (int m = 0; m < tpt; ++m) kr::tree_push(ts, m, v[static_cast<size_t>(kr::bitrev_lane(m, log_tpt))]);
+      const float got = kr::tree_result(ts, log_tpt);
+      const float want = butterfly_sum(v);
+      INFO("TPT " << tpt << " trial " << trial << ": tree " << got << " butterfly " << want);
+      REQUIRE(std::memcmp(&got, &want, sizeof(float)) == 0);
+    }
+  }
+}
+
+template <int KMAX>
+void check_toplist(std::mt19937_64& rng, int K, int n, int distinct) {
+  namespace kr = moekit::kernels::router;
+  std::uniform_int_distribution<uint32_t> pick(0, static_cast<uint32_t>(distinct - 1));
+  std::vector<uint32_t> key(static_cast<size_t>(n));
+  for (uint32_t& k : key) k = 0x007fffffu + 1000u * pick(rng);  // >= float_key(-inf), many ties
+  kr::TopList<KMAX> l;
+  kr::toplist_init(l);
+  // As the kernel: candidates in ascending index order; the threshold-guarded form (the kernel's
+  // rounds insert every candidate; both must give the same first K).
+  kr::TopList<KMAX> g;
+  kr::toplist_init(g);
+  for (int e = 0; e < n; ++e) {
+    kr::toplist_insert(l, key[e], e);
+    if (key[e] > kr::toplist_threshold(g, K)) kr::toplist_insert(g, key[e], e);
+  }
+  std::vector<int> order(static_cast<size_t>(n));
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return key[a] > key[b]; });
+  for (int r = 0; r < K; ++r) {
+    INFO("KMAX " << KMAX << " K " << K << " n " << n << " distinct " << distinct << " rank " << r);
+    REQUIRE(l.idx[r] == order[static_cast<size_t>(r)]);
+    REQUIRE(l.key[r] == key[static_cast<size_t>(order[static_cast<size_t>(r)])]);
+    REQUIRE(g.idx[r] == order[static_cast<size_t>(r)]);
+  }
+}
+
+TEST_CASE("thread forward: the register top-K list is a stable descending sort's first K", "[router][thread]") {
+  namespace kr = moekit::kernels::router;
+  auto rng = make_rng(0x70b1);
+  for (int K = 1; K <= kr::kThreadMaxK; ++K) {
+    for (int n : {K, K + 1, 2 * K + 3, 24, 64, 300}) {
+      if (n < K) continue;
+      for (int distinct : {1, 2, 5, 1000000}) {
+        for (int trial = 0; trial < 20; ++trial) {
+          switch (kr::thread_kmax(K)) {
+            case 2: check_toplist<2>(rng, K, n, distinct); break;
+            case 4: check_toplist<4>(rng, K, n, distinct); break;
+            case 8: check_toplist<8>(rng, K, n, distinct); break;
+            default: check_toplist<10>(rng, K, n, distinct); break;
+          }
+        }
+      }
+    }
+    REQUIRE(kr::thread_kmax(K) >= K);
+  }
+}
+
+TEST_CASE("thread forward: group ranks, staging walk and shared-memory layout", "[router][thread][layout]") {
+  namespace kr = moekit::kernels::router;
+  // ranks: a permutation of 0..G-1, descending keys, ties to the lower group
+  auto rng = make_rng(0x9a0b);
+  for (int G = 1; G <= 32; ++G) {
+    std::uniform_int_distribution<uint32_t> pick(0, 3);
+    std::vector<uint32_t> gk(static_cast<size_t>(G));
+    for (uint32_t& k : gk) k = pick(rng);
+    std::vector<int> order(static_cast<size_t>(G));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return gk[a] > gk[b]; });
+    for (int r = 0; r < G; ++r)
+      REQUIRE(kr::group_rank(order[static_cast<size_t>(r)], G, [&](int h) { return gk[static_cast<size_t>(h)]; }) == r);
+  }
+  // staging walk: every (row, item) of nrows x n exactly once per block, by 64 threads
+  for (int n = 1; n <= 200; ++n) {
+    for (int nrows : {1, 7, kr::kThreadTokens}) {
+      std::vector<int> seen(static_cast<size_t>(nrows * n), 0);
+      const int q = kr::kThreadTokens / n, rm = kr::kThreadTokens % n;
+      for (int tid = 0; tid < kr::kThreadTokens; ++tid)
+        for (int r = tid / n, c = tid % n; r < nrows; kr::flat_advance(r, c, q, rm, n)) {
+          REQUIRE((c >= 0 && c < n));
+          ++seen[static_cast<size_t>(r * n + c)];
+        }
+      for (int x : seen) REQUIRE(x == 1);
+    }
+  }
+  // layout: 16-byte offsets, odd 16-byte pitch holding a row, everything within the block; the
+  // model table's shapes fit the budget (E <= 512 without groups fits in every dtype and K)
+  for (int E = 1; E <= kr::kFastMaxExperts; ++E) {
+    for (int elem : {2, 4}) {
+      for (int G : {1, 2, 4, 8, 16, 32}) {
+        if (G > E || E % G != 0) continue;
+        for (int K = 1; K <= std::min(E, kr::kThreadMaxK); ++K) {
+          const kr::ThreadLayout l = kr::thread_layout(E, elem, G, K);
+          INFO("E=" << E << " element bytes " << elem << " G=" << G << " K=" << K);
+          REQUIRE(l.pitch % 16 == 0);
+          REQUIRE((l.pitch / 16) % 2 == 1);
+          REQUIRE(l.pitch >= static_cast<size_t>(E) * elem);
+          for (size_t off : {l.rows_off, l.bias_off, l.load_off, l.cand_off, l.u_off, l.aux_off}) REQUIRE(off % 16 == 0);
+          REQUIRE(l.bias_off >= l.rows_off + kr::kThreadTokens * l.pitch);
+          REQUIRE(l.load_off >= l.bias_off + 4 * static_cast<size_t>(E));
+          REQUIRE(l.cand_off >= l.load_off + 4 * static_cast<size_t>(E));
+          REQUIRE(l.u_off >= l.cand_off + 8 * static_cast<size_t>(kr::kThreadCand) * kr::kThreadTokens);
+          REQUIRE(l.aux_off >= l.u_off + 4 * static_cast<size_t>(K) * kr::kThreadTokens);
+          REQUIRE(l.aux_rows == (G > 1 ? G : K));
+          REQUIRE(l.bytes == l.aux_off + 8 * static_cast<size_t>(l.aux_rows) * kr::kThreadTokens);
+          if (G == 1) REQUIRE(l.bytes <= kr::kThreadSmemBudget);
+        }
+      }
+    }
+  }
+  REQUIRE(kr::thread_layout(256, 2, 8, 8).bytes <= 64 * 1024);  // DeepSeek-V3 bf16: 3+ blocks per SM
 }
 
 TEST_CASE("layout: the generic forward's shared memory fits, with 16-byte staging buffers", "[router][layout]") {
