@@ -101,6 +101,8 @@ __global__ void __launch_bounds__(kThreadTokens) router_forward_thread_kernel(co
   const int tpt = a.shape.lanes_per_token;
   const int V = a.shape.values_per_lane;
   const int log_tpt = log2_pow2(tpt);
+  const int rank_tpt = rank_lanes(tpt, K);
+  const int rank_log = log2_pow2(rank_tpt);
 
   for (int e = tid; e < E; e += kThreadTokens) {
     s_bias[e] = has_bias ? __ldg(a.bias + e) : 0.0f;
@@ -283,14 +285,16 @@ __global__ void __launch_bounds__(kThreadTokens) router_forward_thread_kernel(co
     }
 
     // ---- weights ---------------------------------------------------------------------------------
-    auto rank_sum = [&]() -> float {  // the fast path's team_sum over its lanes' rank sums
+    // The fast path's team_sum over its lanes' rank sums, on the lanes that hold ranks
+    // (thread_select.hpp, rank_lanes: bitwise the same sum).
+    auto rank_sum = [&]() -> float {
       TreeSum ts{};
-      for (int mm = 0; mm < tpt; ++mm) {
+      for (int mm = 0; mm < rank_tpt; ++mm) {
         float p = 0.0f;
-        for (int r = bitrev_lane(mm, log_tpt); r < K; r += tpt) p += s_u[r * kThreadTokens + tid];
+        for (int r = bitrev_lane(mm, rank_log); r < K; r += tpt) p += s_u[r * kThreadTokens + tid];
         tree_push(ts, mm, p);
       }
-      return tree_result(ts, log_tpt);
+      return tree_result(ts, rank_log);
     };
     float pmx = -INFINITY;
 #pragma unroll

@@ -32,6 +32,9 @@ MOEKIT_SPAN_FN int log2_pow2(int tpt) {
 
 // Lane visited at step m of the bit-reversed order over 2^log_tpt lanes.
 MOEKIT_SPAN_FN int bitrev_lane(int m, int log_tpt) {
+#if defined(__CUDA_ARCH__)
+  return log_tpt == 0 ? 0 : static_cast<int>(__brev(static_cast<unsigned>(m)) >> (32 - log_tpt));
+#endif
   int r = 0;
   for (int b = 0; b < log_tpt; ++b) r |= ((m >> b) & 1) << (log_tpt - 1 - b);
   return r;
@@ -121,6 +124,17 @@ MOEKIT_SPAN_FN int group_rank(int g, int num_groups, KeyAt key_at) {
     rank += static_cast<int>((other > mine) || (other == mine && h < g));
   }
   return rank;
+}
+
+// Lanes of the fast path's team sum over its output ranks (lane l holds ranks l, l + TPT, ...):
+// while K <= TPT / 2 the upper half of the lanes hold nothing, each first-level node of the
+// butterfly is a lower lane's partial plus +0 (that partial's own bits: a partial starts at +0.0f,
+// so it is never -0, and a NaN stays a NaN), and the rest of the tree is team_sum<TPT / 2>. So the
+// sum over TPT lanes is bitwise the sum over rank_lanes(TPT, K) lanes, each holding one rank
+// (K <= rank_lanes) or, below, the ranks l, l + TPT, ... as before (then rank_lanes = TPT).
+MOEKIT_SPAN_FN int rank_lanes(int tpt, int k) {
+  while (tpt > 1 && 2 * k <= tpt) tpt /= 2;
+  return tpt;
 }
 
 // The block's staging walk (forward_thread.cuh): item c of row r (n items a row) as a flat index

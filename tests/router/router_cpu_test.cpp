@@ -519,6 +519,43 @@ TEST_CASE("thread forward: the pairwise tree in bit-reversed lane order is team_
   }
 }
 
+TEST_CASE("thread forward: rank sums over the lanes that hold ranks equal team_sum over the team", "[router][thread]") {
+  namespace kr = moekit::kernels::router;
+  auto rng = make_rng(0x7a4c);
+  std::uniform_real_distribution<float> mag(-20.0f, 20.0f);
+  const float nan = std::nanf("");
+  for (int log_tpt = 0; log_tpt <= 5; ++log_tpt) {
+    const int tpt = 1 << log_tpt;
+    for (int K = 1; K <= kr::kThreadMaxK; ++K) {
+      const int lanes = kr::rank_lanes(tpt, K);
+      REQUIRE(lanes <= tpt);
+      REQUIRE((lanes == tpt || lanes >= K));
+      for (int trial = 0; trial < 300; ++trial) {
+        std::vector<float> u(static_cast<size_t>(K));
+        for (float& x : u) x = trial % 50 == 7 ? nan : std::ldexp(std::fabs(mag(rng)), static_cast<int>(mag(rng)));
+        if (trial % 3 == 0) u[0] = 0.0f;
+        // the fast path: lane l sums ranks l, l + TPT, ... from +0 (zeros for missing ranks), butterfly
+        std::vector<float> part(static_cast<size_t>(tpt), 0.0f);
+        for (int l = 0; l < tpt; ++l)
+          for (int r = l; r < K; r += tpt) part[static_cast<size_t>(l)] += u[static_cast<size_t>(r)];
+        const float want = butterfly_sum(part);
+        // the thread forward: rank_lanes lanes in bit-reversed order into the pairwise tree
+        const int log_lanes = kr::log2_pow2(lanes);
+        kr::TreeSum ts{};
+        for (int m = 0; m < lanes; ++m) {
+          float p = 0.0f;
+          for (int r = kr::bitrev_lane(m, log_lanes); r < K; r += tpt) p += u[static_cast<size_t>(r)];
+          kr::tree_push(ts, m, p);
+        }
+        const float got = kr::tree_result(ts, log_lanes);
+        INFO("TPT " << tpt << " K " << K << " trial " << trial << ": " << got << " vs " << want);
+        if (std::isnan(want)) REQUIRE(std::isnan(got));
+        else REQUIRE(std::memcmp(&got, &want, sizeof(float)) == 0);
+      }
+    }
+  }
+}
+
 template <int KMAX>
 void check_toplist(std::mt19937_64& rng, int K, int n, int distinct) {
   namespace kr = moekit::kernels::router;
