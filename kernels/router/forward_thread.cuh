@@ -16,11 +16,12 @@
 //   groups: per group the top-2 of the sanitised selection values -> group keys and ranks; the
 //     threshold th0 = the smallest second-best key of the kept groups (a lower bound of the K-th
 //     best key when K <= 2 G': those 2 G' experts all have keys >= th0);
-//   no groups: th0 = the smallest of the maxima of K disjoint sets of chunks (K experts >= th0);
+//   no groups: th0 = the smallest second-best key of ceil(K / 2) disjoint sets of chunks (K
+//     experts >= th0);
 //   a selection pass offers every expert with key >= th0 (kept groups; of a dropped group only its
 //     first min(K, S) experts, all at the mask key, can be picked) to a per-thread candidate list
 //     in shared memory (a predicated store: no divergent insertion per expert), in ascending
-//     expert order; the list (kThreadCand at a time: more take further rounds over the experts
+//     expert order; the list (n_cand at a time: more take further rounds over the experts
 //     after the last one taken) then goes through a register top-KMAX insertion with strict
 //     compares: ties to the lower index;
 //   weights: the picked key's value or a recompute from the staged z[idx] (as the fast path),
@@ -66,7 +67,8 @@ __device__ __forceinline__ void thread_visit(const unsigned char* row, int lo, i
 
 template <class T, ScoreMode MODE, bool kGroups, int KMAX>
 __global__ void __launch_bounds__(kThreadTokens) router_forward_thread_kernel(const ForwardArgs a) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(16) float thread_smem_words[];  // (one declaration per type: the generic forward declares its own)
+  unsigned char* const smem = reinterpret_cast<unsigned char*>(thread_smem_words);
   __shared__ int s_count;
   constexpr bool kSoftmaxFirst = MODE == ScoreMode::kSoftmax;
   constexpr bool kTopk = MODE == ScoreMode::kTopkSoftmax;
@@ -123,6 +125,7 @@ __global__ void __launch_bounds__(kThreadTokens) router_forward_thread_kernel(co
   const int qt = n_tail > 0 ? kThreadTokens / n_tail : 0, rmt = n_tail > 0 ? kThreadTokens % n_tail : 0;
   const int rt = n_tail > 0 ? tid / n_tail : 0, ct = n_tail > 0 ? tid % n_tail : 0;
   const size_t pitch = L.pitch;
+  const int n_cand = L.cand;
 
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * kThreadTokens; first < num_tokens;
        first += static_cast<int64_t>(gridDim.x) * kThreadTokens) {
@@ -220,24 +223,31 @@ __global__ void __launch_bounds__(kThreadTokens) router_forward_thread_kernel(co
       }
       if (K > 2 * o.groups_kept) th0 = 0u;
     } else {
+      // ceil(K / 2) blocks of chunks (block b = chunks b, b + nb, ...), each keeping its two best
+      // keys: 2 nb >= K experts have keys >= the smallest second-best (a block with fewer than two
+      // experts has second-best 0: then th0 = 0 and nothing is filtered).
       const int chunks = (E + kPer - 1) / kPer;
-      if (chunks >= K) {  // block b = chunks b, b + K, ...: K disjoint non-empty sets
-        for (int b = 0; b < K; ++b) s_aux[b * kThreadTokens + tid].x = 0u;
+      const int nb = (K + 1) / 2;
+      if (chunks >= nb) {
+        for (int b = 0; b < nb; ++b) s_aux[b * kThreadTokens + tid] = make_uint2(0u, 0u);
         int b = 0;
         for (int ch = 0; ch < chunks; ++ch) {
           const int lo = ch * kPer;
-          uint32_t cm = 0u;
+          const uint2 st = s_aux[b * kThreadTokens + tid];
+          uint32_t k1 = st.x, k2 = st.y;
           thread_visit<T>(row, lo, lo + kPer < E ? lo + kPer : E, [&](int e, float z) {
             const uint32_t k = sel_key(e, z);
-            cm = k > cm ? k : cm;
+            const bool g1 = k > k1;
+            const bool g2 = k > k2;
+            k2 = g1 ? k1 : (g2 ? k : k2);
+            k1 = g1 ? k : k1;
           });
-          uint32_t& slot = s_aux[b * kThreadTokens + tid].x;
-          slot = cm > slot ? cm : slot;
-          b = b + 1 == K ? 0 : b + 1;
+          s_aux[b * kThreadTokens + tid] = make_uint2(k1, k2);
+          b = b + 1 == nb ? 0 : b + 1;
         }
         th0 = 0xffffffffu;
-        for (int bb = 0; bb < K; ++bb) {
-          const uint32_t v = s_aux[bb * kThreadTokens + tid].x;
+        for (int bb = 0; bb < nb; ++bb) {
+          const uint32_t v = s_aux[bb * kThreadTokens + tid].y;
           th0 = v < th0 ? v : th0;
         }
       }
@@ -261,8 +271,8 @@ __global__ void __launch_bounds__(kThreadTokens) router_forward_thread_kernel(co
         thread_visit<T>(row, 0, E, [&](int e, float z) { offer(e, sel_key(e, z)); });
       }
     };
-    // Rounds of at most kThreadCand candidates each, in ascending expert order (one round unless a
-    // row has more than kThreadCand keys >= th0, e.g. equal values): the list stays in registers
+    // Rounds of at most n_cand candidates each, in ascending expert order (one round unless a
+    // row has more than n_cand keys >= th0, e.g. equal values): the list stays in registers
     // (no lambda captures it).
     TopList<KMAX> top;
     toplist_init(top);
@@ -271,17 +281,17 @@ __global__ void __launch_bounds__(kThreadTokens) router_forward_thread_kernel(co
       int ncand = 0;
       visit_candidates([&](int e, uint32_t k) {
         if (k >= th0 && e > e_done) {
-          if (ncand < kThreadCand) s_cand[ncand * kThreadTokens + tid] = make_uint2(k, static_cast<uint32_t>(e));
+          if (ncand < n_cand) s_cand[ncand * kThreadTokens + tid] = make_uint2(k, static_cast<uint32_t>(e));
           ++ncand;
         }
       });
-      const int take = ncand < kThreadCand ? ncand : kThreadCand;
+      const int take = ncand < n_cand ? ncand : n_cand;
       for (int i = 0; i < take; ++i) {
         const uint2 cnd = s_cand[i * kThreadTokens + tid];
         toplist_insert(top, cnd.x, static_cast<int32_t>(cnd.y));
       }
-      if (ncand <= kThreadCand) break;
-      e_done = static_cast<int>(s_cand[(kThreadCand - 1) * kThreadTokens + tid].y);
+      if (ncand <= n_cand) break;
+      e_done = static_cast<int>(s_cand[(n_cand - 1) * kThreadTokens + tid].y);
     }
 
     // ---- weights ---------------------------------------------------------------------------------

@@ -191,7 +191,12 @@ inline constexpr GenericBackwardLayout generic_backward_layout(int num_experts, 
 // build can time both; kThreadForwardDefault makes it the default once measured.
 constexpr bool kThreadForwardDefault = false;
 constexpr int kThreadTokens = 64;  // threads (= tokens per step) of a block
-constexpr int kThreadCand = 24;    // candidates per token kept for the final top-K (overflow: rescan)
+// Candidates per token kept for the final top-K (more: another round over the experts): 24 with
+// groups (DeepSeek-V3 keeps ~11 on average, more than 24 for 0.06% of the tokens; 24 keeps its
+// bf16 block at 53 KB, 4 blocks per H100/H200 SM), 32 without (the block-pair threshold keeps ~14
+// for Qwen3, ~19 for E = 512 K = 10; docs/router.md).
+constexpr int thread_candidates(int num_groups) { return num_groups > 1 ? 24 : 32; }
+constexpr int kThreadCand = 32;  // the most of either
 // Largest dynamic shared memory of a thread-forward block (sm_80 allows 163 KB per block; E = 512
 // fp32 rows with 32 groups would need 167 KB): larger layouts run the fast forward.
 constexpr size_t kThreadSmemBudget = 160 * 1024;
@@ -202,13 +207,14 @@ constexpr size_t kThreadSmemBudget = 160 * 1024;
 //                                 row's 16-byte chunks, so a quarter warp's 16-byte reads of one
 //                                 chunk of 8 rows hit 8 distinct 16-byte bank groups;
 //   bias  [E] fp32, load [E] int32 (the block's histogram);
-//   cand  [kThreadCand][kThreadTokens] (key, expert);   u [K][kThreadTokens] fp32 (picked weights);
+//   cand  [cand][kThreadTokens] (key, expert), cand = thread_candidates(G);   u [K][kThreadTokens] fp32 (picked weights);
 //   aux   [aux_rows][kThreadTokens] (key, key): groups: (group key, second-best key) per group;
-//         otherwise the running maxima of K blocks of chunks.
+//         otherwise the two best keys of ceil(K / 2) blocks of chunks (K rows reserved).
 struct ThreadLayout {
   size_t pitch;
   size_t rows_off, bias_off, load_off, cand_off, u_off, aux_off;
   int aux_rows;
+  int cand;
   size_t bytes;
 };
 
@@ -224,7 +230,8 @@ inline constexpr ThreadLayout thread_layout(int num_experts, int elem_bytes, int
   l.bias_off = l.rows_off + T * l.pitch;
   l.load_off = l.bias_off + round16(4 * E);
   l.cand_off = l.load_off + round16(4 * E);
-  l.u_off = l.cand_off + 8 * static_cast<size_t>(kThreadCand) * T;
+  l.cand = thread_candidates(num_groups);
+  l.u_off = l.cand_off + 8 * static_cast<size_t>(l.cand) * T;
   l.aux_off = l.u_off + round16(4 * static_cast<size_t>(top_k) * T);
   l.aux_rows = num_groups > 1 ? num_groups : top_k;
   l.bytes = l.aux_off + 8 * static_cast<size_t>(l.aux_rows) * T;

@@ -647,7 +647,9 @@ TEST_CASE("thread forward: group ranks, staging walk and shared-memory layout", 
           REQUIRE(l.bias_off >= l.rows_off + kr::kThreadTokens * l.pitch);
           REQUIRE(l.load_off >= l.bias_off + 4 * static_cast<size_t>(E));
           REQUIRE(l.cand_off >= l.load_off + 4 * static_cast<size_t>(E));
-          REQUIRE(l.u_off >= l.cand_off + 8 * static_cast<size_t>(kr::kThreadCand) * kr::kThreadTokens);
+          REQUIRE(l.cand == kr::thread_candidates(G));
+          REQUIRE(l.cand <= kr::kThreadCand);
+          REQUIRE(l.u_off >= l.cand_off + 8 * static_cast<size_t>(l.cand) * kr::kThreadTokens);
           REQUIRE(l.aux_off >= l.u_off + 4 * static_cast<size_t>(K) * kr::kThreadTokens);
           REQUIRE(l.aux_rows == (G > 1 ? G : K));
           REQUIRE(l.bytes == l.aux_off + 8 * static_cast<size_t>(l.aux_rows) * kr::kThreadTokens);
@@ -656,7 +658,8 @@ TEST_CASE("thread forward: group ranks, staging walk and shared-memory layout", 
       }
     }
   }
-  REQUIRE(kr::thread_layout(256, 2, 8, 8).bytes <= 64 * 1024);  // DeepSeek-V3 bf16: 3+ blocks per SM
+  // DeepSeek-V3 bf16: 4 blocks per H100 / H200 SM (228 KB, 1 KB reserved per block)
+  REQUIRE(4 * (kr::thread_layout(256, 2, 8, 8).bytes + 1024) <= 228 * 1024);
 }
 
 TEST_CASE("layout: the generic forward's shared memory fits, with 16-byte staging buffers", "[router][layout]") {
