@@ -4,6 +4,7 @@
 //
 //   moekit-bench-router --preset=all --json=out.json
 //   moekit-bench-router --preset=dsv3 --tokens=32768 --dtype=bf16
+//   moekit-bench-router --preset=dsv3,qwen3 --stats=load --forward-kernel=thread
 //   moekit-bench-router --experts=384 --top-k=8 --score=sigmoid --bias=1 --groups=8 --groups-kept=4
 //
 // Presets (bf16, T = 4096 and 32768 unless --tokens= gives a comma list):
@@ -335,9 +336,15 @@ int main(int argc, char** argv) {
     std::string item;
     while (std::getline(ss, item, ',')) token_list.push_back(std::stoll(item));
   }
+  std::vector<std::string> wanted;  // --preset=all, one name, or a comma list
+  {
+    std::stringstream ss(which);
+    std::string item;
+    while (std::getline(ss, item, ',')) wanted.push_back(item);
+  }
   std::vector<Preset> run;
   for (Preset p : presets())
-    if (which == "all" || which == p.name) {
+    if (which == "all" || std::find(wanted.begin(), wanted.end(), p.name) != wanted.end()) {
       apply_overrides(args, &p);
       run.push_back(p);
     }
