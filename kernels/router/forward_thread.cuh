@@ -184,12 +184,11 @@ __global__ void __launch_bounds__(kThreadTokens) router_forward_thread_kernel(co
       else if constexpr (kSoftmaxFirst) return __fmul_rn(softmax_num(z, mx), inv);
       else return z;
     };
-    // Selection value c = (top-k softmax ? z : s) + b, sanitised (NaN -> -inf).
-    auto sel_value = [&](int e, float z) -> float {
-      float c = kTopk ? z : score(z);
-      if (has_bias) c += s_bias[e];
-      return sanitize(c);
-    };
+    // Selection value c = (top-k softmax ? z : s) + b, sanitised (NaN -> -inf). The bias is added
+    // unconditionally (0 without one: s_bias holds zeros): + 0 changes at most the sign of a zero,
+    // and no output depends on that sign (keys take c + 0; group values and th0 are made keys the
+    // same way; a weight taken from a key is the key's value), so no branch per value.
+    auto sel_value = [&](int e, float z) -> float { return sanitize((kTopk ? z : score(z)) + s_bias[e]); };
     auto sel_key = [&](int e, float z) -> uint32_t { return float_key(sel_value(e, z) + 0.0f); };
 
     // ---- groups and the threshold --------------------------------------------------------------
@@ -279,11 +278,15 @@ __global__ void __launch_bounds__(kThreadTokens) router_forward_thread_kernel(co
     int e_done = -1;  // experts up to here are in the list
     for (;;) {
       int ncand = 0;
+      // Branch-free (a branch taken by one lane of 32 is taken by the warp for most experts): the
+      // store goes to the next free slot whether or not the expert qualifies (an unqualified
+      // entry is overwritten by the next qualified one, or lies past the count), and to the spare
+      // row n_cand once the list is full; only qualified experts advance the count.
       visit_candidates([&](int e, uint32_t k) {
-        if (k >= th0 && e > e_done) {
-          if (ncand < n_cand) s_cand[ncand * kThreadTokens + tid] = make_uint2(k, static_cast<uint32_t>(e));
-          ++ncand;
-        }
+        const bool ok = (k >= th0) & (e > e_done);
+        const int slot = ncand < n_cand ? ncand : n_cand;
+        s_cand[slot * kThreadTokens + tid] = make_uint2(k, static_cast<uint32_t>(e));
+        ncand += ok ? 1 : 0;
       });
       const int take = ncand < n_cand ? ncand : n_cand;
       for (int i = 0; i < take; ++i) {

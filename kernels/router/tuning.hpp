@@ -207,7 +207,8 @@ constexpr size_t kThreadSmemBudget = 160 * 1024;
 //                                 row's 16-byte chunks, so a quarter warp's 16-byte reads of one
 //                                 chunk of 8 rows hit 8 distinct 16-byte bank groups;
 //   bias  [E] fp32, load [E] int32 (the block's histogram);
-//   cand  [cand][kThreadTokens] (key, expert), cand = thread_candidates(G);   u [K][kThreadTokens] fp32 (picked weights);
+//   cand  [cand + 1][kThreadTokens] (key, expert), cand = thread_candidates(G), the last row a
+//         spare that absorbs the branch-free stores once the list is full;   u [K][kThreadTokens] fp32 (picked weights);
 //   aux   [aux_rows][kThreadTokens] (key, key): groups: (group key, second-best key) per group;
 //         otherwise the two best keys of ceil(K / 2) blocks of chunks (K rows reserved).
 struct ThreadLayout {
@@ -231,7 +232,7 @@ inline constexpr ThreadLayout thread_layout(int num_experts, int elem_bytes, int
   l.load_off = l.bias_off + round16(4 * E);
   l.cand_off = l.load_off + round16(4 * E);
   l.cand = thread_candidates(num_groups);
-  l.u_off = l.cand_off + 8 * static_cast<size_t>(l.cand) * T;
+  l.u_off = l.cand_off + 8 * static_cast<size_t>(l.cand + 1) * T;  // + a spare row (stores past a full list)
   l.aux_off = l.u_off + round16(4 * static_cast<size_t>(top_k) * T);
   l.aux_rows = num_groups > 1 ? num_groups : top_k;
   l.bytes = l.aux_off + 8 * static_cast<size_t>(l.aux_rows) * T;

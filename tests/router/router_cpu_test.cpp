@@ -649,7 +649,7 @@ TEST_CASE("thread forward: group ranks, staging walk and shared-memory layout", 
           REQUIRE(l.cand_off >= l.load_off + 4 * static_cast<size_t>(E));
           REQUIRE(l.cand == kr::thread_candidates(G));
           REQUIRE(l.cand <= kr::kThreadCand);
-          REQUIRE(l.u_off >= l.cand_off + 8 * static_cast<size_t>(l.cand) * kr::kThreadTokens);
+          REQUIRE(l.u_off >= l.cand_off + 8 * static_cast<size_t>(l.cand + 1) * kr::kThreadTokens);
           REQUIRE(l.aux_off >= l.u_off + 4 * static_cast<size_t>(K) * kr::kThreadTokens);
           REQUIRE(l.aux_rows == (G > 1 ? G : K));
           REQUIRE(l.bytes == l.aux_off + 8 * static_cast<size_t>(l.aux_rows) * kr::kThreadTokens);
