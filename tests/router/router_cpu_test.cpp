@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <functional>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -1302,4 +1303,43 @@ TEST_CASE("aux loss, bias update and fake gate reject every bad argument", "[rou
   expect_failure(fg(4, 8, 2, 0, 0.0f, d->weights, reinterpret_cast<int32_t*>(d->weights + 1)), MOEKIT_STATUS_INVALID_ARGUMENT, "moekit_fake_gate_forward", {"overlaps"});
   expect_failure(fg(int64_t{1} << 48, 8, 2, 0, 0.0f, d->weights, d->indices), MOEKIT_STATUS_INVALID_ARGUMENT, "moekit_fake_gate_forward", {"2^48"});
   CHECK(d->untouched());
+}
+
+// MOEKIT_ROUTER_FORWARD_KERNEL=thread-only (what the GPU suite and the benchmark use to compare the
+// thread forward with the fast forward) refuses, before anything touches memory or the device,
+// every call the thread forward does not cover, so a comparison cannot pass on the other kernel.
+TEST_CASE("thread forward: thread-only refuses what it does not cover, naming why", "[router][thread][validation]") {
+  auto d = std::make_unique<Dummies>();
+  const auto before = std::make_unique<Dummies>();
+  setenv("MOEKIT_ROUTER_FORWARD_KERNEL", "thread-only", 1);
+  struct Case {
+    moekit_router_config_t c;
+    bool stats;
+    const char* part;
+  };
+  auto big_k = router_config(64, 12);
+  auto generic = router_config(600, 4);
+  auto stats = router_config(64, 4);
+  auto odd_groups = router_config(64, 4);  // groups of 3 lanes: the generic path
+  odd_groups.num_experts = 48;
+  odd_groups.num_groups = 2;
+  odd_groups.num_groups_kept = 1;
+  for (const Case& k : {Case{stats, true, "aux statistics requested"}, Case{big_k, false, "top_k=12"},
+                        Case{generic, false, "num_experts=600"}, Case{odd_groups, false, "num_groups=2"}}) {
+    INFO(k.part);
+    size_t ws = 0;
+    REQUIRE(moekit_router_forward_workspace_size(&k.c, 4, &ws) == MOEKIT_STATUS_SUCCESS);
+    REQUIRE(ws <= sizeof(d->workspace));
+    const moekit_status_t st = moekit_router_forward(
+        &k.c, 4, MOEKIT_DTYPE_BF16, d->logits, k.c.num_experts, nullptr, nullptr, d->weights, d->indices, d->load,
+        k.stats ? d->score_sum : nullptr, k.stats ? d->count : nullptr, d->workspace, ws, nullptr);
+    const std::string msg = moekit_get_last_error();
+    INFO(msg);
+    CHECK(st == MOEKIT_STATUS_UNSUPPORTED);
+    CHECK(msg.find("moekit_router_forward") != std::string::npos);
+    CHECK(msg.find("MOEKIT_ROUTER_FORWARD_KERNEL=thread-only") != std::string::npos);
+    CHECK(msg.find(k.part) != std::string::npos);
+    CHECK(std::memcmp(d.get(), before.get(), sizeof(Dummies)) == 0);  // nothing written
+  }
+  unsetenv("MOEKIT_ROUTER_FORWARD_KERNEL");
 }
