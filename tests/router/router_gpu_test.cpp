@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <limits>
 #include <cstring>
 #include <functional>
 #include <numeric>
@@ -928,6 +930,215 @@ TEST_CASE("fake gate matches the reference bit for bit", "[router][fake_gate]") 
         CHECK(w.to_host<float>() == r.weights);
         const auto l = load.to_host<int32_t>();
         for (int e = 0; e < k.E; ++e) CHECK(l[e] == r.load[e] + (accumulate ? 2 : 0));
+      }
+    }
+  }
+}
+
+// ---- the thread-per-token forward (kernels/router/forward_thread.cuh) -----------------------------
+// The same calls through the default forward (MOEKIT_ROUTER_FORWARD_KERNEL=old) and the thread
+// forward (=thread-only: a call the thread forward does not apply to fails instead of silently
+// running the other kernel): indices, loads and weights bit for bit, and both against the reference.
+// Aux statistics are off (the thread forward does not compute them; with them it is not used).
+namespace {
+
+struct ForwardKernelEnv {
+  explicit ForwardKernelEnv(const char* value) { setenv("MOEKIT_ROUTER_FORWARD_KERNEL", value, 1); }
+  ~ForwardKernelEnv() { unsetenv("MOEKIT_ROUTER_FORWARD_KERNEL"); }
+  ForwardKernelEnv(const ForwardKernelEnv&) = delete;
+  ForwardKernelEnv& operator=(const ForwardKernelEnv&) = delete;
+};
+
+void check_thread_forward(ForwardSetup s, bool against_reference = true) {
+  s.stats = false;
+  const DeviceInputs in = upload(s);
+  const ForwardOut a = [&] {
+    ForwardKernelEnv env("old");
+    return run_forward(s, in);
+  }();
+  const ForwardOut b = [&] {
+    ForwardKernelEnv env("thread-only");
+    return run_forward(s, in);
+  }();
+  REQUIRE(b.indices.size() == a.indices.size());
+  for (size_t i = 0; i < a.indices.size(); ++i) {
+    if (a.indices[i] != b.indices[i] || std::memcmp(&a.weights[i], &b.weights[i], sizeof(float)) != 0) {
+      INFO("token " << i / s.config.top_k << " rank " << i % s.config.top_k << ": fast (" << a.indices[i] << ", "
+                    << a.weights[i] << ") thread (" << b.indices[i] << ", " << b.weights[i] << ")");
+      REQUIRE(a.indices[i] == b.indices[i]);
+      REQUIRE(std::memcmp(&a.weights[i], &b.weights[i], sizeof(float)) == 0);
+    }
+  }
+  if (s.load) REQUIRE(a.load == b.load);
+  if (against_reference) check_forward(s, b, reference(s));
+}
+
+struct ThreadShape {
+  int E, K, G, Gk;
+  int sf;
+  int order;
+  bool bias;
+  int normalize;
+  int group_score = MOEKIT_GROUP_SCORE_AUTO;
+  int topn = 0;
+  int mask = MOEKIT_GROUP_MASK_ZERO;
+  int wub = 0;
+};
+
+moekit_router_config_t thread_config(const ThreadShape& sh) {
+  auto c = router_config(sh.E, sh.K);
+  c.score_func = sh.sf;
+  c.softmax_order = sh.order;
+  c.num_groups = sh.G;
+  c.num_groups_kept = sh.Gk;
+  c.normalize = sh.normalize;
+  c.group_score = sh.group_score;
+  if (sh.group_score == MOEKIT_GROUP_SCORE_TOPN_SUM) c.group_score_topn = sh.topn;
+  c.group_mask = sh.mask;
+  c.weights_use_bias = sh.wub;
+  c.route_scale = 2.5f;
+  return c;
+}
+
+std::vector<ThreadShape> thread_shapes() {
+  const int sm = MOEKIT_SCORE_SOFTMAX, sg = MOEKIT_SCORE_SIGMOID, sp = MOEKIT_SCORE_SQRT_SOFTPLUS;
+  const int first = MOEKIT_SOFTMAX_THEN_TOPK, then = MOEKIT_TOPK_THEN_SOFTMAX;
+  std::vector<ThreadShape> v = {
+      // groups (every fast-path group geometry kind): DeepSeek-V3 and its score variants
+      {256, 8, 8, 4, sg, first, true, 1},
+      {256, 8, 8, 4, sg, first, true, 1, MOEKIT_GROUP_SCORE_TOP2_SUM, 0, MOEKIT_GROUP_MASK_NEG_INF},
+      {256, 8, 8, 4, sg, first, true, 1, MOEKIT_GROUP_SCORE_MAX},
+      {256, 6, 8, 3, sm, first, false, 1, MOEKIT_GROUP_SCORE_TOPN_SUM, 1},
+      {256, 10, 8, 4, sp, first, true, 1, MOEKIT_GROUP_SCORE_TOPN_SUM, 2, MOEKIT_GROUP_MASK_ZERO, 1},
+      {256, 8, 8, 2, sg, first, true, 1},                // K > 2 G': no threshold from the groups
+      {256, 10, 8, 1, sg, first, true, 0},               // one kept group, 0-masked experts picked
+      {256, 7, 16, 5, sm, then, true, 1, MOEKIT_GROUP_SCORE_TOP2_SUM},  // 16 groups of one lane
+      {64, 5, 2, 1, sg, first, true, 1},
+      {64, 9, 4, 2, sm, first, false, 1, MOEKIT_GROUP_SCORE_MAX, 0, MOEKIT_GROUP_MASK_NEG_INF},
+      {64, 3, 8, 3, sp, first, true, 1},
+      {128, 8, 8, 4, sg, first, true, 1},
+      {128, 4, 4, 2, sm, then, false, 0},
+      {512, 10, 16, 8, sg, first, true, 1},
+      {512, 8, 32, 4, sm, first, false, 1, MOEKIT_GROUP_SCORE_MAX},
+      // the model table without groups
+      {64, 6, 1, 1, sg, first, false, 1},   // Moonlight
+      {128, 8, 1, 1, sm, first, false, 1},  // Qwen3
+      {128, 4, 1, 1, sm, then, false, 0},   // GPT-OSS
+      {8, 2, 1, 1, sm, first, false, 1},    // Mixtral
+      {512, 10, 1, 1, sm, first, false, 1}, // Qwen3-Next
+      {512, 10, 1, 1, sg, first, true, 1, MOEKIT_GROUP_SCORE_AUTO, 0, MOEKIT_GROUP_MASK_ZERO, 1},
+  };
+  // every E up to 17, the fast path's team boundaries, K = 1..10 spread over them, every score
+  // function and order, with and without bias
+  const int sfs[] = {sm, sg, sp};
+  for (int E = 1; E <= 17; ++E)
+    for (int variant = 0; variant < 2; ++variant) {
+      const int sf = sfs[(E + variant) % 3];
+      v.push_back({E, std::min(E, 1 + (E * 3 + variant) % 10), 1, 1, sf,
+                   sf == sm && variant == 1 ? then : first, sf != sm && variant == 0, variant});
+    }
+  int k = 1;
+  for (int E : {24, 31, 32, 33, 48, 63, 65, 96, 127, 129, 200, 255, 257, 384, 511}) {
+    const int sf = sfs[E % 3];
+    v.push_back({E, k, 1, 1, sf, sf == sm && E % 2 ? then : first, sf != sm, E % 2});
+    k = k % 10 + 1;
+  }
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("thread forward equals the fast forward bit for bit (random rows, every dtype and stride)", "[router][thread]") {
+  auto rng = make_rng(0x7f0d);
+  for (const ThreadShape& sh : thread_shapes()) {
+    for (moekit_dtype_t dtype : kDtypes) {
+      for (int64_t T : {int64_t{0}, int64_t{1}, int64_t{7}, int64_t{65}, int64_t{sh.E > 200 ? 300 : 2500}}) {
+        const auto c = thread_config(sh);
+        INFO("E=" << sh.E << " K=" << sh.K << " G=" << sh.G << "/" << sh.Gk << " score " << sh.sf << " order "
+                  << sh.order << " bias " << sh.bias << " wub " << sh.wub << " group score " << sh.group_score
+                  << " mask " << sh.mask << " " << dtype_name(dtype) << " T=" << T);
+        ForwardSetup s;
+        s.config = c;
+        s.T = T;
+        s.dtype = dtype;
+        if (sh.bias) s.bias = coarse_bias(sh.E, rng);
+        s.logits = separated_logits(c, T, dtype, sh.bias ? &s.bias : nullptr, rng);
+        if (T == 7) s.stride = sh.E + 3;   // odd stride: element-wise staging
+        if (T == 65) s.stride = sh.E + 4;  // 8-byte rows for 16-bit dtypes
+        if (T >= 65) s.mask = random_mask(rng, T);
+        if (T == 65) {  // accumulate into a given load (integer atomics into expert_load)
+          s.config.accumulate_load = 1;
+          s.initial_load.assign(static_cast<size_t>(sh.E), 7);
+        }
+        check_thread_forward(s);
+      }
+    }
+  }
+}
+
+TEST_CASE("thread forward equals the fast forward bit for bit (ties, NaN, infinities, signed zeros)", "[router][thread][ties][nan]") {
+  const float nan = std::nanf(""), inf = std::numeric_limits<float>::infinity();
+  const std::vector<std::function<float(int e, int t)>> patterns = {
+      [=](int, int) { return 0.25f; },                                   // all equal
+      [=](int, int) { return nan; },                                     // all NaN
+      [=](int, int) { return -inf; },                                    // all -inf
+      [=](int e, int) { return e % 3 == 0 ? nan : 0.5f * (e % 5); },     // NaN and ties
+      [=](int e, int t) { return (e + t) % 2 ? -0.0f : 0.0f; },          // signed zeros
+      [=](int e, int) { return e == 3 ? inf : (e % 2 ? nan : -1.0f); },  // +inf, NaN, ties
+      [=](int e, int t) { return static_cast<float>((e * 7 + t) % 16) / 4.0f; },  // pairs of ties
+  };
+  for (const ThreadShape& sh : thread_shapes()) {
+    for (moekit_dtype_t dtype : kDtypes) {
+      const auto c = thread_config(sh);
+      INFO("E=" << sh.E << " K=" << sh.K << " G=" << sh.G << "/" << sh.Gk << " score " << sh.sf << " order "
+                << sh.order << " bias " << sh.bias << " " << dtype_name(dtype));
+      ForwardSetup s;
+      s.config = c;
+      s.T = static_cast<int64_t>(patterns.size()) * 5;
+      s.dtype = dtype;
+      if (sh.bias) s.bias.assign(static_cast<size_t>(sh.E), sh.order == MOEKIT_TOPK_THEN_SOFTMAX ? -0.0f : 0.125f);
+      for (int64_t t = 0; t < s.T; ++t)
+        for (int e = 0; e < sh.E; ++e)
+          s.logits.push_back(round_to(dtype, patterns[static_cast<size_t>(t) % patterns.size()](e, static_cast<int>(t))));
+      // Bit for bit against the fast path (whose own tests pin these rows to the reference); the
+      // reference's weights are not compared here (rows of exact fp32 ties are not separated).
+      check_thread_forward(s, /*against_reference=*/false);
+      // all-equal rows (pattern 0; positive selection values, so kept groups beat 0-masking too):
+      // experts 0..K-1 in order
+      {
+        ForwardKernelEnv env("thread-only");
+        const DeviceInputs in = upload(s);
+        ForwardSetup plain = s;
+        plain.stats = false;
+        const ForwardOut o = run_forward(plain, in);
+        for (int64_t t = 0; t < s.T; t += static_cast<int64_t>(patterns.size()))
+          for (int kk = 0; kk < sh.K; ++kk) REQUIRE(o.indices[static_cast<size_t>(t * sh.K + kk)] == kk);
+      }
+    }
+  }
+}
+
+// Several grid-stride steps per block (T beyond one resident wave of 64-token blocks), the load's
+// partial rows summed by the finalize (no accumulation) and straight atomics (accumulation).
+TEST_CASE("thread forward equals the fast forward bit for bit on 40000 tokens", "[router][thread][large]") {
+  auto rng = make_rng(0x7f40);
+  for (const ThreadShape& sh : {ThreadShape{256, 8, 8, 4, MOEKIT_SCORE_SIGMOID, MOEKIT_SOFTMAX_THEN_TOPK, true, 1},
+                                ThreadShape{128, 8, 1, 1, MOEKIT_SCORE_SOFTMAX, MOEKIT_SOFTMAX_THEN_TOPK, false, 1},
+                                ThreadShape{512, 10, 1, 1, MOEKIT_SCORE_SOFTMAX, MOEKIT_SOFTMAX_THEN_TOPK, false, 1},
+                                ThreadShape{8, 2, 1, 1, MOEKIT_SCORE_SOFTMAX, MOEKIT_SOFTMAX_THEN_TOPK, false, 1}}) {
+    for (moekit_dtype_t dtype : {MOEKIT_DTYPE_BF16, MOEKIT_DTYPE_F32}) {
+      for (int accumulate : {0, 1}) {
+        INFO("E=" << sh.E << " K=" << sh.K << " " << dtype_name(dtype) << " accumulate " << accumulate);
+        ForwardSetup s;
+        s.config = thread_config(sh);
+        s.config.accumulate_load = accumulate;
+        if (accumulate) s.initial_load.assign(static_cast<size_t>(sh.E), 3);
+        s.T = 40000;
+        s.dtype = dtype;
+        if (sh.bias) s.bias = coarse_bias(sh.E, rng);
+        s.logits = separated_logits(s.config, s.T, dtype, sh.bias ? &s.bias : nullptr, rng);
+        s.mask = random_mask(rng, s.T);
+        check_thread_forward(s);
       }
     }
   }
