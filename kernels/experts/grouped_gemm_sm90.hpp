@@ -123,7 +123,7 @@ inline int bwd_act_staged_stages(int num_groups, size_t smem_optin) {
 // gradients have the group as the third tensor-map dimension, so their m and n tails clip too.
 // MOEKIT_SM90_TMA_STORE=0 (a -D in cuda_args) keeps the register-direct stores everywhere.
 #ifndef MOEKIT_SM90_TMA_STORE
-#define MOEKIT_SM90_TMA_STORE 0
+#define MOEKIT_SM90_TMA_STORE 1
 #endif
 constexpr bool kTmaStore = MOEKIT_SM90_TMA_STORE != 0;
 constexpr int kTmaStoreRows = 64;                                               // one warpgroup's rows
