@@ -59,7 +59,7 @@ std::string arg(int argc, char** argv, const std::string& key, const std::string
   return def;
 }
 
-// Median-free mean of `iters` launches after 3 warm-ups, in microseconds.
+// Mean time of `iters` back-to-back launches after 3 warm-ups, in microseconds.
 template <class F>
 double time_us(F&& launch, int iters) {
   for (int w = 0; w < 3; ++w) check(launch(), "launch");
