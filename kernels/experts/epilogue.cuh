@@ -217,6 +217,20 @@ struct EpilogueRow {
     }
   }
 
+  // ---- kEpiStore: the fp32 values of output columns c, c + 1 (rounded to T by the caller) ----
+  // One definition for the register-direct store (plain_pair) and the TMA-store epilogue of
+  // grouped_gemm_sm90.cuh, so both round the same expression (the same contraction) to T.
+  __device__ __forceinline__ float2 store_values(int c, float a0, float a1) const {
+    const float s = ep.weight_after_down ? p : 1.0f;
+    float o0 = s * a0, o1 = s * a1;
+    if (bias) {
+      const float2 b = load_pair(bias + c);
+      o0 += p * b.x;
+      o1 += p * b.y;
+    }
+    return make_float2(o0, o1);
+  }
+
   // ---- every other kind: output columns c, c + 1 ----
   template <int kKind>
   __device__ __forceinline__ float plain_pair(int c, float a0, float a1) const {
@@ -232,14 +246,8 @@ struct EpilogueRow {
       }
       return 0.0f;
     } else if constexpr (kKind == kEpiStore) {
-      const float s = ep.weight_after_down ? p : 1.0f;
-      float o0 = s * a0, o1 = s * a1;
-      if (bias) {
-        const float2 b = load_pair(bias + c);
-        o0 += p * b.x;
-        o1 += p * b.y;
-      }
-      store_pair(static_cast<T*>(ep.c) + row * ep.ldc + c, o0, o1);
+      const float2 o = store_values(c, a0, a1);
+      store_pair(static_cast<T*>(ep.c) + row * ep.ldc + c, o.x, o.y);
       return 0.0f;
     } else if constexpr (kKind == kEpiBwdAct) {
       return bwd_act_apply(c, bwd_act_load(c), a0, a1);

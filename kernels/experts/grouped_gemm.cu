@@ -68,8 +68,11 @@ size_t grouped_sm90_smem_bytes(int num_groups) {
   if (!sm90_built()) return 0;
   // The staged activation-backward kernel adapts: 4 stages where they fit the device, else 3, so
   // what it needs is its 3-stage layout (never more than the 4-stage ring of the others).
+  // The TMA-store kernels likewise (their 3-stage layout).
   const size_t a = sm90::SmemLayout::bytes(num_groups), b = sm90::SmemLayoutBwdAct<3>::bytes(num_groups);
-  return a > b ? a : b;
+  const size_t c = sm90::SmemLayoutTmaStore<3>::bytes(num_groups);
+  const size_t ab = a > b ? a : b;
+  return ab > c ? ab : c;
 }
 
 bool grouped_sm90_built() { return sm90_built(); }

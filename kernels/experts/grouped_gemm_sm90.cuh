@@ -248,6 +248,71 @@ __device__ __forceinline__ uint32_t pack_pair_bits(float a, float b) {
   }
 }
 
+// ---- TMA stores (the TMA-store epilogue, MOEKIT_SM90_TMA_STORE) ----
+__device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+// Makes this thread's generic-proxy shared-memory writes visible to the async proxy (the TMA
+// store that a barrier later lets another thread issue reads them there).
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, uint32_t src, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(src), "r"(c0), "r"(c1)
+               : "memory");
+}
+__device__ __forceinline__ void tma_store_3d(const CUtensorMap* map, uint32_t src, int c0, int c1, int c2) {
+  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(src), "r"(c0), "r"(c1), "r"(c2)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Until every committed bulk group of this thread has finished reading shared memory.
+__device__ __forceinline__ void bulk_wait_group_read0() {
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+// Until every committed bulk group of this thread has completed (its global writes included).
+__device__ __forceinline__ void bulk_wait_group0() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+
+// One consumer warpgroup's TMA-store epilogue: the elected thread (ctid 0) owns the bulk groups.
+// `value(j, h)` returns the two fp32 values of accumulator chunk j, row half h (the caller's
+// epilogue maths); the warpgroup writes them as T into its region, half tile by half tile, and
+// `store(box, col_in_tile)` (elected thread only) issues the TMA store of one [64][64] box.
+// Order per half: wait.read 0 + barrier (the region's previous bulk group has been read), the
+// fragment writes, fence.proxy.async + barrier (they are visible to the async proxy), the stores,
+// commit. Fragment (warp, lane, h, j): warpgroup row 16 warp + lane / 4 + 8 h, half column
+// 8 (j % 16) + 2 (lane % 4): a warp's 32 4-byte writes of one (h, j) cover 8 rows of one 16-byte
+// chunk column, which the swizzle spreads over 8 distinct chunks: 32 distinct banks.
+template <class T, class Value, class Store>
+__device__ __forceinline__ void tma_store_tile(uint32_t region, uint32_t bar, int ctid, Value&& value,
+                                               Store&& store) {
+  const int warp = ctid >> 5, lane = ctid & 31, q = lane & 3;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    if (ctid == 0) bulk_wait_group_read0();
+    bar_sync_named(bar, TileConfig::kWarpgroupThreads);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t r = static_cast<uint32_t>(16 * warp + (lane >> 2) + 8 * h);
+#pragma unroll
+      for (int jj = 0; jj < 16; ++jj) {
+        const float2 v = value(16 * half + jj, h);
+        st_shared_b32(region + tma_store_offset(r, static_cast<uint32_t>(8 * jj + 2 * q)), pack_pair_bits<T>(v.x, v.y));
+      }
+    }
+    fence_proxy_async_smem();
+    bar_sync_named(bar, TileConfig::kWarpgroupThreads);
+    if (ctid == 0) {
+#pragma unroll
+      for (int b = 0; b < 2; ++b) store(region + b * kTmaStoreBoxBytes, kTmaStoreCols * half + TileConfig::kBoxCols * b);
+      bulk_commit_group();
+    }
+  }
+}
+
 // ---- The kernel ----------------------------------------------------------------------------------
 
 struct TileInfo {
@@ -258,7 +323,7 @@ struct TileInfo {
   int64_t row0;    // first row of the tile
 };
 
-template <class T, bool kBNK, int kKind, int kStagedStages = 0>
+template <class T, bool kBNK, int kKind, int kStagedStages = 0, int kStoreStages = 0>
 struct GroupedGemmSm90 {
   using Cfg = TileConfig;
   // kStagedStages > 0 (kEpiBwdAct only): the staged activation-backward epilogue with its staging
@@ -268,7 +333,14 @@ struct GroupedGemmSm90 {
   static constexpr bool kStaged = kStagedStages > 0;
   static_assert(!kStaged || (kKind == kEpiBwdAct && kBwdActStaged && (kStagedStages == 3 || kStagedStages == 4)),
                 "staged epilogue: kEpiBwdAct only, 3 or 4 stages");
-  using Smem = typename std::conditional<kStaged, SmemLayoutBwdAct<kStaged ? kStagedStages : 4>, SmemLayout>::type;
+  // kStoreStages > 0 (kEpiStore only): the TMA-store epilogue (tma_store_tile) with its staging
+  // regions and a ring of kStoreStages (4, or 3 where the prefix of many groups leaves no room).
+  static constexpr bool kTmaSt = kStoreStages > 0;
+  static_assert(!kTmaSt || (kKind == kEpiStore && !kStaged && (kStoreStages == 3 || kStoreStages == 4)),
+                "TMA-store epilogue: kEpiStore only, 3 or 4 stages");
+  using Smem = typename std::conditional<
+      kStaged, SmemLayoutBwdAct<kStaged ? kStagedStages : 4>,
+      typename std::conditional<kTmaSt, SmemLayoutTmaStore<kTmaSt ? kStoreStages : 4>, SmemLayout>::type>::type;
   static constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kBK = Cfg::kBK, kStages = Smem::kStages;
   static constexpr int kConsumerWarps = 4 * Cfg::kConsumers;
   static constexpr int kTransB = kBNK ? 0 : 1;
@@ -714,10 +786,51 @@ struct GroupedGemmSm90 {
     }
   }
 
+  // ---- kEpiStore, TMA stores (kTmaSt; MOEKIT_SM90_TMA_STORE) ----
+  // The values of EpilogueRow::store_values (the register-direct epilogue's plain_pair<kEpiStore>
+  // maths, one definition), rounded to T by pack_pair_bits (store_pair's conversion): the same
+  // bits. Only for a warpgroup whose 64 rows all lie inside the tile's group (the caller checks);
+  // columns at or past N are written as zeros into the staging region and clipped by the tensor
+  // map (a box starting at or past N is not issued).
+  static constexpr uint32_t kTmaStoreBarrier0 = 4;  // named barriers 4, 5: consumer warpgroup 0, 1
+  struct StoreValue {
+    const TileInfo& t;
+    const GroupedGemmProblem& prob;
+    const float (&d)[128];
+    const EpilogueRow<T> (&er)[2];
+    int q;
+    __device__ __forceinline__ float2 operator()(int j, int h) const {
+      const int col = plain_column(t.n0, j, q);
+      return col < prob.n ? er[h].store_values(col, d[4 * j + 2 * h], d[4 * j + 2 * h + 1]) : make_float2(0.0f, 0.0f);
+    }
+  };
+  struct StoreBox {
+    const CUtensorMap* map;
+    int n0, n, row0;
+    __device__ __forceinline__ void operator()(uint32_t src, int col) const {
+      if (n0 + col < n) tma_store_2d(map, src, n0 + col, row0);
+    }
+  };
+  static __device__ __forceinline__ void epilogue_tma_store(const TileInfo& t, const GroupedGemmProblem& prob,
+                                                            const EpilogueParams& ep, const float (&d)[128],
+                                                            const CUtensorMap* tma_c, uint32_t smem, int c,
+                                                            int ctid) {
+    const int warp = ctid >> 5, lane = ctid & 31;
+    const T* bias = ep.bias ? static_cast<const T*>(ep.bias) + t.group * ep.bias_group_stride : nullptr;
+    const int64_t row = t.row0 + 64 * c + 16 * warp + (lane >> 2);
+    const float p0 = ep.row_weights ? ep.row_weights[row] : 1.0f;
+    const float p1 = ep.row_weights ? ep.row_weights[row + 8] : 1.0f;
+    const EpilogueRow<T> er[2] = {{ep, bias, row, p0}, {ep, bias, row + 8, p1}};
+    const uint32_t region = smem + Smem::kStaging + static_cast<uint32_t>(c) * kTmaStoreRegionBytes;
+    tma_store_tile<T>(region, kTmaStoreBarrier0 + static_cast<uint32_t>(c), ctid,
+                      StoreValue{t, prob, d, er, lane & 3},
+                      StoreBox{tma_c, t.n0, prob.n, static_cast<int>(t.row0) + 64 * c});
+  }
+
   // A consumer warpgroup (c = 0, 1): rows [64 c, 64 c + 64) of every tile.
   static __device__ __forceinline__ void consumer(const GroupedGemmProblem& prob, const EpilogueParams& ep,
-                                                  const RowTileSchedule& sched, int64_t total, uint32_t smem, int c,
-                                                  int ctid) {
+                                                  const CUtensorMap* tma_c, const RowTileSchedule& sched,
+                                                  int64_t total, uint32_t smem, int c, int ctid) {
     const int warp = ctid >> 5, lane = ctid & 31;
     const int ktiles = (prob.k + kBK - 1) / kBK;
     const int prefetch_kt = ktiles > kUPrefetchKTiles ? ktiles - kUPrefetchKTiles : 0;  // kEpiBwdAct
@@ -752,18 +865,31 @@ struct GroupedGemmSm90 {
       wgmma_wait<0>();
       fence_acc(d);
       if (lane == 0) mbar_arrive(smem + Smem::kEmptyBarrier + 8 * prev);
-      if constexpr (kStaged)
+      if constexpr (kStaged) {
         epilogue_bwd_act_staged(t, prob, ep, d, smem, c, ctid);
-      else if constexpr (kKind == kEpiBwdAct)
+      } else if constexpr (kKind == kEpiBwdAct) {
         epilogue_bwd_act(t, prob, ep, d, 64 * c + 16 * warp + (lane >> 2), lane);
-      else
+      } else if constexpr (kTmaSt) {
+        // A warpgroup with rows past its group's end (the group's last row tile) stores
+        // register-direct: a box would write them into the next group's rows (warpgroup-uniform).
+        if (64 * c + 64 <= t.rows_valid)
+          epilogue_tma_store(t, prob, ep, d, tma_c, smem, c, ctid);
+        else
+          epilogue(t, prob, ep, d, 64 * c + 16 * warp + (lane >> 2), lane);
+      } else {
         epilogue(t, prob, ep, d, 64 * c + 16 * warp + (lane >> 2), lane);
+      }
+    }
+    // The staging regions must outlive the bulk stores reading them (and their global writes are
+    // complete before the CTA retires).
+    if constexpr (kTmaSt) {
+      if (ctid == 0) bulk_wait_group0();
     }
   }
 
   static __device__ __forceinline__ void run(const CUtensorMap* tma_a, const CUtensorMap* tma_b,
-                                             const GroupedGemmProblem& prob, const EpilogueParams& ep,
-                                             unsigned char* smem_raw) {
+                                             const CUtensorMap* tma_c, const GroupedGemmProblem& prob,
+                                             const EpilogueParams& ep, unsigned char* smem_raw) {
     // Swizzled tiles start on 1024-byte atoms: round the dynamic shared memory up (bytes() keeps
     // kAlign bytes of slack for it).
     const uint32_t raw = smem_u32(smem_raw);
@@ -792,17 +918,22 @@ struct GroupedGemmSm90 {
       if (tid == 0) producer(tma_a, tma_b, prob, sched, total, smem);
     } else {
       setmaxnreg_inc<Cfg::kConsumerRegs>();
-      consumer(prob, ep, sched, total, smem, wg - 1, tid - wg * Cfg::kWarpgroupThreads);
+      if constexpr (kTmaSt) {
+        if (tid == Cfg::kWarpgroupThreads || tid == 2 * Cfg::kWarpgroupThreads) prefetch_tensor_map(tma_c);
+      }
+      consumer(prob, ep, tma_c, sched, total, smem, wg - 1, tid - wg * Cfg::kWarpgroupThreads);
     }
   }
 };
 
-template <class T, bool kBNK, int kKind, int kStagedStages>
+// tma_c: the output's tensor map of the TMA-store instances (kStoreStages > 0; unused otherwise).
+template <class T, bool kBNK, int kKind, int kStagedStages, int kStoreStages>
 __global__ void __launch_bounds__(TileConfig::kThreads, 1)
     grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_b,
-                             const GroupedGemmProblem prob, const EpilogueParams ep) {
+                             const __grid_constant__ CUtensorMap tma_c, const GroupedGemmProblem prob,
+                             const EpilogueParams ep) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  GroupedGemmSm90<T, kBNK, kKind, kStagedStages>::run(&tma_a, &tma_b, prob, ep, smem_raw);
+  GroupedGemmSm90<T, kBNK, kKind, kStagedStages, kStoreStages>::run(&tma_a, &tma_b, &tma_c, prob, ep, smem_raw);
 }
 
 // ---- Weight gradients (axis K) -------------------------------------------------------------------
@@ -833,11 +964,29 @@ struct WgradTileInfo {
   int k_last;    // rows of the last k tile (1 .. 64), or 0 without rows
 };
 
-template <class T>
+// kStoreStages > 0 (splits == 1 only): the TMA-store epilogue (tma_store_tile) into C [G][M][N]
+// through a {N, M, G} tensor map, with a ring of kStoreStages.
+template <class T, int kStoreStages = 0>
 struct GroupedWgradSm90 {
   using Cfg = TileConfig;
-  using Smem = SmemLayout;
-  static constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kBK = Cfg::kBK, kStages = Cfg::kStages;
+  static constexpr bool kTmaSt = kStoreStages > 0;
+  static_assert(kStoreStages == 0 || kStoreStages == 3 || kStoreStages == 4, "TMA-store epilogue: 3 or 4 stages");
+  using Smem = typename std::conditional<kTmaSt, SmemLayoutTmaStore<kTmaSt ? kStoreStages : 4>, SmemLayout>::type;
+  static constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kBK = Cfg::kBK, kStages = Smem::kStages;
+  static constexpr uint32_t kTmaStoreBarrier0 = 4;  // named barriers 4, 5: consumer warpgroup 0, 1
+  struct StoreValue {
+    const float (&d)[128];
+    __device__ __forceinline__ float2 operator()(int j, int h) const {
+      return make_float2(d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+    }
+  };
+  struct StoreBox {
+    const CUtensorMap* map;
+    int n0, n, m, group;
+    __device__ __forceinline__ void operator()(uint32_t src, int col) const {
+      if (n0 + col < n) tma_store_3d(map, src, n0 + col, m, group);
+    }
+  };
   static constexpr int kConsumerWarps = 4 * Cfg::kConsumers;
   static constexpr uint32_t kZeroBarrier = 1;  // named barrier of the two consumer warpgroups
 
@@ -907,8 +1056,8 @@ struct GroupedWgradSm90 {
   }
 
   static __device__ __forceinline__ void consumer(const GroupedGemmProblem& prob, const EpilogueParams& ep,
-                                                  const WgradSchedule& sched, int64_t total, uint32_t smem, int c,
-                                                  int ctid) {
+                                                  const CUtensorMap* tma_c, const WgradSchedule& sched,
+                                                  int64_t total, uint32_t smem, int c, int ctid) {
     const int warp = ctid >> 5, lane = ctid & 31, q = lane & 3;
     uint32_t it = 0;
     for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
@@ -936,25 +1085,38 @@ struct GroupedWgradSm90 {
       wgmma_wait<0>();
       fence_acc(d);
       if (t.ktiles > 0 && lane == 0) mbar_arrive(smem + Smem::kEmptyBarrier + 8 * prev);
-      // Rows m = m0 + 64 c + 16 warp + lane / 4 (+ 8), columns n0 + 8 j + 2 q (+ 1).
+      if constexpr (kTmaSt) {
+        // Rows m0 + 64 c .. + 63 of group t.group (m and n tails clip at the tensor map's M and
+        // N; a warpgroup entirely past M stores nothing: warpgroup-uniform).
+        const int m = t.m0 + 64 * c;
+        if (m < prob.m)
+          tma_store_tile<T>(smem + Smem::kStaging + static_cast<uint32_t>(c) * kTmaStoreRegionBytes,
+                            kTmaStoreBarrier0 + static_cast<uint32_t>(c), ctid, StoreValue{d},
+                            StoreBox{tma_c, t.n0, prob.n, m, t.group});
+      } else {
+        // Rows m = m0 + 64 c + 16 warp + lane / 4 (+ 8), columns n0 + 8 j + 2 q (+ 1).
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int m = t.m0 + 64 * c + 16 * warp + (lane >> 2) + 8 * h;
-        if (m >= prob.m) continue;
+        for (int h = 0; h < 2; ++h) {
+          const int m = t.m0 + 64 * c + 16 * warp + (lane >> 2) + 8 * h;
+          if (m >= prob.m) continue;
 #pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          const int n = plain_column(t.n0, j, q);
-          if (n < prob.n)
-            wgrad_store_pair<T>(ep, prob.num_groups, prob.m, prob.n, t.group, t.split, prob.splits, m, n,
-                                d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+          for (int j = 0; j < 32; ++j) {
+            const int n = plain_column(t.n0, j, q);
+            if (n < prob.n)
+              wgrad_store_pair<T>(ep, prob.num_groups, prob.m, prob.n, t.group, t.split, prob.splits, m, n,
+                                  d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+          }
         }
       }
+    }
+    if constexpr (kTmaSt) {  // the staging regions outlive the bulk stores reading them
+      if (ctid == 0) bulk_wait_group0();
     }
   }
 
   static __device__ __forceinline__ void run(const CUtensorMap* tma_x, const CUtensorMap* tma_y,
-                                             const GroupedGemmProblem& prob, const EpilogueParams& ep,
-                                             unsigned char* smem_raw) {
+                                             const CUtensorMap* tma_c, const GroupedGemmProblem& prob,
+                                             const EpilogueParams& ep, unsigned char* smem_raw) {
     const uint32_t raw = smem_u32(smem_raw);
     const uint32_t smem = ((raw + Smem::kAlign - 1) & ~(Smem::kAlign - 1));
     const int tid = threadIdx.x;
@@ -976,17 +1138,21 @@ struct GroupedWgradSm90 {
       if (tid == 0) producer(tma_x, tma_y, prob, sched, total, smem);
     } else {
       setmaxnreg_inc<Cfg::kConsumerRegs>();
-      consumer(prob, ep, sched, total, smem, wg - 1, tid - wg * Cfg::kWarpgroupThreads);
+      if constexpr (kTmaSt) {
+        if (tid == Cfg::kWarpgroupThreads || tid == 2 * Cfg::kWarpgroupThreads) prefetch_tensor_map(tma_c);
+      }
+      consumer(prob, ep, tma_c, sched, total, smem, wg - 1, tid - wg * Cfg::kWarpgroupThreads);
     }
   }
 };
 
-template <class T>
+template <class T, int kStoreStages>
 __global__ void __launch_bounds__(TileConfig::kThreads, 1)
     grouped_wgrad_sm90_kernel(const __grid_constant__ CUtensorMap tma_x, const __grid_constant__ CUtensorMap tma_y,
-                              const GroupedGemmProblem prob, const EpilogueParams ep) {
+                              const __grid_constant__ CUtensorMap tma_c, const GroupedGemmProblem prob,
+                              const EpilogueParams ep) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  GroupedWgradSm90<T>::run(&tma_x, &tma_y, prob, ep, smem_raw);
+  GroupedWgradSm90<T, kStoreStages>::run(&tma_x, &tma_y, &tma_c, prob, ep, smem_raw);
 }
 
 // setmaxnreg.inc only returns once the pool holds the registers it asks for: the producer's
@@ -1009,10 +1175,12 @@ inline cudaError_t check_register_budget(const void* kernel, std::atomic<int>& v
   return v == 1 ? cudaSuccess : cudaErrorNotSupported;
 }
 
-template <class T>
+// kStoreStages > 0: the TMA-store epilogue with that ring depth (callers check tma_store_takes and
+// tma_store_stages first).
+template <class T, int kStoreStages = 0>
 cudaError_t launch_wgrad(const GroupedGemmProblem& prob, const EpilogueParams& ep, cudaStream_t stream) {
   using Cfg = TileConfig;
-  auto kernel = grouped_wgrad_sm90_kernel<T>;
+  auto kernel = grouped_wgrad_sm90_kernel<T, kStoreStages>;
   static std::atomic<int> registers_ok{0};
   if (const cudaError_t e = check_register_budget(reinterpret_cast<const void*>(kernel), registers_ok))
     return e;
@@ -1026,10 +1194,16 @@ cudaError_t launch_wgrad(const GroupedGemmProblem& prob, const EpilogueParams& e
   if (err != cudaSuccess) return err;
   if ((err = encode_tensor_map(&map_y, kBf16, tma_spec_rows(prob.max_rows, prob.n, prob.ldb), prob.b)) != cudaSuccess)
     return err;
-  const size_t smem = SmemLayout::bytes(0);
+  CUtensorMap map_c{};
+  if constexpr (kStoreStages > 0) {
+    if ((err = encode_tensor_map(&map_c, kBf16, tma_spec_store_wgrad(prob.num_groups, prob.m, prob.n), ep.c)) !=
+        cudaSuccess)
+      return err;
+  }
+  const size_t smem = GroupedWgradSm90<T, kStoreStages>::Smem::bytes(0);
   if ((err = ensure_dynamic_smem(kernel, smem)) != cudaSuccess) return err;
   const int32_t grid = resident_grid(kernel, Cfg::kThreads, smem, total);  // one CTA per SM
-  kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_x, map_y, prob, ep);
+  kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_x, map_y, map_c, prob, ep);
   return cudaPeekAtLastError();
 }
 
@@ -1037,10 +1211,12 @@ cudaError_t launch_wgrad(const GroupedGemmProblem& prob, const EpilogueParams& e
 // SMs) CTAs (one per SM: the ring takes ~193 KB of shared memory).
 // kStagedStages > 0: the staged activation-backward epilogue with that ring depth (callers check
 // bwd_act_staged_takes and bwd_act_staged_stages first).
-template <class T, bool kBNK, int kKind, int kStagedStages = 0>
+// kStoreStages > 0: the TMA-store epilogue with that ring depth (callers check tma_store_takes and
+// tma_store_stages first).
+template <class T, bool kBNK, int kKind, int kStagedStages = 0, int kStoreStages = 0>
 cudaError_t launch(const GroupedGemmProblem& prob, const EpilogueParams& ep, cudaStream_t stream) {
   using Cfg = TileConfig;
-  auto kernel = grouped_gemm_sm90_kernel<T, kBNK, kKind, kStagedStages>;
+  auto kernel = grouped_gemm_sm90_kernel<T, kBNK, kKind, kStagedStages, kStoreStages>;
   static std::atomic<int> registers_ok{0};
   if (const cudaError_t e = check_register_budget(reinterpret_cast<const void*>(kernel), registers_ok))
     return e;
@@ -1055,10 +1231,16 @@ cudaError_t launch(const GroupedGemmProblem& prob, const EpilogueParams& ep, cud
                               : tma_spec_b_kn(prob.num_groups, prob.k, prob.n, prob.ldb, prob.b_group_stride,
                                               prob.gate_up_half);
   if ((err = encode_tensor_map(&map_b, kBf16, spec_b, prob.b)) != cudaSuccess) return err;
-  const size_t smem = GroupedGemmSm90<T, kBNK, kKind, kStagedStages>::Smem::bytes(prob.num_groups);
+  CUtensorMap map_c{};
+  if constexpr (kStoreStages > 0) {
+    if ((err = encode_tensor_map(&map_c, kBf16, tma_spec_store_rows(prob.max_rows, prob.n, ep.ldc), ep.c)) !=
+        cudaSuccess)
+      return err;
+  }
+  const size_t smem = GroupedGemmSm90<T, kBNK, kKind, kStagedStages, kStoreStages>::Smem::bytes(prob.num_groups);
   if ((err = ensure_dynamic_smem(kernel, smem)) != cudaSuccess) return err;
   const int32_t grid = resident_grid(kernel, Cfg::kThreads, smem, max_tiles);  // one CTA per SM
-  kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_a, map_b, prob, ep);
+  kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_a, map_b, map_c, prob, ep);
   return cudaPeekAtLastError();
 }
 

@@ -108,6 +108,44 @@ inline int bwd_act_staged_stages(int num_groups, size_t smem_optin) {
   return 0;
 }
 
+// ---- The TMA-store epilogue (MOEKIT_SM90_TMA_STORE; kEpiStore of axis M, kEpiWgrad) ----
+// Instead of storing its accumulators straight from registers (4-byte pairs, both consumer
+// warpgroups held until the last store issues), each consumer warpgroup converts them to T into
+// its own shared-memory region of [64 rows][128 columns] (two [64][64] boxes, 128-byte rows,
+// 128B-swizzled as TMA's SWIZZLE_128B reads them), and one elected thread writes each box with a
+// TMA bulk tensor store (cp.async.bulk.tensor ... .global.shared::cta, one bulk group per half
+// tile). A tile's 256 columns take two halves; before a half overwrites the region the elected
+// thread waits until the previous bulk group has been read (cp.async.bulk.wait_group.read 0), so
+// the second half of tile i drains while tile i + 1's k loop runs. Row tails: a box of a group's
+// tile must not write rows past the group's end (the next expert's rows of the same output), so a
+// warpgroup whose 64 rows are not all inside its group stores that tile with the register-direct
+// epilogue (see docs/experts.md); column tails are clipped by the tensor map's bounds (N). Weight
+// gradients have the group as the third tensor-map dimension, so their m and n tails clip too.
+// MOEKIT_SM90_TMA_STORE=0 (a -D in cuda_args) keeps the register-direct stores everywhere.
+#ifndef MOEKIT_SM90_TMA_STORE
+#define MOEKIT_SM90_TMA_STORE 1
+#endif
+constexpr bool kTmaStore = MOEKIT_SM90_TMA_STORE != 0;
+constexpr int kTmaStoreRows = 64;                                               // one warpgroup's rows
+constexpr int kTmaStoreCols = 128;                                              // columns per half
+constexpr uint32_t kTmaStoreBoxBytes = kTmaStoreRows * TileConfig::kBoxCols * TileConfig::kElemBytes;  // 8192
+constexpr uint32_t kTmaStoreRegionBytes = kTmaStoreRows * kTmaStoreCols * TileConfig::kElemBytes;     // 16384
+constexpr uint32_t kTmaStoreStagingBytes = TileConfig::kConsumers * kTmaStoreRegionBytes;             // 32768
+template <int kStages>
+using SmemLayoutTmaStore = SmemLayoutT<kStages, kTmaStoreStagingBytes>;
+static_assert(SmemLayoutTmaStore<4>::kStaging % SmemLayoutTmaStore<4>::kAlign == 0 &&
+                  SmemLayoutTmaStore<3>::kStaging % SmemLayoutTmaStore<3>::kAlign == 0 &&
+                  kTmaStoreRegionBytes % 1024 == 0 && kTmaStoreBoxBytes % 1024 == 0,
+              "TMA-store boxes start on 128B-swizzle atoms");
+
+// Ring depth of a TMA-store kernel for E groups (wgrad: E = 0, no prefix): 4 where that layout
+// fits the device's opt-in shared memory per block (E <= 483 on 227 KB), else 3 (0: neither).
+inline int tma_store_stages(int num_groups, size_t smem_optin) {
+  if (SmemLayoutTmaStore<4>::bytes(num_groups) <= smem_optin) return 4;
+  if (SmemLayoutTmaStore<3>::bytes(num_groups) <= smem_optin) return 3;
+  return 0;
+}
+
 // Geometry of the staged epilogue (one consumer warpgroup; float indices into its region).
 // Fragment stores: the wgmma accumulator pair d[4 j + 2 h], d[4 j + 2 h + 1] of thread
 // (warp, lane) is warpgroup row 16 warp + lane / 4 + 8 h, tile columns 8 j + 2 (lane % 4), + 1;
@@ -219,6 +257,34 @@ inline TmaSpec tma_spec_rows(int64_t rows, int cols, int64_t ld) {
   return s;
 }
 
+// Output of a TMA-store epilogue, axis M: C [R, N] with row stride ldc, box [64 rows][64 cols].
+inline TmaSpec tma_spec_store_rows(int64_t rows, int n, int64_t ldc) {
+  TmaSpec s;
+  s.rank = 2;
+  s.dims[0] = static_cast<uint64_t>(n);
+  s.dims[1] = static_cast<uint64_t>(rows);
+  s.strides[0] = static_cast<uint64_t>(ldc) * TileConfig::kElemBytes;
+  s.box[0] = TileConfig::kBoxCols;
+  s.box[1] = kTmaStoreRows;
+  return s;
+}
+
+// Output of the TMA-store weight gradient: C [G][M][N] contiguous, as {N, M, G}; box
+// [1 group][64 m][64 n] (m and n tails clip at the group's own bounds).
+inline TmaSpec tma_spec_store_wgrad(int num_groups, int m, int n) {
+  TmaSpec s;
+  s.rank = 3;
+  s.dims[0] = static_cast<uint64_t>(n);
+  s.dims[1] = static_cast<uint64_t>(m);
+  s.dims[2] = static_cast<uint64_t>(num_groups);
+  s.strides[0] = static_cast<uint64_t>(n) * TileConfig::kElemBytes;
+  s.strides[1] = static_cast<uint64_t>(m) * static_cast<uint64_t>(n) * TileConfig::kElemBytes;
+  s.box[0] = TileConfig::kBoxCols;
+  s.box[1] = kTmaStoreRows;
+  s.box[2] = 1;
+  return s;
+}
+
 // What cuTensorMapEncodeTiled demands of a spec (so a launch never gets as far as a driver
 // error): rank 1..5, every dim in [1, 2^32], strides multiples of 16 below 2^40, boxes in
 // [1, 256] (a box may be larger than its dim: the excess is zero-filled) with the inner box a
@@ -291,6 +357,27 @@ constexpr uint32_t kBNkStepBytes = 16 * TileConfig::kElemBytes;                 
 // (col < 64): TMA's SWIZZLE_128B places 16-byte chunk c of row r at chunk c ^ (r % 8).
 constexpr uint32_t swizzled_offset(uint32_t row, uint32_t col) {
   return row * 128 + ((((col * 2) >> 4) ^ (row & 7)) << 4) + ((col * 2) & 15);
+}
+
+// Byte offset of element (warpgroup row r < 64, column col < 128 of the half) in a TMA-store
+// region: box col / 64, inside it swizzled_offset(r, col % 64) (the CPU tests check both).
+__host__ __device__ constexpr uint32_t tma_store_offset(uint32_t r, uint32_t col) {
+  return (col >> 6) * kTmaStoreBoxBytes + r * 128 + (((((col & 63) * 2) >> 4) ^ (r & 7)) << 4) + (((col & 63) * 2) & 15);
+}
+
+// Whether the TMA-store epilogue can write this problem's output (sm90::takes holds): kEpiStore
+// of axis M (forward down projection, dgrad of the down projection) with a 16-byte-aligned C and
+// ldc a multiple of 8 elements, or kEpiWgrad without row splits (the fp32 split partials keep
+// the register-direct stores) with a 16-byte-aligned C and N a multiple of 8. The public API
+// guarantees the alignment (MOEKIT_STATUS_MISALIGNED, H and I multiples of 8). Independent of
+// kTmaStore (the tests run both epilogues in one binary); the launchers check the switch.
+inline bool tma_store_takes(const GroupedGemmProblem& p, EpiKind kind, const EpilogueParams& ep) {
+  if (ep.c == nullptr || (reinterpret_cast<uintptr_t>(ep.c) & 15) != 0) return false;
+  if (p.axis == kAxisK)
+    return kind == kEpiWgrad && p.splits == 1 && p.m >= 1 && p.n >= 1 && p.num_groups >= 1 &&
+           tma_spec_valid(tma_spec_store_wgrad(p.num_groups, p.m, p.n));
+  return p.axis == kAxisM && kind == kEpiStore && p.max_rows >= 1 && p.n >= 1 && ep.ldc > 0 && (ep.ldc & 7) == 0 &&
+         tma_spec_valid(tma_spec_store_rows(p.max_rows, p.n, ep.ldc));
 }
 
 // Whether the sm_90a kernels take this problem with this epilogue: axis M with B KN and the

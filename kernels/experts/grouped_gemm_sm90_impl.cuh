@@ -6,6 +6,50 @@
 
 namespace moekit::kernels::experts {
 
+namespace sm90 {
+// The device's opt-in shared memory per block.
+inline cudaError_t smem_optin(int* optin) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return err;
+}
+
+// kEpiStore of axis M with the TMA-store epilogue where `tma` asks for it, tma_store_takes the
+// problem and a ring fits (4 stages, else 3), else the register-direct stores. The library's
+// launchers instantiate the TMA-store kernels only while kTmaStore is on (kWithTma = kTmaStore);
+// the epilogue tests (tests/experts/experts_sm90_epilogue_test.cu) instantiate both and pick at
+// run time.
+template <class T, bool kBNK, bool kWithTma>
+cudaError_t launch_store(const GroupedGemmProblem& p, const EpilogueParams& ep, cudaStream_t stream, bool tma) {
+  if constexpr (kWithTma) {
+    if (tma && tma_store_takes(p, kEpiStore, ep)) {
+      int optin = 0;
+      if (const cudaError_t err = smem_optin(&optin)) return err;
+      const int stages = tma_store_stages(p.num_groups, static_cast<size_t>(optin));
+      if (stages == 4) return launch<T, kBNK, kEpiStore, 0, 4>(p, ep, stream);
+      if (stages == 3) return launch<T, kBNK, kEpiStore, 0, 3>(p, ep, stream);
+    }
+  }
+  return launch<T, kBNK, kEpiStore>(p, ep, stream);
+}
+
+// The weight gradients, as launch_store (wgrad has no prefix: the 4-stage ring always fits 227 KB).
+template <class T, bool kWithTma>
+cudaError_t launch_wgrad_store(const GroupedGemmProblem& p, const EpilogueParams& ep, cudaStream_t stream, bool tma) {
+  if constexpr (kWithTma) {
+    if (tma && tma_store_takes(p, kEpiWgrad, ep)) {
+      int optin = 0;
+      if (const cudaError_t err = smem_optin(&optin)) return err;
+      const int stages = tma_store_stages(0, static_cast<size_t>(optin));
+      if (stages == 4) return launch_wgrad<T, 4>(p, ep, stream);
+      if (stages == 3) return launch_wgrad<T, 3>(p, ep, stream);
+    }
+  }
+  return launch_wgrad<T>(p, ep, stream);
+}
+}  // namespace sm90
+
 template <class T>
 cudaError_t launch_sm90_forward(const GroupedGemmProblem& p, EpiKind kind, const EpilogueParams& ep,
                                 cudaStream_t stream) {
@@ -13,7 +57,7 @@ cudaError_t launch_sm90_forward(const GroupedGemmProblem& p, EpiKind kind, const
   switch (kind) {
     case kEpiGateUp: return sm90::launch<T, false, kEpiGateUp>(p, ep, stream);
     case kEpiRelu2: return sm90::launch<T, false, kEpiRelu2>(p, ep, stream);
-    case kEpiStore: return sm90::launch<T, false, kEpiStore>(p, ep, stream);
+    case kEpiStore: return sm90::launch_store<T, false, sm90::kTmaStore>(p, ep, stream, true);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -22,10 +66,10 @@ template <class T>
 cudaError_t launch_sm90_backward(const GroupedGemmProblem& p, EpiKind kind, const EpilogueParams& ep,
                                  cudaStream_t stream) {
   if (!sm90::takes(p, kind)) return cudaErrorInvalidValue;
-  if (p.axis == kAxisK) return sm90::launch_wgrad<T>(p, ep, stream);
+  if (p.axis == kAxisK) return sm90::launch_wgrad_store<T, sm90::kTmaStore>(p, ep, stream, true);
   if (!p.b_nk) return cudaErrorInvalidValue;
   switch (kind) {
-    case kEpiStore: return sm90::launch<T, true, kEpiStore>(p, ep, stream);
+    case kEpiStore: return sm90::launch_store<T, true, sm90::kTmaStore>(p, ep, stream, true);
     case kEpiBwdAct:
       if constexpr (sm90::kBwdActStaged) {
         if (sm90::bwd_act_staged_takes(p, ep)) {

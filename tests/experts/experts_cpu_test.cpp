@@ -1312,6 +1312,114 @@ uint32_t wgmma_read_addr(const Desc& d, bool mn_major, int mn, int k) {
 
 }  // namespace
 
+TEST_CASE("sm90 TMA-store epilogue: smem budget, ring depth, swizzled staging, fragment coverage",
+          "[experts][sm90]") {
+  const size_t optin = 232448;  // H100 / H200 opt-in shared memory per block (227 KB)
+  // Budget: ring + two [64][128] T regions + barriers + prefix; 4 stages up to E = 483, 3 beyond,
+  // 3 stages for every E the API allows; the regions start on swizzle atoms after the ring.
+  using L4 = s90::SmemLayoutTmaStore<4>;
+  using L3 = s90::SmemLayoutTmaStore<3>;
+  REQUIRE(s90::kTmaStoreRegionBytes == 64 * 128 * 2);
+  REQUIRE(L4::kStaging == 4 * L4::kStageBytes);
+  REQUIRE(L3::kStaging == 3 * L3::kStageBytes);
+  REQUIRE(L4::kFullBarrier == L4::kStaging + 2 * s90::kTmaStoreRegionBytes);
+  REQUIRE(L4::bytes(0) == 1024 + 4 * 49152 + 32768 + 64 + 12 * 4 + 4);
+  REQUIRE(L4::bytes(483) <= optin);
+  REQUIRE(L4::bytes(484) > optin);
+  REQUIRE(s90::tma_store_stages(0, optin) == 4);    // weight gradients: no prefix
+  REQUIRE(s90::tma_store_stages(483, optin) == 4);
+  REQUIRE(s90::tma_store_stages(484, optin) == 3);
+  REQUIRE(s90::tma_store_stages(MOEKIT_EXPERTS_MAX_EXPERTS, optin) == 3);
+  REQUIRE(L3::bytes(MOEKIT_EXPERTS_MAX_EXPERTS) <= optin);
+  REQUIRE(s90::tma_store_stages(1, 100000) == 0);
+  // Never more than the plain 4-stage ring (grouped_sm90_smem_bytes sizes the check by it).
+  REQUIRE(L3::bytes(MOEKIT_EXPERTS_MAX_EXPERTS) <= s90::SmemLayout::bytes(MOEKIT_EXPERTS_MAX_EXPERTS));
+  // Staging offsets: box col / 64 of 8 KB, inside it TMA's 128B swizzle (swizzled_offset).
+  for (uint32_t r = 0; r < 64; ++r)
+    for (uint32_t col = 0; col < 128; ++col)
+      REQUIRE(s90::tma_store_offset(r, col) == (col / 64) * 8192 + s90::swizzled_offset(r, col % 64));
+  // Fragment writes of one warpgroup and half tile (warp, lane, h, jj): every 4-byte word of the
+  // 16 KB region exactly once, each holding the element pair (row, col), (row, col + 1) the
+  // accumulator pair d[4 j + 2 h], d[4 j + 2 h + 1] covers (row 16 warp + lane / 4 + 8 h, column
+  // 8 jj + 2 (lane % 4)); one (h, jj) warp instruction hits 32 distinct banks.
+  std::vector<int> seen(s90::kTmaStoreRegionBytes / 4, 0);
+  for (int warp = 0; warp < 4; ++warp)
+    for (int h = 0; h < 2; ++h)
+      for (int jj = 0; jj < 16; ++jj) {
+        std::set<uint32_t> banks;
+        for (int lane = 0; lane < 32; ++lane) {
+          const uint32_t r = 16 * warp + lane / 4 + 8 * h, col = 8 * jj + 2 * (lane % 4);
+          const uint32_t off = s90::tma_store_offset(r, col);
+          REQUIRE(off % 4 == 0);
+          REQUIRE(s90::tma_store_offset(r, col + 1) == off + 2);  // the pair's second element
+          REQUIRE(off < s90::kTmaStoreRegionBytes);
+          ++seen[off / 4];
+          banks.insert((off / 4) % 32);
+        }
+        REQUIRE(banks.size() == 32);
+      }
+  for (int v : seen) REQUIRE(v == 1);
+  // Output tensor maps: [R][N] rows of ldc (box 64 x 64), weight gradients {N, M, G}.
+  const s90::TmaSpec o = s90::tma_spec_store_rows(1000, 328, 336);
+  REQUIRE(o.rank == 2);
+  REQUIRE(o.dims[0] == 328);
+  REQUIRE(o.dims[1] == 1000);
+  REQUIRE(o.strides[0] == 336 * 2);
+  REQUIRE(o.box[0] == 64);
+  REQUIRE(o.box[1] == 64);
+  REQUIRE(s90::tma_spec_valid(o));
+  const s90::TmaSpec w = s90::tma_spec_store_wgrad(32, 200, 328);
+  REQUIRE(w.rank == 3);
+  REQUIRE(w.dims[0] == 328);
+  REQUIRE(w.dims[1] == 200);
+  REQUIRE(w.dims[2] == 32);
+  REQUIRE(w.strides[0] == 328 * 2);
+  REQUIRE(w.strides[1] == 200ull * 328 * 2);
+  REQUIRE(w.box[2] == 1);
+  REQUIRE(s90::tma_spec_valid(w));
+  REQUIRE(!s90::tma_spec_valid(s90::tma_spec_store_wgrad(4, 64, 12)));  // N * 2 bytes not a 16-byte multiple
+}
+
+TEST_CASE("sm90 TMA-store epilogue takes kEpiStore with aligned C and unsplit wgrad, nothing else",
+          "[experts][sm90]") {
+  namespace kx = moekit::kernels::experts;
+  alignas(16) static unsigned char buf[64];
+  kx::GroupedGemmProblem p{};
+  p.axis = kx::kAxisM;
+  p.num_groups = 4;
+  p.max_rows = 1000;
+  p.n = 328;
+  p.k = 192;
+  p.splits = 1;
+  kx::EpilogueParams ep{};
+  ep.c = buf;
+  ep.ldc = 328;
+  REQUIRE(s90::tma_store_takes(p, kx::kEpiStore, ep));
+  REQUIRE(!s90::tma_store_takes(p, kx::kEpiGateUp, ep));
+  REQUIRE(!s90::tma_store_takes(p, kx::kEpiRelu2, ep));
+  REQUIRE(!s90::tma_store_takes(p, kx::kEpiBwdAct, ep));
+  ep.ldc = 332;  // not a multiple of 8 elements
+  REQUIRE(!s90::tma_store_takes(p, kx::kEpiStore, ep));
+  ep.ldc = 320;  // rows overlap (ldc < N)
+  REQUIRE(!s90::tma_store_takes(p, kx::kEpiStore, ep));
+  ep.ldc = 336;
+  ep.c = buf + 8;  // 8-byte aligned only
+  REQUIRE(!s90::tma_store_takes(p, kx::kEpiStore, ep));
+  ep.c = nullptr;
+  REQUIRE(!s90::tma_store_takes(p, kx::kEpiStore, ep));
+  ep.c = buf;
+  REQUIRE(s90::tma_store_takes(p, kx::kEpiStore, ep));
+  p.axis = kx::kAxisK;
+  p.m = 200;
+  REQUIRE(s90::tma_store_takes(p, kx::kEpiWgrad, ep));
+  REQUIRE(!s90::tma_store_takes(p, kx::kEpiStore, ep));
+  p.splits = 2;  // fp32 split partials: register-direct
+  REQUIRE(!s90::tma_store_takes(p, kx::kEpiWgrad, ep));
+  p.splits = 1;
+  p.n = 12;
+  REQUIRE(!s90::tma_store_takes(p, kx::kEpiWgrad, ep));
+}
+
 TEST_CASE("sm90 wgmma descriptors read exactly what TMA's 128-byte swizzle wrote", "[experts][sm90]") {
   // Shared memory as byte addresses: a stage at 1024-aligned `base`; TMA writes element (row,
   // inner) of a box at swizzled_offset(row, inner) from the box start.

@@ -1,0 +1,231 @@
+// A/B timing of the SM90 grouped GEMM's TMA-store epilogue (MOEKIT_SM90_TMA_STORE) against the
+// register-direct stores, in one binary and one process, on the kernels it changes: the forward
+// down projection (kEpiStore, B KN), dx = du W_gu^T (kEpiStore, B NK) and the two weight
+// gradients (kEpiWgrad, splits = 1). Both epilogues come from
+// tests/experts/experts_sm90_epilogue_launch.cu (the kernels instantiated there, whatever the
+// library's default); tests/experts/experts_sm90_epilogue_test.cpp checks that they write the
+// same bits. Balanced rows (R / E per expert); inputs are a constant bit pattern (timing only).
+//   moekit-bench-sm90-epilogue [--preset=dsv3-ep8|qwen3-30b|mixtral|all] [--iters=20]
+//                              [--json=bench/results/sm90-epilogue-h200.json]
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "kernels/experts/grouped_gemm_sm90.hpp"
+
+namespace moekit::test::sm90_epilogue {  // tests/experts/experts_sm90_epilogue_launch.cu
+cudaError_t launch_store(bool bf16, const kernels::experts::GroupedGemmProblem& p,
+                         const kernels::experts::EpilogueParams& ep, bool tma);
+cudaError_t launch_wgrad(bool bf16, const kernels::experts::GroupedGemmProblem& p,
+                         const kernels::experts::EpilogueParams& ep, bool tma);
+}  // namespace moekit::test::sm90_epilogue
+
+namespace {
+
+namespace kx = moekit::kernels::experts;
+namespace shim = moekit::test::sm90_epilogue;
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
+    std::exit(1);
+  }
+}
+
+struct Buf {
+  void* p = nullptr;
+  explicit Buf(size_t bytes) {
+    check(cudaMalloc(&p, bytes), "cudaMalloc");
+    check(cudaMemset(p, 0x3c, bytes), "cudaMemset");  // bf16 0x3c3c ~ 0.0115
+  }
+  ~Buf() { cudaFree(p); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+};
+
+struct Shape {
+  const char* name;
+  int e, h, i;
+  int64_t rows;
+};
+
+std::string arg(int argc, char** argv, const std::string& key, const std::string& def) {
+  const std::string k = "--" + key + "=";
+  for (int a = 1; a < argc; ++a)
+    if (std::string(argv[a]).rfind(k, 0) == 0) return std::string(argv[a]).substr(k.size());
+  return def;
+}
+
+// Mean time of `iters` back-to-back launches after 3 warm-ups, in microseconds.
+template <class F>
+double time_us(F&& launch, int iters) {
+  for (int w = 0; w < 3; ++w) check(launch(), "launch");
+  cudaEvent_t a, b;
+  check(cudaEventCreate(&a), "event");
+  check(cudaEventCreate(&b), "event");
+  check(cudaEventRecord(a), "record");
+  for (int it = 0; it < iters; ++it) check(launch(), "launch");
+  check(cudaEventRecord(b), "record");
+  check(cudaEventSynchronize(b), "sync");
+  float ms = 0.0f;
+  check(cudaEventElapsedTime(&ms, a, b), "elapsed");
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return 1000.0 * ms / iters;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string preset = arg(argc, argv, "preset", "all");
+  const int iters = std::atoi(arg(argc, argv, "iters", "20").c_str());
+  const std::string json = arg(argc, argv, "json", "");
+  const std::vector<Shape> presets = {{"dsv3-ep8", 32, 7168, 2048, 32768},
+                                      {"qwen3-30b", 128, 2048, 768, 131072},
+                                      {"mixtral", 8, 4096, 14336, 16384}};
+  int device = 0, major = 0, minor = 0;
+  check(cudaGetDevice(&device), "device");
+  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "attr");
+  check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "attr");
+  if (major != 9 || minor != 0) {
+    std::printf("SKIP: needs a compute capability 9.0 device\n");
+    return 77;
+  }
+  cudaDeviceProp prop{};
+  check(cudaGetDeviceProperties(&prop, device), "props");
+  std::string out = "{\"device\": \"" + std::string(prop.name) + "\", \"results\": [\n";
+  bool first = true;
+  std::printf("%-10s %-12s %10s %10s %8s %8s %7s\n", "shape", "kernel", "reg us", "tma us", "reg TF", "tma TF",
+              "tma/reg");
+  for (const Shape& s : presets) {
+    if (preset != "all" && preset != s.name) continue;
+    const int E = s.e, H = s.h, I = s.i;
+    const int64_t R = s.rows;
+    std::vector<int32_t> off(E + 1);
+    for (int g = 0; g <= E; ++g) off[g] = static_cast<int32_t>(R * g / E);
+    int32_t* d_off = nullptr;
+    check(cudaMalloc(&d_off, off.size() * sizeof(int32_t)), "cudaMalloc");
+    check(cudaMemcpy(d_off, off.data(), off.size() * sizeof(int32_t), cudaMemcpyHostToDevice), "copy");
+    const size_t eb = 2;
+    Buf x(R * H * eb), hbuf(R * I * eb), du(R * 2 * I * eb), dy(R * H * eb), y(R * H * eb), dx(R * H * eb);
+    Buf wgu(static_cast<size_t>(E) * H * 2 * I * eb), wd(static_cast<size_t>(E) * I * H * eb);
+    Buf dwd(static_cast<size_t>(E) * I * H * eb), dwgu(static_cast<size_t>(E) * H * 2 * I * eb);
+    Buf pw(R * 4);
+
+    struct Run {
+      const char* kernel;
+      kx::GroupedGemmProblem p;
+      kx::EpilogueParams ep;
+      bool wgrad;
+      double flops;
+    };
+    std::vector<Run> runs;
+    {  // forward down: y = h W_down (B KN [E][I][H]), weights after down
+      Run r{"fwd-down", {}, {}, false, 2.0 * R * I * H};
+      r.p.axis = kx::kAxisM;
+      r.p.num_groups = E;
+      r.p.offsets = d_off;
+      r.p.max_rows = R;
+      r.p.n = H;
+      r.p.k = I;
+      r.p.a = hbuf.p;
+      r.p.lda = I;
+      r.p.b = wd.p;
+      r.p.ldb = H;
+      r.p.b_group_stride = static_cast<int64_t>(I) * H;
+      r.p.splits = 1;
+      r.ep.c = y.p;
+      r.ep.ldc = H;
+      r.ep.row_weights = static_cast<const float*>(pw.p);
+      r.ep.weight_after_down = 1;
+      runs.push_back(r);
+    }
+    {  // dx = du W_gu^T (B NK: W_gu [E][H][2I] as [N = H][K = 2I])
+      Run r{"dx", {}, {}, false, 2.0 * R * 2 * I * H};
+      r.p.axis = kx::kAxisM;
+      r.p.num_groups = E;
+      r.p.offsets = d_off;
+      r.p.max_rows = R;
+      r.p.n = H;
+      r.p.k = 2 * I;
+      r.p.a = du.p;
+      r.p.lda = 2 * I;
+      r.p.b = wgu.p;
+      r.p.ldb = 2 * I;
+      r.p.b_group_stride = static_cast<int64_t>(H) * 2 * I;
+      r.p.b_nk = 1;
+      r.p.splits = 1;
+      r.ep.c = dx.p;
+      r.ep.ldc = H;
+      runs.push_back(r);
+    }
+    {  // dW_down = h^T dy: C [E][I][H]
+      Run r{"dW_down", {}, {}, true, 2.0 * R * I * H};
+      r.p.axis = kx::kAxisK;
+      r.p.num_groups = E;
+      r.p.offsets = d_off;
+      r.p.max_rows = R;
+      r.p.m = I;
+      r.p.n = H;
+      r.p.a = hbuf.p;
+      r.p.lda = I;
+      r.p.b = dy.p;
+      r.p.ldb = H;
+      r.p.splits = 1;
+      r.ep.c = dwd.p;
+      runs.push_back(r);
+    }
+    {  // dW_gate_up = x^T du: C [E][H][2I]
+      Run r{"dW_gate_up", {}, {}, true, 2.0 * R * H * 2 * I};
+      r.p.axis = kx::kAxisK;
+      r.p.num_groups = E;
+      r.p.offsets = d_off;
+      r.p.max_rows = R;
+      r.p.m = H;
+      r.p.n = 2 * I;
+      r.p.a = x.p;
+      r.p.lda = H;
+      r.p.b = du.p;
+      r.p.ldb = 2 * I;
+      r.p.splits = 1;
+      r.ep.c = dwgu.p;
+      runs.push_back(r);
+    }
+    for (const Run& r : runs) {
+      if (!kx::sm90::tma_store_takes(r.p, r.wgrad ? kx::kEpiWgrad : kx::kEpiStore, r.ep)) {
+        std::printf("%-10s %-12s the TMA-store epilogue does not take it\n", s.name, r.kernel);
+        continue;
+      }
+      double us[2];
+      for (int tma = 0; tma < 2; ++tma)
+        us[tma] = time_us(
+            [&] { return r.wgrad ? shim::launch_wgrad(true, r.p, r.ep, tma) : shim::launch_store(true, r.p, r.ep, tma); },
+            iters);
+      const double tf0 = r.flops / us[0] * 1e-6, tf1 = r.flops / us[1] * 1e-6;
+      std::printf("%-10s %-12s %10.1f %10.1f %8.1f %8.1f %7.3f\n", s.name, r.kernel, us[0], us[1], tf0, tf1,
+                  us[0] / us[1]);
+      char line[512];
+      std::snprintf(line, sizeof(line),
+                    "%s  {\"shape\": \"%s\", \"kernel\": \"%s\", \"dtype\": \"bf16\", \"register_us\": %.2f, "
+                    "\"tma_us\": %.2f, \"register_tflops\": %.1f, \"tma_tflops\": %.1f, \"speedup\": %.4f}",
+                    first ? "" : ",\n", s.name, r.kernel, us[0], us[1], tf0, tf1, us[0] / us[1]);
+      out += line;
+      first = false;
+    }
+    cudaFree(d_off);
+  }
+  out += "\n]}\n";
+  if (!json.empty()) {
+    FILE* f = std::fopen(json.c_str(), "w");
+    if (!f) {
+      std::fprintf(stderr, "cannot write %s\n", json.c_str());
+      return 1;
+    }
+    std::fputs(out.c_str(), f);
+    std::fclose(f);
+  }
+  return 0;
+}

@@ -1,0 +1,34 @@
+// The sm_90a kernels of the TMA-store epilogue tests (experts_sm90_epilogue_test.cpp), instantiated
+// here with both epilogues whatever MOEKIT_SM90_TMA_STORE says (the launchers' kWithTma = true),
+// so one binary compares them. Built with the sm_90a target only (tests/experts/meson.build).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "kernels/experts/grouped_gemm_sm90_impl.cuh"
+
+namespace moekit::test::sm90_epilogue {
+
+namespace kx = moekit::kernels::experts;
+
+// axis M kEpiStore (B NK when p.b_nk), register-direct (tma = false) or TMA-store (tma = true,
+// where tma_store_takes the problem).
+cudaError_t launch_store(bool bf16, const kx::GroupedGemmProblem& p, const kx::EpilogueParams& ep, bool tma) {
+  if (!kx::sm90::takes(p, kx::kEpiStore)) return cudaErrorInvalidValue;
+  if (bf16)
+    return p.b_nk ? kx::sm90::launch_store<__nv_bfloat16, true, true>(p, ep, nullptr, tma)
+                  : kx::sm90::launch_store<__nv_bfloat16, false, true>(p, ep, nullptr, tma);
+  return p.b_nk ? kx::sm90::launch_store<__half, true, true>(p, ep, nullptr, tma)
+                : kx::sm90::launch_store<__half, false, true>(p, ep, nullptr, tma);
+}
+
+// kEpiWgrad, as launch_store.
+cudaError_t launch_wgrad(bool bf16, const kx::GroupedGemmProblem& p, const kx::EpilogueParams& ep, bool tma) {
+  if (!kx::sm90::takes(p, kx::kEpiWgrad)) return cudaErrorInvalidValue;
+  return bf16 ? kx::sm90::launch_wgrad_store<__nv_bfloat16, true>(p, ep, nullptr, tma)
+              : kx::sm90::launch_wgrad_store<__half, true>(p, ep, nullptr, tma);
+}
+
+// The device's opt-in shared memory per block.
+cudaError_t smem_optin(int* optin) { return kx::sm90::smem_optin(optin); }
+
+}  // namespace moekit::test::sm90_epilogue

@@ -1,0 +1,294 @@
+// The TMA-store epilogue of the Hopper grouped GEMM (MOEKIT_SM90_TMA_STORE; grouped_gemm_sm90.cuh
+// tma_store_tile) against the register-direct stores it replaces, bit for bit, in one binary:
+// experts_sm90_epilogue_launch.cu instantiates the sm_90a kernels for this test (built only when
+// gpu_archs contains 90) and its launchers run either epilogue on the same inputs, whatever the
+// library's default. Cases: axis M kEpiStore with B KN (the forward down
+// projection) and B NK (its dgrad), plain and with bias / routing weights (weight_after_down on
+// and off); groups that straddle row tiles, empty groups, groups shorter than one warpgroup,
+// trailing rows owned by no group, column tails (N not a multiple of 64 or 256), padded rows
+// (ldc > N), many tiles per CTA, the 3-stage ring (E = 600); the weight gradient (kEpiWgrad,
+// splits = 1) with m and n tails, k tails and empty groups. Both dtypes. Every output byte is
+// compared (poisoned first: rows of no group and padding must stay untouched by both), every
+// element a group owns must have been written, and the TMA path must repeat its bits.
+// Exits 77 (SKIP) without a compute capability 9.0 device.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/experts/grouped_gemm_sm90.hpp"
+#include "tests/support/catch.hpp"
+#include "tests/support/device.hpp"
+#include "tests/support/numeric.hpp"
+#include "tests/support/random.hpp"
+
+namespace moekit::test::sm90_epilogue {  // experts_sm90_epilogue_launch.cu
+cudaError_t launch_store(bool bf16, const kernels::experts::GroupedGemmProblem& p,
+                         const kernels::experts::EpilogueParams& ep, bool tma);
+cudaError_t launch_wgrad(bool bf16, const kernels::experts::GroupedGemmProblem& p,
+                         const kernels::experts::EpilogueParams& ep, bool tma);
+cudaError_t smem_optin(int* optin);
+}  // namespace moekit::test::sm90_epilogue
+
+namespace {
+
+using moekit::test::DeviceBuffer;
+namespace kx = moekit::kernels::experts;
+namespace k90 = moekit::kernels::experts::sm90;
+namespace shim = moekit::test::sm90_epilogue;
+
+constexpr int kPoison = 0xff;  // 0xffff: a NaN in bf16 and f16, never a finite result
+
+void require_sm90() {
+  static const bool ok = [] {
+    int device = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
+      return false;
+    return major == 9 && minor == 0;
+  }();
+  if (!ok) {
+    std::printf("SKIP: the sm_90a epilogue tests need a compute capability 9.0 device\n");
+    std::fflush(stdout);
+    std::_Exit(77);
+  }
+}
+
+// 16-bit elements as raw bits: bf16 (kBf16) or f16.
+float bits_to_float(bool bf16, uint16_t b) {
+  return bf16 ? moekit::test::bf16_bits_to_float(b) : moekit::test::half_bits_to_float(b);
+}
+
+DeviceBuffer random_device(bool bf16, std::mt19937_64& rng, size_t n, float lo, float hi) {
+  const std::vector<float> f = moekit::test::uniform(rng, n, lo, hi);
+  std::vector<uint16_t> h(n);
+  for (size_t i = 0; i < n; ++i)
+    h[i] = bf16 ? moekit::test::float_to_bf16_bits(f[i]) : moekit::test::float_to_half_bits(f[i]);
+  return DeviceBuffer::from(h);
+}
+
+std::vector<int32_t> offsets_of(const std::vector<int>& sizes) {
+  std::vector<int32_t> off(1, 0);
+  for (int s : sizes) off.push_back(off.back() + s);
+  return off;
+}
+
+// Rows [off[g], off[g + 1]) of every group, columns [0, n) of each row of ld elements: written
+// (not the poison pattern, i.e. not NaN) in `out`.
+void require_written(bool bf16, const std::vector<uint16_t>& out, const std::vector<int32_t>& off, int n,
+                     int64_t ld) {
+  int64_t unwritten = 0;
+  for (size_t g = 0; g + 1 < off.size(); ++g)
+    for (int64_t r = off[g]; r < off[g + 1]; ++r)
+      for (int c = 0; c < n; ++c)
+        unwritten += std::isnan(bits_to_float(bf16, out[static_cast<size_t>(r * ld + c)])) ? 1 : 0;
+  REQUIRE(unwritten == 0);
+}
+
+struct StoreCase {
+  const char* name;
+  std::vector<int> sizes;  // rows per group (0: empty expert)
+  int trailing;            // rows after the last group (owned by none)
+  int n, k;
+  int ldc_pad;             // ldc = n + ldc_pad
+  bool bias, weights, weight_after_down;
+};
+
+// axis M, kEpiStore: B KN (b_nk = false, forward down) or NK (b_nk = true, dgrad).
+void run_store_case(bool bf16, bool b_nk, const StoreCase& sc, uint64_t salt) {
+  INFO("case " << sc.name << (b_nk ? " (B NK)" : " (B KN)") << (bf16 ? " bf16" : " f16"));
+  auto rng = moekit::test::make_rng(salt);
+  const int G = static_cast<int>(sc.sizes.size());
+  const std::vector<int32_t> off = offsets_of(sc.sizes);
+  const int64_t R = off.back() + sc.trailing;
+  const int64_t ldc = sc.n + sc.ldc_pad;
+  DeviceBuffer offsets = DeviceBuffer::from(off);
+  DeviceBuffer a = random_device(bf16, rng, static_cast<size_t>(R * sc.k), -1.0f, 1.0f);
+  DeviceBuffer b = random_device(bf16, rng, static_cast<size_t>(G) * sc.k * sc.n, -1.0f, 1.0f);
+  DeviceBuffer bias = random_device(bf16, rng, static_cast<size_t>(G) * sc.n, -0.5f, 0.5f);
+  const std::vector<float> pw = moekit::test::uniform(rng, static_cast<size_t>(R), 0.0f, 1.0f);
+  DeviceBuffer weights = DeviceBuffer::from(pw);
+  DeviceBuffer out0(static_cast<size_t>(R * ldc) * sizeof(uint16_t)), out1(out0.bytes()), out2(out0.bytes());
+
+  kx::GroupedGemmProblem p{};
+  p.axis = kx::kAxisM;
+  p.num_groups = G;
+  p.offsets = offsets.get<int32_t>();
+  p.max_rows = R;
+  p.n = sc.n;
+  p.k = sc.k;
+  p.a = a.get();
+  p.lda = sc.k;
+  p.b = b.get();
+  p.ldb = b_nk ? sc.k : sc.n;
+  p.b_group_stride = static_cast<int64_t>(sc.k) * sc.n;
+  p.b_nk = b_nk ? 1 : 0;
+  p.gate_up_half = 0;
+  p.splits = 1;
+  REQUIRE(k90::takes(p, kx::kEpiStore));
+
+  kx::EpilogueParams ep{};
+  ep.ldc = ldc;
+  ep.bias = sc.bias ? bias.get() : nullptr;
+  ep.bias_group_stride = sc.n;
+  ep.row_weights = sc.weights ? weights.get<float>() : nullptr;
+  ep.weight_after_down = sc.weight_after_down ? 1 : 0;
+
+  DeviceBuffer* outs[3] = {&out0, &out1, &out2};
+  const bool tma[3] = {false, true, true};
+  for (int i = 0; i < 3; ++i) {
+    outs[i]->poison(kPoison);
+    ep.c = outs[i]->get();
+    if (tma[i]) REQUIRE(k90::tma_store_takes(p, kx::kEpiStore, ep));
+    REQUIRE(shim::launch_store(bf16, p, ep, tma[i]) == cudaSuccess);
+    REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  }
+  const std::vector<uint16_t> h0 = out0.to_host<uint16_t>(), h1 = out1.to_host<uint16_t>(),
+                              h2 = out2.to_host<uint16_t>();
+  require_written(bf16, h0, off, sc.n, ldc);
+  // Rows of no group and the padding columns [n, ldc) still hold the poison in the TMA output.
+  int64_t touched = 0;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < ldc; ++c)
+      touched += (r >= off.back() || c >= sc.n) && h1[static_cast<size_t>(r * ldc + c)] != 0xffffu ? 1 : 0;
+  REQUIRE(touched == 0);
+  REQUIRE(std::memcmp(h0.data(), h1.data(), h0.size() * sizeof(uint16_t)) == 0);  // TMA store == register-direct
+  REQUIRE(std::memcmp(h1.data(), h2.data(), h1.size() * sizeof(uint16_t)) == 0);  // and repeats its bits
+}
+
+const std::vector<StoreCase>& store_cases() {
+  static const std::vector<StoreCase> cases = [] {
+    std::vector<StoreCase> v;
+    // Straddling tiles, empty experts, groups shorter than a warpgroup (63, 1), exactly one
+    // warpgroup (64) or tile (128), one row past (65, 129), trailing rows, column tail 328 = 256
+    // + 72 (tile 1: boxes at 256 and 320, the latter 8 columns wide; 384, 448 not issued), ldc > N.
+    v.push_back({"straddle", {300, 0, 1, 63, 64, 65, 0, 127, 128, 129, 700, 0}, 5, 328, 192, 8, false, false, false});
+    v.push_back({"bias+weights after down", {300, 0, 1, 63, 64, 65, 0, 127, 128, 129, 700, 0}, 5, 328, 192, 8, true,
+                 true, true});
+    v.push_back({"bias+weights before down", {257, 0, 191, 192, 193, 0, 640}, 3, 200, 64, 0, true, true, false});
+    // Many tiles per CTA: ~96 row tiles x 5 column tiles (1032 = 4 x 256 + 8) on 132 SMs.
+    {
+      StoreCase c{"many tiles per CTA", {}, 0, 1032, 128, 0, true, true, true};
+      for (int g = 0; g < 24; ++g) c.sizes.push_back(g % 5 == 3 ? 0 : 384 + 37 * g);
+      v.push_back(c);
+    }
+    // E = 600 > 483: the 3-stage TMA-store instance (most experts empty, a few long ones).
+    {
+      StoreCase c{"3-stage ring, E = 600", {}, 7, 264, 128, 8, true, true, false};
+      for (int g = 0; g < 600; ++g) c.sizes.push_back(g % 97 == 0 ? 150 + g : (g % 13 == 0 ? 64 : 0));
+      v.push_back(c);
+    }
+    return v;
+  }();
+  return cases;
+}
+
+TEST_CASE("sm90 TMA-store epilogue: kEpiStore, B KN (forward down), bit for bit", "[gpu][sm90][epilogue]") {
+  require_sm90();
+  uint64_t salt = 0x5101;
+  for (const StoreCase& c : store_cases()) {
+    run_store_case(true, false, c, salt++);
+    run_store_case(false, false, c, salt++);
+  }
+}
+
+TEST_CASE("sm90 TMA-store epilogue: kEpiStore, B NK (dgrad), bit for bit", "[gpu][sm90][epilogue]") {
+  require_sm90();
+  uint64_t salt = 0x5201;
+  for (const StoreCase& c : store_cases()) {
+    run_store_case(true, true, c, salt++);
+    run_store_case(false, true, c, salt++);
+  }
+}
+
+TEST_CASE("sm90 TMA-store epilogue: the ring depth follows the groups", "[gpu][sm90][epilogue]") {
+  require_sm90();
+  int optin = 0;
+  REQUIRE(shim::smem_optin(&optin) == cudaSuccess);
+  REQUIRE(k90::tma_store_stages(0, static_cast<size_t>(optin)) == 4);
+  REQUIRE(k90::tma_store_stages(128, static_cast<size_t>(optin)) == 4);
+  REQUIRE(k90::tma_store_stages(600, static_cast<size_t>(optin)) == 3);
+}
+
+struct WgradCase {
+  const char* name;
+  std::vector<int> sizes;
+  int m, n;
+};
+
+void run_wgrad_case(bool bf16, const WgradCase& wc, uint64_t salt) {
+  INFO("wgrad case " << wc.name << (bf16 ? " bf16" : " f16"));
+  auto rng = moekit::test::make_rng(salt);
+  const int G = static_cast<int>(wc.sizes.size());
+  const std::vector<int32_t> off = offsets_of(wc.sizes);
+  const int64_t R = off.back() > 0 ? off.back() : 1;
+  DeviceBuffer offsets = DeviceBuffer::from(off);
+  DeviceBuffer x = random_device(bf16, rng, static_cast<size_t>(R) * wc.m, -1.0f, 1.0f);
+  DeviceBuffer y = random_device(bf16, rng, static_cast<size_t>(R) * wc.n, -1.0f, 1.0f);
+  const size_t elems = static_cast<size_t>(G) * wc.m * wc.n;
+  DeviceBuffer out0(elems * sizeof(uint16_t)), out1(out0.bytes()), out2(out0.bytes());
+
+  kx::GroupedGemmProblem p{};
+  p.axis = kx::kAxisK;
+  p.num_groups = G;
+  p.offsets = offsets.get<int32_t>();
+  p.max_rows = R;
+  p.m = wc.m;
+  p.n = wc.n;
+  p.a = x.get();
+  p.lda = wc.m;
+  p.b = y.get();
+  p.ldb = wc.n;
+  p.splits = 1;
+  REQUIRE(k90::takes(p, kx::kEpiWgrad));
+
+  kx::EpilogueParams ep{};
+  DeviceBuffer* outs[3] = {&out0, &out1, &out2};
+  const bool tma[3] = {false, true, true};
+  for (int i = 0; i < 3; ++i) {
+    outs[i]->poison(kPoison);
+    ep.c = outs[i]->get();
+    if (tma[i]) REQUIRE(k90::tma_store_takes(p, kx::kEpiWgrad, ep));
+    REQUIRE(shim::launch_wgrad(bf16, p, ep, tma[i]) == cudaSuccess);
+    REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  }
+  const std::vector<uint16_t> h0 = out0.to_host<uint16_t>(), h1 = out1.to_host<uint16_t>(),
+                              h2 = out2.to_host<uint16_t>();
+  int64_t unwritten = 0, nonzero_empty = 0;
+  for (int g = 0; g < G; ++g)
+    for (size_t i = 0; i < static_cast<size_t>(wc.m) * wc.n; ++i) {
+      const float v = bits_to_float(bf16, h1[static_cast<size_t>(g) * wc.m * wc.n + i]);
+      unwritten += std::isnan(v) ? 1 : 0;
+      nonzero_empty += wc.sizes[g] == 0 && v != 0.0f ? 1 : 0;  // an empty expert's gradient is 0
+    }
+  REQUIRE(unwritten == 0);
+  REQUIRE(nonzero_empty == 0);
+  REQUIRE(std::memcmp(h0.data(), h1.data(), elems * sizeof(uint16_t)) == 0);
+  REQUIRE(std::memcmp(h1.data(), h2.data(), elems * sizeof(uint16_t)) == 0);
+}
+
+TEST_CASE("sm90 TMA-store epilogue: weight gradients (splits = 1), bit for bit", "[gpu][sm90][epilogue]") {
+  require_sm90();
+  // m tail 200 = 128 + 72 (m tile 1: warpgroup 0 rows 128..191, warpgroup 1 rows 192..199 of a
+  // box of 64: clipped at M, not written into the next group), n tail 328, k tails (rows not a
+  // multiple of 64), empty experts (zero gradients through the TMA store).
+  const std::vector<WgradCase> cases = {
+      {"m/n/k tails, empty experts", {100, 0, 64, 1, 0, 333, 129}, 200, 328},
+      {"dsv3-like tile mix, many tiles per CTA", {512, 0, 700, 256, 64, 0, 1000, 130}, 520, 1032},
+      {"one group, narrow", {77}, 64, 8},
+  };
+  uint64_t salt = 0x5301;
+  for (const WgradCase& c : cases) {
+    run_wgrad_case(true, c, salt++);
+    run_wgrad_case(false, c, salt++);
+  }
+}
+
+}  // namespace
