@@ -30,7 +30,7 @@
 #pragma once
 
 #include "kernels/router/common.cuh"
-#include "kernels/router/grid.cuh"
+#include "kernels/common/grid.hpp"
 #include "kernels/router/launch.hpp"
 #include "kernels/router/thread_select.hpp"
 #include "kernels/router/tuning.hpp"
