@@ -949,9 +949,39 @@ struct ForwardKernelEnv {
   ForwardKernelEnv& operator=(const ForwardKernelEnv&) = delete;
 };
 
+// Whether the thread forward covers this call: its staged rows, candidates and group table must
+// fit the block's budget, which the f32 rows of the widest grouped shapes (E = 512, G = 32) exceed.
+bool thread_fits(const moekit_router_config_t& c, moekit_dtype_t dtype) {
+  namespace kr = moekit::kernels::router;
+  const int elem = static_cast<int>(moekit_dtype_size(dtype));
+  return kr::thread_layout(c.num_experts, elem, c.num_groups, c.top_k).bytes <= kr::kThreadSmemBudget;
+}
+
+// thread-only on a call the thread forward does not cover: UNSUPPORTED, naming the setting, and
+// every output (poisoned first) as it was.
+void check_thread_refused(const ForwardSetup& s, const DeviceInputs& in) {
+  const int E = s.config.num_experts, K = s.config.top_k;
+  DeviceBuffer w(4 * s.T * K), idx(4 * s.T * K), load(4 * E), S(4 * E), N(4);
+  for (DeviceBuffer* b : {&w, &idx, &load, &S, &N}) b->poison();
+  size_t bytes = 0;
+  MOEKIT_REQUIRE_OK(moekit_router_forward_workspace_size(&s.config, s.T, &bytes));
+  DeviceBuffer ws(bytes);
+  REQUIRE(call_forward(s, in, w, idx, load, S, N, ws, nullptr) == MOEKIT_STATUS_UNSUPPORTED);
+  CHECK(has_text_in_last_error("thread-only"));
+  CUDA_REQUIRE(cudaDeviceSynchronize());
+  for (DeviceBuffer* b : {&w, &idx, &load, &S, &N}) CHECK(still_poisoned(*b));
+}
+
+// Thread forward against the fast forward, bit for bit; where the thread forward does not fit,
+// thread-only must refuse the call with UNSUPPORTED and leave the outputs as they were.
 void check_thread_forward(ForwardSetup s, bool against_reference = true) {
   s.stats = false;
   const DeviceInputs in = upload(s);
+  if (!thread_fits(s.config, s.dtype)) {
+    ForwardKernelEnv env("thread-only");
+    check_thread_refused(s, in);
+    return;
+  }
   const ForwardOut a = [&] {
     ForwardKernelEnv env("old");
     return run_forward(s, in);
@@ -1105,7 +1135,7 @@ TEST_CASE("thread forward equals the fast forward bit for bit (ties, NaN, infini
       check_thread_forward(s, /*against_reference=*/false);
       // all-equal rows (pattern 0; positive selection values, so kept groups beat 0-masking too):
       // experts 0..K-1 in order
-      {
+      if (thread_fits(c, dtype)) {
         ForwardKernelEnv env("thread-only");
         const DeviceInputs in = upload(s);
         ForwardSetup plain = s;
