@@ -85,7 +85,12 @@ if has sanitize; then
     for ((i = 0; i < shards; ++i)); do
       shard_args=()
       label=""
-      if [ "$shards" -gt 1 ]; then shard_args=(--shard-count "$shards" --shard-index "$i"); label=" $((i + 1))/$shards"; fi
+      # a filter with fewer test cases than shards (layer racecheck: one [race] case) leaves a
+      # shard empty, which Catch2 counts as a failure unless told otherwise
+      if [ "$shards" -gt 1 ]; then
+        shard_args=(--shard-count "$shards" --shard-index "$i" --allow-running-no-tests)
+        label=" $((i + 1))/$shards"
+      fi
       launch "memcheck $fam$label" timeout -k 10 "$SANITIZE_TIMEOUT" compute-sanitizer --tool memcheck --error-exitcode 99 \
         --leak-check no "$bin" "${SANITIZE_FILTER:-~[large]}" "${shard_args[@]}"
       launch "racecheck $fam$label" timeout -k 10 "$SANITIZE_TIMEOUT" compute-sanitizer --tool racecheck --error-exitcode 99 \
