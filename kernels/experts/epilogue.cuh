@@ -99,37 +99,65 @@ struct EpilogueRow {
     return bias ? to_float(bias[col]) : 0.0f;
   }
 
-  // ---- kEpiGateUp, concatenated: h columns i, i + 1 ----
-  __device__ __forceinline__ void gate_up_pair2(int i, float g0, float g1, float v0, float v1) const {
-    const int I = ep.inter;
+  // ---- kEpiGateUp / kEpiRelu2 values: one definition for the register-direct stores below and
+  // the TMA-store epilogue of grouped_gemm_sm90.cuh, so both round the same expressions to T ----
+  struct GateUp2 {
+    float g0, g1, v0, v1;  // biased gate and up of h columns i, i + 1
+  };
+  __device__ __forceinline__ float h_scale() const { return ep.weight_after_down ? 1.0f : p; }
+  __device__ __forceinline__ GateUp2 gate_up_biased2(int i, float g0, float g1, float v0, float v1) const {
     if (bias) {
       const float2 bg = load_pair(bias + i);
-      const float2 bv = load_pair(bias + I + i);
+      const float2 bv = load_pair(bias + ep.inter + i);
       g0 += bg.x; g1 += bg.y; v0 += bv.x; v1 += bv.y;
     }
+    return GateUp2{g0, g1, v0, v1};
+  }
+  __device__ __forceinline__ float2 gate_up_h2(const GateUp2& x) const {
+    const float s = h_scale();
+    return make_float2(act_gated(ep.act, x.g0, x.v0) * s, act_gated(ep.act, x.g1, x.v1) * s);
+  }
+  // Interleaved: biased (gate, up) of h column i (u columns 2 i, 2 i + 1), and its h value.
+  __device__ __forceinline__ float2 gate_up_biased1(int i, float g, float v) const {
+    if (bias) {
+      const float2 b = load_pair(bias + 2 * i);
+      g += b.x; v += b.y;
+    }
+    return make_float2(g, v);
+  }
+  __device__ __forceinline__ float gate_up_h1(float2 gv) const { return act_gated(ep.act, gv.x, gv.y) * h_scale(); }
+  // kEpiRelu2: biased u of columns c, c + 1, and their h values.
+  __device__ __forceinline__ float2 relu2_biased(int c, float a0, float a1) const {
+    if (bias) {
+      const float2 b = load_pair(bias + c);
+      a0 += b.x; a1 += b.y;
+    }
+    return make_float2(a0, a1);
+  }
+  __device__ __forceinline__ float2 relu2_h(float2 a) const {
+    const float s = h_scale();
+    return make_float2(act_relu2(a.x) * s, act_relu2(a.y) * s);
+  }
+
+  // ---- kEpiGateUp, concatenated: h columns i, i + 1 ----
+  __device__ __forceinline__ void gate_up_pair2(int i, float g0, float g1, float v0, float v1) const {
+    const GateUp2 x = gate_up_biased2(i, g0, g1, v0, v1);
     if (ep.u) {
       T* u = static_cast<T*>(ep.u) + row * ep.ldu;
-      store_pair(u + i, g0, g1);
-      store_pair(u + I + i, v0, v1);
+      store_pair(u + i, x.g0, x.g1);
+      store_pair(u + ep.inter + i, x.v0, x.v1);
     }
     if (ep.c) {
-      const float s = ep.weight_after_down ? 1.0f : p;
-      store_pair(static_cast<T*>(ep.c) + row * ep.ldc + i, act_gated(ep.act, g0, v0) * s,
-                 act_gated(ep.act, g1, v1) * s);
+      const float2 o = gate_up_h2(x);
+      store_pair(static_cast<T*>(ep.c) + row * ep.ldc + i, o.x, o.y);
     }
   }
 
   // ---- kEpiGateUp, interleaved: h column i from u columns 2i (gate), 2i + 1 (up) ----
   __device__ __forceinline__ void gate_up_pair1(int i, float g, float v) const {
-    if (bias) {
-      const float2 b = load_pair(bias + 2 * i);
-      g += b.x; v += b.y;
-    }
-    if (ep.u) store_pair(static_cast<T*>(ep.u) + row * ep.ldu + 2 * i, g, v);
-    if (ep.c) {
-      const float s = ep.weight_after_down ? 1.0f : p;
-      static_cast<T*>(ep.c)[row * ep.ldc + i] = from_float<T>(act_gated(ep.act, g, v) * s);
-    }
+    const float2 gv = gate_up_biased1(i, g, v);
+    if (ep.u) store_pair(static_cast<T*>(ep.u) + row * ep.ldu + 2 * i, gv.x, gv.y);
+    if (ep.c) static_cast<T*>(ep.c)[row * ep.ldc + i] = from_float<T>(gate_up_h1(gv));
   }
 
   // ---- kEpiBwdAct, split in two so a kernel can issue the loads of several column pairs before
@@ -235,14 +263,11 @@ struct EpilogueRow {
   template <int kKind>
   __device__ __forceinline__ float plain_pair(int c, float a0, float a1) const {
     if constexpr (kKind == kEpiRelu2) {
-      if (bias) {
-        const float2 b = load_pair(bias + c);
-        a0 += b.x; a1 += b.y;
-      }
-      if (ep.u) store_pair(static_cast<T*>(ep.u) + row * ep.ldu + c, a0, a1);
+      const float2 a = relu2_biased(c, a0, a1);
+      if (ep.u) store_pair(static_cast<T*>(ep.u) + row * ep.ldu + c, a.x, a.y);
       if (ep.c) {
-        const float s = ep.weight_after_down ? 1.0f : p;
-        store_pair(static_cast<T*>(ep.c) + row * ep.ldc + c, act_relu2(a0) * s, act_relu2(a1) * s);
+        const float2 o = relu2_h(a);
+        store_pair(static_cast<T*>(ep.c) + row * ep.ldc + c, o.x, o.y);
       }
       return 0.0f;
     } else if constexpr (kKind == kEpiStore) {

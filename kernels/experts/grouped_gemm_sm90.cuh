@@ -269,6 +269,44 @@ __device__ __forceinline__ void tma_store_3d(const CUtensorMap* map, uint32_t sr
                "r"(src), "r"(c0), "r"(c1), "r"(c2)
                : "memory");
 }
+__device__ __forceinline__ void st_shared_b16(uint32_t addr, uint16_t v) {
+  asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(addr), "h"(v) : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+// v, which the compiler may not treat as a value known before this point (keeps addresses that do
+// not change from tile to tile from being hoisted out of the tile loop into registers that would
+// then stay live across the k loop next to the 128 accumulators).
+__device__ __forceinline__ uint32_t opaque_u32(uint32_t v) {
+  asm volatile("mov.b32 %0, %1;\n" : "=r"(v) : "r"(v));
+  return v;
+}
+// threadIdx.x read at this point (an asm volatile: not merged with earlier reads, so nothing
+// derived from it is kept live from before).
+__device__ __forceinline__ uint32_t tid_x_here() {
+  uint32_t v;
+  asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(v));
+  return v;
+}
+__device__ __forceinline__ uint64_t opaque_u64(uint64_t v) {
+  asm volatile("mov.b64 %0, %1;\n" : "=l"(v) : "l"(v));
+  return v;
+}
+// One value rounded to T (as from_float does) as its raw bits.
+template <class T>
+__device__ __forceinline__ uint16_t pack_one_bits(float a) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(a));
+  } else {
+    return __half_as_ushort(__float2half_rn(a));
+  }
+}
 __device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 // Until every committed bulk group of this thread has finished reading shared memory.
 __device__ __forceinline__ void bulk_wait_group_read0() {
@@ -335,9 +373,11 @@ struct GroupedGemmSm90 {
                 "staged epilogue: kEpiBwdAct only, 3 or 4 stages");
   // kStoreStages > 0 (kEpiStore only): the TMA-store epilogue (tma_store_tile) with its staging
   // regions and a ring of kStoreStages (4, or 3 where the prefix of many groups leaves no room).
+  // kEpiGateUp / kEpiRelu2 (B KN) likewise: epilogue_gate_up_tma (MOEKIT_SM90_TMA_STORE_GATE_UP).
   static constexpr bool kTmaSt = kStoreStages > 0;
-  static_assert(!kTmaSt || (kKind == kEpiStore && !kStaged && (kStoreStages == 3 || kStoreStages == 4)),
-                "TMA-store epilogue: kEpiStore only, 3 or 4 stages");
+  static_assert(!kTmaSt || ((kKind == kEpiStore || (!kBNK && (kKind == kEpiGateUp || kKind == kEpiRelu2))) &&
+                            !kStaged && (kStoreStages == 3 || kStoreStages == 4)),
+                "TMA-store epilogue: kEpiStore, kEpiGateUp, kEpiRelu2 only, 3 or 4 stages");
   using Smem = typename std::conditional<
       kStaged, SmemLayoutBwdAct<kStaged ? kStagedStages : 4>,
       typename std::conditional<kTmaSt, SmemLayoutTmaStore<kTmaSt ? kStoreStages : 4>, SmemLayout>::type>::type;
@@ -827,9 +867,223 @@ struct GroupedGemmSm90 {
                       StoreBox{tma_c, t.n0, prob.n, static_cast<int>(t.row0) + 64 * c});
   }
 
+  // ---- kEpiGateUp / kEpiRelu2, TMA stores (kTmaSt; MOEKIT_SM90_TMA_STORE_GATE_UP) ----
+  // Phases of 128 output columns through the warpgroup's staging region (grouped_gemm_sm90.hpp
+  // lists them per layout; h last, so the accumulators die during the last phase). Per phase: the
+  // elected thread (ctid 0, the only one that commits bulk groups) waits until the region's
+  // previous bulk group has been read, barrier, every thread writes its fragment values as T (the
+  // values of EpilogueRow's gate_up_* / relu2_* functions, which the register-direct epilogue
+  // stores, rounded the same way; columns past the output's end as zeros), fence.proxy.async,
+  // barrier. Then a warpgroup whose 64 rows all lie in the group has the elected thread issue the
+  // phase's two boxes (a box starting at or past the output's columns is not issued, the other
+  // clips there) and commit one bulk group; a group's tail warpgroup (1 .. 63 rows) copies its
+  // valid rows out of the region by thread, 16 bytes at a time (columns, offsets and strides are
+  // multiples of 8 elements: tma_store_gate_up_takes), and the next phase's first barrier orders
+  // those shared loads before the region is rewritten. The last phase's bulk group drains while
+  // the warpgroup runs the next tile's k loop.
+  struct GuOut {
+    const CUtensorMap* map;
+    T* base;     // the output: h (ep.c) or u (ep.u)
+    int64_t ld;  // its row stride
+    int col0;    // first column of the phase (tensor-map column coordinate)
+    int half;    // concatenated u: 0 gate, 1 up (3D map {I, 2, R}); -1: a 2D map {cols, R}
+    int cols;    // columns of the output (of one half for the 3D map)
+  };
+  template <class Write>
+  static __device__ __forceinline__ void gu_phase(uint32_t region, uint32_t bar, int ctid, int64_t row0, int rows,
+                                                  const GuOut& o, Write&& write) {
+    if (o.col0 >= o.cols) return;  // tile-uniform: no column of this phase is in the output
+    if (ctid == 0) bulk_wait_group_read0();
+    bar_sync_named(bar, Cfg::kWarpgroupThreads);
+    write();
+    fence_proxy_async_smem();
+    bar_sync_named(bar, Cfg::kWarpgroupThreads);
+    if (rows >= kTmaStoreRows) {
+      if (ctid == 0) {
+#pragma unroll
+        for (int b = 0; b < 2; ++b) {
+          const int col = o.col0 + Cfg::kBoxCols * b;
+          const uint32_t src = region + static_cast<uint32_t>(b) * kTmaStoreBoxBytes;
+          if (col < o.cols) {
+            if (o.half < 0)
+              tma_store_2d(o.map, src, col, static_cast<int>(row0));
+            else
+              tma_store_3d(o.map, src, col, o.half, static_cast<int>(row0));
+          }
+        }
+        bulk_commit_group();
+      }
+    } else {
+      // Thread ctid copies 16-byte chunk ch = ctid % 16 of the phase's 128 columns (box ch / 8)
+      // of rows r = ctid / 16 + 8 k < rows: every such row has r % 8 = ctid / 16 % 8, so the
+      // swizzled chunk stays put and the shared address steps by 8 rows (1024 bytes).
+      const int ch = ctid & 15, rb = ctid >> 4;
+      if (o.col0 + 8 * ch < o.cols) {
+        const int64_t ld = static_cast<int64_t>(opaque_u64(static_cast<uint64_t>(o.ld)));
+        T* dst = reinterpret_cast<T*>(opaque_u64(reinterpret_cast<uint64_t>(o.base))) +
+                 (o.half > 0 ? static_cast<int64_t>(o.half) * o.cols : 0) + o.col0 + 8 * ch + (row0 + rb) * ld;
+        const int64_t step = 8 * ld;
+        uint32_t src = region + static_cast<uint32_t>(ch >> 3) * kTmaStoreBoxBytes +
+                       static_cast<uint32_t>(rb * 128 + (((ch & 7) ^ (rb & 7)) << 4));
+#pragma unroll 1
+        for (int r = rb; r < rows; r += 8, src += 8u * 128u, dst += step)
+          *reinterpret_cast<uint4*>(dst) = ld_shared_v4(src);
+      }
+    }
+  }
+
+  static __device__ __forceinline__ void epilogue_gate_up_tma(const TileInfo& t, const GroupedGemmProblem& prob,
+                                                              const EpilogueParams& ep, const float (&d)[128],
+                                                              const CUtensorMap* tma_c, const CUtensorMap* tma_u,
+                                                              uint32_t smem_in) {
+    // Everything below that does not change from tile to tile is derived here, per tile, from
+    // opaque values (opaque_u32, tid_x_here): hoisted out of the tile loop it would hold registers
+    // across the k loop next to the 128 accumulators (ptxas spilled them there).
+    const uint32_t tid = tid_x_here();
+    const int c = static_cast<int>(tid / Cfg::kWarpgroupThreads) - 1;  // consumer warpgroup 0, 1
+    const int ctid = static_cast<int>(tid % Cfg::kWarpgroupThreads);
+    const int rows = t.rows_valid - 64 * c;  // of this warpgroup's 64 rows, those in the group
+    if (rows <= 0) return;                   // warpgroup-uniform: nothing to store
+    const uint32_t smem = opaque_u32(smem_in);
+    const int warp = ctid >> 5, lane = ctid & 31, q = lane & 3;
+    const int lr = 16 * warp + (lane >> 2);  // the thread's warpgroup rows lr, lr + 8
+    const int64_t row0 = t.row0 + 64 * c;
+    const T* bias = ep.bias ? static_cast<const T*>(ep.bias) + t.group * ep.bias_group_stride : nullptr;
+    // Rows past the group are staged (never stored) with weight 1: no read past the group's rows.
+    const float p0 = ep.row_weights && lr < rows ? ep.row_weights[row0 + lr] : 1.0f;
+    const float p1 = ep.row_weights && lr + 8 < rows ? ep.row_weights[row0 + lr + 8] : 1.0f;
+    const EpilogueRow<T> er[2] = {{ep, bias, row0 + lr, p0}, {ep, bias, row0 + lr + 8, p1}};
+    const uint32_t region = smem + Smem::kStaging + static_cast<uint32_t>(c) * kTmaStoreRegionBytes;
+    const uint32_t bar = kTmaStoreBarrier0 + static_cast<uint32_t>(c);
+    // Staging address of the thread's row lr + 8 h, phase column col (tma_store_offset): rows lr
+    // and lr + 8 share r % 8 = lr % 8, so with base_h = region + 128 (lr + 8 h) + 16 (lr % 8)
+    // (bits 4-6 hold lr % 8: region and 128-byte rows leave them clear) the swizzled chunk is one
+    // XOR with a constant per store: chunk (col % 64) / 8 ^ lr % 8. Columns 8 j + 2 q (pairs) and
+    // 4 j + q (interleaved h) keep their byte offset inside the chunk: + 4 q, + 2 q (+ 8 (j % 2)).
+    const uint32_t base0 = region + static_cast<uint32_t>(128 * lr + 16 * (lr & 7));
+    const uint32_t base1 = base0 + 128u * 8u;
+    auto at = [&](int h, int col) {  // col: a compile-time constant after unrolling, less its q part
+      const uint32_t chunk = static_cast<uint32_t>((col & 63) >> 3);
+      return ((h ? opaque_u32(base1) : opaque_u32(base0)) ^ (chunk << 4)) + static_cast<uint32_t>(col >> 6) * kTmaStoreBoxBytes +
+             static_cast<uint32_t>((col & 7) * 2);
+    };
+    const uint32_t qb4 = 4u * static_cast<uint32_t>(q), qb2 = 2u * static_cast<uint32_t>(q);
+    T* const hout = static_cast<T*>(ep.c);
+    T* const uout = static_cast<T*>(ep.u);
+    const int N = prob.n;
+    if constexpr (kKind == kEpiGateUp) {
+      if (prob.gate_up_half > 0) {
+        // Concatenated: chunk j < 16 holds gate columns i, i + 1 (i = n0 / 2 + 8 j + 2 q), chunk
+        // j + 16 their up columns; phase column 8 j + 2 q.
+        const int I = prob.gate_up_half;
+        const int i0 = t.n0 / 2;
+        if (uout) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half)
+            gu_phase(region, bar, ctid, row0, rows, GuOut{tma_u, uout, ep.ldu, i0, half, I}, [&] {
+#pragma unroll
+              for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int j = 0; j < 16; ++j) {
+                  const int i = paired_h_column(t.n0, j, q);
+                  if (i < I) {
+                    const auto x = er[h].gate_up_biased2(i, d[4 * j + 2 * h], d[4 * j + 2 * h + 1],
+                                                         d[4 * (j + 16) + 2 * h], d[4 * (j + 16) + 2 * h + 1]);
+                    st_shared_b32(at(h, 8 * j) + qb4,
+                                  half == 0 ? pack_pair_bits<T>(x.g0, x.g1) : pack_pair_bits<T>(x.v0, x.v1));
+                  }
+                }
+            });
+        }
+        gu_phase(region, bar, ctid, row0, rows, GuOut{tma_c, hout, ep.ldc, i0, -1, I}, [&] {
+#pragma unroll
+          for (int jh = 0; jh < 32; ++jh) {  // chunk j = jh / 2 of both rows, then j + 1
+            const int j = jh >> 1, h = jh & 1;
+            const int i = paired_h_column(t.n0, j, q);
+            if (i < I) {
+              const float2 o = er[h].gate_up_h2(er[h].gate_up_biased2(
+                  i, d[4 * j + 2 * h], d[4 * j + 2 * h + 1], d[4 * (j + 16) + 2 * h], d[4 * (j + 16) + 2 * h + 1]));
+              st_shared_b32(at(h, 8 * j) + qb4, pack_pair_bits<T>(o.x, o.y));
+            }
+          }
+        });
+      } else {
+        // Interleaved: accumulator pair (v, v + 1), v = n0 + 8 j + 2 q, is (gate, up) of h column
+        // v / 2 (phase column 4 j + q of h, one element) and u columns v, v + 1.
+        if (uout) {
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf)
+            gu_phase(region, bar, ctid, row0, rows, GuOut{tma_u, uout, ep.ldu, t.n0 + kTmaStoreCols * hf, -1, N},
+                     [&] {
+#pragma unroll
+                       for (int h = 0; h < 2; ++h)
+#pragma unroll
+                         for (int jj = 0; jj < 16; ++jj) {
+                           const int j = 16 * hf + jj;
+                           const int v = plain_column(t.n0, j, q);
+                           if (v < N) {
+                             const float2 gv = er[h].gate_up_biased1(v >> 1, d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+                             st_shared_b32(at(h, 8 * jj) + qb4, pack_pair_bits<T>(gv.x, gv.y));
+                           }
+                         }
+                     });
+        }
+        gu_phase(region, bar, ctid, row0, rows, GuOut{tma_c, hout, ep.ldc, t.n0 / 2, -1, N / 2}, [&] {
+#pragma unroll
+          for (int j = 0; j < 32; ++j)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int v = plain_column(t.n0, j, q);
+              if (v < N) {
+                st_shared_b16(at(h, 4 * j) + qb2,
+                              pack_one_bits<T>(er[h].gate_up_h1(
+                                  er[h].gate_up_biased1(v >> 1, d[4 * j + 2 * h], d[4 * j + 2 * h + 1]))));
+              }
+            }
+        });
+      }
+    } else {
+      static_assert(kKind == kEpiRelu2, "gate-up TMA-store epilogue: kEpiGateUp or kEpiRelu2");
+      // relu2: accumulator pair (c, c + 1), c = n0 + 8 j + 2 q: phase hf = j / 16, column 8 (j % 16) + 2 q.
+      if (uout) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+          gu_phase(region, bar, ctid, row0, rows, GuOut{tma_u, uout, ep.ldu, t.n0 + kTmaStoreCols * hf, -1, N}, [&] {
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+              for (int jj = 0; jj < 16; ++jj) {
+                const int j = 16 * hf + jj;
+                const int col = plain_column(t.n0, j, q);
+                if (col < N) {
+                  const float2 a = er[h].relu2_biased(col, d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+                  st_shared_b32(at(h, 8 * jj) + qb4, pack_pair_bits<T>(a.x, a.y));
+                }
+              }
+          });
+      }
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+        gu_phase(region, bar, ctid, row0, rows, GuOut{tma_c, hout, ep.ldc, t.n0 + kTmaStoreCols * hf, -1, N}, [&] {
+#pragma unroll
+          for (int jj = 0; jj < 16; ++jj)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int j = 16 * hf + jj;
+              const int col = plain_column(t.n0, j, q);
+              if (col < N) {
+                const float2 o = er[h].relu2_h(er[h].relu2_biased(col, d[4 * j + 2 * h], d[4 * j + 2 * h + 1]));
+                st_shared_b32(at(h, 8 * jj) + qb4, pack_pair_bits<T>(o.x, o.y));
+              }
+            }
+        });
+    }
+  }
+
   // A consumer warpgroup (c = 0, 1): rows [64 c, 64 c + 64) of every tile.
   static __device__ __forceinline__ void consumer(const GroupedGemmProblem& prob, const EpilogueParams& ep,
-                                                  const CUtensorMap* tma_c, const RowTileSchedule& sched,
+                                                  const CUtensorMap* tma_c, const CUtensorMap* tma_u,
+                                                  const RowTileSchedule& sched,
                                                   int64_t total, uint32_t smem, int c, int ctid) {
     const int warp = ctid >> 5, lane = ctid & 31;
     const int ktiles = (prob.k + kBK - 1) / kBK;
@@ -869,6 +1123,10 @@ struct GroupedGemmSm90 {
         epilogue_bwd_act_staged(t, prob, ep, d, smem, c, ctid);
       } else if constexpr (kKind == kEpiBwdAct) {
         epilogue_bwd_act(t, prob, ep, d, 64 * c + 16 * warp + (lane >> 2), lane);
+      } else if constexpr (kTmaSt && kKind != kEpiStore) {
+        // Tail warpgroups included (they copy their rows out of the staging region): this
+        // instance holds no register-direct epilogue.
+        epilogue_gate_up_tma(t, prob, ep, d, tma_c, tma_u, smem);
       } else if constexpr (kTmaSt) {
         // A warpgroup with rows past its group's end (the group's last row tile) stores
         // register-direct: a box would write them into the next group's rows (warpgroup-uniform).
@@ -888,8 +1146,9 @@ struct GroupedGemmSm90 {
   }
 
   static __device__ __forceinline__ void run(const CUtensorMap* tma_a, const CUtensorMap* tma_b,
-                                             const CUtensorMap* tma_c, const GroupedGemmProblem& prob,
-                                             const EpilogueParams& ep, unsigned char* smem_raw) {
+                                             const CUtensorMap* tma_c, const CUtensorMap* tma_u,
+                                             const GroupedGemmProblem& prob, const EpilogueParams& ep,
+                                             unsigned char* smem_raw) {
     // Swizzled tiles start on 1024-byte atoms: round the dynamic shared memory up (bytes() keeps
     // kAlign bytes of slack for it).
     const uint32_t raw = smem_u32(smem_raw);
@@ -919,21 +1178,26 @@ struct GroupedGemmSm90 {
     } else {
       setmaxnreg_inc<Cfg::kConsumerRegs>();
       if constexpr (kTmaSt) {
-        if (tid == Cfg::kWarpgroupThreads || tid == 2 * Cfg::kWarpgroupThreads) prefetch_tensor_map(tma_c);
+        if (tid == Cfg::kWarpgroupThreads || tid == 2 * Cfg::kWarpgroupThreads) {
+          prefetch_tensor_map(tma_c);
+          if (kKind != kEpiStore && ep.u != nullptr) prefetch_tensor_map(tma_u);
+        }
       }
-      consumer(prob, ep, tma_c, sched, total, smem, wg - 1, tid - wg * Cfg::kWarpgroupThreads);
+      consumer(prob, ep, tma_c, tma_u, sched, total, smem, wg - 1, tid - wg * Cfg::kWarpgroupThreads);
     }
   }
 };
 
-// tma_c: the output's tensor map of the TMA-store instances (kStoreStages > 0; unused otherwise).
+// tma_c: the output's tensor map of the TMA-store instances (kStoreStages > 0; unused otherwise;
+// the gate-up kinds' h); tma_u: the gate-up kinds' u (TMA-store instances with ep.u only).
 template <class T, bool kBNK, int kKind, int kStagedStages, int kStoreStages>
 __global__ void __launch_bounds__(TileConfig::kThreads, 1)
     grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_b,
-                             const __grid_constant__ CUtensorMap tma_c, const GroupedGemmProblem prob,
-                             const EpilogueParams ep) {
+                             const __grid_constant__ CUtensorMap tma_c, const __grid_constant__ CUtensorMap tma_u,
+                             const GroupedGemmProblem prob, const EpilogueParams ep) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  GroupedGemmSm90<T, kBNK, kKind, kStagedStages, kStoreStages>::run(&tma_a, &tma_b, &tma_c, prob, ep, smem_raw);
+  GroupedGemmSm90<T, kBNK, kKind, kStagedStages, kStoreStages>::run(&tma_a, &tma_b, &tma_c, &tma_u, prob, ep,
+                                                                    smem_raw);
 }
 
 // ---- Weight gradients (axis K) -------------------------------------------------------------------
@@ -1231,16 +1495,24 @@ cudaError_t launch(const GroupedGemmProblem& prob, const EpilogueParams& ep, cud
                               : tma_spec_b_kn(prob.num_groups, prob.k, prob.n, prob.ldb, prob.b_group_stride,
                                               prob.gate_up_half);
   if ((err = encode_tensor_map(&map_b, kBf16, spec_b, prob.b)) != cudaSuccess) return err;
-  CUtensorMap map_c{};
+  CUtensorMap map_c{}, map_u{};
   if constexpr (kStoreStages > 0) {
-    if ((err = encode_tensor_map(&map_c, kBf16, tma_spec_store_rows(prob.max_rows, prob.n, ep.ldc), ep.c)) !=
-        cudaSuccess)
-      return err;
+    if constexpr (kKind == kEpiStore) {
+      err = encode_tensor_map(&map_c, kBf16, tma_spec_store_rows(prob.max_rows, prob.n, ep.ldc), ep.c);
+    } else {  // the gate-up kinds (callers check tma_store_gate_up_takes): h, and u when asked
+      err = encode_tensor_map(&map_c, kBf16,
+                              tma_spec_store_rows(prob.max_rows, gate_up_h_cols(prob, static_cast<EpiKind>(kKind)),
+                                                  ep.ldc),
+                              ep.c);
+      if (err == cudaSuccess && ep.u != nullptr)
+        err = encode_tensor_map(&map_u, kBf16, tma_spec_store_u(prob, ep.ldu), ep.u);
+    }
+    if (err != cudaSuccess) return err;
   }
   const size_t smem = GroupedGemmSm90<T, kBNK, kKind, kStagedStages, kStoreStages>::Smem::bytes(prob.num_groups);
   if ((err = ensure_dynamic_smem(kernel, smem)) != cudaSuccess) return err;
   const int32_t grid = resident_grid(kernel, Cfg::kThreads, smem, max_tiles);  // one CTA per SM
-  kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_a, map_b, map_c, prob, ep);
+  kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_a, map_b, map_c, map_u, prob, ep);
   return cudaPeekAtLastError();
 }
 

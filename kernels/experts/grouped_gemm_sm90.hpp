@@ -380,6 +380,69 @@ inline bool tma_store_takes(const GroupedGemmProblem& p, EpiKind kind, const Epi
          tma_spec_valid(tma_spec_store_rows(p.max_rows, p.n, ep.ldc));
 }
 
+// ---- The gate-up forward epilogue through TMA stores (MOEKIT_SM90_TMA_STORE_GATE_UP) ----
+// kEpiGateUp / kEpiRelu2 of axis M: h (ep.c) and, when asked, u (ep.u) staged per consumer
+// warpgroup through the same [64][128] regions as the kEpiStore TMA-store epilogue, 128 columns
+// (one region, two boxes) per phase: concatenated u gate, u up, h (h columns n0 / 2 + [0, 128));
+// interleaved u 0..127, u 128..255, h (one h element per accumulator pair); relu2 u 0..127,
+// u 128..255, h 0..127, h 128..255 (u phases only with ep.u; h last, so the accumulators die in
+// the last phase). A warpgroup whose 64 rows all lie inside the tile's group stores each phase
+// with TMA (boxes clip at the output's columns); a group's tail warpgroup copies its valid rows
+// out of the staged region by thread (16-byte shared loads and global stores) instead, so the
+// kernel holds no second (register-direct) copy of the epilogue. Off by default until the GPU
+// tests (tests/experts/test_experts_sm90_epilogue) have compared it bit for bit with the
+// register-direct stores: -Dcuda_args=-DMOEKIT_SM90_TMA_STORE_GATE_UP=1 turns it on.
+#ifndef MOEKIT_SM90_TMA_STORE_GATE_UP
+#define MOEKIT_SM90_TMA_STORE_GATE_UP 0
+#endif
+constexpr bool kTmaStoreGateUp = MOEKIT_SM90_TMA_STORE_GATE_UP != 0;
+
+// Columns of h of a gate-up forward problem: I (concatenated), N / 2 (interleaved), N (relu2).
+inline int gate_up_h_cols(const GroupedGemmProblem& p, EpiKind kind) {
+  if (kind == kEpiRelu2) return p.n;
+  return p.gate_up_half > 0 ? p.gate_up_half : p.n / 2;
+}
+
+// The u output of the TMA-store gate-up epilogue: concatenated u [R][2 I] as {I, 2, R} (gate half
+// 0, up half 1: a box clips at its own half's end, never writing into the other half), box
+// [64 rows][1][64 cols]; otherwise u [R][N] as tma_spec_store_rows.
+inline TmaSpec tma_spec_store_u(const GroupedGemmProblem& p, int64_t ldu) {
+  if (p.gate_up_half <= 0) return tma_spec_store_rows(p.max_rows, p.n, ldu);
+  TmaSpec s;
+  s.rank = 3;
+  s.dims[0] = static_cast<uint64_t>(p.gate_up_half);
+  s.dims[1] = 2;
+  s.dims[2] = static_cast<uint64_t>(p.max_rows);
+  s.strides[0] = static_cast<uint64_t>(p.gate_up_half) * TileConfig::kElemBytes;
+  s.strides[1] = static_cast<uint64_t>(ldu) * TileConfig::kElemBytes;
+  s.box[0] = TileConfig::kBoxCols;
+  s.box[1] = 1;
+  s.box[2] = kTmaStoreRows;
+  return s;
+}
+
+// Whether the TMA-store gate-up epilogue can write this problem's outputs (sm90::takes holds):
+// kEpiGateUp / kEpiRelu2 of axis M with h (ep.c) present, h and u 16-byte aligned with row
+// strides multiples of 8 elements, and every output's column count (h: gate_up_h_cols, u: N, or
+// I per half) a multiple of 8, so the tail warpgroups' 16-byte copies never straddle the end of a
+// row's columns. Independent of kTmaStoreGateUp (the tests run both epilogues in one binary).
+inline bool tma_store_gate_up_takes(const GroupedGemmProblem& p, EpiKind kind, const EpilogueParams& ep) {
+  if (kind != kEpiGateUp && kind != kEpiRelu2) return false;
+  if (p.axis != kAxisM || p.b_nk || p.max_rows < 1 || p.n < 1) return false;
+  if (kind == kEpiRelu2 && p.gate_up_half > 0) return false;
+  if (p.gate_up_half > 0 && p.n != 2 * p.gate_up_half) return false;
+  if (ep.c == nullptr || (reinterpret_cast<uintptr_t>(ep.c) & 15) != 0 || ep.ldc <= 0 || (ep.ldc & 7) != 0)
+    return false;
+  const int hc = gate_up_h_cols(p, kind);
+  if (hc < 8 || (hc & 7) != 0 || (p.n & 7) != 0 || ep.ldc < hc) return false;
+  if (!tma_spec_valid(tma_spec_store_rows(p.max_rows, hc, ep.ldc))) return false;
+  if (ep.u != nullptr) {
+    if ((reinterpret_cast<uintptr_t>(ep.u) & 15) != 0 || ep.ldu < p.n || (ep.ldu & 7) != 0) return false;
+    if (!tma_spec_valid(tma_spec_store_u(p, ep.ldu))) return false;
+  }
+  return true;
+}
+
 // Whether the sm_90a kernels take this problem with this epilogue: axis M with B KN and the
 // forward epilogues or B NK with kEpiStore / kEpiBwdAct, and axis K with kEpiWgrad while kWgrad
 // is on (one switch, so a GPU failure of that kernel alone can send the weight gradients back to

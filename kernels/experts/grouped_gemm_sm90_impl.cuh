@@ -34,6 +34,25 @@ cudaError_t launch_store(const GroupedGemmProblem& p, const EpilogueParams& ep, 
   return launch<T, kBNK, kEpiStore>(p, ep, stream);
 }
 
+// kEpiGateUp / kEpiRelu2 (forward, B KN) with the TMA-store gate-up epilogue where `tma` asks for
+// it, tma_store_gate_up_takes the problem and a ring fits (4 stages, else 3), else the
+// register-direct epilogue. The library's launchers instantiate the TMA-store kernels only while
+// kTmaStoreGateUp is on; the epilogue tests and bench instantiate both and pick at run time.
+template <class T, int kKind, bool kWithTma>
+cudaError_t launch_gate_up(const GroupedGemmProblem& p, const EpilogueParams& ep, cudaStream_t stream, bool tma) {
+  static_assert(kKind == kEpiGateUp || kKind == kEpiRelu2, "gate-up kinds only");
+  if constexpr (kWithTma) {
+    if (tma && tma_store_gate_up_takes(p, static_cast<EpiKind>(kKind), ep)) {
+      int optin = 0;
+      if (const cudaError_t err = smem_optin(&optin)) return err;
+      const int stages = tma_store_stages(p.num_groups, static_cast<size_t>(optin));
+      if (stages == 4) return launch<T, false, kKind, 0, 4>(p, ep, stream);
+      if (stages == 3) return launch<T, false, kKind, 0, 3>(p, ep, stream);
+    }
+  }
+  return launch<T, false, kKind>(p, ep, stream);
+}
+
 // The weight gradients, as launch_store (wgrad has no prefix: the 4-stage ring always fits 227 KB).
 template <class T, bool kWithTma>
 cudaError_t launch_wgrad_store(const GroupedGemmProblem& p, const EpilogueParams& ep, cudaStream_t stream, bool tma) {
@@ -55,8 +74,8 @@ cudaError_t launch_sm90_forward(const GroupedGemmProblem& p, EpiKind kind, const
                                 cudaStream_t stream) {
   if (p.axis != kAxisM || p.b_nk || !sm90::takes(p, kind)) return cudaErrorInvalidValue;
   switch (kind) {
-    case kEpiGateUp: return sm90::launch<T, false, kEpiGateUp>(p, ep, stream);
-    case kEpiRelu2: return sm90::launch<T, false, kEpiRelu2>(p, ep, stream);
+    case kEpiGateUp: return sm90::launch_gate_up<T, kEpiGateUp, sm90::kTmaStoreGateUp>(p, ep, stream, true);
+    case kEpiRelu2: return sm90::launch_gate_up<T, kEpiRelu2, sm90::kTmaStoreGateUp>(p, ep, stream, true);
     case kEpiStore: return sm90::launch_store<T, false, sm90::kTmaStore>(p, ep, stream, true);
     default: return cudaErrorInvalidValue;
   }

@@ -1,5 +1,6 @@
 // The sm_90a kernels of the TMA-store epilogue tests (experts_sm90_epilogue_test.cpp), instantiated
-// here with both epilogues whatever MOEKIT_SM90_TMA_STORE says (the launchers' kWithTma = true),
+// here with both epilogues whatever MOEKIT_SM90_TMA_STORE / MOEKIT_SM90_TMA_STORE_GATE_UP say (the
+// launchers' kWithTma = true),
 // so one binary compares them. Built with the sm_90a target only (tests/experts/meson.build).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -26,6 +27,19 @@ cudaError_t launch_wgrad(bool bf16, const kx::GroupedGemmProblem& p, const kx::E
   if (!kx::sm90::takes(p, kx::kEpiWgrad)) return cudaErrorInvalidValue;
   return bf16 ? kx::sm90::launch_wgrad_store<__nv_bfloat16, true>(p, ep, nullptr, tma)
               : kx::sm90::launch_wgrad_store<__half, true>(p, ep, nullptr, tma);
+}
+
+// Forward gate-up kinds (kEpiGateUp, kEpiRelu2; B KN), register-direct (tma = false) or the
+// TMA-store gate-up epilogue (tma = true, where tma_store_gate_up_takes the problem).
+cudaError_t launch_gate_up(bool bf16, const kx::GroupedGemmProblem& p, kx::EpiKind kind, const kx::EpilogueParams& ep,
+                           bool tma) {
+  if (p.b_nk || (kind != kx::kEpiGateUp && kind != kx::kEpiRelu2) || !kx::sm90::takes(p, kind))
+    return cudaErrorInvalidValue;
+  if (kind == kx::kEpiGateUp)
+    return bf16 ? kx::sm90::launch_gate_up<__nv_bfloat16, kx::kEpiGateUp, true>(p, ep, nullptr, tma)
+                : kx::sm90::launch_gate_up<__half, kx::kEpiGateUp, true>(p, ep, nullptr, tma);
+  return bf16 ? kx::sm90::launch_gate_up<__nv_bfloat16, kx::kEpiRelu2, true>(p, ep, nullptr, tma)
+              : kx::sm90::launch_gate_up<__half, kx::kEpiRelu2, true>(p, ep, nullptr, tma);
 }
 
 // The device's opt-in shared memory per block.
