@@ -1,7 +1,9 @@
 // A/B timing of the SM90 grouped GEMM's TMA-store epilogue (MOEKIT_SM90_TMA_STORE) against the
 // register-direct stores, in one binary and one process, on the kernels it changes: the forward
-// down projection (kEpiStore, B KN), dx = du W_gu^T (kEpiStore, B NK) and the two weight
-// gradients (kEpiWgrad, splits = 1). Both epilogues come from
+// down projection (kEpiStore, B KN), dx = du W_gu^T (kEpiStore, B NK), the two weight
+// gradients (kEpiWgrad, splits = 1), and the forward gate-up GEMM with the gate-up TMA-store
+// epilogue (MOEKIT_SM90_TMA_STORE_GATE_UP): SwiGLU (concatenated gate/up) and relu2, h alone and
+// h with u (the u a training forward saves), weights before down. Both epilogues come from
 // tests/experts/experts_sm90_epilogue_launch.cu (the kernels instantiated there, whatever the
 // library's default); tests/experts/experts_sm90_epilogue_test.cpp checks that they write the
 // same bits. Balanced rows (R / E per expert); inputs are a constant bit pattern (timing only).
@@ -21,6 +23,8 @@ cudaError_t launch_store(bool bf16, const kernels::experts::GroupedGemmProblem& 
                          const kernels::experts::EpilogueParams& ep, bool tma);
 cudaError_t launch_wgrad(bool bf16, const kernels::experts::GroupedGemmProblem& p,
                          const kernels::experts::EpilogueParams& ep, bool tma);
+cudaError_t launch_gate_up(bool bf16, const kernels::experts::GroupedGemmProblem& p, kernels::experts::EpiKind kind,
+                           const kernels::experts::EpilogueParams& ep, bool tma);
 }  // namespace moekit::test::sm90_epilogue
 
 namespace {
@@ -98,7 +102,7 @@ int main(int argc, char** argv) {
   check(cudaGetDeviceProperties(&prop, device), "props");
   std::string out = "{\"device\": \"" + std::string(prop.name) + "\", \"results\": [\n";
   bool first = true;
-  std::printf("%-10s %-12s %10s %10s %8s %8s %7s\n", "shape", "kernel", "reg us", "tma us", "reg TF", "tma TF",
+  std::printf("%-10s %-16s %10s %10s %8s %8s %7s\n", "shape", "kernel", "reg us", "tma us", "reg TF", "tma TF",
               "tma/reg");
   for (const Shape& s : presets) {
     if (preset != "all" && preset != s.name) continue;
@@ -114,6 +118,7 @@ int main(int argc, char** argv) {
     Buf wgu(static_cast<size_t>(E) * H * 2 * I * eb), wd(static_cast<size_t>(E) * I * H * eb);
     Buf dwd(static_cast<size_t>(E) * I * H * eb), dwgu(static_cast<size_t>(E) * H * 2 * I * eb);
     Buf pw(R * 4);
+    Buf uout(R * 2 * I * eb), hout(R * I * eb), wr2(static_cast<size_t>(E) * H * I * eb);
 
     struct Run {
       const char* kernel;
@@ -121,8 +126,40 @@ int main(int argc, char** argv) {
       kx::EpilogueParams ep;
       bool wgrad;
       double flops;
+      kx::EpiKind kind = kx::kEpiStore;
     };
     std::vector<Run> runs;
+    // Forward gate-up: u = x W_gu (B KN [E][H][N]), h = act(u) p (weights before down); SwiGLU with
+    // the concatenated gate/up layout (N = 2 I) or relu2 (N = I); h alone or h and u.
+    for (int relu2 = 0; relu2 < 2; ++relu2)
+      for (int with_u = 0; with_u < 2; ++with_u) {
+        static const char* names[2][2] = {{"fwd-gu-swiglu-h", "fwd-gu-swiglu-hu"}, {"fwd-relu2-h", "fwd-relu2-hu"}};
+        const int N = relu2 ? I : 2 * I;
+        Run r{names[relu2][with_u], {}, {}, false, 2.0 * R * H * N};
+        r.kind = relu2 ? kx::kEpiRelu2 : kx::kEpiGateUp;
+        r.p.axis = kx::kAxisM;
+        r.p.num_groups = E;
+        r.p.offsets = d_off;
+        r.p.max_rows = R;
+        r.p.n = N;
+        r.p.k = H;
+        r.p.a = x.p;
+        r.p.lda = H;
+        r.p.b = relu2 ? wr2.p : wgu.p;
+        r.p.ldb = N;
+        r.p.b_group_stride = static_cast<int64_t>(H) * N;
+        r.p.gate_up_half = relu2 ? 0 : I;
+        r.p.splits = 1;
+        r.ep.c = hout.p;
+        r.ep.ldc = I;
+        r.ep.u = with_u ? uout.p : nullptr;
+        r.ep.ldu = N;
+        r.ep.row_weights = static_cast<const float*>(pw.p);
+        r.ep.weight_after_down = 0;
+        r.ep.act = kx::ActParams{relu2 ? kx::kActRelu2 : kx::kActSwiglu, 1.702f, 0.0f};
+        r.ep.inter = I;
+        runs.push_back(r);
+      }
     {  // forward down: y = h W_down (B KN [E][I][H]), weights after down
       Run r{"fwd-down", {}, {}, false, 2.0 * R * I * H};
       r.p.axis = kx::kAxisM;
@@ -195,17 +232,23 @@ int main(int argc, char** argv) {
       runs.push_back(r);
     }
     for (const Run& r : runs) {
-      if (!kx::sm90::tma_store_takes(r.p, r.wgrad ? kx::kEpiWgrad : kx::kEpiStore, r.ep)) {
-        std::printf("%-10s %-12s the TMA-store epilogue does not take it\n", s.name, r.kernel);
+      const bool gate_up = r.kind == kx::kEpiGateUp || r.kind == kx::kEpiRelu2;
+      const bool takes = gate_up ? kx::sm90::tma_store_gate_up_takes(r.p, r.kind, r.ep)
+                                 : kx::sm90::tma_store_takes(r.p, r.wgrad ? kx::kEpiWgrad : kx::kEpiStore, r.ep);
+      if (!takes) {
+        std::printf("%-10s %-16s the TMA-store epilogue does not take it\n", s.name, r.kernel);
         continue;
       }
       double us[2];
       for (int tma = 0; tma < 2; ++tma)
         us[tma] = time_us(
-            [&] { return r.wgrad ? shim::launch_wgrad(true, r.p, r.ep, tma) : shim::launch_store(true, r.p, r.ep, tma); },
+            [&] {
+              if (gate_up) return shim::launch_gate_up(true, r.p, r.kind, r.ep, tma);
+              return r.wgrad ? shim::launch_wgrad(true, r.p, r.ep, tma) : shim::launch_store(true, r.p, r.ep, tma);
+            },
             iters);
       const double tf0 = r.flops / us[0] * 1e-6, tf1 = r.flops / us[1] * 1e-6;
-      std::printf("%-10s %-12s %10.1f %10.1f %8.1f %8.1f %7.3f\n", s.name, r.kernel, us[0], us[1], tf0, tf1,
+      std::printf("%-10s %-16s %10.1f %10.1f %8.1f %8.1f %7.3f\n", s.name, r.kernel, us[0], us[1], tf0, tf1,
                   us[0] / us[1]);
       char line[512];
       std::snprintf(line, sizeof(line),

@@ -923,8 +923,7 @@ struct GroupedGemmSm90 {
         T* dst = reinterpret_cast<T*>(opaque_u64(reinterpret_cast<uint64_t>(o.base))) +
                  (o.half > 0 ? static_cast<int64_t>(o.half) * o.cols : 0) + o.col0 + 8 * ch + (row0 + rb) * ld;
         const int64_t step = 8 * ld;
-        uint32_t src = region + static_cast<uint32_t>(ch >> 3) * kTmaStoreBoxBytes +
-                       static_cast<uint32_t>(rb * 128 + (((ch & 7) ^ (rb & 7)) << 4));
+        uint32_t src = region + tma_store_chunk_offset(static_cast<uint32_t>(rb), static_cast<uint32_t>(ch));
 #pragma unroll 1
         for (int r = rb; r < rows; r += 8, src += 8u * 128u, dst += step)
           *reinterpret_cast<uint4*>(dst) = ld_shared_v4(src);
@@ -955,17 +954,14 @@ struct GroupedGemmSm90 {
     const EpilogueRow<T> er[2] = {{ep, bias, row0 + lr, p0}, {ep, bias, row0 + lr + 8, p1}};
     const uint32_t region = smem + Smem::kStaging + static_cast<uint32_t>(c) * kTmaStoreRegionBytes;
     const uint32_t bar = kTmaStoreBarrier0 + static_cast<uint32_t>(c);
-    // Staging address of the thread's row lr + 8 h, phase column col (tma_store_offset): rows lr
-    // and lr + 8 share r % 8 = lr % 8, so with base_h = region + 128 (lr + 8 h) + 16 (lr % 8)
-    // (bits 4-6 hold lr % 8: region and 128-byte rows leave them clear) the swizzled chunk is one
-    // XOR with a constant per store: chunk (col % 64) / 8 ^ lr % 8. Columns 8 j + 2 q (pairs) and
-    // 4 j + q (interleaved h) keep their byte offset inside the chunk: + 4 q, + 2 q (+ 8 (j % 2)).
-    const uint32_t base0 = region + static_cast<uint32_t>(128 * lr + 16 * (lr & 7));
+    // Staging address of the thread's row lr + 8 h, phase column col (= tma_store_offset, see
+    // tma_store_col_offset): the XOR leaves the 1024-byte-aligned region's bits alone, so it may
+    // apply to region + row base; rows lr and lr + 8 are 1024 bytes apart. Columns 8 j + 2 q
+    // (pairs) and 4 j + q (interleaved h) add their byte inside the chunk, 4 q or 2 q, after it.
+    const uint32_t base0 = region + tma_store_row_base(static_cast<uint32_t>(lr));
     const uint32_t base1 = base0 + 128u * 8u;
-    auto at = [&](int h, int col) {  // col: a compile-time constant after unrolling, less its q part
-      const uint32_t chunk = static_cast<uint32_t>((col & 63) >> 3);
-      return ((h ? opaque_u32(base1) : opaque_u32(base0)) ^ (chunk << 4)) + static_cast<uint32_t>(col >> 6) * kTmaStoreBoxBytes +
-             static_cast<uint32_t>((col & 7) * 2);
+    auto at = [&](int h, int col) {  // col: a compile-time constant after unrolling
+      return tma_store_col_offset(h ? opaque_u32(base1) : opaque_u32(base0), static_cast<uint32_t>(col));
     };
     const uint32_t qb4 = 4u * static_cast<uint32_t>(q), qb2 = 2u * static_cast<uint32_t>(q);
     T* const hout = static_cast<T*>(ep.c);

@@ -365,6 +365,20 @@ __host__ __device__ constexpr uint32_t tma_store_offset(uint32_t r, uint32_t col
   return (col >> 6) * kTmaStoreBoxBytes + r * 128 + (((((col & 63) * 2) >> 4) ^ (r & 7)) << 4) + (((col & 63) * 2) & 15);
 }
 
+// The same offsets as the gate-up TMA-store epilogue computes them (the CPU tests check both
+// against tma_store_offset). Fragment stores: rows r and r + 8 share r % 8, so from a row base
+// with r % 8 in bits 4-6 (tma_store_row_base) every column's swizzled 16-byte chunk is one XOR
+// with a constant, (col % 64) / 8, plus the box and the byte inside the chunk
+// (tma_store_col_offset). Tail copies: 16-byte chunk ch (0 .. 15) of row r
+// (tma_store_chunk_offset), 1024 bytes apart for rows 8 apart.
+__host__ __device__ constexpr uint32_t tma_store_row_base(uint32_t r) { return 128 * r + 16 * (r & 7); }
+__host__ __device__ constexpr uint32_t tma_store_col_offset(uint32_t row_base, uint32_t col) {
+  return (row_base ^ (((col & 63) >> 3) << 4)) + (col >> 6) * kTmaStoreBoxBytes + (col & 7) * 2;
+}
+__host__ __device__ constexpr uint32_t tma_store_chunk_offset(uint32_t r, uint32_t ch) {
+  return (ch >> 3) * kTmaStoreBoxBytes + r * 128 + (((ch & 7) ^ (r & 7)) << 4);
+}
+
 // Whether the TMA-store epilogue can write this problem's output (sm90::takes holds): kEpiStore
 // of axis M (forward down projection, dgrad of the down projection) with a 16-byte-aligned C and
 // ldc a multiple of 8 elements, or kEpiWgrad without row splits (the fp32 split partials keep

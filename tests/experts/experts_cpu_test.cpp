@@ -1420,6 +1420,126 @@ TEST_CASE("sm90 TMA-store epilogue takes kEpiStore with aligned C and unsplit wg
   REQUIRE(!s90::tma_store_takes(p, kx::kEpiWgrad, ep));
 }
 
+TEST_CASE("sm90 gate-up TMA-store epilogue: staging offsets, output maps, what it takes", "[experts][sm90]") {
+  namespace kx = moekit::kernels::experts;
+  // The epilogue's XOR form of the staging offsets is tma_store_offset: pair columns 8 j + 2 q,
+  // single columns (interleaved h) 4 j + q; rows lr and lr + 8 are 1024 bytes apart.
+  for (uint32_t r = 0; r < 64; ++r) {
+    if (r < 56) REQUIRE(s90::tma_store_row_base(r + 8) == s90::tma_store_row_base(r) + 1024);
+    for (uint32_t col = 0; col < 128; ++col) {
+      const uint32_t base = s90::tma_store_row_base(r);
+      // Pairs: column 8 j + 2 q = col with q = (col % 8) / 2, col even.
+      if (col % 2 == 0)
+        REQUIRE(s90::tma_store_col_offset(base, col - col % 8) + 2 * (col % 8) == s90::tma_store_offset(r, col));
+      // Interleaved h: column 4 j + q = col with q = col % 4.
+      REQUIRE(s90::tma_store_col_offset(base, col - col % 4) + 2 * (col % 4) == s90::tma_store_offset(r, col));
+      // And with a 1024-aligned region added before the XOR.
+      REQUIRE(s90::tma_store_col_offset(3 * 16384 + base, col - col % 4) + 2 * (col % 4) ==
+              3 * 16384 + s90::tma_store_offset(r, col));
+    }
+    for (uint32_t ch = 0; ch < 16; ++ch) {
+      REQUIRE(s90::tma_store_chunk_offset(r, ch) == s90::tma_store_offset(r, 8 * ch));
+      if (r < 56) REQUIRE(s90::tma_store_chunk_offset(r + 8, ch) == s90::tma_store_chunk_offset(r, ch) + 1024);
+    }
+  }
+  // Interleaved h fragment writes (2-byte elements 4 j + q of rows 16 warp + lane / 4 + 8 h):
+  // every element of the region once, no two lanes of a warp in the same bank at different words.
+  std::vector<int> seen(s90::kTmaStoreRegionBytes / 2, 0);
+  for (int warp = 0; warp < 4; ++warp)
+    for (int h = 0; h < 2; ++h)
+      for (int j = 0; j < 32; ++j) {
+        std::map<uint32_t, std::set<uint32_t>> words_of_bank;
+        for (int lane = 0; lane < 32; ++lane) {
+          const uint32_t r = 16 * warp + lane / 4 + 8 * h, col = 4 * j + lane % 4;
+          const uint32_t off = s90::tma_store_offset(r, col);
+          ++seen[off / 2];
+          words_of_bank[(off / 4) % 32].insert(off / 4);
+        }
+        for (const auto& kv : words_of_bank) REQUIRE(kv.second.size() == 1);
+      }
+  for (int v : seen) REQUIRE(v == 1);
+
+  // Output maps: h [R][I] rows of ldc; concatenated u as {I, 2, R} (each half clips at I), else
+  // [R][N] rows of ldu.
+  kx::GroupedGemmProblem p{};
+  p.axis = kx::kAxisM;
+  p.num_groups = 4;
+  p.max_rows = 1000;
+  p.k = 192;
+  p.splits = 1;
+  p.n = 400;
+  p.gate_up_half = 200;
+  REQUIRE(s90::gate_up_h_cols(p, kx::kEpiGateUp) == 200);
+  const s90::TmaSpec u = s90::tma_spec_store_u(p, 408);
+  REQUIRE(u.rank == 3);
+  REQUIRE(u.dims[0] == 200);
+  REQUIRE(u.dims[1] == 2);
+  REQUIRE(u.dims[2] == 1000);
+  REQUIRE(u.strides[0] == 200 * 2);
+  REQUIRE(u.strides[1] == 408 * 2);
+  REQUIRE(u.box[0] == 64);
+  REQUIRE(u.box[1] == 1);
+  REQUIRE(u.box[2] == 64);
+  REQUIRE(s90::tma_spec_valid(u));
+  p.gate_up_half = 0;  // interleaved: h has N / 2 columns, u is [R][N]
+  REQUIRE(s90::gate_up_h_cols(p, kx::kEpiGateUp) == 200);
+  REQUIRE(s90::gate_up_h_cols(p, kx::kEpiRelu2) == 400);
+  const s90::TmaSpec ui = s90::tma_spec_store_u(p, 408);
+  REQUIRE(ui.rank == 2);
+  REQUIRE(ui.dims[0] == 400);
+  REQUIRE(ui.strides[0] == 408 * 2);
+  REQUIRE(s90::tma_spec_valid(ui));
+
+  alignas(16) static unsigned char hbuf[64], ubuf[64];
+  kx::EpilogueParams ep{};
+  ep.c = hbuf;
+  ep.ldc = 200;
+  p.gate_up_half = 200;
+  REQUIRE(s90::tma_store_gate_up_takes(p, kx::kEpiGateUp, ep));
+  REQUIRE(!s90::tma_store_gate_up_takes(p, kx::kEpiRelu2, ep));  // relu2 has no pairing
+  REQUIRE(!s90::tma_store_gate_up_takes(p, kx::kEpiStore, ep));
+  REQUIRE(!s90::tma_store_gate_up_takes(p, kx::kEpiBwdAct, ep));
+  ep.u = ubuf;
+  ep.ldu = 400;
+  REQUIRE(s90::tma_store_gate_up_takes(p, kx::kEpiGateUp, ep));
+  ep.ldu = 396;  // u rows overlap
+  REQUIRE(!s90::tma_store_gate_up_takes(p, kx::kEpiGateUp, ep));
+  ep.ldu = 404;  // not a multiple of 8 elements
+  REQUIRE(!s90::tma_store_gate_up_takes(p, kx::kEpiGateUp, ep));
+  ep.ldu = 400;
+  ep.u = ubuf + 8;  // 8-byte aligned only
+  REQUIRE(!s90::tma_store_gate_up_takes(p, kx::kEpiGateUp, ep));
+  ep.u = ubuf;
+  ep.c = nullptr;  // u alone: register-direct
+  REQUIRE(!s90::tma_store_gate_up_takes(p, kx::kEpiGateUp, ep));
+  ep.c = hbuf + 4;
+  REQUIRE(!s90::tma_store_gate_up_takes(p, kx::kEpiGateUp, ep));
+  ep.c = hbuf;
+  ep.ldc = 196;  // h rows overlap
+  REQUIRE(!s90::tma_store_gate_up_takes(p, kx::kEpiGateUp, ep));
+  ep.ldc = 204;
+  REQUIRE(!s90::tma_store_gate_up_takes(p, kx::kEpiGateUp, ep));
+  ep.ldc = 208;
+  REQUIRE(s90::tma_store_gate_up_takes(p, kx::kEpiGateUp, ep));
+  p.n = 404;  // pairing needs N = 2 I
+  REQUIRE(!s90::tma_store_gate_up_takes(p, kx::kEpiGateUp, ep));
+  p.n = 408;
+  p.gate_up_half = 204;  // I not a multiple of 8: the tail copies' 16-byte chunks would straddle
+  ep.ldc = 208;
+  ep.ldu = 408;
+  REQUIRE(!s90::tma_store_gate_up_takes(p, kx::kEpiGateUp, ep));
+  p.gate_up_half = 0;  // interleaved N = 408: h has 204 columns
+  REQUIRE(!s90::tma_store_gate_up_takes(p, kx::kEpiGateUp, ep));
+  REQUIRE(s90::tma_store_gate_up_takes(p, kx::kEpiRelu2, ep) == false);  // relu2 h has N = 408 > ldc
+  ep.ldc = 408;
+  REQUIRE(s90::tma_store_gate_up_takes(p, kx::kEpiRelu2, ep));
+  p.b_nk = 1;  // forward only
+  REQUIRE(!s90::tma_store_gate_up_takes(p, kx::kEpiRelu2, ep));
+  p.b_nk = 0;
+  p.axis = kx::kAxisK;
+  REQUIRE(!s90::tma_store_gate_up_takes(p, kx::kEpiRelu2, ep));
+}
+
 TEST_CASE("sm90 wgmma descriptors read exactly what TMA's 128-byte swizzle wrote", "[experts][sm90]") {
   // Shared memory as byte addresses: a stage at 1024-aligned `base`; TMA writes element (row,
   // inner) of a box at swizzled_offset(row, inner) from the box start.

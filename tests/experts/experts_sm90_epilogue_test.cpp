@@ -7,7 +7,10 @@
 // and off); groups that straddle row tiles, empty groups, groups shorter than one warpgroup,
 // trailing rows owned by no group, column tails (N not a multiple of 64 or 256), padded rows
 // (ldc > N), many tiles per CTA, the 3-stage ring (E = 600); the weight gradient (kEpiWgrad,
-// splits = 1) with m and n tails, k tails and empty groups. Both dtypes. Every output byte is
+// splits = 1) with m and n tails, k tails and empty groups; the forward gate-up epilogue
+// (MOEKIT_SM90_TMA_STORE_GATE_UP: kEpiGateUp concatenated and interleaved, kEpiRelu2; h alone and
+// h with u; every activation kind, with and without the clamp) on the same kinds of groups, where
+// group tails are copied out of the staging region by thread. Both dtypes. Every output byte is
 // compared (poisoned first: rows of no group and padding must stay untouched by both), every
 // element a group owns must have been written, and the TMA path must repeat its bits.
 // Exits 77 (SKIP) without a compute capability 9.0 device.
@@ -33,6 +36,8 @@ cudaError_t launch_store(bool bf16, const kernels::experts::GroupedGemmProblem& 
                          const kernels::experts::EpilogueParams& ep, bool tma);
 cudaError_t launch_wgrad(bool bf16, const kernels::experts::GroupedGemmProblem& p,
                          const kernels::experts::EpilogueParams& ep, bool tma);
+cudaError_t launch_gate_up(bool bf16, const kernels::experts::GroupedGemmProblem& p, kernels::experts::EpiKind kind,
+                           const kernels::experts::EpilogueParams& ep, bool tma);
 cudaError_t smem_optin(int* optin);
 }  // namespace moekit::test::sm90_epilogue
 
@@ -215,6 +220,179 @@ TEST_CASE("sm90 TMA-store epilogue: the ring depth follows the groups", "[gpu][s
   REQUIRE(k90::tma_store_stages(0, static_cast<size_t>(optin)) == 4);
   REQUIRE(k90::tma_store_stages(128, static_cast<size_t>(optin)) == 4);
   REQUIRE(k90::tma_store_stages(600, static_cast<size_t>(optin)) == 3);
+}
+
+// ---- The forward gate-up epilogue (kEpiGateUp / kEpiRelu2) ----
+enum class GuLayout { kConcat, kInterleaved, kRelu2 };
+
+const char* layout_name(GuLayout l) {
+  return l == GuLayout::kConcat ? "concatenated" : (l == GuLayout::kInterleaved ? "interleaved" : "relu2");
+}
+
+struct GateUpCase {
+  const char* name;
+  std::vector<int> sizes;  // rows per group (0: empty expert)
+  int trailing;            // rows after the last group (owned by none)
+  int inter, k;            // I (h columns; relu2: also u's), K
+  int ldc_pad, ldu_pad;    // ldc = I + ldc_pad, ldu = N + ldu_pad
+  bool bias, weights, weight_after_down;
+};
+
+// Rows of no group and the padding columns [cols, ld) of `out` still hold the poison.
+int64_t touched_outside(const std::vector<uint16_t>& out, int64_t R, int64_t rows_owned, int cols, int64_t ld) {
+  int64_t touched = 0;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < ld; ++c)
+      touched += (r >= rows_owned || c >= cols) && out[static_cast<size_t>(r * ld + c)] != 0xffffu ? 1 : 0;
+  return touched;
+}
+
+void run_gate_up_case(bool bf16, GuLayout layout, bool with_u, const kx::ActParams& act, const GateUpCase& gc,
+                      uint64_t salt) {
+  INFO("gate-up case " << gc.name << ", " << layout_name(layout) << (with_u ? ", h and u" : ", h only") << ", act "
+                       << act.kind << " alpha " << act.alpha << " limit " << act.limit << (bf16 ? " bf16" : " f16"));
+  auto rng = moekit::test::make_rng(salt);
+  const int G = static_cast<int>(gc.sizes.size());
+  const std::vector<int32_t> off = offsets_of(gc.sizes);
+  const int64_t R = off.back() + gc.trailing;
+  const int I = gc.inter;
+  const int N = layout == GuLayout::kRelu2 ? I : 2 * I;
+  const int64_t ldc = I + gc.ldc_pad, ldu = N + gc.ldu_pad;
+  const kx::EpiKind kind = layout == GuLayout::kRelu2 ? kx::kEpiRelu2 : kx::kEpiGateUp;
+  DeviceBuffer offsets = DeviceBuffer::from(off);
+  DeviceBuffer a = random_device(bf16, rng, static_cast<size_t>(R * gc.k), -1.0f, 1.0f);
+  DeviceBuffer b = random_device(bf16, rng, static_cast<size_t>(G) * gc.k * N, -0.5f, 0.5f);
+  DeviceBuffer bias = random_device(bf16, rng, static_cast<size_t>(G) * N, -0.5f, 0.5f);
+  const std::vector<float> pw = moekit::test::uniform(rng, static_cast<size_t>(R), 0.0f, 1.0f);
+  DeviceBuffer weights = DeviceBuffer::from(pw);
+  DeviceBuffer h[3] = {DeviceBuffer(static_cast<size_t>(R * ldc) * sizeof(uint16_t)),
+                       DeviceBuffer(static_cast<size_t>(R * ldc) * sizeof(uint16_t)),
+                       DeviceBuffer(static_cast<size_t>(R * ldc) * sizeof(uint16_t))};
+  DeviceBuffer u[3] = {DeviceBuffer(static_cast<size_t>(R * ldu) * sizeof(uint16_t)),
+                       DeviceBuffer(static_cast<size_t>(R * ldu) * sizeof(uint16_t)),
+                       DeviceBuffer(static_cast<size_t>(R * ldu) * sizeof(uint16_t))};
+
+  kx::GroupedGemmProblem p{};
+  p.axis = kx::kAxisM;
+  p.num_groups = G;
+  p.offsets = offsets.get<int32_t>();
+  p.max_rows = R;
+  p.n = N;
+  p.k = gc.k;
+  p.a = a.get();
+  p.lda = gc.k;
+  p.b = b.get();
+  p.ldb = N;
+  p.b_group_stride = static_cast<int64_t>(gc.k) * N;
+  p.b_nk = 0;
+  p.gate_up_half = layout == GuLayout::kConcat ? I : 0;
+  p.splits = 1;
+  REQUIRE(k90::takes(p, kind));
+
+  kx::EpilogueParams ep{};
+  ep.ldc = ldc;
+  ep.ldu = ldu;
+  ep.bias = gc.bias ? bias.get() : nullptr;
+  ep.bias_group_stride = N;
+  ep.row_weights = gc.weights ? weights.get<float>() : nullptr;
+  ep.weight_after_down = gc.weight_after_down ? 1 : 0;
+  ep.act = act;
+  ep.interleaved = layout == GuLayout::kInterleaved ? 1 : 0;
+  ep.inter = I;
+
+  const bool tma[3] = {false, true, true};
+  for (int i = 0; i < 3; ++i) {
+    h[i].poison(kPoison);
+    u[i].poison(kPoison);
+    ep.c = h[i].get();
+    ep.u = with_u ? u[i].get() : nullptr;
+    if (tma[i]) REQUIRE(k90::tma_store_gate_up_takes(p, kind, ep));
+    REQUIRE(shim::launch_gate_up(bf16, p, kind, ep, tma[i]) == cudaSuccess);
+    REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  }
+  std::vector<uint16_t> hh[3], uh[3];
+  for (int i = 0; i < 3; ++i) {
+    hh[i] = h[i].to_host<uint16_t>();
+    uh[i] = u[i].to_host<uint16_t>();
+  }
+  require_written(bf16, hh[0], off, I, ldc);
+  REQUIRE(touched_outside(hh[1], R, off.back(), I, ldc) == 0);
+  REQUIRE(std::memcmp(hh[0].data(), hh[1].data(), hh[0].size() * sizeof(uint16_t)) == 0);  // TMA == register-direct
+  REQUIRE(std::memcmp(hh[1].data(), hh[2].data(), hh[1].size() * sizeof(uint16_t)) == 0);  // and repeats its bits
+  if (with_u) {
+    require_written(bf16, uh[0], off, N, ldu);
+    REQUIRE(touched_outside(uh[1], R, off.back(), N, ldu) == 0);
+    REQUIRE(std::memcmp(uh[0].data(), uh[1].data(), uh[0].size() * sizeof(uint16_t)) == 0);
+    REQUIRE(std::memcmp(uh[1].data(), uh[2].data(), uh[1].size() * sizeof(uint16_t)) == 0);
+  } else {
+    for (int i = 0; i < 3; ++i) REQUIRE(moekit::test::still_poisoned(u[i], kPoison));  // no u asked, none written
+  }
+}
+
+const std::vector<GateUpCase>& gate_up_cases() {
+  static const std::vector<GateUpCase> cases = [] {
+    std::vector<GateUpCase> v;
+    // Straddling tiles, empty experts, groups shorter than a warpgroup (1, 63: tail copies), one
+    // warpgroup (64), one tile (128), one row past (65, 129), trailing rows; I = 200: the second
+    // column tile's h boxes at 128 (full) and 192 (8 columns), relu2's second half at 128.
+    v.push_back({"straddle", {300, 0, 1, 63, 64, 65, 0, 127, 128, 129, 700, 0}, 5, 200, 192, 8, 8, false, false, false});
+    v.push_back({"bias+weights before down", {257, 0, 191, 192, 193, 0, 640}, 3, 264, 64, 0, 16, true, true, false});
+    v.push_back({"bias+weights after down", {300, 0, 1, 63, 64, 65, 0, 127, 128, 129, 700, 0}, 5, 200, 128, 8, 0, true,
+                 true, true});
+    // I = 120: one column tile; relu2's second phase (columns 128..) lies past N and is skipped,
+    // the concatenated h's second box starts at 64 and clips at 120.
+    v.push_back({"narrow", {65, 0, 200, 7}, 2, 120, 64, 0, 8, true, true, false});
+    // Many tiles per CTA: ~96 row tiles x 9 column tiles (2 I = 2064) on 132 SMs.
+    {
+      GateUpCase c{"many tiles per CTA", {}, 0, 1032, 128, 0, 0, true, true, false};
+      for (int g = 0; g < 24; ++g) c.sizes.push_back(g % 5 == 3 ? 0 : 384 + 37 * g);
+      v.push_back(c);
+    }
+    // E = 600 > 483: the 3-stage TMA-store instance.
+    {
+      GateUpCase c{"3-stage ring, E = 600", {}, 7, 136, 128, 8, 8, true, true, false};
+      for (int g = 0; g < 600; ++g) c.sizes.push_back(g % 97 == 0 ? 150 + g : (g % 13 == 0 ? 64 : 0));
+      v.push_back(c);
+    }
+    return v;
+  }();
+  return cases;
+}
+
+void run_gate_up_layout(GuLayout layout, uint64_t salt) {
+  const kx::ActParams gated{kx::kActSwiglu, 1.702f, 0.0f};
+  const kx::ActParams relu2{kx::kActRelu2, 1.702f, 0.0f};
+  const kx::ActParams act = layout == GuLayout::kRelu2 ? relu2 : gated;
+  for (const GateUpCase& c : gate_up_cases())
+    for (int with_u = 0; with_u < 2; ++with_u) {
+      run_gate_up_case(true, layout, with_u != 0, act, c, salt++);
+      run_gate_up_case(false, layout, with_u != 0, act, c, salt++);
+    }
+  if (layout == GuLayout::kRelu2) return;
+  // The other gated kinds and the clamp (the activation is chosen at run time, per element).
+  const kx::ActParams kinds[] = {{kx::kActSwiglu, 1.702f, 0.75f},
+                                 {kx::kActQuickGeglu, 1.702f, 0.75f},
+                                 {kx::kActGeglu, 1.702f, 0.0f},
+                                 {kx::kActSwigluOai, 1.702f, 0.5f}};
+  for (const kx::ActParams& k : kinds) {
+    run_gate_up_case(true, layout, true, k, gate_up_cases()[0], salt++);
+    run_gate_up_case(false, layout, true, k, gate_up_cases()[2], salt++);
+  }
+}
+
+TEST_CASE("sm90 TMA-store epilogue: gate-up forward, concatenated, bit for bit", "[gpu][sm90][epilogue][gate_up]") {
+  require_sm90();
+  run_gate_up_layout(GuLayout::kConcat, 0x5401);
+}
+
+TEST_CASE("sm90 TMA-store epilogue: gate-up forward, interleaved, bit for bit", "[gpu][sm90][epilogue][gate_up]") {
+  require_sm90();
+  run_gate_up_layout(GuLayout::kInterleaved, 0x5501);
+}
+
+TEST_CASE("sm90 TMA-store epilogue: relu2 forward, bit for bit", "[gpu][sm90][epilogue][gate_up]") {
+  require_sm90();
+  run_gate_up_layout(GuLayout::kRelu2, 0x5601);
 }
 
 struct WgradCase {
