@@ -7,10 +7,16 @@
 // tests/experts/experts_sm90_epilogue_launch.cu (the kernels instantiated there, whatever the
 // library's default); tests/experts/experts_sm90_epilogue_test.cpp checks that they write the
 // same bits. Balanced rows (R / E per expert); inputs are a constant bit pattern (timing only).
-//   moekit-bench-sm90-epilogue [--preset=dsv3-ep8|qwen3-30b|mixtral|all] [--iters=20]
+//   moekit-bench-sm90-epilogue [--preset=dsv3-ep8|qwen3-30b|mixtral|all] [--iters=20] [--rounds=4]
+//                              [--kernels=fwd-gu-swiglu-hu,fwd-down,...]
+// Each round times both epilogues back to back (`iters` launches each), the register-direct one
+// first in even rounds and the TMA-store one first in odd rounds, so a clock that drifts under
+// sustained load (which favours whichever runs first) cancels out; the medians over the rounds
+// are reported (a single round's ratio can be off by several per cent on long kernels).
 //                              [--json=bench/results/sm90-epilogue-h200.json]
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -86,6 +92,8 @@ double time_us(F&& launch, int iters) {
 int main(int argc, char** argv) {
   const std::string preset = arg(argc, argv, "preset", "all");
   const int iters = std::atoi(arg(argc, argv, "iters", "20").c_str());
+  const int rounds = std::max(1, std::atoi(arg(argc, argv, "rounds", "4").c_str()));
+  const std::string only = arg(argc, argv, "kernels", "");
   const std::string json = arg(argc, argv, "json", "");
   const std::vector<Shape> presets = {{"dsv3-ep8", 32, 7168, 2048, 32768},
                                       {"qwen3-30b", 128, 2048, 768, 131072},
@@ -239,17 +247,32 @@ int main(int argc, char** argv) {
         std::printf("%-10s %-16s the TMA-store epilogue does not take it\n", s.name, r.kernel);
         continue;
       }
+      if (!only.empty() && ("," + only + ",").find("," + std::string(r.kernel) + ",") == std::string::npos) continue;
+      std::vector<double> samples[2];
+      for (int round = 0; round < rounds; ++round)
+        for (int o = 0; o < 2; ++o) {
+          const int tma = (round & 1) ? 1 - o : o;  // even rounds: register-direct first
+          samples[tma].push_back(time_us(
+              [&] {
+                if (gate_up) return shim::launch_gate_up(true, r.p, r.kind, r.ep, tma != 0);
+                return r.wgrad ? shim::launch_wgrad(true, r.p, r.ep, tma != 0)
+                               : shim::launch_store(true, r.p, r.ep, tma != 0);
+              },
+              iters));
+        }
       double us[2];
-      for (int tma = 0; tma < 2; ++tma)
-        us[tma] = time_us(
-            [&] {
-              if (gate_up) return shim::launch_gate_up(true, r.p, r.kind, r.ep, tma);
-              return r.wgrad ? shim::launch_wgrad(true, r.p, r.ep, tma) : shim::launch_store(true, r.p, r.ep, tma);
-            },
-            iters);
+      std::string spread;
+      for (int v = 0; v < 2; ++v) {
+        std::vector<double> x = samples[v];
+        std::sort(x.begin(), x.end());
+        us[v] = x.size() % 2 ? x[x.size() / 2] : 0.5 * (x[x.size() / 2 - 1] + x[x.size() / 2]);
+        char b[64];
+        std::snprintf(b, sizeof(b), "%s[%.1f, %.1f]", v ? ", " : "", x.front(), x.back());
+        spread += b;
+      }
       const double tf0 = r.flops / us[0] * 1e-6, tf1 = r.flops / us[1] * 1e-6;
-      std::printf("%-10s %-16s %10.1f %10.1f %8.1f %8.1f %7.3f\n", s.name, r.kernel, us[0], us[1], tf0, tf1,
-                  us[0] / us[1]);
+      std::printf("%-10s %-16s %10.1f %10.1f %8.1f %8.1f %7.3f  min/max %s\n", s.name, r.kernel, us[0], us[1], tf0,
+                  tf1, us[0] / us[1], spread.c_str());
       char line[512];
       std::snprintf(line, sizeof(line),
                     "%s  {\"shape\": \"%s\", \"kernel\": \"%s\", \"dtype\": \"bf16\", \"register_us\": %.2f, "
