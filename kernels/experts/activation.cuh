@@ -117,6 +117,19 @@ __host__ __device__ inline float act_gated(const ActParams& p, float g, float v)
   return g * act_sigmoid(z) * (quick ? v + 1.0f : v);
 }
 
+// act_gated with the kind fixed at compile time (kKind >= 0) or read from p (kKind < 0): the same
+// operations in the same order for that kind (the selects fold away), so the same values; a
+// kernel can run SwiGLU without the other kinds' instructions.
+template <int kKind>
+__host__ __device__ inline float act_gated_as(const ActParams& p, float g, float v) {
+  if constexpr (kKind < 0) {
+    return act_gated(p, g, v);
+  } else {
+    const ActParams q{kKind, p.alpha, p.limit};
+    return act_gated(q, g, v);
+  }
+}
+
 // relu2 (single projection).
 __host__ __device__ inline float act_relu2(float u) {
   const float r = u < 0.0f ? 0.0f : u;

@@ -113,9 +113,11 @@ struct EpilogueRow {
     }
     return GateUp2{g0, g1, v0, v1};
   }
+  // kAct >= 0: the activation kind the caller has checked ep.act.kind to be (act_gated_as).
+  template <int kAct = -1>
   __device__ __forceinline__ float2 gate_up_h2(const GateUp2& x) const {
     const float s = h_scale();
-    return make_float2(act_gated(ep.act, x.g0, x.v0) * s, act_gated(ep.act, x.g1, x.v1) * s);
+    return make_float2(act_gated_as<kAct>(ep.act, x.g0, x.v0) * s, act_gated_as<kAct>(ep.act, x.g1, x.v1) * s);
   }
   // Interleaved: biased (gate, up) of h column i (u columns 2 i, 2 i + 1), and its h value.
   __device__ __forceinline__ float2 gate_up_biased1(int i, float g, float v) const {

@@ -991,17 +991,25 @@ struct GroupedGemmSm90 {
                 }
             });
         }
-        gu_phase(region, bar, ctid, row0, rows, GuOut{tma_c, hout, ep.ldc, i0, -1, I}, [&] {
+        auto h_phase = [&](auto act_kind) {
+          constexpr int kAct = decltype(act_kind)::value;
 #pragma unroll
           for (int jh = 0; jh < 32; ++jh) {  // chunk j = jh / 2 of both rows, then j + 1
             const int j = jh >> 1, h = jh & 1;
             const int i = paired_h_column(t.n0, j, q);
             if (i < I) {
-              const float2 o = er[h].gate_up_h2(er[h].gate_up_biased2(
+              const float2 o = er[h].template gate_up_h2<kAct>(er[h].gate_up_biased2(
                   i, d[4 * j + 2 * h], d[4 * j + 2 * h + 1], d[4 * (j + 16) + 2 * h], d[4 * (j + 16) + 2 * h + 1]));
               st_shared_b32(at(h, 8 * j) + qb4, pack_pair_bits<T>(o.x, o.y));
             }
           }
+        };
+        gu_phase(region, bar, ctid, row0, rows, GuOut{tma_c, hout, ep.ldc, i0, -1, I}, [&] {
+          // SwiGLU (the common case) without the other kinds' instructions: the same values.
+          if (ep.act.kind == kActSwiglu)
+            h_phase(std::integral_constant<int, kActSwiglu>{});
+          else
+            h_phase(std::integral_constant<int, -1>{});
         });
       } else {
         // Interleaved: accumulator pair (v, v + 1), v = n0 + 8 j + 2 q, is (gate, up) of h column
