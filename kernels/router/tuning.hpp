@@ -183,62 +183,6 @@ inline constexpr GenericBackwardLayout generic_backward_layout(int num_experts, 
   return l;
 }
 
-// ---- thread-per-token forward (kernels/router/forward_thread.cuh; docs/router.md, "Thread
-// forward") -------------------------------------------------------------------------------------
-// An alternative to the fast forward for the same configurations (fast path, K <= kThreadMaxK)
-// without aux statistics (loads and token counts only). Off by default: selected per call by the
-// environment variable MOEKIT_ROUTER_FORWARD_KERNEL=thread (src/router/router.cpp) so that one
-// build can time both; kThreadForwardDefault makes it the default once measured.
-constexpr bool kThreadForwardDefault = false;
-constexpr int kThreadTokens = 64;  // threads (= tokens per step) of a block
-// Candidates per token kept for the final top-K (more: another round over the experts): 24 with
-// groups (DeepSeek-V3 keeps ~11 on average, more than 24 for 0.06% of the tokens; 24 keeps its
-// bf16 block at 53 KB, 4 blocks per H100/H200 SM), 32 without (the block-pair threshold keeps ~14
-// for Qwen3, ~19 for E = 512 K = 10; docs/router.md).
-constexpr int thread_candidates(int num_groups) { return num_groups > 1 ? 24 : 32; }
-constexpr int kThreadCand = 32;  // the most of either
-// Largest dynamic shared memory of a thread-forward block (sm_80 allows 163 KB per block; E = 512
-// fp32 rows with 32 groups would need 167 KB): larger layouts run the fast forward.
-constexpr size_t kThreadSmemBudget = 160 * 1024;
-
-// Dynamic shared memory of the thread forward, carved in this order on the host and the device
-// (every offset a multiple of 16 bytes):
-//   rows  [kThreadTokens][pitch]  the step's logits rows; pitch = 16 p bytes with p odd >= the
-//                                 row's 16-byte chunks, so a quarter warp's 16-byte reads of one
-//                                 chunk of 8 rows hit 8 distinct 16-byte bank groups;
-//   bias  [E] fp32, load [E] int32 (the block's histogram);
-//   cand  [cand + 1][kThreadTokens] (key, expert), cand = thread_candidates(G), the last row a
-//         spare that absorbs the branch-free stores once the list is full;   u [K][kThreadTokens] fp32 (picked weights);
-//   aux   [aux_rows][kThreadTokens] (key, key): groups: (group key, second-best key) per group;
-//         otherwise the two best keys of ceil(K / 2) blocks of chunks (K rows reserved).
-struct ThreadLayout {
-  size_t pitch;
-  size_t rows_off, bias_off, load_off, cand_off, u_off, aux_off;
-  int aux_rows;
-  int cand;
-  size_t bytes;
-};
-
-inline constexpr size_t round16(size_t n) { return (n + 15) / 16 * 16; }
-
-inline constexpr ThreadLayout thread_layout(int num_experts, int elem_bytes, int num_groups, int top_k) {
-  ThreadLayout l{};
-  const size_t E = static_cast<size_t>(num_experts);
-  const size_t T = static_cast<size_t>(kThreadTokens);
-  const size_t chunks = (E * static_cast<size_t>(elem_bytes) + 15) / 16;
-  l.pitch = 16 * (chunks | 1u);
-  l.rows_off = 0;
-  l.bias_off = l.rows_off + T * l.pitch;
-  l.load_off = l.bias_off + round16(4 * E);
-  l.cand_off = l.load_off + round16(4 * E);
-  l.cand = thread_candidates(num_groups);
-  l.u_off = l.cand_off + 8 * static_cast<size_t>(l.cand + 1) * T;  // + a spare row (stores past a full list)
-  l.aux_off = l.u_off + round16(4 * static_cast<size_t>(top_k) * T);
-  l.aux_rows = num_groups > 1 ? num_groups : top_k;
-  l.bytes = l.aux_off + 8 * static_cast<size_t>(l.aux_rows) * T;
-  return l;
-}
-
 // The forward's statistics finalize is launched as a programmatic dependent launch on sm_90+ (it
 // overlaps its launch with the forward's tail and waits in-kernel): set false to launch plainly.
 constexpr bool kFinalizeProgrammatic = true;
