@@ -42,13 +42,14 @@ inline constexpr FastShape fast_shape(int num_experts) {
                               : FastShape{16, 32};
 }
 
-// Backward: the forward's shapes. E = 65..128 (Qwen3, GPT-OSS) once used V = 8 with 16 lanes (64
-// tokens in flight per SM at 4 blocks); V = 16 with 8 lanes holds 128 at 4 blocks (16-bit logits,
-// fast_backward_min_blocks) and 96 at 3 (fp32), and every team reduction (one butterfly level
-// fewer) serves four tokens per warp instead of two: at T = 32768 the resident rounds go from 4
-// (3.88) to 2 (1.94), each about as long, as far as the rounds are bound by the per-warp chains
-// (docs/router.md, "Performance").
-inline constexpr FastShape fast_backward_shape(int num_experts) { return fast_shape(num_experts); }
+// Backward: the forward's shapes, except E = 65..128 (Qwen3, GPT-OSS): V = 8 with 16 lanes. V = 16
+// with 8 lanes (four tokens per warp, one butterfly level fewer per team reduction) was predicted
+// to halve the resident rounds at T = 32768 and measured ~15 % slower instead (H200, 9e09811:
+// Qwen3 27.4 us against 22.8-24.0 with 16 lanes; GPT-OSS 24.7 against 22.2-23.4): the kernel is
+// issue-bound, not bound by its rounds (docs/router.md, third measurement).
+inline constexpr FastShape fast_backward_shape(int num_experts) {
+  return num_experts > 64 && num_experts <= 128 ? FastShape{8, 16} : fast_shape(num_experts);
+}
 
 // Threads per block of the fast forward and backward kernels (8 warps), compiled for at least
 // fast_min_blocks(V, element bytes) resident blocks per SM: 4 (at most 64 registers, 32 warps per
@@ -63,12 +64,15 @@ inline constexpr FastShape fast_backward_shape(int num_experts) { return fast_sh
 // registers and would spill ~100 bytes, so they keep 3 blocks. (On sm_80, 164 KB of shared memory
 // per SM, the 42 KB blocks of E = 65..128 fit 3: the occupancy query sizes the grid.)
 constexpr int kFastThreads = 256;
-// The switch for the fourth block of the 16-bit V = 16 kernels, forward and backward (false: 3
-// blocks at 80 registers, as at commit 8b21dc0: fewer spills, 25% fewer tokens in flight).
-// -DMOEKIT_ROUTER_FOUR_BLOCKS=0 in cuda_args and cpp_args (the host sizes grids from it too)
-// builds the 3-block variant for an A/B measurement.
+// The switch for the fourth block of the 16-bit V = 16 kernels, forward and backward. Off (3
+// blocks at 80 registers, as at commit 8b21dc0: fewer spills, 25% fewer tokens in flight): the
+// same-session A/B at 9e09811 (H200, T = 32768) measured 3 blocks faster on 9 of 10 preset rows,
+// e.g. DeepSeek-V3 forward 31.7 against 32.9 us and backward 32.2 against 36.8 (Qwen3-Next
+// backward 78.8 against 74.1 the exception); bench/results/diagnostics/bench-router-3blocks-h200.json.
+// -DMOEKIT_ROUTER_FOUR_BLOCKS=1 in cuda_args and cpp_args (the host sizes grids from it too)
+// builds the 4-block variant for an A/B measurement.
 #ifndef MOEKIT_ROUTER_FOUR_BLOCKS
-#define MOEKIT_ROUTER_FOUR_BLOCKS 1
+#define MOEKIT_ROUTER_FOUR_BLOCKS 0
 #endif
 constexpr bool kFastFourBlocksV16 = MOEKIT_ROUTER_FOUR_BLOCKS != 0;
 inline constexpr int fast_min_blocks(int values_per_lane, int elem_bytes = 2) {
