@@ -97,6 +97,14 @@ if has sanitize; then
         "$bin" "$race_filter" "${shard_args[@]}"
     done
   done
+  # test binaries of their own beside the families' (whole binary under both tools: small cases)
+  for bin in "$BUILD/tests/experts/test_experts_sm90_epilogue"; do
+    [ -x "$bin" ] || continue
+    name=$(basename "$bin")
+    launch "memcheck $name" timeout -k 10 "$SANITIZE_TIMEOUT" compute-sanitizer --tool memcheck --error-exitcode 99 \
+      --leak-check no "$bin"
+    launch "racecheck $name" timeout -k 10 "$SANITIZE_TIMEOUT" compute-sanitizer --tool racecheck --error-exitcode 99 "$bin"
+  done
 fi
 if has test && [ -n "${RUST_GPU_TEST:-}" ]; then
   launch "rust gpu (carried binary)" env LD_LIBRARY_PATH="$BUILD" timeout -k 10 300 "$RUST_GPU_TEST" --ignored --test-threads=1

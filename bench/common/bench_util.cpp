@@ -14,31 +14,44 @@
 namespace moekit::bench {
 
 Timing time_us(cudaStream_t stream, int warmup, int repeats, const std::function<void(int)>& run) {
-  for (int i = 0; i < warmup; ++i) run(i);
+  return time_us_interleaved(stream, warmup, repeats, {run})[0];
+}
+
+std::vector<Timing> time_us_interleaved(cudaStream_t stream, int warmup, int repeats,
+                                        const std::vector<std::function<void(int)>>& runs) {
+  const size_t n = runs.size();
+  for (const auto& run : runs)
+    for (int i = 0; i < warmup; ++i) run(i);
   BENCH_CUDA(cudaStreamSynchronize(stream));
-  std::vector<cudaEvent_t> events(2 * static_cast<size_t>(repeats));
+  std::vector<cudaEvent_t> events(2 * n * static_cast<size_t>(repeats));
   for (auto& e : events) BENCH_CUDA(cudaEventCreate(&e));
+  auto ev = [&](size_t k, int i, int end) -> cudaEvent_t& { return events[2 * (k * repeats + i) + end]; };
   for (int i = 0; i < repeats; ++i) {
-    BENCH_CUDA(cudaEventRecord(events[2 * i], stream));
-    run(i);
-    BENCH_CUDA(cudaEventRecord(events[2 * i + 1], stream));
+    for (size_t j = 0; j < n; ++j) {
+      const size_t k = (j + static_cast<size_t>(i)) % n;
+      BENCH_CUDA(cudaEventRecord(ev(k, i, 0), stream));
+      runs[k](i);
+      BENCH_CUDA(cudaEventRecord(ev(k, i, 1), stream));
+    }
   }
   BENCH_CUDA(cudaStreamSynchronize(stream));
   BENCH_CUDA(cudaGetLastError());
-  std::vector<double> us(repeats);
-  for (int i = 0; i < repeats; ++i) {
-    float ms = 0;
-    BENCH_CUDA(cudaEventElapsedTime(&ms, events[2 * i], events[2 * i + 1]));
-    us[i] = 1000.0 * ms;
+  std::vector<Timing> out(n);
+  for (size_t k = 0; k < n; ++k) {
+    std::vector<double> us(repeats);
+    for (int i = 0; i < repeats; ++i) {
+      float ms = 0;
+      BENCH_CUDA(cudaEventElapsedTime(&ms, ev(k, i, 0), ev(k, i, 1)));
+      us[i] = 1000.0 * ms;
+    }
+    std::sort(us.begin(), us.end());
+    out[k].repeats = repeats;
+    out[k].min_us = us.front();
+    out[k].max_us = us.back();
+    out[k].median_us = repeats % 2 ? us[repeats / 2] : 0.5 * (us[repeats / 2 - 1] + us[repeats / 2]);
   }
   for (auto& e : events) cudaEventDestroy(e);
-  std::sort(us.begin(), us.end());
-  Timing t;
-  t.repeats = repeats;
-  t.min_us = us.front();
-  t.max_us = us.back();
-  t.median_us = repeats % 2 ? us[repeats / 2] : 0.5 * (us[repeats / 2 - 1] + us[repeats / 2]);
-  return t;
+  return out;
 }
 
 double measure_copy_bandwidth(cudaStream_t stream) {

@@ -91,6 +91,13 @@ struct Timing {
 // `warmup` untimed calls, then `repeats` individually timed ones; returns median/min/max.
 Timing time_us(cudaStream_t stream, int warmup, int repeats, const std::function<void(int)>& run);
 
+// Several implementations of one job timed in interleaved rounds: each round runs every run(i)
+// once, back to back, the order rotated by one per round; one Timing per implementation. Timed one
+// after the other, the implementation measured after a long heavy loop runs on a hotter GPU (the
+// same kernels measured 5-19 % apart by position alone on an H200); this gives all the same history.
+std::vector<Timing> time_us_interleaved(cudaStream_t stream, int warmup, int repeats,
+                                        const std::vector<std::function<void(int)>>& runs);
+
 // Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written, of a
 // buffer far larger than L2 (the memory-bound ceiling every floor uses).
 double measure_copy_bandwidth(cudaStream_t stream);

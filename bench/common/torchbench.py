@@ -92,6 +92,37 @@ def time_us(fn, warmup=10, repeats=50):
     return {"median_us": statistics.median(us), "min_us": us[0], "max_us": us[-1], "repeats": repeats}
 
 
+def time_interleaved(named_fns, warmup=10, repeats=50):
+    """Median / min CUDA-event times (us) of several implementations of one job, measured in
+    rounds: every round runs each fn(i) once, back to back, the order rotated by one per round.
+
+    Timed one after the other, the implementation measured right after a long heavy loop runs on a
+    hotter, lower-clocked GPU than one measured after an idle pause: on an H200 the same moekit
+    kernels measured 5-19 % apart by position alone (2026-11-27). Interleaved rounds give every
+    implementation the same thermal history. named_fns: [(name, fn)]; returns {name: timing}."""
+    names = [n for n, _ in named_fns]
+    for _, fn in named_fns:
+        for i in range(warmup):
+            fn(i)
+    torch.cuda.synchronize()
+    n = len(named_fns)
+    starts = [[torch.cuda.Event(enable_timing=True) for _ in range(repeats)] for _ in range(n)]
+    ends = [[torch.cuda.Event(enable_timing=True) for _ in range(repeats)] for _ in range(n)]
+    for r in range(repeats):
+        for j in range(n):
+            k = (j + r) % n
+            starts[k][r].record()
+            named_fns[k][1](r)
+            ends[k][r].record()
+    torch.cuda.synchronize()
+    out = {}
+    for k, name in enumerate(names):
+        us = sorted(1000.0 * a.elapsed_time(b) for a, b in zip(starts[k], ends[k]))
+        out[name] = {"median_us": statistics.median(us), "min_us": us[0], "max_us": us[-1], "repeats": repeats,
+                     "timing": "interleaved"}
+    return out
+
+
 def copy_bandwidth():
     """Device-to-device copy bandwidth in bytes/s (read + write) of 1 GiB buffers."""
     n = 1 << 30

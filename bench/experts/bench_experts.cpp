@@ -503,17 +503,34 @@ int main(int argc, char** argv) {
       const double gate_up_flops = 2.0 * P.rows * s.hidden * NU;            // dx and wgu alike
       const double dgrad_down_flops = 2.0 * P.rows * double(s.inter) * s.hidden;  // act and wd alike
       auto rate = [](double flops, double us) { return flops / (us * 1e-6); };
-      // The default path ("moekit", AUTO), then each chosen path on the same tensors.
-      auto time_path = [&](int32_t gemm_path, const std::string& label, bool steps) {
-        P.config.gemm_path = gemm_path;
-        Row r{s.name, dname, label, 0, 0, 0, 0, 0, 0, {}};
-        r.fwd_us = moekit::bench::time_us(stream, warmup, repeats, [&](int) { P.forward(stream, nullptr); }).median_us;
-        if (run_backward)
-          r.fb_us = moekit::bench::time_us(stream, warmup, repeats, [&](int) {
-                      P.forward(stream, P.u.p);
-                      P.backward(stream);
-                    }).median_us;
-        if (steps) {
+      // The default path ("moekit", AUTO), then each chosen path on the same tensors. Forward and
+      // forward+backward of all paths are timed in interleaved rounds (time_us_interleaved: the
+      // same kernels timed one after the other differed 5-19 % by position alone on an H200).
+      std::vector<std::pair<int32_t, std::string>> choices{{MOEKIT_GEMM_PATH_AUTO, "moekit grouped (auto)"}};
+      for (const PathChoice& pc : paths) choices.push_back({pc.gemm_path, std::string("moekit ") + pc.name});
+      std::vector<std::function<void(int)>> fwd_runs, fb_runs;
+      for (const auto& ch : choices) {
+        const int32_t gp = ch.first;
+        fwd_runs.push_back([&P, &stream, gp](int) {
+          P.config.gemm_path = gp;
+          P.forward(stream, nullptr);
+        });
+        fb_runs.push_back([&P, &stream, gp](int) {
+          P.config.gemm_path = gp;
+          P.forward(stream, P.u.p);
+          P.backward(stream);
+        });
+      }
+      const std::vector<moekit::bench::Timing> fwd_t = moekit::bench::time_us_interleaved(stream, warmup, repeats, fwd_runs);
+      std::vector<moekit::bench::Timing> fb_t(choices.size());
+      if (run_backward) fb_t = moekit::bench::time_us_interleaved(stream, warmup, repeats, fb_runs);
+      std::vector<Row> timed;
+      for (size_t j = 0; j < choices.size(); ++j) {
+        Row r{s.name, dname, choices[j].second, 0, 0, 0, 0, 0, 0, {}};
+        r.fwd_us = fwd_t[j].median_us;
+        if (run_backward) r.fb_us = fb_t[j].median_us;
+        if (bwd_steps && j > 0) {  // the backward's steps of each chosen path, one path at a time
+          P.config.gemm_path = choices[j].first;
           P.forward(stream, P.u.p);  // the saved u every backward below reads
           auto bwd = [&](bool want_xp, bool want_wgu, bool want_wd, bool want_p) {
             return moekit::bench::time_us(stream, warmup, repeats, [&](int) {
@@ -527,13 +544,11 @@ int main(int argc, char** argv) {
           r.steps.wd = bwd(false, false, true, false) - r.steps.act;
           r.steps.wgu = bwd(false, true, false, false) - r.steps.act;
         }
-        P.config.gemm_path = MOEKIT_GEMM_PATH_AUTO;
-        return r;
-      };
-      Row grouped = time_path(MOEKIT_GEMM_PATH_AUTO, "moekit grouped (auto)", false);
-      std::vector<Row> path_rows;
-      for (const PathChoice& pc : paths)
-        path_rows.push_back(time_path(pc.gemm_path, std::string("moekit ") + pc.name, bwd_steps));
+        timed.push_back(r);
+      }
+      P.config.gemm_path = MOEKIT_GEMM_PATH_AUTO;
+      Row grouped = timed[0];
+      std::vector<Row> path_rows(timed.begin() + 1, timed.end());
       Row loop_row{s.name, dname, "cuBLASLt per-expert loop", 0, 0, 0, 0, 0, 0, {}};
       if (run_loop) {
         Loop loop(P, run_backward);

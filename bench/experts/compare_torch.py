@@ -230,21 +230,25 @@ def run(name, shape, skewed, fns, dense, args):
     results = []
     reps = dict(warmup=args.warmup, repeats=args.repeats)
 
-    def add(impl, pass_, fn, f):
-        if fn is None:
-            return
-        t = tb.time_us(fn, **reps)
-        rate = f / (t["median_us"] * 1e-6)
-        results.append(dict(shape=name, dist=dist, impl=impl, passes=pass_, median_us=t["median_us"],
-                            min_us=t["min_us"], tflops=rate / 1e12, of_dense=rate / dense))
+    # Every implementation of a pass is timed in interleaved rounds (tb.time_interleaved: the same
+    # thermal history for all; timed one after the other, position alone moved results 5-19 %).
+    jobs = {"fwd": [], "fwd+bwd": []}
+
+    def add(impl, pass_, fn):
+        if fn is not None:
+            jobs[pass_].append((impl, fn))
+
+    def no_grad(fn):
+        def run(i):
+            with torch.no_grad():
+                fn(i)
+        return run
 
     for impl, mi in impls:
-        add(impl, "fwd", lambda i, mi=mi: mi.forward(offsets, x, p, wgu, wd, None, out), flops)
+        add(impl, "fwd", lambda i, mi=mi: mi.forward(offsets, x, p, wgu, wd, None, out))
         add(impl, "fwd+bwd", lambda i, mi=mi: (mi.forward(offsets, x, p, wgu, wd, u, out),
-                                               mi.backward(offsets, x, p, wgu, wd, u, dout, dx, dwgu, dwd, dp)),
-            3 * flops)
-    with torch.no_grad():
-        add("grouped_mm+eager act", "fwd", lambda i: grouped_mm_forward(swiglu_weighted, x, wgu, wd, p, ends), flops)
+                                               mi.backward(offsets, x, p, wgu, wd, u, dout, dx, dwgu, dwd, dp)))
+    add("grouped_mm+eager act", "fwd", no_grad(lambda i: grouped_mm_forward(swiglu_weighted, x, wgu, wd, p, ends)))
     act_c = None if args.no_compile else tb.try_compile(swiglu_weighted)
     if act_c is not None:
         try:
@@ -254,8 +258,7 @@ def run(name, shape, skewed, fns, dense, args):
             print("torch.compile activation failed: %s" % e, file=sys.stderr)
             act_c = None
     if act_c is not None:
-        with torch.no_grad():
-            add("grouped_mm+compiled act", "fwd", lambda i: grouped_mm_forward(act_c, x, wgu, wd, p, ends), flops)
+        add("grouped_mm+compiled act", "fwd", no_grad(lambda i: grouped_mm_forward(act_c, x, wgu, wd, p, ends)))
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, wgu, wd, p)]
 
     def autograd_step(act):
@@ -263,19 +266,26 @@ def run(name, shape, skewed, fns, dense, args):
             t.grad = None
         grouped_mm_forward(act, *leaves, ends).backward(dout)
 
-    add("grouped_mm+eager act", "fwd+bwd", lambda i: autograd_step(swiglu_weighted), 3 * flops)
+    add("grouped_mm+eager act", "fwd+bwd", lambda i: autograd_step(swiglu_weighted))
     if act_c is not None:
-        add("grouped_mm+compiled act", "fwd+bwd", lambda i: autograd_step(act_c), 3 * flops)
+        add("grouped_mm+compiled act", "fwd+bwd", lambda i: autograd_step(act_c))
     if not args.no_loop:
-        with torch.no_grad():
-            add("per-expert loop", "fwd", lambda i: loop_forward(x, wgu, wd, p, offsets), flops)
+        add("per-expert loop", "fwd", no_grad(lambda i: loop_forward(x, wgu, wd, p, offsets)))
 
         def loop_step():
             for t in leaves:
                 t.grad = None
             loop_forward_grad(*leaves, offsets).backward(dout)
 
-        add("per-expert loop", "fwd+bwd", lambda i: loop_step(), 3 * flops)
+        add("per-expert loop", "fwd+bwd", lambda i: loop_step())
+    for pass_, f in (("fwd", flops), ("fwd+bwd", 3 * flops)):
+        times = tb.time_interleaved(jobs[pass_], **reps)
+        for impl, _ in jobs[pass_]:
+            t = times[impl]
+            rate = f / (t["median_us"] * 1e-6)
+            results.append(dict(shape=name, dist=dist, impl=impl, passes=pass_, median_us=t["median_us"],
+                                min_us=t["min_us"], tflops=rate / 1e12, of_dense=rate / dense,
+                                timing=t["timing"]))
     del leaves, m, impls, u, out, dx, dwgu, dwd, dp, x, wgu, wd, dout
     torch.cuda.empty_cache()
 

@@ -331,15 +331,15 @@ def run(name, s, fns, args):
     reps = dict(warmup=args.warmup, repeats=args.repeats)
     results = []
 
-    def add(impl, passes, fn, flops):
-        r = tb.time_us(fn, **reps)
-        results.append(dict(shape=name, impl=impl, passes=passes, median_us=r["median_us"], min_us=r["min_us"],
-                            tflops=flops / (r["median_us"] * 1e-6) / 1e12))
+    # Both implementations of a pass are timed in interleaved rounds (tb.time_interleaved: the
+    # same thermal history; timed one after the other, position alone moved results 5-19 %).
+    jobs = {"fwd": [], "fwd+bwd": []}
 
-    add("moekit", "fwd", lambda i: m.forward(), fwd_flops)
-    add("moekit", "fwd+bwd", lambda i: (m.forward(), m.backward(dy)), all_flops)
-    with torch.no_grad():
-        add("torch composition", "fwd", lambda i: torch_layer(s, t), fwd_flops)
+    def fwd_torch(i):
+        with torch.no_grad():
+            torch_layer(s, t)
+
+    jobs["fwd"] += [("moekit", lambda i: m.forward()), ("torch composition", fwd_torch)]
     leaves = {k: (v.detach().clone().requires_grad_(k in trainable) if torch.is_tensor(v) else v)
               for k, v in t.items()}
 
@@ -349,7 +349,13 @@ def run(name, s, fns, args):
         y, aux, _ = torch_layer(s, leaves)
         ((y.float() * dy.float()).sum() + s["aux_coeff"] * aux).backward()
 
-    add("torch composition", "fwd+bwd", lambda i: step(), all_flops)
+    jobs["fwd+bwd"] += [("moekit", lambda i: (m.forward(), m.backward(dy))), ("torch composition", lambda i: step())]
+    for passes, flops in (("fwd", fwd_flops), ("fwd+bwd", all_flops)):
+        times = tb.time_interleaved(jobs[passes], **reps)
+        for impl, _ in jobs[passes]:
+            r = times[impl]
+            results.append(dict(shape=name, impl=impl, passes=passes, median_us=r["median_us"], min_us=r["min_us"],
+                                tflops=flops / (r["median_us"] * 1e-6) / 1e12, timing=r["timing"]))
     m.close()
     mk = next(r for r in results if r["impl"] == "moekit" and r["passes"] == "fwd+bwd")
     pt = next(r for r in results if r["impl"] != "moekit" and r["passes"] == "fwd+bwd")

@@ -4,7 +4,6 @@
 //
 //   moekit-bench-router --preset=all --json=out.json
 //   moekit-bench-router --preset=dsv3 --tokens=32768 --dtype=bf16
-//   moekit-bench-router --preset=dsv3,qwen3 --stats=load --forward-kernel=thread
 //   moekit-bench-router --experts=384 --top-k=8 --score=sigmoid --bias=1 --groups=8 --groups-kept=4
 //
 // Presets (bf16, T = 4096 and 32768 unless --tokens= gives a comma list):
@@ -19,11 +18,6 @@
 // --groups --groups-kept --group-score=auto|max|top2|topn --topn --mask-neg-inf=0|1 --bias=0|1
 // --normalize=0|1 --scale --stats=none|load|aux --mask=0|1 --dtype=bf16|f16|f32 --warmup
 // --repeats --seed.
-// --forward-kernel=old|thread: which forward kernel runs (old: the fast / generic forward, the
-// default; thread: the thread-per-token forward, kernels/router/forward_thread.cuh, through
-// MOEKIT_ROUTER_FORWARD_KERNEL=thread-only, so a configuration it does not cover, e.g. with aux
-// statistics, fails instead of timing the other kernel: use --stats=load or none). Validation and
-// timing both run the chosen kernel; the JSON records it as "forward_kernel".
 //
 // Floors (every input read once from DRAM, every output written once, over the copy bandwidth):
 //   forward   T E s (logits) + T K 8 (weights, indices) [+ T (mask)]
@@ -49,7 +43,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -209,9 +202,10 @@ bool validate(const Preset& p, moekit_dtype_t dtype, int64_t T, std::mt19937_64&
   size_t bytes = 0;
   BENCH_OK(moekit_router_forward_workspace_size(&c, T, &bytes));
   Buffer ws(bytes);
-  // The statistics the timed calls ask for (a kernel that does not cover aux statistics, such as
-  // --forward-kernel=thread, validates on the same call it is timed on); the aux-loss term of the
-  // backward needs N, so without aux statistics the backward is checked with coefficient 0.
+  // Validated with the statistics the timed calls ask for (--stats), so the kernel variant that is
+  // timed is the one checked (aux statistics select a different forward than load alone); the
+  // aux-loss term of the backward needs N, so without aux statistics it is checked with
+  // coefficient 0.
   const bool aux = p.stats == Stats::kAux;
   BENCH_OK(moekit_router_forward(&c, T, dtype, d_z.p, E, p.bias ? d_b.as<float>() : nullptr, d_m.as<uint8_t>(),
                                   d_w.as<float>(), d_i.as<int32_t>(), d_l.as<int32_t>(),
@@ -329,27 +323,15 @@ int main(int argc, char** argv) {
   const int warmup = static_cast<int>(args.get_int("warmup", 10));
   const int repeats = static_cast<int>(args.get_int("repeats", 50));
   const bool use_mask = args.get_int("mask", 0) != 0;
-  const std::string forward_kernel = args.get("forward-kernel", "old");
-  if (forward_kernel != "old" && forward_kernel != "thread") {
-    std::fprintf(stderr, "unknown --forward-kernel=%s (old, thread)\n", forward_kernel.c_str());
-    return 2;
-  }
-  setenv("MOEKIT_ROUTER_FORWARD_KERNEL", forward_kernel == "thread" ? "thread-only" : "old", 1);
   std::vector<int64_t> token_list;
   {
     std::stringstream ss(args.get("tokens", "4096,32768"));
     std::string item;
     while (std::getline(ss, item, ',')) token_list.push_back(std::stoll(item));
   }
-  std::vector<std::string> wanted;  // --preset=all, one name, or a comma list
-  {
-    std::stringstream ss(which);
-    std::string item;
-    while (std::getline(ss, item, ',')) wanted.push_back(item);
-  }
   std::vector<Preset> run;
   for (Preset p : presets())
-    if (which == "all" || std::find(wanted.begin(), wanted.end(), p.name) != wanted.end()) {
+    if (which == "all" || which == p.name) {
       apply_overrides(args, &p);
       run.push_back(p);
     }
@@ -461,7 +443,6 @@ int main(int argc, char** argv) {
             .set("aux_coeff", static_cast<double>(pass == 1 ? coeff : 0.0f))
             .set("mask", use_mask)
             .set("dtype", dtype_name(dtype))
-            .set("forward_kernel", forward_kernel)
             .set("median_us", t.median_us)  // gpu time (see the top of this file)
             .set("min_us", t.min_us)
             .set("max_us", t.max_us)
@@ -479,7 +460,6 @@ int main(int argc, char** argv) {
     }
   }
 
-  std::printf("\nforward kernel: %s\n", forward_kernel.c_str());
   std::printf("\n%s, %s logits, copy bandwidth %.0f GB/s (read + write), smallest launch %.2f us gpu / %.2f us call\n",
               moekit::bench::device_description().c_str(), dtype_name(dtype), bandwidth / 1e9, launch_us,
               launch_call_us);

@@ -36,8 +36,10 @@
  * (moekit_layer_saved_size bytes; layout in moekit_layer_saved_view): the logits, the router's
  * weights and indices, this call's load and aux statistics, the plan, and, unless the config asks
  * to recompute them, the pre-activations u of the experts [R, NU] and of the shared MLP [T, NU_s];
- * with a shared gate also g's logit [T] and the shared output [T, H]. The permuted tokens are not
- * saved: the backward permutes x again (it is x's rows, copied).
+ * with a shared gate also g's logit [T] and the shared output [T, H]; and, unless recompute and
+ * without expert parallelism, the permuted tokens xp [R, H] with their routing weights p [R],
+ * which the backward then reads instead of permuting x again. With recompute (or expert
+ * parallelism) the backward permutes x (the received rows) again.
  *
  * Determinism: the same inputs give bitwise the same outputs on the same GPU and build (every piece
  * is deterministic; cuBLASLt runs with a fixed workspace and no in-place split-K reduction).
@@ -135,8 +137,10 @@ typedef struct moekit_layer_config {
     int32_t capacity;                       /* C >= 0 rows per expert, 0 = dropless. Default 0. */
     int32_t drop_policy;                    /* moekit_drop_policy_t, read when C > 0. Default BY_POSITION. */
     int32_t recompute;                      /* nonzero: the backward recomputes the experts' and the shared
-                                               MLP's pre-activations instead of saving them (smaller saved
-                                               buffer, two more GEMMs in the backward). Default 0. */
+                                               MLP's pre-activations and permutes x again instead of
+                                               saving them (saved buffer smaller by R (NU + H) es + 4 R
+                                               + T NU_s es bytes; two more GEMMs and a permute in the
+                                               backward). Default 0. */
     void* expert_parallel;                  /* a moekit_ep_handle_t (moekit/ep.h) to run expert-parallel
                                                over its communicator (see the top of this header), whose
                                                num_experts, top_k, dtype and hidden are this layer's; or
@@ -221,6 +225,9 @@ typedef struct moekit_layer_saved_view {
     uint8_t* recv_mask;          /* [recv_rows] 1 for a received token, 0 for a gap */
     int32_t* ep_dropped;         /* [1] (token, destination rank) pairs this rank's forward dropped
                                     by the EP handle's capacity (capacity mode; 0 in exact mode) */
+    void* expert_xp;             /* [R, H] of dtype: the permuted tokens, NULL with recompute or
+                                    expert parallelism */
+    float* expert_row_weights;   /* [R] fp32 routing weight of each permuted row, as expert_xp */
 } moekit_layer_saved_view_t;
 
 /* Stages of the forward (0 .. 6) and backward (7 .. 13), for moekit_layer_set_stage_events. With
@@ -235,7 +242,7 @@ typedef enum moekit_layer_stage {
     MOEKIT_LAYER_STAGE_COMBINE = 5,
     MOEKIT_LAYER_STAGE_SHARED = 6,               /* shared MLP, gate, y += g s */
     MOEKIT_LAYER_STAGE_SHARED_BACKWARD = 7,      /* gate backward, shared MLP backward, dw_g */
-    MOEKIT_LAYER_STAGE_PERMUTE_RECOMPUTE = 8,    /* xp and p again */
+    MOEKIT_LAYER_STAGE_PERMUTE_RECOMPUTE = 8,    /* xp and p again (empty unless recompute or EP) */
     MOEKIT_LAYER_STAGE_COMBINE_BACKWARD = 9,
     MOEKIT_LAYER_STAGE_EXPERTS_BACKWARD = 10,
     MOEKIT_LAYER_STAGE_PERMUTE_BACKWARD = 11,

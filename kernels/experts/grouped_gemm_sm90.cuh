@@ -161,6 +161,15 @@ __device__ __forceinline__ void fence_acc(float (&d)[128]) {
   for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// threadIdx.x read where it is used: a volatile read is never hoisted, so a value derived from it
+// (the u prefetch's row of the tile, once per tile) is not kept in a register across the k loop
+// and the epilogue, where ptxas would rather spill it.
+__device__ __forceinline__ int thread_index_here() {
+  int v;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(v));
+  return v;
+}
+
 template <int kRegs>
 __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
@@ -620,10 +629,10 @@ struct GroupedGemmSm90 {
   // u (relu2: one, gated: two), two 16-byte loads of G from shared memory, the activation backward
   // of 8 columns (the same functions, operations and roundings as EpilogueRow::bwd_act_apply_as:
   // the same du and h' bits), 16-byte stores of du (one or two) and h'. The 16 items of a tile
-  // (geometry: bwd_stage_* in grouped_gemm_sm90.hpp) run in a rolled loop (one copy of the
-  // activation code per instance), and the u loads run two items ahead of the item being computed
-  // (issued before its stores in program order: a load of u may not move above a store to du or
-  // h'). Order per pass: named barrier (the previous pass's reads are done), fragment stores of the
+  // (geometry: bwd_stage_* in grouped_gemm_sm90.hpp) run in a loop of three items per iteration
+  // (three copies of the activation code per instance, one for the runtime-kind ones), and the u
+  // loads run two items ahead of the item being computed (epilogue_bwd_act_staged_as says why
+  // three). Order per pass: named barrier (the previous pass's reads are done), fragment stores of the
   // pass's two warps, named barrier, the thread's 2 items.
   // dp partial of a row (one per row and column tile, fixed order, independent of scheduling): per
   // item the 8 columns' G a in column order (pairs a0 act0 + a1 act1, summed in pair order), per
@@ -762,13 +771,8 @@ struct GroupedGemmSm90 {
     const uint32_t wr = stage + static_cast<uint32_t>(bwd_stage_store_index(warp, lane, 0, 0)) * 4u;
     // dp of the thread's 4 rows, rotated every item so that dp0 always belongs to item k's row.
     float dp0 = 0.0f, dp1 = 0.0f, dp2 = 0.0f, dp3 = 0.0f;
-    StagedIn n1 = staged_load<kLayout>(t, prob, ep, c, ctid, 0);
-    StagedIn n2 = staged_load<kLayout>(t, prob, ep, c, ctid, 1);
-#pragma unroll 1
-    for (int k = 0; k < kStagedItems; ++k) {
-      const StagedIn cur = n1;
-      n1 = n2;
-      if (k + 2 < kStagedItems) n2 = staged_load<kLayout>(t, prob, ep, c, ctid, k + 2);
+    // One item: (every second item) stage the pass's fragments, then the activation backward.
+    auto item = [&](int k, const StagedIn& in) {
       if ((k & 1) == 0) {
         bar_sync_named(bar, Cfg::kWarpgroupThreads);  // every read of the previous pass is done
         const int s = k >> 2;
@@ -788,12 +792,46 @@ struct GroupedGemmSm90 {
         }
         bar_sync_named(bar, Cfg::kWarpgroupThreads);  // the pass is staged
       }
-      const float part = staged_apply<kLayout, kAct>(t, prob, ep, c, ctid, k, cur, stage);
+      const float part = staged_apply<kLayout, kAct>(t, prob, ep, c, ctid, k, in, stage);
       const float acc = dp0 + part;
       dp0 = dp1;
       dp1 = dp2;
       dp2 = dp3;
       dp3 = acc;
+    };
+    // u runs two items ahead in three register buffers named statically (items k, k + 1, k + 2
+    // in b0, b1, b2 at the top of an iteration): a rolled loop over one rotating set (cur = n1;
+    // n1 = n2) made every iteration's first instruction a register move of the load issued one
+    // item earlier, which waits for that load, so only one item's work covered each u load (the
+    // SASS at 5d0a5d1; on an H200 the act step took 1.45-4.47 ms where its GEMM at the dx step's
+    // rate would take 0.62-2.74 ms: ~36 us of epilogue per qwen3 tile, 2.2 us per item). Each
+    // load is issued before the item two ahead of its use, ahead of that item's stores in program
+    // order (a load of u may not move above a store to du or h').
+    // The runtime-kind instances (GeGLU, quick-GeGLU, SwiGLU-OAI: every kind's code in one body)
+    // keep the rolled loop (one item ahead): three copies of their item made ptxas spill 8 bytes.
+    static_assert(kStagedItems % 3 == 1, "five iterations of three items, then item 15");
+    StagedIn b0 = staged_load<kLayout>(t, prob, ep, c, ctid, 0);
+    StagedIn b1 = staged_load<kLayout>(t, prob, ep, c, ctid, 1);
+    if constexpr (kAct == EpilogueRow<T>::kBwdRuntimeKind) {
+#pragma unroll 1
+      for (int k = 0; k < kStagedItems; ++k) {
+        const StagedIn cur = b0;
+        b0 = b1;
+        if (k + 2 < kStagedItems) b1 = staged_load<kLayout>(t, prob, ep, c, ctid, k + 2);
+        item(k, cur);
+      }
+    } else {
+      StagedIn b2;
+#pragma unroll 1
+      for (int k = 0; k + 3 <= kStagedItems; k += 3) {
+        b2 = staged_load<kLayout>(t, prob, ep, c, ctid, k + 2);
+        item(k, b0);
+        b0 = staged_load<kLayout>(t, prob, ep, c, ctid, k + 3);
+        item(k + 1, b1);
+        if (k + 4 < kStagedItems) b1 = staged_load<kLayout>(t, prob, ep, c, ctid, k + 4);
+        item(k + 2, b2);
+      }
+      item(kStagedItems - 1, b0);
     }
     const float dps[4] = {dp0, dp1, dp2, dp3};
 #pragma unroll
@@ -1114,7 +1152,8 @@ struct GroupedGemmSm90 {
           wgmma_m64n256k16<T, 0, kTransB>(d, da + ((kk * kAStepBytes) >> 4), db + ((kk * kBStep) >> 4));
         wgmma_commit();
         if constexpr (kKind == kEpiBwdAct) {
-          if (kt == prefetch_kt) prefetch_u(t, prob, ep, c * Cfg::kWarpgroupThreads + ctid);
+          // c * kWarpgroupThreads + ctid, read afresh (thread_index_here)
+          if (kt == prefetch_kt) prefetch_u(t, prob, ep, thread_index_here() - Cfg::kWarpgroupThreads);
         }
         wgmma_wait<1>();  // k tile kt - 1's batch is done: its stage may be refilled
         if (kt > 0 && lane == 0) mbar_arrive(smem + Smem::kEmptyBarrier + 8 * prev);

@@ -1,11 +1,9 @@
 // Router forward for one element type: the fast path for the shapes of fast_shape(), the generic
-// path otherwise (the choice is made on the host: RouterShape::fast), or the thread-per-token
-// kernel where the host asks for it (ForwardArgs::kernel).
+// path otherwise (the choice is made on the host: RouterShape::fast).
 #pragma once
 
 #include "kernels/router/forward_fast.cuh"
 #include "kernels/router/forward_generic.cuh"
-#include "kernels/router/forward_thread.cuh"
 
 namespace moekit::kernels::router {
 
@@ -13,7 +11,6 @@ template <class T>
 cudaError_t launch_forward_dtype(const ForwardArgs& a, cudaStream_t stream, int32_t* blocks) {
   *blocks = 0;
   if (a.num_tokens == 0) return cudaSuccess;
-  if (a.kernel == ForwardKernel::kThread) return launch_forward_thread_dtype<T>(a, stream, blocks);
   return a.shape.fast ? launch_forward_fast_dtype<T>(a, stream, blocks)
                       : launch_forward_generic<T>(a, stream, blocks);
 }

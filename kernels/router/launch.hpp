@@ -44,17 +44,9 @@ struct RouterOptions {
   float group_mask_value;     // 0 or -inf
 };
 
-// Which forward kernel runs a fast-path configuration (kernels/router/tuning.hpp, "thread-per-token
-// forward"; the host picks kThread only where it applies).
-enum class ForwardKernel : int32_t {
-  kDefault = 0,  // the fast path (forward_fast.cuh) or the generic path, as RouterShape::fast says
-  kThread = 1,   // one thread per token (forward_thread.cuh)
-};
-
 struct ForwardArgs {
   RouterOptions opt;
   RouterShape shape;
-  ForwardKernel kernel;
   int64_t num_tokens;
   // inputs
   const void* logits;         // [T, E] of the dtype, rows logits_stride elements apart

@@ -42,13 +42,14 @@ inline constexpr FastShape fast_shape(int num_experts) {
                               : FastShape{16, 32};
 }
 
-// Backward: the forward's shapes. E = 65..128 (Qwen3, GPT-OSS) once used V = 8 with 16 lanes (64
-// tokens in flight per SM at 4 blocks); V = 16 with 8 lanes holds 128 at 4 blocks (16-bit logits,
-// fast_backward_min_blocks) and 96 at 3 (fp32), and every team reduction (one butterfly level
-// fewer) serves four tokens per warp instead of two: at T = 32768 the resident rounds go from 4
-// (3.88) to 2 (1.94), each about as long, as far as the rounds are bound by the per-warp chains
-// (docs/router.md, "Performance").
-inline constexpr FastShape fast_backward_shape(int num_experts) { return fast_shape(num_experts); }
+// Backward: the forward's shapes, except E = 65..128 (Qwen3, GPT-OSS): V = 8 with 16 lanes. V = 16
+// with 8 lanes (four tokens per warp, one butterfly level fewer per team reduction) was predicted
+// to halve the resident rounds at T = 32768 and measured ~15 % slower instead (H200, 9e09811:
+// Qwen3 27.4 us against 22.8-24.0 with 16 lanes; GPT-OSS 24.7 against 22.2-23.4): the kernel is
+// issue-bound, not bound by its rounds (docs/router.md, third measurement).
+inline constexpr FastShape fast_backward_shape(int num_experts) {
+  return num_experts > 64 && num_experts <= 128 ? FastShape{8, 16} : fast_shape(num_experts);
+}
 
 // Threads per block of the fast forward and backward kernels (8 warps), compiled for at least
 // fast_min_blocks(V, element bytes) resident blocks per SM: 4 (at most 64 registers, 32 warps per
@@ -63,12 +64,15 @@ inline constexpr FastShape fast_backward_shape(int num_experts) { return fast_sh
 // registers and would spill ~100 bytes, so they keep 3 blocks. (On sm_80, 164 KB of shared memory
 // per SM, the 42 KB blocks of E = 65..128 fit 3: the occupancy query sizes the grid.)
 constexpr int kFastThreads = 256;
-// The switch for the fourth block of the 16-bit V = 16 kernels, forward and backward (false: 3
-// blocks at 80 registers, as at commit 8b21dc0: fewer spills, 25% fewer tokens in flight).
-// -DMOEKIT_ROUTER_FOUR_BLOCKS=0 in cuda_args and cpp_args (the host sizes grids from it too)
-// builds the 3-block variant for an A/B measurement.
+// The switch for the fourth block of the 16-bit V = 16 kernels, forward and backward. Off (3
+// blocks at 80 registers, as at commit 8b21dc0: fewer spills, 25% fewer tokens in flight): the
+// same-session A/B at 9e09811 (H200, T = 32768) measured 3 blocks faster on 9 of 10 preset rows,
+// e.g. DeepSeek-V3 forward 31.7 against 32.9 us and backward 32.2 against 36.8 (Qwen3-Next
+// backward 78.8 against 74.1 the exception); bench/results/diagnostics/bench-router-3blocks-h200.json.
+// -DMOEKIT_ROUTER_FOUR_BLOCKS=1 in cuda_args and cpp_args (the host sizes grids from it too)
+// builds the 4-block variant for an A/B measurement.
 #ifndef MOEKIT_ROUTER_FOUR_BLOCKS
-#define MOEKIT_ROUTER_FOUR_BLOCKS 1
+#define MOEKIT_ROUTER_FOUR_BLOCKS 0
 #endif
 constexpr bool kFastFourBlocksV16 = MOEKIT_ROUTER_FOUR_BLOCKS != 0;
 inline constexpr int fast_min_blocks(int values_per_lane, int elem_bytes = 2) {
@@ -180,62 +184,6 @@ inline constexpr GenericBackwardLayout generic_backward_layout(int num_experts, 
   if (w > static_cast<size_t>(kGenericMaxWarps)) w = kGenericMaxWarps;
   l.warps = static_cast<int>(w);
   l.bytes = 4 * w * l.warp_words;
-  return l;
-}
-
-// ---- thread-per-token forward (kernels/router/forward_thread.cuh; docs/router.md, "Thread
-// forward") -------------------------------------------------------------------------------------
-// An alternative to the fast forward for the same configurations (fast path, K <= kThreadMaxK)
-// without aux statistics (loads and token counts only). Off by default: selected per call by the
-// environment variable MOEKIT_ROUTER_FORWARD_KERNEL=thread (src/router/router.cpp) so that one
-// build can time both; kThreadForwardDefault makes it the default once measured.
-constexpr bool kThreadForwardDefault = false;
-constexpr int kThreadTokens = 64;  // threads (= tokens per step) of a block
-// Candidates per token kept for the final top-K (more: another round over the experts): 24 with
-// groups (DeepSeek-V3 keeps ~11 on average, more than 24 for 0.06% of the tokens; 24 keeps its
-// bf16 block at 53 KB, 4 blocks per H100/H200 SM), 32 without (the block-pair threshold keeps ~14
-// for Qwen3, ~19 for E = 512 K = 10; docs/router.md).
-constexpr int thread_candidates(int num_groups) { return num_groups > 1 ? 24 : 32; }
-constexpr int kThreadCand = 32;  // the most of either
-// Largest dynamic shared memory of a thread-forward block (sm_80 allows 163 KB per block; E = 512
-// fp32 rows with 32 groups would need 167 KB): larger layouts run the fast forward.
-constexpr size_t kThreadSmemBudget = 160 * 1024;
-
-// Dynamic shared memory of the thread forward, carved in this order on the host and the device
-// (every offset a multiple of 16 bytes):
-//   rows  [kThreadTokens][pitch]  the step's logits rows; pitch = 16 p bytes with p odd >= the
-//                                 row's 16-byte chunks, so a quarter warp's 16-byte reads of one
-//                                 chunk of 8 rows hit 8 distinct 16-byte bank groups;
-//   bias  [E] fp32, load [E] int32 (the block's histogram);
-//   cand  [cand + 1][kThreadTokens] (key, expert), cand = thread_candidates(G), the last row a
-//         spare that absorbs the branch-free stores once the list is full;   u [K][kThreadTokens] fp32 (picked weights);
-//   aux   [aux_rows][kThreadTokens] (key, key): groups: (group key, second-best key) per group;
-//         otherwise the two best keys of ceil(K / 2) blocks of chunks (K rows reserved).
-struct ThreadLayout {
-  size_t pitch;
-  size_t rows_off, bias_off, load_off, cand_off, u_off, aux_off;
-  int aux_rows;
-  int cand;
-  size_t bytes;
-};
-
-inline constexpr size_t round16(size_t n) { return (n + 15) / 16 * 16; }
-
-inline constexpr ThreadLayout thread_layout(int num_experts, int elem_bytes, int num_groups, int top_k) {
-  ThreadLayout l{};
-  const size_t E = static_cast<size_t>(num_experts);
-  const size_t T = static_cast<size_t>(kThreadTokens);
-  const size_t chunks = (E * static_cast<size_t>(elem_bytes) + 15) / 16;
-  l.pitch = 16 * (chunks | 1u);
-  l.rows_off = 0;
-  l.bias_off = l.rows_off + T * l.pitch;
-  l.load_off = l.bias_off + round16(4 * E);
-  l.cand_off = l.load_off + round16(4 * E);
-  l.cand = thread_candidates(num_groups);
-  l.u_off = l.cand_off + 8 * static_cast<size_t>(l.cand + 1) * T;  // + a spare row (stores past a full list)
-  l.aux_off = l.u_off + round16(4 * static_cast<size_t>(top_k) * T);
-  l.aux_rows = num_groups > 1 ? num_groups : top_k;
-  l.bytes = l.aux_off + 8 * static_cast<size_t>(l.aux_rows) * T;
   return l;
 }
 

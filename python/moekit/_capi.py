@@ -281,6 +281,8 @@ class LayerSavedViewStruct(ctypes.Structure):
         ("recv_weights", c_void_p),
         ("recv_mask", c_void_p),
         ("ep_dropped", c_void_p),
+        ("expert_xp", c_void_p),
+        ("expert_row_weights", c_void_p),
     ]
 
 

@@ -108,7 +108,8 @@ class LayerConfig(_StructConfig):
                       slot_of_row=((R,), I32), plan_totals=((_capi.MOEKIT_PLAN_NUM_TOTALS,), I32),
                       expert_u=((R, d.NU), d.kind), shared_u=((T, d.NU_s), d.kind), shared_gate_logit=((T,), F32),
                       shared_out=((T, d.H), d.kind), recv_x=((Rr, d.H), d.kind), recv_indices=((Rr, d.K), I32),
-                      recv_weights=((Rr, d.K), F32), recv_mask=((Rr,), U8), ep_dropped=((1,), I32))
+                      recv_weights=((Rr, d.K), F32), recv_mask=((Rr,), U8), ep_dropped=((1,), I32),
+                      expert_xp=((R, d.H), d.kind), expert_row_weights=((R,), F32))
         out = {}
         for name, (shape, kind) in shapes.items():
             address = getattr(view, name)
@@ -145,11 +146,11 @@ class LayerConfig(_StructConfig):
 class SavedView(collections.namedtuple("SavedView", (
         "max_rows logits_row_stride logits weights indices expert_load aux_score_sum aux_token_count expert_counts "
         "expert_offsets row_of_slot slot_of_row plan_totals expert_u shared_u shared_gate_logit shared_out "
-        "recv_rows recv_x recv_indices recv_weights recv_mask ep_dropped"))):
+        "recv_rows recv_x recv_indices recv_weights recv_mask ep_dropped expert_xp expert_row_weights"))):
     """What a forward put into its saved buffer (moekit_layer_saved_view), as arrays of the buffer's
     framework: logits [T, logits_row_stride], weights [T, K] fp32, indices [T, K], this call's
-    expert_load [E], aux statistics, the plan, and the saved pre-activations (None where the config
-    keeps none)."""
+    expert_load [E], aux statistics, the plan, the saved pre-activations and the permuted tokens
+    with their routing weights (None where the config keeps none)."""
 
 
 LayerOutput = collections.namedtuple("LayerOutput", "y saved expert_load aux_loss")

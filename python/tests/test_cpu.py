@@ -438,6 +438,9 @@ def test_layer_saved_buffer_layout(kw):
     assert v.logits.kind == ("f32" if cfg.router_fp32 else "bf16")
     assert v.weights.shape == (T, 8) and v.indices.shape == (T, 8) and v.slot_of_row.shape == (v.max_rows,)
     assert (v.expert_u is None) == bool(cfg.recompute)
+    assert (v.expert_xp is None) == bool(cfg.recompute) and (v.expert_row_weights is None) == bool(cfg.recompute)
+    if v.expert_xp is not None:
+        assert v.expert_xp.shape == (v.max_rows, cfg.hidden) and v.expert_row_weights.shape == (v.max_rows,)
     assert (v.shared_u is None) == (cfg.shared is None or bool(cfg.recompute))
     assert (v.shared_out is None) == (not cfg.shared_gate)
     spans = []

@@ -4,11 +4,8 @@
 
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "kernels/router/launch.hpp"
-#include "kernels/router/thread_select.hpp"
 #include "kernels/router/tuning.hpp"
 #include "src/common/error.hpp"
 #include "src/common/workspace.hpp"
@@ -82,19 +79,6 @@ bool fast_path(const moekit_router_config_t& c) {
   return n <= 2;
 }
 
-bool thread_forward_applies(const moekit_router_config_t& c, int elem_bytes, bool stats) {
-  if (stats || !fast_path(c) || c.top_k > k::kThreadMaxK) return false;
-  return k::thread_layout(c.num_experts, elem_bytes, c.num_groups, c.top_k).bytes <= k::kThreadSmemBudget;
-}
-
-ThreadRequest thread_forward_request() {
-  const char* v = std::getenv("MOEKIT_ROUTER_FORWARD_KERNEL");
-  if (v == nullptr || *v == '\0') return k::kThreadForwardDefault ? ThreadRequest::kWhereItApplies : ThreadRequest::kNo;
-  if (std::strcmp(v, "thread") == 0) return ThreadRequest::kWhereItApplies;
-  if (std::strcmp(v, "thread-only") == 0) return ThreadRequest::kOnly;
-  return ThreadRequest::kNo;
-}
-
 k::RouterShape forward_shape(const moekit_router_config_t& c, int64_t num_tokens, int elem_bytes, bool stats) {
   k::RouterShape s{};
   if (fast_path(c)) {
@@ -162,17 +146,6 @@ moekit_status_t run_forward(const ForwardCall& call) {
   k::ForwardArgs a{};
   a.opt = resolve_options(c, call.bias != nullptr);
   a.shape = forward_shape(c, call.num_tokens, static_cast<int>(moekit_dtype_size(call.dtype)), need_stats);
-  const ThreadRequest thread = thread_forward_request();
-  a.kernel = k::ForwardKernel::kDefault;
-  if (thread != ThreadRequest::kNo) {
-    if (thread_forward_applies(c, static_cast<int>(moekit_dtype_size(call.dtype)), need_stats))
-      a.kernel = k::ForwardKernel::kThread;
-    else if (thread == ThreadRequest::kOnly)
-      return fail(MOEKIT_STATUS_UNSUPPORTED,
-                  "MOEKIT_ROUTER_FORWARD_KERNEL=thread-only, but the thread forward does not apply (num_experts=%d, "
-                  "num_groups=%d, top_k=%d, aux statistics %s)",
-                  E, c.num_groups, c.top_k, need_stats ? "requested" : "not requested");
-  }
   a.num_tokens = call.num_tokens;
   a.logits = call.logits;
   a.logits_stride = call.logits_row_stride;

@@ -15,17 +15,6 @@ namespace moekit::router {
 // two whether or not a bias is given, so the choice never depends on the bias).
 bool fast_path(const moekit_router_config_t& config);
 
-// True when the thread-per-token forward (kernels/router/forward_thread.cuh) can run this call: a
-// fast-path configuration with K <= kThreadMaxK, no aux statistics, and a block layout within
-// kThreadSmemBudget. thread_forward_request(): the environment variable
-// MOEKIT_ROUTER_FORWARD_KERNEL: "thread" runs it where it applies, "thread-only" makes a forward
-// where it does not apply fail with UNSUPPORTED (so a test cannot pass on the other kernel), any
-// other value the default forward; unset, kThreadForwardDefault (kernels/router/tuning.hpp). Read
-// at every forward call, so one process (the benchmark, the GPU suite) compares both kernels.
-enum class ThreadRequest { kNo, kWhereItApplies, kOnly };
-bool thread_forward_applies(const moekit_router_config_t& config, int elem_bytes, bool stats);
-ThreadRequest thread_forward_request();
-
 // Grid and block of the forward / backward for T tokens; depends only on the config, T and (the
 // generic forward's shared memory) the logits' element size and whether aux statistics are asked
 // for. The forward workspace is sized for 4-byte elements with statistics, the most blocks of any

@@ -6,7 +6,7 @@
 //     points to is rejected by moekit_layer_config_check and moekit_layer_create with a message
 //     that names it through the caller's path ("config->experts->inter");
 //   - the size queries and the saved layout: T = 0, growth with T, what recompute removes (exactly
-//     the two pre-activation pieces), every piece of moekit_layer_saved_view inside the buffer,
+//     the two pre-activation pieces and the permuted tokens), every piece of moekit_layer_saved_view inside the buffer,
 //     aligned and disjoint, the bad arguments of each query; the init functions;
 //   - expert parallelism: a layer config against its EP handle (a handle struct filled here, as
 //     moekit_ep_create would, without a communicator): every disagreement refused, the token
@@ -404,7 +404,7 @@ TEST_CASE("layer size queries depend only on the arguments and refuse bad ones",
   REQUIRE(bytes == 7);
 }
 
-TEST_CASE("recompute removes exactly the two saved pre-activations", "[layer][sizes]") {
+TEST_CASE("recompute removes exactly the two saved pre-activations and the permuted tokens", "[layer][sizes]") {
   for (const LayerCase& base : model_cases()) {
     INFO(base.describe());
     LayerCase a = base, b = base;
@@ -429,6 +429,8 @@ TEST_CASE("recompute removes exactly the two saved pre-activations", "[layer][si
     auto aligned = [](size_t n) { return (n + 255) / 256 * 256; };
     size_t expect = aligned(static_cast<size_t>(R) * s.expert_nu() * es);
     if (base.has_shared) expect += aligned(static_cast<size_t>(T) * s.shared_nu() * es);
+    // xp [R, H] and p [R] fp32 (no expert parallelism in these configs)
+    expect += aligned(static_cast<size_t>(R) * base.hidden * es) + aligned(static_cast<size_t>(R) * 4);
     REQUIRE(sa - sb == expect);
   }
 }
@@ -479,6 +481,10 @@ TEST_CASE("the saved view places every piece inside the buffer, aligned and disj
       if (v.expert_u) pieces.push_back({v.expert_u, R * s.expert_nu() * es, "expert_u"});
       REQUIRE((v.shared_u == nullptr) == (!l.has_shared || l.recompute));
       if (v.shared_u) pieces.push_back({v.shared_u, Tn * s.shared_nu() * es, "shared_u"});
+      REQUIRE((v.expert_xp == nullptr) == l.recompute);
+      REQUIRE((v.expert_row_weights == nullptr) == l.recompute);
+      if (v.expert_xp) pieces.push_back({v.expert_xp, R * H * es, "expert_xp"});
+      if (v.expert_row_weights) pieces.push_back({v.expert_row_weights, R * 4, "expert_row_weights"});
       REQUIRE((v.shared_gate_logit == nullptr) == !l.shared_gate);
       REQUIRE((v.shared_out == nullptr) == !l.shared_gate);
       if (v.shared_gate_logit) pieces.push_back({v.shared_gate_logit, Tn * 4, "shared_gate_logit"});
@@ -683,6 +689,9 @@ TEST_CASE("expert-parallel layer sizes cover the worst-case received rows", "[la
     REQUIRE(v.recv_rows == recv_rows);
     const size_t Rr = static_cast<size_t>(recv_rows), El = static_cast<size_t>(l.experts.num_experts);
     REQUIRE(v.max_rows >= static_cast<int64_t>(Rr * K));
+    // the backward permutes the received rows again: no saved permuted tokens
+    REQUIRE(v.expert_xp == nullptr);
+    REQUIRE(v.expert_row_weights == nullptr);
     struct Piece {
       const void* p;
       size_t n;

@@ -6,9 +6,7 @@
 #include <algorithm>
 #include <functional>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <memory>
 #include <numeric>
 #include <set>
@@ -17,7 +15,6 @@
 
 #include "kernels/router/layout.hpp"
 #include "kernels/router/span.hpp"
-#include "kernels/router/thread_select.hpp"
 #include "kernels/router/tuning.hpp"
 #include "moekit/router.h"
 #include "tests/reference/router_ref.hpp"
@@ -473,194 +470,6 @@ TEST_CASE("layout: generic row staging copies [0, bytes) once, aligned, nothing 
     }
   }
   CHECK(checked > 50);
-}
-
-// ---- the thread-per-token forward (kernels/router/thread_select.hpp, forward_thread.cuh) ---------
-
-// team_sum<TPT> as the device runs it: every lane adds its xor partner's value, distances TPT/2
-// down to 1 (all lanes update at once).
-float butterfly_sum(std::vector<float> v) {
-  const int tpt = static_cast<int>(v.size());
-  for (int d = tpt / 2; d > 0; d >>= 1) {
-    std::vector<float> next(v.size());
-    for (int l = 0; l < tpt; ++l) next[l] = v[l] + v[l ^ d];
-    v = next;
-  }
-  for (int l = 1; l < tpt; ++l) REQUIRE(std::memcmp(&v[l], &v[0], sizeof(float)) == 0);  // every lane agrees
-  return v[0];
-}
-
-TEST_CASE("thread forward: the pairwise tree in bit-reversed lane order is team_sum bit for bit", "[router][thread]") {
-  namespace kr = moekit::kernels::router;
-  auto rng = make_rng(0x7ee5);
-  std::uniform_real_distribution<float> mag(-30.0f, 30.0f);
-  std::uniform_int_distribution<int> kind(0, 9);
-  const float specials[] = {0.0f, -0.0f, std::numeric_limits<float>::infinity(), 1e-30f, 3.0f};
-  for (int log_tpt = 0; log_tpt <= 5; ++log_tpt) {
-    const int tpt = 1 << log_tpt;
-    REQUIRE(kr::log2_pow2(tpt) == log_tpt);
-    std::set<int> lanes;
-    for (int m = 0; m < tpt; ++m) lanes.insert(kr::bitrev_lane(m, log_tpt));
-    REQUIRE(static_cast<int>(lanes.size()) == tpt);  // a permutation of the lanes
-    for (int trial = 0; trial < 2000; ++trial) {
-      std::vector<float> v(static_cast<size_t>(tpt));
-      for (float& x : v) {
-        const int k = kind(rng);
-        // values of very different magnitudes (the order of additions matters), some specials
-        x = k < 5 ? std::ldexp(1.0f + std::fabs(mag(rng)) / 30.0f, static_cast<int>(mag(rng)))
-                  : k < 9 ? mag(rng) : specials[static_cast<size_t>(trial) % 5];
-      }
-      kr::TreeSum ts{};
-      for (int m = 0; m < tpt; ++m) kr::tree_push(ts, m, v[static_cast<size_t>(kr::bitrev_lane(m, log_tpt))]);
-      const float got = kr::tree_result(ts, log_tpt);
-      const float want = butterfly_sum(v);
-      INFO("TPT " << tpt << " trial " << trial << ": tree " << got << " butterfly " << want);
-      REQUIRE(std::memcmp(&got, &want, sizeof(float)) == 0);
-    }
-  }
-}
-
-TEST_CASE("thread forward: rank sums over the lanes that hold ranks equal team_sum over the team", "[router][thread]") {
-  namespace kr = moekit::kernels::router;
-  auto rng = make_rng(0x7a4c);
-  std::uniform_real_distribution<float> mag(-20.0f, 20.0f);
-  const float nan = std::nanf("");
-  for (int log_tpt = 0; log_tpt <= 5; ++log_tpt) {
-    const int tpt = 1 << log_tpt;
-    for (int K = 1; K <= kr::kThreadMaxK; ++K) {
-      const int lanes = kr::rank_lanes(tpt, K);
-      REQUIRE(lanes <= tpt);
-      REQUIRE((lanes == tpt || lanes >= K));
-      for (int trial = 0; trial < 300; ++trial) {
-        std::vector<float> u(static_cast<size_t>(K));
-        for (float& x : u) x = trial % 50 == 7 ? nan : std::ldexp(std::fabs(mag(rng)), static_cast<int>(mag(rng)));
-        if (trial % 3 == 0) u[0] = 0.0f;
-        // the fast path: lane l sums ranks l, l + TPT, ... from +0 (zeros for missing ranks), butterfly
-        std::vector<float> part(static_cast<size_t>(tpt), 0.0f);
-        for (int l = 0; l < tpt; ++l)
-          for (int r = l; r < K; r += tpt) part[static_cast<size_t>(l)] += u[static_cast<size_t>(r)];
-        const float want = butterfly_sum(part);
-        // the thread forward: rank_lanes lanes in bit-reversed order into the pairwise tree
-        const int log_lanes = kr::log2_pow2(lanes);
-        kr::TreeSum ts{};
-        for (int m = 0; m < lanes; ++m) {
-          float p = 0.0f;
-          for (int r = kr::bitrev_lane(m, log_lanes); r < K; r += tpt) p += u[static_cast<size_t>(r)];
-          kr::tree_push(ts, m, p);
-        }
-        const float got = kr::tree_result(ts, log_lanes);
-        INFO("TPT " << tpt << " K " << K << " trial " << trial << ": " << got << " vs " << want);
-        if (std::isnan(want)) REQUIRE(std::isnan(got));
-        else REQUIRE(std::memcmp(&got, &want, sizeof(float)) == 0);
-      }
-    }
-  }
-}
-
-template <int KMAX>
-void check_toplist(std::mt19937_64& rng, int K, int n, int distinct) {
-  namespace kr = moekit::kernels::router;
-  std::uniform_int_distribution<uint32_t> pick(0, static_cast<uint32_t>(distinct - 1));
-  std::vector<uint32_t> key(static_cast<size_t>(n));
-  for (uint32_t& k : key) k = 0x007fffffu + 1000u * pick(rng);  // >= float_key(-inf), many ties
-  kr::TopList<KMAX> l;
-  kr::toplist_init(l);
-  // As the kernel: candidates in ascending index order; the threshold-guarded form (the kernel's
-  // rounds insert every candidate; both must give the same first K).
-  kr::TopList<KMAX> g;
-  kr::toplist_init(g);
-  for (int e = 0; e < n; ++e) {
-    kr::toplist_insert(l, key[e], e);
-    if (key[e] > kr::toplist_threshold(g, K)) kr::toplist_insert(g, key[e], e);
-  }
-  std::vector<int> order(static_cast<size_t>(n));
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return key[a] > key[b]; });
-  for (int r = 0; r < K; ++r) {
-    INFO("KMAX " << KMAX << " K " << K << " n " << n << " distinct " << distinct << " rank " << r);
-    REQUIRE(l.idx[r] == order[static_cast<size_t>(r)]);
-    REQUIRE(l.key[r] == key[static_cast<size_t>(order[static_cast<size_t>(r)])]);
-    REQUIRE(g.idx[r] == order[static_cast<size_t>(r)]);
-  }
-}
-
-TEST_CASE("thread forward: the register top-K list is a stable descending sort's first K", "[router][thread]") {
-  namespace kr = moekit::kernels::router;
-  auto rng = make_rng(0x70b1);
-  for (int K = 1; K <= kr::kThreadMaxK; ++K) {
-    for (int n : {K, K + 1, 2 * K + 3, 24, 64, 300}) {
-      if (n < K) continue;
-      for (int distinct : {1, 2, 5, 1000000}) {
-        for (int trial = 0; trial < 20; ++trial) {
-          switch (kr::thread_kmax(K)) {
-            case 2: check_toplist<2>(rng, K, n, distinct); break;
-            case 4: check_toplist<4>(rng, K, n, distinct); break;
-            case 8: check_toplist<8>(rng, K, n, distinct); break;
-            default: check_toplist<10>(rng, K, n, distinct); break;
-          }
-        }
-      }
-    }
-    REQUIRE(kr::thread_kmax(K) >= K);
-  }
-}
-
-TEST_CASE("thread forward: group ranks, staging walk and shared-memory layout", "[router][thread][layout]") {
-  namespace kr = moekit::kernels::router;
-  // ranks: a permutation of 0..G-1, descending keys, ties to the lower group
-  auto rng = make_rng(0x9a0b);
-  for (int G = 1; G <= 32; ++G) {
-    std::uniform_int_distribution<uint32_t> pick(0, 3);
-    std::vector<uint32_t> gk(static_cast<size_t>(G));
-    for (uint32_t& k : gk) k = pick(rng);
-    std::vector<int> order(static_cast<size_t>(G));
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return gk[a] > gk[b]; });
-    for (int r = 0; r < G; ++r)
-      REQUIRE(kr::group_rank(order[static_cast<size_t>(r)], G, [&](int h) { return gk[static_cast<size_t>(h)]; }) == r);
-  }
-  // staging walk: every (row, item) of nrows x n exactly once per block, by 64 threads
-  for (int n = 1; n <= 200; ++n) {
-    for (int nrows : {1, 7, kr::kThreadTokens}) {
-      std::vector<int> seen(static_cast<size_t>(nrows * n), 0);
-      const int q = kr::kThreadTokens / n, rm = kr::kThreadTokens % n;
-      for (int tid = 0; tid < kr::kThreadTokens; ++tid)
-        for (int r = tid / n, c = tid % n; r < nrows; kr::flat_advance(r, c, q, rm, n)) {
-          REQUIRE((c >= 0 && c < n));
-          ++seen[static_cast<size_t>(r * n + c)];
-        }
-      for (int x : seen) REQUIRE(x == 1);
-    }
-  }
-  // layout: 16-byte offsets, odd 16-byte pitch holding a row, everything within the block; the
-  // model table's shapes fit the budget (E <= 512 without groups fits in every dtype and K)
-  for (int E = 1; E <= kr::kFastMaxExperts; ++E) {
-    for (int elem : {2, 4}) {
-      for (int G : {1, 2, 4, 8, 16, 32}) {
-        if (G > E || E % G != 0) continue;
-        for (int K = 1; K <= std::min(E, kr::kThreadMaxK); ++K) {
-          const kr::ThreadLayout l = kr::thread_layout(E, elem, G, K);
-          INFO("E=" << E << " element bytes " << elem << " G=" << G << " K=" << K);
-          REQUIRE(l.pitch % 16 == 0);
-          REQUIRE((l.pitch / 16) % 2 == 1);
-          REQUIRE(l.pitch >= static_cast<size_t>(E) * elem);
-          for (size_t off : {l.rows_off, l.bias_off, l.load_off, l.cand_off, l.u_off, l.aux_off}) REQUIRE(off % 16 == 0);
-          REQUIRE(l.bias_off >= l.rows_off + kr::kThreadTokens * l.pitch);
-          REQUIRE(l.load_off >= l.bias_off + 4 * static_cast<size_t>(E));
-          REQUIRE(l.cand_off >= l.load_off + 4 * static_cast<size_t>(E));
-          REQUIRE(l.cand == kr::thread_candidates(G));
-          REQUIRE(l.cand <= kr::kThreadCand);
-          REQUIRE(l.u_off >= l.cand_off + 8 * static_cast<size_t>(l.cand + 1) * kr::kThreadTokens);
-          REQUIRE(l.aux_off >= l.u_off + 4 * static_cast<size_t>(K) * kr::kThreadTokens);
-          REQUIRE(l.aux_rows == (G > 1 ? G : K));
-          REQUIRE(l.bytes == l.aux_off + 8 * static_cast<size_t>(l.aux_rows) * kr::kThreadTokens);
-          if (G == 1) REQUIRE(l.bytes <= kr::kThreadSmemBudget);
-        }
-      }
-    }
-  }
-  // DeepSeek-V3 bf16: 4 blocks per H100 / H200 SM (228 KB, 1 KB reserved per block)
-  REQUIRE(4 * (kr::thread_layout(256, 2, 8, 8).bytes + 1024) <= 228 * 1024);
 }
 
 TEST_CASE("layout: the generic forward's shared memory fits, with 16-byte staging buffers", "[router][layout]") {
@@ -1303,43 +1112,4 @@ TEST_CASE("aux loss, bias update and fake gate reject every bad argument", "[rou
   expect_failure(fg(4, 8, 2, 0, 0.0f, d->weights, reinterpret_cast<int32_t*>(d->weights + 1)), MOEKIT_STATUS_INVALID_ARGUMENT, "moekit_fake_gate_forward", {"overlaps"});
   expect_failure(fg(int64_t{1} << 48, 8, 2, 0, 0.0f, d->weights, d->indices), MOEKIT_STATUS_INVALID_ARGUMENT, "moekit_fake_gate_forward", {"2^48"});
   CHECK(d->untouched());
-}
-
-// MOEKIT_ROUTER_FORWARD_KERNEL=thread-only (what the GPU suite and the benchmark use to compare the
-// thread forward with the fast forward) refuses, before anything touches memory or the device,
-// every call the thread forward does not cover, so a comparison cannot pass on the other kernel.
-TEST_CASE("thread forward: thread-only refuses what it does not cover, naming why", "[router][thread][validation]") {
-  auto d = std::make_unique<Dummies>();
-  const auto before = std::make_unique<Dummies>();
-  setenv("MOEKIT_ROUTER_FORWARD_KERNEL", "thread-only", 1);
-  struct Case {
-    moekit_router_config_t c;
-    bool stats;
-    const char* part;
-  };
-  auto big_k = router_config(64, 12);
-  auto generic = router_config(600, 4);
-  auto stats = router_config(64, 4);
-  auto odd_groups = router_config(64, 4);  // groups of 3 lanes: the generic path
-  odd_groups.num_experts = 48;
-  odd_groups.num_groups = 2;
-  odd_groups.num_groups_kept = 1;
-  for (const Case& k : {Case{stats, true, "aux statistics requested"}, Case{big_k, false, "top_k=12"},
-                        Case{generic, false, "num_experts=600"}, Case{odd_groups, false, "num_groups=2"}}) {
-    INFO(k.part);
-    size_t ws = 0;
-    REQUIRE(moekit_router_forward_workspace_size(&k.c, 4, &ws) == MOEKIT_STATUS_SUCCESS);
-    REQUIRE(ws <= sizeof(d->workspace));
-    const moekit_status_t st = moekit_router_forward(
-        &k.c, 4, MOEKIT_DTYPE_BF16, d->logits, k.c.num_experts, nullptr, nullptr, d->weights, d->indices, d->load,
-        k.stats ? d->score_sum : nullptr, k.stats ? d->count : nullptr, d->workspace, ws, nullptr);
-    const std::string msg = moekit_get_last_error();
-    INFO(msg);
-    CHECK(st == MOEKIT_STATUS_UNSUPPORTED);
-    CHECK(msg.find("moekit_router_forward") != std::string::npos);
-    CHECK(msg.find("MOEKIT_ROUTER_FORWARD_KERNEL=thread-only") != std::string::npos);
-    CHECK(msg.find(k.part) != std::string::npos);
-    CHECK(std::memcmp(d.get(), before.get(), sizeof(Dummies)) == 0);  // nothing written
-  }
-  unsetenv("MOEKIT_ROUTER_FORWARD_KERNEL");
 }

@@ -432,6 +432,8 @@ pub struct moekit_layer_saved_view_t {
     pub recv_weights: *mut f32,
     pub recv_mask: *mut u8,
     pub ep_dropped: *mut i32,
+    pub expert_xp: *mut c_void,
+    pub expert_row_weights: *mut f32,
 }
 
 extern "C" {

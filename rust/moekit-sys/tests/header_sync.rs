@@ -432,7 +432,7 @@ fn rust_layouts() -> Vec<Layout> {
         moekit_layer_saved_view_t { struct_size, max_rows, logits_row_stride, logits_dtype, logits, weights,
             indices, expert_load, aux_score_sum, aux_token_count, expert_counts, expert_offsets, row_of_slot,
             slot_of_row, plan_totals, expert_u, shared_u, shared_gate_logit, shared_out, recv_rows, ep_layout, recv_x,
-            recv_indices, recv_weights, recv_mask, ep_dropped }
+            recv_indices, recv_weights, recv_mask, ep_dropped, expert_xp, expert_row_weights }
         moekit_ep_config_t { struct_size, num_ranks, num_experts, top_k, dtype, combine_dtype, mode, num_chunks,
             hidden, max_tokens, capacity }
     }
