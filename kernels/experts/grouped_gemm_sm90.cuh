@@ -296,13 +296,6 @@ __device__ __forceinline__ uint32_t opaque_u32(uint32_t v) {
   asm volatile("mov.b32 %0, %1;\n" : "=r"(v) : "r"(v));
   return v;
 }
-// threadIdx.x read at this point (an asm volatile: not merged with earlier reads, so nothing
-// derived from it is kept live from before).
-__device__ __forceinline__ uint32_t tid_x_here() {
-  uint32_t v;
-  asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(v));
-  return v;
-}
 __device__ __forceinline__ uint64_t opaque_u64(uint64_t v) {
   asm volatile("mov.b64 %0, %1;\n" : "=l"(v) : "l"(v));
   return v;
@@ -974,9 +967,9 @@ struct GroupedGemmSm90 {
                                                               const CUtensorMap* tma_c, const CUtensorMap* tma_u,
                                                               uint32_t smem_in) {
     // Everything below that does not change from tile to tile is derived here, per tile, from
-    // opaque values (opaque_u32, tid_x_here): hoisted out of the tile loop it would hold registers
-    // across the k loop next to the 128 accumulators (ptxas spilled them there).
-    const uint32_t tid = tid_x_here();
+    // opaque values (opaque_u32, thread_index_here): hoisted out of the tile loop it would hold
+    // registers across the k loop next to the 128 accumulators (ptxas spilled them there).
+    const uint32_t tid = static_cast<uint32_t>(thread_index_here());
     const int c = static_cast<int>(tid / Cfg::kWarpgroupThreads) - 1;  // consumer warpgroup 0, 1
     const int ctid = static_cast<int>(tid % Cfg::kWarpgroupThreads);
     const int rows = t.rows_valid - 64 * c;  // of this warpgroup's 64 rows, those in the group
