@@ -622,10 +622,9 @@ struct GroupedGemmSm90 {
   // u (relu2: one, gated: two), two 16-byte loads of G from shared memory, the activation backward
   // of 8 columns (the same functions, operations and roundings as EpilogueRow::bwd_act_apply_as:
   // the same du and h' bits), 16-byte stores of du (one or two) and h'. The 16 items of a tile
-  // (geometry: bwd_stage_* in grouped_gemm_sm90.hpp) run in a loop of three items per iteration
-  // (three copies of the activation code per instance, one for the runtime-kind ones), and the u
-  // loads run two items ahead of the item being computed (epilogue_bwd_act_staged_as says why
-  // three). Order per pass: named barrier (the previous pass's reads are done), fragment stores of the
+  // (geometry: bwd_stage_* in grouped_gemm_sm90.hpp) run in a rolled loop (one copy of the
+  // activation code per instance), the u loads issued two items ahead of the item computed (in
+  // effect one: epilogue_bwd_act_staged_as says why that stays). Order per pass: named barrier (the previous pass's reads are done), fragment stores of the
   // pass's two warps, named barrier, the thread's 2 items.
   // dp partial of a row (one per row and column tile, fixed order, independent of scheduling): per
   // item the 8 columns' G a in column order (pairs a0 act0 + a1 act1, summed in pair order), per
@@ -792,39 +791,20 @@ struct GroupedGemmSm90 {
       dp2 = dp3;
       dp3 = acc;
     };
-    // u runs two items ahead in three register buffers named statically (items k, k + 1, k + 2
-    // in b0, b1, b2 at the top of an iteration): a rolled loop over one rotating set (cur = n1;
-    // n1 = n2) made every iteration's first instruction a register move of the load issued one
-    // item earlier, which waits for that load, so only one item's work covered each u load (the
-    // SASS at 5d0a5d1; on an H200 the act step took 1.45-4.47 ms where its GEMM at the dx step's
-    // rate would take 0.62-2.74 ms: ~36 us of epilogue per qwen3 tile, 2.2 us per item). Each
-    // load is issued before the item two ahead of its use, ahead of that item's stores in program
-    // order (a load of u may not move above a store to du or h').
-    // The runtime-kind instances (GeGLU, quick-GeGLU, SwiGLU-OAI: every kind's code in one body)
-    // keep the rolled loop (one item ahead): three copies of their item made ptxas spill 8 bytes.
-    static_assert(kStagedItems % 3 == 1, "five iterations of three items, then item 15");
+    // u one item ahead in a rolled loop. The rotation (cur = b0; b0 = b1) is a register move of
+    // the load issued one item before, which waits for it; three statically named buffers (two
+    // items of cover, three copies of the item) were measured on an H200 and changed nothing (act
+    // step qwen3 1 483 vs 1 453 us, dsv3 1 989 vs 2 005, mixtral 4 588 vs 4 465; 182741b): the
+    // epilogue is bound by issuing its ~830 instructions per item, not by the u loads
+    // (docs/experts.md), so the single copy stays.
     StagedIn b0 = staged_load<kLayout>(t, prob, ep, c, ctid, 0);
     StagedIn b1 = staged_load<kLayout>(t, prob, ep, c, ctid, 1);
-    if constexpr (kAct == EpilogueRow<T>::kBwdRuntimeKind) {
 #pragma unroll 1
-      for (int k = 0; k < kStagedItems; ++k) {
-        const StagedIn cur = b0;
-        b0 = b1;
-        if (k + 2 < kStagedItems) b1 = staged_load<kLayout>(t, prob, ep, c, ctid, k + 2);
-        item(k, cur);
-      }
-    } else {
-      StagedIn b2;
-#pragma unroll 1
-      for (int k = 0; k + 3 <= kStagedItems; k += 3) {
-        b2 = staged_load<kLayout>(t, prob, ep, c, ctid, k + 2);
-        item(k, b0);
-        b0 = staged_load<kLayout>(t, prob, ep, c, ctid, k + 3);
-        item(k + 1, b1);
-        if (k + 4 < kStagedItems) b1 = staged_load<kLayout>(t, prob, ep, c, ctid, k + 4);
-        item(k + 2, b2);
-      }
-      item(kStagedItems - 1, b0);
+    for (int k = 0; k < kStagedItems; ++k) {
+      const StagedIn cur = b0;
+      b0 = b1;
+      if (k + 2 < kStagedItems) b1 = staged_load<kLayout>(t, prob, ep, c, ctid, k + 2);
+      item(k, cur);
     }
     const float dps[4] = {dp0, dp1, dp2, dp3};
 #pragma unroll
