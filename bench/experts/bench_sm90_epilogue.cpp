@@ -23,15 +23,8 @@
 #include <vector>
 
 #include "kernels/experts/grouped_gemm_sm90.hpp"
+#include "tests/experts/experts_sm90_epilogue_launch.hpp"
 
-namespace moekit::test::sm90_epilogue {  // tests/experts/experts_sm90_epilogue_launch.cu
-cudaError_t launch_store(bool bf16, const kernels::experts::GroupedGemmProblem& p,
-                         const kernels::experts::EpilogueParams& ep, bool tma);
-cudaError_t launch_wgrad(bool bf16, const kernels::experts::GroupedGemmProblem& p,
-                         const kernels::experts::EpilogueParams& ep, bool tma);
-cudaError_t launch_gate_up(bool bf16, const kernels::experts::GroupedGemmProblem& p, kernels::experts::EpiKind kind,
-                           const kernels::experts::EpilogueParams& ep, bool tma);
-}  // namespace moekit::test::sm90_epilogue
 
 namespace {
 

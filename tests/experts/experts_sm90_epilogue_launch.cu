@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 
 #include "kernels/experts/grouped_gemm_sm90_impl.cuh"
+#include "tests/experts/experts_sm90_epilogue_launch.hpp"
 
 namespace moekit::test::sm90_epilogue {
 

@@ -26,20 +26,12 @@
 #include <vector>
 
 #include "kernels/experts/grouped_gemm_sm90.hpp"
+#include "tests/experts/experts_sm90_epilogue_launch.hpp"
 #include "tests/support/catch.hpp"
 #include "tests/support/device.hpp"
 #include "tests/support/numeric.hpp"
 #include "tests/support/random.hpp"
 
-namespace moekit::test::sm90_epilogue {  // experts_sm90_epilogue_launch.cu
-cudaError_t launch_store(bool bf16, const kernels::experts::GroupedGemmProblem& p,
-                         const kernels::experts::EpilogueParams& ep, bool tma);
-cudaError_t launch_wgrad(bool bf16, const kernels::experts::GroupedGemmProblem& p,
-                         const kernels::experts::EpilogueParams& ep, bool tma);
-cudaError_t launch_gate_up(bool bf16, const kernels::experts::GroupedGemmProblem& p, kernels::experts::EpiKind kind,
-                           const kernels::experts::EpilogueParams& ep, bool tma);
-cudaError_t smem_optin(int* optin);
-}  // namespace moekit::test::sm90_epilogue
 
 namespace {
 
