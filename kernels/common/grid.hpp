@@ -22,18 +22,33 @@ inline int current_device() {
   return device;
 }
 
-inline int device_sm_count(int device) {
+// Attribute kAttr of `device`, read once per device (kept as value + 1: 0 means not yet read) and
+// `fallback` where it cannot be read. Devices past the table are queried on every call.
+template <cudaDeviceAttr kAttr>
+inline int cached_device_attribute(int device, int fallback) {
   static std::atomic<int> cache[64];
-  if (device < 0 || device >= 64) return 1;
-  int n = cache[device].load(std::memory_order_relaxed);
-  if (n == 0) {
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n < 1) {
-      (void)cudaGetLastError();
-      return 1;
-    }
-    cache[device].store(n, std::memory_order_relaxed);
+  const bool cached = device >= 0 && device < 64;
+  if (cached) {
+    const int v = cache[device].load(std::memory_order_relaxed);
+    if (v != 0) return v - 1;
   }
+  int n = 0;
+  if (device < 0 || cudaDeviceGetAttribute(&n, kAttr, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return fallback;
+  }
+  if (cached) cache[device].store(n + 1, std::memory_order_relaxed);
   return n;
+}
+
+inline int device_sm_count(int device) {
+  const int n = cached_device_attribute<cudaDevAttrMultiProcessorCount>(device, 1);
+  return n < 1 ? 1 : n;
+}
+
+// Whether `device` takes cooperative launches (false where it cannot be asked).
+inline bool device_cooperative_launch(int device) {
+  return cached_device_attribute<cudaDevAttrCooperativeLaunch>(device, 0) != 0;
 }
 
 inline int device_sm_count() { return device_sm_count(current_device()); }

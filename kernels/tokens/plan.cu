@@ -53,7 +53,6 @@
 #include <cub/block/block_scan.cuh>
 #include <cooperative_groups.h>
 
-#include <atomic>
 #include <climits>
 
 #include "kernels/common/grid.hpp"
@@ -595,44 +594,14 @@ cudaError_t launch_split(const PlanArgs& a, cudaStream_t stream) {
   return launch_select(a, stream);
 }
 
-// The two device attributes the choice of path needs, cached per device: cudaDeviceGetAttribute
-// is an API call on every plan call otherwise. The cache is host memory only (graph capture is
-// not affected), written and read with relaxed atomics (any thread may fill an entry; every
-// writer writes the same value). Devices past kCachedDevices are queried on every call.
-constexpr int kCachedDevices = 64;
-std::atomic<int> g_device_caps[kCachedDevices];  // 0: not yet known, else 1 + (sms << 1 | coop)
-
-cudaError_t device_caps(int* coop, int* sms) {
-  int device = 0;
-  cudaError_t error = cudaGetDevice(&device);
-  if (error != cudaSuccess) return error;
-  const bool cached = device >= 0 && device < kCachedDevices;
-  if (cached) {
-    const int v = g_device_caps[device].load(std::memory_order_relaxed);
-    if (v != 0) {
-      *coop = (v - 1) & 1;
-      *sms = (v - 1) >> 1;
-      return cudaSuccess;
-    }
-  }
-  error = cudaDeviceGetAttribute(coop, cudaDevAttrCooperativeLaunch, device);
-  if (error != cudaSuccess) return error;
-  error = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
-  if (error != cudaSuccess) return error;
-  if (cached) g_device_caps[device].store(1 + ((*sms << 1) | (*coop != 0 ? 1 : 0)), std::memory_order_relaxed);
-  return cudaSuccess;
-}
-
 // Whether the fused kernel's grid is certain to be resident at once on the current device: at
 // most one block per SM (a plan block always fits on an SM by itself: 256 threads, at most 255
 // registers each, shared memory within the opt-in limit) on a device with cooperative launch.
-cudaError_t fused_fits(const PlanArgs& a, bool* fits) {
-  *fits = false;
-  int coop = 0, sms = 0;
-  const cudaError_t error = device_caps(&coop, &sms);
-  if (error != cudaSuccess) return error;
-  *fits = coop != 0 && a.num_blocks <= sms;
-  return cudaSuccess;
+// Device attributes from kernels/common/grid.hpp's per-device cache (no API call once read; a
+// device that cannot be asked takes the two-kernel path).
+bool fused_fits(const PlanArgs& a) {
+  const int device = current_device();
+  return device_cooperative_launch(device) && a.num_blocks <= device_sm_count(device);
 }
 
 cudaError_t launch_fused(const PlanArgs& a, cudaStream_t stream) {
@@ -672,10 +641,7 @@ cudaError_t launch_plan_kernels(const PlanArgs& a, PlanKernels which, cudaStream
     // One block (N <= kPlanTileSlots, T = 0 included): a plain launch, no grid barrier, no device
     // query. kFused still forces the cooperative kernel there (the GPU suite compares the paths).
     if (a.num_blocks == 1) return launch_single_block(a, stream);
-    bool fits = false;
-    const cudaError_t error = fused_fits(a, &fits);
-    if (error != cudaSuccess) return error;
-    if (!fits) return launch_split(a, stream);
+    if (!fused_fits(a)) return launch_split(a, stream);
     // A device that runs fewer blocks at once than it has SMs (an MPS client limited to part of
     // the GPU) refuses the cooperative launch before enqueuing anything: take the two kernels.
     const cudaError_t fused = launch_fused(a, stream);
