@@ -222,17 +222,21 @@ static moekit_status_t vet_device(const moekit_experts_config_t& c, kx::GemmPath
   DeviceFacts facts;
   MOEKIT_TRY(device_facts(device, &facts));
   const int major = facts.major, optin = facts.smem_optin;
+  // What the sm_90a path needs: its objects in this build, compute capability 9.0, its shared memory.
+  const bool sm90_built = kernels::experts::grouped_sm90_built();
+  const bool sm90_device = facts.major == 9 && facts.minor == 0;
+  const size_t need90 = kernels::experts::grouped_sm90_smem_bytes(c.num_experts);
+  const bool sm90_fits = need90 <= static_cast<size_t>(optin);
   if (c.gemm_path == MOEKIT_GEMM_PATH_SM90) {
-    if (!kernels::experts::grouped_sm90_built())
+    if (!sm90_built)
       return fail(MOEKIT_STATUS_UNSUPPORTED,
                   "config->gemm_path = MOEKIT_GEMM_PATH_SM90, but this build has no sm_90a kernels (configure "
                   "with gpu_archs containing 90)");
-    if (facts.major != 9 || facts.minor != 0)
+    if (!sm90_device)
       return fail(MOEKIT_STATUS_UNSUPPORTED,
                   "config->gemm_path = MOEKIT_GEMM_PATH_SM90 needs compute capability 9.0 (device %d is %d.%d)",
                   device, facts.major, facts.minor);
-    const size_t need90 = kernels::experts::grouped_sm90_smem_bytes(c.num_experts);
-    if (need90 > static_cast<size_t>(optin))
+    if (!sm90_fits)
       return fail(MOEKIT_STATUS_NOT_AVAILABLE,
                   "config->num_experts = %d needs %zu bytes of shared memory per block on the sm_90a path; device "
                   "%d offers %d",
@@ -246,8 +250,7 @@ static moekit_status_t vet_device(const moekit_experts_config_t& c, kx::GemmPath
     return fail(MOEKIT_STATUS_NOT_AVAILABLE,
                 "config->num_experts = %d needs %zu bytes of shared memory per block; device %d offers %d",
                 c.num_experts, need, device, optin);
-  const bool sm90_runs = kernels::experts::grouped_sm90_built() && facts.major == 9 && facts.minor == 0 &&
-                         kernels::experts::grouped_sm90_smem_bytes(c.num_experts) <= static_cast<size_t>(optin);
+  const bool sm90_runs = sm90_built && sm90_device && sm90_fits;
   *path = c.gemm_path == MOEKIT_GEMM_PATH_SM90 || (c.gemm_path == MOEKIT_GEMM_PATH_AUTO && sm90_runs)
               ? kx::kGemmPathSm90
               : kx::kGemmPathSm80;
