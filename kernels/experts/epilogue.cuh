@@ -16,6 +16,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
+#include <type_traits>
+
 #include "kernels/common/dtype.cuh"
 #include "kernels/experts/activation.cuh"
 #include "kernels/experts/grouped_gemm.hpp"
@@ -79,6 +82,28 @@ __device__ __forceinline__ float2 unpack_pair_bits<__nv_bfloat16>(uint32_t b) {
 template <>
 __device__ __forceinline__ float2 unpack_pair_bits<__half>(uint32_t b) {
   return __half22float2(*reinterpret_cast<const __half2*>(&b));
+}
+
+// The other way (16-bit T): two values rounded to T, as store_pair rounds them, as the raw bits of
+// the pair; one value rounded as from_float, as its raw bits (the staged and TMA-store epilogues
+// write these into shared memory).
+template <class T>
+__device__ __forceinline__ uint32_t pack_pair_bits(float a, float b) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+template <class T>
+__device__ __forceinline__ uint16_t pack_one_bits(float a) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(a));
+  } else {
+    return __half_as_ushort(__float2half_rn(a));
+  }
 }
 
 // The saved u a kEpiBwdAct column pair needs (EpilogueRow::bwd_act_load): two raw pairs.

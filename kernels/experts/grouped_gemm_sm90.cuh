@@ -245,17 +245,6 @@ __device__ __forceinline__ float4 ld_shared_f32x4(uint32_t addr) {
 __device__ __forceinline__ void bar_sync_named(uint32_t id, uint32_t threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
-// Two values rounded to T (as store_pair does) as the raw bits of the pair.
-template <class T>
-__device__ __forceinline__ uint32_t pack_pair_bits(float a, float b) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __half2 v = __floats2half2_rn(a, b);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-}
 
 // ---- TMA stores (the TMA-store epilogue, MOEKIT_SM90_TMA_STORE) ----
 __device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
@@ -299,15 +288,6 @@ __device__ __forceinline__ uint32_t opaque_u32(uint32_t v) {
 __device__ __forceinline__ uint64_t opaque_u64(uint64_t v) {
   asm volatile("mov.b64 %0, %1;\n" : "=l"(v) : "l"(v));
   return v;
-}
-// One value rounded to T (as from_float does) as its raw bits.
-template <class T>
-__device__ __forceinline__ uint16_t pack_one_bits(float a) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(a));
-  } else {
-    return __half_as_ushort(__float2half_rn(a));
-  }
 }
 __device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 // Until every committed bulk group of this thread has finished reading shared memory.
