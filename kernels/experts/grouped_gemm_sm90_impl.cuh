@@ -7,12 +7,12 @@
 namespace moekit::kernels::experts {
 
 namespace sm90 {
-// The device's opt-in shared memory per block.
+// The current device's opt-in shared memory per block, from grid.hpp's per-device cache (every
+// TMA-store and staged launch picks its ring depth from it: no API call once read).
 inline cudaError_t smem_optin(int* optin) {
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  return err;
+  const int device = current_device();
+  *optin = cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device, -1);
+  return *optin < 0 ? cudaErrorInvalidDevice : cudaSuccess;
 }
 
 // kEpiStore of axis M with the TMA-store epilogue where `tma` asks for it, tma_store_takes the
@@ -92,11 +92,8 @@ cudaError_t launch_sm90_backward(const GroupedGemmProblem& p, EpiKind kind, cons
     case kEpiBwdAct:
       if constexpr (sm90::kBwdActStaged) {
         if (sm90::bwd_act_staged_takes(p, ep)) {
-          int device = 0, optin = 0;
-          cudaError_t err = cudaGetDevice(&device);
-          if (err == cudaSuccess)
-            err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-          if (err != cudaSuccess) return err;
+          int optin = 0;
+          if (const cudaError_t err = sm90::smem_optin(&optin)) return err;
           const int stages = sm90::bwd_act_staged_stages(p.num_groups, static_cast<size_t>(optin));
           if (stages == 4) return sm90::launch<T, true, kEpiBwdAct, 4>(p, ep, stream);
           if (stages == 3) return sm90::launch<T, true, kEpiBwdAct, 3>(p, ep, stream);
