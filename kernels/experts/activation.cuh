@@ -1,7 +1,8 @@
 // Expert activations, forward and backward, in fp32: the one definition used by the grouped GEMM
 // epilogues, the dense MLP's elementwise kernels and the benchmark's per-expert loop. Host- and
-// device-callable (plain expf, no intrinsics), so the CPU tests check these very functions
-// against the double reference.
+// device-callable, so the CPU tests check these very functions against the double reference; the
+// one difference is the sigmoid (act_sigmoid), which the device evaluates with the hardware's
+// approximate exp2 and reciprocal (see there), the host with expf and a division.
 //
 // Gated activations see a gate value g and an up value v (their column positions in u are the
 // caller's business: concatenated or interleaved); relu2 sees one value u. L = limit, a = alpha:
@@ -38,7 +39,21 @@ struct ActParams {
 
 __host__ __device__ inline bool act_is_gated(int kind) { return kind != kActRelu2; }
 
-__host__ __device__ inline float act_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+// sigmoid(x) = 1 / (1 + e^-x). On the device: __expf (ex2.approx of x log2 e; at most
+// 2 + floor(1.173 |x|) ulp) and __fdividef (rcp.approx, 2 ulp; 0 once 1 + e^-x exceeds 2^126,
+// where the sigmoid is below 1e-38): 4-6 instructions where expf and an IEEE division take about 20
+// with a slow-path branch, and the activation epilogues of the grouped GEMMs issue 64 to 128 of
+// them per thread and tile (issue-bound: measured in docs/experts.md). The relative error stays
+// below 2e-6 for |x| <= 20 (beyond that the sigmoid is 1 or smaller than 3e-9, and the error
+// shrinks with it), far under one bf16 / f16 rounding and inside the f32 tolerance of the GPU
+// tests; +-inf give 0 and 1, NaN stays NaN.
+__host__ __device__ inline float act_sigmoid(float x) {
+#ifdef __CUDA_ARCH__
+  return __fdividef(1.0f, 1.0f + __expf(-x));
+#else
+  return 1.0f / (1.0f + expf(-x));
+#endif
+}
 
 // Whether this activation clamps with the given limit.
 __host__ __device__ inline bool act_clamps(const ActParams& p) {
