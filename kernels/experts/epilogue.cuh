@@ -166,7 +166,8 @@ struct EpilogueRow {
     return make_float2(act_relu2(a.x) * s, act_relu2(a.y) * s);
   }
 
-  // ---- kEpiGateUp, concatenated: h columns i, i + 1 ----
+  // ---- kEpiGateUp, concatenated: h columns i, i + 1 (kAct as in gate_up_h2) ----
+  template <int kAct = -1>
   __device__ __forceinline__ void gate_up_pair2(int i, float g0, float g1, float v0, float v1) const {
     const GateUp2 x = gate_up_biased2(i, g0, g1, v0, v1);
     if (ep.u) {
@@ -175,7 +176,7 @@ struct EpilogueRow {
       store_pair(u + ep.inter + i, x.v0, x.v1);
     }
     if (ep.c) {
-      const float2 o = gate_up_h2(x);
+      const float2 o = gate_up_h2<kAct>(x);
       store_pair(static_cast<T*>(ep.c) + row * ep.ldc + i, o.x, o.y);
     }
   }

@@ -403,13 +403,21 @@ inline bool tma_store_takes(const GroupedGemmProblem& p, EpiKind kind, const Epi
 // the last phase). A warpgroup whose 64 rows all lie inside the tile's group stores each phase
 // with TMA (boxes clip at the output's columns); a group's tail warpgroup copies its valid rows
 // out of the staged region by thread (16-byte shared loads and global stores) instead, so the
-// kernel holds no second (register-direct) copy of the epilogue. Off by default until the GPU
-// tests (tests/experts/test_experts_sm90_epilogue) have compared it bit for bit with the
-// register-direct stores: -Dcuda_args=-DMOEKIT_SM90_TMA_STORE_GATE_UP=1 turns it on.
+// kernel holds no second (register-direct) copy of the epilogue. Per kind, by measurement
+// (bench/results/diagnostics/sm90-epilogue-gateup-h200.json, one binary, alternating order): on
+// for relu2 (MOEKIT_SM90_TMA_STORE_GATE_UP_RELU2, default 1: h 1.04-1.10x, h and u 1.07-1.18x
+// faster than the register-direct stores), off for the gated kinds
+// (MOEKIT_SM90_TMA_STORE_GATE_UP, default 0: SwiGLU h 1.00x, h and u 0.93-0.97x). Either is a
+// -D in cuda_args; tests/experts/test_experts_sm90_epilogue compares both epilogues bit for bit
+// whatever they say.
 #ifndef MOEKIT_SM90_TMA_STORE_GATE_UP
 #define MOEKIT_SM90_TMA_STORE_GATE_UP 0
 #endif
+#ifndef MOEKIT_SM90_TMA_STORE_GATE_UP_RELU2
+#define MOEKIT_SM90_TMA_STORE_GATE_UP_RELU2 1
+#endif
 constexpr bool kTmaStoreGateUp = MOEKIT_SM90_TMA_STORE_GATE_UP != 0;
+constexpr bool kTmaStoreRelu2 = MOEKIT_SM90_TMA_STORE_GATE_UP_RELU2 != 0;
 
 // Columns of h of a gate-up forward problem: I (concatenated), N / 2 (interleaved), N (relu2).
 inline int gate_up_h_cols(const GroupedGemmProblem& p, EpiKind kind) {
