@@ -294,40 +294,49 @@ __device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bul
 __device__ __forceinline__ void bulk_wait_group_read0() {
   asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
 }
+// Until at most the newest committed bulk group of this thread is still reading shared memory.
+__device__ __forceinline__ void bulk_wait_group_read1() {
+  asm volatile("cp.async.bulk.wait_group.read 1;\n" ::: "memory");
+}
 // Until every committed bulk group of this thread has completed (its global writes included).
 __device__ __forceinline__ void bulk_wait_group0() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
 // One consumer warpgroup's TMA-store epilogue: the elected thread (ctid 0) owns the bulk groups.
 // `value(j, h)` returns the two fp32 values of accumulator chunk j, row half h (the caller's
-// epilogue maths); the warpgroup writes them as T into its region, half tile by half tile, and
-// `store(box, col_in_tile)` (elected thread only) issues the TMA store of one [64][64] box.
-// Order per half: wait.read 0 + barrier (the region's previous bulk group has been read), the
-// fragment writes, fence.proxy.async + barrier (they are visible to the async proxy), the stores,
-// commit. Fragment (warp, lane, h, j): warpgroup row 16 warp + lane / 4 + 8 h, half column
-// 8 (j % 16) + 2 (lane % 4): a warp's 32 4-byte writes of one (h, j) cover 8 rows of one 16-byte
+// epilogue maths); the warpgroup writes them as T into its region and `store(box, col_in_tile)`
+// (elected thread only) issues the TMA store of one [64][64] box. The tile's 256 columns go out
+// as four boxes through the region's two box buffers (box q in buffer q % 2), one bulk group per
+// box. Order per box: wait.read 1 (every bulk group but the newest has been read: the one that
+// last used this buffer, two boxes back, possibly the previous tile's) + barrier, the fragment
+// writes, fence.proxy.async + barrier (they are visible to the async proxy), the store, commit.
+// Two buffers because one (a [64][128] half per group, waited with wait.read 0) made every tile
+// wait for its first half's store to be read out of shared memory before writing the second.
+// Fragment (warp, lane, h, j): warpgroup row 16 warp + lane / 4 + 8 h, box column
+// 8 (j % 8) + 2 (lane % 4): a warp's 32 4-byte writes of one (h, j) cover 8 rows of one 16-byte
 // chunk column, which the swizzle spreads over 8 distinct chunks: 32 distinct banks.
 template <class T, class Value, class Store>
 __device__ __forceinline__ void tma_store_tile(uint32_t region, uint32_t bar, int ctid, Value&& value,
                                                Store&& store) {
   const int warp = ctid >> 5, lane = ctid & 31, q = lane & 3;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    if (ctid == 0) bulk_wait_group_read0();
+  for (int box = 0; box < 4; ++box) {
+    const uint32_t buf = static_cast<uint32_t>(box & 1);
+    if (ctid == 0) bulk_wait_group_read1();
     bar_sync_named(bar, TileConfig::kWarpgroupThreads);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const uint32_t r = static_cast<uint32_t>(16 * warp + (lane >> 2) + 8 * h);
 #pragma unroll
-      for (int jj = 0; jj < 16; ++jj) {
-        const float2 v = value(16 * half + jj, h);
-        st_shared_b32(region + tma_store_offset(r, static_cast<uint32_t>(8 * jj + 2 * q)), pack_pair_bits<T>(v.x, v.y));
+      for (int jj = 0; jj < 8; ++jj) {
+        const float2 v = value(8 * box + jj, h);
+        st_shared_b32(region + tma_store_offset(r, static_cast<uint32_t>(TileConfig::kBoxCols * buf + 8 * jj + 2 * q)),
+                      pack_pair_bits<T>(v.x, v.y));
       }
     }
     fence_proxy_async_smem();
     bar_sync_named(bar, TileConfig::kWarpgroupThreads);
     if (ctid == 0) {
-#pragma unroll
-      for (int b = 0; b < 2; ++b) store(region + b * kTmaStoreBoxBytes, kTmaStoreCols * half + TileConfig::kBoxCols * b);
+      store(region + buf * kTmaStoreBoxBytes, TileConfig::kBoxCols * box);
       bulk_commit_group();
     }
   }

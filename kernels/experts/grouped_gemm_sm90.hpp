@@ -113,10 +113,11 @@ inline int bwd_act_staged_stages(int num_groups, size_t smem_optin) {
 // warpgroups held until the last store issues), each consumer warpgroup converts them to T into
 // its own shared-memory region of [64 rows][128 columns] (two [64][64] boxes, 128-byte rows,
 // 128B-swizzled as TMA's SWIZZLE_128B reads them), and one elected thread writes each box with a
-// TMA bulk tensor store (cp.async.bulk.tensor ... .global.shared::cta, one bulk group per half
-// tile). A tile's 256 columns take two halves; before a half overwrites the region the elected
-// thread waits until the previous bulk group has been read (cp.async.bulk.wait_group.read 0), so
-// the second half of tile i drains while tile i + 1's k loop runs. Row tails: a box of a group's
+// TMA bulk tensor store (cp.async.bulk.tensor ... .global.shared::cta, one bulk group per box).
+// A tile's 256 columns go out as four boxes through the two box buffers; before a box overwrites
+// its buffer the elected thread waits until every bulk group but the newest has been read
+// (cp.async.bulk.wait_group.read 1), so a box is converted while the previous one is read out, and
+// the last box of tile i drains while tile i + 1's k loop runs. Row tails: a box of a group's
 // tile must not write rows past the group's end (the next expert's rows of the same output), so a
 // warpgroup whose 64 rows are not all inside its group stores that tile with the register-direct
 // epilogue (see docs/experts.md); column tails are clipped by the tensor map's bounds (N). Weight
@@ -127,7 +128,7 @@ inline int bwd_act_staged_stages(int num_groups, size_t smem_optin) {
 #endif
 constexpr bool kTmaStore = MOEKIT_SM90_TMA_STORE != 0;
 constexpr int kTmaStoreRows = 64;                                               // one warpgroup's rows
-constexpr int kTmaStoreCols = 128;                                              // columns per half
+constexpr int kTmaStoreCols = 128;                                              // columns per region
 constexpr uint32_t kTmaStoreBoxBytes = kTmaStoreRows * TileConfig::kBoxCols * TileConfig::kElemBytes;  // 8192
 constexpr uint32_t kTmaStoreRegionBytes = kTmaStoreRows * kTmaStoreCols * TileConfig::kElemBytes;     // 16384
 constexpr uint32_t kTmaStoreStagingBytes = TileConfig::kConsumers * kTmaStoreRegionBytes;             // 32768
