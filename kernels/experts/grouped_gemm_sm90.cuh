@@ -382,7 +382,7 @@ struct GroupedGemmSm90 {
 
   static __device__ __forceinline__ TileInfo decode(const RowTileSchedule& sched, const GroupedGemmProblem& prob,
                                                     int64_t tile) {
-    const RowTile rt = sched.decode(tile);
+    const RowTile rt = sched.decode32(static_cast<uint32_t>(tile));  // sm90::takes: the count fits
     int64_t gb, ge;
     group_rows(prob.offsets, rt.group, prob.max_rows, &gb, &ge);
     TileInfo t;
@@ -1116,10 +1116,13 @@ struct GroupedGemmSm90 {
     const uint32_t a_rows = static_cast<uint32_t>(c) * 64u * 128u;  // this warpgroup's 64 rows of A
     uint32_t it = 0;
     for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
-      const TileInfo t = decode(sched, prob, tile);
+      // Zeroed, not left to a first wgmma with scale-d 0: undefined accumulators read by that
+      // wgmma count as live across the previous tile's epilogue, and ptxas then spills the
+      // TMA-store kernels (72 bytes, measured).
       float d[128];
 #pragma unroll
       for (int i = 0; i < 128; ++i) d[i] = 0.0f;
+      TileInfo t;
       uint32_t prev = 0;
       for (int kt = 0; kt < ktiles; ++kt, ++it) {
         const uint32_t s = it % kStages;
@@ -1134,6 +1137,11 @@ struct GroupedGemmSm90 {
         for (int kk = 0; kk < kBK / 16; ++kk)
           wgmma_m64n256k16<T, 0, kTransB>(d, da + ((kk * kAStepBytes) >> 4), db + ((kk * kBStep) >> 4));
         wgmma_commit();
+        // The tile's decode (three divisions and a binary search over the prefix in shared
+        // memory, a chain of dependent loads) runs while its first wgmma batch executes, not
+        // between the previous tile's epilogue and this k loop (the asm's memory clobber keeps
+        // its shared loads below the commit). K >= 1 (sm90::takes): every tile has a k tile 0.
+        if (kt == 0) t = decode(sched, prob, tile);
         if constexpr (kKind == kEpiBwdAct) {
           // c * kWarpgroupThreads + ctid, read afresh (thread_index_here)
           if (kt == prefetch_kt) prefetch_u(t, prob, ep, thread_index_here() - Cfg::kWarpgroupThreads);

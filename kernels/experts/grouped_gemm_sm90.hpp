@@ -485,6 +485,11 @@ inline bool takes(const GroupedGemmProblem& p, EpiKind kind) {
   }
   if (p.axis != kAxisM || p.num_groups < 1 || p.max_rows < 1 || p.max_rows > INT32_MAX || p.k < 1 || p.n < 1)
     return false;
+  // The kernel decodes tiles in 32 bits (RowTileSchedule::decode32): the worst-case tile count
+  // must fit.
+  if (max_row_tiles(p.max_rows, p.num_groups, TileConfig::kBM) * ((p.n + TileConfig::kBN - 1) / TileConfig::kBN) >
+      INT32_MAX)
+    return false;
   if (p.b_nk ? !(kind == kEpiStore || kind == kEpiBwdAct)
              : !(kind == kEpiGateUp || kind == kEpiRelu2 || kind == kEpiStore))
     return false;

@@ -126,6 +126,33 @@ struct RowTileSchedule {
     r.n_tile = n_tile;
     return r;
   }
+
+  // decode(t) in 32-bit arithmetic, for schedules whose total_tiles() is at most INT32_MAX (the
+  // sm_90a path requires it of its worst case on the host, sm90::takes): the same tile for every
+  // t (a CPU test compares them). Three unsigned 32-bit divisions instead of 64-bit ones, which
+  // are subroutines of their own: fewer instructions and registers where a kernel decodes next to
+  // its live accumulators.
+  __host__ __device__ RowTile decode32(uint32_t t) const {
+    const uint32_t tiles_m = static_cast<uint32_t>(prefix[num_groups]);
+    const uint32_t gm = static_cast<uint32_t>(group_m);
+    const uint32_t panel_tiles = gm * static_cast<uint32_t>(tiles_n);
+    const uint32_t panel = t / panel_tiles;
+    const uint32_t within = t - panel * panel_tiles;
+    const uint32_t first = panel * gm;
+    const uint32_t rest = tiles_m - first;
+    const uint32_t height = rest < gm ? rest : gm;
+    const int32_t global_row_tile = static_cast<int32_t>(first + within % height);
+    int lo = 0, hi = num_groups - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (prefix[mid] <= global_row_tile) lo = mid; else hi = mid - 1;
+    }
+    RowTile r;
+    r.group = lo;
+    r.row_tile = global_row_tile - prefix[lo];
+    r.n_tile = static_cast<int>(within / height);
+    return r;
+  }
 };
 
 // Row-tile count of a group with `rows` rows.

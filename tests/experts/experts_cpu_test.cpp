@@ -395,6 +395,10 @@ TEST_CASE("tile schedule covers every row tile of every group exactly once", "[e
     std::set<std::tuple<int, int, int>> seen;
     for (int64_t t = 0; t < sched.total_tiles(); ++t) {
       const kx::RowTile rt = sched.decode(t);
+      const kx::RowTile rt32 = sched.decode32(static_cast<uint32_t>(t));  // the sm_90a kernel's form
+      REQUIRE(rt32.group == rt.group);
+      REQUIRE(rt32.row_tile == rt.row_tile);
+      REQUIRE(rt32.n_tile == rt.n_tile);
       REQUIRE(rt.group >= 0);
       REQUIRE(rt.group < G);
       REQUIRE(rt.row_tile >= 0);
