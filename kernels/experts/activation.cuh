@@ -132,17 +132,34 @@ __host__ __device__ inline float act_gated(const ActParams& p, float g, float v)
   return g * act_sigmoid(z) * (quick ? v + 1.0f : v);
 }
 
-// act_gated with the kind fixed at compile time (kKind >= 0) or read from p (kKind < 0): the same
-// operations in the same order for that kind (the selects fold away), so the same values; a
-// kernel can run SwiGLU without the other kinds' instructions.
+// act_gated_as's kind for SwiGLU without a limit (p.limit not > 0: every SwiGLU model but
+// DeepSeek-V4's swiglu_limit), not a moekit_activation_t value: the clamp's selects fold away too
+// (about 10 instructions per element instead of 17), the values are SWIGLU's for that limit.
+constexpr int kActSwigluNoLimit = 100;
+
+// Whether p is the activation act_gated_as<kActSwigluNoLimit> computes.
+__host__ __device__ inline bool act_is_swiglu_no_limit(const ActParams& p) {
+  return p.kind == kActSwiglu && !(p.limit > 0.0f);
+}
+
+// p with the kind fixed at compile time (kKind >= 0, kActSwigluNoLimit: also the limit) or as
+// given (kKind < 0). Passed to act_gated / act_gated_grad, the same operations in the same order
+// for that kind (the selects fold away), so the same values; a kernel can run SwiGLU without the
+// other kinds' instructions. The caller has checked that p is that kind (act_is_swiglu_no_limit).
+template <int kKind>
+__host__ __device__ inline ActParams act_params_as(const ActParams& p) {
+  if constexpr (kKind < 0) {
+    return p;
+  } else if constexpr (kKind == kActSwigluNoLimit) {
+    return ActParams{kActSwiglu, p.alpha, 0.0f};
+  } else {
+    return ActParams{kKind, p.alpha, p.limit};
+  }
+}
+
 template <int kKind>
 __host__ __device__ inline float act_gated_as(const ActParams& p, float g, float v) {
-  if constexpr (kKind < 0) {
-    return act_gated(p, g, v);
-  } else {
-    const ActParams q{kKind, p.alpha, p.limit};
-    return act_gated(q, g, v);
-  }
+  return act_gated(act_params_as<kKind>(p), g, v);
 }
 
 // relu2 (single projection).

@@ -226,7 +226,7 @@ struct EpilogueRow {
   __device__ __forceinline__ float bwd_act_apply_as(int c, const BwdActIn<T>& in, float a0, float a1) const {
     T* du = static_cast<T*>(ep.c) + row * ep.ldc;
     const float pg0 = p * a0, pg1 = p * a1;
-    const ActParams act{kKind == kBwdRuntimeKind ? ep.act.kind : kKind, ep.act.alpha, ep.act.limit};
+    const ActParams act = act_params_as<kKind>(ep.act);  // kBwdRuntimeKind = -1: as given
     float act0, act1;
     if constexpr (kLayout == kBwdRelu2) {
       const float2 uu = unpack_pair_bits<T>(in.a);

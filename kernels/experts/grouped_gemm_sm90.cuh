@@ -479,11 +479,11 @@ struct GroupedGemmSm90 {
         const EpilogueRow<T> er{ep, bias, row, p};
         if constexpr (kKind == kEpiGateUp) {
           if (prob.gate_up_half > 0) {
-            // SwiGLU (every model of the benchmark but GPT-OSS) gets its own copy of the row's 32
-            // activations with the kind fixed: only its operations (same order, same values),
-            // about 17 instructions each instead of 30 for the run-time kind's selects.
-            if (ep.act.kind == kActSwiglu)
-              gate_up_paired_row<kActSwiglu>(er, t, prob.gate_up_half, d, h, q);
+            // SwiGLU without a limit (every model of the benchmark but GPT-OSS) gets its own copy
+            // of the row's 32 activations with the kind fixed: only its operations (same order,
+            // same values), about 10 instructions each instead of 30 for the run-time kind's.
+            if (act_is_swiglu_no_limit(ep.act))
+              gate_up_paired_row<kActSwigluNoLimit>(er, t, prob.gate_up_half, d, h, q);
             else
               gate_up_paired_row<-1>(er, t, prob.gate_up_half, d, h, q);
           } else {
@@ -610,8 +610,8 @@ struct GroupedGemmSm90 {
   static __device__ __forceinline__ void bwd_act_by_kind(const TileInfo& t, const GroupedGemmProblem& prob,
                                                          const EpilogueParams& ep, const float (&d)[128], int lr0,
                                                          int lane) {
-    if (ep.act.kind == kActSwiglu)
-      epilogue_bwd_act_as<kLayout, kActSwiglu>(t, prob, ep, d, lr0, lane);
+    if (act_is_swiglu_no_limit(ep.act))
+      epilogue_bwd_act_as<kLayout, kActSwigluNoLimit>(t, prob, ep, d, lr0, lane);
     else
       epilogue_bwd_act_as<kLayout, EpilogueRow<T>::kBwdRuntimeKind>(t, prob, ep, d, lr0, lane);
   }
@@ -705,7 +705,7 @@ struct GroupedGemmSm90 {
     const uint32_t ua[4] = {in.a.x, in.a.y, in.a.z, in.a.w};
     const uint32_t ub[4] = {in.b.x, in.b.y, in.b.z, in.b.w};
     const float p = in.p;
-    const ActParams act{kAct == Row::kBwdRuntimeKind ? ep.act.kind : kAct, ep.act.alpha, ep.act.limit};
+    const ActParams act = act_params_as<kAct>(ep.act);  // Row::kBwdRuntimeKind = -1: as given
     const int64_t row = t.row0 + tr;
     T* du = static_cast<T*>(ep.c) + row * ep.ldc;
     T* hp = static_cast<T*>(ep.h) + row * ep.ldh;
@@ -834,13 +834,13 @@ struct GroupedGemmSm90 {
     if (ep.act.kind == kActRelu2) {
       epilogue_bwd_act_staged_as<Row::kBwdRelu2, kActRelu2>(t, prob, ep, d, smem, c, ctid);
     } else if (ep.interleaved) {
-      if (ep.act.kind == kActSwiglu)
-        epilogue_bwd_act_staged_as<Row::kBwdInterleaved, kActSwiglu>(t, prob, ep, d, smem, c, ctid);
+      if (act_is_swiglu_no_limit(ep.act))
+        epilogue_bwd_act_staged_as<Row::kBwdInterleaved, kActSwigluNoLimit>(t, prob, ep, d, smem, c, ctid);
       else
         epilogue_bwd_act_staged_as<Row::kBwdInterleaved, Row::kBwdRuntimeKind>(t, prob, ep, d, smem, c, ctid);
     } else {
-      if (ep.act.kind == kActSwiglu)
-        epilogue_bwd_act_staged_as<Row::kBwdConcat, kActSwiglu>(t, prob, ep, d, smem, c, ctid);
+      if (act_is_swiglu_no_limit(ep.act))
+        epilogue_bwd_act_staged_as<Row::kBwdConcat, kActSwigluNoLimit>(t, prob, ep, d, smem, c, ctid);
       else
         epilogue_bwd_act_staged_as<Row::kBwdConcat, Row::kBwdRuntimeKind>(t, prob, ep, d, smem, c, ctid);
     }
@@ -1026,9 +1026,10 @@ struct GroupedGemmSm90 {
           }
         };
         gu_phase(region, bar, ctid, row0, rows, GuOut{tma_c, hout, ep.ldc, i0, -1, I}, [&] {
-          // SwiGLU (the common case) without the other kinds' instructions: the same values.
-          if (ep.act.kind == kActSwiglu)
-            h_phase(std::integral_constant<int, kActSwiglu>{});
+          // SwiGLU without a limit (the common case) without the other kinds' instructions and
+          // the clamp's: the same values.
+          if (act_is_swiglu_no_limit(ep.act))
+            h_phase(std::integral_constant<int, kActSwigluNoLimit>{});
           else
             h_phase(std::integral_constant<int, -1>{});
         });
@@ -1105,6 +1106,11 @@ struct GroupedGemmSm90 {
     }
   }
 
+  // Where the consumers decode a tile: under its first wgmma batch (see the k loop), except in
+  // the gate-up TMA-store kernels, whose epilogue needs every register there is: decoding inside
+  // the k loop made ptxas spill 72 bytes there (measured), so they decode before it.
+  static constexpr bool kDecodeUnderWgmma = !(kTmaSt && kKind != kEpiStore);
+
   // A consumer warpgroup (c = 0, 1): rows [64 c, 64 c + 64) of every tile.
   static __device__ __forceinline__ void consumer(const GroupedGemmProblem& prob, const EpilogueParams& ep,
                                                   const CUtensorMap* tma_c, const CUtensorMap* tma_u,
@@ -1123,6 +1129,7 @@ struct GroupedGemmSm90 {
 #pragma unroll
       for (int i = 0; i < 128; ++i) d[i] = 0.0f;
       TileInfo t;
+      if constexpr (!kDecodeUnderWgmma) t = decode(sched, prob, tile);
       uint32_t prev = 0;
       for (int kt = 0; kt < ktiles; ++kt, ++it) {
         const uint32_t s = it % kStages;
@@ -1141,7 +1148,9 @@ struct GroupedGemmSm90 {
         // memory, a chain of dependent loads) runs while its first wgmma batch executes, not
         // between the previous tile's epilogue and this k loop (the asm's memory clobber keeps
         // its shared loads below the commit). K >= 1 (sm90::takes): every tile has a k tile 0.
-        if (kt == 0) t = decode(sched, prob, tile);
+        if constexpr (kDecodeUnderWgmma) {
+          if (kt == 0) t = decode(sched, prob, tile);
+        }
         if constexpr (kKind == kEpiBwdAct) {
           // c * kWarpgroupThreads + ctid, read afresh (thread_index_here)
           if (kt == prefetch_kt) prefetch_u(t, prob, ep, thread_index_here() - Cfg::kWarpgroupThreads);

@@ -406,19 +406,23 @@ inline bool tma_store_takes(const GroupedGemmProblem& p, EpiKind kind, const Epi
 // out of the staged region by thread (16-byte shared loads and global stores) instead, so the
 // kernel holds no second (register-direct) copy of the epilogue. Per kind, by measurement
 // (bench/results/diagnostics/sm90-epilogue-gateup-h200.json, one binary, alternating order): on
-// for relu2 (MOEKIT_SM90_TMA_STORE_GATE_UP_RELU2, default 1: h 1.04-1.10x, h and u 1.07-1.18x
-// faster than the register-direct stores), off for the gated kinds
-// (MOEKIT_SM90_TMA_STORE_GATE_UP, default 0: SwiGLU h 1.00x, h and u 0.93-0.97x). Either is a
-// -D in cuda_args; tests/experts/test_experts_sm90_epilogue compares both epilogues bit for bit
-// whatever they say.
+// for relu2 (MOEKIT_SM90_TMA_STORE_GATE_UP_RELU2, default 1: h 1.03-1.08x, h and u 1.07-1.17x
+// faster than the register-direct stores); for the gated kinds (MOEKIT_SM90_TMA_STORE_GATE_UP:
+// 0 never, 1 always, 2 = default: when the forward writes h alone) only without u (SwiGLU h
+// 1.00-1.02x, h and u 0.99-1.04x at aa123c1). Either is a -D in cuda_args;
+// tests/experts/test_experts_sm90_epilogue compares both epilogues bit for bit whatever they say.
 #ifndef MOEKIT_SM90_TMA_STORE_GATE_UP
-#define MOEKIT_SM90_TMA_STORE_GATE_UP 0
+#define MOEKIT_SM90_TMA_STORE_GATE_UP 2
 #endif
 #ifndef MOEKIT_SM90_TMA_STORE_GATE_UP_RELU2
 #define MOEKIT_SM90_TMA_STORE_GATE_UP_RELU2 1
 #endif
-constexpr bool kTmaStoreGateUp = MOEKIT_SM90_TMA_STORE_GATE_UP != 0;
+constexpr int kTmaStoreGateUp = MOEKIT_SM90_TMA_STORE_GATE_UP;
 constexpr bool kTmaStoreRelu2 = MOEKIT_SM90_TMA_STORE_GATE_UP_RELU2 != 0;
+// Whether a gated gate-up forward with these parameters takes the TMA-store epilogue.
+inline bool tma_store_gated(const EpilogueParams& ep) {
+  return kTmaStoreGateUp == 1 || (kTmaStoreGateUp == 2 && ep.u == nullptr);
+}
 
 // Columns of h of a gate-up forward problem: I (concatenated), N / 2 (interleaved), N (relu2).
 inline int gate_up_h_cols(const GroupedGemmProblem& p, EpiKind kind) {

@@ -37,8 +37,8 @@ cudaError_t launch_store(const GroupedGemmProblem& p, const EpilogueParams& ep, 
 // kEpiGateUp / kEpiRelu2 (forward, B KN) with the TMA-store gate-up epilogue where `tma` asks for
 // it, tma_store_gate_up_takes the problem and a ring fits (4 stages, else 3), else the
 // register-direct epilogue. The library's launchers instantiate the TMA-store kernels only where
-// kTmaStoreGateUp (gated kinds) or kTmaStoreRelu2 is on; the epilogue tests and bench instantiate
-// both and pick at run time.
+// kTmaStoreGateUp (gated kinds) or kTmaStoreRelu2 asks for them; the epilogue tests and bench
+// instantiate both and pick at run time.
 template <class T, int kKind, bool kWithTma>
 cudaError_t launch_gate_up(const GroupedGemmProblem& p, const EpilogueParams& ep, cudaStream_t stream, bool tma) {
   static_assert(kKind == kEpiGateUp || kKind == kEpiRelu2, "gate-up kinds only");
@@ -75,7 +75,9 @@ cudaError_t launch_sm90_forward(const GroupedGemmProblem& p, EpiKind kind, const
                                 cudaStream_t stream) {
   if (p.axis != kAxisM || p.b_nk || !sm90::takes(p, kind)) return cudaErrorInvalidValue;
   switch (kind) {
-    case kEpiGateUp: return sm90::launch_gate_up<T, kEpiGateUp, sm90::kTmaStoreGateUp>(p, ep, stream, true);
+    case kEpiGateUp:
+      return sm90::launch_gate_up<T, kEpiGateUp, sm90::kTmaStoreGateUp != 0>(p, ep, stream,
+                                                                             sm90::tma_store_gated(ep));
     case kEpiRelu2: return sm90::launch_gate_up<T, kEpiRelu2, sm90::kTmaStoreRelu2>(p, ep, stream, true);
     case kEpiStore: return sm90::launch_store<T, false, sm90::kTmaStore>(p, ep, stream, true);
     default: return cudaErrorInvalidValue;

@@ -13,6 +13,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <type_traits>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -250,6 +251,32 @@ TEST_CASE("straight-line gated activations equal the per-kind formulas bit for b
     for (int it = 0; it < 5000; ++it) check(wide(rng), wide(rng));
     for (float g : specials)
       for (float v : specials) check(g, v);
+  }
+  // The kernels' kind-fixed forms (act_params_as, what the SwiGLU epilogues of the sm_90a path
+  // run) equal the run-time kind bit for bit where the caller picks them.
+  for (const float limit : {0.0f, -1.0f, 7.0f}) {
+    const kx::ActParams p{kx::kActSwiglu, 1.0f, limit};
+    INFO("swiglu limit " << limit);
+    REQUIRE(kx::act_is_swiglu_no_limit(p) == !(limit > 0.0f));
+    auto same = [&](auto kind, float g, float v) {
+      constexpr int kKind = decltype(kind)::value;
+      INFO("g = " << g << ", v = " << v);
+      const kx::GatedGrad want = kx::act_gated_grad(p, g, v), got = kx::act_gated_grad(kx::act_params_as<kKind>(p), g, v);
+      REQUIRE(same_bits(kx::act_gated_as<kKind>(p, g, v), kx::act_gated(p, g, v)));
+      REQUIRE(same_bits(got.act, want.act));
+      REQUIRE(same_bits(got.d_gate, want.d_gate));
+      REQUIRE(same_bits(got.d_up, want.d_up));
+    };
+    for (int it = 0; it < 5000; ++it) {
+      const float g = wide(rng), v = wide(rng);
+      same(std::integral_constant<int, kx::kActSwiglu>{}, g, v);
+      if (kx::act_is_swiglu_no_limit(p)) same(std::integral_constant<int, kx::kActSwigluNoLimit>{}, g, v);
+    }
+    for (float g : specials)
+      for (float v : specials) {
+        same(std::integral_constant<int, kx::kActSwiglu>{}, g, v);
+        if (kx::act_is_swiglu_no_limit(p)) same(std::integral_constant<int, kx::kActSwigluNoLimit>{}, g, v);
+      }
   }
 }
 
