@@ -37,6 +37,14 @@
 
 namespace moekit::kernels::experts::sm90 {
 
+// The deepest shared-memory ring any sm_90a kernel uses (a -D in cuda_args, 3 or 4). 4 by
+// measurement: docs/experts.md "Ring depth" (an A/B of two builds, this one set to 3 in the other,
+// per shape class). The CPU suite's layout checks assume 4.
+#ifndef MOEKIT_SM90_MAX_STAGES
+#define MOEKIT_SM90_MAX_STAGES 4
+#endif
+static_assert(MOEKIT_SM90_MAX_STAGES == 3 || MOEKIT_SM90_MAX_STAGES == 4, "MOEKIT_SM90_MAX_STAGES: 3 or 4");
+
 struct TileConfig {
   static constexpr int kBM = 128;
   static constexpr int kBN = 256;
@@ -44,7 +52,7 @@ struct TileConfig {
   static constexpr int kConsumers = 2;   // consumer warpgroups, 64 rows each
   static constexpr int kWarpgroupThreads = 128;
   static constexpr int kThreads = kWarpgroupThreads * (kConsumers + 1);
-  static constexpr int kStages = 4;
+  static constexpr int kStages = MOEKIT_SM90_MAX_STAGES;
   static constexpr int kGroupM = 8;      // panel height of the tile swizzle (as sm_80)
   static constexpr int kBoxCols = 64;    // 64 16-bit elements = the 128-byte swizzle span
   static constexpr int kProducerRegs = 40;
@@ -103,7 +111,7 @@ using SmemLayoutBwdAct = SmemLayoutT<kStages, kBwdStagingBytes>;
 // Ring depth of the staged kernel for E groups: 4 (as every other kernel) where that layout fits
 // the device's opt-in shared memory per block, else 3 (0: neither fits).
 inline int bwd_act_staged_stages(int num_groups, size_t smem_optin) {
-  if (SmemLayoutBwdAct<4>::bytes(num_groups) <= smem_optin) return 4;
+  if (TileConfig::kStages >= 4 && SmemLayoutBwdAct<4>::bytes(num_groups) <= smem_optin) return 4;
   if (SmemLayoutBwdAct<3>::bytes(num_groups) <= smem_optin) return 3;
   return 0;
 }
@@ -142,7 +150,7 @@ static_assert(SmemLayoutTmaStore<4>::kStaging % SmemLayoutTmaStore<4>::kAlign ==
 // Ring depth of a TMA-store kernel for E groups (wgrad: E = 0, no prefix): 4 where that layout
 // fits the device's opt-in shared memory per block (E <= 483 on 227 KB), else 3 (0: neither).
 inline int tma_store_stages(int num_groups, size_t smem_optin) {
-  if (SmemLayoutTmaStore<4>::bytes(num_groups) <= smem_optin) return 4;
+  if (TileConfig::kStages >= 4 && SmemLayoutTmaStore<4>::bytes(num_groups) <= smem_optin) return 4;
   if (SmemLayoutTmaStore<3>::bytes(num_groups) <= smem_optin) return 3;
   return 0;
 }
