@@ -86,10 +86,14 @@ def event_times_us(fn, warmup=10, repeats=50, before_start=None):
     return sorted(1000.0 * s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def summary(us, **extra):
+    """Median / min / max of sorted times (us), the record every timing function returns."""
+    return dict({"median_us": statistics.median(us), "min_us": us[0], "max_us": us[-1], "repeats": len(us)}, **extra)
+
+
 def time_us(fn, warmup=10, repeats=50):
     """Median / min of `repeats` CUDA-event timings of fn(i) after `warmup` calls."""
-    us = event_times_us(fn, warmup, repeats)
-    return {"median_us": statistics.median(us), "min_us": us[0], "max_us": us[-1], "repeats": repeats}
+    return summary(event_times_us(fn, warmup, repeats))
 
 
 def time_interleaved(named_fns, warmup=10, repeats=50):
@@ -118,8 +122,7 @@ def time_interleaved(named_fns, warmup=10, repeats=50):
     out = {}
     for k, name in enumerate(names):
         us = sorted(1000.0 * a.elapsed_time(b) for a, b in zip(starts[k], ends[k]))
-        out[name] = {"median_us": statistics.median(us), "min_us": us[0], "max_us": us[-1], "repeats": repeats,
-                     "timing": "interleaved"}
+        out[name] = summary(us, timing="interleaved")
     return out
 
 

@@ -26,21 +26,6 @@
 namespace moekit::kernels::experts {
 
 template <class T>
-__device__ __forceinline__ void store_pair(T* p, float a, float b);
-template <>
-__device__ __forceinline__ void store_pair<float>(float* p, float a, float b) {
-  *reinterpret_cast<float2*>(p) = make_float2(a, b);
-}
-template <>
-__device__ __forceinline__ void store_pair<__nv_bfloat16>(__nv_bfloat16* p, float a, float b) {
-  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
-}
-template <>
-__device__ __forceinline__ void store_pair<__half>(__half* p, float a, float b) {
-  *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
-}
-
-template <class T>
 __device__ __forceinline__ float2 load_pair(const T* p);
 template <>
 __device__ __forceinline__ float2 load_pair<float>(const float* p) {
@@ -84,9 +69,10 @@ __device__ __forceinline__ float2 unpack_pair_bits<__half>(uint32_t b) {
   return __half22float2(*reinterpret_cast<const __half2*>(&b));
 }
 
-// The other way (16-bit T): two values rounded to T, as store_pair rounds them, as the raw bits of
-// the pair; one value rounded as from_float, as its raw bits (the staged and TMA-store epilogues
-// write these into shared memory).
+// The other way (16-bit T): two values rounded to T (round to nearest even), as the raw bits of
+// the pair; one value rounded as from_float, as its raw bits. The one rounding of every stored
+// pair: store_pair below writes these bits to global memory, the staged and TMA-store epilogues
+// into shared memory.
 template <class T>
 __device__ __forceinline__ uint32_t pack_pair_bits(float a, float b) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
@@ -95,6 +81,14 @@ __device__ __forceinline__ uint32_t pack_pair_bits(float a, float b) {
   } else {
     const __half2 v = __floats2half2_rn(a, b);
     return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+template <class T>
+__device__ __forceinline__ void store_pair(T* p, float a, float b) {
+  if constexpr (std::is_same<T, float>::value) {
+    *reinterpret_cast<float2*>(p) = make_float2(a, b);
+  } else {
+    *reinterpret_cast<uint32_t*>(p) = pack_pair_bits<T>(a, b);
   }
 }
 template <class T>
