@@ -185,11 +185,14 @@ def rel_err(got, want):
     return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
 
 
-def run(name, shape, skewed, fns, dense, args):
+def make_problem(shape, skewed, seed):
+    """The benchmark's problem for one shape: group sizes (host list), their ends and offsets
+    (int32), xp [R, H], W_gu [E, H, 2I], W_down [E, I, H] (bf16, fan-in scaled), routing weights
+    p [R] in [0.1, 1), drawn in that order after torch.manual_seed(seed) (profile_forward.py draws
+    its problems here too)."""
     E, H, I, R = shape["experts"], shape["hidden"], shape["inter"], shape["rows"]
-    counts = make_counts(E, R, skewed, args.seed)
-    dist = "skewed" if skewed else "balanced"
-    torch.manual_seed(args.seed)
+    counts = make_counts(E, R, skewed, seed)
+    torch.manual_seed(seed)
     dt = torch.bfloat16
     ends = torch.tensor(counts, device="cuda", dtype=torch.int32).cumsum(0, dtype=torch.int32)
     offsets = torch.cat([torch.zeros(1, device="cuda", dtype=torch.int32), ends])
@@ -197,6 +200,14 @@ def run(name, shape, skewed, fns, dense, args):
     wgu = (torch.randn(E, H, 2 * I, device="cuda") / H ** 0.5).to(dt)
     wd = (torch.randn(E, I, H, device="cuda") / I ** 0.5).to(dt)
     p = torch.rand(R, device="cuda") * 0.9 + 0.1
+    return counts, ends, offsets, x, wgu, wd, p
+
+
+def run(name, shape, skewed, fns, dense, args):
+    E, H, I, R = shape["experts"], shape["hidden"], shape["inter"], shape["rows"]
+    dist = "skewed" if skewed else "balanced"
+    dt = torch.bfloat16
+    counts, ends, offsets, x, wgu, wd, p = make_problem(shape, skewed, args.seed)
     dout = torch.randn(R, H, device="cuda", dtype=dt)
 
     # "moekit" is the default path (AUTO); "moekit sm90" etc. the extra paths asked for.

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """The forward's grouped GEMMs kernel by kernel: moekit next to torch._grouped_mm (CUTLASS).
 
-compare_torch.py times whole forwards; this tool separates them, on the same random bf16 tensors
-and balanced (or skewed) groups as compare_torch.py:
+compare_torch.py times whole forwards; this tool separates them, on random bf16 tensors and
+balanced (or skewed) groups drawn as compare_torch.py draws them (compare_torch.make_problem, seed
+1):
   moekit fwd    moekit_experts_forward (gate-up GEMM with the fused activation, down GEMM)
   gmm gate-up   torch._grouped_mm(x, W_gu): u only, the activation is a separate kernel
   eager act     NeMo's weighted SwiGLU as PyTorch ops
@@ -28,52 +29,47 @@ import torch  # noqa: E402
 tb = ct.tb
 
 
+def profile_problem(fns, name, dist, prof):
+    """Times (or runs once for a profiler) the four jobs of one shape and distribution."""
+    s = ct.SHAPES[name]
+    E, H, I, R = s["experts"], s["hidden"], s["inter"], s["rows"]
+    _, ends, offsets, x, wgu, wd, p = ct.make_problem(s, dist == "skewed", 1)
+    out = torch.empty(R, H, device="cuda", dtype=torch.bfloat16)
+    m = ct.Moekit(fns, E, H, I, R, ct.GEMM_PATHS["auto"])
+    u = torch._grouped_mm(x, wgu, offs=ends)
+    h = ct.swiglu_weighted(u, p)
+    jobs = [("moekit fwd", lambda i: m.forward(offsets, x, p, wgu, wd, None, out)),
+            ("gmm gate-up", lambda i: torch._grouped_mm(x, wgu, offs=ends)),
+            ("eager act", lambda i: ct.swiglu_weighted(u, p)),
+            ("gmm down", lambda i: torch._grouped_mm(h, wd, offs=ends))]
+    if prof:
+        for _, fn in jobs:
+            for i in range(3):
+                fn(i)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        for _, fn in jobs:
+            fn(0)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+        return
+    flops = {"moekit fwd": 2.0 * R * H * 2 * I + 2.0 * R * I * H, "gmm gate-up": 2.0 * R * H * 2 * I,
+             "gmm down": 2.0 * R * I * H}
+    for n, r in tb.time_interleaved(jobs, warmup=5, repeats=20).items():
+        fl = flops.get(n)
+        print("%-10s %-8s %-12s median %9.1f us  min %9.1f %s" % (
+            name, dist, n, r["median_us"], r["min_us"],
+            "" if fl is None else " %.1f TFLOP/s" % (fl / r["median_us"] / 1e6)))
+
+
 def main():
     prof = os.environ.get("PROF") == "1"
     shapes = os.environ.get("SHAPES", ",".join(ct.SHAPES)).split(",")
     dists = os.environ.get("DISTS", "balanced").split(",")
     fns = ct.api()
-    cudart = torch.cuda.cudart()
     for name in shapes:
-        s = ct.SHAPES[name]
-        E, H, I, R = s["experts"], s["hidden"], s["inter"], s["rows"]
         for dist in dists:
-            counts = ct.make_counts(E, R, dist == "skewed", 1)
-            torch.manual_seed(1)
-            dt = torch.bfloat16
-            ends = torch.tensor(counts, device="cuda", dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            offsets = torch.cat([torch.zeros(1, device="cuda", dtype=torch.int32), ends])
-            x = torch.randn(R, H, device="cuda", dtype=dt)
-            wgu = (torch.randn(E, H, 2 * I, device="cuda") / H ** 0.5).to(dt)
-            wd = (torch.randn(E, I, H, device="cuda") / I ** 0.5).to(dt)
-            p = torch.rand(R, device="cuda") * 0.9 + 0.1
-            out = torch.empty(R, H, device="cuda", dtype=dt)
-            m = ct.Moekit(fns, E, H, I, R, ct.GEMM_PATHS["auto"])
-            u = torch._grouped_mm(x, wgu, offs=ends)
-            h = ct.swiglu_weighted(u, p)
-            jobs = [("moekit fwd", lambda i: m.forward(offsets, x, p, wgu, wd, None, out)),
-                    ("gmm gate-up", lambda i: torch._grouped_mm(x, wgu, offs=ends)),
-                    ("eager act", lambda i: ct.swiglu_weighted(u, p)),
-                    ("gmm down", lambda i: torch._grouped_mm(h, wd, offs=ends))]
-            if prof:
-                for _, fn in jobs:
-                    for i in range(3):
-                        fn(i)
-                torch.cuda.synchronize()
-                cudart.cudaProfilerStart()
-                for _, fn in jobs:
-                    fn(0)
-                torch.cuda.synchronize()
-                cudart.cudaProfilerStop()
-            else:
-                flops = {"moekit fwd": 2.0 * R * H * 2 * I + 2.0 * R * I * H, "gmm gate-up": 2.0 * R * H * 2 * I,
-                         "gmm down": 2.0 * R * I * H}
-                for n, r in tb.time_interleaved(jobs, warmup=5, repeats=20).items():
-                    fl = flops.get(n)
-                    print("%-10s %-8s %-12s median %9.1f us  min %9.1f %s" % (
-                        name, dist, n, r["median_us"], r["min_us"],
-                        "" if fl is None else " %.1f TFLOP/s" % (fl / r["median_us"] / 1e6)))
-            del x, wgu, wd, u, h, out, m
+            profile_problem(fns, name, dist, prof)
             torch.cuda.empty_cache()
 
 

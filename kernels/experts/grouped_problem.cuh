@@ -110,16 +110,23 @@ struct RowTileSchedule {
     return static_cast<int64_t>(prefix[num_groups]) * tiles_n;
   }
 
-  __host__ __device__ RowTile decode(int64_t t) const {
-    int64_t global_row_tile;
-    int n_tile;
-    swizzle_panel(t, prefix[num_groups], tiles_n, group_m, &global_row_tile, &n_tile);
-    // Last group whose first row tile is <= global_row_tile (skips empty groups).
+  // The last group whose first row tile is <= global_row_tile (skips empty groups): a binary
+  // search over the prefix (Index int32_t or int64_t, as the caller's arithmetic).
+  template <class Index>
+  __host__ __device__ int group_of(Index global_row_tile) const {
     int lo = 0, hi = num_groups - 1;
     while (lo < hi) {
       const int mid = (lo + hi + 1) >> 1;
       if (prefix[mid] <= global_row_tile) lo = mid; else hi = mid - 1;
     }
+    return lo;
+  }
+
+  __host__ __device__ RowTile decode(int64_t t) const {
+    int64_t global_row_tile;
+    int n_tile;
+    swizzle_panel(t, prefix[num_groups], tiles_n, group_m, &global_row_tile, &n_tile);
+    const int lo = group_of(global_row_tile);
     RowTile r;
     r.group = lo;
     r.row_tile = static_cast<int>(global_row_tile - prefix[lo]);
@@ -142,11 +149,7 @@ struct RowTileSchedule {
     const uint32_t rest = tiles_m - first;
     const uint32_t height = rest < gm ? rest : gm;
     const int32_t global_row_tile = static_cast<int32_t>(first + within % height);
-    int lo = 0, hi = num_groups - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) >> 1;
-      if (prefix[mid] <= global_row_tile) lo = mid; else hi = mid - 1;
-    }
+    const int lo = group_of(global_row_tile);
     RowTile r;
     r.group = lo;
     r.row_tile = global_row_tile - prefix[lo];
