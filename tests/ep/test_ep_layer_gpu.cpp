@@ -376,7 +376,9 @@ void run_ep_layer_case(moekit_dtype_t dtype, moekit_ep_mode_t mode, int n, bool 
       cudaGraphDestroy(graph);
     }
     ctx.sync(__LINE__);  // every collective issued: the destructors may free
-  }, 60, "ep layer, ep = " + std::to_string(n));
+  }, 60, "ep layer, ep = " + std::to_string(n) + ", " + moekit::test::dtype_name(dtype) + ", " +
+             (mode == MOEKIT_EP_MODE_EXACT ? "exact" : "capacity") + (rank0_only ? ", every token to rank 0" : "") +
+             (global_stats ? ", global statistics" : ""));
   for (const std::string& f : failures) UNSCOPED_INFO(f);
   REQUIRE(failures.empty());
 

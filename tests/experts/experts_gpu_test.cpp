@@ -35,13 +35,10 @@
 
 namespace ref = moekit::ref;
 using moekit::test::DeviceBuffer;
+using moekit::test::dtype_name;
 using moekit::test::experts::Spec;
 
 namespace {
-
-const char* dtype_name(moekit_dtype_t d) {
-  return d == MOEKIT_DTYPE_BF16 ? "bf16" : d == MOEKIT_DTYPE_F16 ? "f16" : "f32";
-}
 
 ref::Rounder rounder(moekit_dtype_t dtype) {
   return [dtype](double x) { return static_cast<double>(moekit::test::round_to(dtype, static_cast<float>(x))); };

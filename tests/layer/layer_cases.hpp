@@ -87,8 +87,7 @@ struct LayerCase {
   }
 
   std::string describe() const {
-    const char* dt = dtype == MOEKIT_DTYPE_BF16 ? "bf16" : dtype == MOEKIT_DTYPE_F16 ? "f16" : "f32";
-    std::string s = name + " (" + dt + ", H=" + std::to_string(hidden) + " I=" + std::to_string(experts.inter) +
+    std::string s = name + " (" + dtype_name(dtype) + ", H=" + std::to_string(hidden) + " I=" + std::to_string(experts.inter) +
                     " E=" + std::to_string(num_experts()) + " K=" + std::to_string(top_k());
     if (router.num_groups > 1)
       s += " G=" + std::to_string(router.num_groups) + "/" + std::to_string(router.num_groups_kept);

@@ -206,8 +206,4 @@ inline std::vector<uint8_t> random_mask(std::mt19937_64& rng, int64_t T) {
   return m;
 }
 
-inline const char* dtype_name(moekit_dtype_t d) {
-  return d == MOEKIT_DTYPE_F32 ? "f32" : d == MOEKIT_DTYPE_F16 ? "f16" : "bf16";
-}
-
 }  // namespace moekit::test

@@ -78,6 +78,11 @@ inline float round_to(moekit_dtype_t dtype, float x) {
 
 inline size_t dtype_bytes(moekit_dtype_t dtype) { return dtype == MOEKIT_DTYPE_F32 ? 4 : 2; }
 
+// The dtype's short name for test messages: f32, f16, bf16.
+inline const char* dtype_name(moekit_dtype_t d) {
+  return d == MOEKIT_DTYPE_F32 ? "f32" : d == MOEKIT_DTYPE_F16 ? "f16" : "bf16";
+}
+
 // Packs floats (already representable, or rounded here) into a buffer of `dtype`.
 inline std::vector<uint8_t> pack(moekit_dtype_t dtype, const std::vector<float>& v) {
   std::vector<uint8_t> out(v.size() * dtype_bytes(dtype));
