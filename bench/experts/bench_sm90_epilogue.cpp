@@ -130,27 +130,51 @@ int main(int argc, char** argv) {
       kx::EpiKind kind = kx::kEpiStore;
     };
     std::vector<Run> runs;
+    // C[R, n] = A[R, k] B_g over the groups (axis M), B KN [E][k][n] or NK [E][n][k].
+    auto axis_m = [&](const char* kernel, double flops, int n, int k, const void* a, const void* b, bool b_nk) {
+      Run r{kernel, {}, {}, false, flops};
+      r.p.axis = kx::kAxisM;
+      r.p.num_groups = E;
+      r.p.offsets = d_off;
+      r.p.max_rows = R;
+      r.p.n = n;
+      r.p.k = k;
+      r.p.a = a;
+      r.p.lda = k;
+      r.p.b = b;
+      r.p.ldb = b_nk ? k : n;
+      r.p.b_group_stride = static_cast<int64_t>(k) * n;
+      r.p.b_nk = b_nk ? 1 : 0;
+      r.p.splits = 1;
+      return r;
+    };
+    // C_g[m, n] = X_g^T Y_g over each group's rows (axis K), X [R, m], Y [R, n], C [E][m][n].
+    auto axis_k = [&](const char* kernel, double flops, int m, int n, const void* x_rows, const void* y_rows,
+                      void* c) {
+      Run r{kernel, {}, {}, true, flops};
+      r.p.axis = kx::kAxisK;
+      r.p.num_groups = E;
+      r.p.offsets = d_off;
+      r.p.max_rows = R;
+      r.p.m = m;
+      r.p.n = n;
+      r.p.a = x_rows;
+      r.p.lda = m;
+      r.p.b = y_rows;
+      r.p.ldb = n;
+      r.p.splits = 1;
+      r.ep.c = c;
+      return r;
+    };
     // Forward gate-up: u = x W_gu (B KN [E][H][N]), h = act(u) p (weights before down); SwiGLU with
     // the concatenated gate/up layout (N = 2 I) or relu2 (N = I); h alone or h and u.
     for (int relu2 = 0; relu2 < 2; ++relu2)
       for (int with_u = 0; with_u < 2; ++with_u) {
         static const char* names[2][2] = {{"fwd-gu-swiglu-h", "fwd-gu-swiglu-hu"}, {"fwd-relu2-h", "fwd-relu2-hu"}};
         const int N = relu2 ? I : 2 * I;
-        Run r{names[relu2][with_u], {}, {}, false, 2.0 * R * H * N};
+        Run r = axis_m(names[relu2][with_u], 2.0 * R * H * N, N, H, x.p, relu2 ? wr2.p : wgu.p, false);
         r.kind = relu2 ? kx::kEpiRelu2 : kx::kEpiGateUp;
-        r.p.axis = kx::kAxisM;
-        r.p.num_groups = E;
-        r.p.offsets = d_off;
-        r.p.max_rows = R;
-        r.p.n = N;
-        r.p.k = H;
-        r.p.a = x.p;
-        r.p.lda = H;
-        r.p.b = relu2 ? wr2.p : wgu.p;
-        r.p.ldb = N;
-        r.p.b_group_stride = static_cast<int64_t>(H) * N;
         r.p.gate_up_half = relu2 ? 0 : I;
-        r.p.splits = 1;
         r.ep.c = hout.p;
         r.ep.ldc = I;
         r.ep.u = with_u ? uout.p : nullptr;
@@ -162,19 +186,7 @@ int main(int argc, char** argv) {
         runs.push_back(r);
       }
     {  // forward down: y = h W_down (B KN [E][I][H]), weights after down
-      Run r{"fwd-down", {}, {}, false, 2.0 * R * I * H};
-      r.p.axis = kx::kAxisM;
-      r.p.num_groups = E;
-      r.p.offsets = d_off;
-      r.p.max_rows = R;
-      r.p.n = H;
-      r.p.k = I;
-      r.p.a = hbuf.p;
-      r.p.lda = I;
-      r.p.b = wd.p;
-      r.p.ldb = H;
-      r.p.b_group_stride = static_cast<int64_t>(I) * H;
-      r.p.splits = 1;
+      Run r = axis_m("fwd-down", 2.0 * R * I * H, H, I, hbuf.p, wd.p, false);
       r.ep.c = y.p;
       r.ep.ldc = H;
       r.ep.row_weights = static_cast<const float*>(pw.p);
@@ -182,56 +194,13 @@ int main(int argc, char** argv) {
       runs.push_back(r);
     }
     {  // dx = du W_gu^T (B NK: W_gu [E][H][2I] as [N = H][K = 2I])
-      Run r{"dx", {}, {}, false, 2.0 * R * 2 * I * H};
-      r.p.axis = kx::kAxisM;
-      r.p.num_groups = E;
-      r.p.offsets = d_off;
-      r.p.max_rows = R;
-      r.p.n = H;
-      r.p.k = 2 * I;
-      r.p.a = du.p;
-      r.p.lda = 2 * I;
-      r.p.b = wgu.p;
-      r.p.ldb = 2 * I;
-      r.p.b_group_stride = static_cast<int64_t>(H) * 2 * I;
-      r.p.b_nk = 1;
-      r.p.splits = 1;
+      Run r = axis_m("dx", 2.0 * R * 2 * I * H, H, 2 * I, du.p, wgu.p, true);
       r.ep.c = dx.p;
       r.ep.ldc = H;
       runs.push_back(r);
     }
-    {  // dW_down = h^T dy: C [E][I][H]
-      Run r{"dW_down", {}, {}, true, 2.0 * R * I * H};
-      r.p.axis = kx::kAxisK;
-      r.p.num_groups = E;
-      r.p.offsets = d_off;
-      r.p.max_rows = R;
-      r.p.m = I;
-      r.p.n = H;
-      r.p.a = hbuf.p;
-      r.p.lda = I;
-      r.p.b = dy.p;
-      r.p.ldb = H;
-      r.p.splits = 1;
-      r.ep.c = dwd.p;
-      runs.push_back(r);
-    }
-    {  // dW_gate_up = x^T du: C [E][H][2I]
-      Run r{"dW_gate_up", {}, {}, true, 2.0 * R * H * 2 * I};
-      r.p.axis = kx::kAxisK;
-      r.p.num_groups = E;
-      r.p.offsets = d_off;
-      r.p.max_rows = R;
-      r.p.m = H;
-      r.p.n = 2 * I;
-      r.p.a = x.p;
-      r.p.lda = H;
-      r.p.b = du.p;
-      r.p.ldb = 2 * I;
-      r.p.splits = 1;
-      r.ep.c = dwgu.p;
-      runs.push_back(r);
-    }
+    runs.push_back(axis_k("dW_down", 2.0 * R * I * H, I, H, hbuf.p, dy.p, dwd.p));              // h^T dy
+    runs.push_back(axis_k("dW_gate_up", 2.0 * R * H * 2 * I, H, 2 * I, x.p, du.p, dwgu.p));  // x^T du
     for (const Run& r : runs) {
       const bool gate_up = r.kind == kx::kEpiGateUp || r.kind == kx::kEpiRelu2;
       const bool takes = gate_up ? kx::sm90::tma_store_gate_up_takes(r.p, r.kind, r.ep)
