@@ -15,53 +15,45 @@ inline cudaError_t smem_optin(int* optin) {
   return *optin < 0 ? cudaErrorInvalidDevice : cudaSuccess;
 }
 
-// kEpiStore of axis M with the TMA-store epilogue where `tma` asks for it, tma_store_takes the
-// problem and a ring fits (4 stages, else 3), else the register-direct stores. The library's
-// launchers instantiate the TMA-store kernels only while kTmaStore is on (kWithTma = kTmaStore);
-// the epilogue tests (tests/experts/experts_sm90_epilogue_test.cu) instantiate both and pick at
-// run time.
-template <class T, bool kBNK, bool kWithTma>
-cudaError_t launch_store(const GroupedGemmProblem& p, const EpilogueParams& ep, cudaStream_t stream, bool tma) {
-  if constexpr (kWithTma) {
-    if (tma && tma_store_takes(p, kEpiStore, ep)) {
-      int optin = 0;
-      if (const cudaError_t err = smem_optin(&optin)) return err;
-      const int stages = tma_store_stages(p.num_groups, static_cast<size_t>(optin));
-      if (stages == 4) return launch<T, kBNK, kEpiStore, 0, 4>(p, ep, stream);
-      if (stages == 3) return launch<T, kBNK, kEpiStore, 0, 3>(p, ep, stream);
-    }
-  }
-  return launch<T, kBNK, kEpiStore>(p, ep, stream);
+// Ring depth of a TMA-store kernel for E groups on the current device (tma_store_stages: 4, 3, or
+// 0 where neither fits).
+inline cudaError_t tma_store_ring(int num_groups, int* stages) {
+  int optin = 0;
+  if (const cudaError_t err = smem_optin(&optin)) return err;
+  *stages = tma_store_stages(num_groups, static_cast<size_t>(optin));
+  return cudaSuccess;
 }
 
-// kEpiGateUp / kEpiRelu2 (forward, B KN) with the TMA-store gate-up epilogue where `tma` asks for
-// it, tma_store_gate_up_takes the problem and a ring fits (4 stages, else 3), else the
-// register-direct epilogue. The library's launchers instantiate the TMA-store kernels only where
-// kTmaStoreGateUp (gated kinds) or kTmaStoreRelu2 asks for them; the epilogue tests and bench
-// instantiate both and pick at run time.
-template <class T, int kKind, bool kWithTma>
-cudaError_t launch_gate_up(const GroupedGemmProblem& p, const EpilogueParams& ep, cudaStream_t stream, bool tma) {
-  static_assert(kKind == kEpiGateUp || kKind == kEpiRelu2, "gate-up kinds only");
+// An axis-M GEMM with a store epilogue: kEpiStore (B KN or NK), kEpiGateUp / kEpiRelu2 (B KN), with
+// the TMA-store epilogue where `tma` asks for it, the problem takes it (tma_store_takes;
+// tma_store_gate_up_takes for the gate-up kinds) and a ring fits (4 stages, else 3), else the
+// register-direct one. The library's launchers instantiate the TMA-store kernels only where
+// kTmaStore / kTmaStoreGateUp / kTmaStoreRelu2 ask for them (kWithTma); the epilogue tests and
+// bench instantiate both and pick at run time.
+template <class T, bool kBNK, int kKind, bool kWithTma>
+cudaError_t launch_axis_m(const GroupedGemmProblem& p, const EpilogueParams& ep, cudaStream_t stream, bool tma) {
+  static_assert(kKind == kEpiStore || (!kBNK && (kKind == kEpiGateUp || kKind == kEpiRelu2)),
+                "axis-M store kinds: kEpiStore, or kEpiGateUp / kEpiRelu2 with B KN");
   if constexpr (kWithTma) {
-    if (tma && tma_store_gate_up_takes(p, static_cast<EpiKind>(kKind), ep)) {
-      int optin = 0;
-      if (const cudaError_t err = smem_optin(&optin)) return err;
-      const int stages = tma_store_stages(p.num_groups, static_cast<size_t>(optin));
-      if (stages == 4) return launch<T, false, kKind, 0, 4>(p, ep, stream);
-      if (stages == 3) return launch<T, false, kKind, 0, 3>(p, ep, stream);
+    const bool takes = kKind == kEpiStore ? tma_store_takes(p, kEpiStore, ep)
+                                          : tma_store_gate_up_takes(p, static_cast<EpiKind>(kKind), ep);
+    if (tma && takes) {
+      int stages = 0;
+      if (const cudaError_t err = tma_store_ring(p.num_groups, &stages)) return err;
+      if (stages == 4) return launch<T, kBNK, kKind, 0, 4>(p, ep, stream);
+      if (stages == 3) return launch<T, kBNK, kKind, 0, 3>(p, ep, stream);
     }
   }
-  return launch<T, false, kKind>(p, ep, stream);
+  return launch<T, kBNK, kKind>(p, ep, stream);
 }
 
-// The weight gradients, as launch_store (wgrad has no prefix: the 4-stage ring always fits 227 KB).
+// The weight gradients, as launch_axis_m (wgrad has no prefix: the 4-stage ring always fits 227 KB).
 template <class T, bool kWithTma>
 cudaError_t launch_wgrad_store(const GroupedGemmProblem& p, const EpilogueParams& ep, cudaStream_t stream, bool tma) {
   if constexpr (kWithTma) {
     if (tma && tma_store_takes(p, kEpiWgrad, ep)) {
-      int optin = 0;
-      if (const cudaError_t err = smem_optin(&optin)) return err;
-      const int stages = tma_store_stages(0, static_cast<size_t>(optin));
+      int stages = 0;
+      if (const cudaError_t err = tma_store_ring(0, &stages)) return err;
       if (stages == 4) return launch_wgrad<T, 4>(p, ep, stream);
       if (stages == 3) return launch_wgrad<T, 3>(p, ep, stream);
     }
@@ -76,10 +68,10 @@ cudaError_t launch_sm90_forward(const GroupedGemmProblem& p, EpiKind kind, const
   if (p.axis != kAxisM || p.b_nk || !sm90::takes(p, kind)) return cudaErrorInvalidValue;
   switch (kind) {
     case kEpiGateUp:
-      return sm90::launch_gate_up<T, kEpiGateUp, sm90::kTmaStoreGateUp != 0>(p, ep, stream,
-                                                                             sm90::tma_store_gated(ep));
-    case kEpiRelu2: return sm90::launch_gate_up<T, kEpiRelu2, sm90::kTmaStoreRelu2>(p, ep, stream, true);
-    case kEpiStore: return sm90::launch_store<T, false, sm90::kTmaStore>(p, ep, stream, true);
+      return sm90::launch_axis_m<T, false, kEpiGateUp, sm90::kTmaStoreGateUp != 0>(p, ep, stream,
+                                                                                   sm90::tma_store_gated(ep));
+    case kEpiRelu2: return sm90::launch_axis_m<T, false, kEpiRelu2, sm90::kTmaStoreRelu2>(p, ep, stream, true);
+    case kEpiStore: return sm90::launch_axis_m<T, false, kEpiStore, sm90::kTmaStore>(p, ep, stream, true);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -91,7 +83,7 @@ cudaError_t launch_sm90_backward(const GroupedGemmProblem& p, EpiKind kind, cons
   if (p.axis == kAxisK) return sm90::launch_wgrad_store<T, sm90::kTmaStore>(p, ep, stream, true);
   if (!p.b_nk) return cudaErrorInvalidValue;
   switch (kind) {
-    case kEpiStore: return sm90::launch_store<T, true, sm90::kTmaStore>(p, ep, stream, true);
+    case kEpiStore: return sm90::launch_axis_m<T, true, kEpiStore, sm90::kTmaStore>(p, ep, stream, true);
     case kEpiBwdAct:
       if constexpr (sm90::kBwdActStaged) {
         if (sm90::bwd_act_staged_takes(p, ep)) {

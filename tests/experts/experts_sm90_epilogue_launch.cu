@@ -17,10 +17,10 @@ namespace kx = moekit::kernels::experts;
 cudaError_t launch_store(bool bf16, const kx::GroupedGemmProblem& p, const kx::EpilogueParams& ep, bool tma) {
   if (!kx::sm90::takes(p, kx::kEpiStore)) return cudaErrorInvalidValue;
   if (bf16)
-    return p.b_nk ? kx::sm90::launch_store<__nv_bfloat16, true, true>(p, ep, nullptr, tma)
-                  : kx::sm90::launch_store<__nv_bfloat16, false, true>(p, ep, nullptr, tma);
-  return p.b_nk ? kx::sm90::launch_store<__half, true, true>(p, ep, nullptr, tma)
-                : kx::sm90::launch_store<__half, false, true>(p, ep, nullptr, tma);
+    return p.b_nk ? kx::sm90::launch_axis_m<__nv_bfloat16, true, kx::kEpiStore, true>(p, ep, nullptr, tma)
+                  : kx::sm90::launch_axis_m<__nv_bfloat16, false, kx::kEpiStore, true>(p, ep, nullptr, tma);
+  return p.b_nk ? kx::sm90::launch_axis_m<__half, true, kx::kEpiStore, true>(p, ep, nullptr, tma)
+                : kx::sm90::launch_axis_m<__half, false, kx::kEpiStore, true>(p, ep, nullptr, tma);
 }
 
 // kEpiWgrad, as launch_store.
@@ -37,10 +37,10 @@ cudaError_t launch_gate_up(bool bf16, const kx::GroupedGemmProblem& p, kx::EpiKi
   if (p.b_nk || (kind != kx::kEpiGateUp && kind != kx::kEpiRelu2) || !kx::sm90::takes(p, kind))
     return cudaErrorInvalidValue;
   if (kind == kx::kEpiGateUp)
-    return bf16 ? kx::sm90::launch_gate_up<__nv_bfloat16, kx::kEpiGateUp, true>(p, ep, nullptr, tma)
-                : kx::sm90::launch_gate_up<__half, kx::kEpiGateUp, true>(p, ep, nullptr, tma);
-  return bf16 ? kx::sm90::launch_gate_up<__nv_bfloat16, kx::kEpiRelu2, true>(p, ep, nullptr, tma)
-              : kx::sm90::launch_gate_up<__half, kx::kEpiRelu2, true>(p, ep, nullptr, tma);
+    return bf16 ? kx::sm90::launch_axis_m<__nv_bfloat16, false, kx::kEpiGateUp, true>(p, ep, nullptr, tma)
+                : kx::sm90::launch_axis_m<__half, false, kx::kEpiGateUp, true>(p, ep, nullptr, tma);
+  return bf16 ? kx::sm90::launch_axis_m<__nv_bfloat16, false, kx::kEpiRelu2, true>(p, ep, nullptr, tma)
+              : kx::sm90::launch_axis_m<__half, false, kx::kEpiRelu2, true>(p, ep, nullptr, tma);
 }
 
 // The device's opt-in shared memory per block.
