@@ -98,6 +98,10 @@ Timing time_us(cudaStream_t stream, int warmup, int repeats, const std::function
 std::vector<Timing> time_us_interleaved(cudaStream_t stream, int warmup, int repeats,
                                         const std::vector<std::function<void(int)>>& runs);
 
+// Launches an empty kernel (one warp, no work) on `stream` (bench/common/empty_kernel.cu): the
+// launch floor that benchmarks of small ops time beside their calls.
+void launch_empty_kernel(cudaStream_t stream);
+
 // Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written, of a
 // buffer far larger than L2 (the memory-bound ceiling every floor uses).
 double measure_copy_bandwidth(cudaStream_t stream);

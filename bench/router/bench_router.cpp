@@ -27,7 +27,7 @@
 // and compared with the CPU reference (indices exactly, weights, loads, statistics and the gradient
 // within tolerance); a mismatch aborts.
 //
-// Three times per call (medians over the repeats):
+// Four times per call (medians over the repeats):
 //   gpu   the device time of the call: a large memset is queued before the start event, so the
 //         host has enqueued the call's kernels before the device reaches them and the events see
 //         the kernels back to back (launch gaps between a call's own kernels included). This is
@@ -35,8 +35,14 @@
 //         compares with the floor.
 //   call  events around each call with nothing queued before it: when the host takes longer to
 //         issue the call than the device takes to run it, this includes the host's part.
+//   b2b   the device time per call of kBackToBack calls queued back to back behind the memset,
+//         between two events: what each call of a sequence costs once the next call's kernels
+//         follow without a gap or an event in between (the event-bounded gpu time of a small call
+//         includes the device's ~1-2 us of event and kernel start overhead; this does not).
 //   host  host wall-clock time of the call (validation, launch), without waiting for the device.
-// "launch" is the gpu time of the smallest moekit kernel (the aux loss, one block).
+// "launch" is the gpu time of the smallest moekit kernel (the aux loss, one block); "empty
+// kernel" the gpu and b2b times of a kernel that does nothing (bench/common/empty_kernel.cu),
+// timed the same way: a floor below it cannot be reached by any call, whatever its kernel does.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -264,14 +270,17 @@ struct Row {
   std::string preset;
   int64_t tokens;
   std::string pass;
-  double us, floor_us, gbps, bytes, call_us, host_us;
+  double us, floor_us, gbps, bytes, call_us, host_us, b2b_us;
 };
 
 struct CallTiming {
   moekit::bench::Timing gpu;   // device time (queue filled before the start event)
   moekit::bench::Timing call;  // events around the call, nothing queued before it
+  moekit::bench::Timing b2b;   // per call, kBackToBack calls back to back between two events
   double host_us = 0.0;        // median host time of a call
 };
+
+constexpr int kBackToBack = 20;
 
 // The three timings of the header comment. filler: a device buffer whose memset keeps the device
 // busy while the host enqueues the call (its size covers the host's share many times over).
@@ -311,6 +320,26 @@ CallTiming time_call(cudaStream_t stream, int warmup, int repeats, Buffer& fille
   r.gpu = summarise(gpu);
   r.host_us = summarise(host).median_us;
   r.call = moekit::bench::time_us(stream, 0, repeats, run);
+  // Back to back: a few rounds of kBackToBack calls behind the memset, one event pair per round.
+  const int rounds = std::max(3, repeats / kBackToBack);
+  std::vector<double> b2b(static_cast<size_t>(rounds));
+  cudaEvent_t b0, b1;
+  BENCH_CUDA(cudaEventCreate(&b0));
+  BENCH_CUDA(cudaEventCreate(&b1));
+  for (int round = 0; round < rounds; ++round) {
+    BENCH_CUDA(cudaMemsetAsync(filler.p, round & 0xff, filler.bytes, stream));
+    BENCH_CUDA(cudaEventRecord(b0, stream));
+    for (int i = 0; i < kBackToBack; ++i) run(round * kBackToBack + i);
+    BENCH_CUDA(cudaEventRecord(b1, stream));
+    BENCH_CUDA(cudaEventSynchronize(b1));
+    float ms = 0;
+    BENCH_CUDA(cudaEventElapsedTime(&ms, b0, b1));
+    b2b[static_cast<size_t>(round)] = 1000.0 * ms / kBackToBack;
+  }
+  cudaEventDestroy(b0);
+  cudaEventDestroy(b1);
+  r.b2b = summarise(b2b);
+  r.b2b.repeats = rounds;
   return r;
 }
 
@@ -354,6 +383,7 @@ int main(int argc, char** argv) {
   const double bandwidth = moekit::bench::measure_copy_bandwidth(stream);
   Buffer filler(size_t{256} << 20);  // ~70 us of memset on any current part
   double launch_us = 0.0, launch_call_us = 0.0;
+  const CallTiming empty = time_call(stream, warmup, repeats, filler, [&](int) { moekit::bench::launch_empty_kernel(stream); });
   {
     Buffer l(32), s(32), n(4), aux(4);
     BENCH_CUDA(cudaMemset(l.p, 0, 32));
@@ -426,7 +456,7 @@ int main(int argc, char** argv) {
         const auto& t = ct.gpu;
         const double bytes = pass == 0 ? fwd_bytes : bwd_bytes;
         Row r{p.name, T, pass == 0 ? "forward" : "backward", t.median_us, 1e6 * bytes / bandwidth,
-              bytes / (t.median_us * 1e-6) / 1e9, bytes, ct.call.median_us, ct.host_us};
+              bytes / (t.median_us * 1e-6) / 1e9, bytes, ct.call.median_us, ct.host_us, ct.b2b.median_us};
         rows.push_back(r);
         Json j = Json::object();
         j.set("preset", p.name)
@@ -447,12 +477,14 @@ int main(int argc, char** argv) {
             .set("min_us", t.min_us)
             .set("max_us", t.max_us)
             .set("call_median_us", ct.call.median_us)
+            .set("b2b_median_us", ct.b2b.median_us)
             .set("host_us", ct.host_us)
             .set("repeats", static_cast<int64_t>(t.repeats))
             .set("bytes", bytes)
             .set("floor_us", r.floor_us)
             .set("x_floor", t.median_us / r.floor_us)
             .set("x_floor_call", ct.call.median_us / r.floor_us)
+            .set("x_floor_b2b", ct.b2b.median_us / r.floor_us)
             .set("achieved_gbps", r.gbps)
             .set("rotated_copies", static_cast<int64_t>(copies));
         results.push(j);
@@ -460,15 +492,16 @@ int main(int argc, char** argv) {
     }
   }
 
-  std::printf("\n%s, %s logits, copy bandwidth %.0f GB/s (read + write), smallest launch %.2f us gpu / %.2f us call\n",
+  std::printf("\n%s, %s logits, copy bandwidth %.0f GB/s (read + write), smallest launch %.2f us gpu / %.2f us call,\n"
+              "empty kernel %.2f us gpu / %.2f us b2b / %.2f us call\n",
               moekit::bench::device_description().c_str(), dtype_name(dtype), bandwidth / 1e9, launch_us,
-              launch_call_us);
-  std::printf("%-10s %7s %-9s %10s %10s %9s %8s %10s %9s\n", "preset", "tokens", "pass", "gpu us", "floor us",
-              "x floor", "GB/s", "call us", "host us");
+              launch_call_us, empty.gpu.median_us, empty.b2b.median_us, empty.call.median_us);
+  std::printf("%-10s %7s %-9s %10s %10s %9s %8s %10s %10s %9s\n", "preset", "tokens", "pass", "gpu us", "floor us",
+              "x floor", "GB/s", "b2b us", "call us", "host us");
   for (const Row& r : rows)
-    std::printf("%-10s %7lld %-9s %10.2f %10.2f %9.2f %8.0f %10.2f %9.2f\n", r.preset.c_str(),
-                static_cast<long long>(r.tokens), r.pass.c_str(), r.us, r.floor_us, r.us / r.floor_us, r.gbps, r.call_us,
-                r.host_us);
+    std::printf("%-10s %7lld %-9s %10.2f %10.2f %9.2f %8.0f %10.2f %10.2f %9.2f\n", r.preset.c_str(),
+                static_cast<long long>(r.tokens), r.pass.c_str(), r.us, r.floor_us, r.us / r.floor_us, r.gbps, r.b2b_us,
+                r.call_us, r.host_us);
 
   const std::string json_path = args.get("json", "");
   if (!json_path.empty()) {
@@ -481,7 +514,11 @@ int main(int argc, char** argv) {
         .set("copy_bandwidth_gbps", bandwidth / 1e9)
         .set("launch_us", launch_us)
         .set("launch_call_us", launch_call_us)
+        .set("empty_kernel_us", empty.gpu.median_us)
+        .set("empty_kernel_b2b_us", empty.b2b.median_us)
+        .set("empty_kernel_call_us", empty.call.median_us)
         .set("timing", "median_us and x_floor: device time with the queue filled before each call; "
+                       "b2b_median_us: device time per call of calls queued back to back; "
                        "call_median_us: events around the call alone; host_us: host time of the call")
         .set("results", results);
     if (!moekit::bench::write_file(json_path, doc.dump())) {
