@@ -308,13 +308,14 @@ CallTiming time_call(cudaStream_t stream, int warmup, int repeats, Buffer& fille
     gpu[static_cast<size_t>(i)] = 1000.0 * ms;
   }
   for (auto& e : ev) cudaEventDestroy(e);
-  auto summarise = [&](std::vector<double> us) {
+  auto summarise = [](std::vector<double> us) {  // over the samples given, whatever their count
     std::sort(us.begin(), us.end());
+    const size_t n = us.size();
     moekit::bench::Timing t;
-    t.repeats = repeats;
+    t.repeats = static_cast<int>(n);
     t.min_us = us.front();
     t.max_us = us.back();
-    t.median_us = repeats % 2 ? us[repeats / 2] : 0.5 * (us[repeats / 2 - 1] + us[repeats / 2]);
+    t.median_us = n % 2 ? us[n / 2] : 0.5 * (us[n / 2 - 1] + us[n / 2]);
     return t;
   };
   r.gpu = summarise(gpu);
@@ -339,7 +340,6 @@ CallTiming time_call(cudaStream_t stream, int warmup, int repeats, Buffer& fille
   cudaEventDestroy(b0);
   cudaEventDestroy(b1);
   r.b2b = summarise(b2b);
-  r.b2b.repeats = rounds;
   return r;
 }
 
