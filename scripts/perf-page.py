@@ -912,6 +912,12 @@ def render_page(sources, skipped, plot):
         if of(sources, fam):
             floor = FLOOR_TEXT[fam]
             out.append("- %s: %s" % (FAMILY_TITLES[fam], floor))
+            for src in of(sources, fam):  # the launch floor the router benchmark times beside its calls
+                empty, b2b = num(src.data.get("empty_kernel_us")), num(src.data.get("empty_kernel_b2b_us"))
+                if empty is not None and b2b is not None:
+                    out.append("  On %s (`%s`) an empty kernel costs the device %.2f us timed like a call, %.2f us "
+                               "back to back: a floor below that cannot be reached by any kernel." %
+                               (src.card, src.name, empty, b2b))
     if any(of(sources, "experts")):
         out.append("- Expert FFN roofline x: minimal DRAM bytes = forward x, y (R H each), the weights "
                    "E (H NU + I H) and the fp32 row weights; forward + backward adds dy, x, dx (3 R H), the weights "
