@@ -38,7 +38,7 @@
 //   b2b   the device time per call of kBackToBack calls queued back to back behind the memset,
 //         between two events: what each call of a sequence costs once the next call's kernels
 //         follow without a gap or an event in between (the event-bounded gpu time of a small call
-//         includes the device's ~1-2 us of event and kernel start overhead; this does not).
+//         includes ~2 us of event and kernel start overhead on an H200; this does not).
 //   host  host wall-clock time of the call (validation, launch), without waiting for the device.
 // "launch" is the gpu time of the smallest moekit kernel (the aux loss, one block); "empty
 // kernel" the gpu and b2b times of a kernel that does nothing (bench/common/empty_kernel.cu),
@@ -282,7 +282,7 @@ struct CallTiming {
 
 constexpr int kBackToBack = 20;
 
-// The three timings of the header comment. filler: a device buffer whose memset keeps the device
+// The four timings of the header comment. filler: a device buffer whose memset keeps the device
 // busy while the host enqueues the call (its size covers the host's share many times over).
 CallTiming time_call(cudaStream_t stream, int warmup, int repeats, Buffer& filler, const std::function<void(int)>& run) {
   CallTiming r;
