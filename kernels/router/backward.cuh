@@ -36,6 +36,7 @@
 
 #include "kernels/router/common.cuh"
 #include "kernels/common/grid.hpp"
+#include "kernels/common/pdl.cuh"
 #include "kernels/router/launch.hpp"
 #include "kernels/router/tuning.hpp"
 #include "moekit/router.h"
@@ -100,6 +101,8 @@ __device__ __forceinline__ float rank_shift(const float (&u)[R], const bool (&va
 template <class T, int V, int TPT, ScoreMode MODE>
 __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT, static_cast<int>(sizeof(T))))
     router_backward_fast_kernel(const BackwardArgs a) {
+  pdl_launch_dependents();  // a programmatic next kernel may be scheduled; it waits for this grid
+  pdl_wait();               // this grid's predecessor, before any global access (pdl.cuh)
   constexpr int kTeamsPerWarp = 32 / TPT;
   constexpr int kTeams = kFastThreads / TPT;
   constexpr int kEPad = V * TPT;
@@ -415,8 +418,7 @@ template <class T, int V, int TPT, ScoreMode MODE>
 cudaError_t launch_backward_fast_mode(const BackwardArgs& a, cudaStream_t stream) {
   auto kernel = router_backward_fast_kernel<T, V, TPT, MODE>;
   const int32_t grid = resident_grid(kernel, kFastThreads, 0, a.shape.num_blocks);
-  kernel<<<grid, kFastThreads, 0, stream>>>(a);
-  return cudaPeekAtLastError();
+  return launch_programmatic(kernel, dim3(grid), dim3(kFastThreads), 0, stream, a.programmatic, a);
 }
 
 template <class T, int V, int TPT>
@@ -456,6 +458,8 @@ template <class T>
 __global__ void __launch_bounds__(kGenericMaxWarps * 32, 4)
     router_backward_generic_kernel(const BackwardArgs a) {
   extern __shared__ __align__(16) float g_smem[];
+  pdl_launch_dependents();  // as the fast kernel
+  pdl_wait();
   const RouterOptions& o = a.opt;
   const int E = o.num_experts;
   const int K = o.top_k;
@@ -614,8 +618,8 @@ cudaError_t launch_backward_generic(const BackwardArgs& a, cudaStream_t stream) 
   const cudaError_t e = ensure_dynamic_smem(router_backward_generic_kernel<T>, smem);
   if (e != cudaSuccess) return e;
   const int32_t grid = resident_grid(router_backward_generic_kernel<T>, a.shape.threads, smem, a.shape.num_blocks);
-  router_backward_generic_kernel<T><<<grid, a.shape.threads, smem, stream>>>(a);
-  return cudaPeekAtLastError();
+  return launch_programmatic(router_backward_generic_kernel<T>, dim3(grid), dim3(a.shape.threads), smem, stream,
+                             a.programmatic, a);
 }
 
 template <class T>

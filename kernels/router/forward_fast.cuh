@@ -40,6 +40,7 @@
 
 #include "kernels/router/common.cuh"
 #include "kernels/common/grid.hpp"
+#include "kernels/common/pdl.cuh"
 #include "kernels/router/launch.hpp"
 #include "kernels/router/layout.hpp"
 #include "kernels/router/tuning.hpp"
@@ -86,10 +87,10 @@ __global__ void __launch_bounds__(kFastThreads, fast_min_blocks(V, static_cast<i
   __shared__ int s_count;
   uint2(*s_pick)[kKMax] = reinterpret_cast<uint2(*)[kKMax]>(s_buf);
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Let the finalize kernel (a programmatic dependent) get scheduled early; it waits for us.
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
+  // Let the finalize kernel (a programmatic dependent) get scheduled early; it waits for us. Then
+  // wait for our own predecessor before the first global access (kernels/common/pdl.cuh).
+  pdl_launch_dependents();
+  pdl_wait();
 
   const RouterOptions& o = a.opt;
   const int E = o.num_experts;
@@ -514,8 +515,7 @@ cudaError_t launch_forward_fast(const ForwardArgs& a, cudaStream_t stream, int32
   auto kernel = router_forward_fast_kernel<T, V, TPT, MODE, kGroups>;
   const int32_t grid = resident_grid(kernel, kFastThreads, 0, a.shape.num_blocks);
   *blocks = grid;
-  kernel<<<grid, kFastThreads, 0, stream>>>(a);
-  return cudaPeekAtLastError();
+  return launch_programmatic(kernel, dim3(grid), dim3(kFastThreads), 0, stream, a.programmatic, a);
 }
 
 template <class T, int V, int TPT, ScoreMode MODE>

@@ -24,6 +24,7 @@
 
 #include "kernels/router/common.cuh"
 #include "kernels/common/grid.hpp"
+#include "kernels/common/pdl.cuh"
 #include "kernels/router/launch.hpp"
 #include "kernels/router/layout.hpp"
 #include "kernels/router/tuning.hpp"
@@ -37,9 +38,8 @@ template <class T>
 __global__ void __launch_bounds__(kGenericMaxWarps * 32)
     router_forward_generic_kernel(const ForwardArgs a) {
   extern __shared__ __align__(16) uint32_t smem[];
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
+  pdl_launch_dependents();  // the finalize may be scheduled now; it waits for this grid
+  pdl_wait();               // this grid's predecessor, before any global access (pdl.cuh)
   constexpr int Q = kGenericCacheDepth;
   const RouterOptions& o = a.opt;
   const int E = o.num_experts;
@@ -268,8 +268,8 @@ cudaError_t launch_forward_generic(const ForwardArgs& a, cudaStream_t stream, in
   if (e != cudaSuccess) return e;
   const int32_t grid = resident_grid(router_forward_generic_kernel<T>, a.shape.threads, smem, a.shape.num_blocks);
   *blocks = grid;
-  router_forward_generic_kernel<T><<<grid, a.shape.threads, smem, stream>>>(a);
-  return cudaPeekAtLastError();
+  return launch_programmatic(router_forward_generic_kernel<T>, dim3(grid), dim3(a.shape.threads), smem, stream,
+                             a.programmatic, a);
 }
 
 }  // namespace moekit::kernels::router

@@ -62,6 +62,7 @@ struct ForwardArgs {
   int32_t* load_partial;      // kPartial: [num_blocks, E]
   float* score_partial;       // [num_blocks, E] or nullptr (no aux statistics)
   int32_t* count_partial;     // [num_blocks] or nullptr
+  bool programmatic;          // host: launch as a programmatic dependent (kernels/common/pdl.cuh)
 };
 
 // Enqueues the forward kernel (no statistics finalize; see launch_router_finalize) on
@@ -104,6 +105,7 @@ struct BackwardArgs {
   void* grad_logits;              // [T, E] of the dtype, rows grad_stride elements apart
   int64_t grad_stride;
   int32_t grad_vec_bytes;
+  bool programmatic;          // host: launch as a programmatic dependent (kernels/common/pdl.cuh)
 };
 cudaError_t launch_router_backward(moekit_dtype_t dtype, const BackwardArgs& args,
                                    cudaStream_t stream);

@@ -6,7 +6,8 @@
 //             chunks of blocks): thread (chunk c, expert e) sums blocks [c B/C, (c+1) B/C) in
 //             order, then thread e sums the chunks in order: a fixed order, so S is bitwise
 //             reproducible. Integer sums are order-free anyway. Launched as a programmatic
-//             dependent of the forward on sm_90: it waits (griddepcontrol.wait) before reading.
+//             dependent of the forward on sm_90 (kernels/common/pdl.cuh), as the forward and
+//             the backward are of their predecessors: it waits before reading.
 // aux loss:   aux = (sum_e L_e S_e) E / (K N'^2), N' = max(N, 1); one block, each thread sums a
 //             strided slice in order, then a fixed tree.
 // bias update: b_e += rate * sign(sum L - E L_e) (exact in int64: sign(mean(L) - L_e)), then
@@ -15,6 +16,7 @@
 
 #include <cstdint>
 
+#include "kernels/common/pdl.cuh"
 #include "kernels/router/launch.hpp"
 #include "kernels/router/tuning.hpp"
 
@@ -24,9 +26,8 @@ namespace {
 
 __global__ void __launch_bounds__(kFinalizeExperts * kFinalizeChunks)
     finalize_kernel(const FinalizeArgs a) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
+  pdl_launch_dependents();  // a programmatic next kernel may be scheduled; it waits for this grid
+  pdl_wait();               // the forward's partial rows (a no-op when launched plainly)
   __shared__ float s_part[kFinalizeChunks][kFinalizeExperts];
   __shared__ int l_part[kFinalizeChunks][kFinalizeExperts];
   constexpr int kWarps = kFinalizeExperts * kFinalizeChunks / 32;
@@ -156,19 +157,8 @@ __global__ void __launch_bounds__(kSmallReduceThreads)
 
 cudaError_t launch_router_finalize(const FinalizeArgs& a, bool programmatic, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>((a.num_experts + kFinalizeExperts - 1) / kFinalizeExperts);
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(blocks);
-  cfg.blockDim = dim3(kFinalizeExperts * kFinalizeChunks);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = programmatic ? 1 : 0;
-  const cudaError_t e = cudaLaunchKernelEx(&cfg, finalize_kernel, a);
-  if (e != cudaSuccess) return e;
-  return cudaPeekAtLastError();
+  return launch_programmatic(finalize_kernel, dim3(blocks), dim3(kFinalizeExperts * kFinalizeChunks), 0, stream,
+                             programmatic, a);
 }
 
 cudaError_t launch_aux_loss(int32_t num_experts, int32_t top_k, const int32_t* expert_load,

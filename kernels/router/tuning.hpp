@@ -187,8 +187,4 @@ inline constexpr GenericBackwardLayout generic_backward_layout(int num_experts, 
   return l;
 }
 
-// The forward's statistics finalize is launched as a programmatic dependent launch on sm_90+ (it
-// overlaps its launch with the forward's tail and waits in-kernel): set false to launch plainly.
-constexpr bool kFinalizeProgrammatic = true;
-
 }  // namespace moekit::kernels::router

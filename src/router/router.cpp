@@ -4,6 +4,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels/router/launch.hpp"
 #include "kernels/router/tuning.hpp"
@@ -40,9 +42,17 @@ ForwardWorkspace carve_forward(WorkspaceCarver& ws, int32_t num_experts, int32_t
   return w;
 }
 
-// Programmatic dependent launch needs sm_90; the answer is cached per device.
+// Every router kernel of a forward or backward (the forward, its statistics finalize, the backward)
+// is launched as a programmatic dependent of the stream's previous kernel (kernels/common/pdl.cuh):
+// its launch overlaps its predecessor's tail and it waits in-kernel before touching memory. That
+// needs sm_90 (cached per device). MOEKIT_ROUTER_PROGRAMMATIC=0 in the environment (read once)
+// launches them plainly, for an A/B measurement in one build (docs/router.md, seventh measurement).
 bool programmatic_launch_available() {
-  if (!k::kFinalizeProgrammatic) return false;
+  static const bool allowed = [] {
+    const char* v = std::getenv("MOEKIT_ROUTER_PROGRAMMATIC");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  if (!allowed) return false;
   static std::atomic<int> cache[64];  // 0 unknown, 1 no, 2 yes
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) {
@@ -171,6 +181,9 @@ moekit_status_t run_forward(const ForwardCall& call) {
     a.count_partial = w.count_partial;
   }
   cudaStream_t stream = static_cast<cudaStream_t>(call.stream);
+  // Programmatic launches on created streams only (the legacy NULL stream synchronises with every
+  // other stream, which is not worth mixing with in-kernel dependency waits).
+  a.programmatic = call.num_tokens > 0 && stream != nullptr && programmatic_launch_available();
   int32_t blocks = 0;  // partial rows written: one per block launched (<= the workspace's rows)
   MOEKIT_CUDA_TRY(k::launch_router_forward(call.dtype, a, stream, &blocks), "launching the router forward");
 
@@ -185,10 +198,7 @@ moekit_status_t run_forward(const ForwardCall& call) {
     f.accumulate = c.accumulate_load != 0;
     f.score_sum = call.aux_score_sum;
     f.token_count = call.aux_token_count;
-    // Programmatic launch on created streams only (the legacy NULL stream synchronises with
-    // every other stream, which is not worth mixing with in-kernel dependency waits).
-    const bool programmatic = call.num_tokens > 0 && stream != nullptr && programmatic_launch_available();
-    MOEKIT_CUDA_TRY(k::launch_router_finalize(f, programmatic, stream),
+    MOEKIT_CUDA_TRY(k::launch_router_finalize(f, a.programmatic, stream),
                     "launching the router statistics finalize");
   }
   return MOEKIT_STATUS_SUCCESS;
@@ -215,6 +225,7 @@ moekit_status_t run_backward(const BackwardCall& call) {
   a.grad_logits = call.grad_logits;
   a.grad_stride = call.grad_logits_row_stride;
   a.grad_vec_bytes = vector_bytes(call.grad_logits, call.grad_logits_row_stride, element);
+  a.programmatic = call.stream != nullptr && programmatic_launch_available();
   MOEKIT_CUDA_TRY(k::launch_router_backward(call.dtype, a, static_cast<cudaStream_t>(call.stream)),
                   "launching the router backward");
   return MOEKIT_STATUS_SUCCESS;

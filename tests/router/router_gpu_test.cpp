@@ -782,6 +782,70 @@ TEST_CASE("router forward, finalize, aux loss, backward and bias update capture 
   }
 }
 
+// On sm_90 every router kernel is a programmatic dependent of the stream's previous kernel
+// (kernels/common/pdl.cuh): it is scheduled while that kernel runs and must wait in-kernel before
+// touching memory. Two forward + backward pairs queued on one created stream with no host sync,
+// the second forward writing the outputs, workspace and statistics the first backward reads: each
+// backward must see its own forward's indices, load and count (read after write), and the second
+// forward must not overwrite them before the first backward has read them (write after read).
+// Both gradients and the second forward's outputs equal the same calls run one at a time.
+TEST_CASE("router calls queued back to back on a created stream see each other's results in order", "[router][stream]") {
+  auto rng = make_rng(0x5e91);
+  for (const RouterCase& rc : model_cases()) {
+    // the fast path with and without groups, the thread-per-token path, the generic path
+    if (rc.name != "deepseek-v3" && rc.name != "qwen3" && rc.name != "mixtral" && rc.name != "e2048-k32") continue;
+    INFO(rc.name);
+    const int E = rc.config.num_experts, K = rc.config.top_k;
+    const int64_t T = E >= 2048 ? 2000 : 20000;  // long forwards: a missing wait would read early
+    ForwardSetup sa = make_setup(rc, T, MOEKIT_DTYPE_BF16, rng);
+    sa.config.accumulate_load = 0;
+    sa.mask = random_mask(rng, T);
+    ForwardSetup sb = make_setup(rc, T, MOEKIT_DTYPE_BF16, rng);
+    sb.config = sa.config;
+    sb.mask = random_mask(rng, T);
+    const DeviceInputs ina = upload(sa), inb = upload(sb);
+    BackwardSetup bs;
+    bs.grad_weights = uniform(rng, static_cast<size_t>(T) * K, -1.0f, 1.0f);
+    bs.coeff = 0.25f;
+    // one call at a time (legacy stream, synchronised after each)
+    const ForwardOut ea = run_forward(sa, ina), eb = run_forward(sb, inb);
+    const std::vector<float> ga = run_backward(sa, ina, ea.d_indices, ea.d_load, ea.d_count, bs);
+    const std::vector<float> gb = run_backward(sb, inb, eb.d_indices, eb.d_load, eb.d_count, bs);
+
+    // the same four calls back to back on one stream, sharing every output and the workspace
+    DeviceBuffer w(4 * T * K), idx(4 * T * K), load(4 * E), S(4 * E), N(4);
+    DeviceBuffer grad_a(2 * T * E), grad_b(2 * T * E);
+    DeviceBuffer gw = DeviceBuffer::from(bs.grad_weights);
+    for (DeviceBuffer* b : {&w, &idx, &load, &S, &N, &grad_a, &grad_b}) b->poison();
+    size_t bytes = 0;
+    MOEKIT_REQUIRE_OK(moekit_router_forward_workspace_size(&sa.config, T, &bytes));
+    DeviceBuffer ws(bytes);
+    ws.poison();
+    cudaStream_t stream;
+    CUDA_REQUIRE(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    auto backward = [&](const ForwardSetup& s, const DeviceInputs& in, DeviceBuffer& grad) {
+      return moekit_router_backward(&s.config, T, s.dtype, in.logits.get(), s.row_stride(), in.bias.get<float>(),
+                                    in.mask.get<uint8_t>(), idx.get<int32_t>(), gw.get<float>(), bs.coeff,
+                                    load.get<int32_t>(), N.get<int32_t>(), grad.get(), E, nullptr, 0, stream);
+    };
+    MOEKIT_REQUIRE_OK(call_forward(sa, ina, w, idx, load, S, N, ws, stream));
+    MOEKIT_REQUIRE_OK(backward(sa, ina, grad_a));
+    MOEKIT_REQUIRE_OK(call_forward(sb, inb, w, idx, load, S, N, ws, stream));
+    MOEKIT_REQUIRE_OK(backward(sb, inb, grad_b));
+    CUDA_REQUIRE(cudaStreamSynchronize(stream));
+    CUDA_REQUIRE(cudaStreamDestroy(stream));
+    const std::vector<float> qa = unpack(sa.dtype, grad_a.to_host<uint8_t>());
+    const std::vector<float> qb = unpack(sb.dtype, grad_b.to_host<uint8_t>());
+    CHECK(std::memcmp(qa.data(), ga.data(), 4 * ga.size()) == 0);
+    CHECK(std::memcmp(qb.data(), gb.data(), 4 * gb.size()) == 0);
+    const auto wh = w.to_host<float>();
+    CHECK(std::memcmp(wh.data(), eb.weights.data(), 4 * wh.size()) == 0);
+    CHECK(idx.to_host<int32_t>() == eb.indices);
+    CHECK(load.to_host<int32_t>() == eb.load);
+    CHECK(N.to_host<int32_t>()[0] == eb.count);
+  }
+}
+
 // ---- bad inputs on device buffers ----------------------------------------------------------------
 
 TEST_CASE("router calls with bad arguments leave poisoned device buffers untouched", "[router][validation]") {
