@@ -101,8 +101,10 @@ __device__ __forceinline__ float rank_shift(const float (&u)[R], const bool (&va
 template <class T, int V, int TPT, ScoreMode MODE>
 __global__ void __launch_bounds__(kFastThreads, fast_backward_min_blocks(V, TPT, static_cast<int>(sizeof(T))))
     router_backward_fast_kernel(const BackwardArgs a) {
-  pdl_launch_dependents();  // a programmatic next kernel may be scheduled; it waits for this grid
-  pdl_wait();               // this grid's predecessor, before any global access (pdl.cuh)
+  // This grid's predecessor, before any global access (kernels/common/pdl.cuh). No early trigger:
+  // the next kernel is scheduled as this one exits (blocks of the next call resident and waiting
+  // beside the last ones of a long backward slowed it, docs/router.md, seventh measurement).
+  pdl_wait();
   constexpr int kTeamsPerWarp = 32 / TPT;
   constexpr int kTeams = kFastThreads / TPT;
   constexpr int kEPad = V * TPT;
@@ -458,8 +460,7 @@ template <class T>
 __global__ void __launch_bounds__(kGenericMaxWarps * 32, 4)
     router_backward_generic_kernel(const BackwardArgs a) {
   extern __shared__ __align__(16) float g_smem[];
-  pdl_launch_dependents();  // as the fast kernel
-  pdl_wait();
+  pdl_wait();  // as the fast kernel
   const RouterOptions& o = a.opt;
   const int E = o.num_experts;
   const int K = o.top_k;

@@ -87,9 +87,11 @@ __global__ void __launch_bounds__(kFastThreads, fast_min_blocks(V, static_cast<i
   __shared__ int s_count;
   uint2(*s_pick)[kKMax] = reinterpret_cast<uint2(*)[kKMax]>(s_buf);
 
-  // Let the finalize kernel (a programmatic dependent) get scheduled early; it waits for us. Then
-  // wait for our own predecessor before the first global access (kernels/common/pdl.cuh).
-  pdl_launch_dependents();
+  // A following finalize (a few blocks) may be scheduled at once: it waits for us. Any other next
+  // kernel only once our token loop is done: its blocks, resident early and waiting, slowed the
+  // last blocks of long forwards by 2-6 % (docs/router.md, seventh measurement). Then wait for our
+  // own predecessor before the first global access (kernels/common/pdl.cuh).
+  if (a.finalize_follows) pdl_launch_dependents();
   pdl_wait();
 
   const RouterOptions& o = a.opt;
@@ -461,6 +463,7 @@ __global__ void __launch_bounds__(kFastThreads, fast_min_blocks(V, static_cast<i
   }
 
   // ---- block epilogue: loads, aux statistics, token count -------------------------------------
+  if (!a.finalize_follows) pdl_launch_dependents();
   if (need_count) {
     if (lt == 0 && my_count > 0) atomicAdd(&s_count, my_count);
   }

@@ -38,8 +38,8 @@ template <class T>
 __global__ void __launch_bounds__(kGenericMaxWarps * 32)
     router_forward_generic_kernel(const ForwardArgs a) {
   extern __shared__ __align__(16) uint32_t smem[];
-  pdl_launch_dependents();  // the finalize may be scheduled now; it waits for this grid
-  pdl_wait();               // this grid's predecessor, before any global access (pdl.cuh)
+  if (a.finalize_follows) pdl_launch_dependents();  // as the fast forward
+  pdl_wait();  // this grid's predecessor, before any global access (kernels/common/pdl.cuh)
   constexpr int Q = kGenericCacheDepth;
   const RouterOptions& o = a.opt;
   const int E = o.num_experts;
@@ -246,6 +246,7 @@ __global__ void __launch_bounds__(kGenericMaxWarps * 32)
   cp_async_wait<0>();  // nothing in flight when the block exits
 
   // ---- block epilogue ---------------------------------------------------------------------------
+  if (!a.finalize_follows) pdl_launch_dependents();
   if (need_count && lane == 0 && my_count > 0) atomicAdd(block_count, my_count);
   __syncthreads();
   if (need_count && threadIdx.x == 0) a.count_partial[blockIdx.x] = *block_count;

@@ -63,6 +63,7 @@ struct ForwardArgs {
   float* score_partial;       // [num_blocks, E] or nullptr (no aux statistics)
   int32_t* count_partial;     // [num_blocks] or nullptr
   bool programmatic;          // host: launch as a programmatic dependent (kernels/common/pdl.cuh)
+  bool finalize_follows;      // the statistics finalize comes next: let it be scheduled at once
 };
 
 // Enqueues the forward kernel (no statistics finalize; see launch_router_finalize) on

@@ -184,10 +184,11 @@ moekit_status_t run_forward(const ForwardCall& call) {
   // Programmatic launches on created streams only (the legacy NULL stream synchronises with every
   // other stream, which is not worth mixing with in-kernel dependency waits).
   a.programmatic = call.num_tokens > 0 && stream != nullptr && programmatic_launch_available();
+  a.finalize_follows = a.load_mode == k::LoadMode::kPartial || need_stats;
   int32_t blocks = 0;  // partial rows written: one per block launched (<= the workspace's rows)
   MOEKIT_CUDA_TRY(k::launch_router_forward(call.dtype, a, stream, &blocks), "launching the router forward");
 
-  if (a.load_mode == k::LoadMode::kPartial || need_stats) {
+  if (a.finalize_follows) {
     k::FinalizeArgs f{};
     f.num_experts = E;
     f.num_blocks = blocks;
