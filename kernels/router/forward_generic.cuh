@@ -269,8 +269,12 @@ cudaError_t launch_forward_generic(const ForwardArgs& a, cudaStream_t stream, in
   if (e != cudaSuccess) return e;
   const int32_t grid = resident_grid(router_forward_generic_kernel<T>, a.shape.threads, smem, a.shape.num_blocks);
   *blocks = grid;
+  // Launched plainly, not as a programmatic dependent: back to back at T = 4096 (E = 2048) it ran
+  // 9.5 % slower that way (H200, 2b2f8cb; docs/router.md, seventh measurement), its blocks starting
+  // staggered beside the previous call's tail while each owns a fixed share of the tokens. Its
+  // launch is a small part of a 100-500 us call anyway; its pdl_wait is then a no-op.
   return launch_programmatic(router_forward_generic_kernel<T>, dim3(grid), dim3(a.shape.threads), smem, stream,
-                             a.programmatic, a);
+                             false, a);
 }
 
 }  // namespace moekit::kernels::router
