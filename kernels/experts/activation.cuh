@@ -19,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include <math.h>
+#include <type_traits>
 
 namespace moekit::kernels::experts {
 
@@ -160,6 +161,18 @@ __host__ __device__ inline ActParams act_params_as(const ActParams& p) {
 template <int kKind>
 __host__ __device__ inline float act_gated_as(const ActParams& p, float g, float v) {
   return act_gated(act_params_as<kKind>(p), g, v);
+}
+
+// The one place that picks a kernel's copy for the gated activation p: calls
+// f(std::integral_constant<int, kActSwigluNoLimit>{}) for SwiGLU without a limit, else
+// f(std::integral_constant<int, -1>{}) (the kind read from p at run time); f's copy then passes
+// the constant to act_params_as / act_gated_as.
+template <class F>
+__host__ __device__ inline void with_gated_kind(const ActParams& p, F&& f) {
+  if (act_is_swiglu_no_limit(p))
+    f(std::integral_constant<int, kActSwigluNoLimit>{});
+  else
+    f(std::integral_constant<int, -1>{});
 }
 
 // relu2 (single projection).

@@ -194,6 +194,7 @@ struct EpilogueRow {
   // keeps only the chosen kind's operations (same operations in the same order: same values).
   static constexpr int kBwdRelu2 = 0, kBwdInterleaved = 1, kBwdConcat = 2;
   static constexpr int kBwdRuntimeKind = -1;
+  static_assert(kBwdRuntimeKind == -1, "with_gated_kind passes -1 for the run-time kind");
 
   __device__ __forceinline__ int bwd_layout() const {
     return ep.act.kind == kActRelu2 ? kBwdRelu2 : (ep.interleaved ? kBwdInterleaved : kBwdConcat);

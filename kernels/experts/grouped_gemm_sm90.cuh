@@ -482,10 +482,9 @@ struct GroupedGemmSm90 {
             // SwiGLU without a limit (every model of the benchmark but GPT-OSS) gets its own copy
             // of the row's 32 activations with the kind fixed: only its operations (same order,
             // same values), about 10 instructions each instead of 30 for the run-time kind's.
-            if (act_is_swiglu_no_limit(ep.act))
-              gate_up_paired_row<kActSwigluNoLimit>(er, t, prob.gate_up_half, d, h, q);
-            else
-              gate_up_paired_row<-1>(er, t, prob.gate_up_half, d, h, q);
+            with_gated_kind(ep.act, [&](auto kind) {
+              gate_up_paired_row<decltype(kind)::value>(er, t, prob.gate_up_half, d, h, q);
+            });
           } else {
             // Interleaved: columns 2i (gate), 2i + 1 (up) side by side.
 #pragma unroll
@@ -610,10 +609,10 @@ struct GroupedGemmSm90 {
   static __device__ __forceinline__ void bwd_act_by_kind(const TileInfo& t, const GroupedGemmProblem& prob,
                                                          const EpilogueParams& ep, const float (&d)[128], int lr0,
                                                          int lane) {
-    if (act_is_swiglu_no_limit(ep.act))
-      epilogue_bwd_act_as<kLayout, kActSwigluNoLimit>(t, prob, ep, d, lr0, lane);
-    else
-      epilogue_bwd_act_as<kLayout, EpilogueRow<T>::kBwdRuntimeKind>(t, prob, ep, d, lr0, lane);
+    // -1 (the run-time kind) is EpilogueRow<T>::kBwdRuntimeKind
+    with_gated_kind(ep.act, [&](auto kind) {
+      epilogue_bwd_act_as<kLayout, decltype(kind)::value>(t, prob, ep, d, lr0, lane);
+    });
   }
 
   // ---- kEpiBwdAct, staged (kStaged; MOEKIT_SM90_BWD_ACT_STAGED) ----
@@ -834,15 +833,13 @@ struct GroupedGemmSm90 {
     if (ep.act.kind == kActRelu2) {
       epilogue_bwd_act_staged_as<Row::kBwdRelu2, kActRelu2>(t, prob, ep, d, smem, c, ctid);
     } else if (ep.interleaved) {
-      if (act_is_swiglu_no_limit(ep.act))
-        epilogue_bwd_act_staged_as<Row::kBwdInterleaved, kActSwigluNoLimit>(t, prob, ep, d, smem, c, ctid);
-      else
-        epilogue_bwd_act_staged_as<Row::kBwdInterleaved, Row::kBwdRuntimeKind>(t, prob, ep, d, smem, c, ctid);
+      with_gated_kind(ep.act, [&](auto kind) {  // -1 (the run-time kind) is Row::kBwdRuntimeKind
+        epilogue_bwd_act_staged_as<Row::kBwdInterleaved, decltype(kind)::value>(t, prob, ep, d, smem, c, ctid);
+      });
     } else {
-      if (act_is_swiglu_no_limit(ep.act))
-        epilogue_bwd_act_staged_as<Row::kBwdConcat, kActSwigluNoLimit>(t, prob, ep, d, smem, c, ctid);
-      else
-        epilogue_bwd_act_staged_as<Row::kBwdConcat, Row::kBwdRuntimeKind>(t, prob, ep, d, smem, c, ctid);
+      with_gated_kind(ep.act, [&](auto kind) {
+        epilogue_bwd_act_staged_as<Row::kBwdConcat, decltype(kind)::value>(t, prob, ep, d, smem, c, ctid);
+      });
     }
   }
 
@@ -1028,10 +1025,7 @@ struct GroupedGemmSm90 {
         gu_phase(region, bar, ctid, row0, rows, GuOut{tma_c, hout, ep.ldc, i0, -1, I}, [&] {
           // SwiGLU without a limit (the common case) without the other kinds' instructions and
           // the clamp's: the same values.
-          if (act_is_swiglu_no_limit(ep.act))
-            h_phase(std::integral_constant<int, kActSwigluNoLimit>{});
-          else
-            h_phase(std::integral_constant<int, -1>{});
+          with_gated_kind(ep.act, h_phase);
         });
       } else {
         // Interleaved: accumulator pair (v, v + 1), v = n0 + 8 j + 2 q, is (gate, up) of h column
