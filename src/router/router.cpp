@@ -2,11 +2,11 @@
 
 #include <cuda_runtime_api.h>
 
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
+#include "kernels/common/grid.hpp"
 #include "kernels/router/launch.hpp"
 #include "kernels/router/tuning.hpp"
 #include "src/common/error.hpp"
@@ -45,32 +45,18 @@ ForwardWorkspace carve_forward(WorkspaceCarver& ws, int32_t num_experts, int32_t
 // Every router kernel of a forward or backward (the forward, its statistics finalize, the backward)
 // is launched as a programmatic dependent of the stream's previous kernel (kernels/common/pdl.cuh):
 // its launch overlaps its predecessor's tail and it waits in-kernel before touching memory. That
-// needs sm_90 (cached per device). MOEKIT_ROUTER_PROGRAMMATIC=0 in the environment (read once)
-// launches them plainly, for an A/B measurement in one build (docs/router.md, seventh measurement).
-bool programmatic_launch_available() {
+// needs sm_90 (grid.hpp's per-device attribute cache) and a created stream (the legacy NULL stream
+// synchronises with every other stream, which is not worth mixing with in-kernel dependency
+// waits). MOEKIT_ROUTER_PROGRAMMATIC=0 in the environment (read once) launches them plainly, for an
+// A/B measurement in one build (docs/router.md, seventh measurement).
+bool launch_programmatically(cudaStream_t stream) {
   static const bool allowed = [] {
     const char* v = std::getenv("MOEKIT_ROUTER_PROGRAMMATIC");
     return v == nullptr || std::strcmp(v, "0") != 0;
   }();
-  if (!allowed) return false;
-  static std::atomic<int> cache[64];  // 0 unknown, 1 no, 2 yes
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  if (device < 0 || device >= 64) return false;
-  int v = cache[device].load(std::memory_order_relaxed);
-  if (v == 0) {
-    int major = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return false;
-    }
-    v = major >= 9 ? 2 : 1;
-    cache[device].store(v, std::memory_order_relaxed);
-  }
-  return v == 2;
+  if (!allowed || stream == nullptr) return false;
+  const int device = moekit::kernels::current_device();
+  return moekit::kernels::cached_device_attribute<cudaDevAttrComputeCapabilityMajor>(device, 0) >= 9;
 }
 
 }  // namespace
@@ -181,9 +167,7 @@ moekit_status_t run_forward(const ForwardCall& call) {
     a.count_partial = w.count_partial;
   }
   cudaStream_t stream = static_cast<cudaStream_t>(call.stream);
-  // Programmatic launches on created streams only (the legacy NULL stream synchronises with every
-  // other stream, which is not worth mixing with in-kernel dependency waits).
-  a.programmatic = call.num_tokens > 0 && stream != nullptr && programmatic_launch_available();
+  a.programmatic = call.num_tokens > 0 && launch_programmatically(stream);
   a.finalize_follows = a.load_mode == k::LoadMode::kPartial || need_stats;
   int32_t blocks = 0;  // partial rows written: one per block launched (<= the workspace's rows)
   MOEKIT_CUDA_TRY(k::launch_router_forward(call.dtype, a, stream, &blocks), "launching the router forward");
@@ -226,7 +210,7 @@ moekit_status_t run_backward(const BackwardCall& call) {
   a.grad_logits = call.grad_logits;
   a.grad_stride = call.grad_logits_row_stride;
   a.grad_vec_bytes = vector_bytes(call.grad_logits, call.grad_logits_row_stride, element);
-  a.programmatic = call.stream != nullptr && programmatic_launch_available();
+  a.programmatic = launch_programmatically(static_cast<cudaStream_t>(call.stream));
   MOEKIT_CUDA_TRY(k::launch_router_backward(call.dtype, a, static_cast<cudaStream_t>(call.stream)),
                   "launching the router backward");
   return MOEKIT_STATUS_SUCCESS;
