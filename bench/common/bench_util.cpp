@@ -13,6 +13,17 @@
 
 namespace moekit::bench {
 
+Timing summarise(std::vector<double> us) {
+  std::sort(us.begin(), us.end());
+  const size_t n = us.size();
+  Timing t;
+  t.repeats = static_cast<int>(n);
+  t.min_us = us.front();
+  t.max_us = us.back();
+  t.median_us = n % 2 ? us[n / 2] : 0.5 * (us[n / 2 - 1] + us[n / 2]);
+  return t;
+}
+
 Timing time_us(cudaStream_t stream, int warmup, int repeats, const std::function<void(int)>& run) {
   return time_us_interleaved(stream, warmup, repeats, {run})[0];
 }
@@ -44,11 +55,7 @@ std::vector<Timing> time_us_interleaved(cudaStream_t stream, int warmup, int rep
       BENCH_CUDA(cudaEventElapsedTime(&ms, ev(k, i, 0), ev(k, i, 1)));
       us[i] = 1000.0 * ms;
     }
-    std::sort(us.begin(), us.end());
-    out[k].repeats = repeats;
-    out[k].min_us = us.front();
-    out[k].max_us = us.back();
-    out[k].median_us = repeats % 2 ? us[repeats / 2] : 0.5 * (us[repeats / 2 - 1] + us[repeats / 2]);
+    out[k] = summarise(std::move(us));
   }
   for (auto& e : events) cudaEventDestroy(e);
   return out;

@@ -87,6 +87,9 @@ struct Timing {
   int repeats = 0;
 };
 
+// Median / min / max of timed samples (microseconds, any order, at least one); repeats = their count.
+Timing summarise(std::vector<double> us);
+
 // Times `run(i)` (i = repeat index, use it to rotate inputs) with CUDA events on `stream`:
 // `warmup` untimed calls, then `repeats` individually timed ones; returns median/min/max.
 Timing time_us(cudaStream_t stream, int warmup, int repeats, const std::function<void(int)>& run);

@@ -232,11 +232,7 @@ void validate(int n, uint64_t seed) {
 
 // ---- timing ------------------------------------------------------------------------------------
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t m = v.size() / 2;
-  return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
-}
+double median(std::vector<double> v) { return moekit::bench::summarise(std::move(v)).median_us; }
 
 struct EpTiming {
   std::vector<double> layout_us, dispatch_us, combine_us;  // per rank medians

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/common/bench_util.hpp"
 #include "kernels/experts/grouped_gemm_sm90.hpp"
 #include "tests/experts/experts_sm90_epilogue_launch.hpp"
 
@@ -225,11 +226,10 @@ int main(int argc, char** argv) {
       double us[2];
       std::string spread;
       for (int v = 0; v < 2; ++v) {
-        std::vector<double> x = samples[v];
-        std::sort(x.begin(), x.end());
-        us[v] = x.size() % 2 ? x[x.size() / 2] : 0.5 * (x[x.size() / 2 - 1] + x[x.size() / 2]);
+        const moekit::bench::Timing x = moekit::bench::summarise(samples[v]);
+        us[v] = x.median_us;
         char b[64];
-        std::snprintf(b, sizeof(b), "%s[%.1f, %.1f]", v ? ", " : "", x.front(), x.back());
+        std::snprintf(b, sizeof(b), "%s[%.1f, %.1f]", v ? ", " : "", x.min_us, x.max_us);
         spread += b;
       }
       const double tf0 = r.flops / us[0] * 1e-6, tf1 = r.flops / us[1] * 1e-6;

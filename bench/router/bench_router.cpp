@@ -308,16 +308,7 @@ CallTiming time_call(cudaStream_t stream, int warmup, int repeats, Buffer& fille
     gpu[static_cast<size_t>(i)] = 1000.0 * ms;
   }
   for (auto& e : ev) cudaEventDestroy(e);
-  auto summarise = [](std::vector<double> us) {  // over the samples given, whatever their count
-    std::sort(us.begin(), us.end());
-    const size_t n = us.size();
-    moekit::bench::Timing t;
-    t.repeats = static_cast<int>(n);
-    t.min_us = us.front();
-    t.max_us = us.back();
-    t.median_us = n % 2 ? us[n / 2] : 0.5 * (us[n / 2 - 1] + us[n / 2]);
-    return t;
-  };
+  using moekit::bench::summarise;
   r.gpu = summarise(gpu);
   r.host_us = summarise(host).median_us;
   r.call = moekit::bench::time_us(stream, 0, repeats, run);
