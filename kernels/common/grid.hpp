@@ -1,7 +1,8 @@
 // Grid sizing shared by the launchers of every family: one wave of resident blocks (persistent and
 // grid-stride kernels), never more than the shape asks for. Occupancy and SM count are host queries of the
 // device's properties (no device data is read), cached per device: a call pays one cudaGetDevice
-// and a table look-up, not an occupancy calculation.
+// and a table look-up, not an occupancy calculation. Also the one cudaLaunchKernelEx wrapper for
+// launches that carry an attribute (launch_with_attribute, at the end).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -115,6 +116,25 @@ cudaError_t ensure_dynamic_smem(Kernel kernel, size_t bytes) {
   if (err != cudaSuccess) return err;
   entries.push_back({fn, device, bytes});
   return cudaSuccess;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) through cudaLaunchKernelEx with one launch
+// attribute, or none (attribute == nullptr): the one place the launchers that need an attribute
+// (cooperative, programmatic) spell out the configuration. Returns the launch's own error, not
+// cudaPeekAtLastError, so a caller can fall back on a launch the device refused.
+template <class... Params, class... Args>
+inline cudaError_t launch_with_attribute(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                         cudaStream_t stream, const cudaLaunchAttribute* attribute, Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attributes[1] = {};
+  if (attribute != nullptr) attributes[0] = *attribute;
+  config.attrs = attributes;
+  config.numAttrs = attribute != nullptr ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, static_cast<Args&&>(args)...);
 }
 
 }  // namespace moekit::kernels

@@ -14,6 +14,8 @@
 
 #include <cuda_runtime.h>
 
+#include "kernels/common/grid.hpp"
+
 namespace moekit::kernels {
 
 __device__ __forceinline__ void pdl_wait() {
@@ -35,17 +37,11 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 template <class... Params, class... Args>
 inline cudaError_t launch_programmatic(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                                        cudaStream_t stream, bool programmatic, Args&&... args) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = programmatic ? 1 : 0;
-  const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, static_cast<Args&&>(args)...);
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  const cudaError_t e = launch_with_attribute(kernel, grid, block, smem, stream, programmatic ? &attribute : nullptr,
+                                              static_cast<Args&&>(args)...);
   if (e != cudaSuccess) return e;
   return cudaPeekAtLastError();
 }

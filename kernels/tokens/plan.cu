@@ -608,17 +608,11 @@ cudaError_t launch_fused(const PlanArgs& a, cudaStream_t stream) {
   const size_t smem = fused_smem_bytes(a.num_local);
   cudaError_t error = ensure_dynamic_smem(plan_fused_kernel, smem);
   if (error != cudaSuccess) return error;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(a.num_blocks));
-  config.blockDim = dim3(kPlanThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeCooperative;
-  attribute[0].val.cooperative = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  error = cudaLaunchKernelEx(&config, plan_fused_kernel, a);
+  cudaLaunchAttribute cooperative{};
+  cooperative.id = cudaLaunchAttributeCooperative;
+  cooperative.val.cooperative = 1;
+  error = launch_with_attribute(plan_fused_kernel, dim3(static_cast<unsigned>(a.num_blocks)), dim3(kPlanThreads), smem,
+                                stream, &cooperative, a);
   if (error != cudaSuccess) return error;
   return launch_select(a, stream);
 }
