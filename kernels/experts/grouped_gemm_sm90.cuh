@@ -352,26 +352,29 @@ struct TileInfo {
   int64_t row0;    // first row of the tile
 };
 
-template <class T, bool kBNK, int kKind, int kStagedStages = 0, int kStoreStages = 0>
+// Cfg_: the tile configuration (TileConfigT: 128 or 64 rows); ring depths of the staged and
+// TMA-store instances are Cfg_'s deepest or one less (ring_stages).
+template <class T, bool kBNK, int kKind, int kStagedStages = 0, int kStoreStages = 0, class Cfg_ = TileConfig>
 struct GroupedGemmSm90 {
-  using Cfg = TileConfig;
+  using Cfg = Cfg_;
   // kStagedStages > 0 (kEpiBwdAct only): the staged activation-backward epilogue with its staging
   // regions and a ring of kStagedStages (4, or 3 where the prefix of many groups leaves no room);
   // a separate kernel from the register-direct one, so neither epilogue's registers constrain the
   // other's.
   static constexpr bool kStaged = kStagedStages > 0;
-  static_assert(!kStaged || (kKind == kEpiBwdAct && kBwdActStaged && (kStagedStages == 3 || kStagedStages == 4)),
-                "staged epilogue: kEpiBwdAct only, 3 or 4 stages");
+  static_assert(!kStaged || (kKind == kEpiBwdAct && kBwdActStaged && kStagedStages >= 2 && kStagedStages <= 4),
+                "staged epilogue: kEpiBwdAct only, 2 to 4 stages");
   // kStoreStages > 0 (kEpiStore only): the TMA-store epilogue (tma_store_tile) with its staging
   // regions and a ring of kStoreStages (4, or 3 where the prefix of many groups leaves no room).
   // kEpiGateUp / kEpiRelu2 (B KN) likewise: epilogue_gate_up_tma (MOEKIT_SM90_TMA_STORE_GATE_UP).
   static constexpr bool kTmaSt = kStoreStages > 0;
   static_assert(!kTmaSt || ((kKind == kEpiStore || (!kBNK && (kKind == kEpiGateUp || kKind == kEpiRelu2))) &&
-                            !kStaged && (kStoreStages == 3 || kStoreStages == 4)),
-                "TMA-store epilogue: kEpiStore, kEpiGateUp, kEpiRelu2 only, 3 or 4 stages");
+                            !kStaged && kStoreStages >= 2 && kStoreStages <= 4),
+                "TMA-store epilogue: kEpiStore, kEpiGateUp, kEpiRelu2 only, 2 to 4 stages");
   using Smem = typename std::conditional<
-      kStaged, SmemLayoutBwdAct<kStaged ? kStagedStages : 4>,
-      typename std::conditional<kTmaSt, SmemLayoutTmaStore<kTmaSt ? kStoreStages : 4>, SmemLayout>::type>::type;
+      kStaged, SmemLayoutBwdAct<kStaged ? kStagedStages : Cfg::kStages, Cfg>,
+      typename std::conditional<kTmaSt, SmemLayoutTmaStore<kTmaSt ? kStoreStages : Cfg::kStages, Cfg>,
+                                SmemLayoutOf<Cfg>>::type>::type;
   static constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kBK = Cfg::kBK, kStages = Smem::kStages;
   static constexpr int kConsumerWarps = 4 * Cfg::kConsumers;
   static constexpr int kTransB = kBNK ? 0 : 1;
@@ -1227,14 +1230,14 @@ struct GroupedGemmSm90 {
 
 // tma_c: the output's tensor map of the TMA-store instances (kStoreStages > 0; unused otherwise;
 // the gate-up kinds' h); tma_u: the gate-up kinds' u (TMA-store instances with ep.u only).
-template <class T, bool kBNK, int kKind, int kStagedStages, int kStoreStages>
-__global__ void __launch_bounds__(TileConfig::kThreads, 1)
+template <class T, bool kBNK, int kKind, int kStagedStages, int kStoreStages, class Cfg>
+__global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
     grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_b,
                              const __grid_constant__ CUtensorMap tma_c, const __grid_constant__ CUtensorMap tma_u,
                              const GroupedGemmProblem prob, const EpilogueParams ep) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  GroupedGemmSm90<T, kBNK, kKind, kStagedStages, kStoreStages>::run(&tma_a, &tma_b, &tma_c, &tma_u, prob, ep,
-                                                                    smem_raw);
+  GroupedGemmSm90<T, kBNK, kKind, kStagedStages, kStoreStages, Cfg>::run(&tma_a, &tma_b, &tma_c, &tma_u, prob, ep,
+                                                                         smem_raw);
 }
 
 // ---- Weight gradients (axis K) -------------------------------------------------------------------
@@ -1462,13 +1465,14 @@ __global__ void __launch_bounds__(TileConfig::kThreads, 1)
 // (128 kProducerRegs + 256 kConsumerRegs) / 384 = 168 registers. ptxas gives exactly that under
 // __launch_bounds__(384, 1) today; a build that gives fewer (a -maxrregcount, another compiler)
 // would hang every CTA, so it is refused here instead (checked once per kernel, host only).
+// (TileConfig64: 256 threads compiled under the same bound, (128 x 40 + 128 x 232) / 256 = 136.)
+template <class C = TileConfig>
 inline cudaError_t check_register_budget(const void* kernel, std::atomic<int>& verdict) {
   int v = verdict.load(std::memory_order_acquire);
   if (v == 0) {
     cudaFuncAttributes attr{};
     const cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
     if (err != cudaSuccess) return err;
-    using C = TileConfig;
     const int need = C::kWarpgroupThreads * C::kProducerRegs + C::kConsumers * C::kWarpgroupThreads * C::kConsumerRegs;
     v = attr.numRegs * C::kThreads >= need ? 1 : 2;
     verdict.store(v, std::memory_order_release);
@@ -1509,24 +1513,23 @@ cudaError_t launch_wgrad(const GroupedGemmProblem& prob, const EpilogueParams& e
 }
 
 // Launch: tensor maps encoded here (host only), a persistent grid of min(worst-case tile count,
-// SMs) CTAs (one per SM: the ring takes ~193 KB of shared memory).
+// SMs) CTAs (one per SM: the ring takes ~160-225 KB of shared memory).
 // kStagedStages > 0: the staged activation-backward epilogue with that ring depth (callers check
 // bwd_act_staged_takes and bwd_act_staged_stages first).
 // kStoreStages > 0: the TMA-store epilogue with that ring depth (callers check tma_store_takes and
 // tma_store_stages first).
-template <class T, bool kBNK, int kKind, int kStagedStages = 0, int kStoreStages = 0>
+template <class T, bool kBNK, int kKind, int kStagedStages = 0, int kStoreStages = 0, class Cfg = TileConfig>
 cudaError_t launch(const GroupedGemmProblem& prob, const EpilogueParams& ep, cudaStream_t stream) {
-  using Cfg = TileConfig;
-  auto kernel = grouped_gemm_sm90_kernel<T, kBNK, kKind, kStagedStages, kStoreStages>;
+  auto kernel = grouped_gemm_sm90_kernel<T, kBNK, kKind, kStagedStages, kStoreStages, Cfg>;
   static std::atomic<int> registers_ok{0};
-  if (const cudaError_t e = check_register_budget(reinterpret_cast<const void*>(kernel), registers_ok))
+  if (const cudaError_t e = check_register_budget<Cfg>(reinterpret_cast<const void*>(kernel), registers_ok))
     return e;
   const int tiles_n = (prob.n + Cfg::kBN - 1) / Cfg::kBN;
   const int64_t max_tiles = max_row_tiles(prob.max_rows, prob.num_groups, Cfg::kBM) * tiles_n;
   if (max_tiles <= 0 || prob.max_rows <= 0) return cudaSuccess;
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
   CUtensorMap map_a, map_b;
-  cudaError_t err = encode_tensor_map(&map_a, kBf16, tma_spec_a(prob.max_rows, prob.k, prob.lda), prob.a);
+  cudaError_t err = encode_tensor_map(&map_a, kBf16, tma_spec_a(prob.max_rows, prob.k, prob.lda, Cfg::kBM), prob.a);
   if (err != cudaSuccess) return err;
   const TmaSpec spec_b = kBNK ? tma_spec_b_nk(prob.num_groups, prob.k, prob.n, prob.ldb, prob.b_group_stride)
                               : tma_spec_b_kn(prob.num_groups, prob.k, prob.n, prob.ldb, prob.b_group_stride,
@@ -1546,9 +1549,10 @@ cudaError_t launch(const GroupedGemmProblem& prob, const EpilogueParams& ep, cud
     }
     if (err != cudaSuccess) return err;
   }
-  const size_t smem = GroupedGemmSm90<T, kBNK, kKind, kStagedStages, kStoreStages>::Smem::bytes(prob.num_groups);
+  const size_t smem =
+      GroupedGemmSm90<T, kBNK, kKind, kStagedStages, kStoreStages, Cfg>::Smem::bytes(prob.num_groups);
   if ((err = ensure_dynamic_smem(kernel, smem)) != cudaSuccess) return err;
-  const int32_t grid = resident_grid(kernel, Cfg::kThreads, smem, max_tiles);  // one CTA per SM
+  const int32_t grid = resident_grid(kernel, Cfg::kThreads, smem, max_tiles);
   kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_a, map_b, map_c, map_u, prob, ep);
   return cudaPeekAtLastError();
 }

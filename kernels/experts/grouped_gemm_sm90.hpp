@@ -45,33 +45,52 @@ namespace moekit::kernels::experts::sm90 {
 #endif
 static_assert(MOEKIT_SM90_MAX_STAGES == 3 || MOEKIT_SM90_MAX_STAGES == 4, "MOEKIT_SM90_MAX_STAGES: 3 or 4");
 
-struct TileConfig {
-  static constexpr int kBM = 128;
+// One tile configuration of the axis-M kernels: kBM_ rows (64 per consumer warpgroup: 128 = two
+// consumers, 64 = one) x 256 columns x 64 k, one CTA per SM. The 64-row tiles halve the rows a
+// group's last tile computes past its end, at twice the B traffic from L2 per row and one
+// warpgroup's epilogue per 64 rows. (Two 64-row CTAs per SM, so that one's epilogue overlaps the
+// other's k loop, cannot be built: ptxas compiles the whole kernel under the launch bound's 128
+// registers a thread, and the m64n256 accumulators alone take 128.) Which one a problem gets:
+// sm90::choose_tile (measured, docs/experts.md "Tile per shape class"). The weight gradients run
+// TileConfig (128 x 256) only.
+template <int kBM_>
+struct TileConfigT {
+  static_assert(kBM_ == 64 || kBM_ == 128, "tile rows: 64 or 128 (64 per consumer warpgroup)");
+  static constexpr int kBM = kBM_;
   static constexpr int kBN = 256;
   static constexpr int kBK = 64;
-  static constexpr int kConsumers = 2;   // consumer warpgroups, 64 rows each
+  static constexpr int kConsumers = kBM_ / 64;  // consumer warpgroups, 64 rows each
   static constexpr int kWarpgroupThreads = 128;
   static constexpr int kThreads = kWarpgroupThreads * (kConsumers + 1);
+  // The deepest ring; the TMA-store and staged instances take it or one stage less
+  // (tma_store_stages).
   static constexpr int kStages = MOEKIT_SM90_MAX_STAGES;
   static constexpr int kGroupM = 8;      // panel height of the tile swizzle (as sm_80)
   static constexpr int kBoxCols = 64;    // 64 16-bit elements = the 128-byte swizzle span
+  // Register split by setmaxnreg: the entry allocation of __launch_bounds__(384, 1) (168, for
+  // either configuration: the 64-row one, 256 threads, is compiled under the same bound so that
+  // ptxas allocates its consumer under the same 232-register cap; left at 255 it spilled the
+  // staged act-backward kernel) is moved from the producer warpgroup to the consumers.
+  static constexpr int kMaxThreads = 384;
   static constexpr int kProducerRegs = 40;
   static constexpr int kConsumerRegs = 232;
   static constexpr int kElemBytes = 2;   // bf16 / f16
 };
+using TileConfig = TileConfigT<128>;
+using TileConfig64 = TileConfigT<64>;  // the other configuration sm90::choose_tile picks from
 
 // Byte offsets inside the dynamic shared memory, after its base is rounded up to 1024 bytes:
 // kStages_ ring stages, then kStagingBytes_ of epilogue staging (0 for every kernel but the
 // staged activation-backward dgrad), then the barriers and the prefix.
-template <int kStages_, uint32_t kStagingBytes_>
+template <int kStages_, uint32_t kStagingBytes_, class Cfg_ = TileConfig>
 struct SmemLayoutT {
-  using C = TileConfig;
+  using C = Cfg_;
   static constexpr int kStages = kStages_;
   static constexpr uint32_t kAlign = 1024;  // 128B-swizzle atoms: 8 rows of 128 bytes
-  static constexpr uint32_t kABytes = C::kBM * C::kBK * C::kElemBytes;          // 16384
+  static constexpr uint32_t kABytes = C::kBM * C::kBK * C::kElemBytes;          // 16384 (128 rows)
   static constexpr uint32_t kBBoxBytes = C::kBK * C::kBoxCols * C::kElemBytes;  // 8192 (KN box)
   static constexpr uint32_t kBBytes = C::kBN * C::kBK * C::kElemBytes;          // 32768
-  static constexpr uint32_t kStageBytes = kABytes + kBBytes;                    // 49152
+  static constexpr uint32_t kStageBytes = kABytes + kBBytes;                    // 49152 (128 rows)
   static constexpr uint32_t kPipelineBytes = kStages * kStageBytes;
   static constexpr uint32_t kStaging = kPipelineBytes;                          // kStagingBytes_
   static constexpr uint32_t kStagingBytes = kStagingBytes_;
@@ -85,7 +104,9 @@ struct SmemLayoutT {
     return kAlign + kPrefix + (static_cast<size_t>(num_groups) + 1 + C::kThreads / 32) * 4;
   }
 };
-using SmemLayout = SmemLayoutT<TileConfig::kStages, 0>;
+template <class Cfg = TileConfig>
+using SmemLayoutOf = SmemLayoutT<Cfg::kStages, 0, Cfg>;
+using SmemLayout = SmemLayoutOf<TileConfig>;
 
 // The activation-backward dgrad's staged epilogue (kEpiBwdAct, grouped_gemm_sm90.cuh
 // epilogue_bwd_act_staged): each consumer warpgroup stages its accumulators (fp32) through its own
@@ -104,16 +125,28 @@ constexpr int kBwdStagePassRows = 32;                   // rows staged at a time
 constexpr int kBwdStageCols = 64;                       // accumulator columns per sub-tile
 constexpr int kBwdStageStride = kBwdStageCols + 8;      // floats per staged row
 constexpr uint32_t kBwdStageRegionBytes = kBwdStagePassRows * kBwdStageStride * 4;  // 9216
-constexpr uint32_t kBwdStagingBytes = TileConfig::kConsumers * kBwdStageRegionBytes;  // 18432
-template <int kStages>
-using SmemLayoutBwdAct = SmemLayoutT<kStages, kBwdStagingBytes>;
+template <class Cfg = TileConfig>
+constexpr uint32_t bwd_staging_bytes() { return Cfg::kConsumers * kBwdStageRegionBytes; }
+constexpr uint32_t kBwdStagingBytes = bwd_staging_bytes<TileConfig>();  // 18432
+template <int kStages, class Cfg = TileConfig>
+using SmemLayoutBwdAct = SmemLayoutT<kStages, bwd_staging_bytes<Cfg>(), Cfg>;
+
+// The ring depth of a staged or TMA-store instance of configuration Cfg whose layout L<stages>
+// needs L<stages>::bytes(E) for E groups, under the device's opt-in shared memory per block:
+// Cfg's deepest ring where it fits, else one stage less, else 0. The launchers instantiate
+// exactly these two depths.
+template <class Cfg, template <int, class> class L>
+inline int ring_stages(int num_groups, size_t smem_optin) {
+  if (L<Cfg::kStages, Cfg>::bytes(num_groups) <= smem_optin) return Cfg::kStages;
+  if (L<Cfg::kStages - 1, Cfg>::bytes(num_groups) <= smem_optin) return Cfg::kStages - 1;
+  return 0;
+}
 
 // Ring depth of the staged kernel for E groups: 4 (as every other kernel) where that layout fits
 // the device's opt-in shared memory per block, else 3 (0: neither fits).
+template <class Cfg = TileConfig>
 inline int bwd_act_staged_stages(int num_groups, size_t smem_optin) {
-  if (TileConfig::kStages >= 4 && SmemLayoutBwdAct<4>::bytes(num_groups) <= smem_optin) return 4;
-  if (SmemLayoutBwdAct<3>::bytes(num_groups) <= smem_optin) return 3;
-  return 0;
+  return ring_stages<Cfg, SmemLayoutBwdAct>(num_groups, smem_optin);
 }
 
 // ---- The TMA-store epilogue (MOEKIT_SM90_TMA_STORE; kEpiStore of axis M, kEpiWgrad) ----
@@ -139,9 +172,11 @@ constexpr int kTmaStoreRows = 64;                                               
 constexpr int kTmaStoreCols = 128;                                              // columns per region
 constexpr uint32_t kTmaStoreBoxBytes = kTmaStoreRows * TileConfig::kBoxCols * TileConfig::kElemBytes;  // 8192
 constexpr uint32_t kTmaStoreRegionBytes = kTmaStoreRows * kTmaStoreCols * TileConfig::kElemBytes;     // 16384
-constexpr uint32_t kTmaStoreStagingBytes = TileConfig::kConsumers * kTmaStoreRegionBytes;             // 32768
-template <int kStages>
-using SmemLayoutTmaStore = SmemLayoutT<kStages, kTmaStoreStagingBytes>;
+template <class Cfg = TileConfig>
+constexpr uint32_t tma_store_staging_bytes() { return Cfg::kConsumers * kTmaStoreRegionBytes; }
+constexpr uint32_t kTmaStoreStagingBytes = tma_store_staging_bytes<TileConfig>();  // 32768
+template <int kStages, class Cfg = TileConfig>
+using SmemLayoutTmaStore = SmemLayoutT<kStages, tma_store_staging_bytes<Cfg>(), Cfg>;
 static_assert(SmemLayoutTmaStore<4>::kStaging % SmemLayoutTmaStore<4>::kAlign == 0 &&
                   SmemLayoutTmaStore<3>::kStaging % SmemLayoutTmaStore<3>::kAlign == 0 &&
                   kTmaStoreRegionBytes % 1024 == 0 && kTmaStoreBoxBytes % 1024 == 0,
@@ -149,10 +184,9 @@ static_assert(SmemLayoutTmaStore<4>::kStaging % SmemLayoutTmaStore<4>::kAlign ==
 
 // Ring depth of a TMA-store kernel for E groups (wgrad: E = 0, no prefix): 4 where that layout
 // fits the device's opt-in shared memory per block (E <= 483 on 227 KB), else 3 (0: neither).
+template <class Cfg = TileConfig>
 inline int tma_store_stages(int num_groups, size_t smem_optin) {
-  if (TileConfig::kStages >= 4 && SmemLayoutTmaStore<4>::bytes(num_groups) <= smem_optin) return 4;
-  if (SmemLayoutTmaStore<3>::bytes(num_groups) <= smem_optin) return 3;
-  return 0;
+  return ring_stages<Cfg, SmemLayoutTmaStore>(num_groups, smem_optin);
 }
 
 // Geometry of the staged epilogue (one consumer warpgroup; float indices into its region).
@@ -202,15 +236,16 @@ struct TmaSpec {
   uint32_t box[5] = {1, 1, 1, 1, 1};
 };
 
-// A [R, K] with row stride lda: box [128 rows][64 k]. Rows past R and k past K read as zeros.
-inline TmaSpec tma_spec_a(int64_t rows, int k, int64_t lda) {
+// A [R, K] with row stride lda: box [bm rows][64 k] (the tile's rows). Rows past R and k past K
+// read as zeros.
+inline TmaSpec tma_spec_a(int64_t rows, int k, int64_t lda, int bm = TileConfig::kBM) {
   TmaSpec s;
   s.rank = 2;
   s.dims[0] = static_cast<uint64_t>(k);
   s.dims[1] = static_cast<uint64_t>(rows);
   s.strides[0] = static_cast<uint64_t>(lda) * TileConfig::kElemBytes;
   s.box[0] = TileConfig::kBK;
-  s.box[1] = TileConfig::kBM;
+  s.box[1] = static_cast<uint32_t>(bm);
   return s;
 }
 
@@ -476,6 +511,22 @@ inline bool tma_store_gate_up_takes(const GroupedGemmProblem& p, EpiKind kind, c
     if (!tma_spec_valid(tma_spec_store_u(p, ep.ldu))) return false;
   }
   return true;
+}
+
+// ---- Tile per shape class ----
+// The axis-M configurations (TileConfigT): 128 x 256 and 64 x 256. choose_tile picks one from what
+// the host knows of a problem: its
+// kind, N, K and rows per group on average (max_rows / num_groups; the distribution is on the
+// device), by the measurement in docs/experts.md "Tile per shape class"
+// (bench/experts/bench_sm90_tiles.cpp). Every configuration computes each output element with the
+// same wgmma instructions over k in the same order: the tile changes no bit of any result.
+enum class Tile : int { k128 = 0, k64 = 1 };
+constexpr int kTileCount = 2;
+inline const char* tile_name(Tile t) { return t == Tile::k64 ? "64x256" : "128x256"; }
+
+// Whether configuration `bm` rows tiles this problem within the kernel's 32-bit tile decode.
+inline bool tile_count_fits(const GroupedGemmProblem& p, int bm) {
+  return max_row_tiles(p.max_rows, p.num_groups, bm) * ((p.n + TileConfig::kBN - 1) / TileConfig::kBN) <= INT32_MAX;
 }
 
 // Whether the sm_90a kernels take this problem with this epilogue: axis M with B KN and the

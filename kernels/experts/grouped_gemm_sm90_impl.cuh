@@ -15,12 +15,13 @@ inline cudaError_t smem_optin(int* optin) {
   return *optin < 0 ? cudaErrorInvalidDevice : cudaSuccess;
 }
 
-// Ring depth of a TMA-store kernel for E groups on the current device (tma_store_stages: 4, 3, or
-// 0 where neither fits).
+// Ring depth of a TMA-store kernel of configuration Cfg for E groups on the current device
+// (tma_store_stages: Cfg's deepest ring, one less, or 0 where neither fits).
+template <class Cfg = TileConfig>
 inline cudaError_t tma_store_ring(int num_groups, int* stages) {
   int optin = 0;
   if (const cudaError_t err = smem_optin(&optin)) return err;
-  *stages = tma_store_stages(num_groups, static_cast<size_t>(optin));
+  *stages = tma_store_stages<Cfg>(num_groups, static_cast<size_t>(optin));
   return cudaSuccess;
 }
 
@@ -30,21 +31,42 @@ inline cudaError_t tma_store_ring(int num_groups, int* stages) {
 // register-direct one. The library's launchers instantiate the TMA-store kernels only where
 // kTmaStore / kTmaStoreGateUp / kTmaStoreRelu2 ask for them (kWithTma); the epilogue tests and
 // bench instantiate both and pick at run time.
-template <class T, bool kBNK, int kKind, bool kWithTma>
+// Cfg: the tile configuration (choose_tile); where its TMA-store ring does not fit, or the
+// problem does not take the TMA-store epilogue, the register-direct kernel of TileConfig runs
+// (the other configurations have no register-direct instance: every problem their measured
+// classes hold takes the TMA store).
+template <class T, bool kBNK, int kKind, bool kWithTma, class Cfg = TileConfig>
 cudaError_t launch_axis_m(const GroupedGemmProblem& p, const EpilogueParams& ep, cudaStream_t stream, bool tma) {
   static_assert(kKind == kEpiStore || (!kBNK && (kKind == kEpiGateUp || kKind == kEpiRelu2)),
                 "axis-M store kinds: kEpiStore, or kEpiGateUp / kEpiRelu2 with B KN");
+  static_assert(kWithTma || std::is_same<Cfg, TileConfig>::value, "other tiles run the TMA-store epilogue only");
   if constexpr (kWithTma) {
     const bool takes = kKind == kEpiStore ? tma_store_takes(p, kEpiStore, ep)
                                           : tma_store_gate_up_takes(p, static_cast<EpiKind>(kKind), ep);
     if (tma && takes) {
       int stages = 0;
-      if (const cudaError_t err = tma_store_ring(p.num_groups, &stages)) return err;
-      if (stages == 4) return launch<T, kBNK, kKind, 0, 4>(p, ep, stream);
-      if (stages == 3) return launch<T, kBNK, kKind, 0, 3>(p, ep, stream);
+      if (const cudaError_t err = tma_store_ring<Cfg>(p.num_groups, &stages)) return err;
+      if (stages == Cfg::kStages) return launch<T, kBNK, kKind, 0, Cfg::kStages, Cfg>(p, ep, stream);
+      if (stages == Cfg::kStages - 1) return launch<T, kBNK, kKind, 0, Cfg::kStages - 1, Cfg>(p, ep, stream);
     }
   }
   return launch<T, kBNK, kKind>(p, ep, stream);
+}
+
+// The activation-backward dgrad (kEpiBwdAct, B NK): the staged epilogue of configuration Cfg where
+// it takes the problem and a ring fits, else the register-direct kernel of TileConfig.
+template <class T, class Cfg = TileConfig>
+cudaError_t launch_bwd_act(const GroupedGemmProblem& p, const EpilogueParams& ep, cudaStream_t stream) {
+  if constexpr (kBwdActStaged) {
+    if (bwd_act_staged_takes(p, ep)) {
+      int optin = 0;
+      if (const cudaError_t err = smem_optin(&optin)) return err;
+      const int stages = bwd_act_staged_stages<Cfg>(p.num_groups, static_cast<size_t>(optin));
+      if (stages == Cfg::kStages) return launch<T, true, kEpiBwdAct, Cfg::kStages, 0, Cfg>(p, ep, stream);
+      if (stages == Cfg::kStages - 1) return launch<T, true, kEpiBwdAct, Cfg::kStages - 1, 0, Cfg>(p, ep, stream);
+    }
+  }
+  return launch<T, true, kEpiBwdAct, 0>(p, ep, stream);
 }
 
 // The weight gradients, as launch_axis_m (wgrad has no prefix: the 4-stage ring always fits 227 KB).
@@ -53,7 +75,7 @@ cudaError_t launch_wgrad_store(const GroupedGemmProblem& p, const EpilogueParams
   if constexpr (kWithTma) {
     if (tma && tma_store_takes(p, kEpiWgrad, ep)) {
       int stages = 0;
-      if (const cudaError_t err = tma_store_ring(0, &stages)) return err;
+      if (const cudaError_t err = tma_store_ring<TileConfig>(0, &stages)) return err;
       if (stages == 4) return launch_wgrad<T, 4>(p, ep, stream);
       if (stages == 3) return launch_wgrad<T, 3>(p, ep, stream);
     }
@@ -84,17 +106,7 @@ cudaError_t launch_sm90_backward(const GroupedGemmProblem& p, EpiKind kind, cons
   if (!p.b_nk) return cudaErrorInvalidValue;
   switch (kind) {
     case kEpiStore: return sm90::launch_axis_m<T, true, kEpiStore, sm90::kTmaStore>(p, ep, stream, true);
-    case kEpiBwdAct:
-      if constexpr (sm90::kBwdActStaged) {
-        if (sm90::bwd_act_staged_takes(p, ep)) {
-          int optin = 0;
-          if (const cudaError_t err = sm90::smem_optin(&optin)) return err;
-          const int stages = sm90::bwd_act_staged_stages(p.num_groups, static_cast<size_t>(optin));
-          if (stages == 4) return sm90::launch<T, true, kEpiBwdAct, 4>(p, ep, stream);
-          if (stages == 3) return sm90::launch<T, true, kEpiBwdAct, 3>(p, ep, stream);
-        }
-      }
-      return sm90::launch<T, true, kEpiBwdAct, 0>(p, ep, stream);
+    case kEpiBwdAct: return sm90::launch_bwd_act<T>(p, ep, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -1159,6 +1159,52 @@ TEST_CASE("sm90 shared-memory layout: aligned tiles, barriers, the prefix, withi
   REQUIRE(C::kBN == 256);
 }
 
+TEST_CASE("sm90 64-row tile: layout, ring depths, register budget, 32-bit tile counts", "[experts][sm90]") {
+  using C = s90::TileConfig64;
+  using L = s90::SmemLayoutOf<C>;
+  REQUIRE(C::kBM == 64);
+  REQUIRE(C::kConsumers == 1);
+  REQUIRE(C::kThreads == 256);
+  REQUIRE(C::kBN == s90::TileConfig::kBN);
+  REQUIRE(L::kABytes == 64 * 64 * 2);
+  REQUIRE(L::kStageBytes == L::kABytes + L::kBBytes);
+  for (int s = 0; s < C::kStages; ++s) {
+    REQUIRE(L::a_offset(s) % 1024 == 0);
+    REQUIRE(L::b_offset(s) % 1024 == 0);
+  }
+  // One consumer warpgroup's staging region in either epilogue.
+  REQUIRE(s90::tma_store_staging_bytes<C>() == s90::kTmaStoreRegionBytes);
+  REQUIRE(s90::bwd_staging_bytes<C>() == s90::kBwdStageRegionBytes);
+  REQUIRE(s90::SmemLayoutTmaStore<4, C>::kStaging % 1024 == 0);
+  REQUIRE(s90::SmemLayoutTmaStore<3, C>::kStaging % 1024 == 0);
+  // Smaller than the 128-row layouts at every E: wherever those fit, so does this, as deep or deeper.
+  const size_t optin = 232448;
+  for (int E : {0, 1, 32, 128, 256, 483, 484, 600, 2048, 4067, 4068, MOEKIT_EXPERTS_MAX_EXPERTS}) {
+    INFO("E = " << E);
+    REQUIRE(s90::SmemLayoutTmaStore<4, C>::bytes(E) < s90::SmemLayoutTmaStore<4>::bytes(E));
+    REQUIRE(s90::SmemLayoutBwdAct<4, C>::bytes(E) < s90::SmemLayoutBwdAct<4>::bytes(E));
+    REQUIRE(s90::tma_store_stages<C>(E, optin) >= s90::tma_store_stages(E, optin));
+    REQUIRE(s90::bwd_act_staged_stages<C>(E, optin) >= s90::bwd_act_staged_stages(E, optin));
+    const int st = s90::tma_store_stages<C>(E, optin);
+    REQUIRE((st == 3 || st == 4));
+    REQUIRE((st == 4 ? s90::SmemLayoutTmaStore<4, C>::bytes(E) : s90::SmemLayoutTmaStore<3, C>::bytes(E)) <= optin);
+  }
+  REQUIRE(s90::tma_store_stages<C>(1, 100000) == 0);
+  // Compiled under the 384-thread bound (168 registers at entry): 256 threads hold the producer's
+  // 40 and one consumer warpgroup's 232.
+  REQUIRE(C::kMaxThreads == s90::TileConfig::kThreads);
+  REQUIRE(C::kProducerRegs * 128 + C::kConsumerRegs * 128 * C::kConsumers <= 168 * C::kThreads);
+  // The kernel decodes tiles in 32 bits: 64-row tiles double the worst-case row tiles.
+  kx::GroupedGemmProblem p{};
+  p.num_groups = 2048;
+  p.max_rows = int64_t(1) << 30;
+  p.n = 256 * 150;
+  REQUIRE(s90::tile_count_fits(p, 128));       // (2^23 + 2048) row tiles x 150 < 2^31
+  REQUIRE_FALSE(s90::tile_count_fits(p, 64));  // (2^24 + 2048) x 150 > 2^31 - 1
+  p.n = 256;
+  REQUIRE(s90::tile_count_fits(p, 64));
+}
+
 TEST_CASE("sm90 staged activation-backward epilogue: layout, smem budget, fragment and item coverage",
           "[experts][sm90]") {
   using C = s90::TileConfig;
