@@ -1,0 +1,66 @@
+// The sm_90a kernels of every tile configuration (sm90::Tile) for the axis-M kinds that take one,
+// bf16, instantiated here whatever sm90::choose_tile picks, so one binary runs them all: the
+// tile test compares them bit for bit, the tile benchmark times them against each other. Built with
+// the sm_90a target only (tests/experts/meson.build).
+#include <cuda_bf16.h>
+
+#include "kernels/experts/grouped_gemm_sm90_impl.cuh"
+#include "tests/experts/experts_sm90_tiles_launch.hpp"
+
+namespace moekit::test::sm90_tiles {
+
+namespace kx = moekit::kernels::experts;
+namespace k90 = moekit::kernels::experts::sm90;
+using T = __nv_bfloat16;
+
+namespace {
+
+// The TMA-store (or, for kEpiBwdAct, staged) kernel of configuration Cfg at the ring depth the
+// library would pick, or cudaErrorInvalidValue where none fits.
+template <bool kBNK, int kKind, class Cfg>
+cudaError_t launch_as(const kx::GroupedGemmProblem& p, const kx::EpilogueParams& ep) {
+  if (!k90::tile_count_fits(p, Cfg::kBM)) return cudaErrorInvalidValue;
+  int optin = 0;
+  if (const cudaError_t err = k90::smem_optin(&optin)) return err;
+  const size_t limit = static_cast<size_t>(optin);
+  constexpr int kDeep = Cfg::kStages, kShallow = Cfg::kStages - 1;
+  if constexpr (kKind == kx::kEpiBwdAct) {
+    if (!k90::bwd_act_staged_takes(p, ep)) return cudaErrorInvalidValue;
+    const int stages = k90::bwd_act_staged_stages<Cfg>(p.num_groups, limit);
+    if (stages == kDeep) return k90::launch<T, true, kx::kEpiBwdAct, kDeep, 0, Cfg>(p, ep, nullptr);
+    if (stages == kShallow) return k90::launch<T, true, kx::kEpiBwdAct, kShallow, 0, Cfg>(p, ep, nullptr);
+  } else {
+    const bool takes = kKind == kx::kEpiStore ? k90::tma_store_takes(p, kx::kEpiStore, ep)
+                                              : k90::tma_store_gate_up_takes(p, static_cast<kx::EpiKind>(kKind), ep);
+    if (!takes) return cudaErrorInvalidValue;
+    const int stages = k90::tma_store_stages<Cfg>(p.num_groups, limit);
+    if (stages == kDeep) return k90::launch<T, kBNK, kKind, 0, kDeep, Cfg>(p, ep, nullptr);
+    if (stages == kShallow) return k90::launch<T, kBNK, kKind, 0, kShallow, Cfg>(p, ep, nullptr);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <class Cfg>
+cudaError_t launch_cfg(const kx::GroupedGemmProblem& p, kx::EpiKind kind, const kx::EpilogueParams& ep) {
+  if (!k90::takes(p, kind)) return cudaErrorInvalidValue;
+  switch (kind) {
+    case kx::kEpiGateUp: return p.b_nk ? cudaErrorInvalidValue : launch_as<false, kx::kEpiGateUp, Cfg>(p, ep);
+    case kx::kEpiRelu2: return p.b_nk ? cudaErrorInvalidValue : launch_as<false, kx::kEpiRelu2, Cfg>(p, ep);
+    case kx::kEpiStore:
+      return p.b_nk ? launch_as<true, kx::kEpiStore, Cfg>(p, ep) : launch_as<false, kx::kEpiStore, Cfg>(p, ep);
+    case kx::kEpiBwdAct: return p.b_nk ? launch_as<true, kx::kEpiBwdAct, Cfg>(p, ep) : cudaErrorInvalidValue;
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch(k90::Tile tile, const kx::GroupedGemmProblem& p, kx::EpiKind kind, const kx::EpilogueParams& ep) {
+  switch (tile) {
+    case k90::Tile::k128: return launch_cfg<k90::TileConfig>(p, kind, ep);
+    case k90::Tile::k64: return launch_cfg<k90::TileConfig64>(p, kind, ep);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace moekit::test::sm90_tiles
