@@ -13,6 +13,31 @@
 
 namespace moekit::bench {
 
+namespace {
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+}  // namespace
+
+std::vector<int64_t> expert_counts(int experts, int64_t rows, bool skewed, uint64_t seed) {
+  std::vector<double> w(experts, 1.0);
+  if (skewed)
+    for (int e = 0; e < experts; ++e) {
+      const double u = static_cast<double>(splitmix64(seed + e) >> 11) * 0x1.0p-53;
+      w[e] = u * u * u;  // two multiplications, not pow(): compare_torch.py does the same
+    }
+  double sum = 0;
+  for (double x : w) sum += x;
+  std::vector<int64_t> c(experts);
+  int64_t assigned = 0;
+  for (int e = 0; e < experts; ++e) assigned += (c[e] = static_cast<int64_t>(std::floor(rows * w[e] / sum)));
+  for (int e = 0; assigned < rows; e = (e + 1) % experts, ++assigned) ++c[e];
+  return c;
+}
+
 Timing summarise(std::vector<double> us) {
   std::sort(us.begin(), us.end());
   const size_t n = us.size();

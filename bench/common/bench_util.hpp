@@ -121,6 +121,11 @@ int l2_cache_bytes();
 // `set_bytes` each together may use) runs short or nothing is read, never below 1, at most 4096.
 int rotation_copies(double per_call, double set_bytes, double l2_bytes, double budget);
 
+// Rows per expert of the experts benchmarks: balanced (rows / E each), or proportional to u^3
+// (u = splitmix64(seed + e) / 2^64, so compare_torch.py draws the very same counts); the remainder
+// of the floors goes one row each to experts 0, 1, ...
+std::vector<int64_t> expert_counts(int experts, int64_t rows, bool skewed, uint64_t seed);
+
 // Router-like routing: K distinct uniformly random experts per token ([T, K], row-major).
 std::vector<int32_t> router_indices(std::mt19937_64& rng, int64_t tokens, int top_k, int experts);
 

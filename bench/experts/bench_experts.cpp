@@ -76,32 +76,6 @@ struct Shape {
   int64_t rows;
 };
 
-// splitmix64, so compare_torch.py can draw the very same skewed counts.
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
-// Rows per expert: balanced, or proportional to u^3 (u = splitmix64(seed + e) / 2^64); the
-// remainder of the floors goes one row each to experts 0, 1, ...
-std::vector<int64_t> make_counts(int E, int64_t rows, bool skewed, uint64_t seed) {
-  std::vector<double> w(E, 1.0);
-  if (skewed)
-    for (int e = 0; e < E; ++e) {
-      const double u = static_cast<double>(splitmix64(seed + e) >> 11) * 0x1.0p-53;
-      w[e] = u * u * u;
-    }
-  double sum = 0;
-  for (double x : w) sum += x;
-  std::vector<int64_t> c(E);
-  int64_t assigned = 0;
-  for (int e = 0; e < E; ++e) assigned += (c[e] = static_cast<int64_t>(std::floor(rows * w[e] / sum)));
-  for (int e = 0; assigned < rows; e = (e + 1) % E, ++assigned) ++c[e];
-  return c;
-}
-
 int parse_activation(const std::string& s, float* limit) {
   *limit = 0.0f;
   if (s == "swiglu") return MOEKIT_ACTIVATION_SWIGLU;
@@ -495,7 +469,7 @@ int main(int argc, char** argv) {
     for (int skew = 0; skew < 2; ++skew) {
       if ((skew && dist == "balanced") || (!skew && dist == "skewed")) continue;
       const char* dname = skew ? "skewed" : "balanced";
-      const std::vector<int64_t> counts = make_counts(s.experts, s.rows, skew != 0, seed);
+      const std::vector<int64_t> counts = moekit::bench::expert_counts(s.experts, s.rows, skew != 0, seed);
       Problem P(s, counts, dtype, activation, limit, run_backward, seed);
       const double NU = P.nu();
       const double fwd_flops = 2.0 * P.rows * s.hidden * NU + 2.0 * P.rows * double(s.inter) * s.hidden;

@@ -78,7 +78,7 @@ def splitmix64(x):
 
 
 def make_counts(experts, rows, skewed, seed):
-    """The counts of moekit-bench-experts (bench_experts.cpp make_counts), bit for bit."""
+    """The counts of moekit-bench-experts (bench_util.cpp expert_counts), bit for bit."""
     w = [1.0] * experts
     if skewed:
         u = [(splitmix64((seed + e) & MASK64) >> 11) * 2.0 ** -53 for e in range(experts)]

@@ -1,0 +1,257 @@
+// The benchmark that chose the Hopper path's tile per shape class (sm90::choose_tile,
+// docs/experts.md "Tile per shape class"): every axis-M GEMM that takes a tile configuration,
+// timed on each of them (sm90::Tile: 128 x 256 and 64 x 256), in one binary, interleaved rounds (bench_util's time_us_interleaved: each round runs
+// every tile once, the order rotated), over the three presets' shapes at several rows per expert,
+// balanced and skewed (the experts benchmark's counts). The kernels are those of the tests'
+// sm_90a launch library (tests/experts/experts_sm90_tiles_launch.cu), bf16, which the tile test
+// checks bit for bit against each other.
+//   moekit-bench-sm90-tiles [--preset=dsv3-ep8|qwen3-30b|mixtral|all]
+//                           [--rows-per-expert=64,128,192,256,512,1024,2048] [--dist=balanced|skewed|both]
+//                           [--kernels=fwd-gu-h,fwd-gu-hu,fwd-down,dx,act] [--warmup=2] [--repeats=8]
+//                           [--json=bench/results/sm90-tiles-h200.json]
+// Kernels: fwd-gu-h / fwd-gu-hu, u = x W_gu (B KN, SwiGLU, concatenated gate/up), h = act(u) p
+// (h alone / h and the saved u); fwd-down, y = h W_down (B KN, weights after down); dx = du W_gu^T
+// (B NK, kEpiStore); act, the activation-backward dgrad G = dy W_down^T with du and h' (B NK,
+// staged). FLOPs counted are the useful ones, 2 R N K.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "bench/common/bench_util.hpp"
+#include "kernels/experts/grouped_gemm_sm90.hpp"
+#include "tests/experts/experts_sm90_tiles_launch.hpp"
+
+namespace {
+
+namespace mb = moekit::bench;
+namespace kx = moekit::kernels::experts;
+namespace k90 = moekit::kernels::experts::sm90;
+
+struct Shape {
+  const char* name;
+  int e, h, i;
+};
+
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ','))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+bool listed(const std::vector<std::string>& list, const std::string& name) {
+  return list.empty() || std::find(list.begin(), list.end(), name) != list.end();
+}
+
+// Device memory holding bf16 values uniform in [-1, 1) (a 16 MB random block copied over it):
+// tensor cores draw data-dependent power, so constant inputs would time a cooler GPU.
+struct RandomBuf {
+  void* p = nullptr;
+  explicit RandomBuf(size_t bytes, const std::vector<uint16_t>& block) {
+    BENCH_CUDA(cudaMalloc(&p, bytes));
+    const size_t chunk = block.size() * sizeof(uint16_t);
+    for (size_t off = 0; off < bytes; off += chunk)
+      BENCH_CUDA(cudaMemcpy(static_cast<char*>(p) + off, block.data(), std::min(chunk, bytes - off),
+                            cudaMemcpyHostToDevice));
+  }
+  ~RandomBuf() { cudaFree(p); }
+  RandomBuf(const RandomBuf&) = delete;
+  RandomBuf& operator=(const RandomBuf&) = delete;
+};
+
+uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const mb::Args args(argc, argv);
+  if (args.has("help")) {
+    std::printf(
+        "moekit-bench-sm90-tiles [--preset=dsv3-ep8|qwen3-30b|mixtral|all] [--rows-per-expert=64,128,...] "
+        "[--dist=balanced|skewed|both] [--kernels=fwd-gu-h,fwd-gu-hu,fwd-down,dx,act] [--warmup=2] [--repeats=8] "
+        "[--json=path]\n");
+    return 0;
+  }
+  const std::string preset = args.get("preset", "all");
+  std::vector<int64_t> rpes;
+  for (const std::string& v : split(args.get("rows-per-expert", "64,128,192,256,512,1024,2048")))
+    rpes.push_back(std::stoll(v));
+  const std::string dist = args.get("dist", "both");
+  const std::vector<std::string> kernels = split(args.get("kernels", ""));
+  const int warmup = static_cast<int>(args.get_int("warmup", 2));
+  const int repeats = static_cast<int>(args.get_int("repeats", 8));
+  const std::string json = args.get("json", "");
+  const std::vector<Shape> presets = {{"dsv3-ep8", 32, 7168, 2048}, {"qwen3-30b", 128, 2048, 768},
+                                      {"mixtral", 8, 4096, 14336}};
+
+  int device = 0, major = 0, minor = 0;
+  BENCH_CUDA(cudaGetDevice(&device));
+  BENCH_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  BENCH_CUDA(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  if (major != 9 || minor != 0) {
+    std::printf("SKIP: needs a compute capability 9.0 device\n");
+    return 77;
+  }
+  std::vector<uint16_t> block(8u << 20);
+  std::mt19937_64 rng(1234);
+  std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
+  for (uint16_t& b : block) b = bf16_bits(uni(rng));
+
+  mb::Json results = mb::Json::array();
+  std::printf("%-10s %5s %-8s %-10s %9s %9s %7s %8s %8s  %s\n", "shape", "r/e", "dist", "kernel", "128 us", "64 us",
+              "64/128", "128 TF", "64 TF", "best");
+  for (const Shape& s : presets) {
+    if (preset != "all" && preset != s.name) continue;
+    const int E = s.e, H = s.h, I = s.i;
+    const int64_t R_max = *std::max_element(rpes.begin(), rpes.end()) * E;
+    const size_t eb = 2;
+    RandomBuf x(R_max * H * eb, block), hbuf(R_max * I * eb, block), du(R_max * 2 * I * eb, block);
+    RandomBuf dy(R_max * H * eb, block), u_saved(R_max * 2 * I * eb, block);
+    RandomBuf wgu(static_cast<size_t>(E) * H * 2 * I * eb, block), wd(static_cast<size_t>(E) * I * H * eb, block);
+    RandomBuf out_a(R_max * 2 * I * eb, block), out_b(R_max * std::max(H, 2 * I) * eb, block);
+    RandomBuf hp(R_max * I * eb, block), pw(R_max * 4, std::vector<uint16_t>(1u << 20, 0x3f80));  // p = ~1.0
+    int32_t* d_off = nullptr;
+    BENCH_CUDA(cudaMalloc(&d_off, (E + 1) * sizeof(int32_t)));
+    for (int64_t rpe : rpes)
+      for (int skew = 0; skew < 2; ++skew) {
+        if ((skew == 0 && dist == "skewed") || (skew == 1 && dist == "balanced")) continue;
+        const int64_t R = rpe * E;
+        const std::vector<int64_t> counts = mb::expert_counts(E, R, skew != 0, 1234);
+        std::vector<int32_t> off(E + 1, 0);
+        for (int g = 0; g < E; ++g) off[g + 1] = off[g] + static_cast<int32_t>(counts[g]);
+        BENCH_CUDA(cudaMemcpy(d_off, off.data(), off.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+        struct Run {
+          const char* kernel;
+          kx::EpiKind kind;
+          kx::GroupedGemmProblem p;
+          kx::EpilogueParams ep;
+        };
+        auto axis_m = [&](const char* kernel, kx::EpiKind kind, int n, int k, const void* a, const void* b,
+                          bool b_nk) {
+          Run r{kernel, kind, {}, {}};
+          r.p.axis = kx::kAxisM;
+          r.p.num_groups = E;
+          r.p.offsets = d_off;
+          r.p.max_rows = R;
+          r.p.n = n;
+          r.p.k = k;
+          r.p.a = a;
+          r.p.lda = k;
+          r.p.b = b;
+          r.p.ldb = b_nk ? k : n;
+          r.p.b_group_stride = static_cast<int64_t>(k) * n;
+          r.p.b_nk = b_nk ? 1 : 0;
+          r.p.splits = 1;
+          r.ep.row_weights = static_cast<const float*>(pw.p);
+          return r;
+        };
+        std::vector<Run> runs;
+        for (int with_u = 0; with_u < 2; ++with_u) {
+          Run r = axis_m(with_u ? "fwd-gu-hu" : "fwd-gu-h", kx::kEpiGateUp, 2 * I, H, x.p, wgu.p, false);
+          r.p.gate_up_half = I;
+          r.ep.c = hbuf.p;
+          r.ep.ldc = I;
+          r.ep.u = with_u ? out_a.p : nullptr;
+          r.ep.ldu = 2 * I;
+          r.ep.act = kx::ActParams{kx::kActSwiglu, 1.702f, 0.0f};
+          r.ep.inter = I;
+          runs.push_back(r);
+        }
+        {
+          Run r = axis_m("fwd-down", kx::kEpiStore, H, I, hbuf.p, wd.p, false);
+          r.ep.c = out_b.p;
+          r.ep.ldc = H;
+          r.ep.weight_after_down = 1;
+          runs.push_back(r);
+        }
+        {
+          Run r = axis_m("dx", kx::kEpiStore, H, 2 * I, du.p, wgu.p, true);  // W_gu [E][H][2I] as [N = H][K = 2I]
+          r.ep.c = out_b.p;
+          r.ep.ldc = H;
+          r.ep.row_weights = nullptr;
+          runs.push_back(r);
+        }
+        {
+          Run r = axis_m("act", kx::kEpiBwdAct, I, H, dy.p, wd.p, true);  // W_down [E][I][H] as [N = I][K = H]
+          r.ep.u = u_saved.p;
+          r.ep.ldu = 2 * I;
+          r.ep.c = out_a.p;  // du
+          r.ep.ldc = 2 * I;
+          r.ep.h = hp.p;  // h'
+          r.ep.ldh = I;
+          r.ep.inter = I;
+          r.ep.act = kx::ActParams{kx::kActSwiglu, 1.702f, 0.0f};
+          r.ep.dp_partial = static_cast<float*>(out_b.p);
+          r.ep.ld_dp = (I + k90::TileConfig::kBN - 1) / k90::TileConfig::kBN;
+          runs.push_back(r);
+        }
+        for (const Run& r : runs) {
+          if (!listed(kernels, r.kernel)) continue;
+          std::vector<std::function<void(int)>> fns;
+          std::vector<k90::Tile> tiles;
+          for (int t = 0; t < k90::kTileCount; ++t) {
+            const k90::Tile tile = static_cast<k90::Tile>(t);
+            const cudaError_t e = moekit::test::sm90_tiles::launch(tile, r.p, r.kind, r.ep);
+            BENCH_CUDA(cudaDeviceSynchronize());
+            if (e != cudaSuccess) {
+              std::printf("%-10s %5lld %-8s %-10s %s: %s\n", s.name, static_cast<long long>(rpe),
+                          skew ? "skewed" : "balanced", r.kernel, k90::tile_name(tile), cudaGetErrorString(e));
+              continue;
+            }
+            tiles.push_back(tile);
+            fns.push_back([&r, tile](int) { BENCH_CUDA(moekit::test::sm90_tiles::launch(tile, r.p, r.kind, r.ep)); });
+          }
+          if (tiles.empty()) continue;
+          const std::vector<mb::Timing> tm = mb::time_us_interleaved(nullptr, warmup, repeats, fns);
+          double us[k90::kTileCount] = {0, 0};
+          for (size_t v = 0; v < tiles.size(); ++v) us[static_cast<int>(tiles[v])] = tm[v].median_us;
+          int best = static_cast<int>(tiles[0]);
+          for (k90::Tile t : tiles)
+            if (us[static_cast<int>(t)] < us[best]) best = static_cast<int>(t);
+          const double flops = 2.0 * static_cast<double>(R) * r.p.n * r.p.k;
+          auto ratio = [&](int t) { return us[0] > 0 && us[t] > 0 ? us[t] / us[0] : 0.0; };
+          auto tflops = [&](int t) { return us[t] > 0 ? flops / us[t] * 1e-6 : 0.0; };
+          std::printf("%-10s %5lld %-8s %-10s %9.1f %9.1f %7.3f %8.1f %8.1f  %s\n", s.name,
+                      static_cast<long long>(rpe), skew ? "skewed" : "balanced", r.kernel, us[0], us[1], ratio(1),
+                      tflops(0), tflops(1), k90::tile_name(static_cast<k90::Tile>(best)));
+          mb::Json row = mb::Json::object();
+          row.set("shape", s.name).set("experts", E).set("hidden", H).set("inter", I);
+          row.set("rows_per_expert", rpe).set("rows", R).set("dist", skew ? "skewed" : "balanced");
+          row.set("kernel", r.kernel).set("n", r.p.n).set("k", r.p.k);
+          mb::Json per = mb::Json::object();
+          for (size_t v = 0; v < tiles.size(); ++v) {
+            const int t = static_cast<int>(tiles[v]);
+            per.set(k90::tile_name(tiles[v]), mb::Json::object()
+                                                   .set("median_us", tm[v].median_us)
+                                                   .set("min_us", tm[v].min_us)
+                                                   .set("max_us", tm[v].max_us)
+                                                   .set("tflops", flops / us[t] * 1e-6)
+                                                   .set("time_over_128x256", ratio(t)));
+          }
+          row.set("tiles", per).set("best", k90::tile_name(static_cast<k90::Tile>(best)));
+          results.push(row);
+        }
+      }
+    BENCH_CUDA(cudaFree(d_off));
+  }
+  if (!json.empty()) {
+    mb::Json doc = mb::Json::object();
+    doc.set("tool", "moekit-bench-sm90-tiles").set("device", mb::device_description());
+    doc.set("commit", mb::build_commit()).set("date", mb::utc_now()).set("dtype", "bf16");
+    doc.set("warmup", warmup).set("repeats", repeats).set("results", results);
+    if (!mb::write_file(json, doc.dump(2))) return 1;
+  }
+  return 0;
+}
