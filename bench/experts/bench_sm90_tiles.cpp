@@ -2,11 +2,14 @@
 // docs/experts.md "Tile per shape class"): every axis-M GEMM that takes a tile configuration,
 // timed on each of them (sm90::Tile: 128 x 256 and 64 x 256), in one binary, interleaved rounds (bench_util's time_us_interleaved: each round runs
 // every tile once, the order rotated), over the three presets' shapes at several rows per expert,
-// balanced and skewed (the experts benchmark's counts). The kernels are those of the tests'
+// balanced, skewed (the experts benchmark's counts, proportional to u^3) and random (every row
+// routed to a uniformly random expert: multinomial counts, as a router's top-k spreads a small
+// batch). The kernels are those of the tests'
 // sm_90a launch library (tests/experts/experts_sm90_tiles_launch.cu), bf16, which the tile test
 // checks bit for bit against each other.
 //   moekit-bench-sm90-tiles [--preset=dsv3-ep8|qwen3-30b|mixtral|all]
-//                           [--rows-per-expert=64,128,192,256,512,1024,2048] [--dist=balanced|skewed|both]
+//                           [--rows-per-expert=64,128,192,256,512,1024,2048]
+//                           [--dist=balanced,skewed,random]
 //                           [--kernels=fwd-gu-h,fwd-gu-hu,fwd-down,dx,act] [--warmup=2] [--repeats=8]
 //                           [--json=bench/results/sm90-tiles-h200.json]
 // Kernels: fwd-gu-h / fwd-gu-hu, u = x W_gu (B KN, SwiGLU, concatenated gate/up), h = act(u) p
@@ -80,7 +83,7 @@ int main(int argc, char** argv) {
   if (args.has("help")) {
     std::printf(
         "moekit-bench-sm90-tiles [--preset=dsv3-ep8|qwen3-30b|mixtral|all] [--rows-per-expert=64,128,...] "
-        "[--dist=balanced|skewed|both] [--kernels=fwd-gu-h,fwd-gu-hu,fwd-down,dx,act] [--warmup=2] [--repeats=8] "
+        "[--dist=balanced,skewed,random] [--kernels=fwd-gu-h,fwd-gu-hu,fwd-down,dx,act] [--warmup=2] [--repeats=8] "
         "[--json=path]\n");
     return 0;
   }
@@ -88,7 +91,7 @@ int main(int argc, char** argv) {
   std::vector<int64_t> rpes;
   for (const std::string& v : split(args.get("rows-per-expert", "64,128,192,256,512,1024,2048")))
     rpes.push_back(std::stoll(v));
-  const std::string dist = args.get("dist", "both");
+  const std::vector<std::string> dists = split(args.get("dist", "balanced,skewed,random"));
   const std::vector<std::string> kernels = split(args.get("kernels", ""));
   const int warmup = static_cast<int>(args.get_int("warmup", 2));
   const int repeats = static_cast<int>(args.get_int("repeats", 8));
@@ -125,10 +128,17 @@ int main(int argc, char** argv) {
     int32_t* d_off = nullptr;
     BENCH_CUDA(cudaMalloc(&d_off, (E + 1) * sizeof(int32_t)));
     for (int64_t rpe : rpes)
-      for (int skew = 0; skew < 2; ++skew) {
-        if ((skew == 0 && dist == "skewed") || (skew == 1 && dist == "balanced")) continue;
+      for (const std::string& dist : dists) {
         const int64_t R = rpe * E;
-        const std::vector<int64_t> counts = mb::expert_counts(E, R, skew != 0, 1234);
+        std::vector<int64_t> counts;
+        if (dist == "random") {
+          counts.assign(E, 0);
+          std::mt19937_64 route(4321 + static_cast<uint64_t>(R));
+          std::uniform_int_distribution<int> expert(0, E - 1);
+          for (int64_t r = 0; r < R; ++r) ++counts[expert(route)];
+        } else {
+          counts = mb::expert_counts(E, R, dist == "skewed", 1234);
+        }
         std::vector<int32_t> off(E + 1, 0);
         for (int g = 0; g < E; ++g) off[g + 1] = off[g] + static_cast<int32_t>(counts[g]);
         BENCH_CUDA(cudaMemcpy(d_off, off.data(), off.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
@@ -207,7 +217,7 @@ int main(int argc, char** argv) {
             BENCH_CUDA(cudaDeviceSynchronize());
             if (e != cudaSuccess) {
               std::printf("%-10s %5lld %-8s %-10s %s: %s\n", s.name, static_cast<long long>(rpe),
-                          skew ? "skewed" : "balanced", r.kernel, k90::tile_name(tile), cudaGetErrorString(e));
+                          dist.c_str(), r.kernel, k90::tile_name(tile), cudaGetErrorString(e));
               continue;
             }
             tiles.push_back(tile);
@@ -224,11 +234,11 @@ int main(int argc, char** argv) {
           auto ratio = [&](int t) { return us[0] > 0 && us[t] > 0 ? us[t] / us[0] : 0.0; };
           auto tflops = [&](int t) { return us[t] > 0 ? flops / us[t] * 1e-6 : 0.0; };
           std::printf("%-10s %5lld %-8s %-10s %9.1f %9.1f %7.3f %8.1f %8.1f  %s\n", s.name,
-                      static_cast<long long>(rpe), skew ? "skewed" : "balanced", r.kernel, us[0], us[1], ratio(1),
+                      static_cast<long long>(rpe), dist.c_str(), r.kernel, us[0], us[1], ratio(1),
                       tflops(0), tflops(1), k90::tile_name(static_cast<k90::Tile>(best)));
           mb::Json row = mb::Json::object();
           row.set("shape", s.name).set("experts", E).set("hidden", H).set("inter", I);
-          row.set("rows_per_expert", rpe).set("rows", R).set("dist", skew ? "skewed" : "balanced");
+          row.set("rows_per_expert", rpe).set("rows", R).set("dist", dist);
           row.set("kernel", r.kernel).set("n", r.p.n).set("k", r.p.k);
           mb::Json per = mb::Json::object();
           for (size_t v = 0; v < tiles.size(); ++v) {

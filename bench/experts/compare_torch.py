@@ -37,7 +37,13 @@ SHAPES = {
     "dsv3-ep8": dict(experts=32, hidden=7168, inter=2048, rows=32768),
     "qwen3-30b": dict(experts=128, hidden=2048, inter=768, rows=131072),
     "mixtral": dict(experts=8, hidden=4096, inter=14336, rows=16384),
+    # Small batches, 64 rows per expert on average (the sm_90a path's 64-row tile class,
+    # docs/experts.md "Tile per shape class"); not in the default set.
+    "dsv3-ep8-r64": dict(experts=32, hidden=7168, inter=2048, rows=2048),
+    "qwen3-30b-r64": dict(experts=128, hidden=2048, inter=768, rows=8192),
+    "mixtral-r64": dict(experts=8, hidden=4096, inter=14336, rows=512),
 }
+DEFAULT_SHAPES = ("dsv3-ep8", "qwen3-30b", "mixtral")
 MASK64 = (1 << 64) - 1
 
 
@@ -317,7 +323,7 @@ def run(name, shape, skewed, fns, dense, args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="JSON result path (e.g. bench/results/experts-h100.json)")
-    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
+    ap.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help="comma-separated: " + ", ".join(SHAPES))
     ap.add_argument("--dists", default="balanced,skewed", help="comma-separated: balanced, skewed")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)

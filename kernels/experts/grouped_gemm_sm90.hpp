@@ -529,6 +529,19 @@ inline bool tile_count_fits(const GroupedGemmProblem& p, int bm) {
   return max_row_tiles(p.max_rows, p.num_groups, bm) * ((p.n + TileConfig::kBN - 1) / TileConfig::kBN) <= INT32_MAX;
 }
 
+// Average rows per group at or below which the axis-M GEMMs run the 64-row tile: there a group
+// mostly fits one 64-row tile, and the 128-row tile computes up to twice its rows.
+constexpr int64_t kSmallGroupRows = 64;
+
+// The tile of an axis-M problem of a kind that has both (the forward gate-up kinds, kEpiStore and
+// kEpiBwdAct; the weight gradients have one): 64 x 256 where groups average at most
+// kSmallGroupRows rows and its tile count fits the 32-bit decode, else 128 x 256.
+inline Tile choose_tile(const GroupedGemmProblem& p, EpiKind kind) {
+  if (p.axis != kAxisM || kind == kEpiWgrad || p.num_groups < 1) return Tile::k128;
+  if (p.max_rows > kSmallGroupRows * static_cast<int64_t>(p.num_groups)) return Tile::k128;
+  return tile_count_fits(p, TileConfigT<64>::kBM) ? Tile::k64 : Tile::k128;
+}
+
 // Whether the sm_90a kernels take this problem with this epilogue: axis M with B KN and the
 // forward epilogues or B NK with kEpiStore / kEpiBwdAct, and axis K with kEpiWgrad while kWgrad
 // is on (one switch, so a GPU failure of that kernel alone can send the weight gradients back to

@@ -1,6 +1,9 @@
 // Bodies of launch_sm90_forward / launch_sm90_backward, included by the per-dtype sm_90a .cu files.
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
+
 #include "kernels/experts/grouped_gemm_sm90.cuh"
 #include "kernels/experts/grouped_gemm_sm90.hpp"
 
@@ -69,6 +72,21 @@ cudaError_t launch_bwd_act(const GroupedGemmProblem& p, const EpilogueParams& ep
   return launch<T, true, kEpiBwdAct, 0>(p, ep, stream);
 }
 
+// The tile a problem runs on: choose_tile, unless MOEKIT_SM90_TILE=128 or 64 forces one (the
+// benchmarks' A/B of whole calls; read once per process; 64 only where its tile count fits).
+inline Tile tile_for(const GroupedGemmProblem& p, EpiKind kind) {
+  static const int forced = [] {
+    const char* e = std::getenv("MOEKIT_SM90_TILE");
+    if (e == nullptr) return -1;
+    if (std::strcmp(e, "128") == 0) return 128;
+    if (std::strcmp(e, "64") == 0) return 64;
+    return -1;
+  }();
+  if (forced == 128) return Tile::k128;
+  if (forced == 64) return tile_count_fits(p, TileConfig64::kBM) ? Tile::k64 : Tile::k128;
+  return choose_tile(p, kind);
+}
+
 // The weight gradients, as launch_axis_m (wgrad has no prefix: the 4-stage ring always fits 227 KB).
 template <class T, bool kWithTma>
 cudaError_t launch_wgrad_store(const GroupedGemmProblem& p, const EpilogueParams& ep, cudaStream_t stream, bool tma) {
@@ -88,6 +106,15 @@ template <class T>
 cudaError_t launch_sm90_forward(const GroupedGemmProblem& p, EpiKind kind, const EpilogueParams& ep,
                                 cudaStream_t stream) {
   if (p.axis != kAxisM || p.b_nk || !sm90::takes(p, kind)) return cudaErrorInvalidValue;
+  if (sm90::tile_for(p, kind) == sm90::Tile::k64) {  // TMA-store epilogues only (h and u alike)
+    using C64 = sm90::TileConfig64;
+    switch (kind) {
+      case kEpiGateUp: return sm90::launch_axis_m<T, false, kEpiGateUp, true, C64>(p, ep, stream, true);
+      case kEpiRelu2: return sm90::launch_axis_m<T, false, kEpiRelu2, true, C64>(p, ep, stream, true);
+      case kEpiStore: return sm90::launch_axis_m<T, false, kEpiStore, true, C64>(p, ep, stream, true);
+      default: return cudaErrorInvalidValue;
+    }
+  }
   switch (kind) {
     case kEpiGateUp:
       return sm90::launch_axis_m<T, false, kEpiGateUp, sm90::kTmaStoreGateUp != 0>(p, ep, stream,
@@ -104,6 +131,14 @@ cudaError_t launch_sm90_backward(const GroupedGemmProblem& p, EpiKind kind, cons
   if (!sm90::takes(p, kind)) return cudaErrorInvalidValue;
   if (p.axis == kAxisK) return sm90::launch_wgrad_store<T, sm90::kTmaStore>(p, ep, stream, true);
   if (!p.b_nk) return cudaErrorInvalidValue;
+  if (sm90::tile_for(p, kind) == sm90::Tile::k64) {
+    using C64 = sm90::TileConfig64;
+    switch (kind) {
+      case kEpiStore: return sm90::launch_axis_m<T, true, kEpiStore, true, C64>(p, ep, stream, true);
+      case kEpiBwdAct: return sm90::launch_bwd_act<T, C64>(p, ep, stream);
+      default: return cudaErrorInvalidValue;
+    }
+  }
   switch (kind) {
     case kEpiStore: return sm90::launch_axis_m<T, true, kEpiStore, sm90::kTmaStore>(p, ep, stream, true);
     case kEpiBwdAct: return sm90::launch_bwd_act<T>(p, ep, stream);

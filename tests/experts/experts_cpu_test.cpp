@@ -1205,6 +1205,36 @@ TEST_CASE("sm90 64-row tile: layout, ring depths, register budget, 32-bit tile c
   REQUIRE(s90::tile_count_fits(p, 64));
 }
 
+TEST_CASE("sm90 tile per shape class: 64 rows where groups average at most 64 rows", "[experts][sm90]") {
+  kx::GroupedGemmProblem p{};
+  p.axis = kx::kAxisM;
+  p.num_groups = 32;
+  p.n = 4096;
+  p.k = 7168;
+  for (kx::EpiKind kind : {kx::kEpiGateUp, kx::kEpiRelu2, kx::kEpiStore, kx::kEpiBwdAct}) {
+    INFO("kind " << static_cast<int>(kind));
+    p.max_rows = 32 * s90::kSmallGroupRows;
+    REQUIRE(s90::choose_tile(p, kind) == s90::Tile::k64);
+    p.max_rows = 1;  // one row in all
+    REQUIRE(s90::choose_tile(p, kind) == s90::Tile::k64);
+    p.max_rows = 32 * s90::kSmallGroupRows + 1;
+    REQUIRE(s90::choose_tile(p, kind) == s90::Tile::k128);
+    p.max_rows = 32768;  // the benchmark's dsv3-ep8 forward: 1024 rows per expert
+    REQUIRE(s90::choose_tile(p, kind) == s90::Tile::k128);
+  }
+  // The weight gradients have one tile; a 64-row tile count past the 32-bit decode falls back.
+  p.max_rows = 64;
+  REQUIRE(s90::choose_tile(p, kx::kEpiWgrad) == s90::Tile::k128);
+  p.axis = kx::kAxisK;
+  REQUIRE(s90::choose_tile(p, kx::kEpiStore) == s90::Tile::k128);
+  p.axis = kx::kAxisM;
+  p.num_groups = 1 << 16;
+  p.max_rows = int64_t(1) << 22;  // 64 rows per group
+  p.n = 256 * 32768;
+  REQUIRE_FALSE(s90::tile_count_fits(p, 64));
+  REQUIRE(s90::choose_tile(p, kx::kEpiStore) == s90::Tile::k128);
+}
+
 TEST_CASE("sm90 staged activation-backward epilogue: layout, smem budget, fragment and item coverage",
           "[experts][sm90]") {
   using C = s90::TileConfig;

@@ -168,6 +168,7 @@ void run_case(Kind kind, bool with_u, const GroupCase& gc, uint64_t salt) {
     epi = relu2 ? kx::kEpiRelu2 : kx::kEpiGateUp;
     ldc = I + 8;  // padded h rows
     c_cols = I;
+    ep.ldu = ldu;
   } else if (act_bwd) {
     epi = kx::kEpiBwdAct;
     ldc = NU;
