@@ -30,6 +30,7 @@ KIND_OF_BENCHMARK = {
     "moekit-bench-tokens": ("tokens", "bench"), "tokens compare_torch": ("tokens", "compare"),
     "moekit-bench-experts": ("experts", "bench"), "experts compare_torch": ("experts", "compare"),
     "layer compare_torch": ("layer", "compare"),
+    "moekit-bench-sm90-tiles": ("experts", "tiles"),
 }
 
 # ---- small helpers --------------------------------------------------------------------------------
@@ -696,7 +697,50 @@ def render_experts(sources, plot):
                             compute_roofs[:2], memory_roofs[:1])
         if png:
             out.append("![experts %s](perf/%s)\n" % (title, png))
+    out += render_sm90_tiles(of(sources, "experts", "tiles"))
     return out
+
+
+def render_sm90_tiles(sources):
+    """moekit-bench-sm90-tiles: per shape, rows per expert and distribution, the 64-row tile's time
+    over the 128-row tile's, as the geometric mean and the range over the timed kernels."""
+    cells = {}  # (card, shape, rows per expert, dist) -> [ratios], [sources]
+    for s in sources:
+        for r in s.data.get("results") or []:
+            t = (r.get("tiles") or {}).get("64x256") or {}
+            x = num(t.get("time_over_128x256"))
+            if not x:
+                continue
+            key = (s.card, r.get("shape"), num(r.get("rows_per_expert")), r.get("dist"))
+            c = cells.setdefault(key, ([], []))
+            c[0].append(x)
+            c[1].append(s)
+    if not cells:
+        return []
+    dists = sorted({k[3] for k in cells}, key=lambda d: ["balanced", "random", "skewed"].index(d)
+                   if d in ("balanced", "random", "skewed") else 9)
+    rows = []
+    for card, shape, rpe in sorted({k[:3] for k in cells}, key=lambda k: (k[0], str(k[1]), k[2] or 0)):
+        row = [str(shape), "%d" % rpe if rpe else "n/a"]
+        srcs = []
+        for d in dists:
+            c = cells.get((card, shape, rpe, d))
+            if not c:
+                row.append("n/a")
+                continue
+            gm = math.exp(sum(math.log(v) for v in c[0]) / len(c[0]))
+            row.append("%.3f (%.2f-%.2f)" % (gm, min(c[0]), max(c[0])))
+            srcs += c[1]
+        row += [card, joined(x.commit for x in srcs)]
+        rows.append(row)
+    header = ["shape", "rows per expert"] + ["64-row / 128-row time, %s" % d for d in dists] + ["card", "commit"]
+    return ["### Experts: Hopper tile per shape class\n",
+            "`moekit-bench-sm90-tiles`: each axis-M GEMM of the sm_90a path (forward gate-up with h, with h and u, "
+            "down, dx, the act-backward dgrad) timed on the 64 x 256 and the 128 x 256 tile in interleaved rounds; "
+            "geometric mean (range) over those kernels of the 64-row tile's time over the 128-row one's (below 1: the "
+            "64-row tile is faster). `sm90::choose_tile` picks the 64-row tile at 32 rows per expert or fewer on "
+            "average (docs/experts.md \"Tile per shape class\").\n",
+            table(header, rows) + "\n"]
 
 
 def render_ep(sources, plot):

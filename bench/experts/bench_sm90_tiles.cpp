@@ -258,7 +258,7 @@ int main(int argc, char** argv) {
   }
   if (!json.empty()) {
     mb::Json doc = mb::Json::object();
-    doc.set("tool", "moekit-bench-sm90-tiles").set("device", mb::device_description());
+    doc.set("benchmark", "moekit-bench-sm90-tiles").set("device", mb::device_description());
     doc.set("commit", mb::build_commit()).set("date", mb::utc_now()).set("dtype", "bf16");
     doc.set("warmup", warmup).set("repeats", repeats).set("results", results);
     if (!mb::write_file(json, doc.dump(2))) return 1;

@@ -37,11 +37,11 @@ SHAPES = {
     "dsv3-ep8": dict(experts=32, hidden=7168, inter=2048, rows=32768),
     "qwen3-30b": dict(experts=128, hidden=2048, inter=768, rows=131072),
     "mixtral": dict(experts=8, hidden=4096, inter=14336, rows=16384),
-    # Small batches, 64 rows per expert on average (the sm_90a path's 64-row tile class,
+    # Small batches, 32 rows per expert on average (the sm_90a path's 64-row tile class,
     # docs/experts.md "Tile per shape class"); not in the default set.
-    "dsv3-ep8-r64": dict(experts=32, hidden=7168, inter=2048, rows=2048),
-    "qwen3-30b-r64": dict(experts=128, hidden=2048, inter=768, rows=8192),
-    "mixtral-r64": dict(experts=8, hidden=4096, inter=14336, rows=512),
+    "dsv3-ep8-r32": dict(experts=32, hidden=7168, inter=2048, rows=1024),
+    "qwen3-30b-r32": dict(experts=128, hidden=2048, inter=768, rows=4096),
+    "mixtral-r32": dict(experts=8, hidden=4096, inter=14336, rows=256),
 }
 DEFAULT_SHAPES = ("dsv3-ep8", "qwen3-30b", "mixtral")
 MASK64 = (1 << 64) - 1

@@ -529,9 +529,15 @@ inline bool tile_count_fits(const GroupedGemmProblem& p, int bm) {
   return max_row_tiles(p.max_rows, p.num_groups, bm) * ((p.n + TileConfig::kBN - 1) / TileConfig::kBN) <= INT32_MAX;
 }
 
-// Average rows per group at or below which the axis-M GEMMs run the 64-row tile: there a group
-// mostly fits one 64-row tile, and the 128-row tile computes up to twice its rows.
-constexpr int64_t kSmallGroupRows = 64;
+// Average rows per group at or below which the axis-M GEMMs run the 64-row tile (measured,
+// docs/experts.md "Tile per shape class"). Small groups are bound by reading each group's weights
+// once per row tile: where a group fits one 64-row tile both tiles read them once and the 64-row
+// one computes and stores fewer padding rows (1-10 % faster at 16 and 32 rows per expert,
+// balanced and random routing); a group of 65-128 rows takes two 64-row tiles, reading its
+// weights twice (at 64 rows per expert on average, random routing puts half the groups there:
+// 10-25 % slower). At 32 the cubic skew's few large groups already cost the 64-row tile 1-22 %
+// on DeepSeek-V3 and Qwen3.
+constexpr int64_t kSmallGroupRows = 32;
 
 // The tile of an axis-M problem of a kind that has both (the forward gate-up kinds, kEpiStore and
 // kEpiBwdAct; the weight gradients have one): 64 x 256 where groups average at most

@@ -1205,7 +1205,7 @@ TEST_CASE("sm90 64-row tile: layout, ring depths, register budget, 32-bit tile c
   REQUIRE(s90::tile_count_fits(p, 64));
 }
 
-TEST_CASE("sm90 tile per shape class: 64 rows where groups average at most 64 rows", "[experts][sm90]") {
+TEST_CASE("sm90 tile per shape class: 64 rows where groups average at most 32 rows", "[experts][sm90]") {
   kx::GroupedGemmProblem p{};
   p.axis = kx::kAxisM;
   p.num_groups = 32;
@@ -1223,13 +1223,15 @@ TEST_CASE("sm90 tile per shape class: 64 rows where groups average at most 64 ro
     REQUIRE(s90::choose_tile(p, kind) == s90::Tile::k128);
   }
   // The weight gradients have one tile; a 64-row tile count past the 32-bit decode falls back.
+  p.max_rows = 32 * 64;  // 64 rows per group: the 128-row tile
+  REQUIRE(s90::choose_tile(p, kx::kEpiStore) == s90::Tile::k128);
   p.max_rows = 64;
   REQUIRE(s90::choose_tile(p, kx::kEpiWgrad) == s90::Tile::k128);
   p.axis = kx::kAxisK;
   REQUIRE(s90::choose_tile(p, kx::kEpiStore) == s90::Tile::k128);
   p.axis = kx::kAxisM;
   p.num_groups = 1 << 16;
-  p.max_rows = int64_t(1) << 22;  // 64 rows per group
+  p.max_rows = int64_t(1) << 21;  // 32 rows per group
   p.n = 256 * 32768;
   REQUIRE_FALSE(s90::tile_count_fits(p, 64));
   REQUIRE(s90::choose_tile(p, kx::kEpiStore) == s90::Tile::k128);
