@@ -25,6 +25,7 @@
 #include "bench/common/bench_util.hpp"
 #include "kernels/experts/grouped_gemm_sm90.hpp"
 #include "tests/experts/experts_sm90_epilogue_launch.hpp"
+#include "tests/experts/experts_sm90_support.hpp"
 
 
 namespace {
@@ -134,19 +135,7 @@ int main(int argc, char** argv) {
     // C[R, n] = A[R, k] B_g over the groups (axis M), B KN [E][k][n] or NK [E][n][k].
     auto axis_m = [&](const char* kernel, double flops, int n, int k, const void* a, const void* b, bool b_nk) {
       Run r{kernel, {}, {}, false, flops};
-      r.p.axis = kx::kAxisM;
-      r.p.num_groups = E;
-      r.p.offsets = d_off;
-      r.p.max_rows = R;
-      r.p.n = n;
-      r.p.k = k;
-      r.p.a = a;
-      r.p.lda = k;
-      r.p.b = b;
-      r.p.ldb = b_nk ? k : n;
-      r.p.b_group_stride = static_cast<int64_t>(k) * n;
-      r.p.b_nk = b_nk ? 1 : 0;
-      r.p.splits = 1;
+      r.p = moekit::test::sm90::axis_m_problem(E, d_off, R, n, k, a, b, b_nk);
       return r;
     };
     // C_g[m, n] = X_g^T Y_g over each group's rows (axis K), X [R, m], Y [R, n], C [E][m][n].

@@ -28,6 +28,7 @@
 
 #include "bench/common/bench_util.hpp"
 #include "kernels/experts/grouped_gemm_sm90.hpp"
+#include "tests/experts/experts_sm90_support.hpp"
 #include "tests/experts/experts_sm90_tiles_launch.hpp"
 
 namespace {
@@ -99,14 +100,7 @@ int main(int argc, char** argv) {
   const std::vector<Shape> presets = {{"dsv3-ep8", 32, 7168, 2048}, {"qwen3-30b", 128, 2048, 768},
                                       {"mixtral", 8, 4096, 14336}};
 
-  int device = 0, major = 0, minor = 0;
-  BENCH_CUDA(cudaGetDevice(&device));
-  BENCH_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  BENCH_CUDA(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  if (major != 9 || minor != 0) {
-    std::printf("SKIP: needs a compute capability 9.0 device\n");
-    return 77;
-  }
+  moekit::test::sm90::require_sm90("moekit-bench-sm90-tiles: the sm_90a kernels");
   std::vector<uint16_t> block(8u << 20);
   std::mt19937_64 rng(1234);
   std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
@@ -150,20 +144,7 @@ int main(int argc, char** argv) {
         };
         auto axis_m = [&](const char* kernel, kx::EpiKind kind, int n, int k, const void* a, const void* b,
                           bool b_nk) {
-          Run r{kernel, kind, {}, {}};
-          r.p.axis = kx::kAxisM;
-          r.p.num_groups = E;
-          r.p.offsets = d_off;
-          r.p.max_rows = R;
-          r.p.n = n;
-          r.p.k = k;
-          r.p.a = a;
-          r.p.lda = k;
-          r.p.b = b;
-          r.p.ldb = b_nk ? k : n;
-          r.p.b_group_stride = static_cast<int64_t>(k) * n;
-          r.p.b_nk = b_nk ? 1 : 0;
-          r.p.splits = 1;
+          Run r{kernel, kind, moekit::test::sm90::axis_m_problem(E, d_off, R, n, k, a, b, b_nk), {}};
           r.ep.row_weights = static_cast<const float*>(pw.p);
           return r;
         };

@@ -27,6 +27,7 @@
 
 #include "kernels/experts/grouped_gemm_sm90.hpp"
 #include "tests/experts/experts_sm90_epilogue_launch.hpp"
+#include "tests/experts/experts_sm90_support.hpp"
 #include "tests/support/catch.hpp"
 #include "tests/support/device.hpp"
 #include "tests/support/numeric.hpp"
@@ -42,21 +43,7 @@ namespace shim = moekit::test::sm90_epilogue;
 
 constexpr int kPoison = 0xff;  // 0xffff: a NaN in bf16 and f16, never a finite result
 
-void require_sm90() {
-  static const bool ok = [] {
-    int device = 0, major = 0, minor = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
-      return false;
-    return major == 9 && minor == 0;
-  }();
-  if (!ok) {
-    std::printf("SKIP: the sm_90a epilogue tests need a compute capability 9.0 device\n");
-    std::fflush(stdout);
-    std::_Exit(77);
-  }
-}
+void require_sm90() { moekit::test::sm90::require_sm90("the sm_90a epilogue tests"); }
 
 // 16-bit elements as raw bits: bf16 (kBf16) or f16.
 float bits_to_float(bool bf16, uint16_t b) {
@@ -114,21 +101,8 @@ void run_store_case(bool bf16, bool b_nk, const StoreCase& sc, uint64_t salt) {
   DeviceBuffer weights = DeviceBuffer::from(pw);
   DeviceBuffer out0(static_cast<size_t>(R * ldc) * sizeof(uint16_t)), out1(out0.bytes()), out2(out0.bytes());
 
-  kx::GroupedGemmProblem p{};
-  p.axis = kx::kAxisM;
-  p.num_groups = G;
-  p.offsets = offsets.get<int32_t>();
-  p.max_rows = R;
-  p.n = sc.n;
-  p.k = sc.k;
-  p.a = a.get();
-  p.lda = sc.k;
-  p.b = b.get();
-  p.ldb = b_nk ? sc.k : sc.n;
-  p.b_group_stride = static_cast<int64_t>(sc.k) * sc.n;
-  p.b_nk = b_nk ? 1 : 0;
-  p.gate_up_half = 0;
-  p.splits = 1;
+  const kx::GroupedGemmProblem p =
+      moekit::test::sm90::axis_m_problem(G, offsets.get<int32_t>(), R, sc.n, sc.k, a.get(), b.get(), b_nk);
   REQUIRE(k90::takes(p, kx::kEpiStore));
 
   kx::EpilogueParams ep{};

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "kernels/experts/grouped_gemm_sm90.hpp"
+#include "tests/experts/experts_sm90_support.hpp"
 #include "tests/experts/experts_sm90_tiles_launch.hpp"
 #include "tests/support/catch.hpp"
 #include "tests/support/device.hpp"
@@ -36,22 +37,6 @@ namespace kx = moekit::kernels::experts;
 namespace k90 = moekit::kernels::experts::sm90;
 
 constexpr int kPoison = 0xff;  // 0xffff: a NaN in bf16, never a finite result
-
-void require_sm90() {
-  static const bool ok = [] {
-    int device = 0, major = 0, minor = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
-      return false;
-    return major == 9 && minor == 0;
-  }();
-  if (!ok) {
-    std::printf("SKIP: the sm_90a tile tests need a compute capability 9.0 device\n");
-    std::fflush(stdout);
-    std::_Exit(77);
-  }
-}
 
 DeviceBuffer random_bf16(std::mt19937_64& rng, size_t n, float lo, float hi) {
   const std::vector<float> f = moekit::test::uniform(rng, n, lo, hi);
@@ -139,21 +124,9 @@ void run_case(Kind kind, bool with_u, const GroupCase& gc, uint64_t salt) {
   const std::vector<float> pw = moekit::test::uniform(rng, static_cast<size_t>(R), 0.0f, 1.0f);
   DeviceBuffer weights = DeviceBuffer::from(pw);
 
-  kx::GroupedGemmProblem p{};
-  p.axis = kx::kAxisM;
-  p.num_groups = G;
-  p.offsets = offsets.get<int32_t>();
-  p.max_rows = R;
-  p.n = N;
-  p.k = K;
-  p.a = a.get();
-  p.lda = K;
-  p.b = b.get();
-  p.ldb = b_nk ? K : N;
-  p.b_group_stride = static_cast<int64_t>(K) * N;
-  p.b_nk = b_nk ? 1 : 0;
+  kx::GroupedGemmProblem p =
+      moekit::test::sm90::axis_m_problem(G, offsets.get<int32_t>(), R, N, K, a.get(), b.get(), b_nk);
   p.gate_up_half = kind == Kind::kGateUpConcat ? I : 0;
-  p.splits = 1;
 
   kx::EpilogueParams ep{};
   ep.row_weights = weights.get<float>();
@@ -238,7 +211,7 @@ void run_case(Kind kind, bool with_u, const GroupCase& gc, uint64_t salt) {
 }  // namespace
 
 TEST_CASE("sm90 tiles: forward gate-up on every tile, bit for bit", "[gpu][sm90][tiles]") {
-  require_sm90();
+  moekit::test::sm90::require_sm90("the sm_90a tile tests");
   uint64_t salt = 0x7101;
   for (const GroupCase& gc : group_cases())
     for (int with_u = 0; with_u < 2; ++with_u) {
@@ -249,7 +222,7 @@ TEST_CASE("sm90 tiles: forward gate-up on every tile, bit for bit", "[gpu][sm90]
 }
 
 TEST_CASE("sm90 tiles: down projection and dx on every tile, bit for bit", "[gpu][sm90][tiles]") {
-  require_sm90();
+  moekit::test::sm90::require_sm90("the sm_90a tile tests");
   uint64_t salt = 0x7201;
   for (const GroupCase& gc : group_cases()) {
     run_case(Kind::kDown, false, gc, salt++);
@@ -258,7 +231,7 @@ TEST_CASE("sm90 tiles: down projection and dx on every tile, bit for bit", "[gpu
 }
 
 TEST_CASE("sm90 tiles: activation backward (staged) on every tile, bit for bit", "[gpu][sm90][tiles]") {
-  require_sm90();
+  moekit::test::sm90::require_sm90("the sm_90a tile tests");
   uint64_t salt = 0x7301;
   for (const GroupCase& gc : group_cases()) {
     run_case(Kind::kActConcat, false, gc, salt++);
