@@ -110,6 +110,36 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   }
 }
 
+// ---- Clusters (TileConfigT::kClusterM = 2) ----
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// Every thread of every CTA of the cluster (the barrier initialisations of each CTA are visible to
+// the others before any multicast or remote arrive reaches them).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// Arrives on the mbarrier at the same shared-memory offset as `bar` in CTA `rank` of the cluster.
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t rank) {
+  asm volatile(
+      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+      "r"(rank)
+      : "memory");
+}
+// tma_load_4d into the same offset of every CTA in `mask`, completing on each one's barrier at
+// `bar`'s offset.
+__device__ __forceinline__ void tma_load_4d_multicast(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0,
+                                                      int c1, int c2, int c3, uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, "
+      "{%2, %3, %4, %5}], [%6], %7;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar), "h"(mask)
+      : "memory");
+}
+
 __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
@@ -382,6 +412,29 @@ struct GroupedGemmSm90 {
                      : (kKind == kEpiGateUp || kKind == kEpiRelu2 || kKind == kEpiStore),
                 "forward kinds read B as KN, dgrad kinds as NK");
   static_assert(kBN == 2 * 128 && kBN / Cfg::kBoxCols == 4, "gate/up pairing: boxes 0, 1 gate, 2, 3 up");
+  // Clusters of kCluster CTAs (TileConfigT::kClusterM): cluster c walks the schedule's tiles
+  // c, c + clusters, ...; CTA rank r of it takes rows [128 r, 128 r + 128) of each 256-row tile and
+  // issues B boxes 2 r, 2 r + 1 for both CTAs (multicast). A stage may be refilled only when the
+  // consumers of both CTAs have released it: every consumer warp arrives on the empty barrier of
+  // each CTA, and each producer, before it leaves, waits until its ring's last fills are released
+  // (no remote arrive may reach a CTA that has exited).
+  static constexpr int kCluster = Cfg::kClusterM;
+  static_assert(kCluster == 1 || !kBNK, "B multicast: the forward kinds (B KN) only");
+  static __device__ __forceinline__ int64_t first_tile() { return blockIdx.x / kCluster; }
+  static __device__ __forceinline__ int64_t tile_stride() { return gridDim.x / kCluster; }
+  static __device__ __forceinline__ int cta_rank() {
+    if constexpr (kCluster > 1) return static_cast<int>(cluster_ctarank());
+    return 0;
+  }
+  // Consumer release of a stage: its empty barrier in every CTA of the cluster.
+  static __device__ __forceinline__ void release_stage(uint32_t empty_bar) {
+    if constexpr (kCluster > 1) {
+#pragma unroll
+      for (int r = 0; r < kCluster; ++r) mbar_arrive_cluster(empty_bar, static_cast<uint32_t>(r));
+    } else {
+      mbar_arrive(empty_bar);
+    }
+  }
 
   static __device__ __forceinline__ TileInfo decode(const RowTileSchedule& sched, const GroupedGemmProblem& prob,
                                                     int64_t tile) {
@@ -392,8 +445,8 @@ struct GroupedGemmSm90 {
     t.group = rt.group;
     t.n_tile = rt.n_tile;
     t.n0 = rt.n_tile * kBN;
-    t.row0 = gb + static_cast<int64_t>(rt.row_tile) * kBM;
-    const int64_t rest = ge - t.row0;
+    t.row0 = gb + static_cast<int64_t>(rt.row_tile) * Cfg::kSchedBM + static_cast<int64_t>(cta_rank()) * kBM;
+    const int64_t rest = ge - t.row0;  // > -kBM; <= 0: a cluster's second CTA past the group (nothing stored)
     t.rows_valid = static_cast<int>(rest < kBM ? rest : kBM);
     return t;
   }
@@ -408,8 +461,9 @@ struct GroupedGemmSm90 {
     const bool paired = prob.gate_up_half > 0;
     // Columns of B's tensor map along which the boxes step (see tma_spec_b_kn).
     const int box_cols = paired ? prob.gate_up_half : prob.n;
+    const int rank = cta_rank();
     uint32_t it = 0;
-    for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
+    for (int64_t tile = first_tile(); tile < total; tile += tile_stride()) {
       const TileInfo t = decode(sched, prob, tile);
       // KN boxes: column of box j (boxes past the columns are not issued).
       int col[4];
@@ -434,11 +488,21 @@ struct GroupedGemmSm90 {
         } else {
 #pragma unroll
           for (int j = 0; j < 4; ++j)
-            if (col[j] < box_cols)
-              tma_load_4d(smem + Smem::b_offset(s) + j * Smem::kBBoxBytes, tma_b, full, col[j],
-                          kn_box_half(j, paired), k0, t.group);
+            if (col[j] < box_cols) {
+              if constexpr (kCluster == 1) {
+                tma_load_4d(smem + Smem::b_offset(s) + j * Smem::kBBoxBytes, tma_b, full, col[j],
+                            kn_box_half(j, paired), k0, t.group);
+              } else if ((j >> 1) == rank) {
+                tma_load_4d_multicast(smem + Smem::b_offset(s) + j * Smem::kBBoxBytes, tma_b, full, col[j],
+                                      kn_box_half(j, paired), k0, t.group, static_cast<uint16_t>(0x3));
+              }
+            }
         }
       }
+    }
+    if constexpr (kCluster > 1) {  // the ring's last fills released by both CTAs' consumers
+      for (int k = 0; k < kStages; ++k, ++it)
+        mbar_wait(smem + Smem::kEmptyBarrier + 8 * (it % kStages), ((it / kStages) & 1u) ^ 1u);
     }
   }
 
@@ -1118,7 +1182,7 @@ struct GroupedGemmSm90 {
     const int prefetch_kt = ktiles > kUPrefetchKTiles ? ktiles - kUPrefetchKTiles : 0;  // kEpiBwdAct
     const uint32_t a_rows = static_cast<uint32_t>(c) * 64u * 128u;  // this warpgroup's 64 rows of A
     uint32_t it = 0;
-    for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
+    for (int64_t tile = first_tile(); tile < total; tile += tile_stride()) {
       // Zeroed, not left to a first wgmma with scale-d 0: undefined accumulators read by that
       // wgmma count as live across the previous tile's epilogue, and ptxas then spills the
       // TMA-store kernels (72 bytes, measured).
@@ -1153,12 +1217,12 @@ struct GroupedGemmSm90 {
           if (kt == prefetch_kt) prefetch_u(t, prob, ep, thread_index_here() - Cfg::kWarpgroupThreads);
         }
         wgmma_wait<1>();  // k tile kt - 1's batch is done: its stage may be refilled
-        if (kt > 0 && lane == 0) mbar_arrive(smem + Smem::kEmptyBarrier + 8 * prev);
+        if (kt > 0 && lane == 0) release_stage(smem + Smem::kEmptyBarrier + 8 * prev);
         prev = s;
       }
       wgmma_wait<0>();
       fence_acc(d);
-      if (lane == 0) mbar_arrive(smem + Smem::kEmptyBarrier + 8 * prev);
+      if (lane == 0) release_stage(smem + Smem::kEmptyBarrier + 8 * prev);
       if constexpr (kStaged) {
         epilogue_bwd_act_staged(t, prob, ep, d, smem, c, ctid);
       } else if constexpr (kKind == kEpiBwdAct) {
@@ -1197,17 +1261,21 @@ struct GroupedGemmSm90 {
     int32_t* s_prefix = reinterpret_cast<int32_t*>(smem_raw + pad + Smem::kPrefix);
     const int tid = threadIdx.x;
     const int tiles_n = (prob.n + kBN - 1) / kBN;
-    build_row_tile_prefix<Cfg::kThreads>(prob.offsets, prob.num_groups, prob.max_rows, kBM, s_prefix,
+    build_row_tile_prefix<Cfg::kThreads>(prob.offsets, prob.num_groups, prob.max_rows, Cfg::kSchedBM, s_prefix,
                                          s_prefix + prob.num_groups + 1);
     if (tid == 0) {
 #pragma unroll
       for (int s = 0; s < kStages; ++s) {
         mbar_init(smem + Smem::kFullBarrier + 8 * s, 1);
-        mbar_init(smem + Smem::kEmptyBarrier + 8 * s, kConsumerWarps);
+        mbar_init(smem + Smem::kEmptyBarrier + 8 * s, kConsumerWarps * kCluster);
       }
       fence_barrier_init();
     }
-    __syncthreads();
+    if constexpr (kCluster > 1) {
+      cluster_sync();
+    } else {
+      __syncthreads();
+    }
     const RowTileSchedule sched{s_prefix, prob.num_groups, tiles_n, Cfg::kGroupM};
     const int64_t total = sched.total_tiles();
     const int wg = tid / Cfg::kWarpgroupThreads;
@@ -1459,6 +1527,34 @@ __global__ void __launch_bounds__(TileConfig::kThreads, 1)
   GroupedWgradSm90<T, kStoreStages>::run(&tma_x, &tma_y, &tma_c, prob, ep, smem_raw);
 }
 
+// Clusters of `kernel` (cluster size `size`, the launch attribute `cluster`) that can be resident at
+// once on the current device (cudaOccupancyMaxActiveClusters), cached in the kernel's own `cache`
+// per device (value + 1; 0: not yet asked); 0 where none fits or it cannot be asked.
+template <class Kernel>
+inline int resident_clusters(Kernel kernel, int threads, size_t smem, int size, const cudaLaunchAttribute* cluster,
+                             std::atomic<int> (&cache)[64]) {
+  const int device = current_device();
+  const bool cached = device >= 0 && device < 64;
+  if (cached) {
+    const int v = cache[device].load(std::memory_order_relaxed);
+    if (v != 0) return v - 1;
+  }
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(size));
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attrs[1] = {*cluster};
+  config.attrs = attrs;
+  config.numAttrs = 1;
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess) {
+    (void)cudaGetLastError();
+    n = 0;
+  }
+  if (cached) cache[device].store(n + 1, std::memory_order_relaxed);
+  return n;
+}
+
 // setmaxnreg.inc only returns once the pool holds the registers it asks for: the producer's
 // setmaxnreg.dec frees (entry - kProducerRegs) per producer thread, the consumers need
 // (kConsumerRegs - entry) each, so the kernel's entry allocation must be at least
@@ -1525,7 +1621,7 @@ cudaError_t launch(const GroupedGemmProblem& prob, const EpilogueParams& ep, cud
   if (const cudaError_t e = check_register_budget<Cfg>(reinterpret_cast<const void*>(kernel), registers_ok))
     return e;
   const int tiles_n = (prob.n + Cfg::kBN - 1) / Cfg::kBN;
-  const int64_t max_tiles = max_row_tiles(prob.max_rows, prob.num_groups, Cfg::kBM) * tiles_n;
+  const int64_t max_tiles = max_row_tiles(prob.max_rows, prob.num_groups, Cfg::kSchedBM) * tiles_n;
   if (max_tiles <= 0 || prob.max_rows <= 0) return cudaSuccess;
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
   CUtensorMap map_a, map_b;
@@ -1552,9 +1648,25 @@ cudaError_t launch(const GroupedGemmProblem& prob, const EpilogueParams& ep, cud
   const size_t smem =
       GroupedGemmSm90<T, kBNK, kKind, kStagedStages, kStoreStages, Cfg>::Smem::bytes(prob.num_groups);
   if ((err = ensure_dynamic_smem(kernel, smem)) != cudaSuccess) return err;
-  const int32_t grid = resident_grid(kernel, Cfg::kThreads, smem, max_tiles);
-  kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_a, map_b, map_c, map_u, prob, ep);
-  return cudaPeekAtLastError();
+  if constexpr (Cfg::kClusterM > 1) {
+    // One cluster per schedule tile at most, as many as can be resident at once (some SMs may be
+    // left out: clusters do not straddle GPCs).
+    cudaLaunchAttribute cluster{};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = Cfg::kClusterM;
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = 1;
+    static std::atomic<int> resident_cache[64];
+    const int resident = resident_clusters(kernel, Cfg::kThreads, smem, Cfg::kClusterM, &cluster, resident_cache);
+    if (resident < 1) return cudaErrorNotSupported;
+    const int64_t clusters = max_tiles < resident ? max_tiles : resident;
+    return launch_with_attribute(kernel, dim3(static_cast<unsigned>(clusters * Cfg::kClusterM)),
+                                 dim3(Cfg::kThreads), smem, stream, &cluster, map_a, map_b, map_c, map_u, prob, ep);
+  } else {
+    const int32_t grid = resident_grid(kernel, Cfg::kThreads, smem, max_tiles);
+    kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_a, map_b, map_c, map_u, prob, ep);
+    return cudaPeekAtLastError();
+  }
 }
 
 }  // namespace moekit::kernels::experts::sm90

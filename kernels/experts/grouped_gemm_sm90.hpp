@@ -53,10 +53,18 @@ static_assert(MOEKIT_SM90_MAX_STAGES == 3 || MOEKIT_SM90_MAX_STAGES == 4, "MOEKI
 // registers a thread, and the m64n256 accumulators alone take 128.) Which one a problem gets:
 // sm90::choose_tile (measured, docs/experts.md "Tile per shape class"). The weight gradients run
 // TileConfig (128 x 256) only.
-template <int kBM_>
+// kClusterM_ = 2: two CTAs of a cluster take the two 128-row halves of a 256-row tile of one group
+// and column tile, and each loads half of the weights' (B's) boxes for both (TMA multicast): B
+// crosses L2 once per 256 rows instead of once per 128 (CUTLASS's 2 x 1 cluster). Forward kinds
+// (B KN) only; the schedule's row tiles are 256 rows, so a group with an odd number of 128-row tiles
+// has the second CTA compute rows it never stores.
+template <int kBM_, int kClusterM_ = 1>
 struct TileConfigT {
   static_assert(kBM_ == 64 || kBM_ == 128, "tile rows: 64 or 128 (64 per consumer warpgroup)");
+  static_assert(kClusterM_ == 1 || (kClusterM_ == 2 && kBM_ == 128), "clusters of two 128-row CTAs only");
   static constexpr int kBM = kBM_;
+  static constexpr int kClusterM = kClusterM_;
+  static constexpr int kSchedBM = kBM_ * kClusterM_;  // rows of the schedule's row tiles
   static constexpr int kBN = 256;
   static constexpr int kBK = 64;
   static constexpr int kConsumers = kBM_ / 64;  // consumer warpgroups, 64 rows each
@@ -77,7 +85,8 @@ struct TileConfigT {
   static constexpr int kElemBytes = 2;   // bf16 / f16
 };
 using TileConfig = TileConfigT<128>;
-using TileConfig64 = TileConfigT<64>;  // the other configuration sm90::choose_tile picks from
+using TileConfig64 = TileConfigT<64>;        // the configurations sm90::choose_tile picks from
+using TileConfig128x2 = TileConfigT<128, 2>;
 
 // Byte offsets inside the dynamic shared memory, after its base is rounded up to 1024 bytes:
 // kStages_ ring stages, then kStagingBytes_ of epilogue staging (0 for every kernel but the
@@ -514,15 +523,25 @@ inline bool tma_store_gate_up_takes(const GroupedGemmProblem& p, EpiKind kind, c
 }
 
 // ---- Tile per shape class ----
-// The axis-M configurations (TileConfigT): 128 x 256 and 64 x 256. choose_tile picks one from what
-// the host knows of a problem: its
+// The axis-M configurations (TileConfigT): 128 x 256, 64 x 256, and 128 x 256 in clusters of two
+// with B multicast (forward kinds). choose_tile picks one from what the host knows of a problem: its
 // kind, N, K and rows per group on average (max_rows / num_groups; the distribution is on the
 // device), by the measurement in docs/experts.md "Tile per shape class"
 // (bench/experts/bench_sm90_tiles.cpp). Every configuration computes each output element with the
 // same wgmma instructions over k in the same order: the tile changes no bit of any result.
-enum class Tile : int { k128 = 0, k64 = 1 };
-constexpr int kTileCount = 2;
-inline const char* tile_name(Tile t) { return t == Tile::k64 ? "64x256" : "128x256"; }
+enum class Tile : int { k128 = 0, k64 = 1, k128x2 = 2 };
+constexpr int kTileCount = 3;
+inline const char* tile_name(Tile t) {
+  switch (t) {
+    case Tile::k64: return "64x256";
+    case Tile::k128x2: return "128x256x2";
+    default: return "128x256";
+  }
+}
+
+// Whether tile `t` can run this axis-M problem: the clusters with B multicast take B KN (the
+// forward kinds) only.
+inline bool tile_takes(Tile t, const GroupedGemmProblem& p) { return t != Tile::k128x2 || !p.b_nk; }
 
 // Whether configuration `bm` rows tiles this problem within the kernel's 32-bit tile decode.
 inline bool tile_count_fits(const GroupedGemmProblem& p, int bm) {

@@ -43,13 +43,23 @@ cudaError_t launch_as(const kx::GroupedGemmProblem& p, const kx::EpilogueParams&
 template <class Cfg>
 cudaError_t launch_cfg(const kx::GroupedGemmProblem& p, kx::EpiKind kind, const kx::EpilogueParams& ep) {
   if (!k90::takes(p, kind)) return cudaErrorInvalidValue;
-  switch (kind) {
-    case kx::kEpiGateUp: return p.b_nk ? cudaErrorInvalidValue : launch_as<false, kx::kEpiGateUp, Cfg>(p, ep);
-    case kx::kEpiRelu2: return p.b_nk ? cudaErrorInvalidValue : launch_as<false, kx::kEpiRelu2, Cfg>(p, ep);
-    case kx::kEpiStore:
-      return p.b_nk ? launch_as<true, kx::kEpiStore, Cfg>(p, ep) : launch_as<false, kx::kEpiStore, Cfg>(p, ep);
-    case kx::kEpiBwdAct: return p.b_nk ? launch_as<true, kx::kEpiBwdAct, Cfg>(p, ep) : cudaErrorInvalidValue;
-    default: return cudaErrorInvalidValue;
+  if constexpr (Cfg::kClusterM > 1) {  // B multicast: the forward kinds (B KN) only (sm90::tile_takes)
+    if (p.b_nk) return cudaErrorInvalidValue;
+    switch (kind) {
+      case kx::kEpiGateUp: return launch_as<false, kx::kEpiGateUp, Cfg>(p, ep);
+      case kx::kEpiRelu2: return launch_as<false, kx::kEpiRelu2, Cfg>(p, ep);
+      case kx::kEpiStore: return launch_as<false, kx::kEpiStore, Cfg>(p, ep);
+      default: return cudaErrorInvalidValue;
+    }
+  } else {
+    switch (kind) {
+      case kx::kEpiGateUp: return p.b_nk ? cudaErrorInvalidValue : launch_as<false, kx::kEpiGateUp, Cfg>(p, ep);
+      case kx::kEpiRelu2: return p.b_nk ? cudaErrorInvalidValue : launch_as<false, kx::kEpiRelu2, Cfg>(p, ep);
+      case kx::kEpiStore:
+        return p.b_nk ? launch_as<true, kx::kEpiStore, Cfg>(p, ep) : launch_as<false, kx::kEpiStore, Cfg>(p, ep);
+      case kx::kEpiBwdAct: return p.b_nk ? launch_as<true, kx::kEpiBwdAct, Cfg>(p, ep) : cudaErrorInvalidValue;
+      default: return cudaErrorInvalidValue;
+    }
   }
 }
 
@@ -59,6 +69,7 @@ cudaError_t launch(k90::Tile tile, const kx::GroupedGemmProblem& p, kx::EpiKind 
   switch (tile) {
     case k90::Tile::k128: return launch_cfg<k90::TileConfig>(p, kind, ep);
     case k90::Tile::k64: return launch_cfg<k90::TileConfig64>(p, kind, ep);
+    case k90::Tile::k128x2: return launch_cfg<k90::TileConfig128x2>(p, kind, ep);
   }
   return cudaErrorInvalidValue;
 }
