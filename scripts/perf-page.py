@@ -717,29 +717,31 @@ def render_experts(sources, plot):
 
 
 def render_sm90_tiles(sources):
-    """moekit-bench-sm90-tiles: per shape, rows per expert and distribution, the 64-row tile's time
+    """moekit-bench-sm90-tiles: per shape, rows per expert and distribution, each other tile's time
     over the 128-row tile's, as the geometric mean and the range over the timed kernels."""
-    cells = {}  # (card, shape, rows per expert, dist) -> [ratios], [sources]
+    names = {"64x256": "64-row", "128x256x2": "cluster of two"}
+    cells = {}  # (card, shape, rows per expert, tile, dist) -> [ratios], [sources]
     for s in sources:
         for r in s.data.get("results") or []:
-            t = (r.get("tiles") or {}).get("64x256") or {}
-            x = num(t.get("time_over_128x256"))
-            if not x:
-                continue
-            key = (s.card, r.get("shape"), num(r.get("rows_per_expert")), r.get("dist"))
-            c = cells.setdefault(key, ([], []))
-            c[0].append(x)
-            c[1].append(s)
+            for tile in names:
+                x = num(((r.get("tiles") or {}).get(tile) or {}).get("time_over_128x256"))
+                if not x:
+                    continue
+                key = (s.card, r.get("shape"), num(r.get("rows_per_expert")), tile, r.get("dist"))
+                c = cells.setdefault(key, ([], []))
+                c[0].append(x)
+                c[1].append(s)
     if not cells:
         return []
-    dists = sorted({k[3] for k in cells}, key=lambda d: ["balanced", "random", "skewed"].index(d)
-                   if d in ("balanced", "random", "skewed") else 9)
+    order = ["balanced", "random", "skewed"]
+    dists = sorted({k[4] for k in cells}, key=lambda d: order.index(d) if d in order else 9)
+    columns = [(t, d) for t in names for d in dists if any(k[3] == t and k[4] == d for k in cells)]
     rows = []
     for card, shape, rpe in sorted({k[:3] for k in cells}, key=lambda k: (k[0], str(k[1]), k[2] or 0)):
         row = [str(shape), "%d" % rpe if rpe else "n/a"]
         srcs = []
-        for d in dists:
-            c = cells.get((card, shape, rpe, d))
+        for tile, d in columns:
+            c = cells.get((card, shape, rpe, tile, d))
             if not c:
                 row.append("n/a")
                 continue
@@ -748,13 +750,14 @@ def render_sm90_tiles(sources):
             srcs += c[1]
         row += [card, joined(x.commit for x in srcs)]
         rows.append(row)
-    header = ["shape", "rows per expert"] + ["64-row / 128-row time, %s" % d for d in dists] + ["card", "commit"]
+    header = ["shape", "rows per expert"] + ["%s / 128-row, %s" % (names[t], d) for t, d in columns] + ["card", "commit"]
     return ["### Experts: Hopper tile per shape class\n",
             "`moekit-bench-sm90-tiles`: each axis-M GEMM of the sm_90a path (forward gate-up with h, with h and u, "
-            "down, dx, the act-backward dgrad) timed on the 64 x 256 and the 128 x 256 tile in interleaved rounds; "
-            "geometric mean (range) over those kernels of the 64-row tile's time over the 128-row one's (below 1: the "
-            "64-row tile is faster). `sm90::choose_tile` picks the 64-row tile at 32 rows per expert or fewer on "
-            "average (docs/experts.md \"Tile per shape class\").\n",
+            "down, dx, the act-backward dgrad; the cluster of two, with B multicast, runs the three forward ones) timed "
+            "on every tile in interleaved rounds; geometric mean (range) over those kernels of each tile's time over "
+            "the 128 x 256 tile's (below 1: faster than it). `sm90::choose_tile` picks the 64-row tile at 32 rows per "
+            "expert or fewer on average, 128 x 256 above, the cluster never (docs/experts.md \"Tile per shape "
+            "class\").\n",
             table(header, rows) + "\n"]
 
 
