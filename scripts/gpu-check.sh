@@ -42,7 +42,8 @@ run() {  # run NAME CMD...: logs everything, records pass/fail and seconds
   return $rc
 }
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader; nvcc --version | tail -n 1; meson --version; git log -1 --format='commit %h %s' 2>/dev/null; } | tee -a "$LOG"
+# the commit: MOEKIT_COMMIT where the caller names it (a copied tree's git metadata may lag its files)
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader; nvcc --version | tail -n 1; meson --version; if [ -n "${MOEKIT_COMMIT:-}" ]; then echo "commit $MOEKIT_COMMIT (MOEKIT_COMMIT)"; else git log -1 --format='commit %h %s' 2>/dev/null; fi; } | tee -a "$LOG"
 
 if has build; then
   if [ ! -f "$BUILD/build.ninja" ]; then
