@@ -57,7 +57,9 @@ static_assert(MOEKIT_SM90_MAX_STAGES == 3 || MOEKIT_SM90_MAX_STAGES == 4, "MOEKI
 // and column tile, and each loads half of the weights' (B's) boxes for both (TMA multicast): B
 // crosses L2 once per 256 rows instead of once per 128 (CUTLASS's 2 x 1 cluster). Forward kinds
 // (B KN) only; the schedule's row tiles are 256 rows, so a group with an odd number of 128-row tiles
-// has the second CTA compute rows it never stores.
+// has the second CTA compute rows it never stores. Measured at parity with TileConfig on the large
+// balanced shapes and slower elsewhere (this kernel is not short of L2 bandwidth): choose_tile
+// never picks it; the tile test and benchmark keep it measured.
 template <int kBM_, int kClusterM_ = 1>
 struct TileConfigT {
   static_assert(kBM_ == 64 || kBM_ == 128, "tile rows: 64 or 128 (64 per consumer warpgroup)");

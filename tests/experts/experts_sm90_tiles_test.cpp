@@ -1,6 +1,6 @@
-// The tile configurations of the Hopper grouped GEMM (sm90::Tile: 128 x 256 and 64 x 256;
-// grouped_gemm_sm90.hpp TileConfigT) against each other, bit
-// for bit, in one binary: experts_sm90_tiles_launch.cu instantiates every configuration of every
+// The tile configurations of the Hopper grouped GEMM (sm90::Tile: 128 x 256, 64 x 256, and for
+// the forward kinds (B KN) 128 x 256 in clusters of two with B multicast; grouped_gemm_sm90.hpp
+// TileConfigT) against each other, bit for bit, in one binary: experts_sm90_tiles_launch.cu instantiates every configuration of every
 // axis-M kind that takes one (bf16), whatever sm90::choose_tile picks. Each output element is the
 // same wgmma sum over k in the same order whatever the tile, so every configuration must write the
 // very bits of the 128 x 256 one, which the epilogue test holds to the register-direct stores and
@@ -8,8 +8,8 @@
 // interleaved, relu2; h alone and h with u), the forward down projection (kEpiStore, B KN, bias and
 // weights after down) and dx (kEpiStore, B NK), the staged activation-backward dgrad (concatenated,
 // interleaved, relu2; du, h' and the dp partials). Groups: straddling 64- and 128-row tiles, empty
-// experts, one row, one warpgroup and one row past it, trailing rows of no group, column tails,
-// 257 groups, many tiles per CTA. Outputs are poisoned first: what no group owns must stay so.
+// experts, one row, one warpgroup and one row past it, a cluster's second CTA past its group,
+// trailing rows of no group, column tails, 257 groups, many tiles per CTA. Outputs are poisoned first: what no group owns must stay so.
 // Exits 77 (SKIP) without a compute capability 9.0 device.
 #include <cuda_runtime.h>
 
