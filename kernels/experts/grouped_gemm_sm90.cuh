@@ -1,6 +1,7 @@
 // Grouped GEMM for bf16/f16 on Hopper (sm_90a): TMA loads into a kStages-deep shared-memory ring
-// completing on mbarriers, wgmma.mma_async issued by two consumer warpgroups, a producer warp,
-// setmaxnreg, and a persistent grid walking the device-side tile schedule of grouped_problem.cuh
+// completing on mbarriers, wgmma.mma_async issued by two consumer warpgroups (one for the 64-row
+// tile; TileConfigT, sm90::choose_tile; clusters of two with B multicast for the forward kinds), a
+// producer warp, setmaxnreg, and a persistent grid walking the device-side tile schedule of grouped_problem.cuh
 // (tiles -> (group, row tile, column tile) from the device offsets; empty groups own no tile).
 // The fused epilogues of epilogue.cuh run straight from the accumulator registers, except the
 // activation-backward dgrad's default staged epilogue (through shared memory, 16-byte accesses;
