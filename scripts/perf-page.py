@@ -677,7 +677,8 @@ def render_experts(sources, plot):
             rows.append(row)
             es = 4 if dt == "f32" else 2
             if None not in (E, H, I, R):
-                nb = experts_bytes(E, H, I, R, act, es)[0 if pass_ == "fwd" else 1]
+                nb = experts_bytes(E - empty_experts.get((card, shape, dist), 0), H, I, R, act, es)[
+                    0 if pass_ == "fwd" else 1]
                 label = "%s %s" % (shape, dist)
                 for x in [b, m, lt] + ts:
                     if x and num(x[5]) and flops:
