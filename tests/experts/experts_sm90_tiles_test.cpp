@@ -173,7 +173,6 @@ void run_case(Kind kind, bool with_u, const GroupCase& gc, uint64_t salt) {
   }
   for (int t = 0; t < kTiles; ++t) {
     INFO("tile " << k90::tile_name(static_cast<k90::Tile>(t)));
-    if (!k90::tile_takes(static_cast<k90::Tile>(t), p)) continue;  // B NK: no cluster instance
     c[t].poison(kPoison);
     u[t].poison(kPoison);
     h[t].poison(kPoison);
@@ -183,6 +182,13 @@ void run_case(Kind kind, bool with_u, const GroupCase& gc, uint64_t salt) {
     if (act_bwd) {
       ep.h = h[t].get();
       ep.dp_partial = dp[t].get<float>();
+    }
+    if (!k90::tile_takes(static_cast<k90::Tile>(t), p)) {  // B NK: no cluster instance; refused, nothing written
+      REQUIRE(moekit::test::sm90_tiles::launch(static_cast<k90::Tile>(t), p, epi, ep) == cudaErrorInvalidValue);
+      REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+      REQUIRE(moekit::test::still_poisoned(c[t], kPoison));
+      REQUIRE(moekit::test::still_poisoned(h[t], kPoison));
+      continue;
     }
     REQUIRE(moekit::test::sm90_tiles::launch(static_cast<k90::Tile>(t), p, epi, ep) == cudaSuccess);
     REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
