@@ -216,6 +216,15 @@ double Args::get_double(const std::string& key, double fallback) const {
   return it == values_.end() ? fallback : std::strtod(it->second.c_str(), nullptr);
 }
 
+std::vector<std::string> Args::get_list(const std::string& key, const std::string& fallback) const {
+  std::vector<std::string> out;
+  std::stringstream ss(get(key, fallback));
+  std::string item;
+  while (std::getline(ss, item, ','))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
 std::string json_escape(const std::string& s) {
   std::string out = "\"";
   for (char c : s) {

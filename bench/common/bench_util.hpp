@@ -153,6 +153,8 @@ class Args {
   std::string get(const std::string& key, const std::string& fallback) const;
   int64_t get_int(const std::string& key, int64_t fallback) const;
   double get_double(const std::string& key, double fallback) const;
+  // A comma-separated value as its non-empty items (--tokens=4096,32768).
+  std::vector<std::string> get_list(const std::string& key, const std::string& fallback) const;
   const std::vector<std::string>& positional() const { return positional_; }
 
  private:

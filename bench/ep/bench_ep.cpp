@@ -32,7 +32,6 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -85,15 +84,6 @@ struct Shape {
   int top_k = 8;
   int experts = 256;
 };
-
-std::vector<int> parse_list(const std::string& s) {
-  std::vector<int> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ','))
-    if (!item.empty()) out.push_back(std::atoi(item.c_str()));
-  return out;
-}
 
 moekit_ep_config_t make_config(const Shape& sh, int n, moekit_ep_mode_t mode, int chunks) {
   moekit_ep_config_t c;
@@ -410,7 +400,8 @@ int main(int argc, char** argv) {
   const int warmup = static_cast<int>(args.get_int("warmup", 5));
   const int repeats = static_cast<int>(args.get_int("repeats", 20));
   const uint64_t seed = static_cast<uint64_t>(args.get_int("seed", 1));
-  const std::vector<int> chunk_list = parse_list(args.get("chunks", "1,2,4,8"));
+  std::vector<int> chunk_list;
+  for (const std::string& c : args.get_list("chunks", "1,2,4,8")) chunk_list.push_back(std::atoi(c.c_str()));
   const std::string modes = args.get("modes", "exact,capacity");
   const std::string json_path = args.get("json", args.get("out", ""));
   if (n < 2 || n > devices) {

@@ -21,9 +21,7 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <cstring>
 #include <random>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -31,6 +29,7 @@
 #include "kernels/experts/grouped_gemm_sm90.hpp"
 #include "tests/experts/experts_sm90_support.hpp"
 #include "tests/experts/experts_sm90_tiles_launch.hpp"
+#include "tests/support/numeric.hpp"
 
 namespace {
 
@@ -43,39 +42,18 @@ struct Shape {
   int e, h, i;
 };
 
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ','))
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
-
 bool listed(const std::vector<std::string>& list, const std::string& name) {
   return list.empty() || std::find(list.begin(), list.end(), name) != list.end();
 }
 
-// Device memory holding bf16 values uniform in [-1, 1) (a 16 MB random block copied over it):
-// tensor cores draw data-dependent power, so constant inputs would time a cooler GPU.
-struct RandomBuf {
-  void* p = nullptr;
-  explicit RandomBuf(size_t bytes, const std::vector<uint16_t>& block) {
-    BENCH_CUDA(cudaMalloc(&p, bytes));
-    const size_t chunk = block.size() * sizeof(uint16_t);
-    for (size_t off = 0; off < bytes; off += chunk)
-      BENCH_CUDA(cudaMemcpy(static_cast<char*>(p) + off, block.data(), std::min(chunk, bytes - off),
-                            cudaMemcpyHostToDevice));
-  }
-  ~RandomBuf() { cudaFree(p); }
-  RandomBuf(const RandomBuf&) = delete;
-  RandomBuf& operator=(const RandomBuf&) = delete;
-};
-
-uint16_t bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+// `buf` filled with copies of `block` (bf16 values uniform in [-1, 1)): tensor cores draw
+// data-dependent power, so constant inputs would time a cooler GPU.
+mb::DeviceBuffer random_buffer(size_t bytes, const std::vector<uint16_t>& block) {
+  mb::DeviceBuffer buf(bytes);
+  const size_t chunk = block.size() * sizeof(uint16_t);
+  for (size_t off = 0; off < bytes; off += chunk)
+    BENCH_CUDA(cudaMemcpy(buf.at(off), block.data(), std::min(chunk, bytes - off), cudaMemcpyHostToDevice));
+  return buf;
 }
 
 }  // namespace
@@ -91,10 +69,10 @@ int main(int argc, char** argv) {
   }
   const std::string preset = args.get("preset", "all");
   std::vector<int64_t> rpes;
-  for (const std::string& v : split(args.get("rows-per-expert", "64,128,192,256,512,1024,2048")))
+  for (const std::string& v : args.get_list("rows-per-expert", "64,128,192,256,512,1024,2048"))
     rpes.push_back(std::stoll(v));
-  const std::vector<std::string> dists = split(args.get("dist", "balanced,skewed,random"));
-  const std::vector<std::string> kernels = split(args.get("kernels", ""));
+  const std::vector<std::string> dists = args.get_list("dist", "balanced,skewed,random");
+  const std::vector<std::string> kernels = args.get_list("kernels", "");
   const int warmup = static_cast<int>(args.get_int("warmup", 2));
   const int repeats = static_cast<int>(args.get_int("repeats", 8));
   const std::string json = args.get("json", "");
@@ -105,7 +83,7 @@ int main(int argc, char** argv) {
   std::vector<uint16_t> block(8u << 20);
   std::mt19937_64 rng(1234);
   std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
-  for (uint16_t& b : block) b = bf16_bits(uni(rng));
+  for (uint16_t& b : block) b = moekit::test::float_to_bf16_bits(uni(rng));
 
   mb::Json results = mb::Json::array();
   std::printf("%-10s %5s %-8s %-10s %9s %9s %9s %7s %7s %8s  %s\n", "shape", "r/e", "dist", "kernel", "128 us",
@@ -115,13 +93,17 @@ int main(int argc, char** argv) {
     const int E = s.e, H = s.h, I = s.i;
     const int64_t R_max = *std::max_element(rpes.begin(), rpes.end()) * E;
     const size_t eb = 2;
-    RandomBuf x(R_max * H * eb, block), hbuf(R_max * I * eb, block), du(R_max * 2 * I * eb, block);
-    RandomBuf dy(R_max * H * eb, block), u_saved(R_max * 2 * I * eb, block);
-    RandomBuf wgu(static_cast<size_t>(E) * H * 2 * I * eb, block), wd(static_cast<size_t>(E) * I * H * eb, block);
-    RandomBuf out_a(R_max * 2 * I * eb, block), out_b(R_max * std::max(H, 2 * I) * eb, block);
-    RandomBuf hp(R_max * I * eb, block), pw(R_max * 4, std::vector<uint16_t>(1u << 20, 0x3f80));  // p = ~1.0
-    int32_t* d_off = nullptr;
-    BENCH_CUDA(cudaMalloc(&d_off, (E + 1) * sizeof(int32_t)));
+    const mb::DeviceBuffer x = random_buffer(R_max * H * eb, block), hbuf = random_buffer(R_max * I * eb, block);
+    const mb::DeviceBuffer du = random_buffer(R_max * 2 * I * eb, block), dy = random_buffer(R_max * H * eb, block);
+    const mb::DeviceBuffer u_saved = random_buffer(R_max * 2 * I * eb, block);
+    const mb::DeviceBuffer wgu = random_buffer(static_cast<size_t>(E) * H * 2 * I * eb, block);
+    const mb::DeviceBuffer wd = random_buffer(static_cast<size_t>(E) * I * H * eb, block);
+    const mb::DeviceBuffer out_a = random_buffer(R_max * 2 * I * eb, block);
+    const mb::DeviceBuffer out_b = random_buffer(R_max * std::max(H, 2 * I) * eb, block);
+    const mb::DeviceBuffer hp = random_buffer(R_max * I * eb, block);
+    const mb::DeviceBuffer pw = random_buffer(R_max * 4, std::vector<uint16_t>(1u << 20, 0x3f80));  // p = ~1.0
+    mb::DeviceBuffer offsets((E + 1) * sizeof(int32_t));
+    const int32_t* d_off = offsets.as<int32_t>();
     for (int64_t rpe : rpes)
       for (const std::string& dist : dists) {
         const int64_t R = rpe * E;
@@ -136,7 +118,7 @@ int main(int argc, char** argv) {
         }
         std::vector<int32_t> off(E + 1, 0);
         for (int g = 0; g < E; ++g) off[g + 1] = off[g] + static_cast<int32_t>(counts[g]);
-        BENCH_CUDA(cudaMemcpy(d_off, off.data(), off.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+        offsets.upload(off);
         struct Run {
           const char* kernel;
           kx::EpiKind kind;
@@ -237,7 +219,6 @@ int main(int argc, char** argv) {
           results.push(row);
         }
       }
-    BENCH_CUDA(cudaFree(d_off));
   }
   if (!json.empty()) {
     mb::Json doc = mb::Json::object();

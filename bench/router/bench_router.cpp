@@ -52,7 +52,6 @@
 #include <cstring>
 #include <functional>
 #include <random>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -344,11 +343,7 @@ int main(int argc, char** argv) {
   const int repeats = static_cast<int>(args.get_int("repeats", 50));
   const bool use_mask = args.get_int("mask", 0) != 0;
   std::vector<int64_t> token_list;
-  {
-    std::stringstream ss(args.get("tokens", "4096,32768"));
-    std::string item;
-    while (std::getline(ss, item, ',')) token_list.push_back(std::stoll(item));
-  }
+  for (const std::string& t : args.get_list("tokens", "4096,32768")) token_list.push_back(std::stoll(t));
   std::vector<Preset> run;
   for (Preset p : presets())
     if (which == "all" || which == p.name) {
