@@ -28,6 +28,19 @@ inline cudaError_t tma_store_ring(int num_groups, int* stages) {
   return cudaSuccess;
 }
 
+// The TMA-store (kStagedEpi = false) or staged act-backward (true) instance of configuration Cfg
+// whose ring is `stages` deep: Cfg's deepest or one less, the two depths instantiated
+// (tma_store_stages, bwd_act_staged_stages); cudaErrorInvalidValue for any other depth.
+template <class T, bool kBNK, int kKind, bool kStagedEpi, class Cfg>
+cudaError_t launch_ring(int stages, const GroupedGemmProblem& p, const EpilogueParams& ep, cudaStream_t stream) {
+  constexpr int kDeep = Cfg::kStages, kShallow = Cfg::kStages - 1;
+  if (stages == kDeep)
+    return launch<T, kBNK, kKind, kStagedEpi ? kDeep : 0, kStagedEpi ? 0 : kDeep, Cfg>(p, ep, stream);
+  if (stages == kShallow)
+    return launch<T, kBNK, kKind, kStagedEpi ? kShallow : 0, kStagedEpi ? 0 : kShallow, Cfg>(p, ep, stream);
+  return cudaErrorInvalidValue;
+}
+
 // An axis-M GEMM with a store epilogue: kEpiStore (B KN or NK), kEpiGateUp / kEpiRelu2 (B KN), with
 // the TMA-store epilogue where `tma` asks for it, the problem takes it (tma_store_takes;
 // tma_store_gate_up_takes for the gate-up kinds) and a ring fits (4 stages, else 3), else the
@@ -49,8 +62,7 @@ cudaError_t launch_axis_m(const GroupedGemmProblem& p, const EpilogueParams& ep,
     if (tma && takes) {
       int stages = 0;
       if (const cudaError_t err = tma_store_ring<Cfg>(p.num_groups, &stages)) return err;
-      if (stages == Cfg::kStages) return launch<T, kBNK, kKind, 0, Cfg::kStages, Cfg>(p, ep, stream);
-      if (stages == Cfg::kStages - 1) return launch<T, kBNK, kKind, 0, Cfg::kStages - 1, Cfg>(p, ep, stream);
+      if (stages != 0) return launch_ring<T, kBNK, kKind, false, Cfg>(stages, p, ep, stream);
     }
   }
   return launch<T, kBNK, kKind>(p, ep, stream);
@@ -65,8 +77,7 @@ cudaError_t launch_bwd_act(const GroupedGemmProblem& p, const EpilogueParams& ep
       int optin = 0;
       if (const cudaError_t err = smem_optin(&optin)) return err;
       const int stages = bwd_act_staged_stages<Cfg>(p.num_groups, static_cast<size_t>(optin));
-      if (stages == Cfg::kStages) return launch<T, true, kEpiBwdAct, Cfg::kStages, 0, Cfg>(p, ep, stream);
-      if (stages == Cfg::kStages - 1) return launch<T, true, kEpiBwdAct, Cfg::kStages - 1, 0, Cfg>(p, ep, stream);
+      if (stages != 0) return launch_ring<T, true, kEpiBwdAct, true, Cfg>(stages, p, ep, stream);
     }
   }
   return launch<T, true, kEpiBwdAct, 0>(p, ep, stream);

@@ -16,28 +16,25 @@ using T = __nv_bfloat16;
 namespace {
 
 // The TMA-store (or, for kEpiBwdAct, staged) kernel of configuration Cfg at the ring depth the
-// library would pick, or cudaErrorInvalidValue where none fits.
+// library would pick (its launch_ring), or cudaErrorInvalidValue where the problem does not take
+// that epilogue or no ring fits: never the library's fallback to TileConfig's register-direct one.
 template <bool kBNK, int kKind, class Cfg>
 cudaError_t launch_as(const kx::GroupedGemmProblem& p, const kx::EpilogueParams& ep) {
   if (!k90::tile_count_fits(p, Cfg::kBM)) return cudaErrorInvalidValue;
   int optin = 0;
   if (const cudaError_t err = k90::smem_optin(&optin)) return err;
   const size_t limit = static_cast<size_t>(optin);
-  constexpr int kDeep = Cfg::kStages, kShallow = Cfg::kStages - 1;
   if constexpr (kKind == kx::kEpiBwdAct) {
     if (!k90::bwd_act_staged_takes(p, ep)) return cudaErrorInvalidValue;
-    const int stages = k90::bwd_act_staged_stages<Cfg>(p.num_groups, limit);
-    if (stages == kDeep) return k90::launch<T, true, kx::kEpiBwdAct, kDeep, 0, Cfg>(p, ep, nullptr);
-    if (stages == kShallow) return k90::launch<T, true, kx::kEpiBwdAct, kShallow, 0, Cfg>(p, ep, nullptr);
+    return k90::launch_ring<T, true, kx::kEpiBwdAct, true, Cfg>(k90::bwd_act_staged_stages<Cfg>(p.num_groups, limit),
+                                                                 p, ep, nullptr);
   } else {
     const bool takes = kKind == kx::kEpiStore ? k90::tma_store_takes(p, kx::kEpiStore, ep)
                                               : k90::tma_store_gate_up_takes(p, static_cast<kx::EpiKind>(kKind), ep);
     if (!takes) return cudaErrorInvalidValue;
-    const int stages = k90::tma_store_stages<Cfg>(p.num_groups, limit);
-    if (stages == kDeep) return k90::launch<T, kBNK, kKind, 0, kDeep, Cfg>(p, ep, nullptr);
-    if (stages == kShallow) return k90::launch<T, kBNK, kKind, 0, kShallow, Cfg>(p, ep, nullptr);
+    return k90::launch_ring<T, kBNK, kKind, false, Cfg>(k90::tma_store_stages<Cfg>(p.num_groups, limit), p, ep,
+                                                        nullptr);
   }
-  return cudaErrorInvalidValue;
 }
 
 template <class Cfg>
