@@ -54,32 +54,45 @@ inline bool device_cooperative_launch(int device) {
 
 inline int device_sm_count() { return device_sm_count(current_device()); }
 
-// Blocks of `kernel` resident per SM for (threads, smem_bytes) on `device`, cached (a kernel's
-// resources do not change while the process runs). Thread-safe.
-inline int blocks_per_sm(const void* kernel, int threads, size_t smem_bytes, int device) {
+// An occupancy answer for (kernel, threads, smem_bytes, cluster size; 0: no cluster) on `device`,
+// cached (a kernel's resources do not change while the process runs): query(&n) asks the runtime;
+// where it fails, `fallback` is returned and nothing cached (a later call asks again). Thread-safe.
+template <class Query>
+int cached_occupancy(const void* kernel, int threads, size_t smem_bytes, int cluster, int device, int fallback,
+                     Query&& query) {
   struct Entry {
     const void* kernel;
     int threads;
     size_t smem;
+    int cluster;
     int device;
-    int per_sm;
+    int value;
   };
   static std::mutex mutex;
   static std::vector<Entry> entries;
   {
     std::lock_guard<std::mutex> lock(mutex);
     for (const Entry& e : entries)
-      if (e.kernel == kernel && e.threads == threads && e.smem == smem_bytes && e.device == device) return e.per_sm;
+      if (e.kernel == kernel && e.threads == threads && e.smem == smem_bytes && e.cluster == cluster &&
+          e.device == device)
+        return e.value;
   }
-  int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes) != cudaSuccess) {
+  int value = 0;
+  if (query(&value) != cudaSuccess) {
     (void)cudaGetLastError();
-    return 1;  // not cached: a later call asks again
+    return fallback;
   }
-  if (per_sm < 1) per_sm = 1;
   std::lock_guard<std::mutex> lock(mutex);
-  entries.push_back({kernel, threads, smem_bytes, device, per_sm});
-  return per_sm;
+  entries.push_back({kernel, threads, smem_bytes, cluster, device, value});
+  return value;
+}
+
+// Blocks of `kernel` resident per SM for (threads, smem_bytes) on `device` (at least 1), cached.
+inline int blocks_per_sm(const void* kernel, int threads, size_t smem_bytes, int device) {
+  const int per_sm = cached_occupancy(kernel, threads, smem_bytes, 0, device, 1, [&](int* n) {
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, kernel, threads, smem_bytes);
+  });
+  return per_sm < 1 ? 1 : per_sm;
 }
 
 // min(wanted, blocks of `kernel` resident on the whole device at once), at least 1. A kernel that
@@ -118,23 +131,58 @@ cudaError_t ensure_dynamic_smem(Kernel kernel, size_t bytes) {
   return cudaSuccess;
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...) through cudaLaunchKernelEx with one launch
-// attribute, or none (attribute == nullptr): the one place the launchers that need an attribute
-// (cooperative, programmatic) spell out the configuration. Returns the launch's own error, not
-// cudaPeekAtLastError, so a caller can fall back on a launch the device refused.
-template <class... Params, class... Args>
-inline cudaError_t launch_with_attribute(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                                         cudaStream_t stream, const cudaLaunchAttribute* attribute, Args&&... args) {
+// The cudaLaunchConfig_t of <<<grid, block, smem, stream>>> with one launch attribute, or none
+// (attribute == nullptr); `storage` holds the attribute for as long as the config is used.
+inline cudaLaunchConfig_t launch_config(dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                                        const cudaLaunchAttribute* attribute, cudaLaunchAttribute& storage) {
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  cudaLaunchAttribute attributes[1] = {};
-  if (attribute != nullptr) attributes[0] = *attribute;
-  config.attrs = attributes;
+  if (attribute != nullptr) storage = *attribute;
+  config.attrs = &storage;
   config.numAttrs = attribute != nullptr ? 1 : 0;
+  return config;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) through cudaLaunchKernelEx with one launch
+// attribute, or none (attribute == nullptr): the one place the launchers that need an attribute
+// (cooperative, programmatic, cluster) spell out the configuration. Returns the launch's own error,
+// not cudaPeekAtLastError, so a caller can fall back on a launch the device refused.
+template <class... Params, class... Args>
+inline cudaError_t launch_with_attribute(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                         cudaStream_t stream, const cudaLaunchAttribute* attribute, Args&&... args) {
+  cudaLaunchAttribute storage{};
+  const cudaLaunchConfig_t config = launch_config(grid, block, smem, stream, attribute, storage);
   return cudaLaunchKernelEx(&config, kernel, static_cast<Args&&>(args)...);
+}
+
+// The launch attribute of clusters of `size` CTAs along x.
+inline cudaLaunchAttribute cluster_attribute(int size) {
+  cudaLaunchAttribute a{};
+  a.id = cudaLaunchAttributeClusterDimension;
+  a.val.clusterDim.x = static_cast<unsigned>(size);
+  a.val.clusterDim.y = 1;
+  a.val.clusterDim.z = 1;
+  return a;
+}
+
+// As resident_grid, in clusters of `size` CTAs: min(wanted clusters, clusters of `kernel`
+// resident on the whole device at once) times `size` CTAs, 0 where not one cluster fits (or the
+// device cannot say). Some SMs may be left out: clusters do not straddle GPCs.
+template <class Kernel>
+int32_t resident_cluster_grid(Kernel kernel, int threads, size_t smem_bytes, int size, int64_t wanted) {
+  const void* fn = reinterpret_cast<const void*>(kernel);
+  const cudaLaunchAttribute cluster = cluster_attribute(size);
+  const int resident = cached_occupancy(fn, threads, smem_bytes, size, current_device(), 0, [&](int* n) {
+    cudaLaunchAttribute storage{};
+    const cudaLaunchConfig_t config = launch_config(dim3(static_cast<unsigned>(size)), dim3(threads), smem_bytes,
+                                                    nullptr, &cluster, storage);
+    return cudaOccupancyMaxActiveClusters(n, kernel, &config);
+  });
+  const int64_t clusters = wanted < resident ? wanted : resident;
+  return static_cast<int32_t>(clusters < 1 ? 0 : clusters * size);
 }
 
 }  // namespace moekit::kernels

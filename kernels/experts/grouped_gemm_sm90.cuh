@@ -1528,34 +1528,6 @@ __global__ void __launch_bounds__(TileConfig::kThreads, 1)
   GroupedWgradSm90<T, kStoreStages>::run(&tma_x, &tma_y, &tma_c, prob, ep, smem_raw);
 }
 
-// Clusters of `kernel` (cluster size `size`, the launch attribute `cluster`) that can be resident at
-// once on the current device (cudaOccupancyMaxActiveClusters), cached in the kernel's own `cache`
-// per device (value + 1; 0: not yet asked); 0 where none fits or it cannot be asked.
-template <class Kernel>
-inline int resident_clusters(Kernel kernel, int threads, size_t smem, int size, const cudaLaunchAttribute* cluster,
-                             std::atomic<int> (&cache)[64]) {
-  const int device = current_device();
-  const bool cached = device >= 0 && device < 64;
-  if (cached) {
-    const int v = cache[device].load(std::memory_order_relaxed);
-    if (v != 0) return v - 1;
-  }
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(size));
-  config.blockDim = dim3(static_cast<unsigned>(threads));
-  config.dynamicSmemBytes = smem;
-  cudaLaunchAttribute attrs[1] = {*cluster};
-  config.attrs = attrs;
-  config.numAttrs = 1;
-  int n = 0;
-  if (cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess) {
-    (void)cudaGetLastError();
-    n = 0;
-  }
-  if (cached) cache[device].store(n + 1, std::memory_order_relaxed);
-  return n;
-}
-
 // setmaxnreg.inc only returns once the pool holds the registers it asks for: the producer's
 // setmaxnreg.dec frees (entry - kProducerRegs) per producer thread, the consumers need
 // (kConsumerRegs - entry) each, so the kernel's entry allocation must be at least
@@ -1649,20 +1621,12 @@ cudaError_t launch(const GroupedGemmProblem& prob, const EpilogueParams& ep, cud
   const size_t smem =
       GroupedGemmSm90<T, kBNK, kKind, kStagedStages, kStoreStages, Cfg>::Smem::bytes(prob.num_groups);
   if ((err = ensure_dynamic_smem(kernel, smem)) != cudaSuccess) return err;
-  if constexpr (Cfg::kClusterM > 1) {
-    // One cluster per schedule tile at most, as many as can be resident at once (some SMs may be
-    // left out: clusters do not straddle GPCs).
-    cudaLaunchAttribute cluster{};
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = Cfg::kClusterM;
-    cluster.val.clusterDim.y = 1;
-    cluster.val.clusterDim.z = 1;
-    static std::atomic<int> resident_cache[64];
-    const int resident = resident_clusters(kernel, Cfg::kThreads, smem, Cfg::kClusterM, &cluster, resident_cache);
-    if (resident < 1) return cudaErrorNotSupported;
-    const int64_t clusters = max_tiles < resident ? max_tiles : resident;
-    return launch_with_attribute(kernel, dim3(static_cast<unsigned>(clusters * Cfg::kClusterM)),
-                                 dim3(Cfg::kThreads), smem, stream, &cluster, map_a, map_b, map_c, map_u, prob, ep);
+  if constexpr (Cfg::kClusterM > 1) {  // one cluster per schedule tile at most
+    const int32_t grid = resident_cluster_grid(kernel, Cfg::kThreads, smem, Cfg::kClusterM, max_tiles);
+    if (grid < 1) return cudaErrorNotSupported;
+    const cudaLaunchAttribute cluster = cluster_attribute(Cfg::kClusterM);
+    return launch_with_attribute(kernel, dim3(static_cast<unsigned>(grid)), dim3(Cfg::kThreads), smem, stream,
+                                 &cluster, map_a, map_b, map_c, map_u, prob, ep);
   } else {
     const int32_t grid = resident_grid(kernel, Cfg::kThreads, smem, max_tiles);
     kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_a, map_b, map_c, map_u, prob, ep);
