@@ -99,7 +99,8 @@ if has sanitize; then
     done
   done
   # test binaries of their own beside the families' (whole binary under both tools: small cases)
-  for bin in "$BUILD/tests/experts/test_experts_sm90_epilogue" "$BUILD/tests/experts/test_experts_sm90_tiles"; do
+  for bin in "$BUILD/tests/experts/test_experts_sm90_epilogue" "$BUILD/tests/experts/test_experts_sm90_tiles" \
+             "$BUILD/tests/experts/test_experts_sm90_streamk"; do
     [ -x "$bin" ] || continue
     name=$(basename "$bin")
     launch "memcheck $name" timeout -k 10 "$SANITIZE_TIMEOUT" compute-sanitizer --tool memcheck --error-exitcode 99 \

@@ -50,6 +50,19 @@ struct EpilogueParams {
   int weight_after_down = 0;
 };
 
+// One partial slot per CTA of the persistent grid: 132, the SM count of every compute capability
+// 9.0 part (on a device with more SMs the kernels run without the tail). A slot holds a 128 x 256
+// fp32 tile; one flag per consumer warp.
+constexpr int kStreamKSlots = 132;
+constexpr int kStreamKSlotFloats = 128 * 256;
+constexpr int kStreamKSlotFlags = 8;
+// Slots worth reserving for an axis-M GEMM of R rows, G groups and N columns: no more than it can
+// have tiles (64-row tiles, the smallest), so small problems do not carry 16 MB of slots.
+inline int stream_k_slots(int64_t max_rows, int num_groups, int n) {
+  const int64_t tiles = max_row_tiles(max_rows, num_groups, 64) * ((n + 255) / 256);
+  return max_rows <= 0 ? 0 : static_cast<int>(tiles < kStreamKSlots ? tiles : kStreamKSlots);
+}
+
 // Tile shapes of each kernel family (docs/experts.md says how they were chosen). The dp partial
 // buffer of kEpiBwdAct has one column per column tile of the I dimension.
 int grouped_tile_n(moekit_dtype_t dtype);

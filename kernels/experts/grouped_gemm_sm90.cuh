@@ -26,7 +26,12 @@
 // but never stored; k past K and columns past N are zero-filled by TMA; a B box entirely past the
 // columns is not issued (its stale shared memory only feeds accumulator columns that are never
 // stored).
-// Determinism: every accumulator sums k in ascending order in one CTA; no split-K, no atomics.
+// Stream-K tail (StreamKTail, grouped_problem.cuh; problems with partial slots): a first launch
+// runs the whole tiles of all waves but the last two, a second launch of the same size (kSkTail)
+// the last two cut along k, each cut tile finished by the CTA holding its first part from the
+// fp32 partial of the next CTA (flags in global memory, release/acquire).
+// Determinism: every accumulator sums k in ascending order in one CTA, or (a tail tile cut in two)
+// adds the fp32 sum of its second part to that of its first, in that order; no atomics.
 #pragma once
 
 #include <cuda.h>
@@ -39,6 +44,7 @@
 #include <type_traits>
 
 #include "kernels/common/grid.hpp"
+#include "kernels/common/pdl.cuh"
 #include "kernels/experts/epilogue.cuh"
 #include "kernels/experts/grouped_gemm_sm90.hpp"
 #include "kernels/experts/grouped_problem.cuh"
@@ -377,6 +383,30 @@ __device__ __forceinline__ void tma_store_tile(uint32_t region, uint32_t bar, in
   }
 }
 
+// ---- Stream-K tail flags (StreamKTail, grouped_problem.cuh) ----
+__device__ __forceinline__ void st_release_gpu(int* p, int v) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_relaxed_gpu(int* p, int v) {
+  asm volatile("st.relaxed.gpu.global.b32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+// Spins until *flag is nonzero (acquire: the partial written before its release is visible), or
+// traps after kMbarHangNs like mbar_wait. The writer is the first unit of the next CTA's range,
+// which waits on nothing: a legitimate wait lasts until that CTA is resident and has run it.
+__device__ __forceinline__ void wait_flag(const int* flag) {
+  if (ld_acquire_gpu(flag) != 0) return;
+  const uint64_t start = global_ns();
+  uint32_t spins = 0;
+  while (ld_acquire_gpu(flag) == 0) {
+    if ((++spins & 1023u) == 0 && global_ns() - start > kMbarHangNs) __trap();
+  }
+}
+
 // ---- The kernel ----------------------------------------------------------------------------------
 
 struct TileInfo {
@@ -389,7 +419,10 @@ struct TileInfo {
 
 // Cfg_: the tile configuration (TileConfigT: 128 or 64 rows); ring depths of the staged and
 // TMA-store instances are Cfg_'s deepest or one less (ring_stages).
-template <class T, bool kBNK, int kKind, int kStagedStages = 0, int kStoreStages = 0, class Cfg_ = TileConfig>
+// kSkTail: the stream-K tail kernel (StreamKTail): a second launch of the same GEMM that runs only
+// the tail's units, while the first runs only the whole tiles before it (see run()).
+template <class T, bool kBNK, int kKind, int kStagedStages = 0, int kStoreStages = 0, class Cfg_ = TileConfig,
+          bool kSkTail = false>
 struct GroupedGemmSm90 {
   using Cfg = Cfg_;
   // kStagedStages > 0 (kEpiBwdAct only): the staged activation-backward epilogue with its staging
@@ -452,58 +485,134 @@ struct GroupedGemmSm90 {
     return t;
   }
 
-  // One thread: every TMA load of the CTA's tiles, in the consumers' order.
-  static __device__ __forceinline__ void producer(const CUtensorMap* tma_a, const CUtensorMap* tma_b,
-                                                  const GroupedGemmProblem& prob, const RowTileSchedule& sched,
-                                                  int64_t total, uint32_t smem) {
-    prefetch_tensor_map(tma_a);
-    prefetch_tensor_map(tma_b);
-    const int ktiles = (prob.k + kBK - 1) / kBK;
+  // The TMA loads of k tiles [kb, ke) of tile t into the ring (`it`: the producer's fill count).
+  static __device__ __forceinline__ void produce_tile(const CUtensorMap* tma_a, const CUtensorMap* tma_b,
+                                                      const GroupedGemmProblem& prob, const TileInfo& t, int kb,
+                                                      int ke, uint32_t smem, uint32_t& it) {
     const bool paired = prob.gate_up_half > 0;
     // Columns of B's tensor map along which the boxes step (see tma_spec_b_kn).
     const int box_cols = paired ? prob.gate_up_half : prob.n;
     const int rank = cta_rank();
-    uint32_t it = 0;
-    for (int64_t tile = first_tile(); tile < total; tile += tile_stride()) {
-      const TileInfo t = decode(sched, prob, tile);
-      // KN boxes: column of box j (boxes past the columns are not issued).
-      int col[4];
-      uint32_t boxes = 0;
+    // KN boxes: column of box j (boxes past the columns are not issued).
+    int col[4];
+    uint32_t boxes = 0;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        col[j] = kn_box_column(t.n0, j, paired);
-        boxes += col[j] < box_cols ? 1u : 0u;
-      }
-      const uint32_t tx = kBNK ? Smem::kStageBytes : Smem::kABytes + boxes * Smem::kBBoxBytes;
-      const int row0 = static_cast<int>(t.row0);
-      for (int kt = 0; kt < ktiles; ++kt, ++it) {
-        const uint32_t s = it % kStages;
-        const uint32_t phase = (it / kStages) & 1u;
-        const uint32_t full = smem + Smem::kFullBarrier + 8 * s;
-        mbar_wait(smem + Smem::kEmptyBarrier + 8 * s, phase ^ 1u);
-        mbar_arrive_expect_tx(full, tx);
-        const int k0 = kt * kBK;
-        tma_load_2d(smem + Smem::a_offset(s), tma_a, full, k0, row0);
-        if constexpr (kBNK) {
-          tma_load_3d(smem + Smem::b_offset(s), tma_b, full, k0, t.n0, t.group);
-        } else {
+    for (int j = 0; j < 4; ++j) {
+      col[j] = kn_box_column(t.n0, j, paired);
+      boxes += col[j] < box_cols ? 1u : 0u;
+    }
+    const uint32_t tx = kBNK ? Smem::kStageBytes : Smem::kABytes + boxes * Smem::kBBoxBytes;
+    const int row0 = static_cast<int>(t.row0);
+    for (int kt = kb; kt < ke; ++kt, ++it) {
+      const uint32_t s = it % kStages;
+      const uint32_t phase = (it / kStages) & 1u;
+      const uint32_t full = smem + Smem::kFullBarrier + 8 * s;
+      mbar_wait(smem + Smem::kEmptyBarrier + 8 * s, phase ^ 1u);
+      mbar_arrive_expect_tx(full, tx);
+      const int k0 = kt * kBK;
+      tma_load_2d(smem + Smem::a_offset(s), tma_a, full, k0, row0);
+      if constexpr (kBNK) {
+        tma_load_3d(smem + Smem::b_offset(s), tma_b, full, k0, t.n0, t.group);
+      } else {
 #pragma unroll
-          for (int j = 0; j < 4; ++j)
-            if (col[j] < box_cols) {
-              if constexpr (kCluster == 1) {
-                tma_load_4d(smem + Smem::b_offset(s) + j * Smem::kBBoxBytes, tma_b, full, col[j],
-                            kn_box_half(j, paired), k0, t.group);
-              } else if ((j >> 1) == rank) {
-                tma_load_4d_multicast(smem + Smem::b_offset(s) + j * Smem::kBBoxBytes, tma_b, full, col[j],
-                                      kn_box_half(j, paired), k0, t.group, static_cast<uint16_t>(0x3));
-              }
+        for (int j = 0; j < 4; ++j)
+          if (col[j] < box_cols) {
+            if constexpr (kCluster == 1) {
+              tma_load_4d(smem + Smem::b_offset(s) + j * Smem::kBBoxBytes, tma_b, full, col[j],
+                          kn_box_half(j, paired), k0, t.group);
+            } else if ((j >> 1) == rank) {
+              tma_load_4d_multicast(smem + Smem::b_offset(s) + j * Smem::kBBoxBytes, tma_b, full, col[j],
+                                    kn_box_half(j, paired), k0, t.group, static_cast<uint16_t>(0x3));
             }
-        }
+          }
       }
+    }
+  }
+
+  // One thread: every TMA load of the CTA's tiles, in the consumers' order: the whole tiles
+  // [0, total) of the round robin, or (kSkTail) the CTA's tail units.
+  static __device__ __forceinline__ void producer(const CUtensorMap* tma_a, const CUtensorMap* tma_b,
+                                                  const GroupedGemmProblem& prob, const RowTileSchedule& sched,
+                                                  int64_t total, const StreamKTail& tail, uint32_t smem) {
+    prefetch_tensor_map(tma_a);
+    prefetch_tensor_map(tma_b);
+    const int ktiles = (prob.k + kBK - 1) / kBK;
+    uint32_t it = 0;
+    if constexpr (kSkTail) {
+      WorkUnit u;
+      for (uint32_t done = 0; tail_unit(tail, blockIdx.x, done, &u); done += u.k_end - u.k_begin)
+        produce_tile(tma_a, tma_b, prob, decode(sched, prob, u.tile), u.k_begin, u.k_end, smem, it);
+    } else {
+      for (int64_t tile = first_tile(); tile < total; tile += tile_stride())
+        produce_tile(tma_a, tma_b, prob, decode(sched, prob, tile), 0, ktiles, smem, it);
     }
     if constexpr (kCluster > 1) {  // the ring's last fills released by both CTAs' consumers
       for (int k = 0; k < kStages; ++k, ++it)
         mbar_wait(smem + Smem::kEmptyBarrier + 8 * (it % kStages), ((it / kStages) & 1u) ^ 1u);
+    }
+  }
+
+  // The stream-K tail (StreamKTail): every axis-M kind but the activation backward (whose u
+  // prefetch is placed by the tile's last k tiles), on single-CTA tiles. The tail kernel of the
+  // gate-up kinds stores register-direct (their TMA-store epilogue next to the fixup's partial
+  // loads made ptxas spill 16 bytes), so the 64-row tile, which has no register-direct instance,
+  // runs them without a tail.
+  static constexpr bool kStreamK = kCluster == 1 && kKind != kEpiBwdAct &&
+                                   (kKind == kEpiStore || kStoreStages == 0 || std::is_same<Cfg, TileConfig>::value);
+  static constexpr int kTailStoreStages = kKind == kEpiStore ? kStoreStages : 0;
+  static_assert(!kSkTail || kStreamK, "the tail kernel: kinds and tiles with the stream-K tail only");
+
+  // This consumer thread's part of partial slot `slot` (this CTA's, or the next CTA's: next = 1):
+  // consumer warp w's 32 lanes x 128 accumulators, float4 i of lane l at [i][l], so a warp's store
+  // or load of one i covers 512 contiguous bytes. Thread and block index read afresh
+  // (thread_index_here, opaque_u32): addresses hoisted out of the unit loop were kept across its k
+  // loop and spilled.
+  static __device__ __forceinline__ uint32_t consumer_thread() {
+    return static_cast<uint32_t>(thread_index_here()) - Cfg::kWarpgroupThreads;  // 0 .. 128 kConsumers - 1
+  }
+  static __device__ __forceinline__ float4* partial_of(const GroupedGemmProblem& prob, uint32_t next) {
+    const uint32_t slot = opaque_u32(blockIdx.x) + next, ctid = consumer_thread();
+    return reinterpret_cast<float4*>(prob.sk_partials) + slot * (kStreamKSlotFloats / 4) + (ctid >> 5) * (32 * 32) +
+           (ctid & 31);
+  }
+  static __device__ __forceinline__ int* flag_of(const GroupedGemmProblem& prob, uint32_t next) {
+    return prob.sk_flags + (opaque_u32(blockIdx.x) + next) * kStreamKSlotFlags + (consumer_thread() >> 5);
+  }
+
+  // kUnitPartial: this warp's accumulators to the CTA's slot (through L2), then its flag (release,
+  // after the whole warp's stores).
+  static __device__ __forceinline__ void write_partial(const GroupedGemmProblem& prob, const float (&d)[128],
+                                                       int lane) {
+    float4* dst = partial_of(prob, 0);
+#pragma unroll
+    for (int i = 0; i < 32; ++i) __stcg(dst + 32 * i, make_float4(d[4 * i], d[4 * i + 1], d[4 * i + 2], d[4 * i + 3]));
+    __syncwarp();
+    if (lane == 0) {
+      __threadfence();
+      st_release_gpu(flag_of(prob, 0), 1);
+    }
+  }
+
+  // kUnitFixup, after its k loop: waits for the next CTA's partial of this tile (the tile's k
+  // tiles past this unit's), resets its flag for the next launch (every flag raised is consumed
+  // once, so a launch leaves them all zero) and adds it: d = (k tiles [0, k)) + partial, one
+  // order. Loaded into the accumulators before the k loop instead, ptxas serialized the kernel's
+  // wgmma (C7515: non-wgmma instructions defining accumulators).
+  static __device__ __forceinline__ void add_partial(const GroupedGemmProblem& prob, float (&d)[128], int lane) {
+    if (lane == 0) {
+      int* flag = flag_of(prob, 1);
+      wait_flag(flag);
+      st_relaxed_gpu(flag, 0);
+    }
+    __syncwarp();
+    const float4* src = partial_of(prob, 1);
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const float4 v = __ldcg(src + 32 * i);
+      d[4 * i] += v.x;
+      d[4 * i + 1] += v.y;
+      d[4 * i + 2] += v.z;
+      d[4 * i + 3] += v.w;
     }
   }
 
@@ -1173,12 +1282,55 @@ struct GroupedGemmSm90 {
   // the k loop made ptxas spill 72 bytes there (measured), so they decode before it.
   static constexpr bool kDecodeUnderWgmma = !(kTmaSt && kKind != kEpiStore);
 
-  // A consumer warpgroup (c = 0, 1): rows [64 c, 64 c + 64) of every tile.
+  // Waits for stage s (parity `phase`) and issues its wgmma batch, the 4 k16 steps of a k tile,
+  // into d (committed, not waited for).
+  static __device__ __forceinline__ void issue_k_tile(float (&d)[128], uint32_t smem, uint32_t s, uint32_t phase,
+                                                      uint32_t a_rows) {
+    mbar_wait(smem + Smem::kFullBarrier + 8 * s, phase);
+    const uint64_t da = wgmma_desc(smem + Smem::a_offset(s) + a_rows, kDescALbo, kDescASbo);
+    const uint64_t db = kBNK ? wgmma_desc(smem + Smem::b_offset(s), kDescBNkLbo, kDescBNkSbo)
+                             : wgmma_desc(smem + Smem::b_offset(s), kDescBKnLbo, kDescBKnSbo);
+    constexpr uint32_t kBStep = kBNK ? kBNkStepBytes : kBKnStepBytes;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBK / 16; ++kk)
+      wgmma_m64n256k16<T, 0, kTransB>(d, da + ((kk * kAStepBytes) >> 4), db + ((kk * kBStep) >> 4));
+    wgmma_commit();
+  }
+
+  // The tile's epilogue from a consumer warpgroup's accumulators, by kind and instance.
+  static __device__ __forceinline__ void epilogue_tile(const TileInfo& t, const GroupedGemmProblem& prob,
+                                                       const EpilogueParams& ep, float (&d)[128],
+                                                       const CUtensorMap* tma_c, const CUtensorMap* tma_u,
+                                                       uint32_t smem, int c, int ctid) {
+    const int warp = ctid >> 5, lane = ctid & 31;
+    if constexpr (kStaged) {
+      epilogue_bwd_act_staged(t, prob, ep, d, smem, c, ctid);
+    } else if constexpr (kKind == kEpiBwdAct) {
+      epilogue_bwd_act(t, prob, ep, d, 64 * c + 16 * warp + (lane >> 2), lane);
+    } else if constexpr (kTmaSt && kKind != kEpiStore) {
+      // Tail warpgroups included (they copy their rows out of the staging region): this
+      // instance holds no register-direct epilogue.
+      epilogue_gate_up_tma(t, prob, ep, d, tma_c, tma_u, smem);
+    } else if constexpr (kTmaSt) {
+      // A warpgroup with rows past its group's end (the group's last row tile) stores
+      // register-direct: a box would write them into the next group's rows (warpgroup-uniform).
+      if (64 * c + 64 <= t.rows_valid)
+        epilogue_tma_store(t, prob, ep, d, tma_c, smem, c, ctid);
+      else
+        epilogue(t, prob, ep, d, 64 * c + 16 * warp + (lane >> 2), lane);
+    } else {
+      epilogue(t, prob, ep, d, 64 * c + 16 * warp + (lane >> 2), lane);
+    }
+  }
+
+  // A consumer warpgroup (c = 0, 1): rows [64 c, 64 c + 64) of every tile, the whole tiles
+  // [0, total) of the round robin.
   static __device__ __forceinline__ void consumer(const GroupedGemmProblem& prob, const EpilogueParams& ep,
                                                   const CUtensorMap* tma_c, const CUtensorMap* tma_u,
                                                   const RowTileSchedule& sched,
                                                   int64_t total, uint32_t smem, int c, int ctid) {
-    const int warp = ctid >> 5, lane = ctid & 31;
+    const int lane = ctid & 31;
     const int ktiles = (prob.k + kBK - 1) / kBK;
     const int prefetch_kt = ktiles > kUPrefetchKTiles ? ktiles - kUPrefetchKTiles : 0;  // kEpiBwdAct
     const uint32_t a_rows = static_cast<uint32_t>(c) * 64u * 128u;  // this warpgroup's 64 rows of A
@@ -1195,17 +1347,7 @@ struct GroupedGemmSm90 {
       uint32_t prev = 0;
       for (int kt = 0; kt < ktiles; ++kt, ++it) {
         const uint32_t s = it % kStages;
-        const uint32_t phase = (it / kStages) & 1u;
-        mbar_wait(smem + Smem::kFullBarrier + 8 * s, phase);
-        const uint64_t da = wgmma_desc(smem + Smem::a_offset(s) + a_rows, kDescALbo, kDescASbo);
-        const uint64_t db = kBNK ? wgmma_desc(smem + Smem::b_offset(s), kDescBNkLbo, kDescBNkSbo)
-                                 : wgmma_desc(smem + Smem::b_offset(s), kDescBKnLbo, kDescBKnSbo);
-        constexpr uint32_t kBStep = kBNK ? kBNkStepBytes : kBKnStepBytes;
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBK / 16; ++kk)
-          wgmma_m64n256k16<T, 0, kTransB>(d, da + ((kk * kAStepBytes) >> 4), db + ((kk * kBStep) >> 4));
-        wgmma_commit();
+        issue_k_tile(d, smem, s, (it / kStages) & 1u, a_rows);
         // The tile's decode (three divisions and a binary search over the prefix in shared
         // memory, a chain of dependent loads) runs while its first wgmma batch executes, not
         // between the previous tile's epilogue and this k loop (the asm's memory clobber keeps
@@ -1224,27 +1366,48 @@ struct GroupedGemmSm90 {
       wgmma_wait<0>();
       fence_acc(d);
       if (lane == 0) release_stage(smem + Smem::kEmptyBarrier + 8 * prev);
-      if constexpr (kStaged) {
-        epilogue_bwd_act_staged(t, prob, ep, d, smem, c, ctid);
-      } else if constexpr (kKind == kEpiBwdAct) {
-        epilogue_bwd_act(t, prob, ep, d, 64 * c + 16 * warp + (lane >> 2), lane);
-      } else if constexpr (kTmaSt && kKind != kEpiStore) {
-        // Tail warpgroups included (they copy their rows out of the staging region): this
-        // instance holds no register-direct epilogue.
-        epilogue_gate_up_tma(t, prob, ep, d, tma_c, tma_u, smem);
-      } else if constexpr (kTmaSt) {
-        // A warpgroup with rows past its group's end (the group's last row tile) stores
-        // register-direct: a box would write them into the next group's rows (warpgroup-uniform).
-        if (64 * c + 64 <= t.rows_valid)
-          epilogue_tma_store(t, prob, ep, d, tma_c, smem, c, ctid);
-        else
-          epilogue(t, prob, ep, d, 64 * c + 16 * warp + (lane >> 2), lane);
-      } else {
-        epilogue(t, prob, ep, d, 64 * c + 16 * warp + (lane >> 2), lane);
-      }
+      epilogue_tile(t, prob, ep, d, tma_c, tma_u, smem, c, ctid);
     }
     // The staging regions must outlive the bulk stores reading them (and their global writes are
     // complete before the CTA retires).
+    if constexpr (kTmaSt) {
+      if (ctid == 0) bulk_wait_group0();
+    }
+  }
+
+  // A consumer warpgroup of the tail kernel: the CTA's tail units (partial, whole, fixup). Only the
+  // unit's tile and k range stay live across its k loop (the role follows from the range: k_begin
+  // > 0 partial, k_end < KT fixup; the tile is decoded after it): the k loop has no more registers
+  // to spare here than in consumer().
+  static __device__ __forceinline__ void consumer_tail(const GroupedGemmProblem& prob, const EpilogueParams& ep,
+                                                       const CUtensorMap* tma_c, const CUtensorMap* tma_u,
+                                                       const RowTileSchedule& sched, const StreamKTail& tail,
+                                                       uint32_t smem, int c, int ctid) {
+    const int lane = ctid & 31;
+    const int ktiles = (prob.k + kBK - 1) / kBK;
+    const uint32_t a_rows = static_cast<uint32_t>(c) * 64u * 128u;
+    uint32_t it = 0;  // k tiles of the CTA's earlier units: also tail_unit's `done`
+    WorkUnit u;
+    while (tail_unit(tail, blockIdx.x, it, &u)) {
+      float d[128];
+#pragma unroll
+      for (int i = 0; i < 128; ++i) d[i] = 0.0f;
+
+      for (int kt = u.k_begin; kt < u.k_end; ++kt, ++it) {
+        issue_k_tile(d, smem, it % kStages, (it / kStages) & 1u, a_rows);
+        wgmma_wait<1>();
+        if (kt > u.k_begin && lane == 0) release_stage(smem + Smem::kEmptyBarrier + 8 * ((it - 1) % kStages));
+      }
+      wgmma_wait<0>();
+      fence_acc(d);
+      if (lane == 0) release_stage(smem + Smem::kEmptyBarrier + 8 * ((it - 1) % kStages));
+      if (u.k_begin > 0) {  // kUnitPartial
+        write_partial(prob, d, lane);
+        continue;
+      }
+      if (u.k_end < ktiles) add_partial(prob, d, lane);  // kUnitFixup
+      epilogue_tile(decode(sched, prob, u.tile), prob, ep, d, tma_c, tma_u, smem, c, ctid);
+    }
     if constexpr (kTmaSt) {
       if (ctid == 0) bulk_wait_group0();
     }
@@ -1278,12 +1441,25 @@ struct GroupedGemmSm90 {
       __syncthreads();
     }
     const RowTileSchedule sched{s_prefix, prob.num_groups, tiles_n, Cfg::kGroupM};
-    const int64_t total = sched.total_tiles();
+    // The whole tiles [0, total) of this launch: all of them, or (kStreamK, partial slots given)
+    // those before the stream-K tail, which the tail kernel, launched next with the same grid,
+    // runs; it may start on the SMs this grid leaves (programmatic dependent launch), reads
+    // nothing this grid writes, and waits for it before it completes.
+    StreamKTail tail;
+    if constexpr (kStreamK) {
+      tail = make_stream_k_tail(static_cast<uint32_t>(sched.total_tiles()), static_cast<int>(gridDim.x),
+                                (prob.k + kBK - 1) / kBK, prob.sk_slots);
+      if constexpr (!kSkTail) pdl_launch_dependents();
+    }
+    const int64_t total = kSkTail ? 0 : kStreamK ? static_cast<int64_t>(tail.dp_tiles) : sched.total_tiles();
     const int wg = tid / Cfg::kWarpgroupThreads;
     // No block-wide barrier after this point: the producer warpgroup's idle threads leave.
     if (wg == 0) {
       setmaxnreg_dec<Cfg::kProducerRegs>();
-      if (tid == 0) producer(tma_a, tma_b, prob, sched, total, smem);
+      if (tid == 0) {
+        producer(tma_a, tma_b, prob, sched, total, tail, smem);
+        if constexpr (kSkTail) pdl_wait();  // completes after the whole-tile grid (see above)
+      }
     } else {
       setmaxnreg_inc<Cfg::kConsumerRegs>();
       if constexpr (kTmaSt) {
@@ -1292,21 +1468,24 @@ struct GroupedGemmSm90 {
           if (kKind != kEpiStore && ep.u != nullptr) prefetch_tensor_map(tma_u);
         }
       }
-      consumer(prob, ep, tma_c, tma_u, sched, total, smem, wg - 1, tid - wg * Cfg::kWarpgroupThreads);
+      if constexpr (kSkTail)
+        consumer_tail(prob, ep, tma_c, tma_u, sched, tail, smem, wg - 1, tid - wg * Cfg::kWarpgroupThreads);
+      else
+        consumer(prob, ep, tma_c, tma_u, sched, total, smem, wg - 1, tid - wg * Cfg::kWarpgroupThreads);
     }
   }
 };
 
 // tma_c: the output's tensor map of the TMA-store instances (kStoreStages > 0; unused otherwise;
 // the gate-up kinds' h); tma_u: the gate-up kinds' u (TMA-store instances with ep.u only).
-template <class T, bool kBNK, int kKind, int kStagedStages, int kStoreStages, class Cfg>
+template <class T, bool kBNK, int kKind, int kStagedStages, int kStoreStages, class Cfg, bool kSkTail = false>
 __global__ void __launch_bounds__(Cfg::kMaxThreads, 1)
     grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_b,
                              const __grid_constant__ CUtensorMap tma_c, const __grid_constant__ CUtensorMap tma_u,
                              const GroupedGemmProblem prob, const EpilogueParams ep) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  GroupedGemmSm90<T, kBNK, kKind, kStagedStages, kStoreStages, Cfg>::run(&tma_a, &tma_b, &tma_c, &tma_u, prob, ep,
-                                                                         smem_raw);
+  GroupedGemmSm90<T, kBNK, kKind, kStagedStages, kStoreStages, Cfg, kSkTail>::run(&tma_a, &tma_b, &tma_c, &tma_u,
+                                                                                  prob, ep, smem_raw);
 }
 
 // ---- Weight gradients (axis K) -------------------------------------------------------------------
@@ -1629,8 +1808,36 @@ cudaError_t launch(const GroupedGemmProblem& prob, const EpilogueParams& ep, cud
                                  &cluster, map_a, map_b, map_c, map_u, prob, ep);
   } else {
     const int32_t grid = resident_grid(kernel, Cfg::kThreads, smem, max_tiles);
-    kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_a, map_b, map_c, map_u, prob, ep);
-    return cudaPeekAtLastError();
+    using Gemm = GroupedGemmSm90<T, kBNK, kKind, kStagedStages, kStoreStages, Cfg>;
+    if constexpr (Gemm::kStreamK) {
+      // The stream-K tail (StreamKTail): where a partial slot per CTA is given and the tile count
+      // may exceed the grid, this grid runs the whole tiles and a second one of the same size
+      // the tail (Gemm::kTailStoreStages: the gate-up kinds' register-direct instance), each CTA
+      // of it resident at once (its fixups wait on the next CTA's partial). Otherwise this grid
+      // runs every tile (sk_slots = 0 for it).
+      constexpr int kTailStoreStages = Gemm::kTailStoreStages;
+      using TailGemm = GroupedGemmSm90<T, kBNK, kKind, kStagedStages, kTailStoreStages, Cfg, true>;
+      auto tail_kernel = grouped_gemm_sm90_kernel<T, kBNK, kKind, kStagedStages, kTailStoreStages, Cfg, true>;
+      const size_t tail_smem = TailGemm::Smem::bytes(prob.num_groups);
+      bool tail = prob.sk_slots >= grid && prob.sk_partials != nullptr && prob.sk_flags != nullptr && max_tiles > grid;
+      if (tail) {
+        static std::atomic<int> tail_registers_ok{0};
+        if (const cudaError_t e = check_register_budget<Cfg>(reinterpret_cast<const void*>(tail_kernel),
+                                                             tail_registers_ok))
+          return e;
+        if ((err = ensure_dynamic_smem(tail_kernel, tail_smem)) != cudaSuccess) return err;
+        tail = resident_grid(tail_kernel, Cfg::kThreads, tail_smem, grid) == grid;
+      }
+      GroupedGemmProblem whole = prob;
+      if (!tail) whole.sk_slots = 0;
+      kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_a, map_b, map_c, map_u, whole, ep);
+      if ((err = cudaPeekAtLastError()) != cudaSuccess || !tail) return err;
+      return launch_programmatic(tail_kernel, dim3(static_cast<unsigned>(grid)), dim3(Cfg::kThreads), tail_smem,
+                                 stream, stream != nullptr, map_a, map_b, map_c, map_u, prob, ep);
+    } else {
+      kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_a, map_b, map_c, map_u, prob, ep);
+      return cudaPeekAtLastError();
+    }
   }
 }
 

@@ -56,6 +56,13 @@ struct GroupedGemmProblem {
   int b_nk;                // axis M: nonzero when B_g is [N, K] (x @ W^T)
   int gate_up_half;        // axis M, KN: I when gate/up pairing is on, else 0
   int splits;              // axis K: row chunks per group (>= 1)
+  // Workspace of the stream-K tail (axis M, sm_90a kernels, not the activation-backward kind;
+  // StreamKTail below): sk_slots fp32 partial tiles of kStreamKSlotFloats and kStreamKSlotFlags
+  // flags each, the flags zero before the launch (the kernels leave them zero). sk_slots = 0:
+  // every tile runs whole.
+  float* sk_partials;
+  int* sk_flags;
+  int sk_slots;
 };
 
 // Rows [*begin, *end) of group g, clamped into [0, max_rows].
@@ -157,6 +164,81 @@ struct RowTileSchedule {
     return r;
   }
 };
+
+// Stream-K tail of an axis-M persistent grid (the sm_90a kernels; docs/experts.md, "The stream-K
+// tail"). Dealing T tiles round robin to C CTAs leaves the last partial wave, T mod C tiles,
+// running alone for a whole tile time while the other CTAs idle (DeepSeek-V3's gate-up: 4096 tiles
+// on 132 SMs, 3 % of the GEMM). Instead the grid runs the first dp_tiles = (T / C - 1) C tiles
+// whole, C + T mod C per wave, and the last full wave and the partial one (the tail) are cut along
+// k: their k tiles, tile after tile, make S = (C + T mod C) KT iterations, and CTA c of the tail
+// takes the contiguous range [S c / C, S (c + 1) / C). A range is at least KT long, so a tile lies
+// in at most two ranges. A tile cut between CTAs c and c + 1:
+//   c + 1 runs the tile's rest [k, KT) as the first unit of its range (kUnitPartial): it writes
+//     its fp32 accumulators to partial slot c + 1 and raises the slot's flags;
+//   c runs the first part [0, k) as the last unit of its range (kUnitFixup): it waits for slot
+//     c + 1, adds it to its accumulators and runs the tile's epilogue.
+// Every accumulator of such a tile is (sum over [0, k)) + (sum over [k, KT)), each in ascending k:
+// the same run after run for a given C, not bitwise the whole tile's sum. No wait cycle: a partial
+// unit comes first in its range and waits on nothing. The sm_90a path runs the whole tiles and
+// the tail as two launches of one kernel (grouped_gemm_sm90.cuh, run()). Used only where it pays: T > C, the partial
+// wave at most 7/8 full, KT >= 2, a partial slot for every CTA. In 32-bit arithmetic (no 64-bit
+// division subroutine in a kernel): the tile count fits (sm90::takes), and the tail is used only
+// where S does.
+struct StreamKTail {
+  uint32_t dp_tiles = 0;  // tiles [0, dp_tiles) run whole, CTA c taking c, c + C, ...
+  uint32_t sk_iters = 0;  // S; 0: no stream-K tail (dp_tiles is then T)
+  uint32_t ctas = 1;      // C
+  uint32_t ktiles = 1;    // KT
+};
+
+__host__ __device__ inline StreamKTail make_stream_k_tail(uint32_t total_tiles, int ctas, int ktiles, int slots) {
+  StreamKTail t;
+  t.dp_tiles = total_tiles;
+  t.ctas = static_cast<uint32_t>(ctas);
+  t.ktiles = static_cast<uint32_t>(ktiles);
+  if (ctas < 2 || slots < ctas || ktiles < 2 || total_tiles <= t.ctas) return t;
+  const uint32_t rest = total_tiles % t.ctas;
+  if (rest == 0 || rest > t.ctas - t.ctas / 8) return t;  // (nearly) full last wave: nothing to win
+  const uint64_t iters = static_cast<uint64_t>(t.ctas + rest) * t.ktiles;
+  if (iters > 0x7fffffffu) return t;
+  t.dp_tiles = total_tiles - t.ctas - rest;
+  t.sk_iters = static_cast<uint32_t>(iters);
+  return t;
+}
+
+enum WorkUnitRole : int {
+  kUnitWhole = 0,    // k tiles [0, KT): accumulate, epilogue
+  kUnitPartial = 1,  // [k, KT), k > 0: accumulate, write partial slot (this CTA), raise its flags
+  kUnitFixup = 2,    // [0, k), k < KT: accumulate, wait for slot (this CTA + 1), add it, epilogue
+};
+
+struct WorkUnit {
+  uint32_t tile;
+  int k_begin;
+  int k_end;
+  int role;  // WorkUnitRole
+};
+
+// The tail unit CTA `cta` runs after `done` k tiles of its earlier tail units (0 first; each unit
+// adds k_end - k_begin), false past its last: a range holds at most three units (partial, whole,
+// fixup), run in this order by the CTA's producer and consumers alike.
+__host__ __device__ inline bool tail_unit(const StreamKTail& t, uint32_t cta, uint32_t done, WorkUnit* u) {
+  if (t.sk_iters == 0) return false;
+  // CTA c's range [S c / C, S (c + 1) / C), as q c + r c / C with q = S / C, r = S % C (no
+  // product past 32 bits: r c < C^2).
+  const uint32_t q = t.sk_iters / t.ctas, r = t.sk_iters - q * t.ctas;
+  const uint32_t pos = q * cta + r * cta / t.ctas + done;
+  const uint32_t end = q * (cta + 1) + r * (cta + 1) / t.ctas;
+  if (pos >= end) return false;
+  const uint32_t tile = pos / t.ktiles;
+  const uint32_t kb = pos - tile * t.ktiles;
+  const uint32_t ke = end - pos < t.ktiles - kb ? kb + (end - pos) : t.ktiles;
+  u->tile = t.dp_tiles + tile;
+  u->k_begin = static_cast<int>(kb);
+  u->k_end = static_cast<int>(ke);
+  u->role = kb > 0 ? kUnitPartial : (ke < t.ktiles ? kUnitFixup : kUnitWhole);
+  return true;
+}
 
 // Row-tile count of a group with `rows` rows.
 __host__ __device__ inline int32_t row_tiles_of(int64_t rows, int block_m) {

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels/experts/grouped_gemm.hpp"
 #include "src/common/dtype.hpp"
@@ -14,15 +16,66 @@ namespace {
 
 namespace kx = moekit::kernels::experts;
 
-// Forward: h [R, I] between the two GEMMs.
+// The stream-K tail's workspace of the sm_90a GEMMs (kx::kStreamKSlots; StreamKTail in
+// grouped_problem.cuh): partial slots and their flags, shared by the GEMMs of one call, which run
+// in turn and each leave the flags zero.
+struct StreamKWorkspace {
+  float* partials = nullptr;
+  int* flags = nullptr;
+  int slots = 0;
+};
+
+// Slots for the axis-M GEMMs of a bf16/f16 config with R rows and output widths n0, n1 (0 for
+// fp32, which runs the SIMT kernel).
+int stream_k_slots(const moekit_experts_config_t& c, int64_t R, int n0, int n1) {
+  if (c.dtype == MOEKIT_DTYPE_F32) return 0;
+  return std::max(kx::stream_k_slots(R, c.num_experts, n0), kx::stream_k_slots(R, c.num_experts, n1));
+}
+
+template <class Carver>
+StreamKWorkspace carve_stream_k(Carver& ws, int slots) {
+  StreamKWorkspace k;
+  k.slots = slots;
+  k.partials = ws.template take<float>(static_cast<size_t>(slots) * kx::kStreamKSlotFloats, "stream_k_partials");
+  k.flags = ws.template take<int>(static_cast<size_t>(slots) * kx::kStreamKSlotFlags, "stream_k_flags");
+  return k;
+}
+
+// MOEKIT_SM90_STREAMK=0 runs every tile whole (A/B of whole calls; read once per process). The
+// workspace size does not depend on it.
+bool stream_k_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("MOEKIT_SM90_STREAMK");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  return on;
+}
+
+// Zeroes the tail's flags before the call's first GEMM (stream-ordered, graph-capturable) and
+// hands the workspace to a problem; nothing for the sm_80 path or without slots.
+cudaError_t arm_stream_k(const StreamKWorkspace& k, kx::GemmPath path, cudaStream_t stream) {
+  if (path != kx::kGemmPathSm90 || k.slots == 0 || !stream_k_enabled()) return cudaSuccess;
+  return cudaMemsetAsync(k.flags, 0, static_cast<size_t>(k.slots) * kx::kStreamKSlotFlags * sizeof(int), stream);
+}
+void use_stream_k(kx::GroupedGemmProblem* p, const StreamKWorkspace& k, kx::GemmPath path) {
+  if (path != kx::kGemmPathSm90 || !stream_k_enabled()) return;
+  p->sk_partials = k.partials;
+  p->sk_flags = k.flags;
+  p->sk_slots = k.slots;
+}
+
+// Forward: h [R, I] between the two GEMMs, and the stream-K tail's workspace.
 struct ForwardLayout {
   void* h = nullptr;
+  StreamKWorkspace sk;
 };
 
 template <class Carver>
 ForwardLayout carve_forward(Carver& ws, const moekit_experts_config_t& c, int64_t R) {
   ForwardLayout l;
   l.h = ws.template take<unsigned char>(static_cast<size_t>(R) * c.inter * dtype_bytes(c.dtype), "h");
+  const ActivationSpec spec = activation_spec(c.activation, c.gate_up_layout, c.act_alpha, c.act_limit);
+  l.sk = carve_stream_k(ws, stream_k_slots(c, R, spec.nu(c.inter), c.hidden));
   return l;
 }
 
@@ -156,13 +209,16 @@ kx::GroupedGemmProblem axis_k_problem(const moekit_experts_config_t& c, int64_t 
 }
 
 // u = xp W_gu (+ b) with the gate-up epilogue: h (optional) and/or round(u) (optional).
+// sk: the stream-K tail's workspace (armed by the caller), or NULL.
 moekit_status_t run_gate_up(const moekit_experts_config_t& c, kx::GemmPath path, const ActivationSpec& spec,
                             int64_t R, const int32_t* offsets, const void* xp, const float* row_weights,
-                            const void* w_gate_up, const void* b_gate_up, void* u_out, void* h, cudaStream_t stream) {
+                            const void* w_gate_up, const void* b_gate_up, void* u_out, void* h,
+                            const StreamKWorkspace* sk, cudaStream_t stream) {
   const int H = c.hidden, I = c.inter, NU = spec.nu(I);
   kx::GroupedGemmProblem p = axis_m_problem(c, R, offsets, xp, H, H, w_gate_up, NU,
                                             static_cast<int64_t>(H) * NU, false, NU);
   p.gate_up_half = spec.gated && !spec.interleaved ? I : 0;
+  if (sk != nullptr) use_stream_k(&p, *sk, path);
   kx::EpilogueParams ep;
   ep.c = h;
   ep.ldc = I;
@@ -274,11 +330,13 @@ moekit_status_t forward(const moekit_experts_config_t& c, const ForwardArgs& a, 
   WorkspaceCarver ws(workspace);
   const ForwardLayout l = carve_forward(ws, c, R);
 
+  MOEKIT_CUDA_TRY(arm_stream_k(l.sk, path, stream), "zeroing the stream-K flags");
   MOEKIT_TRY(run_gate_up(c, path, spec, R, a.expert_offsets, a.xp, a.row_weights, a.w_gate_up, a.b_gate_up, a.u_out,
-                         l.h, stream));
+                         l.h, &l.sk, stream));
 
-  const kx::GroupedGemmProblem p = axis_m_problem(c, R, a.expert_offsets, l.h, I, I, a.w_down, H,
-                                                  static_cast<int64_t>(I) * H, false, H);
+  kx::GroupedGemmProblem p = axis_m_problem(c, R, a.expert_offsets, l.h, I, I, a.w_down, H,
+                                            static_cast<int64_t>(I) * H, false, H);
+  use_stream_k(&p, l.sk, path);
   kx::EpilogueParams ep;
   ep.c = a.out;
   ep.ldc = H;
@@ -308,7 +366,7 @@ moekit_status_t backward(const moekit_experts_config_t& c, const BackwardArgs& a
     const void* u = a.u;
     if (!u) {
       MOEKIT_TRY(run_gate_up(c, path, spec, R, a.expert_offsets, a.xp, a.row_weights, a.w_gate_up, a.b_gate_up, l.u,
-                             nullptr, stream));
+                             nullptr, nullptr, stream));
       u = l.u;
     }
     // G = dout W_down^T over h columns, with the activation backward in the epilogue.

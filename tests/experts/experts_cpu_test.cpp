@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "kernels/experts/activation.cuh"
+#include "kernels/experts/grouped_gemm.hpp"
 #include "kernels/experts/grouped_gemm_sm90.hpp"
 #include "kernels/experts/grouped_problem.cuh"
 #include "kernels/experts/mma_layout.cuh"
@@ -438,6 +439,103 @@ TEST_CASE("tile schedule covers every row tile of every group exactly once", "[e
   }
 }
 
+// The stream-K tail (grouped_problem.cuh, StreamKTail): the whole tiles of the round robin and
+// the tail units of every CTA cover every k tile of every tile exactly once; a tile is cut at most
+// once, between CTAs c (the first part, its last unit: the fixup) and c + 1 (the rest, its first
+// unit: the partial), which is what the kernels' flags assume; every CTA gets T / C - 1 whole tiles
+// and a tail range of S / C (+1) k tiles, at least one tile long; the tail is off exactly where it
+// cannot pay (T <= C, a full or nearly full last wave, one k tile, too few slots).
+TEST_CASE("stream-K tail: every k tile once, one cut per tile between neighbours, partials first",
+          "[experts][schedule]") {
+  auto rng = moekit::test::make_rng(0x5c);
+  std::uniform_int_distribution<int> gc(1, 140), gt(0, 2000), gk(1, 120);
+  int engaged = 0, cut_tiles = 0;
+  for (int trial = 0; trial < 3000; ++trial) {
+    const int C = trial < 8 ? 132 : gc(rng);
+    const uint32_t T = trial < 8 ? uint32_t(4096 + trial * 37) : static_cast<uint32_t>(gt(rng));
+    const int KT = trial < 8 ? 112 : gk(rng);
+    const int slots = trial % 11 == 0 ? C - 1 : 132;
+    INFO("trial " << trial << " T " << T << " C " << C << " KT " << KT << " slots " << slots);
+    const kx::StreamKTail t = kx::make_stream_k_tail(T, C, KT, slots);
+    const uint32_t rest = C > 0 ? T % C : 0;
+    const bool pays = C >= 2 && slots >= C && KT >= 2 && T > uint32_t(C) && rest != 0 &&
+                      rest <= uint32_t(C - C / 8);
+    REQUIRE((t.sk_iters > 0) == pays);
+    if (!pays) {
+      REQUIRE(t.dp_tiles == T);
+      kx::WorkUnit u;
+      for (int c = 0; c < C; ++c) REQUIRE_FALSE(kx::tail_unit(t, c, 0, &u));
+      continue;
+    }
+    ++engaged;
+    REQUIRE(t.dp_tiles == (T / C - 1) * C);
+    REQUIRE(t.sk_iters == (uint32_t(C) + rest) * KT);
+    // Whole tiles: CTA c takes c, c + C, ... below dp_tiles, T / C - 1 of them.
+    std::vector<std::vector<int>> cover(T, std::vector<int>(KT, 0));
+    for (int c = 0; c < C; ++c) {
+      int n = 0;
+      for (uint32_t tile = c; tile < t.dp_tiles; tile += C, ++n)
+        for (int k = 0; k < KT; ++k) ++cover[tile][k];
+      REQUIRE(n == int(T / C) - 1);
+    }
+    // Tail units in the order each CTA runs them.
+    std::vector<std::vector<kx::WorkUnit>> units(C);
+    for (int c = 0; c < C; ++c) {
+      uint32_t done = 0;
+      kx::WorkUnit u;
+      while (kx::tail_unit(t, c, done, &u)) {
+        REQUIRE(units[c].size() < 3);
+        REQUIRE(u.tile >= t.dp_tiles);
+        REQUIRE(u.tile < T);
+        REQUIRE(0 <= u.k_begin);
+        REQUIRE(u.k_begin < u.k_end);
+        REQUIRE(u.k_end <= KT);
+        const int role = u.k_begin > 0 ? kx::kUnitPartial : u.k_end < KT ? kx::kUnitFixup : kx::kUnitWhole;
+        REQUIRE(u.role == role);
+        if (u.role == kx::kUnitPartial) REQUIRE(units[c].empty());  // first, waits on nothing
+        for (int k = u.k_begin; k < u.k_end; ++k) ++cover[u.tile][k];
+        units[c].push_back(u);
+        done += u.k_end - u.k_begin;
+      }
+      REQUIRE(done >= uint32_t(KT));  // a range is at least one tile
+      REQUIRE(done >= t.sk_iters / C);
+      REQUIRE(done <= t.sk_iters / C + 1);
+      for (size_t i = 0; i + 1 < units[c].size(); ++i) REQUIRE(units[c][i].role != kx::kUnitFixup);  // last
+    }
+    for (uint32_t tile = 0; tile < T; ++tile)
+      for (int k = 0; k < KT; ++k) REQUIRE(cover[tile][k] == 1);
+    // Every fixup of CTA c is completed by the partial that CTA c + 1 runs first, and only by it.
+    for (int c = 0; c < C; ++c) {
+      const kx::WorkUnit& last = units[c].back();
+      if (last.role != kx::kUnitFixup) {
+        if (c + 1 < C) REQUIRE(units[c + 1].front().role != kx::kUnitPartial);
+        continue;
+      }
+      ++cut_tiles;
+      REQUIRE(c + 1 < C);
+      const kx::WorkUnit& first = units[c + 1].front();
+      REQUIRE(first.role == kx::kUnitPartial);
+      REQUIRE(first.tile == last.tile);
+      REQUIRE(first.k_begin == last.k_end);
+      REQUIRE(first.k_end == KT);
+    }
+    REQUIRE(units[0].front().role != kx::kUnitPartial);
+  }
+  REQUIRE(engaged > 500);
+  REQUIRE(cut_tiles > 1000);
+  // DeepSeek-V3's gate-up on 132 SMs (the case it is for): 4096 tiles of 112 k tiles.
+  const kx::StreamKTail dsv3 = kx::make_stream_k_tail(4096, 132, 112, kx::kStreamKSlots);
+  REQUIRE(dsv3.dp_tiles == 30 * 132);
+  REQUIRE(dsv3.sk_iters == 136 * 112);
+  // Past 32 bits of k tiles the tail stays off rather than overflow.
+  REQUIRE(kx::make_stream_k_tail(300, 132, 1 << 24, 132).sk_iters == 0);
+  // Slots: no more than a GEMM can have tiles (64-row ones), at most one per CTA of 132 SMs.
+  REQUIRE(kx::stream_k_slots(0, 8, 4096) == 0);
+  REQUIRE(kx::stream_k_slots(10, 1, 256) == 1);
+  REQUIRE(kx::stream_k_slots(10, 1, 257) == 2);
+  REQUIRE(kx::stream_k_slots(32768, 32, 7168) == kx::kStreamKSlots);
+}
+
 TEST_CASE("weight-gradient schedule and row splits are a partition", "[experts][schedule]") {
   auto rng = moekit::test::make_rng(0xe5);
   for (int trial = 0; trial < 100; ++trial) {
@@ -779,8 +877,13 @@ TEST_CASE("experts workspace sizes follow the layout", "[experts][api]") {
       REQUIRE(f0 == 0);
       const int64_t R = 1000;
       REQUIRE(moekit_experts_forward_workspace_size(&c, R, &f) == MOEKIT_STATUS_SUCCESS);
-      REQUIRE(f >= R * c.inter * es);
-      REQUIRE(f < R * c.inter * es + 512);
+      // h [R, I], and for bf16 / f16 the stream-K tail's slots: one 128 x 256 fp32 tile and 8
+      // flags each, as many as the GEMMs can have 64-row tiles (at most 132).
+      const size_t tiles = (R / 64 + c.num_experts) * ((std::max<size_t>(nu, c.hidden) + 255) / 256);
+      const size_t slots = dtype == MOEKIT_DTYPE_F32 ? 0 : std::min<size_t>(tiles, 132);
+      const size_t sk = slots * (128 * 256 * 4 + 8 * 4);
+      REQUIRE(f >= R * c.inter * es + sk);
+      REQUIRE(f < R * c.inter * es + sk + 3 * 256);
       REQUIRE(f % MOEKIT_WORKSPACE_ALIGNMENT == 0);
       REQUIRE(moekit_experts_backward_workspace_size(&c, R, 1, &bsaved) == MOEKIT_STATUS_SUCCESS);
       REQUIRE(moekit_experts_backward_workspace_size(&c, R, 0, &brecompute) == MOEKIT_STATUS_SUCCESS);
@@ -809,7 +912,7 @@ TEST_CASE("experts forward and backward reject bad arguments before any work", "
   // Host buffers stand in for device memory: every call below fails validation and never
   // touches them.
   alignas(256) static unsigned char buf[8][4096];
-  alignas(256) static unsigned char ws[1 << 16];
+  alignas(256) static unsigned char ws[1 << 20];  // h and 4 stream-K slots of 128 KB
   const int32_t* offsets = reinterpret_cast<const int32_t*>(buf[0]);
   const void* xp = buf[1];
   const float* p = reinterpret_cast<const float*>(buf[2]);

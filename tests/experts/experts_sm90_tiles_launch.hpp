@@ -14,6 +14,9 @@ namespace moekit::test::sm90_tiles {
 // problem does not take that epilogue (sm90::takes and tma_store_*_takes / bwd_act_staged_takes)
 // or its ring does not fit, and for the cluster tile with B NK (sm90::tile_takes): every launch here
 // runs the configuration asked for, or nothing.
+// The problem's stream-K fields (sk_*) are honoured as by the library: with slots, the whole-tile
+// launch and the tail launch (a programmatic dependent of it on a created `stream`).
 cudaError_t launch(kernels::experts::sm90::Tile tile, const kernels::experts::GroupedGemmProblem& p,
-                   kernels::experts::EpiKind kind, const kernels::experts::EpilogueParams& ep);
+                   kernels::experts::EpiKind kind, const kernels::experts::EpilogueParams& ep,
+                   cudaStream_t stream = nullptr);
 }  // namespace moekit::test::sm90_tiles
