@@ -12,7 +12,11 @@
 //                           [--rows-per-expert=64,128,192,256,512,1024,2048]
 //                           [--dist=balanced,skewed,random]
 //                           [--kernels=fwd-gu-h,fwd-gu-hu,fwd-down,dx,act] [--warmup=2] [--repeats=8]
+//                           [--tail=off|both] [--stream=legacy|created]
 //                           [--json=bench/results/sm90-tiles-h200.json]
+// --tail=both also times the 128- and 64-row tiles with the stream-K tail (132 partial slots;
+// grouped_problem.cuh StreamKTail), "128+tail" and "64+tail", in the same rounds; --stream=created
+// runs everything on a created stream, where the tail launch is a programmatic dependent.
 // Kernels: fwd-gu-h / fwd-gu-hu, u = x W_gu (B KN, SwiGLU, concatenated gate/up), h = act(u) p
 // (h alone / h and the saved u); fwd-down, y = h W_down (B KN, weights after down); dx = du W_gu^T
 // (B NK, kEpiStore); act, the activation-backward dgrad G = dy W_down^T with du and h' (B NK,
@@ -64,7 +68,7 @@ int main(int argc, char** argv) {
     std::printf(
         "moekit-bench-sm90-tiles [--preset=dsv3-ep8|qwen3-30b|mixtral|all] [--rows-per-expert=64,128,...] "
         "[--dist=balanced,skewed,random] [--kernels=fwd-gu-h,fwd-gu-hu,fwd-down,dx,act] [--warmup=2] [--repeats=8] "
-        "[--json=path]\n");
+        "[--tail=off|both] [--stream=legacy|created] [--json=path]\n");
     return 0;
   }
   const std::string preset = args.get("preset", "all");
@@ -76,6 +80,13 @@ int main(int argc, char** argv) {
   const int warmup = static_cast<int>(args.get_int("warmup", 2));
   const int repeats = static_cast<int>(args.get_int("repeats", 8));
   const std::string json = args.get("json", "");
+  const bool with_tail = args.get("tail", "off") == "both";
+  cudaStream_t stream = nullptr;
+  if (args.get("stream", "legacy") == "created") BENCH_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  // The stream-K tail's workspace (flags zeroed once: every launch leaves them zero).
+  mb::DeviceBuffer sk_partials(with_tail ? static_cast<size_t>(kx::kStreamKSlots) * kx::kStreamKSlotFloats * 4 : 0);
+  mb::DeviceBuffer sk_flags(with_tail ? static_cast<size_t>(kx::kStreamKSlots) * kx::kStreamKSlotFlags * 4 : 0);
+  if (with_tail) BENCH_CUDA(cudaMemset(sk_flags.p, 0, static_cast<size_t>(kx::kStreamKSlots) * kx::kStreamKSlotFlags * 4));
   const std::vector<Shape> presets = {{"dsv3-ep8", 32, 7168, 2048}, {"qwen3-30b", 128, 2048, 768},
                                       {"mixtral", 8, 4096, 14336}};
 
@@ -173,47 +184,70 @@ int main(int argc, char** argv) {
         }
         for (const Run& r : runs) {
           if (!listed(kernels, r.kernel)) continue;
-          std::vector<std::function<void(int)>> fns;
-          std::vector<k90::Tile> tiles;
+          struct Variant {
+            k90::Tile tile;
+            bool tail;
+            std::string name;
+            kx::GroupedGemmProblem p;
+          };
+          std::vector<Variant> variants;
           for (int t = 0; t < k90::kTileCount; ++t) {
             const k90::Tile tile = static_cast<k90::Tile>(t);
             if (!k90::tile_takes(tile, r.p)) continue;
-            const cudaError_t e = moekit::test::sm90_tiles::launch(tile, r.p, r.kind, r.ep);
-            BENCH_CUDA(cudaDeviceSynchronize());
-            if (e != cudaSuccess) {
-              std::printf("%-10s %5lld %-8s %-10s %s: %s\n", s.name, static_cast<long long>(rpe),
-                          dist.c_str(), r.kernel, k90::tile_name(tile), cudaGetErrorString(e));
-              continue;
+            for (int tail = 0; tail < (with_tail && tile != k90::Tile::k128x2 ? 2 : 1); ++tail) {
+              Variant v{tile, tail != 0, std::string(k90::tile_name(tile)) + (tail ? "+tail" : ""), r.p};
+              if (v.tail) {
+                v.p.sk_partials = static_cast<float*>(sk_partials.p);
+                v.p.sk_flags = static_cast<int*>(sk_flags.p);
+                v.p.sk_slots = kx::kStreamKSlots;
+              }
+              const cudaError_t e = moekit::test::sm90_tiles::launch(tile, v.p, r.kind, r.ep, stream);
+              BENCH_CUDA(cudaDeviceSynchronize());
+              if (e != cudaSuccess) {
+                std::printf("%-10s %5lld %-8s %-10s %s: %s\n", s.name, static_cast<long long>(rpe),
+                            dist.c_str(), r.kernel, v.name.c_str(), cudaGetErrorString(e));
+                continue;
+              }
+              variants.push_back(v);
             }
-            tiles.push_back(tile);
-            fns.push_back([&r, tile](int) { BENCH_CUDA(moekit::test::sm90_tiles::launch(tile, r.p, r.kind, r.ep)); });
           }
-          if (tiles.empty()) continue;
-          const std::vector<mb::Timing> tm = mb::time_us_interleaved(nullptr, warmup, repeats, fns);
-          double us[k90::kTileCount] = {0, 0, 0};
-          for (size_t v = 0; v < tiles.size(); ++v) us[static_cast<int>(tiles[v])] = tm[v].median_us;
-          int best = static_cast<int>(tiles[0]);
-          for (k90::Tile t : tiles)
-            if (us[static_cast<int>(t)] < us[best]) best = static_cast<int>(t);
+          if (variants.empty()) continue;
+          std::vector<std::function<void(int)>> fns;
+          for (const Variant& v : variants)
+            fns.push_back([&r, &v, stream](int) {
+              BENCH_CUDA(moekit::test::sm90_tiles::launch(v.tile, v.p, r.kind, r.ep, stream));
+            });
+          const std::vector<mb::Timing> tm = mb::time_us_interleaved(stream, warmup, repeats, fns);
+          double us[k90::kTileCount] = {0, 0, 0}, tail_us[k90::kTileCount] = {0, 0, 0};
+          for (size_t v = 0; v < variants.size(); ++v)
+            (variants[v].tail ? tail_us : us)[static_cast<int>(variants[v].tile)] = tm[v].median_us;
+          int best = -1;
+          for (const Variant& v : variants)
+            if (!v.tail && (best < 0 || us[static_cast<int>(v.tile)] < us[best])) best = static_cast<int>(v.tile);
           const double flops = 2.0 * static_cast<double>(R) * r.p.n * r.p.k;
           auto ratio = [&](int t) { return us[0] > 0 && us[t] > 0 ? us[t] / us[0] : 0.0; };
           auto tflops = [&](int t) { return us[t] > 0 ? flops / us[t] * 1e-6 : 0.0; };
           std::printf("%-10s %5lld %-8s %-10s %9.1f %9.1f %9.1f %7.3f %7.3f %8.1f  %s\n", s.name,
                       static_cast<long long>(rpe), dist.c_str(), r.kernel, us[0], us[1], us[2], ratio(1), ratio(2),
                       tflops(0), k90::tile_name(static_cast<k90::Tile>(best)));
+          if (with_tail)
+            std::printf("%-10s %5lld %-8s %-10s   +tail: 128 %9.1f us (x %.4f), 64 %9.1f us (x %.4f)\n", s.name,
+                        static_cast<long long>(rpe), dist.c_str(), r.kernel, tail_us[0],
+                        us[0] > 0 ? tail_us[0] / us[0] : 0.0, tail_us[1], us[1] > 0 ? tail_us[1] / us[1] : 0.0);
           mb::Json row = mb::Json::object();
           row.set("shape", s.name).set("experts", E).set("hidden", H).set("inter", I);
           row.set("rows_per_expert", rpe).set("rows", R).set("dist", dist);
           row.set("kernel", r.kernel).set("n", r.p.n).set("k", r.p.k);
           mb::Json per = mb::Json::object();
-          for (size_t v = 0; v < tiles.size(); ++v) {
-            const int t = static_cast<int>(tiles[v]);
-            per.set(k90::tile_name(tiles[v]), mb::Json::object()
-                                                   .set("median_us", tm[v].median_us)
-                                                   .set("min_us", tm[v].min_us)
-                                                   .set("max_us", tm[v].max_us)
-                                                   .set("tflops", flops / us[t] * 1e-6)
-                                                   .set("time_over_128x256", ratio(t)));
+          for (size_t v = 0; v < variants.size(); ++v) {
+            const double plain = us[static_cast<int>(variants[v].tile)];
+            per.set(variants[v].name, mb::Json::object()
+                                          .set("median_us", tm[v].median_us)
+                                          .set("min_us", tm[v].min_us)
+                                          .set("max_us", tm[v].max_us)
+                                          .set("tflops", flops / tm[v].median_us * 1e-6)
+                                          .set("time_over_128x256", us[0] > 0 ? tm[v].median_us / us[0] : 0.0)
+                                          .set("time_over_untailed", plain > 0 ? tm[v].median_us / plain : 0.0));
           }
           row.set("tiles", per).set("best", k90::tile_name(static_cast<k90::Tile>(best)));
           results.push(row);
@@ -224,7 +258,8 @@ int main(int argc, char** argv) {
     mb::Json doc = mb::Json::object();
     doc.set("benchmark", "moekit-bench-sm90-tiles").set("device", mb::device_description());
     doc.set("commit", mb::build_commit()).set("date", mb::utc_now()).set("dtype", "bf16");
-    doc.set("warmup", warmup).set("repeats", repeats).set("results", results);
+    doc.set("warmup", warmup).set("repeats", repeats).set("stream", stream ? "created" : "legacy");
+    doc.set("results", results);
     if (!mb::write_file(json, doc.dump(2))) return 1;
   }
   return 0;
