@@ -180,10 +180,17 @@ struct RowTileSchedule {
 // Every accumulator of such a tile is (sum over [0, k)) + (sum over [k, KT)), each in ascending k:
 // the same run after run for a given C, not bitwise the whole tile's sum. No wait cycle: a partial
 // unit comes first in its range and waits on nothing. The sm_90a path runs the whole tiles and
-// the tail as two launches of one kernel (grouped_gemm_sm90.cuh, run()). Used only where it pays: T > C, the partial
-// wave at most 7/8 full, KT >= 2, a partial slot for every CTA. In 32-bit arithmetic (no 64-bit
-// division subroutine in a kernel): the tile count fits (sm90::takes), and the tail is used only
-// where S does.
+// the tail as two launches of one kernel (grouped_gemm_sm90.cuh, run()).
+// Used only where it paid in the tile benchmark (docs/experts.md; H200): the partial wave at most
+// C / 8 tiles (kStreamKMaxRestDiv), so the ranges' k offsets drift by at most KT / 8 from CTA to
+// CTA and neighbours still share their A and B k slices in L2 (half-full waves put neighbours half
+// a tile apart: Mixtral's down projection, K = 14336, ran 3-10 % slower, memory-bound), and at
+// least kStreamKMinKTiles k tiles per tile, so that the 7/8 of a tile won outweighs the second
+// launch (Qwen3's down projection, 12 k tiles, ran 1.5 % slower); T > C and a partial slot for
+// every CTA. In 32-bit arithmetic (no 64-bit division subroutine in a kernel): the tile count fits
+// (sm90::takes), and the tail is used only where S does.
+constexpr int kStreamKMaxRestDiv = 8;
+constexpr int kStreamKMinKTiles = 40;
 struct StreamKTail {
   uint32_t dp_tiles = 0;  // tiles [0, dp_tiles) run whole, CTA c taking c, c + C, ...
   uint32_t sk_iters = 0;  // S; 0: no stream-K tail (dp_tiles is then T)
@@ -196,9 +203,9 @@ __host__ __device__ inline StreamKTail make_stream_k_tail(uint32_t total_tiles, 
   t.dp_tiles = total_tiles;
   t.ctas = static_cast<uint32_t>(ctas);
   t.ktiles = static_cast<uint32_t>(ktiles);
-  if (ctas < 2 || slots < ctas || ktiles < 2 || total_tiles <= t.ctas) return t;
+  if (ctas < 2 || slots < ctas || ktiles < kStreamKMinKTiles || total_tiles <= t.ctas) return t;
   const uint32_t rest = total_tiles % t.ctas;
-  if (rest == 0 || rest > t.ctas - t.ctas / 8) return t;  // (nearly) full last wave: nothing to win
+  if (rest == 0 || rest > t.ctas / kStreamKMaxRestDiv) return t;
   const uint64_t iters = static_cast<uint64_t>(t.ctas + rest) * t.ktiles;
   if (iters > 0x7fffffffu) return t;
   t.dp_tiles = total_tiles - t.ctas - rest;

@@ -443,23 +443,26 @@ TEST_CASE("tile schedule covers every row tile of every group exactly once", "[e
 // the tail units of every CTA cover every k tile of every tile exactly once; a tile is cut at most
 // once, between CTAs c (the first part, its last unit: the fixup) and c + 1 (the rest, its first
 // unit: the partial), which is what the kernels' flags assume; every CTA gets T / C - 1 whole tiles
-// and a tail range of S / C (+1) k tiles, at least one tile long; the tail is off exactly where it
-// cannot pay (T <= C, a full or nearly full last wave, one k tile, too few slots).
+// and a tail range of S / C (+1) k tiles, at least one tile long; the tail is on exactly where it
+// was measured to pay (T > C, a last wave of 1 .. C / 8 tiles, at least 40 k tiles, enough slots).
 TEST_CASE("stream-K tail: every k tile once, one cut per tile between neighbours, partials first",
           "[experts][schedule]") {
   auto rng = moekit::test::make_rng(0x5c);
-  std::uniform_int_distribution<int> gc(1, 140), gt(0, 2000), gk(1, 120);
+  std::uniform_int_distribution<int> gc(1, 140), gt(0, 2000), gk(1, 120), gw(1, 12);
   int engaged = 0, cut_tiles = 0;
   for (int trial = 0; trial < 3000; ++trial) {
     const int C = trial < 8 ? 132 : gc(rng);
-    const uint32_t T = trial < 8 ? uint32_t(4096 + trial * 37) : static_cast<uint32_t>(gt(rng));
+    // Half the trials a tile count just past whole waves (where the tail is on), half any count.
+    const uint32_t T = trial < 8        ? uint32_t(4096 + trial * 3)
+                       : trial % 2 == 0 ? static_cast<uint32_t>(gw(rng) * C + gt(rng) % (C / 8 + 1))
+                                        : static_cast<uint32_t>(gt(rng));
     const int KT = trial < 8 ? 112 : gk(rng);
     const int slots = trial % 11 == 0 ? C - 1 : 132;
     INFO("trial " << trial << " T " << T << " C " << C << " KT " << KT << " slots " << slots);
     const kx::StreamKTail t = kx::make_stream_k_tail(T, C, KT, slots);
     const uint32_t rest = C > 0 ? T % C : 0;
-    const bool pays = C >= 2 && slots >= C && KT >= 2 && T > uint32_t(C) && rest != 0 &&
-                      rest <= uint32_t(C - C / 8);
+    const bool pays = C >= 2 && slots >= C && KT >= kx::kStreamKMinKTiles && T > uint32_t(C) && rest != 0 &&
+                      rest <= uint32_t(C / kx::kStreamKMaxRestDiv);
     REQUIRE((t.sk_iters > 0) == pays);
     if (!pays) {
       REQUIRE(t.dp_tiles == T);

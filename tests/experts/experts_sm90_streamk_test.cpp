@@ -1,8 +1,8 @@
 // The stream-K tail of the Hopper grouped GEMM (grouped_problem.cuh StreamKTail; the whole-tile
 // launch and the tail launch of grouped_gemm_sm90.cuh) against the same kernels without it, in one
 // binary (experts_sm90_tiles_launch.cu). Problems are sized from the device's SM count so that the
-// tail engages (the host-side schedule says so first): about 1.5 waves of tiles, K = 536 (9 k
-// tiles, the last one partial), column tails, straddling and empty groups.
+// tail engages (the host-side schedule says so first): two waves of tiles and 1 .. 4 more, K = 2584
+// (41 k tiles, the last one partial), column tails, straddling and empty groups.
 //   - Small-integer operands: every fp32 sum is exact in any order, so the outputs (h, u, y, dx)
 //     must equal the untailed launch's byte for byte, poison outside the groups included.
 //   - The flags must be zero after every launch (each raised flag is consumed once), so a second
@@ -92,13 +92,13 @@ void run_pair(Kind kind, k90::Tile tile, bool integers, cudaStream_t stream, uin
   auto rng = moekit::test::make_rng(salt);
   const int S = sm_count();
   const int bm = tile == k90::Tile::k64 ? 64 : 128;
-  // Row tiles X of bm rows over 5 groups (one empty, tails 1 .. bm - 1), X * tiles_n ~ 1.5 S.
+  // Row tiles X of bm rows over 5 groups (one empty, tails 1 .. bm - 1), X * tiles_n = 2 S + 1 .. 4.
   const bool gate_up = kind == Kind::kGateUp || kind == Kind::kRelu2;
   const int I = 392;                                      // h columns: tiles_n = 2 (gate-up: 2 I = 784 -> 4)
   const int N = kind == Kind::kGateUp ? 2 * I : I;        // GEMM columns
   const int tiles_n = (N + 255) / 256;
-  const int K = 536;
-  const int X = (3 * S) / (2 * tiles_n) + 1;
+  const int K = 2584;
+  const int X = (2 * S + tiles_n) / tiles_n;
   std::vector<int> sizes = {0, 0, 0, 0, 0};
   const int per = X / 4;
   sizes[0] = per * bm - 5;
@@ -225,7 +225,8 @@ TEST_CASE("sm90 stream-K tail: random operands within one rounding of the untail
       bool on = false;
       run_pair(kind, tile, false, stream, salt++, &plain, &tailed, &on);
       // Two fp32 partial sums added instead of one running sum: at most a rounding apart in
-      // bf16 (one unit in the last place of the larger, 2^-7 relative), NaN poison alike.
+      // bf16 (one unit in the last place of the larger, 2^-7 relative; 1e-3 absolute where the
+      // sum of 2584 products of [-1, 1] cancels to near zero), NaN poison alike.
       REQUIRE(tailed.c.size() == plain.c.size());
       int64_t differ = 0, beyond = 0;
       for (size_t i = 0; i < plain.c.size(); ++i) {
@@ -234,7 +235,7 @@ TEST_CASE("sm90 stream-K tail: random operands within one rounding of the untail
         const float x = moekit::test::bf16_bits_to_float(plain.c[i]);
         const float y = moekit::test::bf16_bits_to_float(tailed.c[i]);
         const float scale = std::max(std::fabs(x), std::fabs(y));
-        if (!(std::fabs(x - y) <= scale * 0x1p-7f + 1e-6f)) ++beyond;
+        if (!(std::fabs(x - y) <= scale * 0x1p-7f + 1e-3f)) ++beyond;
       }
       INFO(differ << " of " << plain.c.size() << " elements differ");
       REQUIRE(beyond == 0);
