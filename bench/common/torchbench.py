@@ -8,6 +8,7 @@ import ctypes
 import datetime
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -96,14 +97,18 @@ def time_us(fn, warmup=10, repeats=50):
     return summary(event_times_us(fn, warmup, repeats))
 
 
-def time_interleaved(named_fns, warmup=10, repeats=50):
+def time_interleaved(named_fns, warmup=10, repeats=50, seed=0x5eed):
     """Median / min CUDA-event times (us) of several implementations of one job, measured in
-    rounds: every round runs each fn(i) once, back to back, the order rotated by one per round.
+    rounds: every round runs each fn(i) once, back to back, in an order shuffled per round (a
+    fixed seed, so runs repeat).
 
     Timed one after the other, the implementation measured right after a long heavy loop runs on a
     hotter, lower-clocked GPU than one measured after an idle pause: on an H200 the same moekit
     kernels measured 5-19 % apart by position alone (2026-11-27). Interleaved rounds give every
-    implementation the same thermal history. named_fns: [(name, fn)]; returns {name: timing}."""
+    implementation the same thermal history. Shuffled, not rotated: a rotation keeps each
+    implementation's predecessor fixed, and the one after the launch-bound per-expert loop (an idle,
+    down-clocked GPU) read 3-4 % slower than the same kernels one place later on Qwen3 in every run
+    of sessions 5-8. named_fns: [(name, fn)]; returns {name: timing}."""
     names = [n for n, _ in named_fns]
     for _, fn in named_fns:
         for i in range(warmup):
@@ -112,9 +117,11 @@ def time_interleaved(named_fns, warmup=10, repeats=50):
     n = len(named_fns)
     starts = [[torch.cuda.Event(enable_timing=True) for _ in range(repeats)] for _ in range(n)]
     ends = [[torch.cuda.Event(enable_timing=True) for _ in range(repeats)] for _ in range(n)]
+    order = random.Random(seed)
     for r in range(repeats):
-        for j in range(n):
-            k = (j + r) % n
+        ks = list(range(n))
+        order.shuffle(ks)
+        for k in ks:
             starts[k][r].record()
             named_fns[k][1](r)
             ends[k][r].record()

@@ -56,11 +56,13 @@ struct EpilogueParams {
 constexpr int kStreamKSlots = 132;
 constexpr int kStreamKSlotFloats = 128 * 256;
 constexpr int kStreamKSlotFlags = 8;
-// Slots worth reserving for an axis-M GEMM of R rows, G groups and N columns: no more than it can
-// have tiles (64-row tiles, the smallest), so small problems do not carry 16 MB of slots.
-inline int stream_k_slots(int64_t max_rows, int num_groups, int n) {
+// Slots worth reserving for an axis-M GEMM of R rows, G groups, N columns and depth K: none where
+// K is too short for the tail (kStreamKMinKTiles k tiles of 64), else no more than it can have
+// tiles (64-row tiles, the smallest), so small problems do not carry 16 MB of slots.
+inline int stream_k_slots(int64_t max_rows, int num_groups, int n, int k) {
+  if (max_rows <= 0 || (k + 63) / 64 < kStreamKMinKTiles) return 0;
   const int64_t tiles = max_row_tiles(max_rows, num_groups, 64) * ((n + 255) / 256);
-  return max_rows <= 0 ? 0 : static_cast<int>(tiles < kStreamKSlots ? tiles : kStreamKSlots);
+  return static_cast<int>(tiles < kStreamKSlots ? tiles : kStreamKSlots);
 }
 
 // Tile shapes of each kernel family (docs/experts.md says how they were chosen). The dp partial

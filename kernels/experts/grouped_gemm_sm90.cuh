@@ -1819,7 +1819,10 @@ cudaError_t launch(const GroupedGemmProblem& prob, const EpilogueParams& ep, cud
       using TailGemm = GroupedGemmSm90<T, kBNK, kKind, kStagedStages, kTailStoreStages, Cfg, true>;
       auto tail_kernel = grouped_gemm_sm90_kernel<T, kBNK, kKind, kStagedStages, kTailStoreStages, Cfg, true>;
       const size_t tail_smem = TailGemm::Smem::bytes(prob.num_groups);
-      bool tail = prob.sk_slots >= grid && prob.sk_partials != nullptr && prob.sk_flags != nullptr && max_tiles > grid;
+      // What the host can rule out (make_stream_k_tail decides the rest on the device, where the
+      // tile count is): without these the tail launch would find nothing to do.
+      bool tail = prob.sk_slots >= grid && prob.sk_partials != nullptr && prob.sk_flags != nullptr &&
+                  max_tiles > grid && (prob.k + Cfg::kBK - 1) / Cfg::kBK >= kStreamKMinKTiles;
       if (tail) {
         static std::atomic<int> tail_registers_ok{0};
         if (const cudaError_t e = check_register_budget<Cfg>(reinterpret_cast<const void*>(tail_kernel),

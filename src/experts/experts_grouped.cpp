@@ -25,11 +25,12 @@ struct StreamKWorkspace {
   int slots = 0;
 };
 
-// Slots for the axis-M GEMMs of a bf16/f16 config with R rows and output widths n0, n1 (0 for
-// fp32, which runs the SIMT kernel).
-int stream_k_slots(const moekit_experts_config_t& c, int64_t R, int n0, int n1) {
+// Slots for the forward's two GEMMs of a bf16/f16 config with R rows (0 for fp32, which runs the
+// SIMT kernel): gate-up N = NU, K = H; down N = H, K = I.
+int stream_k_slots(const moekit_experts_config_t& c, int64_t R, int nu) {
   if (c.dtype == MOEKIT_DTYPE_F32) return 0;
-  return std::max(kx::stream_k_slots(R, c.num_experts, n0), kx::stream_k_slots(R, c.num_experts, n1));
+  return std::max(kx::stream_k_slots(R, c.num_experts, nu, c.hidden),
+                  kx::stream_k_slots(R, c.num_experts, c.hidden, c.inter));
 }
 
 template <class Carver>
@@ -75,7 +76,7 @@ ForwardLayout carve_forward(Carver& ws, const moekit_experts_config_t& c, int64_
   ForwardLayout l;
   l.h = ws.template take<unsigned char>(static_cast<size_t>(R) * c.inter * dtype_bytes(c.dtype), "h");
   const ActivationSpec spec = activation_spec(c.activation, c.gate_up_layout, c.act_alpha, c.act_limit);
-  l.sk = carve_stream_k(ws, stream_k_slots(c, R, spec.nu(c.inter), c.hidden));
+  l.sk = carve_stream_k(ws, stream_k_slots(c, R, spec.nu(c.inter)));
   return l;
 }
 

@@ -533,10 +533,14 @@ TEST_CASE("stream-K tail: every k tile once, one cut per tile between neighbours
   // Past 32 bits of k tiles the tail stays off rather than overflow.
   REQUIRE(kx::make_stream_k_tail(300, 132, 1 << 24, 132).sk_iters == 0);
   // Slots: no more than a GEMM can have tiles (64-row ones), at most one per CTA of 132 SMs.
-  REQUIRE(kx::stream_k_slots(0, 8, 4096) == 0);
-  REQUIRE(kx::stream_k_slots(10, 1, 256) == 1);
-  REQUIRE(kx::stream_k_slots(10, 1, 257) == 2);
-  REQUIRE(kx::stream_k_slots(32768, 32, 7168) == kx::kStreamKSlots);
+  // Slots: none where K is under 40 k tiles; else no more than a GEMM can have tiles (64-row
+  // ones), at most one per CTA of 132 SMs.
+  REQUIRE(kx::stream_k_slots(0, 8, 4096, 7168) == 0);
+  REQUIRE(kx::stream_k_slots(10, 1, 256, 2560) == 1);
+  REQUIRE(kx::stream_k_slots(10, 1, 257, 2560) == 2);
+  REQUIRE(kx::stream_k_slots(10, 1, 257, 2496) == 0);
+  REQUIRE(kx::stream_k_slots(32768, 32, 7168, 2048) == 0);                   // DeepSeek-V3's down
+  REQUIRE(kx::stream_k_slots(32768, 32, 4096, 7168) == kx::kStreamKSlots);   // and gate-up
 }
 
 TEST_CASE("weight-gradient schedule and row splits are a partition", "[experts][schedule]") {
@@ -879,15 +883,24 @@ TEST_CASE("experts workspace sizes follow the layout", "[experts][api]") {
       REQUIRE(moekit_experts_forward_workspace_size(&c, 0, &f0) == MOEKIT_STATUS_SUCCESS);
       REQUIRE(f0 == 0);
       const int64_t R = 1000;
+      // h [R, I] (H = 64, I = 40: no GEMM deep enough for the stream-K tail) ...
       REQUIRE(moekit_experts_forward_workspace_size(&c, R, &f) == MOEKIT_STATUS_SUCCESS);
-      // h [R, I], and for bf16 / f16 the stream-K tail's slots: one 128 x 256 fp32 tile and 8
-      // flags each, as many as the GEMMs can have 64-row tiles (at most 132).
-      const size_t tiles = (R / 64 + c.num_experts) * ((std::max<size_t>(nu, c.hidden) + 255) / 256);
+      REQUIRE(f >= R * c.inter * es);
+      REQUIRE(f < R * c.inter * es + 512);
+      REQUIRE(f % MOEKIT_WORKSPACE_ALIGNMENT == 0);
+      // ... and with a GEMM of at least 40 k tiles (here the gate-up, K = H = 2560), for bf16 /
+      // f16 the tail's slots: one 128 x 256 fp32 tile and 8 flags each, as many as that GEMM can
+      // have 64-row tiles (at most 132).
+      moekit_experts_config_t deep = c;
+      deep.hidden = 2560;
+      size_t fd = 0;
+      REQUIRE(moekit_experts_forward_workspace_size(&deep, R, &fd) == MOEKIT_STATUS_SUCCESS);
+      const size_t tiles = (R / 64 + c.num_experts) * ((nu + 255) / 256);
       const size_t slots = dtype == MOEKIT_DTYPE_F32 ? 0 : std::min<size_t>(tiles, 132);
       const size_t sk = slots * (128 * 256 * 4 + 8 * 4);
-      REQUIRE(f >= R * c.inter * es + sk);
-      REQUIRE(f < R * c.inter * es + sk + 3 * 256);
-      REQUIRE(f % MOEKIT_WORKSPACE_ALIGNMENT == 0);
+      REQUIRE(fd >= R * c.inter * es + sk);
+      REQUIRE(fd < R * c.inter * es + sk + 3 * 256);
+      REQUIRE(fd % MOEKIT_WORKSPACE_ALIGNMENT == 0);
       REQUIRE(moekit_experts_backward_workspace_size(&c, R, 1, &bsaved) == MOEKIT_STATUS_SUCCESS);
       REQUIRE(moekit_experts_backward_workspace_size(&c, R, 0, &brecompute) == MOEKIT_STATUS_SUCCESS);
       REQUIRE(moekit_experts_backward_workspace_size(&c, 0, 1, &b0) == MOEKIT_STATUS_SUCCESS);
@@ -915,7 +928,7 @@ TEST_CASE("experts forward and backward reject bad arguments before any work", "
   // Host buffers stand in for device memory: every call below fails validation and never
   // touches them.
   alignas(256) static unsigned char buf[8][4096];
-  alignas(256) static unsigned char ws[1 << 20];  // h and 4 stream-K slots of 128 KB
+  alignas(256) static unsigned char ws[1 << 16];
   const int32_t* offsets = reinterpret_cast<const int32_t*>(buf[0]);
   const void* xp = buf[1];
   const float* p = reinterpret_cast<const float*>(buf[2]);
