@@ -45,7 +45,10 @@
  *
  * Determinism: the same inputs give bitwise the same outputs on the same GPU and build. No
  * floating-point atomics; every sum over rows (weight gradients, bias gradients, dp) runs in a fixed
- * order, and split reductions are summed in a second ordered pass.
+ * order, and split reductions are summed in a second ordered pass. On the sm_90a path a GEMM whose
+ * last wave of tiles is nearly empty runs its last two waves cut along k (the stream-K tail,
+ * docs/experts.md): a cut tile adds the fp32 sum of its second part to that of its first, in that
+ * order, at a cut that depends on the routing and the SM count.
  * Graph safety: no call below synchronises, allocates device memory or reads device data on the
  * host. Group sizes live only on the device; buffers are sized with max_rows. max_rows = 0 is a
  * valid call (weight and bias gradients are still written, as zeros).
@@ -129,7 +132,9 @@ MOEKIT_API moekit_status_t moekit_experts_config_init(moekit_experts_config_t* c
  * Returns SUCCESS, INVALID_ARGUMENT or UNSUPPORTED with a message naming the field. Since 0.1. */
 MOEKIT_API moekit_status_t moekit_experts_config_check(const moekit_experts_config_t* config);
 
-/* Workspace bytes moekit_experts_forward needs; depends only on the arguments.
+/* Workspace bytes moekit_experts_forward needs; depends only on the arguments: h [R, I] between
+ * the two GEMMs and, for bf16 / f16 with a GEMM of at least 40 k tiles of 64 (H or I >= 2497), the
+ * stream-K tail's partial tiles (up to 132 of 128 KB).
  * Returns INVALID_ARGUMENT for a bad config, max_rows < 0 or workspace_bytes NULL. Since 0.1. */
 MOEKIT_API moekit_status_t moekit_experts_forward_workspace_size(
     const moekit_experts_config_t* config, int64_t max_rows, size_t* workspace_bytes);

@@ -186,6 +186,13 @@ void run_pair(Kind kind, k90::Tile tile, bool integers, cudaStream_t stream, uin
   REQUIRE(touched == 0);
 }
 
+// A created non-blocking stream (where the tail launch is a programmatic dependent).
+struct CreatedStream {
+  cudaStream_t s = nullptr;
+  CreatedStream() { REQUIRE(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) == cudaSuccess); }
+  ~CreatedStream() { cudaStreamDestroy(s); }
+};
+
 const Kind kKinds[] = {Kind::kGateUp, Kind::kRelu2, Kind::kDown, Kind::kDx};
 const k90::Tile kTiles[] = {k90::Tile::k128, k90::Tile::k64};
 
@@ -194,11 +201,10 @@ const k90::Tile kTiles[] = {k90::Tile::k128, k90::Tile::k64};
 TEST_CASE("sm90 stream-K tail: exact sums equal the untailed launch byte for byte, flags left zero",
           "[gpu][sm90][streamk]") {
   moekit::test::sm90::require_sm90("the sm_90a stream-K tests");
-  cudaStream_t created = nullptr;
-  REQUIRE(cudaStreamCreateWithFlags(&created, cudaStreamNonBlocking) == cudaSuccess);
+  CreatedStream created;
   uint64_t salt = 0x5c01;
   int engaged = 0;
-  for (cudaStream_t stream : {static_cast<cudaStream_t>(nullptr), created})
+  for (cudaStream_t stream : {static_cast<cudaStream_t>(nullptr), created.s})
     for (k90::Tile tile : kTiles)
       for (Kind kind : kKinds) {
         INFO((stream == nullptr ? "legacy stream" : "created stream (programmatic tail)"));
@@ -210,20 +216,18 @@ TEST_CASE("sm90 stream-K tail: exact sums equal the untailed launch byte for byt
         REQUIRE(tailed.u == plain.u);
       }
   REQUIRE(engaged >= 12);  // every 128-row kind and the 64-row store kinds, on both streams
-  REQUIRE(cudaStreamDestroy(created) == cudaSuccess);
 }
 
 TEST_CASE("sm90 stream-K tail: random operands within one rounding of the untailed launch",
           "[gpu][sm90][streamk]") {
   moekit::test::sm90::require_sm90("the sm_90a stream-K tests");
-  cudaStream_t stream = nullptr;
-  REQUIRE(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess);
+  CreatedStream stream;
   uint64_t salt = 0x5c41;
   for (k90::Tile tile : kTiles)
     for (Kind kind : kKinds) {
       Outputs plain, tailed;
       bool on = false;
-      run_pair(kind, tile, false, stream, salt++, &plain, &tailed, &on);
+      run_pair(kind, tile, false, stream.s, salt++, &plain, &tailed, &on);
       // Two fp32 partial sums added instead of one running sum: at most a rounding apart in
       // bf16 (one unit in the last place of the larger, 2^-7 relative; 1e-3 absolute where the
       // sum of 2584 products of [-1, 1] cancels to near zero), NaN poison alike.
@@ -241,5 +245,4 @@ TEST_CASE("sm90 stream-K tail: random operands within one rounding of the untail
       REQUIRE(beyond == 0);
       if (!on) REQUIRE(differ == 0);  // no tail: the very same launch
     }
-  REQUIRE(cudaStreamDestroy(stream) == cudaSuccess);
 }
