@@ -1392,7 +1392,6 @@ struct GroupedGemmSm90 {
       float d[128];
 #pragma unroll
       for (int i = 0; i < 128; ++i) d[i] = 0.0f;
-
       for (int kt = u.k_begin; kt < u.k_end; ++kt, ++it) {
         issue_k_tile(d, smem, it % kStages, (it / kStages) & 1u, a_rows);
         wgmma_wait<1>();
