@@ -107,14 +107,21 @@ __device__ __forceinline__ uint64_t global_ns() {
 // Costs nothing while phases complete promptly (the timer is read only after a failed try).
 constexpr uint64_t kMbarHangNs = 20ull * 1000ull * 1000ull * 1000ull;
 
-// Spins until the phase of parity `parity` has completed (or traps after kMbarHangNs).
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  if (mbar_try_wait(bar, parity)) return;
+// Spins until done() holds, or traps after kMbarHangNs (the mbarrier waits and the stream-K
+// flags).
+template <class Done>
+__device__ __forceinline__ void spin_until(Done&& done) {
+  if (done()) return;
   const uint64_t start = global_ns();
   uint32_t spins = 0;
-  while (!mbar_try_wait(bar, parity)) {
+  while (!done()) {
     if ((++spins & 1023u) == 0 && global_ns() - start > kMbarHangNs) __trap();
   }
+}
+
+// Spins until the phase of parity `parity` has completed (or traps after kMbarHangNs).
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  spin_until([&] { return mbar_try_wait(bar, parity); });
 }
 
 // ---- Clusters (TileConfigT::kClusterM = 2) ----
@@ -399,12 +406,7 @@ __device__ __forceinline__ int ld_acquire_gpu(const int* p) {
 // traps after kMbarHangNs like mbar_wait. The writer is the first unit of the next CTA's range,
 // which waits on nothing: a legitimate wait lasts until that CTA is resident and has run it.
 __device__ __forceinline__ void wait_flag(const int* flag) {
-  if (ld_acquire_gpu(flag) != 0) return;
-  const uint64_t start = global_ns();
-  uint32_t spins = 0;
-  while (ld_acquire_gpu(flag) == 0) {
-    if ((++spins & 1023u) == 0 && global_ns() - start > kMbarHangNs) __trap();
-  }
+  spin_until([&] { return ld_acquire_gpu(flag) != 0; });
 }
 
 // ---- The kernel ----------------------------------------------------------------------------------
@@ -561,6 +563,8 @@ struct GroupedGemmSm90 {
                                    (kKind == kEpiStore || kStoreStages == 0 || std::is_same<Cfg, TileConfig>::value);
   static constexpr int kTailStoreStages = kKind == kEpiStore ? kStoreStages : 0;
   static_assert(!kSkTail || kStreamK, "the tail kernel: kinds and tiles with the stream-K tail only");
+  static_assert(kBM * kBN <= kStreamKSlotFloats && kConsumerWarps <= kStreamKSlotFlags,
+                "a partial slot holds a tile's accumulators and a flag per consumer warp");
 
   // This consumer thread's part of partial slot `slot` (this CTA's, or the next CTA's: next = 1):
   // consumer warp w's 32 lanes x 128 accumulators, float4 i of lane l at [i][l], so a warp's store
@@ -1814,9 +1818,8 @@ cudaError_t launch(const GroupedGemmProblem& prob, const EpilogueParams& ep, cud
       // the tail (Gemm::kTailStoreStages: the gate-up kinds' register-direct instance), each CTA
       // of it resident at once (its fixups wait on the next CTA's partial). Otherwise this grid
       // runs every tile (sk_slots = 0 for it).
-      constexpr int kTailStoreStages = Gemm::kTailStoreStages;
-      using TailGemm = GroupedGemmSm90<T, kBNK, kKind, kStagedStages, kTailStoreStages, Cfg, true>;
-      auto tail_kernel = grouped_gemm_sm90_kernel<T, kBNK, kKind, kStagedStages, kTailStoreStages, Cfg, true>;
+      using TailGemm = GroupedGemmSm90<T, kBNK, kKind, kStagedStages, Gemm::kTailStoreStages, Cfg, true>;
+      auto tail_kernel = grouped_gemm_sm90_kernel<T, kBNK, kKind, kStagedStages, Gemm::kTailStoreStages, Cfg, true>;
       const size_t tail_smem = TailGemm::Smem::bytes(prob.num_groups);
       // What the host can rule out (make_stream_k_tail decides the rest on the device, where the
       // tile count is): without these the tail launch would find nothing to do.
