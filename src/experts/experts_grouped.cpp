@@ -52,14 +52,18 @@ bool stream_k_enabled() {
   return on;
 }
 
-// Zeroes the tail's flags before the call's first GEMM (stream-ordered, graph-capturable) and
-// hands the workspace to a problem; nothing for the sm_80 path or without slots.
-cudaError_t arm_stream_k(const StreamKWorkspace& k, kx::GemmPath path, cudaStream_t stream) {
-  if (path != kx::kGemmPathSm90 || k.slots == 0 || !stream_k_enabled()) return cudaSuccess;
+// The part of the carved workspace a call hands its GEMMs: none on the sm_80 path or with
+// MOEKIT_SM90_STREAMK=0.
+StreamKWorkspace stream_k_for(const StreamKWorkspace& carved, kx::GemmPath path) {
+  return path == kx::kGemmPathSm90 && stream_k_enabled() ? carved : StreamKWorkspace{};
+}
+
+// Zeroes the tail's flags before the call's first GEMM (stream-ordered, graph-capturable).
+cudaError_t arm_stream_k(const StreamKWorkspace& k, cudaStream_t stream) {
+  if (k.slots == 0) return cudaSuccess;
   return cudaMemsetAsync(k.flags, 0, static_cast<size_t>(k.slots) * kx::kStreamKSlotFlags * sizeof(int), stream);
 }
-void use_stream_k(kx::GroupedGemmProblem* p, const StreamKWorkspace& k, kx::GemmPath path) {
-  if (path != kx::kGemmPathSm90 || !stream_k_enabled()) return;
+void use_stream_k(kx::GroupedGemmProblem* p, const StreamKWorkspace& k) {
   p->sk_partials = k.partials;
   p->sk_flags = k.flags;
   p->sk_slots = k.slots;
@@ -210,16 +214,16 @@ kx::GroupedGemmProblem axis_k_problem(const moekit_experts_config_t& c, int64_t 
 }
 
 // u = xp W_gu (+ b) with the gate-up epilogue: h (optional) and/or round(u) (optional).
-// sk: the stream-K tail's workspace (armed by the caller), or NULL.
+// sk: the stream-K tail's workspace (armed by the caller; none: no tail).
 moekit_status_t run_gate_up(const moekit_experts_config_t& c, kx::GemmPath path, const ActivationSpec& spec,
                             int64_t R, const int32_t* offsets, const void* xp, const float* row_weights,
                             const void* w_gate_up, const void* b_gate_up, void* u_out, void* h,
-                            const StreamKWorkspace* sk, cudaStream_t stream) {
+                            const StreamKWorkspace& sk, cudaStream_t stream) {
   const int H = c.hidden, I = c.inter, NU = spec.nu(I);
   kx::GroupedGemmProblem p = axis_m_problem(c, R, offsets, xp, H, H, w_gate_up, NU,
                                             static_cast<int64_t>(H) * NU, false, NU);
   p.gate_up_half = spec.gated && !spec.interleaved ? I : 0;
-  if (sk != nullptr) use_stream_k(&p, *sk, path);
+  use_stream_k(&p, sk);
   kx::EpilogueParams ep;
   ep.c = h;
   ep.ldc = I;
@@ -331,13 +335,14 @@ moekit_status_t forward(const moekit_experts_config_t& c, const ForwardArgs& a, 
   WorkspaceCarver ws(workspace);
   const ForwardLayout l = carve_forward(ws, c, R);
 
-  MOEKIT_CUDA_TRY(arm_stream_k(l.sk, path, stream), "zeroing the stream-K flags");
+  const StreamKWorkspace sk = stream_k_for(l.sk, path);
+  MOEKIT_CUDA_TRY(arm_stream_k(sk, stream), "zeroing the stream-K flags");
   MOEKIT_TRY(run_gate_up(c, path, spec, R, a.expert_offsets, a.xp, a.row_weights, a.w_gate_up, a.b_gate_up, a.u_out,
-                         l.h, &l.sk, stream));
+                         l.h, sk, stream));
 
   kx::GroupedGemmProblem p = axis_m_problem(c, R, a.expert_offsets, l.h, I, I, a.w_down, H,
                                             static_cast<int64_t>(I) * H, false, H);
-  use_stream_k(&p, l.sk, path);
+  use_stream_k(&p, sk);
   kx::EpilogueParams ep;
   ep.c = a.out;
   ep.ldc = H;
@@ -367,7 +372,7 @@ moekit_status_t backward(const moekit_experts_config_t& c, const BackwardArgs& a
     const void* u = a.u;
     if (!u) {
       MOEKIT_TRY(run_gate_up(c, path, spec, R, a.expert_offsets, a.xp, a.row_weights, a.w_gate_up, a.b_gate_up, l.u,
-                             nullptr, nullptr, stream));
+                             nullptr, StreamKWorkspace{}, stream));
       u = l.u;
     }
     // G = dout W_down^T over h columns, with the activation backward in the epilogue.
