@@ -125,11 +125,7 @@ void run_store_case(bool bf16, bool b_nk, const StoreCase& sc, uint64_t salt) {
                               h2 = out2.to_host<uint16_t>();
   require_written(bf16, h0, off, sc.n, ldc);
   // Rows of no group and the padding columns [n, ldc) still hold the poison in the TMA output.
-  int64_t touched = 0;
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < ldc; ++c)
-      touched += (r >= off.back() || c >= sc.n) && h1[static_cast<size_t>(r * ldc + c)] != 0xffffu ? 1 : 0;
-  REQUIRE(touched == 0);
+  REQUIRE(moekit::test::sm90::check_poison(h1, R, off.back(), sc.n, ldc).touched == 0);
   REQUIRE(std::memcmp(h0.data(), h1.data(), h0.size() * sizeof(uint16_t)) == 0);  // TMA store == register-direct
   REQUIRE(std::memcmp(h1.data(), h2.data(), h1.size() * sizeof(uint16_t)) == 0);  // and repeats its bits
 }
@@ -204,14 +200,6 @@ struct GateUpCase {
   bool bias, weights, weight_after_down;
 };
 
-// Rows of no group and the padding columns [cols, ld) of `out` still hold the poison.
-int64_t touched_outside(const std::vector<uint16_t>& out, int64_t R, int64_t rows_owned, int cols, int64_t ld) {
-  int64_t touched = 0;
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < ld; ++c)
-      touched += (r >= rows_owned || c >= cols) && out[static_cast<size_t>(r * ld + c)] != 0xffffu ? 1 : 0;
-  return touched;
-}
 
 void run_gate_up_case(bool bf16, GuLayout layout, bool with_u, const kx::ActParams& act, const GateUpCase& gc,
                       uint64_t salt) {
@@ -282,12 +270,12 @@ void run_gate_up_case(bool bf16, GuLayout layout, bool with_u, const kx::ActPara
     uh[i] = u[i].to_host<uint16_t>();
   }
   require_written(bf16, hh[0], off, I, ldc);
-  REQUIRE(touched_outside(hh[1], R, off.back(), I, ldc) == 0);
+  REQUIRE(moekit::test::sm90::check_poison(hh[1], R, off.back(), I, ldc).touched == 0);
   REQUIRE(std::memcmp(hh[0].data(), hh[1].data(), hh[0].size() * sizeof(uint16_t)) == 0);  // TMA == register-direct
   REQUIRE(std::memcmp(hh[1].data(), hh[2].data(), hh[1].size() * sizeof(uint16_t)) == 0);  // and repeats its bits
   if (with_u) {
     require_written(bf16, uh[0], off, N, ldu);
-    REQUIRE(touched_outside(uh[1], R, off.back(), N, ldu) == 0);
+    REQUIRE(moekit::test::sm90::check_poison(uh[1], R, off.back(), N, ldu).touched == 0);
     REQUIRE(std::memcmp(uh[0].data(), uh[1].data(), uh[0].size() * sizeof(uint16_t)) == 0);
     REQUIRE(std::memcmp(uh[1].data(), uh[2].data(), uh[1].size() * sizeof(uint16_t)) == 0);
   } else {

@@ -99,13 +99,8 @@ void run_pair(Kind kind, k90::Tile tile, bool integers, cudaStream_t stream, uin
   const int tiles_n = (N + 255) / 256;
   const int K = 2584;
   const int X = (2 * S + tiles_n) / tiles_n;
-  std::vector<int> sizes = {0, 0, 0, 0, 0};
   const int per = X / 4;
-  sizes[0] = per * bm - 5;
-  sizes[1] = 0;
-  sizes[2] = (per - 1) * bm + 1;
-  sizes[3] = per * bm;
-  sizes[4] = (X - 3 * per + 1) * bm - bm / 2;
+  const std::vector<int> sizes = {per * bm - 5, 0, (per - 1) * bm + 1, per * bm, (X - 3 * per + 1) * bm - bm / 2};
   std::vector<int32_t> off(1, 0);
   for (int s : sizes) off.push_back(off.back() + s);
   const int G = static_cast<int>(sizes.size());
@@ -173,17 +168,10 @@ void run_pair(Kind kind, k90::Tile tile, bool integers, cudaStream_t stream, uin
   REQUIRE(again.c == tailed->c);
   REQUIRE(again.u == tailed->u);
   // What no group owns stays poisoned; what the groups own is written.
-  const int64_t cols = gate_up ? I : N;
-  int64_t unwritten = 0, touched = 0;
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t col = 0; col < ldc; ++col) {
-      const bool owned = r < off.back() && col < cols;
-      const uint16_t bits = tailed->c[static_cast<size_t>(r * ldc + col)];
-      unwritten += owned && bits == 0xffffu ? 1 : 0;
-      touched += !owned && bits != 0xffffu ? 1 : 0;
-    }
-  REQUIRE(unwritten == 0);
-  REQUIRE(touched == 0);
+  const moekit::test::sm90::PoisonCheck poison =
+      moekit::test::sm90::check_poison(tailed->c, R, off.back(), gate_up ? I : N, ldc);
+  REQUIRE(poison.unwritten == 0);
+  REQUIRE(poison.touched == 0);
 }
 
 // A created non-blocking stream (where the tail launch is a programmatic dependent).

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <vector>
 
 #include "kernels/experts/grouped_gemm.hpp"
 
@@ -48,6 +49,27 @@ inline kernels::experts::GroupedGemmProblem axis_m_problem(int groups, const int
   p.b_nk = b_nk ? 1 : 0;
   p.gate_up_half = 0;
   p.splits = 1;
+  return p;
+}
+
+// A [R][ld] 16-bit output poisoned with 0xffff before a launch, whose groups own rows
+// [0, rows_owned) x columns [0, cols): `unwritten` counts owned elements that are NaN as bf16 (the
+// poison, or any NaN), `touched` the other elements no longer holding the poison.
+struct PoisonCheck {
+  int64_t unwritten = 0;
+  int64_t touched = 0;
+};
+inline PoisonCheck check_poison(const std::vector<uint16_t>& out, int64_t R, int64_t rows_owned, int64_t cols,
+                                int64_t ld) {
+  PoisonCheck p;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < ld; ++c) {
+      const uint16_t bits = out[static_cast<size_t>(r * ld + c)];
+      if (r < rows_owned && c < cols)
+        p.unwritten += (bits & 0x7f80u) == 0x7f80u && (bits & 0x7fu) != 0 ? 1 : 0;
+      else
+        p.touched += bits != 0xffffu ? 1 : 0;
+    }
   return p;
 }
 

@@ -195,16 +195,9 @@ void run_case(Kind kind, bool with_u, const GroupCase& gc, uint64_t salt) {
   }
   // The 128 x 256 tile wrote every element its groups own (not the NaN poison).
   const std::vector<uint16_t> c0 = c[0].to_host<uint16_t>();
-  int64_t unwritten = 0, touched = 0;
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t col = 0; col < ldc; ++col) {
-      const bool owned = r < off.back() && col < c_cols;
-      const uint16_t bits = c0[static_cast<size_t>(r * ldc + col)];
-      unwritten += owned && std::isnan(moekit::test::bf16_bits_to_float(bits)) ? 1 : 0;
-      touched += !owned && bits != 0xffffu ? 1 : 0;
-    }
-  REQUIRE(unwritten == 0);
-  REQUIRE(touched == 0);
+  const moekit::test::sm90::PoisonCheck poison = moekit::test::sm90::check_poison(c0, R, off.back(), c_cols, ldc);
+  REQUIRE(poison.unwritten == 0);
+  REQUIRE(poison.touched == 0);
   for (int t = 1; t < kTiles; ++t) {
     INFO("tile " << k90::tile_name(static_cast<k90::Tile>(t)) << " against 128x256");
     if (!k90::tile_takes(static_cast<k90::Tile>(t), p)) continue;
